@@ -1,0 +1,1 @@
+"""MoSKA experiments: `python -m experiments.run --experiment=NAME`."""

@@ -1,0 +1,52 @@
+"""Backend selection shared by every kernel entry point.
+
+`backend="auto"` picks the Pallas kernel written for the platform JAX runs on ("gpu" on CUDA,
+"tpu" on TPU) and the portable XLA reference elsewhere. Which backend ran is logged once per
+(op, backend, interpret), so a slow fallback never hides.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+
+BACKENDS = ("auto", "gpu", "tpu", "xla")
+
+logger = logging.getLogger("pallas_kernels")
+_logged: set[tuple[str, str, bool]] = set()
+
+
+def resolve_backend(backend: str, *, op: str, interpret: bool = False) -> str:
+  """Returns the concrete backend ("gpu", "tpu" or "xla") for `backend` and logs it once.
+
+  Args:
+    backend: one of "auto", "gpu", "tpu", "xla".
+    op: name of the calling op, used in the log line and errors.
+    interpret: whether the Pallas kernel will run in interpret mode (logged).
+
+  Raises:
+    ValueError: unknown backend name.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+  if backend == "auto":
+    platform = jax.default_backend()
+    backend = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "xla")
+  if backend == "xla" and interpret:
+    raise ValueError(f"{op}: interpret=True needs a Pallas backend ('gpu' or 'tpu'), not 'xla'")
+  key = (op, backend, interpret)
+  if key not in _logged:
+    _logged.add(key)
+    mode = " (Pallas interpret mode)" if interpret else ""
+    logger.info("%s: backend=%s%s on platform %s", op, backend, mode, jax.default_backend())
+  return backend
+
+
+def tpu_interpret(interpret: bool):
+  """The `interpret=` value for a TPU pallas_call: TPU interpret mode when asked, else False."""
+  if not interpret:
+    return False
+  from jax.experimental.pallas import tpu as pltpu
+
+  return pltpu.InterpretParams()

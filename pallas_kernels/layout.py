@@ -1,0 +1,92 @@
+"""Argument validation and the query layout the kernels share.
+
+Kernels see the queries of one kv head as one matrix: the G query heads of the kv head and all
+B*T query tokens are folded into the M (row) dimension, `q_rows[Hkv, M, D]` with
+M = B*T*G and row index ((b*T + t)*G + g). One kv tile is then multiplied by every row at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class AttentionDims(NamedTuple):
+  """Shape letters of DESIGN.md for one attention call."""
+
+  B: int
+  T: int
+  Hq: int
+  Hkv: int
+  D: int
+  S: int
+
+  @property
+  def G(self) -> int:
+    return self.Hq // self.Hkv
+
+  @property
+  def M(self) -> int:
+    return self.B * self.T * self.G
+
+
+def _check_float(name: str, x, op: str) -> None:
+  if not any(x.dtype == d for d in FLOAT_DTYPES):
+    raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
+
+
+def check_shared_kv_inputs(q, k, v, *, op: str) -> AttentionDims:
+  """Validates q[B, T, Hq, D] against a shared k, v[S, Hkv, D]; returns the dims."""
+  if q.ndim != 4:
+    raise ValueError(f"{op}: q must have shape [B, T, Hq, D], got {q.shape}")
+  B, T, Hq, D = q.shape
+  if k.ndim != 3:
+    raise ValueError(f"{op}: k must have shape [S, Hkv, D], got {k.shape}")
+  S, Hkv, Dk = k.shape
+  if Dk != D:
+    raise ValueError(f"{op}: k must have shape [S, Hkv, D={D}] (D of q), got {k.shape}")
+  if v.shape != k.shape:
+    raise ValueError(f"{op}: v must have the shape of k {k.shape}, got {v.shape}")
+  if Hkv == 0 or Hq % Hkv:
+    raise ValueError(f"{op}: Hq={Hq} of q must be a multiple of Hkv={Hkv} of k (GQA)")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _check_float(name, x, op)
+  if k.dtype != v.dtype:
+    raise ValueError(f"{op}: k and v must share a dtype, got {k.dtype} and {v.dtype}")
+  return AttentionDims(B, T, Hq, Hkv, D, S)
+
+
+def check_kv_length(kv_length, *, op: str):
+  """Returns kv_length as an int32 scalar array (traced values allowed), or None."""
+  if kv_length is None:
+    return None
+  kv_length = jnp.asarray(kv_length)
+  if kv_length.ndim != 0 or not jnp.issubdtype(kv_length.dtype, jnp.integer):
+    raise ValueError(f"{op}: kv_length must be an integer scalar, got shape {kv_length.shape} "
+                     f"dtype {kv_length.dtype}")
+  return kv_length.astype(jnp.int32)
+
+
+def default_sm_scale(sm_scale: float | None, D: int) -> float:
+  return float(D) ** -0.5 if sm_scale is None else float(sm_scale)
+
+
+def fold_queries(q: jax.Array, Hkv: int) -> jax.Array:
+  """q[B, T, Hq, D] -> q_rows[Hkv, B*T*G, D]."""
+  B, T, Hq, D = q.shape
+  G = Hq // Hkv
+  return q.reshape(B, T, Hkv, G, D).transpose(2, 0, 1, 3, 4).reshape(Hkv, B * T * G, D)
+
+
+def unfold_rows(x: jax.Array, B: int, T: int) -> jax.Array:
+  """Inverse of fold_queries for o[Hkv, M, D] -> [B, T, Hq, D] or lse[Hkv, M] -> [B, T, Hq]."""
+  Hkv, M = x.shape[:2]
+  G = M // (B * T)
+  tail = x.shape[2:]
+  x = x.reshape(Hkv, B, T, G, *tail)
+  x = jnp.moveaxis(x, 0, 2)  # [B, T, Hkv, G, ...]
+  return x.reshape(B, T, Hkv * G, *tail)

@@ -1,0 +1,61 @@
+"""Exact log-sum-exp merge of partial attention states.
+
+A partial attention over a key set K_i is (o_i, lse_i) with o_i = softmax(s_i) V_i and
+lse_i = logsumexp(s_i). For disjoint key sets the attention over their union is
+
+    lse = log(sum_i exp(lse_i)),   o = sum_i exp(lse_i - lse) * o_i.
+
+An empty key set has lse_i = -inf and contributes nothing (whatever its o_i holds); if every set is
+empty the result is o = 0, lse = -inf. Plain jnp: XLA fuses it into its neighbours.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def merge_partials(o: jax.Array, lse: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Merges partial states stacked along `axis`.
+
+  Args:
+    o: partial outputs [..., P, ..., D] (P partials along `axis`, D last).
+    lse: partial log-sum-exps, the shape of `o` without its last axis; float32.
+    axis: the axis of `lse` (and of `o`) that holds the partials; must not be o's last axis.
+
+  Returns:
+    (o, lse) with `axis` reduced; o in o's dtype, lse float32.
+  """
+  if o.shape[:-1] != lse.shape:
+    raise ValueError(f"merge_partials: lse must have shape o.shape[:-1]={o.shape[:-1]}, "
+                     f"got {lse.shape}")
+  axis = axis % lse.ndim
+  lse = lse.astype(jnp.float32)
+  m = jnp.max(lse, axis=axis, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)  # all-empty rows: keep exp() finite
+  w = jnp.exp(lse - m)  # exactly 0 for empty partials
+  total = jnp.sum(w, axis=axis)
+  w_o = jnp.where(w[..., None] > 0, w[..., None] * o.astype(jnp.float32), 0.0)
+  out = jnp.sum(w_o, axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
+  out_lse = jnp.where(total > 0, jnp.squeeze(m, axis) + jnp.log(total), -jnp.inf)
+  return out.astype(o.dtype), out_lse
+
+
+def merge_attention_states(o_a: jax.Array, lse_a: jax.Array, o_b: jax.Array,
+                           lse_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Combines two partial attentions over disjoint key sets into the attention over their union.
+
+  Args:
+    o_a, o_b: partial outputs [..., D] of one shape.
+    lse_a, lse_b: their natural-log log-sum-exps [...], float32; -inf marks an empty side.
+
+  Returns:
+    (o, lse): o in the promoted dtype of o_a and o_b, lse float32.
+  """
+  if o_a.shape != o_b.shape or lse_a.shape != lse_b.shape:
+    raise ValueError(f"merge_attention_states: shapes differ: o_a {o_a.shape} vs o_b {o_b.shape}, "
+                     f"lse_a {lse_a.shape} vs lse_b {lse_b.shape}")
+  dtype = jnp.result_type(o_a.dtype, o_b.dtype)
+  o = jnp.stack([o_a.astype(dtype), o_b.astype(dtype)])
+  lse = jnp.stack([lse_a, lse_b])
+  return merge_partials(o, lse, axis=0)

@@ -1,0 +1,124 @@
+"""Shared-KV attention on TPU (Mosaic): the GPU kernel's algorithm under TPU tiling rules.
+
+Grid (splits, kv-head groups, M blocks, K tiles), the last axis sequential. K/V are viewed as
+[S, Hkv*D] so a block (block_k, hb*D) is lane-dense (hb*D a multiple of 128, or the full width);
+the hb kv heads of a block are unrolled in the kernel. kv_length arrives by scalar prefetch: tiles
+past it are skipped, and their index map is clamped to the last valid tile so the pipeline issues
+no copy for them. Online softmax state lives in VMEM scratch across the K tiles of a split.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+def heads_per_block(Hkv: int, D: int) -> int:
+  """Fewest kv heads whose D columns make a lane-dense (multiple of 128) block, else all."""
+  for hb in range(1, Hkv + 1):
+    if Hkv % hb == 0 and (hb * D) % 128 == 0:
+      return hb
+  return Hkv
+
+
+def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale: float,
+            block_k: int, tiles_per_split: int, hb: int, precision):
+  split, t = pl.program_id(0), pl.program_id(3)
+  d = q_ref.shape[-1]
+  kv_len = len_ref[0]
+  start = (split * tiles_per_split + t) * block_k
+
+  @pl.when(t == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(start < kv_len)
+  def _tile():
+    cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    rows = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+    for j in range(hb):  # static unroll over the kv heads of this block
+      q = q_ref[j]  # [block_m, D]
+      k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
+      # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
+      v = jnp.where(rows < kv_len, v_ref[:, j * d:(j + 1) * d], 0)
+      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                              precision=precision) * scale
+      s = jnp.where(cols < kv_len, s, -jnp.inf)
+      m_prev = m_sc[j]
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      alpha = jnp.exp(m_prev - m_new)
+      p = jnp.exp(s - m_new)
+      l_sc[j] = alpha * l_sc[j] + jnp.sum(p, axis=1, keepdims=True)
+      acc_sc[j] = alpha * acc_sc[j] + jnp.dot(p.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32,
+                                              precision=precision)
+      m_sc[j] = m_new
+
+  @pl.when(t == tiles_per_split - 1)
+  def _finish():
+    l = l_sc[...]
+    nonempty = l > 0
+    safe_l = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = acc_sc[...] / safe_l
+    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+
+
+def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
+                              kv_length: jax.Array, *, scale: float, block_m: int, block_k: int,
+                              num_splits: int, interpret=False) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of q_rows[Hkv, M, D] (M a multiple of block_m) over k, v[S, Hkv, D].
+
+  Same contract as the GPU kernel: o[num_splits, Hkv, M, D], lse[num_splits, Hkv, M] float32.
+  block_k must be a multiple of 128 (a lane-dense score tile) and block_m of 16.
+  """
+  Hkv, M, D = q_rows.shape
+  S = k.shape[0]
+  hb = heads_per_block(Hkv, D)
+  n_tiles = pl.cdiv(S, block_k)
+  tiles_per_split = pl.cdiv(n_tiles, num_splits)
+  k2, v2 = k.reshape(S, Hkv * D), v.reshape(S, Hkv * D)
+
+  def kv_map(s, hg, i, t, len_ref):
+    last = jnp.maximum(pl.cdiv(len_ref[0], block_k) - 1, 0)
+    return jnp.minimum(s * tiles_per_split + t, last), hg
+
+  kernel = functools.partial(
+      _kernel, scale=scale, block_k=block_k, tiles_per_split=tiles_per_split, hb=hb,
+      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(num_splits, Hkv // hb, M // block_m, tiles_per_split),
+      in_specs=[
+          pl.BlockSpec((hb, block_m, D), lambda s, hg, i, t, n: (hg, i, 0)),
+          pl.BlockSpec((block_k, hb * D), kv_map),
+          pl.BlockSpec((block_k, hb * D), kv_map),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, hb, block_m, D), lambda s, hg, i, t, n: (s, hg, i, 0)),
+          pl.BlockSpec((None, hb, block_m, 1), lambda s, hg, i, t, n: (s, hg, i, 0)),
+      ],
+      scratch_shapes=[
+          pltpu.VMEM((hb, block_m, 1), jnp.float32),
+          pltpu.VMEM((hb, block_m, 1), jnp.float32),
+          pltpu.VMEM((hb, block_m, D), jnp.float32),
+      ],
+  )
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=[
+          jax.ShapeDtypeStruct((num_splits, Hkv, M, D), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, Hkv, M, 1), jnp.float32),
+      ],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="moska_shared_attention",
+  )(kv_length.reshape(1), q_rows, k2, v2)
+  return o, lse[..., 0]
