@@ -14,7 +14,14 @@ import jax
 BACKENDS = ("auto", "gpu", "tpu", "xla")
 
 logger = logging.getLogger("pallas_kernels")
-_logged: set[tuple[str, str, bool]] = set()
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+  """Logs `message` at INFO the first time it is seen (calls under jit log at trace time)."""
+  if message not in _logged:
+    _logged.add(message)
+    logger.info("%s", message)
 
 
 def resolve_backend(backend: str, *, op: str, interpret: bool = False) -> str:
@@ -35,11 +42,8 @@ def resolve_backend(backend: str, *, op: str, interpret: bool = False) -> str:
     backend = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(platform, "xla")
   if backend == "xla" and interpret:
     raise ValueError(f"{op}: interpret=True needs a Pallas backend ('gpu' or 'tpu'), not 'xla'")
-  key = (op, backend, interpret)
-  if key not in _logged:
-    _logged.add(key)
-    mode = " (Pallas interpret mode)" if interpret else ""
-    logger.info("%s: backend=%s%s on platform %s", op, backend, mode, jax.default_backend())
+  mode = " (Pallas interpret mode)" if interpret else ""
+  log_once(f"{op}: backend={backend}{mode} on platform {jax.default_backend()}")
   return backend
 
 

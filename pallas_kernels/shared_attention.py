@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout, merge
-from pallas_kernels.backend import resolve_backend
+from pallas_kernels.backend import log_once, resolve_backend
 from pallas_kernels.reference import shared_attention_ref
 
 
@@ -25,7 +25,8 @@ class SharedAttentionBlocks:
   """Tiling of one shared-attention call (override the heuristic with an instance).
 
   block_m: query rows per program; block_k: keys per inner tile; num_splits: programs along S;
-  num_warps / num_stages: Triton launch knobs (GPU only).
+  num_warps: Triton warps; num_stages: pipeline depth (Triton stages, or Mosaic GPU K/V slots);
+  kernel: GPU kernel, "triton" (any GPU) or "mosaic" (Hopper wgmma, block_m = 128, bf16/f16).
   """
 
   block_m: int
@@ -33,6 +34,7 @@ class SharedAttentionBlocks:
   num_splits: int
   num_warps: int = 4
   num_stages: int = 2
+  kernel: str = "triton"
 
 
 def _num_cores() -> int:
@@ -40,26 +42,62 @@ def _num_cores() -> int:
   return int(getattr(dev, "core_count", 0) or 132)  # SMs on GPU; H100 SXM has 132
 
 
-def choose_blocks(dims: layout.AttentionDims, backend: str) -> SharedAttentionBlocks:
-  """Heuristic tiling from (M, S): tile M, then split S until the chip is ~2 waves deep."""
+def _is_hopper() -> bool:
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+# Rows (B*T*G) from which the Hopper wgmma kernel beats the Triton kernel: below it the problem is
+# bandwidth-bound and the Triton kernel's finer row blocks stream KV at full speed.
+MOSAIC_MIN_ROWS = 256
+
+
+def choose_blocks(dims: layout.AttentionDims, backend: str,
+                  dtype=jnp.bfloat16) -> SharedAttentionBlocks:
+  """Heuristic tiling from (M, S).
+
+  M is tiled first; S is then split so that the programs fill the chip in about one wave on GPU
+  (fewer, longer programs measured best on H100 at every B: a partly filled second wave costs
+  more than the merge of more splits saves), and in two on TPU (the two cores of a megacore chip).
+  Large M on Hopper (bf16/f16) goes to the Mosaic GPU wgmma kernel.
+  """
+  from pallas_kernels.gpu import shared_attention_mgpu as mgpu
+
   M, S = dims.M, dims.S
+  kernel = "triton"
   if backend == "tpu":
     block_m = min(256, max(16, 16 * math.ceil(M / 16)))
     block_k = 512 if S >= 512 else 128
     warps, stages = 4, 2
+  elif M >= MOSAIC_MIN_ROWS and _is_hopper() and mgpu.supported(dtype, dims.D, S, 128):
+    kernel, block_m, block_k, warps, stages = "mosaic", mgpu.ROWS_PER_CTA, 128, 4, 2
   else:
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
     block_k = 64 if block_m >= 128 else 128
     warps, stages = (8, 3) if block_m >= 128 else (4, 3)
   programs = dims.Hkv * math.ceil(M / block_m)
   n_tiles = math.ceil(S / block_k)
-  target = 2 * _num_cores() if backend == "gpu" else 2
-  splits = max(1, min(n_tiles, math.ceil(target / programs)))
-  return SharedAttentionBlocks(block_m, block_k, splits, warps, stages)
+  target = _num_cores() if backend == "gpu" else 2
+  splits = max(1, min(n_tiles, target // programs))
+  return SharedAttentionBlocks(block_m, block_k, splits, warps, stages, kernel)
 
 
-def _check_blocks(blocks: SharedAttentionBlocks, backend: str) -> None:
-  if backend == "gpu":
+def _check_blocks(blocks: SharedAttentionBlocks, backend: str, q, S: int, interpret: bool) -> None:
+  from pallas_kernels.gpu import shared_attention_mgpu as mgpu
+
+  if blocks.kernel not in ("triton", "mosaic") or (blocks.kernel == "mosaic" and backend != "gpu"):
+    raise ValueError(f"shared_attention: blocks.kernel must be 'triton' or (GPU only) 'mosaic', "
+                     f"got {blocks.kernel!r} for backend {backend!r}")
+  if blocks.kernel == "mosaic":
+    if interpret or not mgpu.supported(q.dtype, q.shape[-1], S, blocks.block_k):
+      raise ValueError("shared_attention: the mosaic kernel needs a Hopper GPU (no interpret "
+                       "mode), bf16/f16 inputs, D a multiple of 64 and S a multiple of "
+                       f"blocks.block_k; got dtype {q.dtype}, D={q.shape[-1]}, S={S}, "
+                       f"block_k={blocks.block_k}")
+    if blocks.block_m != mgpu.ROWS_PER_CTA:
+      raise ValueError(f"shared_attention: the mosaic kernel needs blocks.block_m="
+                       f"{mgpu.ROWS_PER_CTA}, got {blocks.block_m}")
+  elif backend == "gpu":
     for name in ("block_m", "block_k"):
       x = getattr(blocks, name)
       if x < 16 or x & (x - 1):
@@ -97,8 +135,8 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
   which = resolve_backend(backend, op="shared_attention", interpret=interpret)
   if which == "xla":
     return shared_attention_ref(q, k, v, sm_scale=sm_scale, kv_length=kv_length)
-  blocks = blocks or choose_blocks(dims, which)
-  _check_blocks(blocks, which)
+  blocks = blocks or choose_blocks(dims, which, q.dtype)
+  _check_blocks(blocks, which, q, dims.S, interpret)
   B, T, _, Hkv, D, S = dims
   scale = layout.default_sm_scale(sm_scale, D)
   n = jnp.int32(S) if kv_length is None else jnp.clip(kv_length, 0, S)
@@ -106,7 +144,14 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
   M = q_rows.shape[1]
   pad = -M % blocks.block_m
   q_rows = jnp.pad(q_rows, ((0, 0), (0, pad), (0, 0)))
-  if which == "gpu":
+  log_once(f"shared_attention: {blocks.kernel if which == 'gpu' else 'mosaic-tpu'} kernel")
+  if blocks.kernel == "mosaic":
+    from pallas_kernels.gpu import shared_attention_mgpu as kernel
+
+    o, lse = kernel.shared_attention_partials(
+        q_rows, k, v, n, scale=scale, block_k=blocks.block_k, num_splits=blocks.num_splits,
+        num_stages=blocks.num_stages)
+  elif which == "gpu":
     from pallas_kernels.gpu import shared_attention as kernel
 
     o, lse = kernel.shared_attention_partials(
