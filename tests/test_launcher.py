@@ -1,0 +1,48 @@
+"""The absl experiment launcher: --list, errors, and every CPU-capable experiment at tiny size."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# experiment -> tiny flags that make it a CPU smoke run (backend xla: no Pallas compile on CPU).
+TINY = {
+    "shared_attention": ["--backend=xla", "--shared_lengths=1024", "--shared_batches=2",
+                         "--shared_baselines=xla", "--shared_heads=8", "--shared_kv_heads=2",
+                         "--shared_head_dim=64"],
+}
+
+
+def _run(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_list_names_every_experiment():
+  from experiments.run import EXPERIMENTS
+  res = _run("--list")
+  assert res.returncode == 0, res.stderr
+  for name in EXPERIMENTS:
+    assert name in res.stdout
+
+
+def test_unknown_experiment_is_a_clear_error():
+  res = _run("--experiment=nope")
+  assert res.returncode != 0
+  assert "unknown experiment 'nope'" in res.stderr
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_experiment_writes_csv_md_png(name, tmp_path):
+  res = _run(f"--experiment={name}", f"--out_dir={tmp_path}", *TINY[name])
+  assert res.returncode == 0, res.stderr[-3000:]
+  written = os.listdir(tmp_path)
+  for ext in (".csv", ".md", ".png"):
+    assert any(f.endswith(ext) for f in written), (ext, written)
+  md = open(tmp_path / f"{name}.md").read()
+  for key in ("device", "jax", "date", "command"):
+    assert f"- {key}:" in md
