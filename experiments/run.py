@@ -17,6 +17,9 @@ from experiments import common  # noqa: F401  (defines the shared flags)
 EXPERIMENTS = {
     "demo": "experiments.demo",
     "shared_attention": "experiments.shared_attention",
+    "unique_attention": "experiments.unique_attention",
+    "sparse_attention": "experiments.sparse_attention",
+    "roofline": "experiments.roofline",
 }
 
 flags.DEFINE_string("experiment", "demo", "Which experiment to run (see --list).")

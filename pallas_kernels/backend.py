@@ -47,6 +47,11 @@ def resolve_backend(backend: str, *, op: str, interpret: bool = False) -> str:
   return backend
 
 
+def num_cores() -> int:
+  """Streaming multiprocessors of the first device on GPU (132 on H100 SXM if unknown)."""
+  return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 def tpu_interpret(interpret: bool):
   """The `interpret=` value for a TPU pallas_call: TPU interpret mode when asked, else False."""
   if not interpret:

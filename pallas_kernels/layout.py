@@ -60,6 +60,48 @@ def check_shared_kv_inputs(q, k, v, *, op: str) -> AttentionDims:
   return AttentionDims(B, T, Hq, Hkv, D, S)
 
 
+def check_paged_inputs(q, k_pages, v_pages, block_tables, lengths, *,
+                       op: str) -> tuple[AttentionDims, int]:
+  """Validates q[B, T, Hq, D] against paged k, v[P, page_size, Hkv, D], block_tables[B, max_pages]
+  and lengths[B]; returns (dims with S = max_pages * page_size, page_size)."""
+  if q.ndim != 4:
+    raise ValueError(f"{op}: q must have shape [B, T, Hq, D], got {q.shape}")
+  B, T, Hq, D = q.shape
+  if k_pages.ndim != 4 or k_pages.shape[-1] != D:
+    raise ValueError(f"{op}: k_pages must have shape [P, page_size, Hkv, D={D}] (D of q), "
+                     f"got {k_pages.shape}")
+  _, page_size, Hkv, _ = k_pages.shape
+  if v_pages.shape != k_pages.shape:
+    raise ValueError(f"{op}: v_pages must have the shape of k_pages {k_pages.shape}, "
+                     f"got {v_pages.shape}")
+  if Hkv == 0 or Hq % Hkv:
+    raise ValueError(f"{op}: Hq={Hq} of q must be a multiple of Hkv={Hkv} of k_pages (GQA)")
+  for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+    _check_float(name, x, op)
+  if k_pages.dtype != v_pages.dtype:
+    raise ValueError(f"{op}: k_pages and v_pages must share a dtype, got {k_pages.dtype} and "
+                     f"{v_pages.dtype}")
+  if (block_tables.ndim != 2 or block_tables.shape[0] != B
+      or not jnp.issubdtype(block_tables.dtype, jnp.integer)):
+    raise ValueError(f"{op}: block_tables must be an integer array of shape [B={B}, max_pages], "
+                     f"got {block_tables.shape} {block_tables.dtype}")
+  if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"{op}: lengths must be an integer array of shape [B={B}], got "
+                     f"{lengths.shape} {lengths.dtype}")
+  return AttentionDims(B, T, Hq, Hkv, D, block_tables.shape[1] * page_size), page_size
+
+
+def check_chunk_ids(chunk_ids, dims, chunk_size, *, op: str) -> int:
+  """Validates chunk_ids[B, Hkv, K] (integer) and chunk_size (positive int); returns N chunks."""
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+  if (chunk_ids.ndim != 3 or chunk_ids.shape[:2] != (dims.B, dims.Hkv)
+      or not jnp.issubdtype(chunk_ids.dtype, jnp.integer)):
+    raise ValueError(f"{op}: chunk_ids must be an integer array of shape [B={dims.B}, "
+                     f"Hkv={dims.Hkv}, K], got {chunk_ids.shape} {chunk_ids.dtype}")
+  return -(-dims.S // chunk_size)
+
+
 def check_kv_length(kv_length, *, op: str):
   """Returns kv_length as an int32 scalar array (traced values allowed), or None."""
   if kv_length is None:

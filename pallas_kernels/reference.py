@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import check_kv_length, check_shared_kv_inputs, default_sm_scale
+from pallas_kernels.layout import (check_chunk_ids, check_kv_length, check_paged_inputs,
+                                   check_shared_kv_inputs, default_sm_scale)
 from pallas_kernels.merge import merge_attention_states  # noqa: F401  (part of the reference API)
 
 _HI = jax.lax.Precision.HIGHEST
@@ -56,4 +57,73 @@ def shared_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, *,
   s = jnp.einsum("bthgd,shd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
   mask = None if kv_length is None else jnp.arange(S) < kv_length
   o, lse = attend(s, mask, v, "bthgs,shd->bthgd")
+  return o.reshape(B, T, Hq, D).astype(q.dtype), lse.reshape(B, T, Hq)
+
+
+def unique_attention_ref(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                         block_tables: jax.Array, lengths: jax.Array, *,
+                         sm_scale: float | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention of each request's T newest queries over its own paged KV (gather, then attend).
+
+  Args:
+    q: [B, T, Hq, D]; query t of request b sits at position lengths[b] - T + t.
+    k_pages, v_pages: [P, page_size, Hkv, D] one pool of pages shared by all requests.
+    block_tables: [B, max_pages] int page ids of each request, in order.
+    lengths: [B] int tokens in each request's cache (the T new ones included).
+    sm_scale: score scale, default 1/sqrt(D).
+
+  Returns:
+    o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32; query t attends to positions
+    <= lengths[b] - T + t; a request with length 0 gives o = 0, lse = -inf.
+  """
+  dims, page_size = check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
+                                       op="unique_attention_ref")
+  B, T, Hq, Hkv, D, S = dims
+  scale = default_sm_scale(sm_scale, D)
+  tables = jnp.clip(block_tables, 0, k_pages.shape[0] - 1)  # entries past a length may be junk
+  k = k_pages[tables].reshape(B, S, Hkv, D).astype(jnp.float32)
+  v = v_pages[tables].reshape(B, S, Hkv, D)
+  lengths = lengths.astype(jnp.int32)
+  pos = jnp.arange(S)
+  v = jnp.where((pos[None, :] < lengths[:, None])[..., None, None], v, 0)  # stale pages: no NaN
+  qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)
+  s = jnp.einsum("bthgd,bshd->bthgs", qg, k, precision=_HI) * scale
+  last = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T] position of each query
+  mask = pos[None, None, :] <= jnp.minimum(last, lengths[:, None] - 1)[..., None]
+  o, lse = attend(s, mask[:, :, None, None, :], v, "bthgs,bshd->bthgd")
+  return o.reshape(B, T, Hq, D).astype(q.dtype), lse.reshape(B, T, Hq)
+
+
+def chunk_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Array, *,
+                        chunk_size: int, sm_scale: float | None = None,
+                        kv_length=None) -> tuple[jax.Array, jax.Array]:
+  """Attention of each request over the union of its selected chunks of one shared KV.
+
+  Args:
+    q: [B, T, Hq, D] queries; query head h reads kv head h // (Hq // Hkv).
+    k, v: [S, Hkv, D] shared keys and values; chunk c is rows [c*C, (c+1)*C).
+    chunk_ids: [B, Hkv, K] chunk ids per (request, kv head); ids outside [0, N) select nothing.
+    chunk_size: C.
+    sm_scale: score scale, default 1/sqrt(D).
+    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are valid.
+
+  Returns:
+    o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32. A dense masked attention (O(B*S)):
+    the ground truth and the portable fallback, not a fast path.
+  """
+  dims = check_shared_kv_inputs(q, k, v, op="chunk_attention_ref")
+  n_chunks = check_chunk_ids(chunk_ids, dims, chunk_size, op="chunk_attention_ref")
+  kv_length = check_kv_length(kv_length, op="chunk_attention_ref")
+  B, T, Hq, Hkv, D, S = dims
+  scale = default_sm_scale(sm_scale, D)
+  b = jnp.arange(B)[:, None, None]
+  h = jnp.arange(Hkv)[None, :, None]
+  ids = jnp.where(chunk_ids >= 0, chunk_ids, n_chunks)  # negative ids would wrap: push past N
+  chosen = jnp.zeros((B, Hkv, n_chunks), bool).at[b, h, ids].set(True, mode="drop")
+  mask = chosen[:, :, jnp.arange(S) // chunk_size]  # [B, Hkv, S]
+  if kv_length is not None:
+    mask = mask & (jnp.arange(S) < kv_length)
+  qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)
+  s = jnp.einsum("bthgd,shd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
+  o, lse = attend(s, mask[:, None, :, None, :], v, "bthgs,shd->bthgd")
   return o.reshape(B, T, Hq, D).astype(q.dtype), lse.reshape(B, T, Hq)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout, merge
-from pallas_kernels.backend import log_once, resolve_backend
+from pallas_kernels.backend import log_once, num_cores, resolve_backend
 from pallas_kernels.reference import shared_attention_ref
 
 
@@ -35,11 +35,6 @@ class SharedAttentionBlocks:
   num_warps: int = 4
   num_stages: int = 2
   kernel: str = "triton"
-
-
-def _num_cores() -> int:
-  dev = jax.devices()[0]
-  return int(getattr(dev, "core_count", 0) or 132)  # SMs on GPU; H100 SXM has 132
 
 
 def _is_hopper() -> bool:
@@ -77,7 +72,7 @@ def choose_blocks(dims: layout.AttentionDims, backend: str,
     warps, stages = (8, 3) if block_m >= 128 else (4, 3)
   programs = dims.Hkv * math.ceil(M / block_m)
   n_tiles = math.ceil(S / block_k)
-  target = _num_cores() if backend == "gpu" else 2
+  target = num_cores() if backend == "gpu" else 2
   splits = max(1, min(n_tiles, target // programs))
   return SharedAttentionBlocks(block_m, block_k, splits, warps, stages, kernel)
 

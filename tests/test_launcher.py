@@ -13,6 +13,10 @@ TINY = {
     "shared_attention": ["--backend=xla", "--shared_lengths=1024", "--shared_batches=2",
                          "--shared_baselines=xla", "--shared_heads=8", "--shared_kv_heads=2",
                          "--shared_head_dim=64"],
+    "unique_attention": ["--backend=xla", "--unique_batches=1", "--unique_lengths=256",
+                         "--unique_page_sizes=16", "--unique_heads=8", "--unique_kv_heads=2",
+                         "--unique_head_dim=64"],
+    "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
 }
 
 

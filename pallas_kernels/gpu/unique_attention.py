@@ -1,0 +1,131 @@
+"""Unique-KV (paged, ragged) decode attention on GPU: one program per (request, kv head, split).
+
+A program holds the R = T*G query rows of one request and one kv head (the G query heads of the kv
+head x the T new tokens, padded to a power of two >= 16 for the tensor cores) and streams the
+request's pages in compute blocks of `pages_per_block` pages with an online softmax. Page ids are
+read from the block table inside the kernel and turned into row offsets of the pool viewed as
+[P * page_size, Hkv, D], so one block is a single gather of block_k rows of D contiguous elements.
+
+Each request's pages are cut into `num_splits` equal runs of whole blocks (flash decoding): the
+runs follow each request's own length, so a short request costs its pages, not the padded
+maximum, and the splits of one request are balanced. A program writes a normalized partial
+(o, lse); `merge_partials` combines the splits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
+            G: int, page_size: int, pages_per_block: int, num_splits: int, precision):
+  b, split = pl.program_id(0), pl.program_id(2)
+  q = q_ref[...]  # [R, D]
+  R, d = q.shape
+  block_k = pages_per_block * page_size
+  length = len_ref[b]
+  num_pages = pl.cdiv(length, page_size)
+  num_blocks = pl.cdiv(num_pages, pages_per_block)
+  per_split = pl.cdiv(num_blocks, num_splits)
+  first = split * per_split
+  last = jnp.maximum(jnp.minimum(first + per_split, num_blocks), first)
+  # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
+  row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
+  qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the fast instruction
+  key = jnp.arange(block_k)
+  lanes = jnp.arange(d)[None, :]
+
+  def page_ids(i):
+    """The page id of every key of block i (repeated reads of one entry hit L1); 0 past the end."""
+    page = jax.lax.div(i * block_k + key, page_size)  # >= 0: truncation, no floor fix-ups
+    return pltriton.load(tables_ref.at[page], mask=page < num_pages, other=0)
+
+  def body(i, carry):
+    acc, m, l, ids = carry
+    pos = i * block_k + key  # positions of the block's keys in the request
+    valid = (pos < length)[:, None]
+    # Index both axes with arrays (a gather of [block_k, D]): interpret mode cannot mix an array
+    # index with a slice. K and V are issued together so both are in flight at once.
+    rows = (ids * page_size + jax.lax.rem(pos, page_size))[:, None]
+    k = pltriton.load(k_ref.at[rows, lanes], mask=valid, other=0.0)
+    v = pltriton.load(v_ref.at[rows, lanes], mask=valid, other=0.0)
+    # Next block's page ids now, so its K/V addresses never wait on a table read (manual
+    # prefetch: the block table is an indirection Triton's pipeliner may not look through).
+    ids_next = page_ids(i + 1)
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * qk_scale
+    s = jnp.where(pos[None, :] <= row_hi[:, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    # With a causal mask a row may have no key yet in this block: keep exp2 away from inf - inf.
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[:, None])
+    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                                         precision=precision)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1), ids_next
+
+  init = (jnp.zeros((R, d), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32),
+          jnp.zeros((R,), jnp.float32), page_ids(first))
+  acc, m, l, _ = jax.lax.fori_loop(first, last, body, init)
+  nonempty = l > 0
+  safe_l = jnp.where(nonempty, l, 1.0)
+  real = jnp.arange(R) < T * G  # padded rows are never read: skip their stores
+  pltriton.store(o_ref, acc / safe_l[:, None], mask=real[:, None])
+  pltriton.store(lse_ref, jnp.where(nonempty, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf), mask=real)
+
+
+def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                              block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
+                              scale: float, pages_per_block: int, num_splits: int, num_warps: int,
+                              num_stages: int, interpret: bool = False
+                              ) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of q_rows[Hkv, B, R, D] over each request's pages.
+
+  Row r of request b is query token r // G of that request (G = Hq / Hkv); R is a power of two
+  >= 16 and >= T*G (rows past T*G are padding). k_pages, v_pages: [P, page_size, Hkv, D] with
+  page_size * pages_per_block a power of two >= 16; block_tables [B, max_pages] int32; lengths [B]
+  int32.
+
+  Returns o[num_splits, Hkv, B, R, D] float32 (normalized per split) and lse[num_splits, Hkv, B, R]
+  float32; only rows < T*G are written. A split with no valid key for a row has o = 0,
+  lse = -inf there.
+  """
+  Hkv, B, R, D = q_rows.shape
+  P, page_size = k_pages.shape[:2]
+  kernel = functools.partial(
+      _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
+      num_splits=num_splits,
+      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+  # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
+  kv_spec = pl.BlockSpec((P * page_size, None, D), lambda b, h, s: (0, h, 0))
+  max_pages = block_tables.shape[1]
+  return pl.pallas_call(
+      kernel,
+      grid=(B, Hkv, num_splits),
+      in_specs=[
+          pl.BlockSpec((B,), lambda b, h, s: (0,)),
+          pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),
+          pl.BlockSpec((None, None, R, D), lambda b, h, s: (h, b, 0, 0)),
+          kv_spec,
+          kv_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, R, D), lambda b, h, s: (s, h, b, 0, 0)),
+          pl.BlockSpec((None, None, None, R), lambda b, h, s: (s, h, b, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((num_splits, Hkv, B, R, D), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, Hkv, B, R), jnp.float32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="moska_unique_attention",
+  )(lengths, block_tables, q_rows, k_pages.reshape(P * page_size, *k_pages.shape[2:]),
+    v_pages.reshape(P * page_size, *v_pages.shape[2:]))

@@ -1,0 +1,139 @@
+"""Grouped chunk attention on TPU (Mosaic): the GPU kernel's work list under TPU tiling rules.
+
+Grid (Hkv, tiles, key blocks of the chunk), the last axis sequential. The work list arrives by
+scalar prefetch (the chunk of every tile, the real tile count of every kv head, kv_length), and
+the K/V index map turns (tile, key block) into a block of that tile's chunk, so only selected
+chunks are DMA'd; key blocks past kv_length and padding tiles map to the block already resident
+(no copy) and are skipped. The query rows were gathered into tile order in XLA, since Mosaic
+DMAs whole blocks. K/V are viewed as [S, Hkv*D] with (block_k, hb*D) blocks as in
+shared_attention; when hb > 1 (D < 128) the kernel picks its head's columns out of the block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tpu.shared_attention import heads_per_block
+
+
+def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
+            acc_sc, *, scale: float, chunk_size: int, block_k: int, num_tiles: int, hb: int,
+            precision):
+  h, t, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  d = q_ref.shape[-1]
+  chunk = chunk_ref[h * num_tiles + t]
+  start = chunk * chunk_size + kb * block_k
+  end = jnp.minimum(chunk * chunk_size + chunk_size, len_ref[0])
+
+  @pl.when(kb == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  def tile(j: int):
+    cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    rows = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+    q = q_ref[...]  # [block_m, D]
+    k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
+    # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
+    v = jnp.where(rows < end, v_ref[:, j * d:(j + 1) * d], 0)
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                            precision=precision) * scale
+    s = jnp.where(cols < end, s, -jnp.inf)
+    m_prev = m_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new)
+    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
+                                                preferred_element_type=jnp.float32,
+                                                precision=precision)
+    m_sc[...] = m_new
+
+  real = (t < ntiles_ref[h]) & (chunk >= 0) & (start < end)
+  for j in range(hb):  # static: the column block of this kv head inside the hb-head block
+    pl.when(real & (h % hb == j))(functools.partial(tile, j))
+
+  @pl.when(kb == pl.num_programs(2) - 1)
+  def _finish():
+    l = l_sc[...]
+    nonempty = l > 0
+    safe_l = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = (acc_sc[...] / safe_l).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+
+
+def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,
+                          tile_chunk: jax.Array, num_tiles: jax.Array, *, scale: float,
+                          chunk_size: int, block_m: int, block_k: int,
+                          interpret=False) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of each tile of stacked query rows over its chunk.
+
+  Args:
+    q_tiles: [Hkv, NT * block_m, D] query rows in tile order (`ChunkGroups.rows` gathered).
+    k, v: [S, Hkv, D] shared keys / values.
+    kv_length: int32 scalar, keys [0, kv_length) are valid (kv_length <= S).
+    tile_chunk: [Hkv, NT] chunk of each tile, -1 for padding tiles.
+    num_tiles: [Hkv] real tiles per kv head (they come first).
+    block_k: divides chunk_size, a multiple of 128 (lane-dense score tile).
+
+  Returns:
+    o[Hkv, NT * block_m, D] in q_tiles.dtype and lse[Hkv, NT * block_m] float32 per tile row;
+    padding tiles give o = 0, lse = -inf.
+  """
+  Hkv, rows, D = q_tiles.shape
+  S = k.shape[0]
+  NT = tile_chunk.shape[1]
+  hb = heads_per_block(Hkv, D)
+  blocks_per_chunk = chunk_size // block_k
+  k2, v2 = k.reshape(S, Hkv * D), v.reshape(S, Hkv * D)
+
+  def kv_map(h, t, kb, len_ref, chunk_ref, ntiles_ref):
+    # Padding tiles reuse the last real tile's chunk and key blocks past kv_length the chunk's
+    # last valid block: the block index does not change, so the pipeline issues no copy.
+    c = jnp.maximum(chunk_ref[h * NT + jnp.minimum(t, jnp.maximum(ntiles_ref[h] - 1, 0))], 0)
+    n_valid = jnp.maximum(jnp.minimum(c * chunk_size + chunk_size, len_ref[0]) - c * chunk_size, 0)
+    last = jnp.maximum(pl.cdiv(n_valid, block_k) - 1, 0)
+    return c * blocks_per_chunk + jnp.minimum(kb, last), h // hb
+
+  row_map = lambda h, t, kb, *_: (h, t, 0)
+  kernel = functools.partial(
+      _kernel, scale=scale, chunk_size=chunk_size, block_k=block_k, num_tiles=NT, hb=hb,
+      precision=jax.lax.Precision.HIGHEST if q_tiles.dtype == jnp.float32 else None)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=3,
+      grid=(Hkv, NT, blocks_per_chunk),
+      in_specs=[
+          pl.BlockSpec((None, block_m, D), row_map),
+          pl.BlockSpec((block_k, hb * D), kv_map),
+          pl.BlockSpec((block_k, hb * D), kv_map),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, block_m, D), row_map),
+          pl.BlockSpec((None, block_m, 1), row_map),
+      ],
+      scratch_shapes=[
+          pltpu.VMEM((block_m, 1), jnp.float32),
+          pltpu.VMEM((block_m, 1), jnp.float32),
+          pltpu.VMEM((block_m, D), jnp.float32),
+      ],
+  )
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=[
+          jax.ShapeDtypeStruct((Hkv, rows, D), q_tiles.dtype),
+          jax.ShapeDtypeStruct((Hkv, rows, 1), jnp.float32),
+      ],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="moska_chunk_attention",
+  )(kv_length.reshape(1), tile_chunk.reshape(Hkv * NT), num_tiles, q_tiles, k2, v2)
+  return o, lse[..., 0]

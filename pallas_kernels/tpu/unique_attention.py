@@ -1,0 +1,154 @@
+"""Unique-KV (paged, ragged) decode attention on TPU (Mosaic): the GPU kernel's split scheme.
+
+Grid (requests, kv-head groups, splits, blocks per split), the last axis sequential. The pool is
+viewed as [P * page_size, Hkv * D] so one page of hb kv heads is a lane-dense (page_size, hb * D)
+block (hb * D a multiple of 128, or all heads). A compute block of `pages_per_block` pages is
+that many K (and V) inputs, each an index map reading its page id from the scalar-prefetched
+block table; the pages are stacked in VMEM into one [block_k, D] tile per kv head.
+
+Each request's blocks are cut into `num_splits` equal runs that follow its own length. Grid steps
+past the end of a run are skipped in the kernel, and their index maps (like those of pages past
+the length inside the last block) are clamped to the last valid page, so the pipeline sees an
+unchanged block index and issues no copy: a short request costs its pages, not the padded grid.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tpu.shared_attention import heads_per_block
+
+
+def _split_range(length, split, *, page_size: int, pages_per_block: int, num_splits: int):
+  """(first block, end block, number of pages) of one split of a request of `length` tokens."""
+  num_pages = pl.cdiv(length, page_size)
+  num_blocks = pl.cdiv(num_pages, pages_per_block)
+  per_split = pl.cdiv(num_blocks, num_splits)
+  first = split * per_split
+  return first, jnp.minimum(first + per_split, num_blocks), num_pages
+
+
+def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
+            pages_per_block: int, num_splits: int, hb: int, precision):
+  k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * pages_per_block:]
+  b, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  R, d = q_ref.shape[1:]
+  block_k = pages_per_block * page_size
+  length = len_ref[b]
+  first, end, _ = _split_range(length, split, page_size=page_size,
+                               pages_per_block=pages_per_block, num_splits=num_splits)
+
+  @pl.when(t == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(first + t < end)
+  def _block():
+    start = (first + t) * block_k
+    cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    key_rows = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
+    row = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0)
+    # Row r is query r // G at position length - T + r // G; pos <= that <=> (pos-length+T)*G <= r
+    # (no vector integer division). Padded rows (r >= T*G) need the plain length bound too.
+    visible = (cols < length) & ((cols - length + T) * G <= row)
+    for j in range(hb):  # static unroll over the kv heads of this block
+      cut = slice(j * d, (j + 1) * d)
+      k = jnp.concatenate([r[:, cut] for r in k_refs], axis=0)  # [block_k, D]
+      # The tail of the last page (and interpret mode's NaN fill) must not reach p @ v.
+      v = jnp.where(key_rows < length, jnp.concatenate([r[:, cut] for r in v_refs], axis=0), 0)
+      s = jax.lax.dot_general(q_ref[j], k, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32, precision=precision) * scale
+      s = jnp.where(visible, s, -jnp.inf)
+      m_prev = m_sc[j]
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no visible key yet
+      alpha = jnp.exp(m_prev - m_safe)
+      p = jnp.exp(s - m_safe)
+      l_sc[j] = alpha * l_sc[j] + jnp.sum(p, axis=1, keepdims=True)
+      acc_sc[j] = alpha * acc_sc[j] + jnp.dot(p.astype(v.dtype), v,
+                                              preferred_element_type=jnp.float32,
+                                              precision=precision)
+      m_sc[j] = m_new
+
+  @pl.when(t == pl.num_programs(3) - 1)
+  def _finish():
+    l = l_sc[...]
+    nonempty = l > 0
+    safe_l = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = acc_sc[...] / safe_l
+    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+
+
+def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                              block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
+                              scale: float, pages_per_block: int, num_splits: int,
+                              interpret=False) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of q_rows[Hkv, B, R, D] over each request's pages.
+
+  Same contract as the GPU kernel (row r of request b is its query token r // G; R >= T*G, a
+  multiple of 16), returning o[num_splits, Hkv, B, R, D] and lse[num_splits, Hkv, B, R] float32.
+  page_size must be a multiple of 8 (sublane tiling of a page block).
+  """
+  Hkv, B, R, D = q_rows.shape
+  P, page_size = k_pages.shape[:2]
+  max_pages = block_tables.shape[1]
+  hb = heads_per_block(Hkv, D)
+  blocks_per_split = pl.cdiv(pl.cdiv(max_pages, pages_per_block), num_splits)
+  k2 = k_pages.reshape(P * page_size, Hkv * D)
+  v2 = v_pages.reshape(P * page_size, Hkv * D)
+
+  def page_map(j: int):
+    def index_map(b, hg, s, t, len_ref, tab_ref):
+      first, end, num_pages = _split_range(len_ref[b], s, page_size=page_size,
+                                           pages_per_block=pages_per_block,
+                                           num_splits=num_splits)
+      block = jnp.minimum(first + t, end - 1)  # steps past the run repeat its last block
+      page = jnp.clip(block * pages_per_block + j, 0, jnp.maximum(num_pages - 1, 0))
+      return jnp.clip(tab_ref[b * max_pages + page], 0, P - 1), hg  # junk ids never reach DMA
+    return index_map
+
+  page_specs = [pl.BlockSpec((page_size, hb * D), page_map(j)) for j in range(pages_per_block)]
+  kernel = functools.partial(
+      _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
+      num_splits=num_splits, hb=hb,
+      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(B, Hkv // hb, num_splits, blocks_per_split),
+      in_specs=[
+          pl.BlockSpec((hb, None, R, D), lambda b, hg, s, t, n, tab: (hg, b, 0, 0)),
+          *page_specs,
+          *page_specs,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, hb, None, R, D), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
+          pl.BlockSpec((None, hb, None, R, 1), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
+      ],
+      scratch_shapes=[
+          pltpu.VMEM((hb, R, 1), jnp.float32),
+          pltpu.VMEM((hb, R, 1), jnp.float32),
+          pltpu.VMEM((hb, R, D), jnp.float32),
+      ],
+  )
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=[
+          jax.ShapeDtypeStruct((num_splits, Hkv, B, R, D), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, Hkv, B, R, 1), jnp.float32),
+      ],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="moska_unique_attention",
+  )(lengths, block_tables.reshape(-1), q_rows, *([k2] * pages_per_block),
+    *([v2] * pages_per_block))
+  return o, lse[..., 0]

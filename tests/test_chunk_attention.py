@@ -1,0 +1,215 @@
+"""chunk_attention (GPU Triton + TPU Mosaic kernels in interpret mode, and XLA) vs float64 NumPy.
+
+The ground truth gathers each (request, kv head)'s selected chunks and runs a float64 attention
+over exactly those keys. Interpret modes fill unwritten outputs with NaN, and the poison test
+fills every key / value the kernels must not read with NaN, so a missed mask or a read of an
+unselected chunk shows up.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import ChunkAttentionBlocks, chunk_attention, shared_attention
+from pallas_kernels.chunk_attention import group_by_chunk, max_tiles
+from tests.np_reference import attention_f64, random_normal, rel_err
+
+TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
+
+
+def chunk_attention_f64(q, k, v, chunk_ids, chunk_size, kv_length=None):
+  """Float64 attention of each (request, kv head) over the keys of its gathered chunks."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  ids = np.asarray(chunk_ids)
+  B, T, Hq, D = q.shape
+  S, Hkv, _ = k.shape
+  G = Hq // Hkv
+  n = S if kv_length is None else int(kv_length)
+  N = -(-S // chunk_size)
+  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
+  for b in range(B):
+    for h in range(Hkv):
+      keys = [s for c in ids[b, h] if 0 <= c < N
+              for s in range(c * chunk_size, min((c + 1) * chunk_size, n))]
+      rows = q[b, :, h * G:(h + 1) * G].reshape(T * G, D)
+      ob, lb = attention_f64(rows, k[keys, h], v[keys, h])
+      o[b, :, h * G:(h + 1) * G] = ob.reshape(T, G, D)
+      lse[b, :, h * G:(h + 1) * G] = lb.reshape(T, G)
+  return o, lse
+
+
+def random_ids(rng, B, Hkv, N, K, pattern="random"):
+  """Duplicate-free chunk ids [B, Hkv, K].
+
+  "shaped": chunk 0 is chosen by every request, chunk N-1 by request 0 only, chunk 1 by none,
+  and request B-1 pads its last slot with -1.
+  """
+  ids = np.zeros((B, Hkv, K), np.int32)
+  for b in range(B):
+    for h in range(Hkv):
+      if pattern == "random":
+        ids[b, h] = rng.permutation(N)[:K]
+      else:
+        special = [0, N - 1] if b == 0 else [0]
+        rest = rng.permutation(np.arange(2, N - 1))[:K - len(special)]
+        ids[b, h] = rng.permutation([*special, *rest])
+  if pattern == "shaped":
+    ids[B - 1, :, -1] = -1
+  return jnp.asarray(ids)
+
+
+def _inputs(seed, B, T, G, Hkv, D, S, dtype):
+  rng = np.random.default_rng(seed)
+  q = random_normal(rng, (B, T, G * Hkv, D), dtype)
+  k = random_normal(rng, (S, Hkv, D), dtype)
+  v = random_normal(rng, (S, Hkv, D), dtype)
+  return rng, q, k, v
+
+
+def _run(q, k, v, ids, **kw):
+  """chunk_attention under jit (eager interpret mode dispatches op by op: 10x slower)."""
+  n = kw.pop("kv_length", None)
+  fn = jax.jit(lambda q, k, v, ids, n: chunk_attention(q, k, v, ids, kv_length=n, **kw))
+  return fn(q, k, v, ids, n)
+
+
+def _check(o, lse, q, k, v, ids, C, kv_length, dtype):
+  o_ref, lse_ref = chunk_attention_f64(q, k, v, ids, C, kv_length)
+  assert o.shape == q.shape and o.dtype == q.dtype
+  assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
+  assert not np.any(np.isnan(np.asarray(lse)))
+  o_tol, lse_tol = TOL[dtype]
+  assert rel_err(o, o_ref) < o_tol
+  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
+
+
+# (B, T, G, Hkv, D, S, C, top_k, kv_length, dtype, pattern); top_k None = all N chunks.
+CASES = [
+    (3, 1, 4, 2, 64, 1000, 128, 3, None, jnp.float32, "random"),  # partial last chunk
+    (4, 1, 1, 1, 128, 640, 128, 1, 600, jnp.bfloat16, "random"),  # kv_length cuts the last chunk
+    (2, 2, 8, 1, 64, 512, 128, None, 300, jnp.float32, "random"),  # all chunks, 2 past kv_length
+    (5, 1, 4, 2, 64, 768, 128, 3, None, jnp.bfloat16, "shaped"),  # many / one / no request
+]
+
+
+def _case_id(c):
+  return "B{}T{}G{}H{}D{}S{}C{}k{}n{}{}-{}".format(*c[:9], jnp.dtype(c[9]).name, c[10])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "xla"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_f64(backend, case):
+  B, T, G, Hkv, D, S, C, top_k, kv_length, dtype, pattern = case
+  rng, q, k, v = _inputs(abs(hash(case)) % 2**31, B, T, G, Hkv, D, S, dtype)
+  N = -(-S // C)
+  ids = random_ids(rng, B, Hkv, N, top_k or N, pattern)
+  o, lse = _run(q, k, v, ids, chunk_size=C, kv_length=kv_length, backend=backend,
+                interpret=backend != "xla")
+  _check(o, lse, q, k, v, ids, C, kv_length, dtype)
+
+
+def test_gpu_odd_chunk_size_and_multi_tile_groups():
+  """GPU allows any chunk size; block_m=16 < rows of a popular chunk splits it over tiles."""
+  rng, q, k, v = _inputs(3, 6, 1, 4, 2, 64, 500, jnp.float32)
+  ids = random_ids(rng, 6, 2, 11, 5, "shaped")  # C = 48: 11 chunks, the last has 20 keys
+  blocks = ChunkAttentionBlocks(block_m=16, block_k=16)
+  o, lse = _run(q, k, v, ids, chunk_size=48, kv_length=490, backend="gpu", interpret=True,
+                blocks=blocks)
+  _check(o, lse, q, k, v, ids, 48, 490, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_reads_only_selected_chunks(backend):
+  """NaN in every key / value outside the selected chunks (and past kv_length) changes nothing."""
+  rng, q, k, v = _inputs(4, 3, 1, 4, 1, 128, 1024, jnp.float32)
+  ids = jnp.asarray([[[2, 5]], [[5, 7]], [[2, 6]]], jnp.int32)
+  C, n = 128, 900  # chunk 7 is cut at 900
+  keep = np.zeros(1024, bool)
+  for c in (2, 5, 6, 7):
+    keep[c * C:min((c + 1) * C, n)] = True
+  k_p = jnp.where(keep[:, None, None], k, jnp.nan)
+  v_p = jnp.where(keep[:, None, None], v, jnp.nan)
+  o, lse = _run(q, k_p, v_p, ids, chunk_size=C, kv_length=n, backend=backend, interpret=True)
+  _check(o, lse, q, k, v, ids, C, n, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_all_chunks_equals_shared_attention(backend):
+  rng, q, k, v = _inputs(6, 3, 1, 4, 2, 128, 700, jnp.float32)
+  N = 6  # C = 128, last chunk partial
+  ids = jnp.asarray(np.stack([[rng.permutation(N) for _ in range(2)] for _ in range(3)]),
+                    jnp.int32)
+  o, lse = _run(q, k, v, ids, chunk_size=128, kv_length=650, backend=backend, interpret=True)
+  o_s, lse_s = jax.jit(lambda q, k, v: shared_attention(q, k, v, kv_length=650, backend=backend,
+                                                        interpret=True))(q, k, v)
+  assert rel_err(o, o_s) < 1e-5
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,blocks", [
+    ("gpu", ChunkAttentionBlocks(block_m=16, block_k=32)),
+    ("tpu", ChunkAttentionBlocks(block_m=16, block_k=128)),
+])
+def test_jit_traced_kv_length_and_empty(backend, blocks):
+  """Under jit with a traced kv_length: ordinary, cutting the first chunk, and zero keys."""
+  rng, q, k, v = _inputs(5, 4, 1, 4, 1, 64, 512, jnp.float32)
+  ids = random_ids(rng, 4, 1, 2, 2)  # C = 256: both chunks, 2 tiles each of 16 rows
+  fn = jax.jit(lambda q, k, v, ids, n: chunk_attention(
+      q, k, v, ids, chunk_size=256, kv_length=n, backend=backend, interpret=True, blocks=blocks))
+  for n in (512, 100, 0):
+    o, lse = fn(q, k, v, ids, jnp.int32(n))
+    if n == 0:
+      assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    else:
+      _check(o, lse, q, k, v, ids, 256, n, jnp.float32)
+
+
+def test_group_by_chunk_reads_each_chunk_once_per_tile():
+  """Each pair row sits in exactly one slot, tiles hold one chunk, and a chunk gets exactly
+  ceil(rows that chose it / block_m) tiles: K/V are read per tile of stacked rows, not per request."""
+  rng = np.random.default_rng(0)
+  B, Hkv, N, K, R, bm = 9, 2, 7, 3, 4, 16
+  ids = np.asarray(random_ids(rng, B, Hkv, N, K, "shaped"))
+  g = jax.jit(lambda i: group_by_chunk(i, num_chunks=N, rows_per_pair=R, block_m=bm))(ids)
+  NT = max_tiles(B * K, N, R, bm)
+  assert g.tile_chunk.shape == (Hkv, NT) and g.rows.shape == (Hkv, NT * bm)
+  for h in range(Hkv):
+    chosen = ids[:, h].reshape(-1)
+    counts = np.bincount(chosen[chosen >= 0], minlength=N)
+    nt = int(g.num_tiles[h])
+    tc = np.asarray(g.tile_chunk[h])
+    assert np.all(tc[nt:] == -1) and np.all(np.diff(tc[:nt]) >= 0)
+    for c in range(N):
+      assert np.sum(tc == c) == -(-counts[c] * R // bm)
+    rows = np.asarray(g.rows[h]).reshape(NT, bm)
+    valid = np.asarray(g.valid[h])
+    expect = {p * R + r for p in range(B * K) if valid[p] for r in range(R)}
+    live = rows[rows >= 0]
+    assert len(live) == len(set(live)) and set(live.tolist()) == expect
+    for t in range(nt):  # every live row of a tile belongs to a pair that chose the tile's chunk
+      assert np.all(chosen[rows[t][rows[t] >= 0] // R] == tc[t])
+    slots = np.asarray(g.slots[h])
+    for pr in expect:
+      assert rows.reshape(-1)[slots[pr]] == pr
+
+
+def test_validation_errors():
+  _, q, k, v = _inputs(2, 2, 1, 4, 2, 64, 300, jnp.float32)
+  ids = jnp.zeros((2, 2, 1), jnp.int32)
+  with pytest.raises(ValueError, match=r"chunk_ids must be an integer array of shape \[B=2, Hkv=2"):
+    chunk_attention(q, k, v, ids[:, :1], chunk_size=128)
+  with pytest.raises(ValueError, match="chunk_ids must be an integer array"):
+    chunk_attention(q, k, v, ids.astype(jnp.float32), chunk_size=128)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    chunk_attention(q, k, v, ids, chunk_size=0)
+  with pytest.raises(ValueError, match="v must have the shape of k"):
+    chunk_attention(q, k, v[:10], ids, chunk_size=128)
+  with pytest.raises(ValueError, match="chunk_size a multiple of blocks.block_k"):
+    chunk_attention(q, k, v, ids, chunk_size=100, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    chunk_attention(q, k, v, ids, chunk_size=128, backend="gpu", interpret=True,
+                    blocks=ChunkAttentionBlocks(block_m=24, block_k=32))
+  o, lse = chunk_attention(q, k, v, ids[..., :0], chunk_size=128, backend="gpu", interpret=True)
+  assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))

@@ -1,0 +1,141 @@
+"""moska_jax.routing: chunk summaries and the top-k router vs NumPy; route -> chunk_attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moska_jax import routing
+from pallas_kernels import chunk_attention, shared_attention
+from tests.np_reference import random_normal, rel_err
+
+
+def summaries_np(k, C, n, kind):
+  """[N, Hkv, P, D] float64 summaries of the valid keys of each chunk (zeros if none)."""
+  k = np.asarray(k, np.float64)
+  S, Hkv, D = k.shape
+  N = -(-S // C)
+  out = np.zeros((N, Hkv, 2 if kind == "envelope" else 1, D))
+  for c in range(N):
+    kc = k[c * C:min((c + 1) * C, n)]
+    if len(kc):
+      out[c] = np.stack([kc.max(0), kc.min(0)], 1) if kind == "envelope" else kc.mean(0)[:, None]
+  return out
+
+
+def scores_np(q, vec, kind):
+  """Router scores [B, Hkv, N]: per query row, summed over the G heads and T tokens."""
+  q = np.asarray(q, np.float64)
+  B, T, Hq, D = q.shape
+  N, Hkv = vec.shape[:2]
+  qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
+  if kind == "envelope":  # Quest: sum_d max(q_d hi_d, q_d lo_d)
+    per_row = np.maximum(np.einsum("bthgd,nhd->bthgnd", qg, vec[:, :, 0]),
+                         np.einsum("bthgd,nhd->bthgnd", qg, vec[:, :, 1])).sum(-1)
+  else:
+    per_row = np.einsum("bthgd,nhd->bthgn", qg, vec[:, :, 0])
+  return per_row.sum(axis=(1, 3))
+
+
+def _assert_top_k(ids, scores, valid_n, forced=()):
+  """ids hold the top-k of `scores` among chunks < valid_n (forced first), -1 when too few."""
+  B, Hkv, K = ids.shape
+  for b in range(B):
+    for h in range(Hkv):
+      got = [int(c) for c in ids[b, h] if c >= 0]
+      assert len(got) == len(set(got)) == min(K, valid_n)
+      assert all(c < valid_n for c in got)
+      s = scores[b, h, :valid_n].copy()
+      want = [c for c in forced if c < valid_n]
+      s[want] = -np.inf
+      want += list(np.argsort(-s, kind="stable")[:min(K, valid_n) - len(want)])
+      if set(got) != set(want):  # only a near-tie at the boundary may differ
+        diff = set(got) ^ set(want)
+        assert np.ptp(scores[b, h, list(diff)]) < 1e-4 * np.abs(scores[b, h]).max(), (got, want)
+
+
+@pytest.mark.parametrize("kind", ["mean", "envelope"])
+@pytest.mark.parametrize("kv_length", [None, 700, 129])
+def test_chunk_summaries_match_numpy(kind, kv_length):
+  rng = np.random.default_rng(1)
+  k = random_normal(rng, (1000, 2, 32), jnp.float32)  # 8 chunks of 128, the last partial
+  s = jax.jit(lambda k, n: routing.chunk_summaries(k, 128, n, summary=kind))(k, kv_length)
+  n = 1000 if kv_length is None else kv_length
+  assert s.kind == kind and s.chunk_size == 128 and int(s.num_valid_chunks) == -(-n // 128)
+  np.testing.assert_allclose(np.asarray(s.vectors), summaries_np(k, 128, n, kind), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mean", "envelope"])
+@pytest.mark.parametrize("top_k", [1, 3, 8])
+def test_route_is_top_k_of_aggregated_scores(kind, top_k):
+  rng = np.random.default_rng(top_k)
+  B, T, Hq, Hkv, D, C = 5, 2, 8, 2, 32, 64
+  k = random_normal(rng, (500, Hkv, D), jnp.float32)  # 8 chunks
+  q = random_normal(rng, (B, T, Hq, D), jnp.float32)
+  s = routing.chunk_summaries(k, C, summary=kind)
+  ids = np.asarray(jax.jit(lambda q, s: routing.route(q, s, top_k))(q, s))
+  assert ids.shape == (B, Hkv, top_k) and ids.dtype == np.int32
+  _assert_top_k(ids, scores_np(q, summaries_np(k, C, 500, kind), kind), 8)
+
+
+@pytest.mark.parametrize("kind", ["mean", "envelope"])
+def test_route_always_include_and_kv_length(kind):
+  rng = np.random.default_rng(2)
+  B, Hq, Hkv, D, C, n = 4, 4, 1, 16, 32, 200  # 10 chunks, 7 hold keys before 200
+  k = random_normal(rng, (320, Hkv, D), jnp.float32)
+  q = random_normal(rng, (B, 1, Hq, D), jnp.float32)
+  s = routing.chunk_summaries(k, C, n, summary=kind)
+  scores = scores_np(q, summaries_np(k, C, n, kind), kind)
+  for top_k, forced in ((3, (0,)), (4, (0, 9, 5)), (9, (0,))):
+    ids = np.asarray(routing.route(q, s, top_k, always_include=forced))
+    for c in forced:  # forced chunks are in every set unless past kv_length (chunk 9 is)
+      assert np.all((ids == c).any(-1)) == (c < 7)
+    assert np.all(ids[..., :1] == 0)  # forced chunks come first
+    _assert_top_k(ids, scores, 7, forced)
+  assert np.all(np.asarray(routing.route(q, s, 9))[..., 7:] == -1)  # only 7 valid chunks
+
+
+def test_route_plain_array_and_traced_num_valid():
+  rng = np.random.default_rng(3)
+  vec = random_normal(rng, (6, 2, 16), jnp.float32)
+  q = random_normal(rng, (3, 1, 4, 16), jnp.float32)
+  fn = jax.jit(lambda q, n: routing.route(q, vec, 2, num_valid_chunks=n))
+  ids = np.asarray(fn(q, jnp.int32(4)))
+  _assert_top_k(ids, scores_np(q, np.asarray(vec)[:, :, None], "mean"), 4)
+
+
+def test_route_validation_errors():
+  k = jnp.ones((256, 2, 16))
+  q = jnp.ones((2, 1, 4, 16))
+  s = routing.chunk_summaries(k, 64)
+  with pytest.raises(ValueError, match="summary must be one of"):
+    routing.chunk_summaries(k, 64, summary="median")
+  with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=4\]"):
+    routing.route(q, s, 5)
+  with pytest.raises(ValueError, match="always_include must hold"):
+    routing.route(q, s, 2, always_include=(0, 1, 2))
+  with pytest.raises(ValueError, match="always_include must hold"):
+    routing.route(q, s, 2, always_include=(4,))
+  with pytest.raises(ValueError, match=r"q must have shape \[B, T, Hq, D=16\]"):
+    routing.route(q[..., :8], s, 2)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "xla"])
+def test_route_then_chunk_attention(backend):
+  """The router's ids (with -1 padding past kv_length) feed chunk_attention; top_k = N is dense."""
+  rng = np.random.default_rng(4)
+  B, Hq, Hkv, D, C, n = 3, 8, 2, 32, 64, 250  # 5 chunks, 4 valid: the 5th id is -1
+  k = random_normal(rng, (320, Hkv, D), jnp.float32)
+  v = random_normal(rng, (320, Hkv, D), jnp.float32)
+  q = random_normal(rng, (B, 1, Hq, D), jnp.float32)
+
+  @jax.jit
+  def step(q, k, v):
+    ids = routing.route(q, routing.chunk_summaries(k, C, n), 5, always_include=(0,))
+    return chunk_attention(q, k, v, ids, chunk_size=C, kv_length=n, backend=backend,
+                           interpret=backend != "xla")
+
+  o, lse = step(q, k, v)
+  o_s, lse_s = shared_attention(q, k, v, kv_length=n, backend="xla")
+  assert rel_err(o, o_s) < 1e-5
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_s), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,286 @@
+"""unique_attention kernels (GPU Triton + TPU Mosaic, interpret mode) and the XLA path vs float64.
+
+The page pool is poisoned: every slot no request owns (spare pages, the tail of each request's last
+page) holds NaN, and block-table entries past each request's pages are junk ids (negative or past
+the pool). A kernel that reads past a length, or a page it does not own, without masking shows
+NaN; interpret mode also fills unwritten outputs with NaN.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (UniqueAttentionBlocks, merge_attention_states, shared_attention,
+                            unique_attention, write_pages)
+from pallas_kernels.reference import unique_attention_ref
+from pallas_kernels.unique_attention import choose_blocks
+from pallas_kernels import layout
+from pallas_kernels.gpu import unique_attention as gpu_kernel
+from pallas_kernels.tpu import unique_attention as tpu_kernel
+from tests.np_reference import attention_f64, random_normal, rel_err
+
+TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
+
+# (T, G, Hkv, D, page_size, lengths, dtype). Lengths cover an empty slot (0), 1 token, exactly one
+# page, many pages and partial last pages; T = 4 rows attend causally inside the new tokens.
+CASES = [
+    (1, 1, 2, 64, 16, (0, 1, 16, 77, 130), jnp.float32),
+    (4, 4, 2, 128, 16, (0, 4, 16, 61), jnp.bfloat16),
+    (1, 8, 1, 64, 16, (1, 200, 33), jnp.bfloat16),
+    (4, 1, 1, 128, 32, (0, 32, 100), jnp.float32),
+    (1, 4, 2, 128, 16, (16, 257, 1), jnp.float32),
+    (4, 8, 2, 64, 16, (5, 48, 0), jnp.float32),
+]
+
+
+def unique_attention_f64(q, k_pages, v_pages, block_tables, lengths, sm_scale=None):
+  """Per request: gather its pages, attend causally (query t at position length - T + t)."""
+  q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+  B, T, Hq, D = q.shape
+  _, page_size, Hkv, _ = k_pages.shape
+  G = Hq // Hkv
+  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
+  for b, n in enumerate(np.asarray(lengths)):
+    pages = np.asarray(block_tables)[b, :math.ceil(n / page_size)]
+    k = k_pages[pages].reshape(-1, Hkv, D)[:n]
+    v = v_pages[pages].reshape(-1, Hkv, D)[:n]
+    mask = np.arange(n)[None, :] <= (n - T + np.arange(T))[:, None]
+    for h in range(Hq):
+      o[b, :, h], lse[b, :, h] = attention_f64(q[b, :, h], k[:, h // G], v[:, h // G], mask,
+                                               sm_scale)
+  return o, lse
+
+
+def _paged_inputs(seed, T, G, Hkv, D, page_size, lengths, dtype, poison=True):
+  """Random queries and a shuffled, NaN-poisoned page pool holding each request's `lengths`."""
+  rng = np.random.default_rng(seed)
+  B = len(lengths)
+  n_pages = [math.ceil(n / page_size) for n in lengths]
+  max_pages = max(n_pages) + 2  # table columns past every request: junk
+  P = sum(n_pages) + 3  # spare pages nobody owns
+  ids = iter(rng.permutation(P))
+  tables = rng.integers(-3, P + 3, (B, max_pages))
+  owned = np.zeros((P, page_size), bool)
+  for b, n in enumerate(lengths):
+    for i in range(n_pages[b]):
+      tables[b, i] = page = next(ids)
+      owned[page, :min(page_size, n - i * page_size)] = True
+  kv = rng.standard_normal((2, P, page_size, Hkv, D)).astype(np.float32)
+  if poison:
+    kv[:, ~owned] = np.nan
+  q = random_normal(rng, (B, T, G * Hkv, D), dtype)
+  k_pages, v_pages = (jnp.asarray(x).astype(dtype) for x in kv)
+  return q, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def _check(o, lse, inputs, dtype):
+  q = inputs[0]
+  o_ref, lse_ref = unique_attention_f64(*inputs)
+  assert o.shape == q.shape and o.dtype == q.dtype
+  assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
+  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
+  assert not np.any(np.isnan(np.asarray(lse)))
+  o_tol, lse_tol = TOL[dtype]
+  assert rel_err(o, o_ref) < o_tol
+  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
+
+
+def _case_id(c):
+  return "T{}G{}H{}D{}ps{}n{}{}".format(*c[:5], "-".join(map(str, c[5])), jnp.dtype(c[6]).name)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu", "xla"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_f64(backend, case):
+  *shape, dtype = case
+  inputs = _paged_inputs(CASES.index(case), *shape, dtype)
+  fn = jax.jit(lambda *a: unique_attention(*a, backend=backend, interpret=backend != "xla"))
+  o, lse = fn(*inputs)  # one compiled program: much faster on CPU than op-by-op dispatch
+  _check(o, lse, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend,blocks", [
+    ("gpu", UniqueAttentionBlocks(pages_per_block=1, num_splits=3)),
+    ("gpu", UniqueAttentionBlocks(pages_per_block=4, num_splits=1)),
+    ("tpu", UniqueAttentionBlocks(pages_per_block=1, num_splits=3)),
+    ("tpu", UniqueAttentionBlocks(pages_per_block=4, num_splits=2)),
+])
+def test_block_overrides_and_traced_lengths(backend, blocks):
+  """Explicit tilings (more splits than a request has blocks, one split) under jit; the same
+  compiled call serves new lengths."""
+  q, k, v, tables, _ = _paged_inputs(5, 4, 4, 2, 64, 16, (90, 30, 7), jnp.float32, poison=False)
+  fn = jax.jit(lambda q, k, v, t, n: unique_attention(q, k, v, t, n, backend=backend,
+                                                      interpret=True, blocks=blocks))
+  for lengths in ((90, 30, 7), (17, 0, 16)):  # within the pages each request owns
+    n = jnp.asarray(lengths, jnp.int32)
+    o, lse = fn(q, k, v, tables, n)
+    _check(o, lse, (q, k, v, tables, n), jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_partials_written_and_empty_splits(backend):
+  """Every split writes every query row (no NaN); a split with no valid key gives o = 0,
+  lse = -inf."""
+  q, k, v, tables, lengths = _paged_inputs(9, 1, 4, 2, 64, 16, (0, 20, 300), jnp.float32)
+  T, G, Hkv, D = 1, 4, 2, 64
+  q_rows = layout.fold_queries(q, Hkv).reshape(Hkv, 3, T * G, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 16 - T * G), (0, 0)))
+  common = dict(T=T, G=G, scale=D**-0.5, pages_per_block=1, num_splits=4)
+  if backend == "gpu":
+    o, lse = gpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths, num_warps=4,
+                                                  num_stages=2, interpret=True, **common)
+  else:
+    from jax.experimental.pallas import tpu as pltpu
+    o, lse = tpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths,
+                                                  interpret=pltpu.InterpretParams(), **common)
+  assert o.shape == (4, Hkv, 3, 16, D) and lse.shape == (4, Hkv, 3, 16)
+  o, lse = np.asarray(o)[..., :T * G, :], np.asarray(lse)[..., :T * G]  # padded rows: unused
+  assert np.all(np.isfinite(o)) and not np.any(np.isnan(lse))
+  # Request 0 is empty; request 1 has 2 one-page blocks (splits 2, 3 empty); request 2 fills all.
+  assert np.all(np.isneginf(lse[:, :, 0])) and np.all(o[:, :, 0] == 0)
+  assert np.all(np.isfinite(lse[:2, :, 1])) and np.all(np.isneginf(lse[2:, :, 1]))
+  assert np.all(o[2:, :, 1] == 0)
+  assert np.all(np.isfinite(lse[:, :, 2]))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_shared_plus_unique_equals_dense(backend):
+  """merge(shared_attention over [shared], unique_attention over [unique]) equals one attention
+  over [shared + unique] (causal within unique) to f32 precision."""
+  T, G, Hkv, D, S, lengths = 4, 4, 2, 64, 300, (4, 37, 80)
+  q, k_pages, v_pages, tables, n = _paged_inputs(13, T, G, Hkv, D, 16, lengths, jnp.float32)
+  rng = np.random.default_rng(14)
+  k_s = random_normal(rng, (S, Hkv, D), jnp.float32)
+  v_s = random_normal(rng, (S, Hkv, D), jnp.float32)
+
+  @jax.jit
+  def moska(q, k_s, v_s, k_pages, v_pages, tables, n):
+    o_s, lse_s = shared_attention(q, k_s, v_s, backend=backend, interpret=True)
+    o_u, lse_u = unique_attention(q, k_pages, v_pages, tables, n, backend=backend, interpret=True)
+    return merge_attention_states(o_s, lse_s, o_u, lse_u)
+
+  o, lse = moska(q, k_s, v_s, k_pages, v_pages, tables, n)
+  B, Hq = len(lengths), G * Hkv
+  kp, vp, qf = (np.asarray(x, np.float64) for x in (k_pages, v_pages, q))
+  o_ref, lse_ref = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
+  for b, u in enumerate(lengths):
+    pages = np.asarray(tables)[b, :math.ceil(u / 16)]
+    k = np.concatenate([np.asarray(k_s, np.float64), kp[pages].reshape(-1, Hkv, D)[:u]])
+    v = np.concatenate([np.asarray(v_s, np.float64), vp[pages].reshape(-1, Hkv, D)[:u]])
+    mask = np.arange(S + u)[None, :] <= S + u - T + np.arange(T)[:, None]
+    for h in range(Hq):
+      o_ref[b, :, h], lse_ref[b, :, h] = attention_f64(qf[b, :, h], k[:, h // G], v[:, h // G],
+                                                       mask)
+  assert rel_err(o, o_ref) < 1e-5
+  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_write_pages_round_trip():
+  """New tokens land at their positions (nothing else changes, overflow is dropped), under jit
+  with the pools donated, and attention over the written pages is right."""
+  T, Hkv, D, ps = 3, 2, 64, 16
+  before = (0, 5, 16, 31, 62)  # the last request overflows its 4-page table by one token
+  q, k_pages, v_pages, tables, _ = _paged_inputs(21, T, 4, Hkv, D, ps, (3, 8, 19, 34, 64),
+                                                 jnp.float32, poison=False)
+  tables = tables[:, :4]  # capacity 64 tokens; every write below lands in an owned page
+  rng = np.random.default_rng(22)
+  k_new = random_normal(rng, (5, T, Hkv, D), jnp.float32)
+  v_new = random_normal(rng, (5, T, Hkv, D), jnp.float32)
+  k_old, v_old = np.asarray(k_pages), np.asarray(v_pages)
+  write = jax.jit(write_pages, donate_argnums=(0, 1))
+  k_pages, v_pages = write(k_pages, v_pages, tables, jnp.asarray(before, jnp.int32), k_new, v_new)
+  k_exp, v_exp = k_old.copy(), v_old.copy()
+  for b, n in enumerate(before):
+    for t in range(T):
+      pos = n + t
+      if pos < 4 * ps:
+        page = int(tables[b, pos // ps])
+        k_exp[page, pos % ps] = k_new[b, t]
+        v_exp[page, pos % ps] = v_new[b, t]
+  np.testing.assert_array_equal(np.asarray(k_pages), k_exp)
+  np.testing.assert_array_equal(np.asarray(v_pages), v_exp)
+  lengths = jnp.asarray([n + T for n in before[:4]] + [64], jnp.int32)
+  o, lse = jax.jit(lambda *a: unique_attention(*a, backend="gpu", interpret=True))(
+      q, k_pages, v_pages, tables, lengths)
+  _check(o, lse, (q, k_pages, v_pages, tables, lengths), jnp.float32)
+
+
+def test_reference_is_jittable_and_matches():
+  inputs = _paged_inputs(3, 4, 4, 2, 64, 16, (0, 9, 40), jnp.float32)
+  o, lse = jax.jit(unique_attention_ref)(*inputs)
+  _check(o, lse, inputs, jnp.float32)
+
+
+def test_auto_backend_on_cpu_is_xla():
+  inputs = _paged_inputs(4, 1, 4, 2, 64, 16, (3, 40), jnp.float32)
+  o, lse = jax.jit(lambda *a: unique_attention(*a, backend="auto"))(*inputs)
+  _check(o, lse, inputs, jnp.float32)
+
+
+def test_validation_errors():
+  q, k, v, tables, lengths = _paged_inputs(2, 1, 4, 2, 64, 16, (5, 20), jnp.float32)
+  ua = unique_attention
+  with pytest.raises(ValueError, match="backend must be one of"):
+    ua(q, k, v, tables, lengths, backend="cuda")
+  with pytest.raises(ValueError, match="interpret=True needs a Pallas backend"):
+    ua(q, k, v, tables, lengths, backend="xla", interpret=True)
+  with pytest.raises(ValueError, match=r"q must have shape \[B, T, Hq, D\]"):
+    ua(q[0], k, v, tables, lengths)
+  with pytest.raises(ValueError, match=r"k_pages must have shape \[P, page_size, Hkv, D=64\]"):
+    ua(q, k[..., :32], v[..., :32], tables, lengths)
+  with pytest.raises(ValueError, match="v_pages must have the shape of k_pages"):
+    ua(q, k, v[:1], tables, lengths)
+  with pytest.raises(ValueError, match="Hq=8 of q must be a multiple of Hkv=3"):
+    ua(q, jnp.ones((4, 16, 3, 64)), jnp.ones((4, 16, 3, 64)), tables, lengths)
+  with pytest.raises(ValueError, match="k_pages and v_pages must share a dtype"):
+    ua(q, k, v.astype(jnp.bfloat16), tables, lengths)
+  with pytest.raises(ValueError, match="q must be float32, bfloat16 or float16"):
+    ua(q.astype(jnp.int32), k, v, tables, lengths)
+  with pytest.raises(ValueError, match=r"block_tables must be an integer array of shape \[B=2"):
+    ua(q, k, v, tables[:1], lengths)
+  with pytest.raises(ValueError, match=r"block_tables must be an integer array"):
+    ua(q, k, v, tables.astype(jnp.float32), lengths)
+  with pytest.raises(ValueError, match=r"lengths must be an integer array of shape \[B=2\]"):
+    ua(q, k, v, tables, lengths[:1])
+  with pytest.raises(ValueError, match="power of two >= 16"):
+    ua(q, k, v, tables, lengths, backend="gpu", interpret=True,
+       blocks=UniqueAttentionBlocks(pages_per_block=3, num_splits=1))
+  with pytest.raises(ValueError, match="must be >= 1"):
+    ua(q, k, v, tables, lengths, backend="gpu", interpret=True,
+       blocks=UniqueAttentionBlocks(pages_per_block=1, num_splits=0))
+  with pytest.raises(ValueError, match="page_size must be a multiple of 8"):
+    ua(q, k[:, :12], v[:, :12], tables, lengths, backend="tpu", interpret=True)
+  with pytest.raises(ValueError, match=r"write_pages: k_new must have shape \[B=2, T, Hkv=2"):
+    write_pages(k, v, tables, lengths, jnp.ones((2, 1, 3, 64)), jnp.ones((2, 1, 3, 64)))
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_heuristic(page_size):
+  """~128 keys per block; few long requests split across the chip, many requests barely."""
+  one = layout.AttentionDims(B=1, T=1, Hq=32, Hkv=8, D=128, S=65536)
+  many = layout.AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=65536)
+  short = layout.AttentionDims(B=1, T=1, Hq=32, Hkv=8, D=128, S=256)
+  b_one, b_many = choose_blocks(one, page_size, "gpu"), choose_blocks(many, page_size, "gpu")
+  assert b_one.pages_per_block * page_size == 128
+  assert b_one.num_splits >= 32 and b_many.num_splits <= 4
+  assert choose_blocks(short, page_size, "gpu").num_splits == 1
+  assert choose_blocks(many, page_size, "tpu").num_splits == 1
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("T,blocks", [
+    (1, None),
+    (4, None),
+    (1, UniqueAttentionBlocks(pages_per_block=1, num_splits=7, num_warps=4, num_stages=3)),
+    (1, UniqueAttentionBlocks(pages_per_block=4, num_splits=2, num_warps=8, num_stages=2)),
+])
+def test_compiled_gpu_kernel(page_size, T, blocks):
+  """The Triton kernel as compiled (what interpret mode cannot check), Llama-3.1-8B heads."""
+  lengths = (0, 1, page_size, 3000, 4096, 777, 2 * page_size + 5, 4000)
+  inputs = _paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16)
+  fn = jax.jit(lambda *a: unique_attention(*a, backend="gpu", blocks=blocks))
+  _check(*fn(*inputs), inputs, jnp.bfloat16)
