@@ -52,6 +52,12 @@ def num_cores() -> int:
   return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+def is_hopper() -> bool:
+  """Whether the first device is a Hopper GPU (sm_90: wgmma, TMA)."""
+  dev = jax.devices()[0]
+  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
 def tpu_interpret(interpret: bool):
   """The `interpret=` value for a TPU pallas_call: TPU interpret mode when asked, else False."""
   if not interpret:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout, merge
-from pallas_kernels.backend import resolve_backend
+from pallas_kernels.backend import is_hopper, log_once, resolve_backend
 from pallas_kernels.reference import chunk_attention_ref
 
 
@@ -108,20 +108,35 @@ class ChunkAttentionBlocks:
   """Tiling of one chunk-attention call (override the heuristic with an instance).
 
   block_m: stacked query rows per work item (tile); block_k: keys per inner step within a chunk
-  (on TPU it must divide the chunk size); num_warps / num_stages: Triton knobs (GPU only).
+  (on TPU it must divide the chunk size); num_warps / num_stages: Triton knobs (GPU only);
+  kernel: GPU kernel, "triton" or "mosaic" (Hopper wgmma; block_m 128, bf16/f16, chunk size and
+  S multiples of block_k).
   """
 
   block_m: int
   block_k: int
   num_warps: int = 4
   num_stages: int = 2
+  kernel: str = "triton"
 
 
-def choose_blocks(dims: layout.AttentionDims, top_k: int, chunk_size: int,
-                  backend: str) -> ChunkAttentionBlocks:
-  """Heuristic: block_m near the rows a chosen chunk gets under uniform routing (B*K*R/N)."""
+def choose_blocks(dims: layout.AttentionDims, top_k: int, chunk_size: int, backend: str,
+                  dtype=jnp.bfloat16) -> ChunkAttentionBlocks:
+  """Heuristic: block_m near the rows a chosen chunk gets under uniform routing (B*K*R/N).
+
+  Long chunks chosen by many rows on Hopper run on the Mosaic GPU wgmma kernel (one CTA per
+  tile); it pays off from about 8 key tiles per chunk (measured on H100: 0.52x of dense at C=2048,
+  but slower than the Triton kernel at C=512, where its pipeline fill dominates).
+  """
+  from pallas_kernels.gpu import shared_attention_mgpu as mgpu
+  from pallas_kernels.shared_attention import MOSAIC_MIN_ROWS
+
   n_chunks = math.ceil(dims.S / chunk_size)
   rows = dims.B * dims.T * dims.G * top_k / n_chunks
+  if (backend == "gpu" and rows >= MOSAIC_MIN_ROWS // 2 and is_hopper() and chunk_size % 128 == 0
+      and chunk_size >= 1024
+      and mgpu.supported(dtype, dims.D, dims.S, 128)):
+    return ChunkAttentionBlocks(mgpu.ROWS_PER_CTA, 128, num_stages=4, kernel="mosaic")
   if backend == "tpu":
     block_m = min(256, max(16, 16 * math.ceil(rows / 16)))
     block_k = next((b for b in (512, 256, 128) if chunk_size % b == 0), chunk_size)
@@ -132,8 +147,18 @@ def choose_blocks(dims: layout.AttentionDims, top_k: int, chunk_size: int,
   return ChunkAttentionBlocks(block_m, block_k, warps, 3)
 
 
-def _check_blocks(blocks: ChunkAttentionBlocks, chunk_size: int, backend: str) -> None:
-  if backend == "gpu":
+def _check_blocks(blocks: ChunkAttentionBlocks, chunk_size: int, backend: str, q,
+                 S: int) -> None:
+  from pallas_kernels.gpu import shared_attention_mgpu as mgpu
+
+  if blocks.kernel == "mosaic":
+    if (backend != "gpu" or blocks.block_m != mgpu.ROWS_PER_CTA or chunk_size % blocks.block_k
+        or not mgpu.supported(q.dtype, q.shape[-1], S, blocks.block_k)):
+      raise ValueError("chunk_attention: the mosaic kernel needs backend 'gpu' (Hopper), "
+                       f"blocks.block_m={mgpu.ROWS_PER_CTA}, bf16/f16, D a multiple of 64 and "
+                       "chunk_size and S multiples of blocks.block_k; got "
+                       f"{blocks}, dtype {q.dtype}, chunk_size={chunk_size}, S={S}")
+  elif backend == "gpu":
     for name in ("block_m", "block_k"):
       x = getattr(blocks, name)
       if x < 16 or x & (x - 1):
@@ -180,14 +205,15 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
   K = chunk_ids.shape[2]
   if K == 0:
     return jnp.zeros_like(q), jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
-  blocks = blocks or choose_blocks(dims, K, chunk_size, which)
-  _check_blocks(blocks, chunk_size, which)
+  blocks = blocks or choose_blocks(dims, K, chunk_size, which, q.dtype)
+  _check_blocks(blocks, chunk_size, which, q, S)
+  log_once(f"chunk_attention: {blocks.kernel if which == 'gpu' else 'mosaic-tpu'} kernel")
   R = T * dims.G
   scale = layout.default_sm_scale(sm_scale, D)
   n = jnp.int32(S) if kv_length is None else jnp.clip(kv_length, 0, S)
   groups = group_by_chunk(chunk_ids, num_chunks=n_chunks, rows_per_pair=R, block_m=blocks.block_m)
   q_rows = layout.fold_queries(q, Hkv)  # request b owns rows [b*R, (b+1)*R)
-  if which == "gpu":
+  if which == "gpu" and blocks.kernel == "triton":
     from pallas_kernels.gpu import chunk_attention as kernel
 
     o, lse = kernel.chunk_attention_partials(
@@ -196,18 +222,29 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
         chunk_size=chunk_size, block_m=blocks.block_m, block_k=blocks.block_k,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret)
   else:
-    from pallas_kernels.backend import tpu_interpret
-    from pallas_kernels.tpu import chunk_attention as kernel
-
-    # Mosaic DMAs whole blocks: gather the grouped query rows into tile order, and the tile
-    # outputs back into pair order, in XLA.
+    # Mosaic kernels (TPU, Hopper) copy whole blocks: gather the grouped query rows into tile
+    # order, and the tile outputs back into pair order, in XLA.
     live = groups.rows >= 0
     pr = jnp.where(live, groups.rows, 0)
     q_tiles = jnp.take_along_axis(q_rows, ((pr // (K * R)) * R + pr % R)[..., None], axis=1)
-    o_t, lse_t = kernel.chunk_attention_tiles(
-        q_tiles, k, v, n, groups.tile_chunk, groups.num_tiles, scale=scale,
-        chunk_size=chunk_size, block_m=blocks.block_m, block_k=blocks.block_k,
-        interpret=tpu_interpret(interpret))
+    if which == "gpu":
+      from pallas_kernels.gpu import shared_attention_mgpu as kernel
+
+      start = groups.tile_chunk.T * chunk_size  # [NT, Hkv]
+      end = jnp.where(groups.tile_chunk.T >= 0, jnp.minimum(start + chunk_size, n), 0)
+      ranges = jnp.stack([jnp.maximum(start, 0), end], axis=-1)[:, :, None, :]
+      o_t, lse_t = kernel.attention_over_ranges(q_tiles, k, v, ranges, scale=scale,
+                                                block_k=blocks.block_k,
+                                                num_stages=blocks.num_stages)
+      o_t, lse_t = o_t[0], lse_t[0]
+    else:
+      from pallas_kernels.backend import tpu_interpret
+      from pallas_kernels.tpu import chunk_attention as kernel
+
+      o_t, lse_t = kernel.chunk_attention_tiles(
+          q_tiles, k, v, n, groups.tile_chunk, groups.num_tiles, scale=scale,
+          chunk_size=chunk_size, block_m=blocks.block_m, block_k=blocks.block_k,
+          interpret=tpu_interpret(interpret))
     o = jnp.take_along_axis(o_t, groups.slots[..., None], axis=1)
     lse = jnp.take_along_axis(lse_t, groups.slots, axis=1)
   # o[Hkv, B*K*R, D], lse[Hkv, B*K*R]: rows of invalid pairs were never written.

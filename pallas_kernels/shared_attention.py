@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import layout, merge
-from pallas_kernels.backend import log_once, num_cores, resolve_backend
+from pallas_kernels.backend import is_hopper, log_once, num_cores, resolve_backend
 from pallas_kernels.reference import shared_attention_ref
 
 
@@ -35,11 +35,6 @@ class SharedAttentionBlocks:
   num_warps: int = 4
   num_stages: int = 2
   kernel: str = "triton"
-
-
-def _is_hopper() -> bool:
-  dev = jax.devices()[0]
-  return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 # Rows (B*T*G) from which the Hopper wgmma kernel beats the Triton kernel: below it the problem is
@@ -64,7 +59,7 @@ def choose_blocks(dims: layout.AttentionDims, backend: str,
     block_m = min(256, max(16, 16 * math.ceil(M / 16)))
     block_k = 512 if S >= 512 else 128
     warps, stages = 4, 2
-  elif M >= MOSAIC_MIN_ROWS and _is_hopper() and mgpu.supported(dtype, dims.D, S, 128):
+  elif M >= MOSAIC_MIN_ROWS and is_hopper() and mgpu.supported(dtype, dims.D, S, 128):
     kernel, block_m, block_k, warps, stages = "mosaic", mgpu.ROWS_PER_CTA, 128, 4, 2
   else:
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import SharedAttentionBlocks, shared_attention
-from pallas_kernels.shared_attention import _is_hopper
+from pallas_kernels.backend import is_hopper
 from tests.np_reference import random_normal, rel_err, shared_attention_f64
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -20,10 +20,10 @@ KERNELS = [
     SharedAttentionBlocks(block_m=128, block_k=64, num_splits=1, num_warps=8, num_stages=3),
     pytest.param(SharedAttentionBlocks(block_m=128, block_k=128, num_splits=3, num_stages=2,
                                        kernel="mosaic"),
-                 marks=pytest.mark.skipif(not _is_hopper(), reason="needs Hopper")),
+                 marks=pytest.mark.skipif(not is_hopper(), reason="needs Hopper")),
     pytest.param(SharedAttentionBlocks(block_m=128, block_k=64, num_splits=1, num_stages=4,
                                        kernel="mosaic"),
-                 marks=pytest.mark.skipif(not _is_hopper(), reason="needs Hopper")),
+                 marks=pytest.mark.skipif(not is_hopper(), reason="needs Hopper")),
 ]
 
 
@@ -59,9 +59,19 @@ def test_f32_inputs_use_ieee_matmuls():
   np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size,K,kv_length", [(128, 5, None), (64, 3, 3000), (512, 5, 4096)])
-def test_compiled_chunk_attention_matches_f64(chunk_size, K, kv_length):
-  from pallas_kernels import chunk_attention
+MOSAIC_CHUNKS = pytest.mark.skipif(not is_hopper(), reason="needs Hopper")
+
+
+@pytest.mark.parametrize("chunk_size,K,kv_length,kernel", [
+    (128, 5, None, "triton"), (64, 3, 3000, "triton"), (512, 5, 4096, "triton"),
+    pytest.param(128, 5, None, "mosaic", marks=MOSAIC_CHUNKS),
+    pytest.param(512, 5, 3000, "mosaic", marks=MOSAIC_CHUNKS),
+])
+def test_compiled_chunk_attention_matches_f64(chunk_size, K, kv_length, kernel):
+  from pallas_kernels import ChunkAttentionBlocks, chunk_attention
+
+  blocks = (ChunkAttentionBlocks(128, 128, num_stages=3, kernel="mosaic") if kernel == "mosaic"
+            else None)
   from tests.test_chunk_attention import chunk_attention_f64, random_ids
 
   rng = np.random.default_rng(chunk_size + K)
@@ -71,7 +81,8 @@ def test_compiled_chunk_attention_matches_f64(chunk_size, K, kv_length):
   v = random_normal(rng, (S, Hkv, D), jnp.bfloat16)
   ids = random_ids(rng, B, Hkv, S // chunk_size, K, pattern="shaped")
   fn = jax.jit(lambda q, k, v, ids: chunk_attention(q, k, v, ids, chunk_size=chunk_size,
-                                                    kv_length=kv_length, backend="gpu"))
+                                                    kv_length=kv_length, backend="gpu",
+                                                    blocks=blocks))
   o, lse = fn(q, k, v, ids)
   o_ref, lse_ref = chunk_attention_f64(q, k, v, ids, chunk_size, kv_length)
   assert np.all(np.isfinite(np.asarray(o, np.float32)))

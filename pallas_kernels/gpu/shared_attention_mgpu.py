@@ -7,6 +7,10 @@ producer that TMA-copies K/V tiles into a ring of shared-memory slots, and two c
 multiply their 64 rows by every tile with wgmma and keep an online softmax. The consumers take
 turns on the tensor cores (one does its softmax while the other multiplies), the FlashAttention-3
 "ping-pong" schedule. Writes normalized partials (o in the input dtype, lse float32) per split.
+
+The key range of every CTA comes from a table, so the same kernel serves the dense split of S
+(`shared_attention_partials`) and the routed chunks of chunk_attention (`attention_over_ranges`:
+one CTA per (tile of grouped query rows, chunk)).
 """
 
 from __future__ import annotations
@@ -57,19 +61,44 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   Returns o[num_splits, Hkv, M, D] in q's dtype and lse[num_splits, Hkv, M] float32 (natural
   log), a split with no valid key giving o = 0, lse = -inf.
   """
+  Hkv, M, _ = q_rows.shape
+  split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
+  start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
+  ranges = jnp.stack([start, jnp.minimum(start + split_len, kv_length)], axis=-1)
+  ranges = jnp.broadcast_to(ranges, (M // ROWS_PER_CTA, Hkv, num_splits, 2))
+  return attention_over_ranges(q_rows, k, v, ranges, scale=scale, block_k=block_k,
+                               num_stages=min(num_stages, split_len // block_k))
+
+
+def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
+                          scale: float, block_k: int,
+                          num_stages: int) -> tuple[jax.Array, jax.Array]:
+  """Attention of each 128-row tile of q_rows[Hkv, M, D] over its own key ranges.
+
+  Args:
+    q_rows: [Hkv, M, D], M a multiple of 128.
+    k, v: [S, Hkv, D], S a multiple of block_k.
+    ranges: [M // 128, Hkv, P, 2] int32: tile m of kv head h attends to keys
+      [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
+
+  Returns:
+    o[P, Hkv, M, D] in q's dtype and lse[P, Hkv, M] float32; an empty range gives o = 0,
+    lse = -inf.
+  """
   Hkv, M, D = q_rows.shape
-  S = k.shape[0]
+  m_tiles, _, num_parts, _ = ranges.shape
   dtype = q_rows.dtype
-  split_len = pl.cdiv(pl.cdiv(S, num_splits), block_k) * block_k
-  stages = max(2, min(num_stages, split_len // block_k, max_stages(D, block_k, dtype.itemsize)))
+  stages = max(2, min(num_stages, max_stages(D, block_k, dtype.itemsize)))
   scale_log2 = scale * math.log2(math.e)
 
-  def body(len_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
+  def body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
     (q_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
     mt, h, sp = lax.axis_index("m"), lax.axis_index("h"), lax.axis_index("split")
     wg = lax.axis_index("wg")
-    start = sp * split_len
-    end = jnp.minimum(start + split_len, len_gmem[0])
+    at = ((mt * Hkv + h) * num_parts + sp) * 2
+    # Starts are multiples of block_k (the caller's contract); TMA coordinates must be provably
+    # aligned to the shared-memory tiling.
+    start, end = pl.multiple_of(ranges_gmem[at], block_k), ranges_gmem[at + 1]
     n_keys = jnp.maximum(end - start, 0)
     steps = lax.div(n_keys + (block_k - 1), jnp.int32(block_k))
     full_steps = lax.div(n_keys, jnp.int32(block_k))
@@ -165,7 +194,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
         plgpu.barrier_wait(v_free.at[slot])
         load(i + stages, slot)
 
-  def entry(len_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
+  def entry(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = [
         plgpu.SMEM((2, BLOCK_Q, D), dtype, transforms=transforms),
@@ -174,7 +203,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
         plgpu.SMEM((2, BLOCK_Q), jnp.float32),
     ]
     pl.run_scoped(
-        lambda *scoped: body(len_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
+        lambda *scoped: body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
         smem,
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=2)),
@@ -185,12 +214,12 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
 
   o, lse = plgpu.kernel(
       entry,
-      out_type=[jax.ShapeDtypeStruct((num_splits, Hkv, M, D), dtype),
-                jax.ShapeDtypeStruct((num_splits, Hkv, M), jnp.float32)],
-      grid=(M // ROWS_PER_CTA, Hkv, num_splits),
+      out_type=[jax.ShapeDtypeStruct((num_parts, Hkv, M, D), dtype),
+                jax.ShapeDtypeStruct((num_parts, Hkv, M), jnp.float32)],
+      grid=(m_tiles, Hkv, num_parts),
       grid_names=("m", "h", "split"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(kv_length.reshape(1), q_rows, k, v)
+  )(ranges.astype(jnp.int32).reshape(-1), q_rows, k, v)
   return o, lse
