@@ -131,7 +131,8 @@ def main() -> None:
               router_ms=t_route * 1e3, chunk_ms=t_chunk * 1e3, dense_ms=dense[B] * 1e3,
               total_over_dense=total / dense[B], floor_ms=floor * 1e3,
               chunk_x_floor=t_chunk / floor, total_x_floor=total / floor,
-              chunk_tflops=flops / t_chunk / 1e12, blocks=f"{blocks.block_m}x{blocks.block_k}"))
+              chunk_tflops=flops / t_chunk / 1e12,
+              blocks=f"{blocks.kernel} {blocks.block_m}x{blocks.block_k}"))
           logging.info("C=%d B=%d sp=%.2f %-10s cov %.2f route %.3f ms chunk %.3f ms dense %.3f "
                        "ms -> %.3fx dense, %.2fx floor", C, B, sparsity, regime,
                        union / (Hkv * N), t_route * 1e3, t_chunk * 1e3, dense[B] * 1e3,
@@ -144,7 +145,34 @@ def main() -> None:
   report.write_results(FLAGS.out_dir, "sparse_attention", rows, env,
                        "sparse_attention: router + grouped chunk attention vs dense",
                        notes=_notes(rows))
+  _plot(rows, FLAGS.out_dir)
   print(report.markdown_table(rows))
+
+
+def _plot(rows: list[dict], out_dir: str) -> None:
+  """Router + chunk_attention time over dense time, against B, one panel per chunk size."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.warning("matplotlib missing (pip install .[bench]): no plot")
+    return
+  chunks = sorted({r["C"] for r in rows})
+  fig, axes = plt.subplots(1, len(chunks), figsize=(4.5 * len(chunks), 3.6), squeeze=False)
+  for ax, C in zip(axes[0], chunks):
+    for sp in sorted({r["sparsity"] for r in rows}):
+      for regime, style in (("correlated", "o-"), ("uniform", "s--")):
+        rs = [r for r in rows if r["C"] == C and r["sparsity"] == sp and r["regime"] == regime]
+        if rs:
+          ax.plot([r["B"] for r in rs], [r["total_over_dense"] for r in rs], style,
+                  label=f"{regime}, {sp:.0%} sparse")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="B (requests)", ylabel="(router + chunk) / dense",
+           title=f"chunk size {C}")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(f"{out_dir}/sparse_attention.png", dpi=120)
 
 
 def _notes(rows: list[dict]) -> str:

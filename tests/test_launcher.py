@@ -16,6 +16,9 @@ TINY = {
     "unique_attention": ["--backend=xla", "--unique_batches=1", "--unique_lengths=256",
                          "--unique_page_sizes=16", "--unique_heads=8", "--unique_kv_heads=2",
                          "--unique_head_dim=64"],
+    "sparse_attention": ["--backend=xla", "--sparse_length=2048", "--sparse_chunks=256",
+                         "--sparse_batches=2", "--sparse_sparsities=0.75", "--sparse_heads=8",
+                         "--sparse_kv_heads=2", "--sparse_head_dim=64"],
     "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
 }
 
