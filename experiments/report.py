@@ -15,6 +15,18 @@ def _fmt(x) -> str:
   return str(x)
 
 
+def pyplot():
+  """matplotlib.pyplot on the Agg backend, or None (with a warning) without the `bench` extra."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    logging.warning("matplotlib missing (pip install .[bench]): no plot")
+    return None
+  return plt
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
   """Rows (dicts sharing keys) as a GitHub markdown table."""
   if not rows:

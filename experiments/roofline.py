@@ -532,12 +532,8 @@ def _check(hw: Hardware) -> tuple[list[dict], str]:
 
 
 def _plot(sweep: list[dict], best: list[dict], out_dir: str) -> None:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    logging.warning("matplotlib missing (pip install .[bench]): no plot")
+  plt = report.pyplot()
+  if plt is None:
     return
   shared = sorted({r["S"] for r in sweep})
   fig, axes = plt.subplots(1, len(shared), figsize=(3.6 * len(shared), 3.6), squeeze=False,

@@ -151,12 +151,8 @@ def main() -> None:
 
 def _plot(rows: list[dict], out_dir: str) -> None:
   """Router + chunk_attention time over dense time, against B, one panel per chunk size."""
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    logging.warning("matplotlib missing (pip install .[bench]): no plot")
+  plt = report.pyplot()
+  if plt is None:
     return
   chunks = sorted({r["C"] for r in rows})
   fig, axes = plt.subplots(1, len(chunks), figsize=(4.5 * len(chunks), 3.6), squeeze=False)

@@ -237,12 +237,8 @@ def main() -> None:
 
 
 def _plot(summary, out_dir) -> None:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    logging.warning("matplotlib missing (pip install .[bench]): no plot")
+  plt = report.pyplot()
+  if plt is None:
     return
   fig, ax = plt.subplots(figsize=(6, 4))
   for L, ps in sorted({(r["L"], r["page_size"]) for r in summary}):

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from pallas_kernels.gpu import flash
+
 
 
 def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
@@ -32,35 +32,12 @@ def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
   # Both axes as index arrays: a gather in interpret mode, row*D + col pointers on GPU.
   cols = jnp.arange(q_ref.shape[-1])[None, :]
   q = pltriton.load(q_ref.at[q_idx[:, None], cols], mask=live[:, None], other=0.0)
-  block_m, d = q.shape
   chunk = chunk_ref[0]
   start = chunk * chunk_size
   # Padding tiles (chunk -1) get an empty key range.
   end = jnp.where(chunk >= 0, jnp.minimum(start + chunk_size, len_ref[0]), start)
-  num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-  qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the fast instruction
-
-  def body(i, carry):
-    acc, m, l = carry
-    s0 = start + i * block_k
-    valid = (s0 + jnp.arange(block_k) < end)
-    k = pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * qk_scale
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: every tile holds a valid key
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    v = pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                                         precision=precision)
-    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
-
-  init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_m,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
-  nonempty = l > 0
-  o = acc / jnp.where(nonempty, l, 1.0)[:, None]
-  lse = jnp.where(nonempty, (m + jnp.log2(jnp.where(nonempty, l, 1.0))) * _LN2, -jnp.inf)
+  o, lse = flash.attend_range(q, k_ref, v_ref, start, end, scale=scale, block_k=block_k,
+                              precision=precision)
   # Masked slots point one past the end: interpret mode drops out-of-bounds scatter updates
   # (an in-bounds dummy row could clobber a live row); the GPU never dereferences them.
   out = jnp.where(live, rows, o_ref.shape[0])
@@ -93,7 +70,7 @@ def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   S = k.shape[0]
   NT = tile_chunk.shape[1]
   P = BR * pairs_per_request
-  precision = jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None
+  precision = flash.matmul_precision(q_rows.dtype)
   kernel = functools.partial(_kernel, scale=scale, chunk_size=chunk_size, block_k=block_k,
                              rows_per_pair=rows_per_pair,
                              pairs_per_request=pairs_per_request, precision=precision)

@@ -16,41 +16,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
-
+from pallas_kernels.gpu import flash
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
             split_len: int, precision):
-  split = pl.program_id(2)
-  q = q_ref[...]  # [block_m, D]
-  block_m, d = q.shape
-  start = split * split_len
+  start = pl.program_id(2) * split_len
   end = jnp.minimum(start + split_len, len_ref[0])
-  num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-  qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the fast instruction
-
-  def body(i, carry):
-    acc, m, l = carry
-    s0 = start + i * block_k
-    valid = s0 + jnp.arange(block_k) < end
-    k = pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * qk_scale
-    s = jnp.where(valid[None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))  # finite: every tile holds a valid key
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s - m_new[:, None])
-    v = pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                                         precision=precision)
-    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
-
-  init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_m,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, num_tiles, body, init)
-  nonempty = l > 0
-  o_ref[...] = acc / jnp.where(nonempty, l, 1.0)[:, None]
-  lse_ref[...] = jnp.where(nonempty, (m + jnp.log2(jnp.where(nonempty, l, 1.0))) * _LN2, -jnp.inf)
+  o_ref[...], lse_ref[...] = flash.attend_range(q_ref[...], k_ref, v_ref, start, end, scale=scale,
+                                               block_k=block_k, precision=precision)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
@@ -65,7 +38,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   Hkv, M, D = q_rows.shape
   S = k.shape[0]
   split_len = pl.cdiv(pl.cdiv(S, num_splits), block_k) * block_k
-  precision = jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None
+  precision = flash.matmul_precision(q_rows.dtype)
   kernel = functools.partial(_kernel, scale=scale, block_k=block_k, split_len=split_len,
                              precision=precision)
   kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))

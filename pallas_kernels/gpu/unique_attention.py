@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
+from pallas_kernels.gpu import flash
+
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
@@ -39,7 +39,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   last = jnp.maximum(jnp.minimum(first + per_split, num_blocks), first)
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
   row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
-  qk_scale = scale * _LOG2E  # softmax in base 2: exp2 is the fast instruction
+  qk_scale = scale * flash.LOG2E  # softmax in base 2: exp2 is the fast instruction
   key = jnp.arange(block_k)
   lanes = jnp.arange(d)[None, :]
 
@@ -74,11 +74,10 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   init = (jnp.zeros((R, d), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32),
           jnp.zeros((R,), jnp.float32), page_ids(first))
   acc, m, l, _ = jax.lax.fori_loop(first, last, body, init)
-  nonempty = l > 0
-  safe_l = jnp.where(nonempty, l, 1.0)
+  o, lse = flash.finish(acc, m, l)
   real = jnp.arange(R) < T * G  # padded rows are never read: skip their stores
-  pltriton.store(o_ref, acc / safe_l[:, None], mask=real[:, None])
-  pltriton.store(lse_ref, jnp.where(nonempty, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf), mask=real)
+  pltriton.store(o_ref, o, mask=real[:, None])
+  pltriton.store(lse_ref, lse, mask=real)
 
 
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -102,7 +101,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits,
-      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+      precision=flash.matmul_precision(q_rows.dtype))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
   kv_spec = pl.BlockSpec((P * page_size, None, D), lambda b, h, s: (0, h, 0))
   max_pages = block_tables.shape[1]
