@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.tpu import flash
 from pallas_kernels.tpu.shared_attention import heads_per_block
 
 
@@ -32,9 +33,7 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(kb == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    flash.init(m_sc, l_sc, acc_sc)
 
   def tile(j: int):
     cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -43,18 +42,8 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
     # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
     v = jnp.where(rows < end, v_ref[:, j * d:(j + 1) * d], 0)
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                            precision=precision) * scale
-    s = jnp.where(cols < end, s, -jnp.inf)
-    m_prev = m_sc[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_new)
-    p = jnp.exp(s - m_new)
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v,
-                                                preferred_element_type=jnp.float32,
-                                                precision=precision)
-    m_sc[...] = m_new
+    s = jnp.where(cols < end, flash.scores(q, k, scale, precision), -jnp.inf)
+    flash.update(m_sc, l_sc, acc_sc, s, v, precision)
 
   real = (t < ntiles_ref[h]) & (chunk >= 0) & (start < end)
   for j in range(hb):  # static: the column block of this kv head inside the hb-head block
@@ -62,11 +51,7 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(kb == pl.num_programs(2) - 1)
   def _finish():
-    l = l_sc[...]
-    nonempty = l > 0
-    safe_l = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = (acc_sc[...] / safe_l).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,

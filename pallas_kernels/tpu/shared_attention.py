@@ -16,6 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.tpu import flash
+
 
 def heads_per_block(Hkv: int, D: int) -> int:
   """Fewest kv heads whose D columns make a lane-dense (multiple of 128) block, else all."""
@@ -34,9 +36,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
 
   @pl.when(t == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    flash.init(m_sc, l_sc, acc_sc)
 
   @pl.when(start < kv_len)
   def _tile():
@@ -47,26 +47,12 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
       k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
       # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
       v = jnp.where(rows < kv_len, v_ref[:, j * d:(j + 1) * d], 0)
-      s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
-                              precision=precision) * scale
-      s = jnp.where(cols < kv_len, s, -jnp.inf)
-      m_prev = m_sc[j]
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-      alpha = jnp.exp(m_prev - m_new)
-      p = jnp.exp(s - m_new)
-      l_sc[j] = alpha * l_sc[j] + jnp.sum(p, axis=1, keepdims=True)
-      acc_sc[j] = alpha * acc_sc[j] + jnp.dot(p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32,
-                                              precision=precision)
-      m_sc[j] = m_new
+      s = jnp.where(cols < kv_len, flash.scores(q, k, scale, precision), -jnp.inf)
+      flash.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 
   @pl.when(t == tiles_per_split - 1)
   def _finish():
-    l = l_sc[...]
-    nonempty = l > 0
-    safe_l = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = acc_sc[...] / safe_l
-    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,

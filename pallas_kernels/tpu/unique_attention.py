@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.tpu import flash
 from pallas_kernels.tpu.shared_attention import heads_per_block
 
 
@@ -46,9 +47,7 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
 
   @pl.when(t == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    flash.init(m_sc, l_sc, acc_sc)
 
   @pl.when(first + t < end)
   def _block():
@@ -64,27 +63,12 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
       k = jnp.concatenate([r[:, cut] for r in k_refs], axis=0)  # [block_k, D]
       # The tail of the last page (and interpret mode's NaN fill) must not reach p @ v.
       v = jnp.where(key_rows < length, jnp.concatenate([r[:, cut] for r in v_refs], axis=0), 0)
-      s = jax.lax.dot_general(q_ref[j], k, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32, precision=precision) * scale
-      s = jnp.where(visible, s, -jnp.inf)
-      m_prev = m_sc[j]
-      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no visible key yet
-      alpha = jnp.exp(m_prev - m_safe)
-      p = jnp.exp(s - m_safe)
-      l_sc[j] = alpha * l_sc[j] + jnp.sum(p, axis=1, keepdims=True)
-      acc_sc[j] = alpha * acc_sc[j] + jnp.dot(p.astype(v.dtype), v,
-                                              preferred_element_type=jnp.float32,
-                                              precision=precision)
-      m_sc[j] = m_new
+      s = jnp.where(visible, flash.scores(q_ref[j], k, scale, precision), -jnp.inf)
+      flash.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
-    l = l_sc[...]
-    nonempty = l > 0
-    safe_l = jnp.where(nonempty, l, 1.0)
-    o_ref[...] = acc_sc[...] / safe_l
-    lse_ref[...] = jnp.where(nonempty, m_sc[...] + jnp.log(safe_l), -jnp.inf)
+    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
