@@ -19,6 +19,10 @@ TINY = {
     "sparse_attention": ["--backend=xla", "--sparse_length=2048", "--sparse_chunks=256",
                          "--sparse_batches=2", "--sparse_sparsities=0.75", "--sparse_heads=8",
                          "--sparse_kv_heads=2", "--sparse_head_dim=64"],
+    "disaggregation": ["--backend=xla", "--disagg_length=2048", "--disagg_batches=2",
+                       "--disagg_shared_counts=1,2", "--disagg_chunk=256",
+                       "--disagg_unique_length=256", "--disagg_page_size=16", "--disagg_heads=8",
+                       "--disagg_kv_heads=2", "--disagg_head_dim=64", "--disagg_copy_mb=4"],
     "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
 }
 
