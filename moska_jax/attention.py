@@ -1,0 +1,141 @@
+"""MoskaAttention: GQA projections with RoPE, and the attention paths that tie router + kernels.
+
+The module owns the q/k/v/o projections; the attention itself is one of three functions, chosen by
+the caller (the decoder's `attend` callback), all of which return (o, lse):
+- `causal_attention`: plain causal attention within a sequence (the reference decoder, training,
+  and the inside of a prefill chunk).
+- `shared_prefix_attention`: a chunk of shared tokens against the store built so far, merged with
+  causal attention inside the chunk (the bounded-memory prefill of the shared store).
+- `moska_attention`: the decode / unique-prefill step of DESIGN.md: new K/V appended to the
+  request's pages -> `unique_attention`; shared part by `shared_attention` (dense) or `route` +
+  `chunk_attention` (sparse); the two partials merged by `merge_attention_states`.
+Only `pallas_kernels` entry points are called: no Pallas here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels as pk
+from moska_jax import routing
+from moska_jax.config import ModelConfig, MoskaConfig
+from pallas_kernels.reference import attend
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [D/2] of RoPE, with Llama-3.1 scaling when the config has it."""
+  D = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv
+  wavelen = 2 * jnp.pi / inv
+  low_wavelen = sc.original_max_position / sc.low_freq_factor
+  high_wavelen = sc.original_max_position / sc.high_freq_factor
+  scaled = jnp.where(wavelen > low_wavelen, inv / sc.factor, inv)
+  smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (
+      sc.high_freq_factor - sc.low_freq_factor)
+  mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(mid, (1 - smooth) * scaled / sc.factor + smooth * scaled, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates x[B, T, H, D] (rotate-half convention) at integer positions[B, T]."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class MoskaAttention(nnx.Module):
+  """GQA attention projections (no bias) with RoPE; see the module docstring for the paths."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    E, D = cfg.hidden, cfg.head_dim
+    dt = cfg.jnp_dtype
+    lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+    self.q_proj = lin(E, cfg.num_heads * D)
+    self.k_proj = lin(E, cfg.num_kv_heads * D)
+    self.v_proj = lin(E, cfg.num_kv_heads * D)
+    self.o_proj = lin(cfg.num_heads * D, E)
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
+
+  def project(self, x: jax.Array, positions: jax.Array,
+              inv_freq: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x[B, T, E] at positions[B, T] -> q[B, T, Hq, D], k, v[B, T, Hkv, D] (RoPE on q, k)."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+  def output(self, o: jax.Array) -> jax.Array:
+    B, T = o.shape[:2]
+    return self.o_proj(o.reshape(B, T, -1))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Causal attention of q[B, T, Hq, D] over k, v[B, T, Hkv, D] of the same tokens -> (o, lse)."""
+  B, T, Hq, D = q.shape
+  Hkv = k.shape[2]
+  qg = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
+  s = jnp.einsum("bthgd,bshd->bhgts", qg, k.astype(jnp.float32),
+                 precision=jax.lax.Precision.HIGHEST) * D**-0.5
+  mask = jnp.tril(jnp.ones((T, T), bool))
+  o, lse = attend(s, mask, v, "bhgts,bshd->bhgtd")
+  o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D)
+  return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(B, T, Hq)
+
+
+def shared_prefix_attention(q, k, v, store_k, store_v, start, backend: str) -> jax.Array:
+  """A chunk of shared tokens at positions [start, start+T) of one sequence (B = 1).
+
+  Its queries see the store's keys [0, start) (shared_attention with kv_length=start) and,
+  causally, the chunk's own keys; the two partials merge exactly.
+  """
+  o_prev, lse_prev = pk.shared_attention(q, store_k, store_v, kv_length=start, backend=backend)
+  o_own, lse_own = causal_attention(q, k, v)
+  return pk.merge_attention_states(o_prev, lse_prev, o_own, lse_own)[0]
+
+
+class SharedLayer(NamedTuple):
+  """One layer of the shared store as the attention sees it."""
+
+  k: jax.Array  # [S, Hkv, D]
+  v: jax.Array
+  summaries: routing.ChunkSummaries
+  length: jax.Array  # valid tokens (int32 scalar)
+
+
+class UniqueLayer(NamedTuple):
+  """One layer of the paged unique cache plus the batch's tables and lengths before this step."""
+
+  k_pages: jax.Array  # [P, page_size, Hkv, D]
+  v_pages: jax.Array
+  block_tables: jax.Array  # [B, max_pages]
+  lengths: jax.Array  # [B] tokens already cached
+
+
+def moska_attention(q: jax.Array, k: jax.Array, v: jax.Array, shared: SharedLayer,
+                    unique: UniqueLayer,
+                    mcfg: MoskaConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """MoSKA attention of the T new tokens of every request; returns (o, updated (k, v) pages)."""
+  T = q.shape[1]
+  k_pages, v_pages = pk.write_pages(unique.k_pages, unique.v_pages, unique.block_tables,
+                                    unique.lengths, k, v)
+  o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, unique.block_tables, unique.lengths + T,
+                                   backend=mcfg.backend)
+  if mcfg.mode == "dense":
+    o_s, lse_s = pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
+                                     backend=mcfg.backend)
+  else:
+    top_k = mcfg.chunks_kept(shared.summaries.vectors.shape[0])
+    ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
+    o_s, lse_s = pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
+                                    kv_length=shared.length, backend=mcfg.backend)
+  o, _ = pk.merge_attention_states(o_u, lse_u, o_s, lse_s)
+  return o, (k_pages, v_pages)

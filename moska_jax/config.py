@@ -1,0 +1,115 @@
+"""Model shapes and MoSKA knobs as frozen, validated dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax.numpy as jnp
+
+from pallas_kernels import BACKENDS
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 frequency scaling of RoPE (factor 8, low 1, high 4, original context 8192)."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-style decoder: vocab, layers, hidden size, GQA heads, MLP, RoPE, RMSNorm, dtype."""
+
+  vocab: int
+  layers: int
+  hidden: int
+  num_heads: int  # Hq
+  num_kv_heads: int  # Hkv
+  head_dim: int  # D
+  mlp_hidden: int
+  rope_theta: float = 500000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("vocab", "layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
+                 "mlp_hidden"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                       f"num_kv_heads={self.num_kv_heads} (GQA)")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def llama3_1_8b(dtype: str = "bfloat16", layers: int = 32) -> ModelConfig:
+  """Llama-3.1-8B shapes (public config); `layers` may be lowered for one-GPU benchmarks."""
+  return ModelConfig(vocab=128256, layers=layers, hidden=4096, num_heads=32, num_kv_heads=8,
+                     head_dim=128, mlp_hidden=14336, rope_theta=500000.0,
+                     rope_scaling=RopeScaling(), norm_eps=1e-5, dtype=dtype)
+
+
+def tiny(dtype: str = "float32", layers: int = 2) -> ModelConfig:
+  """A CPU-sized model with the same structure (GQA 4, byte vocabulary)."""
+  return ModelConfig(vocab=256, layers=layers, hidden=64, num_heads=4, num_kv_heads=1,
+                     head_dim=16, mlp_hidden=128, rope_theta=10000.0, rope_scaling=None,
+                     norm_eps=1e-5, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoskaConfig:
+  """How the shared KV is attended.
+
+  mode: "dense" (every request attends to the whole shared KV, one batched GEMM) or "sparse"
+    (a router keeps top_k chunks per (request, kv head); `sparsity` sets top_k as a fraction).
+  chunk_size: C, tokens per routed chunk (also the granularity of chunk summaries).
+  top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks.
+  always_include: chunk ids always kept (e.g. (0,), an attention sink).
+  summary: chunk summary function ("mean" or "envelope").
+  backend: kernel backend passed to every pallas_kernels call.
+  """
+
+  mode: Literal["dense", "sparse"] = "dense"
+  chunk_size: int = 128
+  top_k: int | None = None
+  sparsity: float | None = None
+  always_include: tuple[int, ...] = ()
+  summary: str = "mean"
+  backend: str = "auto"
+
+  def __post_init__(self):
+    if self.mode not in ("dense", "sparse"):
+      raise ValueError(f"MoskaConfig.mode must be 'dense' or 'sparse', got {self.mode!r}")
+    if self.chunk_size < 1:
+      raise ValueError(f"MoskaConfig.chunk_size must be >= 1, got {self.chunk_size}")
+    if self.top_k is not None and self.sparsity is not None:
+      raise ValueError("MoskaConfig: give top_k or sparsity, not both")
+    if self.top_k is not None and self.top_k < 1:
+      raise ValueError(f"MoskaConfig.top_k must be >= 1, got {self.top_k}")
+    if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+      raise ValueError(f"MoskaConfig.sparsity must be in [0, 1), got {self.sparsity}")
+    if self.mode == "sparse" and self.top_k is None and self.sparsity is None:
+      raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
+    if self.backend not in BACKENDS:
+      raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+  def chunks_kept(self, num_chunks: int) -> int:
+    """K for a store of num_chunks chunks (at least len(always_include), at most N)."""
+    if self.top_k is not None:
+      k = self.top_k
+    else:  # the epsilon keeps exact products (0.25 * 64) from rounding up
+      k = math.ceil((1.0 - (self.sparsity or 0.0)) * num_chunks - 1e-9)
+    return int(max(1, len(self.always_include), min(k, num_chunks)))

@@ -1,0 +1,209 @@
+"""Batched generation against one shared store: admission, chunked unique prefill, decode, retire.
+
+Every request owns a slot of a fixed batch (`max_batch`) and pages of the unique cache. Each
+engine step is one of two jit-compiled functions with fixed shapes: a prefill step that feeds
+`prefill_chunk` prompt tokens to the slots still reading their prompt, or a decode step that
+feeds one token to every slot. Both run `moska_attention` in every layer, so all active requests
+attend to the shared KV together (the batched GEMM). Finished requests free their pages and slot,
+and queued requests are admitted as soon as pages allow (continuous batching); none is dropped,
+and results come back in request order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moska_jax.attention import UniqueLayer, moska_attention
+from moska_jax.config import MoskaConfig
+from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
+from moska_jax.model import Decoder
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (vocab 256): the built-in default; any encode/decode pair plugs in."""
+
+  vocab = 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, tokens: Sequence[int]) -> str:
+    return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to top_p mass."""
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"Sampling: need temperature >= 0 and 0 < top_p <= 1, got {self}")
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next tokens [B] from logits [B, V]."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  order = jnp.argsort(-logits, axis=-1)
+  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p  # always keeps the top token
+  choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Result:
+  """One finished request: its tokens, text, and (if asked) the logits of every sampled token."""
+
+  prompt: list[int]
+  tokens: list[int]
+  text: str
+  logits: list[np.ndarray] | None = None
+
+
+@dataclasses.dataclass
+class _Active:
+  index: int
+  prompt: list[int]
+  max_new: int
+  fed: int = 0  # prompt tokens already in the cache
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logits: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+
+class MoskaEngine:
+  """Serves many prompts against one SharedKVStore with MoSKA attention.
+
+  Args:
+    model: the Decoder whose weights were used to build `shared_store`.
+    shared_store: the prefilled shared context.
+    moska_config: dense / sparse routing and the kernel backend.
+    max_batch: concurrent requests (the fixed batch of the compiled steps).
+    num_pages, page_size: the unique-cache page budget (page 0 is scratch).
+    max_request_tokens: prompt + new tokens one request may hold (default: the whole budget).
+    prefill_chunk: prompt tokens fed per prefill step.
+    tokenizer: object with encode(str) -> list[int] and decode(list[int]) -> str.
+  """
+
+  def __init__(self, model: Decoder, shared_store: SharedKVStore, moska_config: MoskaConfig, *,
+               max_batch: int, num_pages: int, page_size: int = 16,
+               max_request_tokens: int | None = None, prefill_chunk: int = 32, tokenizer=None):
+    if shared_store.model_config != model.cfg:
+      raise ValueError("MoskaEngine: the shared store was built for a different model config")
+    if moska_config.mode == "sparse" and moska_config.chunk_size != shared_store.chunk_size:
+      raise ValueError(f"MoskaEngine: moska_config.chunk_size={moska_config.chunk_size} must "
+                       f"match the store's chunk_size={shared_store.chunk_size}")
+    max_request_tokens = max_request_tokens or (num_pages - 1) * page_size
+    self.cache = UniqueKVCache(model.cfg, max_batch=max_batch, num_pages=num_pages,
+                               page_size=page_size,
+                               max_pages_per_request=-(-max_request_tokens // page_size))
+    self.store, self.mcfg, self.max_batch = shared_store, moska_config, max_batch
+    self.prefill_chunk = prefill_chunk
+    self.max_request_tokens = max_request_tokens
+    self.tokenizer = tokenizer or ByteTokenizer()
+    self.graphdef, self.state = nnx.split(model)
+    self._step = jax.jit(self._step_impl, donate_argnums=(2, 3))
+    self.stats = collections.Counter()
+
+  def _step_impl(self, state, store, k_pages, v_pages, tables, lengths, tokens):
+    """Feeds tokens[B, T] to every slot; returns logits[B, T, V] and the updated page pools."""
+    model = nnx.merge(self.graphdef, state)
+    positions = store.length + lengths[:, None] + jnp.arange(tokens.shape[1])[None]
+    pools = []
+
+    def attend(i, q, k, v):
+      unique = UniqueLayer(k_pages[i], v_pages[i], tables, lengths)
+      o, pages = moska_attention(q, k, v, store.layer(i), unique, self.mcfg)
+      pools.append(pages)
+      return o
+
+    logits = model.forward(tokens, positions, attend)
+    return logits, tuple(p[0] for p in pools), tuple(p[1] for p in pools)
+
+  def compilations(self) -> int:
+    """Distinct compiled step shapes so far (2 at most: prefill and decode)."""
+    return self._step._cache_size()
+
+  def _run(self, tokens: np.ndarray) -> jax.Array:
+    c = self.cache
+    logits, c.k_pages, c.v_pages = self._step(self.state, self.store, c.k_pages, c.v_pages,
+                                              jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
+                                              jnp.asarray(tokens))
+    return logits
+
+  def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
+               sampling: Sampling = Sampling(), *, key: jax.Array | None = None,
+               return_logits: bool = False) -> list[Result]:
+    """Generates max_new_tokens for every prompt; results in prompt order.
+
+    Raises:
+      ValueError: an empty prompt, max_new_tokens < 1, or a request longer than the page budget.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    encoded = [list(self.tokenizer.encode(p)) if isinstance(p, str) else [int(t) for t in p]
+               for p in prompts]
+    for i, p in enumerate(encoded):
+      if not p:
+        raise ValueError(f"generate: prompt {i} is empty")
+      need = len(p) + max_new_tokens
+      if need > self.max_request_tokens or not self.cache.fits(need):
+        raise ValueError(f"generate: prompt {i} needs {need} tokens of unique cache; the page "
+                         f"budget allows {self.max_request_tokens} per request")
+    key = jax.random.key(0) if key is None else key
+    sample_fn = jax.jit(functools.partial(sample, sampling=sampling))
+    queue = collections.deque(enumerate(encoded))
+    active: dict[int, _Active] = {}
+    results: list[Result | None] = [None] * len(encoded)
+    t0 = time.perf_counter()
+    while queue or active:
+      for slot in range(self.max_batch):  # admit while slots and pages allow
+        if queue and slot not in active and self.cache.can_allocate(
+            len(queue[0][1]) + max_new_tokens):
+          i, p = queue.popleft()
+          self.cache.allocate(slot, len(p) + max_new_tokens)
+          active[slot] = _Active(i, p, max_new_tokens)
+      prefilling = {s: a for s, a in active.items() if a.fed < len(a.prompt)}
+      T = self.prefill_chunk if prefilling else 1
+      tokens = np.zeros((self.max_batch, T), np.int32)
+      fed = np.zeros((self.max_batch,), np.int32)
+      for s, a in (prefilling or active).items():
+        chunk = a.prompt[a.fed:a.fed + T] if prefilling else a.tokens[-1:]
+        tokens[s, :len(chunk)] = chunk
+        fed[s] = len(chunk)
+      logits = self._run(tokens)
+      last = logits[jnp.arange(self.max_batch), jnp.maximum(jnp.asarray(fed) - 1, 0)]
+      key, sub = jax.random.split(key)
+      nxt = np.asarray(sample_fn(last, sub))
+      last = np.asarray(last) if return_logits else None
+      self.cache.lengths += fed
+      self.stats["steps_prefill" if prefilling else "steps_decode"] += 1
+      for s, a in list((prefilling or active).items()):
+        a.fed += int(fed[s]) if prefilling else 0
+        if prefilling and a.fed < len(a.prompt):
+          continue  # more prompt to feed: these logits are not a prediction yet
+        a.tokens.append(int(nxt[s]))
+        if return_logits:
+          a.logits.append(last[s])
+        self.stats["tokens"] += 1
+        if len(a.tokens) == a.max_new:
+          results[a.index] = Result(a.prompt, a.tokens, self.tokenizer.decode(a.tokens),
+                                    a.logits if return_logits else None)
+          self.cache.free(s)
+          del active[s]
+    self.stats["seconds"] += time.perf_counter() - t0
+    return results

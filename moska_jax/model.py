@@ -1,0 +1,82 @@
+"""A Llama-style decoder (Flax NNX) whose attention is MoskaAttention.
+
+`Decoder.forward(tokens, positions, attend)` runs the blocks and calls `attend(layer, q, k, v)`
+for the attention of each layer, so one set of weights serves every path: `Decoder.__call__` is
+the plain causal decoder (the reference MoSKA must equal, and the training forward); the shared
+store prefill and the MoSKA decode step pass their own `attend` (see kv_cache and engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moska_jax.attention import MoskaAttention, causal_attention, rope_frequencies
+from moska_jax.config import ModelConfig
+
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dt, param_dtype=dt, rngs=rngs)
+    self.gate = lin(cfg.hidden, cfg.mlp_hidden)
+    self.up = lin(cfg.hidden, cfg.mlp_hidden)
+    self.down = lin(cfg.mlp_hidden, cfg.hidden)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, cfg.jnp_dtype)
+    self.attn = MoskaAttention(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden, cfg.norm_eps, cfg.jnp_dtype)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
+
+
+class Decoder(nnx.Module):
+  """Embedding, `cfg.layers` blocks, final RMSNorm and an LM head (untied)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = cfg.jnp_dtype
+    self.cfg = cfg
+    self.embed = nnx.Embed(cfg.vocab, cfg.hidden, dtype=dt, param_dtype=dt, rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.layers)])
+    self.norm = RMSNorm(cfg.hidden, cfg.norm_eps, dt)
+    self.lm_head = nnx.Linear(cfg.hidden, cfg.vocab, use_bias=False, dtype=dt, param_dtype=dt,
+                              rngs=rngs)
+
+  def forward(self, tokens: jax.Array, positions: jax.Array, attend: Attend) -> jax.Array:
+    """tokens[B, T] at positions[B, T] -> logits[B, T, vocab] (float32)."""
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+      raise ValueError(f"Decoder: tokens must be [B, T] and positions the same shape, got "
+                       f"{tokens.shape} and {positions.shape}")
+    inv_freq = rope_frequencies(self.cfg)
+    x = self.embed(tokens)
+    for i, blk in enumerate(self.blocks):
+      q, k, v = blk.attn.project(blk.attn_norm(x), positions, inv_freq)
+      x = x + blk.attn.output(attend(i, q, k, v))
+      x = x + blk.mlp(blk.mlp_norm(x))
+    return self.lm_head(self.norm(x)).astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """The plain causal decoder over tokens[B, T] at positions 0..T-1 (the reference)."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return self.forward(tokens, positions, lambda i, q, k, v: causal_attention(q, k, v)[0])
