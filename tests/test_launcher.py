@@ -10,6 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # experiment -> tiny flags that make it a CPU smoke run (backend xla: no Pallas compile on CPU).
 TINY = {
+    "demo": ["--demo_shared=400", "--demo_requests=3", "--demo_batch=2", "--demo_new_tokens=3",
+             "--demo_chunk=128"],
     "shared_attention": ["--backend=xla", "--shared_lengths=1024", "--shared_batches=2",
                          "--shared_baselines=xla", "--shared_heads=8", "--shared_kv_heads=2",
                          "--shared_head_dim=64"],

@@ -1,0 +1,82 @@
+"""Model weights on disk: orbax save/restore of params, and import of local Llama safetensors.
+
+No network access: `load_hf_llama` reads a local directory of `*.safetensors` files with Hugging
+Face Llama names (needs the optional `hf` extra: `pip install moska-jax[hf]`). The shared KV
+store has its own save/load in `kv_cache`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moska_jax.config import ModelConfig
+from moska_jax.model import Decoder
+
+
+def save_params(path: str, model: Decoder) -> None:
+  """Saves the model's parameters under directory `path` (which must not exist)."""
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.abspath(path), nnx.state(model, nnx.Param))
+  ckpt.wait_until_finished()
+
+
+def load_params(path: str, cfg: ModelConfig) -> Decoder:
+  """A Decoder of `cfg` with the parameters saved at `path` (shapes must match cfg)."""
+  model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(model)
+  state = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
+  return nnx.merge(graphdef, state)
+
+
+def _hf_names(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
+  """HF tensor name -> (path in our model, whether to transpose [out, in] -> [in, out])."""
+  names = {"model.embed_tokens.weight": (("embed", "embedding"), False),
+           "model.norm.weight": (("norm", "scale"), False),
+           "lm_head.weight": (("lm_head", "kernel"), True)}
+  for i in range(cfg.layers):
+    p = f"model.layers.{i}."
+    for hf, ours in (("self_attn.q_proj", ("attn", "q_proj")), ("self_attn.k_proj", ("attn", "k_proj")),
+                     ("self_attn.v_proj", ("attn", "v_proj")), ("self_attn.o_proj", ("attn", "o_proj")),
+                     ("mlp.gate_proj", ("mlp", "gate")), ("mlp.up_proj", ("mlp", "up")),
+                     ("mlp.down_proj", ("mlp", "down"))):
+      names[p + hf + ".weight"] = (("blocks", i, *ours, "kernel"), True)
+    names[p + "input_layernorm.weight"] = (("blocks", i, "attn_norm", "scale"), False)
+    names[p + "post_attention_layernorm.weight"] = (("blocks", i, "mlp_norm", "scale"), False)
+  return names
+
+
+def load_hf_llama(directory: str, cfg: ModelConfig) -> Decoder:
+  """Builds a Decoder of `cfg` from the Llama safetensors files in a local directory.
+
+  Raises:
+    ImportError: safetensors is not installed (the `hf` extra).
+    ValueError: a tensor is missing or has the wrong shape for `cfg`.
+  """
+  try:
+    from safetensors.numpy import load_file
+  except ImportError as e:
+    raise ImportError("load_hf_llama needs safetensors: pip install 'moska-jax[hf]'") from e
+  tensors = {}
+  for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+    tensors.update(load_file(f))
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  state = nnx.state(model, nnx.Param)
+  flat = dict(state.flat_state())
+  for name, (path, transpose) in _hf_names(cfg).items():
+    if name not in tensors:
+      raise ValueError(f"load_hf_llama: {name} missing in {directory}")
+    value = np.asarray(tensors[name], np.float32)
+    value = value.T if transpose else value
+    target = flat[path]
+    if value.shape != target.shape:
+      raise ValueError(f"load_hf_llama: {name} has shape {value.shape}, expected "
+                       f"{target.shape} for {cfg}")
+    target[...] = jnp.asarray(value, target.dtype)
+  nnx.update(model, nnx.State.from_flat_path(flat))
+  return model

@@ -1,0 +1,85 @@
+"""Shared store: chunked prefill = one-shot prefill = the plain decoder's keys; orbax round trip;
+config checks. Unique cache: page allocation and freeing."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moska_jax.attention import rope_frequencies
+from moska_jax.config import tiny
+from moska_jax.kv_cache import (UniqueKVCache, build_shared_store, load_shared_store,
+                                save_shared_store)
+from moska_jax.model import Decoder
+
+
+@pytest.fixture(scope="module")
+def model():
+  return Decoder(tiny(), rngs=nnx.Rngs(0))
+
+
+def _reference_keys(model, tokens):
+  """Layer-0 keys of the plain decoder over tokens (positions 0..S-1)."""
+  blk = model.blocks[0]
+  x = model.embed(jnp.asarray(tokens)[None])
+  pos = jnp.arange(len(tokens))[None]
+  _, k, v = blk.attn.project(blk.attn_norm(x), pos, rope_frequencies(model.cfg))
+  return np.asarray(k[0]), np.asarray(v[0])
+
+
+def test_chunked_prefill_equals_one_shot(model):
+  tokens = np.random.default_rng(1).integers(0, 256, 333)
+  chunked = build_shared_store(model, tokens, chunk_size=32, prefill_chunk=64, backend="xla")
+  one_shot = build_shared_store(model, tokens, chunk_size=32, prefill_chunk=512, backend="xla")
+  S = len(tokens)
+  assert int(chunked.length) == S and chunked.k[0].shape[0] % 128 == 0
+  for a, b in zip(chunked.k + chunked.v, one_shot.k + one_shot.v):
+    np.testing.assert_allclose(np.asarray(a[:S]), np.asarray(b[:S]), atol=2e-5)
+  k_ref, v_ref = _reference_keys(model, tokens)
+  np.testing.assert_allclose(np.asarray(chunked.k[0][:S]), k_ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(chunked.v[0][:S]), v_ref, atol=1e-5)
+  # Deeper layers depend on the attention of the chunks: compare with the plain decoder by logits
+  # in test_model; here their keys must at least agree between the two chunkings (above).
+
+
+def test_save_restore_is_bit_exact_and_checks_config(model, tmp_path):
+  tokens = np.random.default_rng(2).integers(0, 256, 200)
+  store = build_shared_store(model, tokens, chunk_size=64, prefill_chunk=128, backend="xla",
+                             summary="envelope")
+  save_shared_store(str(tmp_path / "store"), store)
+  back = load_shared_store(str(tmp_path / "store"), model.cfg)
+  for a, b in zip(jax.tree.leaves(store), jax.tree.leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert back.summaries[0].kind == "envelope" and back.chunk_size == 64
+  assert back.model_config == model.cfg
+  other = dataclasses.replace(model.cfg, hidden=128)
+  with pytest.raises(ValueError, match="was built for"):
+    load_shared_store(str(tmp_path / "store"), other)
+  with pytest.raises(FileExistsError):
+    save_shared_store(str(tmp_path / "store"), store)
+
+
+def test_unique_cache_allocates_and_frees_pages():
+  cache = UniqueKVCache(tiny(), max_batch=2, num_pages=6, page_size=4, max_pages_per_request=4)
+  assert cache.fits(16) and not cache.fits(17)  # 4 pages per request at most
+  cache.allocate(0, 10)  # 3 pages
+  assert sorted(cache.block_tables[0, :3]) == [1, 2, 3] and cache.block_tables[0, 3] == 0
+  assert not cache.can_allocate(9)  # 2 pages left, 3 needed
+  with pytest.raises(ValueError, match="need 3 pages"):
+    cache.allocate(1, 9)
+  with pytest.raises(ValueError, match="already holds pages"):
+    cache.allocate(0, 1)
+  cache.free(0)
+  assert np.all(cache.block_tables[0] == 0) and len(cache.free_pages) == 5
+  cache.allocate(1, 16)
+  assert 0 not in cache.block_tables[1]  # page 0 is the scratch page, never handed out
+  with pytest.raises(ValueError, match="num_pages >= 2"):
+    UniqueKVCache(tiny(), max_batch=1, num_pages=1, page_size=4, max_pages_per_request=1)
+
+
+def test_build_rejects_empty_tokens(model):
+  with pytest.raises(ValueError, match="at least one token"):
+    build_shared_store(model, [], chunk_size=8)

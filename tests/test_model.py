@@ -1,0 +1,104 @@
+"""The decoder with MoSKA attention equals a plain decoder over [shared + unique]."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moska_jax.attention import apply_rope, rope_frequencies
+from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b, tiny
+from moska_jax.engine import MoskaEngine
+from moska_jax.kv_cache import build_shared_store
+from moska_jax.model import Decoder
+
+
+def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
+  cfg = ModelConfig(vocab=256, layers=2, hidden=64, num_heads=num_heads,
+                    num_kv_heads=num_kv_heads, head_dim=16, mlp_hidden=96, rope_theta=10000.0)
+  model = Decoder(cfg, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  shared = rng.integers(0, 256, S)
+  store = build_shared_store(model, shared, chunk_size=chunk_size, prefill_chunk=128,
+                             backend="xla")
+  return cfg, model, rng, shared, store
+
+
+def _check_against_reference(model, shared, results, tol=2e-5):
+  for r in results:
+    full = jnp.asarray(list(shared) + r.prompt + r.tokens[:-1])[None]
+    ref = np.asarray(model(full)[0])
+    start = len(shared) + len(r.prompt) - 1
+    for j, lg in enumerate(r.logits):
+      np.testing.assert_allclose(lg, ref[start + j], rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 1), (4, 4), (8, 1)])
+def test_dense_moska_logits_equal_plain_decoder(num_heads, num_kv_heads):
+  _, model, rng, shared, store = _setup(num_heads, num_kv_heads)
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=3, num_pages=40,
+                       page_size=8, prefill_chunk=8)
+  prompts = [list(rng.integers(0, 256, n)) for n in (1, 8, 13)]  # ragged unique lengths
+  _check_against_reference(model, shared, engine.generate(prompts, 5, return_logits=True))
+
+
+@pytest.mark.parametrize("summary", ["mean", "envelope"])
+def test_sparse_with_every_chunk_equals_dense(summary):
+  cfg, model, rng, shared, _ = _setup()
+  store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
+                             summary=summary)
+  n_chunks = store.summaries[0].vectors.shape[0]
+  prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
+  outs = []
+  for mcfg in (MoskaConfig(backend="xla"),
+               MoskaConfig(mode="sparse", top_k=n_chunks, chunk_size=64, summary=summary,
+                           backend="xla")):
+    engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8)
+    outs.append(engine.generate(prompts, 4, return_logits=True))
+  for dense, sparse in zip(*outs):
+    assert dense.tokens == sparse.tokens
+    np.testing.assert_allclose(np.stack(dense.logits), np.stack(sparse.logits), atol=2e-5)
+
+
+def test_sparse_routing_changes_little_at_low_sparsity():
+  _, model, rng, shared, store = _setup()
+  prompts = [list(rng.integers(0, 256, 6))]
+  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=10,
+                      page_size=8).generate(prompts, 3, return_logits=True)[0]
+  sparse = MoskaEngine(model, store, MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64,
+                                                 always_include=(0,), backend="xla"),
+                       max_batch=1, num_pages=10, page_size=8).generate(prompts, 3,
+                                                                       return_logits=True)[0]
+  assert np.all(np.isfinite(np.stack(sparse.logits)))
+  assert not np.allclose(np.stack(dense.logits), np.stack(sparse.logits))  # it did drop chunks
+
+
+def test_rope_scaling_and_rotation():
+  cfg = llama3_1_8b(layers=1)
+  inv = np.asarray(rope_frequencies(cfg))
+  base = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
+  assert inv[0] == pytest.approx(base[0])  # high frequencies untouched
+  assert inv[-1] == pytest.approx(base[-1] / 8.0)  # low frequencies divided by the factor
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 2, 16)), jnp.float32)
+  pos = jnp.asarray([[0, 5, 9]])
+  y = apply_rope(x, pos, rope_frequencies(tiny()))
+  np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(y[:, 0], x[:, 0])  # position 0 is the identity
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+    ModelConfig(vocab=10, layers=1, hidden=8, num_heads=6, num_kv_heads=4, head_dim=8,
+                mlp_hidden=8)
+  with pytest.raises(ValueError, match="head_dim must be even"):
+    ModelConfig(vocab=10, layers=1, hidden=8, num_heads=2, num_kv_heads=1, head_dim=7,
+                mlp_hidden=8)
+  with pytest.raises(ValueError, match="needs top_k or sparsity"):
+    MoskaConfig(mode="sparse")
+  with pytest.raises(ValueError, match="top_k or sparsity, not both"):
+    MoskaConfig(mode="sparse", top_k=2, sparsity=0.5)
+  with pytest.raises(ValueError, match="backend must be one of"):
+    MoskaConfig(backend="cuda")
+  assert MoskaConfig(mode="sparse", sparsity=0.75).chunks_kept(64) == 16
+  assert MoskaConfig(mode="sparse", sparsity=0.9, always_include=(0, 1)).chunks_kept(10) == 2
+  assert RopeScaling().factor == 8.0
