@@ -22,6 +22,8 @@ EXPERIMENTS = {
     "decode": "experiments.decode",
     "disaggregation": "experiments.disaggregation",
     "roofline": "experiments.roofline",
+    "train_retrieval": "experiments.train_retrieval",
+    "accuracy": "experiments.accuracy",
 }
 
 flags.DEFINE_string("experiment", "demo", "Which experiment to run (see --list).")

@@ -129,13 +129,17 @@ def moska_attention(q: jax.Array, k: jax.Array, v: jax.Array, shared: SharedLaye
                                     unique.lengths, k, v)
   o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, unique.block_tables, unique.lengths + T,
                                    backend=mcfg.backend)
-  if mcfg.mode == "dense":
-    o_s, lse_s = pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
-                                     backend=mcfg.backend)
-  else:
-    top_k = mcfg.chunks_kept(shared.summaries.vectors.shape[0])
-    ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
-    o_s, lse_s = pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
-                                    kv_length=shared.length, backend=mcfg.backend)
-  o, _ = pk.merge_attention_states(o_u, lse_u, o_s, lse_s)
+  o, _ = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, shared, mcfg))
   return o, (k_pages, v_pages)
+
+
+def shared_partial(q: jax.Array, shared: SharedLayer,
+                   mcfg: MoskaConfig) -> tuple[jax.Array, jax.Array]:
+  """(o, lse) of q[B, T, Hq, D] over the shared KV: the whole store (dense) or routed chunks."""
+  if mcfg.mode == "dense":
+    return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
+                               backend=mcfg.backend)
+  top_k = mcfg.chunks_kept(shared.summaries.vectors.shape[0])
+  ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
+  return pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
+                            kv_length=shared.length, backend=mcfg.backend)

@@ -7,9 +7,12 @@ store has its own save/load in `kv_cache`.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -20,18 +23,55 @@ from moska_jax.model import Decoder
 
 
 def save_params(path: str, model: Decoder) -> None:
-  """Saves the model's parameters under directory `path` (which must not exist)."""
+  """Saves the model's parameters and its config under directory `path` (which must not exist).
+
+  Layout: `path/model_config.json` and `path/params` (orbax).
+  """
+  path = os.path.abspath(path)
+  os.makedirs(path, exist_ok=False)
+  with open(os.path.join(path, "model_config.json"), "w") as f:
+    json.dump(model.cfg.to_dict(), f, indent=1)
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.abspath(path), nnx.state(model, nnx.Param))
+  ckpt.save(os.path.join(path, "params"), nnx.state(model, nnx.Param))
   ckpt.wait_until_finished()
 
 
-def load_params(path: str, cfg: ModelConfig) -> Decoder:
-  """A Decoder of `cfg` with the parameters saved at `path` (shapes must match cfg)."""
-  model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-  graphdef, abstract = nnx.split(model)
-  state = ocp.StandardCheckpointer().restore(os.path.abspath(path), abstract)
-  return nnx.merge(graphdef, state)
+def saved_config(path: str) -> ModelConfig:
+  """The config a checkpoint written by `save_params` was saved with."""
+  with open(os.path.join(os.path.abspath(path), "model_config.json")) as f:
+    return ModelConfig.from_dict(json.load(f))
+
+
+def load_params(path: str, cfg: ModelConfig | None = None) -> Decoder:
+  """The Decoder saved at `path`, optionally in another dtype.
+
+  Args:
+    path: a directory written by `save_params`.
+    cfg: None for the saved config; otherwise it must equal the saved config up to `dtype`
+      (parameters are cast, e.g. a bfloat16 checkpoint served in float32).
+
+  Raises:
+    ValueError: cfg differs from the saved config in anything but dtype.
+  """
+  saved = saved_config(path)
+  cfg = cfg or saved
+  if dataclasses.replace(cfg, dtype=saved.dtype) != saved:
+    raise ValueError(f"load_params: the checkpoint at {path} holds a model of {saved}, not {cfg}")
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(saved, rngs=nnx.Rngs(0))))
+  state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"),
+                                             abstract)
+  return cast(nnx.merge(graphdef, state), cfg.dtype)
+
+
+def cast(model: Decoder, dtype: str) -> Decoder:
+  """The same model with parameters and compute in `dtype` ("float32" or "bfloat16")."""
+  if dtype == model.cfg.dtype:
+    return model
+  target = nnx.eval_shape(lambda: Decoder(dataclasses.replace(model.cfg, dtype=dtype),
+                                          rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(target)
+  return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)),
+                                          nnx.state(model, nnx.Param)))
 
 
 def _hf_names(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:

@@ -54,6 +54,18 @@ class ModelConfig:
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
 
+  def to_dict(self) -> dict:
+    """A JSON-ready dict (stored beside checkpoints and shared stores)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> ModelConfig:
+    """Inverse of `to_dict`."""
+    d = dict(d)
+    if d.get("rope_scaling") is not None:
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return cls(**d)
+
 
 def llama3_1_8b(dtype: str = "bfloat16", layers: int = 32) -> ModelConfig:
   """Llama-3.1-8B shapes (public config); `layers` may be lowered for one-GPU benchmarks."""

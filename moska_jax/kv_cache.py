@@ -24,7 +24,7 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import SharedLayer, shared_prefix_attention
-from moska_jax.config import ModelConfig, RopeScaling
+from moska_jax.config import ModelConfig
 from moska_jax.model import Decoder
 
 
@@ -42,6 +42,12 @@ class SharedKVStore:
 
   def layer(self, i: int) -> SharedLayer:
     return SharedLayer(self.k[i], self.v[i], self.summaries[i], self.length)
+
+  def with_summaries(self, chunk_size: int, summary: str = "mean") -> SharedKVStore:
+    """The same K/V routed at another chunk size or summary kind (summaries recomputed)."""
+    summaries = tuple(routing.chunk_summaries(k, chunk_size, kv_length=self.length,
+                                              summary=summary) for k in self.k)
+    return dataclasses.replace(self, summaries=summaries, chunk_size=chunk_size)
 
 
 def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str = "mean",
@@ -89,22 +95,11 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
   return SharedKVStore(K, V, summaries, length, cfg, chunk_size)
 
 
-def _config_dict(cfg: ModelConfig) -> dict:
-  return dataclasses.asdict(cfg)
-
-
-def _config_from_dict(d: dict) -> ModelConfig:
-  d = dict(d)
-  if d.get("rope_scaling") is not None:
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-  return ModelConfig(**d)
-
-
 def save_shared_store(path: str, store: SharedKVStore) -> None:
   """Saves the store under directory `path` (orbax arrays + a JSON header); path must not exist."""
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=False)
-  meta = dict(model_config=_config_dict(store.model_config), chunk_size=store.chunk_size,
+  meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
               summary=store.summaries[0].kind)
   with open(os.path.join(path, "store.json"), "w") as f:
     json.dump(meta, f, indent=1)
@@ -125,7 +120,7 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None) -> Sha
   path = os.path.abspath(path)
   with open(os.path.join(path, "store.json")) as f:
     meta = json.load(f)
-  built_for = _config_from_dict(meta["model_config"])
+  built_for = ModelConfig.from_dict(meta["model_config"])
   if model_config is not None and model_config != built_for:
     raise ValueError(f"load_shared_store: the store at {path} was built for {built_for}, not for "
                      f"{model_config}")

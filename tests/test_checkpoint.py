@@ -1,5 +1,6 @@
 """Model weights: orbax round trip, and the local Hugging Face Llama importer."""
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -16,9 +17,25 @@ def test_params_round_trip_is_exact(tmp_path):
   cfg = tiny()
   model = Decoder(cfg, rngs=nnx.Rngs(3))
   checkpoint.save_params(str(tmp_path / "params"), model)
-  restored = checkpoint.load_params(str(tmp_path / "params"), cfg)
+  assert checkpoint.saved_config(str(tmp_path / "params")) == cfg
   tokens = jnp.arange(12)[None]
-  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(restored(tokens)))
+  for restored in (checkpoint.load_params(str(tmp_path / "params"), cfg),
+                   checkpoint.load_params(str(tmp_path / "params"))):
+    np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(restored(tokens)))
+
+
+def test_load_casts_dtype_and_refuses_another_model(tmp_path):
+  cfg = tiny()
+  model = Decoder(cfg, rngs=nnx.Rngs(4))
+  half = checkpoint.cast(model, "bfloat16")
+  checkpoint.save_params(str(tmp_path / "params"), half)
+  back = checkpoint.load_params(str(tmp_path / "params"), cfg)  # bf16 on disk, served in f32
+  assert back.cfg == cfg
+  w, w_half = back.blocks[0].attn.q_proj.kernel[...], half.blocks[0].attn.q_proj.kernel[...]
+  assert w.dtype == jnp.float32 and w_half.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(w), np.asarray(w_half.astype(jnp.float32)))
+  with pytest.raises(ValueError, match="holds a model of"):
+    checkpoint.load_params(str(tmp_path / "params"), dataclasses.replace(cfg, layers=3))
 
 
 def test_load_hf_llama_from_local_safetensors(tmp_path):

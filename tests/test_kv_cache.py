@@ -83,3 +83,16 @@ def test_unique_cache_allocates_and_frees_pages():
 def test_build_rejects_empty_tokens(model):
   with pytest.raises(ValueError, match="at least one token"):
     build_shared_store(model, [], chunk_size=8)
+
+
+def test_with_summaries_recomputes_routing_only(model):
+  tokens = np.random.default_rng(4).integers(0, 256, 300)
+  store = build_shared_store(model, tokens, chunk_size=128, prefill_chunk=128, backend="xla")
+  other = store.with_summaries(64, "envelope")
+  fresh = build_shared_store(model, tokens, chunk_size=64, prefill_chunk=128, backend="xla",
+                             summary="envelope")
+  assert other.chunk_size == 64 and other.summaries[0].kind == "envelope"
+  assert other.k is store.k and other.v is store.v
+  for a, b in zip(other.summaries, fresh.summaries):
+    np.testing.assert_allclose(np.asarray(a.vectors), np.asarray(b.vectors), atol=1e-6)
+    assert int(a.num_valid_chunks) == int(b.num_valid_chunks) == 5

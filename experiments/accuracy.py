@@ -1,0 +1,181 @@
+"""accuracy: exact-match retrieval accuracy of the trained decoder under sparse routing vs dense.
+
+Loads the checkpoint written by `train_retrieval` (default: the committed one), puts each
+document's records in a SharedKVStore, and serves `QUERY key` questions through the MoskaEngine:
+dense, then sparse at every (chunk size, summary kind, always_include, sparsity) of the flags.
+Routing is per token (`prefill_chunk=1`): the answer is predicted by the step that feeds the key,
+whose queries choose the chunks. Beside accuracy it reports how far routing moves the attention
+output: for the key token, in every layer, ||o_sparse - o_dense|| / ||o_dense|| with both
+computed from the same dense hidden state (errors do not compound across layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+
+import pallas_kernels as pk
+from experiments import common, report
+from experiments.retrieval import RetrievalTask
+from moska_jax import checkpoint
+from moska_jax.attention import causal_attention, shared_partial
+from moska_jax.config import MoskaConfig
+from moska_jax.engine import MoskaEngine
+from moska_jax.kv_cache import build_shared_store
+
+flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
+                    "accuracy: directory written by train_retrieval.")
+flags.DEFINE_integer("accuracy_length", 0,
+                     "accuracy: document tokens (0: the length the checkpoint was trained at).")
+flags.DEFINE_integer("accuracy_docs", 2, "accuracy: documents (one shared store each).")
+flags.DEFINE_integer("accuracy_questions", 128, "accuracy: questions per document.")
+flags.DEFINE_integer("accuracy_batch", 64, "accuracy: engine slots (concurrent questions).")
+flags.DEFINE_list("accuracy_sparsities", ["0.5", "0.75", "0.875", "0.9375"],
+                  "accuracy: sparsities of the sparse runs.")
+flags.DEFINE_list("accuracy_chunks", ["64", "128", "256"], "accuracy: routing chunk sizes C.")
+flags.DEFINE_list("accuracy_summaries", ["mean", "envelope"], "accuracy: chunk summary kinds.")
+FLAGS = flags.FLAGS
+
+
+def sparse_configs(backend: str) -> list[MoskaConfig]:
+  return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=float(s), summary=kind,
+                      always_include=ai, backend=backend)
+          for c in FLAGS.accuracy_chunks for kind in FLAGS.accuracy_summaries
+          for ai in ((), (0,)) for s in FLAGS.accuracy_sparsities]
+
+
+def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfig],
+                     dense: MoskaConfig) -> np.ndarray:
+  """Relative error of the key token's attention output, [len(configs), layers, questions].
+
+  All configs share one chunk size and summary kind (the store's). Every layer sees the dense
+  hidden state; its unique part is causal attention over the question's own tokens.
+  """
+  @jax.jit
+  def run(store, tokens):
+    errs = []
+
+    def attend(i, q, k, v):
+      o_u, lse_u = causal_attention(q, k, v)
+      layer = store.layer(i)
+      o_d = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, layer, dense))[0]
+      ref = o_d[:, -1].astype(jnp.float32)
+      last = q[:, -1:]
+      per_cfg = []
+      for mcfg in configs:
+        o_s = pk.merge_attention_states(o_u[:, -1:], lse_u[:, -1:],
+                                        *shared_partial(last, layer, mcfg))[0]
+        diff = o_s[:, 0].astype(jnp.float32) - ref
+        per_cfg.append(jnp.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1) /
+                       jnp.linalg.norm(ref.reshape(ref.shape[0], -1), axis=1))
+      errs.append(jnp.stack(per_cfg))
+      return o_d
+
+    positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    model.forward(tokens, positions, attend)
+    return jnp.stack(errs, axis=1)
+
+  return np.asarray(run(store, jnp.asarray(prompts, jnp.int32)))
+
+
+def main() -> None:
+  env = common.environment()
+  path = FLAGS.accuracy_checkpoint
+  with open(os.path.join(path, "retrieval.json")) as f:
+    meta = json.load(f)
+  task = RetrievalTask(meta["num_keys"], meta["num_values"])
+  length = FLAGS.accuracy_length or meta["trained_length"]
+  cfg = checkpoint.saved_config(path)
+  model = checkpoint.load_params(path, dataclasses.replace(cfg, dtype=FLAGS.dtype))
+  backend = FLAGS.backend
+  dense = MoskaConfig(backend=backend)
+  sparse = sparse_configs(backend)
+  chunk_sizes = sorted({m.chunk_size for m in sparse})
+  rng = np.random.default_rng(FLAGS.seed)
+  n_cfg = len(sparse) + 1
+  hits = np.zeros((n_cfg,), np.int64)
+  errs = {id(m): [] for m in sparse}
+  asked = 0
+  engines: dict[int, MoskaEngine] = {}  # one compiled engine per config, reused across documents
+  for d in range(FLAGS.accuracy_docs):
+    tokens, keys, values = task.documents(rng, 1, length)
+    base = build_shared_store(model, tokens[0], chunk_size=chunk_sizes[0], backend=backend)
+    prompts, idx = task.questions(keys[0], rng, FLAGS.accuracy_questions)
+    answers = values[0, idx]
+    asked += len(prompts)
+    logging.info("document %d/%d: %d tokens, %d questions", d + 1, FLAGS.accuracy_docs, length,
+                 len(prompts))
+    for j, mcfg in enumerate([dense, *sparse]):
+      store = base if mcfg.mode == "dense" else base.with_summaries(mcfg.chunk_size, mcfg.summary)
+      if j not in engines:
+        engines[j] = MoskaEngine(model, store, mcfg, max_batch=FLAGS.accuracy_batch,
+                                 num_pages=FLAGS.accuracy_batch + 1, page_size=16,
+                                 prefill_chunk=1)
+      engine = engines[j]
+      engine.store = store
+      got = np.array([r.tokens[0] for r in engine.generate(prompts, 1)])
+      hits[j] += int(np.sum(got == answers))
+    for c in chunk_sizes:
+      for kind in FLAGS.accuracy_summaries:
+        group = [m for m in sparse if m.chunk_size == c and m.summary == kind]
+        e = attention_errors(model, base.with_summaries(c, kind), np.array(prompts), group, dense)
+        for m, em in zip(group, e):
+          errs[id(m)].append(em)
+    logging.info("document %d: dense accuracy so far %.3f", d + 1, hits[0] / asked)
+  dense_acc = hits[0] / asked
+  rows = [dict(mode="dense", chunk=0, summary="-", always_include="-", sparsity=0.0, top_k=0,
+               accuracy=dense_acc, acc_over_dense=1.0, attn_rel_err=0.0, attn_rel_err_worst=0.0)]
+  S_chunks = {c: -(-length // c) for c in chunk_sizes}
+  for j, m in enumerate(sparse, start=1):
+    e = np.concatenate(errs[id(m)], axis=1)  # [layers, questions]
+    rows.append(dict(mode="sparse", chunk=m.chunk_size, summary=m.summary,
+                     always_include="0" if m.always_include else "-", sparsity=m.sparsity,
+                     top_k=m.chunks_kept(S_chunks[m.chunk_size]), accuracy=hits[j] / asked,
+                     acc_over_dense=(hits[j] / asked) / max(dense_acc, 1e-9),
+                     attn_rel_err=float(e.mean()), attn_rel_err_worst=float(e.mean(1).max())))
+  write(rows, env, meta, length, asked, cfg)
+
+
+def write(rows, env, meta, length, asked, cfg) -> None:
+  at75 = [r for r in rows if r["sparsity"] == 0.75]
+  goal = ""
+  if at75:
+    best = max(at75, key=lambda r: r["acc_over_dense"])
+    verdict = "met" if best["acc_over_dense"] >= 0.99 else "missed"
+    goal = (f"- Goal (issue 8): at 75% sparsity >= 99% of dense accuracy with the best routing: "
+            f"{best['acc_over_dense']:.3f} (C={best['chunk']}, {best['summary']}, always_include="
+            f"{best['always_include']}): {verdict}\n")
+  notes = (f"Checkpoint: {FLAGS.accuracy_checkpoint} ({cfg}; trained to {meta['trained_length']} "
+           f"tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at training). Documents: "
+           f"{FLAGS.accuracy_docs} x {length} tokens, {asked} questions in all; chance "
+           f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "
+           f"MoskaEngine; acc_over_dense: / dense accuracy; top_k: chunks kept per (request, kv "
+           f"head, layer); attn_rel_err: mean over layers and questions of the key token's "
+           f"||o_sparse - o_dense|| / ||o_dense||; attn_rel_err_worst: the worst layer's mean.\n\n"
+           + goal)
+  report.write_results(FLAGS.out_dir, "accuracy", rows, env,
+                       "accuracy: sparse routing vs dense on the trained retrieval decoder", notes)
+  print(f"accuracy: dense {rows[0]['accuracy']:.3f} over {asked} questions; " + goal.strip())
+  plt = report.pyplot()
+  if plt is None:
+    return
+  kinds = FLAGS.accuracy_summaries
+  fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    for c in sorted({r["chunk"] for r in rows if r["mode"] == "sparse"}):
+      for ai, style in (("-", "o-"), ("0", "s--")):
+        pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
+                     if r["summary"] == kind and r["chunk"] == c and r["always_include"] == ai)
+        ax.plot(*zip(*pts), style, label=f"C={c}" + (", sink" if ai == "0" else ""))
+    ax.axhline(rows[0]["accuracy"], color="k", lw=0.8, label="dense")
+    ax.set(title=f"summary: {kind}", xlabel="sparsity", ylabel="exact-match accuracy",
+           ylim=(0, 1.02))
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(FLAGS.out_dir, "accuracy.png"), dpi=100)

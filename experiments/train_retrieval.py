@@ -1,0 +1,193 @@
+"""train_retrieval: trains a small moska_jax decoder (optax) to retrieve values from a long context.
+
+The task (experiments.retrieval): a document of (key, value) records, then `QUERY key` questions
+whose answer is the key's value. A curriculum grows the document: training stays at a length until
+the running answer accuracy passes `--train_advance`, then doubles it up to `--train_length`, where
+it goes on until the held-out dense accuracy reaches `--train_goal` or the time budget ends. The
+parameters are saved with orbax (`moska_jax.checkpoint.save_params`) beside `retrieval.json`
+(the task, the curriculum reached, the accuracy, the command), which `accuracy` reads.
+
+Attention during training is `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU, XLA on
+CPU): the plain causal decoder, the same weights MoSKA serves.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import flags, logging
+from flax import nnx
+
+from experiments import common, report
+from experiments.retrieval import RetrievalTask
+from moska_jax import checkpoint
+from moska_jax.config import ModelConfig
+from moska_jax.model import Decoder
+
+flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
+flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.")
+flags.DEFINE_integer("train_heads", 4, "train_retrieval: query heads Hq.")
+flags.DEFINE_integer("train_kv_heads", 2, "train_retrieval: kv heads Hkv.")
+flags.DEFINE_integer("train_head_dim", 64, "train_retrieval: head dim D.")
+flags.DEFINE_integer("train_mlp", 256, "train_retrieval: MLP hidden size.")
+flags.DEFINE_float("train_rope_theta", 10000.0, "train_retrieval: RoPE base.")
+flags.DEFINE_integer("train_keys", 2048, "train_retrieval: distinct keys (>= records per doc).")
+flags.DEFINE_integer("train_values", 128, "train_retrieval: distinct values (chance = 1/this).")
+flags.DEFINE_integer("train_start_length", 256, "train_retrieval: first document length.")
+flags.DEFINE_integer("train_length", 8192, "train_retrieval: final document length (tokens).")
+flags.DEFINE_integer("train_batch_tokens", 65536, "train_retrieval: tokens per step.")
+flags.DEFINE_integer("train_questions", 16, "train_retrieval: questions per training sequence.")
+flags.DEFINE_float("train_lr", 1e-3, "train_retrieval: peak AdamW learning rate.")
+flags.DEFINE_float("train_advance", 0.9, "train_retrieval: running accuracy that doubles the length.")
+flags.DEFINE_float("train_goal", 0.97, "train_retrieval: held-out accuracy that ends training.")
+flags.DEFINE_integer("train_max_steps", 6000, "train_retrieval: step budget.")
+flags.DEFINE_float("train_minutes", 8.0, "train_retrieval: time budget (minutes).")
+flags.DEFINE_integer("train_eval_every", 200, "train_retrieval: steps between held-out evals.")
+flags.DEFINE_integer("train_eval_docs", 16, "train_retrieval: held-out documents per eval.")
+flags.DEFINE_enum("train_attention", "auto", ["auto", "cudnn", "xla"],
+                  "train_retrieval: attention implementation (auto: cuDNN on GPU, else XLA).")
+flags.DEFINE_enum("train_save_dtype", "bfloat16", ["bfloat16", "float32"],
+                  "train_retrieval: dtype of the saved parameters (bfloat16 halves the file).")
+flags.DEFINE_string("train_checkpoint", None,
+                    "train_retrieval: where to save (default: OUT_DIR/retrieval_checkpoint).")
+FLAGS = flags.FLAGS
+
+
+def model_config(task: RetrievalTask) -> ModelConfig:
+  return ModelConfig(vocab=task.vocab, layers=FLAGS.train_layers, hidden=FLAGS.train_hidden,
+                     num_heads=FLAGS.train_heads, num_kv_heads=FLAGS.train_kv_heads,
+                     head_dim=FLAGS.train_head_dim, mlp_hidden=FLAGS.train_mlp,
+                     rope_theta=FLAGS.train_rope_theta, dtype="float32")
+
+
+def flash_attend(implementation: str):
+  """The decoder's `attend` for training: fused causal attention (bf16 operands on cuDNN)."""
+  def attend(i, q, k, v):
+    if implementation == "cudnn":
+      o = jax.nn.dot_product_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                       v.astype(jnp.bfloat16), is_causal=True,
+                                       implementation="cudnn")
+      return o.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  return attend
+
+
+def answer_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Mean cross-entropy and exact-match accuracy over the positions with a target (>= 0)."""
+  mask = targets >= 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(targets, 0))
+  hit = jnp.argmax(logits, axis=-1) == targets
+  n = jnp.maximum(jnp.sum(mask), 1)
+  return jnp.sum(jnp.where(mask, ce, 0.0)) / n, jnp.sum(hit & mask) / n
+
+
+def heldout_accuracy(evaluate, params, task: RetrievalTask, rng: np.random.Generator,
+                     length: int) -> float:
+  """Exact-match accuracy over `--train_eval_docs` fresh documents of `length` tokens."""
+  return float(np.mean([evaluate(params, *task.training_batch(rng, 1, length,
+                                                              FLAGS.train_questions))
+                        for _ in range(FLAGS.train_eval_docs)]))
+
+
+def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generator, seed: int):
+  """Runs the curriculum; returns (model, evaluate(params, tokens, targets), log rows)."""
+  model = Decoder(cfg, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  warmup = min(100, FLAGS.train_max_steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, FLAGS.train_lr, warmup,
+                                                FLAGS.train_max_steps, FLAGS.train_lr * 0.1)
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+  opt_state = opt.init(params)
+
+  def logits_of(params, tokens):
+    m = nnx.merge(graphdef, params)
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return m.forward(tokens, pos, attend)
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, tokens, targets):
+    def loss_fn(p):
+      return answer_stats(logits_of(p, tokens), targets)
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, acc
+
+  evaluate = jax.jit(lambda p, tok, tgt: answer_stats(logits_of(p, tok), tgt)[1])
+  length, running, log = FLAGS.train_start_length, 0.0, []
+  t0 = time.perf_counter()
+  for it in range(1, FLAGS.train_max_steps + 1):
+    batch = max(1, FLAGS.train_batch_tokens // length)
+    tok, tgt = task.training_batch(rng, batch, length, FLAGS.train_questions)
+    params, opt_state, loss, acc = step(params, opt_state, tok, tgt)
+    running = 0.9 * running + 0.1 * float(acc)
+    if running >= FLAGS.train_advance and length < FLAGS.train_length:
+      length, running = min(2 * length, FLAGS.train_length), 0.0
+      logging.info("step %d: running accuracy passed %.2f, document length -> %d", it,
+                   FLAGS.train_advance, length)
+    minutes = (time.perf_counter() - t0) / 60
+    done = minutes >= FLAGS.train_minutes or it == FLAGS.train_max_steps
+    if it % FLAGS.train_eval_every and not done:
+      continue
+    eval_acc = float("nan")
+    if length == FLAGS.train_length:
+      eval_acc = heldout_accuracy(evaluate, params, task, rng, length)
+    log.append(dict(step=it, minutes=minutes, length=length, loss=float(loss),
+                    train_acc=float(acc), eval_acc=eval_acc))
+    logging.info("step %d (%.1f min): length %d, loss %.3f, train acc %.3f, held-out acc %.3f",
+                 it, minutes, length, float(loss), float(acc), eval_acc)
+    if done or eval_acc >= FLAGS.train_goal:
+      break
+  return nnx.merge(graphdef, params), evaluate, log
+
+
+def main() -> None:
+  env = common.environment()
+  task = RetrievalTask(FLAGS.train_keys, FLAGS.train_values)
+  task.records_for(FLAGS.train_length)  # validates the final length against num_keys
+  cfg = model_config(task)
+  impl = FLAGS.train_attention
+  if impl == "auto":
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  logging.info("train_retrieval: %s, attention %s", cfg, impl)
+  rng = np.random.default_rng(FLAGS.seed)
+  model, evaluate, log = train(task, cfg, flash_attend(impl), rng, FLAGS.seed)
+  final = log[-1]
+  saved = checkpoint.cast(model, FLAGS.train_save_dtype)
+  # The published accuracy is that of the saved (possibly rounded) weights.
+  saved_acc = heldout_accuracy(evaluate, nnx.state(checkpoint.cast(saved, cfg.dtype), nnx.Param),
+                               task, rng, final["length"])
+  path = FLAGS.train_checkpoint or os.path.join(FLAGS.out_dir, "retrieval_checkpoint")
+  checkpoint.save_params(path, saved)
+  with open(os.path.join(path, "retrieval.json"), "w") as f:
+    json.dump(dict(num_keys=task.num_keys, num_values=task.num_values,
+                   trained_length=final["length"], eval_accuracy=saved_acc,
+                   steps=final["step"], minutes=round(final["minutes"], 2), **env), f, indent=1)
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  print(f"train_retrieval: {params / 1e6:.2f}M parameters, {final['step']} steps in "
+        f"{final['minutes']:.1f} min, document length {final['length']}, held-out dense "
+        f"accuracy {final['eval_acc']:.3f}, {saved_acc:.3f} with the saved {FLAGS.train_save_dtype} "
+        f"weights (chance {1 / task.num_values:.3f}); saved to {path}")
+  notes = (f"Model: {cfg}. Chance = 1/{task.num_values}. eval_acc: held-out documents of the "
+           f"final length (teacher-forced questions), measured once the curriculum reaches it.")
+  report.write_results(FLAGS.out_dir, "train_retrieval", log, env,
+                       "train_retrieval: curriculum training of the retrieval decoder", notes)
+  plt = report.pyplot()
+  if plt is not None:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([r["step"] for r in log], [r["train_acc"] for r in log], label="train answers")
+    ax.plot([r["step"] for r in log], [r["eval_acc"] for r in log], "o-", label="held-out")
+    ax2 = ax.twinx()
+    ax2.step([r["step"] for r in log], [r["length"] for r in log], "k:", where="post")
+    ax2.set_yscale("log", base=2)
+    ax2.set_ylabel("document length (dotted)")
+    ax.set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(FLAGS.out_dir, "train_retrieval.png"), dpi=100)
