@@ -18,7 +18,7 @@ flags.DEFINE_integer("seed", 0, "PRNG seed.")
 
 
 def environment() -> dict[str, str]:
-  """Device, versions, date and the exact command line, for result headers."""
+  """Device, versions, date, the exact command line and every flag value, for result headers."""
   dev = jax.devices()[0]
   return {
       "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')} x{jax.device_count()}",
@@ -26,4 +26,13 @@ def environment() -> dict[str, str]:
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "command": " ".join(["python -m experiments.run", *sys.argv[1:]]),
+      "flags": " ".join(s for s in (f.serialize() for f in _experiment_flags()) if s),
   }
+
+
+def _experiment_flags():
+  """Every flag the experiments define (shared and the chosen module's), defaults included."""
+  chosen = f"experiments.{FLAGS.experiment}"
+  by_module = FLAGS.flags_by_module_dict()
+  return sorted((f for m in ("experiments.common", chosen) for f in by_module.get(m, [])),
+                key=lambda f: f.name)

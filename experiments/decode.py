@@ -25,7 +25,7 @@ from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
 from moska_jax.model import Decoder
 
 flags.DEFINE_enum("decode_model", "llama3_1_8b", ["llama3_1_8b", "tiny"], "decode: shapes.")
-flags.DEFINE_integer("decode_layers", 4, "decode: decoder layers built (per-layer times reported).")
+flags.DEFINE_integer("decode_layers", 1, "decode: decoder layers built (per-layer times reported).")
 flags.DEFINE_integer("decode_shared", 262144, "decode: shared tokens S.")
 flags.DEFINE_integer("decode_unique", 4096, "decode: unique tokens U per request.")
 flags.DEFINE_list("decode_batches", ["16", "64"], "decode: B values.")

@@ -9,7 +9,8 @@ that run it (ideal scaling over chips); the parts run one after another on one c
                    request needs (S + U) KV + weights; the batch is capacity-limited (may be 0).
   prefix_gemv      prefix caching (vLLM / SGLang): the shared KV is stored once but each request's
                    decode kernel re-reads it (B memory-bound GEMVs; 0.5-GB shared KV >> L2, and
-                   measured_anchors.md's paged baseline scales as B x the KV read).
+                   the measured paged baseline of results/shared_attention.md scales as B x the
+                   KV read).
   moska_dense      Shared KV Attention: all queries as one GEMM over the shared KV, read once.
   moska_sparse     routed chunks: 25% of the FLOPs; the bytes are the union of the chunks chosen
                    across the batch: `--roofline_routing=batch` (one routing decision per batch:
@@ -574,7 +575,7 @@ LADDER_NOTE = """\
 `ratio` = MoSKA tokens/s / baseline tokens/s, each at its best batch; `ratio_per_chip` divides by
 the chips each side uses. Rows with in_main_table = yes are the configs of the main table.
 - A bandwidth-only model caps MoSKA over a per-request reader at (S + U) / U (257x at S = 16M), or
-  4x that if the unique part is read at 25% (1028x) (the digest's section 6). Here the shared GEMM
+  4x that if the unique part is read at 25% (1028x). Here the shared GEMM
   turns compute-bound at large B, so equal-chip ratios stay well under that cap.
 - A capacity-limited baseline batch barely matters: a per-request reader is bandwidth-bound at any
   B, so baseline_copies at B = 1-2 is as fast per token as prefix_gemv at B = 267 (x_prefix_gemv

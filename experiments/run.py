@@ -39,9 +39,11 @@ def _doc_line(module_name: str) -> str:
 def _load_flags(argv: list[str]) -> None:
   # Experiment flags are defined at import, so import the chosen module before absl parses argv.
   name = "demo"
-  for a in argv[1:]:
+  for i, a in enumerate(argv[1:], start=1):
     if a.startswith("--experiment="):
       name = a.split("=", 1)[1]
+    elif a == "--experiment" and i + 1 < len(argv):
+      name = argv[i + 1]
   if name in EXPERIMENTS:
     importlib.import_module(EXPERIMENTS[name])
 
@@ -57,6 +59,8 @@ def main(argv: list[str]) -> int:
     print(f"unknown experiment {FLAGS.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}",
           file=sys.stderr)
     return 2
+  # orbax logs every checkpoint step at INFO through absl; keep the experiments' own progress.
+  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   logging.info("running experiment %s", FLAGS.experiment)
   importlib.import_module(EXPERIMENTS[FLAGS.experiment]).main()
   return 0
