@@ -8,6 +8,9 @@ the only way to answer is to find the record in the context (an induction head: 
 position whose previous token is the key, copy its token). Chance is 1 / num_values.
 
 Training sequences are `document, QUERY k1 v1, QUERY k2 v2, ...`: the loss is on the answers only.
+Questions ask distinct records, at most a quarter of them: asking (nearly) all records lets a model
+answer the last questions by elimination (the value of the record not asked yet), a shortcut a
+first version of this task taught instead of retrieval.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ class RetrievalTask:
                        f"need 1..num_keys={self.num_keys} (4 tokens a record)")
     return n
 
+  def max_questions(self, doc_tokens: int) -> int:
+    """Questions one training sequence may ask: a quarter of its records (at least one)."""
+    return max(1, self.records_for(doc_tokens) // 4)
+
   def documents(self, rng: np.random.Generator, batch: int, doc_tokens: int):
     """batch documents -> (tokens[batch, doc_tokens] int32, keys[batch, n], values[batch, n])."""
     n = self.records_for(doc_tokens)
@@ -66,9 +73,10 @@ class RetrievalTask:
     """
     tokens, keys, values = self.documents(rng, batch, doc_tokens)
     n = keys.shape[1]
-    pick = np.argsort(rng.random((batch, n)), axis=1)[:, :min(questions, n)]
-    if pick.shape[1] < questions:  # tiny documents: ask some records twice
-      pick = np.concatenate([pick, rng.integers(0, n, (batch, questions - pick.shape[1]))], 1)
+    if not 1 <= questions <= self.max_questions(doc_tokens):
+      raise ValueError(f"RetrievalTask: ask 1..{self.max_questions(doc_tokens)} questions of a "
+                       f"{n}-record document, got {questions}")
+    pick = np.argsort(rng.random((batch, n)), axis=1)[:, :questions]
     qk = np.take_along_axis(keys, pick, 1)
     qv = np.take_along_axis(values, pick, 1)
     qa = np.stack([np.full_like(qk, QUERY), qk, qv], axis=2).reshape(batch, -1)

@@ -7,8 +7,10 @@ the caller (the decoder's `attend` callback), all of which return (o, lse):
 - `shared_prefix_attention`: a chunk of shared tokens against the store built so far, merged with
   causal attention inside the chunk (the bounded-memory prefill of the shared store).
 - `moska_attention`: the decode / unique-prefill step of DESIGN.md: new K/V appended to the
-  request's pages -> `unique_attention`; shared part by `shared_attention` (dense) or `route` +
-  `chunk_attention` (sparse); the two partials merged by `merge_attention_states`.
+  request's pages -> `unique_attention` (`unique_partial`); shared part by `shared_attention`
+  (dense) or `route` + `chunk_attention` (sparse) (`shared_partial`); the two partials merged by
+  `merge_attention_states`. On `DeviceGroups` the engine runs `unique_partial` on the unique
+  group, the shared part with `sharding.shared_attention_step`, and merges the two itself.
 Only `pallas_kernels` entry points are called: no Pallas here.
 """
 
@@ -124,13 +126,22 @@ def moska_attention(q: jax.Array, k: jax.Array, v: jax.Array, shared: SharedLaye
                     unique: UniqueLayer,
                     mcfg: MoskaConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """MoSKA attention of the T new tokens of every request; returns (o, updated (k, v) pages)."""
+  (o_u, lse_u), pages = unique_partial(q, k, v, unique, mcfg)
+  o, _ = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, shared, mcfg))
+  return o, pages
+
+
+def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, unique: UniqueLayer,
+                   mcfg: MoskaConfig) -> tuple[tuple[jax.Array, jax.Array],
+                                               tuple[jax.Array, jax.Array]]:
+  """Appends the new k, v[B, T, Hkv, D] to each request's pages and attends q[B, T, Hq, D] to its
+  unique KV (cached tokens and the new ones); returns ((o, lse), updated (k, v) pages)."""
   T = q.shape[1]
   k_pages, v_pages = pk.write_pages(unique.k_pages, unique.v_pages, unique.block_tables,
                                     unique.lengths, k, v)
   o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, unique.block_tables, unique.lengths + T,
                                    backend=mcfg.backend)
-  o, _ = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, shared, mcfg))
-  return o, (k_pages, v_pages)
+  return (o_u, lse_u), (k_pages, v_pages)
 
 
 def shared_partial(q: jax.Array, shared: SharedLayer,

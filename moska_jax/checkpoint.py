@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,20 @@ def load_params(path: str, cfg: ModelConfig | None = None) -> Decoder:
   if dataclasses.replace(cfg, dtype=saved.dtype) != saved:
     raise ValueError(f"load_params: the checkpoint at {path} holds a model of {saved}, not {cfg}")
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(saved, rngs=nnx.Rngs(0))))
-  state = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), "params"),
-                                             abstract)
+  state = restore_arrays(os.path.join(os.path.abspath(path), "params"), abstract)
   return cast(nnx.merge(graphdef, state), cfg.dtype)
+
+
+def restore_arrays(path: str, abstract: Any) -> Any:
+  """Restores an orbax pytree onto the default device, whatever devices it was saved from.
+
+  abstract: the tree's shapes and dtypes (arrays or jax.ShapeDtypeStruct). Giving orbax a target
+  sharding is what lets a checkpoint written on a GPU load on a CPU (or another topology).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        abstract)
+  return ocp.StandardCheckpointer().restore(path, target)
 
 
 def cast(model: Decoder, dtype: str) -> Decoder:

@@ -7,6 +7,16 @@ feeds one token to every slot. Both run `moska_attention` in every layer, so all
 attend to the shared KV together (the batched GEMM). Finished requests free their pages and slot,
 and queued requests are admitted as soon as pages allow (continuous batching); none is dropped,
 and results come back in request order.
+
+On `DeviceGroups` (disaggregated serving, `moska_jax.sharding`) the weights and the unique cache
+live on the unique group and every layer's shared K/V/summaries on the shared group, whole chunks
+per "kv" device. One jitted program cannot span two disjoint device sets, so a step is then
+orchestrated from Python: `Decoder.forward` runs eagerly on the unique group (each op dispatched
+on its own), and its `attend` calls three jitted programs per layer: the unique part
+(`unique_partial`: write_pages + unique_attention) on the unique group, the shared part
+(`shared_attention_step`: q out, dense or routed attention sharded over "kv", (o, lse) back) on
+the shared group, and `merge_attention_states`. Dispatch is asynchronous, so the unique and shared
+parts of a layer are in flight together. The same path serves a single-device `DeviceGroups`.
 """
 
 from __future__ import annotations
@@ -22,10 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moska_jax.attention import UniqueLayer, moska_attention
+import pallas_kernels as pk
+from moska_jax.attention import UniqueLayer, moska_attention, unique_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
 from moska_jax.model import Decoder
+from moska_jax.sharding import (DeviceGroups, place_shared_kv, place_unique, send_to_shared,
+                                shared_attention_step)
 
 
 class ByteTokenizer:
@@ -65,6 +78,19 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _sampler(sampling: Sampling):
+  """One compiled sampler per Sampling (it is frozen, so hashable)."""
+  return jax.jit(functools.partial(sample, sampling=sampling))
+
+
+def _zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
+  """Zeroes the query rows past fed[b] (padding of a fixed-shape step): their outputs are never
+  read, and a zero row adds nothing to the router's score, so padding cannot steer routing."""
+  valid = jnp.arange(q.shape[1])[None, :] < fed[:, None]
+  return jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
+
+
 @dataclasses.dataclass
 class Result:
   """One finished request: its tokens, text, and (if asked) the logits of every sampled token."""
@@ -97,52 +123,126 @@ class MoskaEngine:
     max_request_tokens: prompt + new tokens one request may hold (default: the whole budget).
     prefill_chunk: prompt tokens fed per prefill step.
     tokenizer: object with encode(str) -> list[int] and decode(list[int]) -> str.
+    groups: run disaggregated on these device groups (see the module docstring); None: one jitted
+      step on the default device. Per-request arrays go over the unique mesh's "batch" axis when
+      max_batch is a multiple of its size, else they are replicated. `shared_kv` then holds the
+      placed store (one `PlacedSharedKV` per layer) and `stats` counts the bytes moved between
+      the groups ("bytes_to_shared", "bytes_to_unique").
   """
 
   def __init__(self, model: Decoder, shared_store: SharedKVStore, moska_config: MoskaConfig, *,
                max_batch: int, num_pages: int, page_size: int = 16,
-               max_request_tokens: int | None = None, prefill_chunk: int = 32, tokenizer=None):
+               max_request_tokens: int | None = None, prefill_chunk: int = 32, tokenizer=None,
+               groups: DeviceGroups | None = None):
     if shared_store.model_config != model.cfg:
       raise ValueError("MoskaEngine: the shared store was built for a different model config")
     if moska_config.mode == "sparse" and moska_config.chunk_size != shared_store.chunk_size:
       raise ValueError(f"MoskaEngine: moska_config.chunk_size={moska_config.chunk_size} must "
                        f"match the store's chunk_size={shared_store.chunk_size}")
+    if moska_config.mode == "sparse" and moska_config.summary != shared_store.summaries[0].kind:
+      raise ValueError(f"MoskaEngine: moska_config.summary={moska_config.summary!r} must match "
+                       f"the store's summaries ({shared_store.summaries[0].kind!r}); see "
+                       f"SharedKVStore.with_summaries")
     max_request_tokens = max_request_tokens or (num_pages - 1) * page_size
-    self.cache = UniqueKVCache(model.cfg, max_batch=max_batch, num_pages=num_pages,
-                               page_size=page_size,
-                               max_pages_per_request=-(-max_request_tokens // page_size))
+    # A prefill step writes prefill_chunk tokens from a request's length on, past its last page
+    # when the prompt ends inside the chunk: spare table entries (the scratch page) take those
+    # padding writes, so no kernel ever sees a length beyond its table.
+    self.cache = UniqueKVCache(
+        model.cfg, max_batch=max_batch, num_pages=num_pages, page_size=page_size,
+        max_pages_per_request=-(-(max_request_tokens + prefill_chunk - 1) // page_size))
     self.store, self.mcfg, self.max_batch = shared_store, moska_config, max_batch
     self.prefill_chunk = prefill_chunk
     self.max_request_tokens = max_request_tokens
     self.tokenizer = tokenizer or ByteTokenizer()
     self.graphdef, self.state = nnx.split(model)
-    self._step = jax.jit(self._step_impl, donate_argnums=(2, 3))
     self.stats = collections.Counter()
+    self.groups = groups
+    if groups is None:
+      self._step = jax.jit(self._step_impl, donate_argnums=(2, 3))
+    else:
+      self._place(groups)
 
-  def _step_impl(self, state, store, k_pages, v_pages, tables, lengths, tokens):
-    """Feeds tokens[B, T] to every slot; returns logits[B, T, V] and the updated page pools."""
+  def _place(self, groups: DeviceGroups) -> None:
+    """Puts weights and unique cache on the unique group and the shared store on the shared one."""
+    store, c = self.store, self.cache
+    self.state = place_unique(groups, self.state)
+    c.k_pages, c.v_pages = place_unique(groups, (c.k_pages, c.v_pages))
+    self._model = nnx.merge(self.graphdef, self.state)
+    self._batch_axis = 0 if self.max_batch % groups.unique_mesh.shape["batch"] == 0 else None
+    self._shared_length = int(store.length)
+    sparse = self.mcfg.mode == "sparse"
+    (length,), _ = send_to_shared(groups, np.int32(self._shared_length))
+    self.shared_kv = tuple(
+        place_shared_kv(groups, k, v, s if sparse else None, chunk_size=store.chunk_size,
+                        kv_length=length)
+        for k, v, s in zip(store.k, store.v, store.summaries))
+    # K from the store's own chunk count, as `shared_partial` does (placement may pad chunks).
+    self._top_k = self.mcfg.chunks_kept(store.summaries[0].vectors.shape[0]) if sparse else None
+    self._unique_step = jax.jit(self._unique_impl, donate_argnums=(3, 4))
+    self._merge = jax.jit(lambda o_u, lse_u, o_s, lse_s:
+                          pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0])
+    self._zero_padding = jax.jit(_zero_padding)
+
+  def _step_impl(self, state, store, k_pages, v_pages, tables, lengths, tokens, fed):
+    """Feeds tokens[B, T] (the first fed[b] of row b are real) to every slot; returns
+    logits[B, T, V] and the updated page pools."""
     model = nnx.merge(self.graphdef, state)
     positions = store.length + lengths[:, None] + jnp.arange(tokens.shape[1])[None]
     pools = []
 
     def attend(i, q, k, v):
       unique = UniqueLayer(k_pages[i], v_pages[i], tables, lengths)
-      o, pages = moska_attention(q, k, v, store.layer(i), unique, self.mcfg)
+      o, pages = moska_attention(_zero_padding(q, fed), k, v, store.layer(i), unique, self.mcfg)
       pools.append(pages)
       return o
 
     logits = model.forward(tokens, positions, attend)
     return logits, tuple(p[0] for p in pools), tuple(p[1] for p in pools)
 
-  def compilations(self) -> int:
-    """Distinct compiled step shapes so far (2 at most: prefill and decode)."""
-    return self._step._cache_size()
+  def _unique_impl(self, q, k, v, k_pages, v_pages, tables, lengths):
+    """One layer's unique part on the unique group: (o_u, lse_u) and the updated page pools."""
+    (o, lse), (k_pages, v_pages) = unique_partial(q, k, v, UniqueLayer(k_pages, v_pages, tables,
+                                                                       lengths), self.mcfg)
+    return o, lse, k_pages, v_pages
 
-  def _run(self, tokens: np.ndarray) -> jax.Array:
+  def compilations(self) -> int:
+    """Distinct compiled step shapes so far (2 at most: prefill and decode); with groups, those
+    of the per-layer unique program."""
+    return (self._step if self.groups is None else self._unique_step)._cache_size()
+
+  def _run_groups(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
+    """The disaggregated step (module docstring): eager forward, three jitted programs a layer."""
+    g, c = self.groups, self.cache
+    positions = (self._shared_length + c.lengths[:, None]
+                 + np.arange(tokens.shape[1], dtype=np.int32)[None])
+    tokens, positions, tables, lengths, fed = place_unique(
+        g, (tokens, positions, c.block_tables, c.lengths, fed), batch_axis=self._batch_axis)
+    k_pages, v_pages = list(c.k_pages), list(c.v_pages)
+
+    def attend(i, q, k, v):
+      q = self._zero_padding(q, fed)
+      s = self.shared_kv[i]
+      o_s, lse_s, moved = shared_attention_step(
+          g, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
+          always_include=self.mcfg.always_include, chunk_size=s.chunk_size,
+          backend=self.mcfg.backend)
+      o_u, lse_u, k_pages[i], v_pages[i] = self._unique_step(q, k, v, k_pages[i], v_pages[i],
+                                                             tables, lengths)
+      self.stats["bytes_to_shared"] += moved.bytes_to_shared
+      self.stats["bytes_to_unique"] += moved.bytes_to_unique
+      return self._merge(o_u, lse_u, o_s, lse_s)
+
+    logits = self._model.forward(tokens, positions, attend)
+    c.k_pages, c.v_pages = tuple(k_pages), tuple(v_pages)
+    return logits
+
+  def _run(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
+    if self.groups is not None:
+      return self._run_groups(tokens, fed)
     c = self.cache
     logits, c.k_pages, c.v_pages = self._step(self.state, self.store, c.k_pages, c.v_pages,
                                               jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
-                                              jnp.asarray(tokens))
+                                              jnp.asarray(tokens), jnp.asarray(fed))
     return logits
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
@@ -164,8 +264,10 @@ class MoskaEngine:
       if need > self.max_request_tokens or not self.cache.fits(need):
         raise ValueError(f"generate: prompt {i} needs {need} tokens of unique cache; the page "
                          f"budget allows {self.max_request_tokens} per request")
-    key = jax.random.key(0) if key is None else key
-    sample_fn = jax.jit(functools.partial(sample, sampling=sampling))
+    if sampling.temperature > 0 and key is None:
+      raise ValueError("generate: sampling with temperature > 0 needs an explicit PRNG key")
+    key = jax.random.key(0) if key is None else key  # greedy: the key is never used
+    sample_fn = _sampler(sampling)
     queue = collections.deque(enumerate(encoded))
     active: dict[int, _Active] = {}
     results: list[Result | None] = [None] * len(encoded)
@@ -185,7 +287,7 @@ class MoskaEngine:
         chunk = a.prompt[a.fed:a.fed + T] if prefilling else a.tokens[-1:]
         tokens[s, :len(chunk)] = chunk
         fed[s] = len(chunk)
-      logits = self._run(tokens)
+      logits = self._run(tokens, fed)
       last = logits[jnp.arange(self.max_batch), jnp.maximum(jnp.asarray(fed) - 1, 0)]
       key, sub = jax.random.split(key)
       nxt = np.asarray(sample_fn(last, sub))

@@ -24,6 +24,7 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import SharedLayer, shared_prefix_attention
+from moska_jax.checkpoint import restore_arrays
 from moska_jax.config import ModelConfig
 from moska_jax.model import Decoder
 
@@ -100,7 +101,7 @@ def save_shared_store(path: str, store: SharedKVStore) -> None:
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=False)
   meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
-              summary=store.summaries[0].kind)
+              summary=store.summaries[0].kind, rows=store.k[0].shape[0])
   with open(os.path.join(path, "store.json"), "w") as f:
     json.dump(meta, f, indent=1)
   arrays = dict(k=list(store.k), v=list(store.v), length=store.length,
@@ -124,7 +125,14 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None) -> Sha
   if model_config is not None and model_config != built_for:
     raise ValueError(f"load_shared_store: the store at {path} was built for {built_for}, not for "
                      f"{model_config}")
-  a = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"))
+  cfg, C = built_for, meta["chunk_size"]
+  rows, N, P = meta["rows"], -(-meta["rows"] // C), 2 if meta["summary"] == "envelope" else 1
+  kv = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  vec = jax.ShapeDtypeStruct((N, cfg.num_kv_heads, P, cfg.head_dim), jnp.float32)
+  a = restore_arrays(os.path.join(path, "arrays"),
+                     dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
+                          vectors=[vec] * cfg.layers, num_valid_chunks=[scalar] * cfg.layers))
   summaries = tuple(routing.ChunkSummaries(vec, n, meta["summary"], meta["chunk_size"])
                     for vec, n in zip(a["vectors"], a["num_valid_chunks"]))
   return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for,

@@ -128,6 +128,9 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     num_valid_chunks: optional int scalar (may be traced): only chunks [0, num_valid_chunks) may be
       chosen; default from `summaries` (all N for a plain array).
 
+  A zero query row adds nothing to a request's score (both feature kinds map 0 to 0): zero the
+  padding rows of a fixed-shape step so they cannot steer the real tokens' choice.
+
   Returns:
     chunk_ids [B, Hkv, K] int32, duplicate-free, ordered by decreasing score (forced chunks
     first); when fewer than K chunks are valid the tail is -1 (which chunk_attention ignores).

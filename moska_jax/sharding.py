@@ -24,20 +24,17 @@ computation". So with disjoint groups the cross-group step is orchestrated from 
 asynchronous, so the host does not wait between the pieces). With one device (`colocated`) the
 step is traceable and may sit inside the caller's jit.
 
-Seam for the model and engine (issue 5). `MoskaAttention` keeps its own shared path (router +
-`shared_attention` / `chunk_attention`) as the default and takes one optional field
-`shared_fn: Callable[[q, layer_store], (o_s, lse_s)] | None`; when set, it calls
-`o_s, lse_s = self.shared_fn(q, layer_store)` instead of the default and merges as before. The
-engine, given a `DeviceGroups`, places the store with `place_shared_kv`, the params and caches with
-`place_unique`, and passes
-
-    shared_fn = lambda q, s: shared_attention_step(
-        groups, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=top_k,
-        chunk_size=s.chunk_size, backend=backend)[:2]          # top_k=None: dense
-
-With disjoint groups the engine must not wrap the whole model step in one `jax.jit` (see above):
-it calls `model.apply` outside jit (the step's shared programs are jitted here); with one device it
-may keep its whole-step jit.
+The engine on groups (`MoskaEngine(..., groups=groups)`, moska_jax.engine). It places the weights
+and the page pools with `place_unique` (replicated; block tables, lengths and tokens over "batch"
+when max_batch divides it), and every layer's shared K/V (plus the summaries when sparse) with
+`place_shared_kv`, whole chunks per "kv" device. Per step it runs `Decoder.forward` eagerly on the
+unique group with an `attend` that, per layer, dispatches three jitted programs: the unique part
+`attention.unique_partial` (write_pages + unique_attention) on the unique group,
+`shared_attention_step` (dense, or routed on the shared group with the engine's top_k and
+always_include), and `merge_attention_states`; the model code is unchanged. Each step's
+`TransferStats` add up in `engine.stats["bytes_to_shared"]` / `["bytes_to_unique"]`. A
+single-device `DeviceGroups` takes the same path (0 bytes); `groups=None` keeps the engine's one
+jitted step.
 
 Multi-host: call `jax.distributed.initialize()` in every process first; `jax.devices()` then lists
 every host's devices (ordered by process), `make_device_groups()` splits that global list, and every
@@ -335,8 +332,9 @@ def _merge_across(o: jax.Array, lse: jax.Array, axis: str) -> tuple[jax.Array, j
 
 
 @functools.lru_cache(maxsize=None)
-def _shared_program(mesh: Mesh, mode: str, top_k: int | None, chunk_size: int | None,
-                    sm_scale: float | None, backend: str, interpret: bool):
+def _shared_program(mesh: Mesh, mode: str, top_k: int | None, always_include: tuple[int, ...],
+                    chunk_size: int | None, sm_scale: float | None, backend: str,
+                    interpret: bool):
   """The jitted shared-group program for one configuration (mode: "dense" or "sparse")."""
   from pallas_kernels import chunk_attention, shared_attention
 
@@ -366,7 +364,7 @@ def _shared_program(mesh: Mesh, mode: str, top_k: int | None, chunk_size: int | 
     if top_k is not None:  # route on the shared group: the summaries never leave it
       from moska_jax import routing
 
-      chunk_ids = routing.route(q, summaries, top_k)
+      chunk_ids = routing.route(q, summaries, top_k, always_include=always_include)
     return _shard_map(local, mesh, (P(), rows, rows, P(), P()), (P(), P()))(
         q, k, v, kv_length, chunk_ids)
 
@@ -376,8 +374,9 @@ def _shared_program(mesh: Mesh, mode: str, top_k: int | None, chunk_size: int | 
 def shared_partial_attention(groups: DeviceGroups, q: jax.Array, shared_k: jax.Array,
                              shared_v: jax.Array, kv_length: jax.Array, *,
                              chunk_ids: jax.Array | None = None, summaries: Any = None,
-                             top_k: int | None = None, chunk_size: int | None = None,
-                             sm_scale: float | None = None, backend: str = "auto",
+                             top_k: int | None = None, always_include: Sequence[int] = (),
+                             chunk_size: int | None = None, sm_scale: float | None = None,
+                             backend: str = "auto",
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """The shared-group part of the step, on inputs already on the shared group (see
   `shared_attention_step` for the arguments); returns (o, lse) replicated over "kv"."""
@@ -397,6 +396,7 @@ def shared_partial_attention(groups: DeviceGroups, q: jax.Array, shared_k: jax.A
                        f"the {s_local} rows of each shared device (whole chunks per device), "
                        f"got {chunk_size!r}")
   program = _shared_program(groups.shared_mesh, "sparse" if sparse else "dense", top_k,
+                            tuple(int(c) for c in always_include) if top_k is not None else (),
                             chunk_size if sparse else None, sm_scale, backend, interpret)
   if not sparse:
     return program(q, shared_k, shared_v, kv_length)
@@ -406,9 +406,9 @@ def shared_partial_attention(groups: DeviceGroups, q: jax.Array, shared_k: jax.A
 def shared_attention_step(groups: DeviceGroups, q: jax.Array, shared_k: jax.Array,
                           shared_v: jax.Array, *, kv_length: int | jax.Array | None = None,
                           chunk_ids: jax.Array | None = None, summaries: Any = None,
-                          top_k: int | None = None, chunk_size: int | None = None,
-                          sm_scale: float | None = None, backend: str = "auto",
-                          interpret: bool = False
+                          top_k: int | None = None, always_include: Sequence[int] = (),
+                          chunk_size: int | None = None, sm_scale: float | None = None,
+                          backend: str = "auto", interpret: bool = False
                           ) -> tuple[jax.Array, jax.Array, TransferStats]:
   """Attention of q over the shared store on the shared group; (o, lse) return to the unique group.
 
@@ -423,7 +423,8 @@ def shared_attention_step(groups: DeviceGroups, q: jax.Array, shared_k: jax.Arra
     shared_k, shared_v: [S, Hkv, D] sharded over "kv" (`place_shared_kv`).
     kv_length: valid rows (int or int scalar array; `PlacedSharedKV.kv_length`); default S.
     chunk_ids: [B, Hkv, K] global chunk ids; ids outside [0, N) select nothing.
-    summaries, top_k: route here instead (`routing.route(q, summaries, top_k)`).
+    summaries, top_k, always_include: route here instead (`routing.route(q, summaries, top_k,
+      always_include=always_include)`).
     chunk_size: C (sparse only); it must divide each device's rows.
     sm_scale, backend, interpret: as for the kernels.
 
@@ -440,7 +441,8 @@ def shared_attention_step(groups: DeviceGroups, q: jax.Array, shared_k: jax.Arra
   q_s, n_s = moved[:2]
   ids_s = moved[2] if chunk_ids is not None else None
   o, lse = shared_partial_attention(groups, q_s, shared_k, shared_v, n_s, chunk_ids=ids_s,
-                                    summaries=summaries, top_k=top_k, chunk_size=chunk_size,
+                                    summaries=summaries, top_k=top_k,
+                                    always_include=always_include, chunk_size=chunk_size,
                                     sm_scale=sm_scale, backend=backend, interpret=interpret)
   o, lse, to_unique = send_to_unique(groups, o, lse, like=q)
   return o, lse, TransferStats(to_shared, to_unique)

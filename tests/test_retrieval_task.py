@@ -22,13 +22,13 @@ def test_documents_hold_each_key_once_with_its_value():
 
 def test_training_targets_are_the_asked_keys_values():
   task = RetrievalTask(num_keys=64, num_values=16)
-  seq, tgt = task.training_batch(np.random.default_rng(1), 2, 65, questions=5)
-  assert seq.shape == tgt.shape == (2, 65 + 15)
+  seq, tgt = task.training_batch(np.random.default_rng(1), 2, 65, questions=4)
+  assert seq.shape == tgt.shape == (2, 65 + 12)
   for b in range(2):
     doc = seq[b, 1:65].reshape(16, RECORD)
     lookup = dict(zip(doc[:, 0], doc[:, 1]))
     pos = np.nonzero(tgt[b] >= 0)[0]
-    assert len(pos) == 5
+    assert len(pos) == 4 and len(set(seq[b, pos])) == 4  # distinct records
     for p in pos:  # the target follows `QUERY key` and is that key's value; it is also next token
       assert seq[b, p - 1] == QUERY and tgt[b, p] == lookup[seq[b, p]] == seq[b, p + 1]
 
@@ -40,3 +40,5 @@ def test_questions_are_distinct_records_and_lengths_are_checked():
   assert len(set(idx)) == 10 and all(p == [QUERY, keys[0, i]] for p, i in zip(prompts, idx))
   with pytest.raises(ValueError, match="num_keys=64"):
     task.documents(np.random.default_rng(0), 1, 4 * 64 + 8)
+  with pytest.raises(ValueError, match="ask 1..4 questions"):  # elimination would pay off
+    task.training_batch(np.random.default_rng(0), 1, 65, questions=5)

@@ -139,3 +139,19 @@ def test_route_then_chunk_attention(backend):
   o_s, lse_s = shared_attention(q, k, v, kv_length=n, backend="xla")
   assert rel_err(o, o_s) < 1e-5
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mean", "envelope"])
+def test_zero_padding_rows_do_not_steer_routing(kind):
+  """The engine zeroes the padding rows of a fixed-shape step: the real rows alone decide."""
+  rng = np.random.default_rng(5)
+  B, T, Hq, Hkv, D, C = 3, 4, 4, 2, 16, 32
+  k = random_normal(rng, (320, Hkv, D), jnp.float32)
+  q = random_normal(rng, (B, T, Hq, D), jnp.float32)
+  s = routing.chunk_summaries(k, C, summary=kind)
+  real = np.array([4, 1, 2])  # tokens per request; the rest of its T rows are padding
+  valid = np.arange(T)[None] < real[:, None]
+  got = np.asarray(routing.route(jnp.where(valid[:, :, None, None], q, 0.0), s, 3))
+  for b in range(B):
+    want = np.asarray(routing.route(q[b:b + 1, :real[b]], s, 3))
+    np.testing.assert_array_equal(got[b], want[0])
