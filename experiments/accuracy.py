@@ -89,7 +89,7 @@ def main() -> None:
   path = FLAGS.accuracy_checkpoint
   with open(os.path.join(path, "retrieval.json")) as f:
     meta = json.load(f)
-  task = RetrievalTask(meta["num_keys"], meta["num_values"])
+  task = RetrievalTask(meta["num_keys"], meta["num_values"], meta.get("value_first", False))
   length = FLAGS.accuracy_length or meta["trained_length"]
   cfg = checkpoint.saved_config(path)
   model = checkpoint.load_params(path, dataclasses.replace(cfg, dtype=FLAGS.dtype))

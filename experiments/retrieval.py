@@ -1,6 +1,7 @@
 """The synthetic long-context key-value retrieval task of `train_retrieval` and `accuracy`.
 
-A document (the shared context) is BOS followed by records `key value filler filler`: every key
+A document (the shared context) is BOS followed by records `key value filler filler` (or `value
+key filler filler` with value_first): every key
 appears once, its value is uniform at random, and the two filler tokens are noise. A question (the
 unique context) is `QUERY key`; the answer is the key's value, one token. Keys, values and filler
 come from disjoint ranges of one small vocabulary, and every document draws a fresh pairing, so
@@ -31,6 +32,7 @@ class RetrievalTask:
 
   num_keys: int = 2048
   num_values: int = 128
+  value_first: bool = False  # records `value key ...`: the question's key then matches a token
 
   @property
   def vocab(self) -> int:
@@ -58,7 +60,8 @@ class RetrievalTask:
     keys = _SPECIALS + np.argsort(rng.random((batch, self.num_keys)), axis=1)[:, :n]
     values = self.first_value + rng.integers(0, self.num_values, (batch, n))
     filler = self.first_value + self.num_values + rng.integers(0, FILLERS, (batch, n, 2))
-    records = np.concatenate([keys[..., None], values[..., None], filler], axis=2)
+    pair = (values, keys) if self.value_first else (keys, values)
+    records = np.concatenate([pair[0][..., None], pair[1][..., None], filler], axis=2)
     tokens = np.full((batch, doc_tokens), BOS, np.int32)
     tokens[:, 1:1 + n * RECORD] = records.reshape(batch, -1)
     tail = doc_tokens - 1 - n * RECORD  # fewer than RECORD tokens left: filler

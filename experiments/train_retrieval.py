@@ -38,7 +38,11 @@ flags.DEFINE_integer("train_kv_heads", 2, "train_retrieval: kv heads Hkv.")
 flags.DEFINE_integer("train_head_dim", 64, "train_retrieval: head dim D.")
 flags.DEFINE_integer("train_mlp", 256, "train_retrieval: MLP hidden size.")
 flags.DEFINE_float("train_rope_theta", 10000.0, "train_retrieval: RoPE base.")
+flags.DEFINE_float("train_embed_std", 1.0,
+                   "train_retrieval: std of the initial token embeddings (0: the model's default).")
 flags.DEFINE_integer("train_keys", 2048, "train_retrieval: distinct keys (>= records per doc).")
+flags.DEFINE_boolean("train_value_first", False,
+                     "train_retrieval: records `value key` instead of `key value`.")
 flags.DEFINE_integer("train_values", 128, "train_retrieval: distinct values (chance = 1/this).")
 flags.DEFINE_integer("train_start_length", 64, "train_retrieval: first document length.")
 flags.DEFINE_integer("train_length", 8192, "train_retrieval: final document length (tokens).")
@@ -92,8 +96,7 @@ def answer_stats(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
 def heldout_accuracy(evaluate, params, task: RetrievalTask, rng: np.random.Generator,
                      length: int) -> float:
   """Exact-match accuracy over `--train_eval_docs` fresh documents of `length` tokens."""
-  return float(np.mean([evaluate(params, *task.training_batch(rng, 1, length,
-                                                              questions(task, length)))
+  return float(np.mean([evaluate(params, *batch_of(task, rng, 1, length))
                         for _ in range(FLAGS.train_eval_docs)]))
 
 
@@ -101,9 +104,22 @@ def questions(task: RetrievalTask, length: int) -> int:
   return min(FLAGS.train_questions, task.max_questions(length))
 
 
+def batch_of(task: RetrievalTask, rng: np.random.Generator, batch: int, length: int):
+  """A training batch padded at the end to a multiple of 64 tokens (cuDNN's fused attention
+  rejects some lengths; causal attention keeps the padding out of every real position)."""
+  tok, tgt = task.training_batch(rng, batch, length, questions(task, length))
+  pad = -tok.shape[1] % 64
+  return np.pad(tok, ((0, 0), (0, pad))), np.pad(tgt, ((0, 0), (0, pad)), constant_values=-1)
+
+
 def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generator, seed: int):
   """Runs the curriculum; returns (model, evaluate(params, tokens, targets), log rows)."""
   model = Decoder(cfg, rngs=nnx.Rngs(seed))
+  if FLAGS.train_embed_std > 0:
+    # The default init gives token embeddings of norm ~1, while each block adds outputs of norm
+    # ~sqrt(hidden): token identity, which retrieval matches on, starts drowned in the residual.
+    table = model.embed.embedding
+    table[...] = FLAGS.train_embed_std * jax.random.normal(jax.random.key(seed + 1), table.shape)
   graphdef, params = nnx.split(model, nnx.Param)
   # Constant after warm-up: the curriculum decides how long each length trains, so no decay
   # horizon is known in advance (a decaying rate stalled the induction phase change).
@@ -131,7 +147,7 @@ def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generato
   t0 = time.perf_counter()
   for it in range(1, FLAGS.train_max_steps + 1):
     batch = max(1, FLAGS.train_batch_tokens // length)
-    tok, tgt = task.training_batch(rng, batch, length, questions(task, length))
+    tok, tgt = batch_of(task, rng, batch, length)
     params, opt_state, loss, acc = step(params, opt_state, tok, tgt)
     running = 0.9 * running + 0.1 * float(acc)
     if running >= FLAGS.train_advance and length < FLAGS.train_length:
@@ -154,7 +170,7 @@ def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generato
 
 def main() -> None:
   env = common.environment()
-  task = RetrievalTask(FLAGS.train_keys, FLAGS.train_values)
+  task = RetrievalTask(FLAGS.train_keys, FLAGS.train_values, FLAGS.train_value_first)
   task.records_for(FLAGS.train_length)  # validates the final length against num_keys
   cfg = model_config(task)
   impl = FLAGS.train_attention
@@ -172,6 +188,7 @@ def main() -> None:
   checkpoint.save_params(path, saved)
   with open(os.path.join(path, "retrieval.json"), "w") as f:
     json.dump(dict(num_keys=task.num_keys, num_values=task.num_values,
+                   value_first=task.value_first,
                    trained_length=final["length"], eval_accuracy=saved_acc,
                    steps=final["step"], minutes=round(final["minutes"], 2), **env), f, indent=1)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -140,7 +140,7 @@ def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, unique: UniqueLayer
   k_pages, v_pages = pk.write_pages(unique.k_pages, unique.v_pages, unique.block_tables,
                                     unique.lengths, k, v)
   o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, unique.block_tables, unique.lengths + T,
-                                   backend=mcfg.backend)
+                                   backend=mcfg.backend, interpret=mcfg.interpret)
   return (o_u, lse_u), (k_pages, v_pages)
 
 
@@ -149,8 +149,9 @@ def shared_partial(q: jax.Array, shared: SharedLayer,
   """(o, lse) of q[B, T, Hq, D] over the shared KV: the whole store (dense) or routed chunks."""
   if mcfg.mode == "dense":
     return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
-                               backend=mcfg.backend)
+                               backend=mcfg.backend, interpret=mcfg.interpret)
   top_k = mcfg.chunks_kept(shared.summaries.vectors.shape[0])
   ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
   return pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
-                            kv_length=shared.length, backend=mcfg.backend)
+                            kv_length=shared.length, backend=mcfg.backend,
+                            interpret=mcfg.interpret)

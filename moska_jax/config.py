@@ -92,6 +92,7 @@ class MoskaConfig:
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
   summary: chunk summary function ("mean" or "envelope").
   backend: kernel backend passed to every pallas_kernels call.
+  interpret: run the Pallas kernels in interpret mode (CPU testing of the "gpu"/"tpu" kernels).
   """
 
   mode: Literal["dense", "sparse"] = "dense"
@@ -101,6 +102,7 @@ class MoskaConfig:
   always_include: tuple[int, ...] = ()
   summary: str = "mean"
   backend: str = "auto"
+  interpret: bool = False
 
   def __post_init__(self):
     if self.mode not in ("dense", "sparse"):

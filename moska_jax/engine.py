@@ -225,7 +225,7 @@ class MoskaEngine:
       o_s, lse_s, moved = shared_attention_step(
           g, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
           always_include=self.mcfg.always_include, chunk_size=s.chunk_size,
-          backend=self.mcfg.backend)
+          backend=self.mcfg.backend, interpret=self.mcfg.interpret)
       o_u, lse_u, k_pages[i], v_pages[i] = self._unique_step(q, k, v, k_pages[i], v_pages[i],
                                                              tables, lengths)
       self.stats["bytes_to_shared"] += moved.bytes_to_shared

@@ -120,13 +120,19 @@ class ChunkAttentionBlocks:
   kernel: str = "triton"
 
 
+# Largest TPU key block of the heuristic (keys x hb*D columns of K and of V per pipeline stage).
+TPU_MAX_BLOCK_K = 512
+
+
 def choose_blocks(dims: layout.AttentionDims, top_k: int, chunk_size: int, backend: str,
                   dtype=jnp.bfloat16) -> ChunkAttentionBlocks:
   """Heuristic: block_m near the rows a chosen chunk gets under uniform routing (B*K*R/N).
 
   Long chunks chosen by many rows on Hopper run on the Mosaic GPU wgmma kernel (one CTA per
-  tile); it pays off from about 8 key tiles per chunk (measured on H100: 0.52x of dense at C=2048,
-  but slower than the Triton kernel at C=512, where its pipeline fill dominates).
+  tile); it pays off from about 8 key tiles per chunk (measured on H100, router + chunk attention
+  at 75% sparsity, B=128, correlated routing: 0.545x of dense at C=2048,
+  experiments/results/sparse_attention.md; slower than the Triton kernel at C=512, where its
+  pipeline fill dominates).
   """
   from pallas_kernels.gpu import shared_attention_mgpu as mgpu
   from pallas_kernels.shared_attention import MOSAIC_MIN_ROWS
@@ -139,7 +145,10 @@ def choose_blocks(dims: layout.AttentionDims, top_k: int, chunk_size: int, backe
     return ChunkAttentionBlocks(mgpu.ROWS_PER_CTA, 128, num_stages=4, kernel="mosaic")
   if backend == "tpu":
     block_m = min(256, max(16, 16 * math.ceil(rows / 16)))
-    block_k = next((b for b in (512, 256, 128) if chunk_size % b == 0), chunk_size)
+    # A chunk of one key block keeps its K/V block resident across all of its tiles (the index
+    # map does not change between them, so no re-copy); longer chunks stream 512/256/128 keys.
+    block_k = chunk_size if chunk_size <= TPU_MAX_BLOCK_K else next(
+        (b for b in (512, 256, 128) if chunk_size % b == 0), chunk_size)
     return ChunkAttentionBlocks(block_m, block_k)
   block_m = min(128, max(16, 1 << math.ceil(math.log2(max(rows, 1)))))
   block_k = min(64 if block_m >= 128 else 128, max(16, 1 << math.ceil(math.log2(chunk_size))))

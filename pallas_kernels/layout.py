@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -57,6 +58,8 @@ def check_shared_kv_inputs(q, k, v, *, op: str) -> AttentionDims:
     _check_float(name, x, op)
   if k.dtype != v.dtype:
     raise ValueError(f"{op}: k and v must share a dtype, got {k.dtype} and {v.dtype}")
+  if q.dtype != k.dtype:
+    raise ValueError(f"{op}: q and k, v must share a dtype, got q {q.dtype} and k, v {k.dtype}")
   return AttentionDims(B, T, Hq, Hkv, D, S)
 
 
@@ -81,6 +84,9 @@ def check_paged_inputs(q, k_pages, v_pages, block_tables, lengths, *,
   if k_pages.dtype != v_pages.dtype:
     raise ValueError(f"{op}: k_pages and v_pages must share a dtype, got {k_pages.dtype} and "
                      f"{v_pages.dtype}")
+  if q.dtype != k_pages.dtype:
+    raise ValueError(f"{op}: q and k_pages, v_pages must share a dtype, got q {q.dtype} and "
+                     f"k_pages, v_pages {k_pages.dtype}")
   if (block_tables.ndim != 2 or block_tables.shape[0] != B
       or not jnp.issubdtype(block_tables.dtype, jnp.integer)):
     raise ValueError(f"{op}: block_tables must be an integer array of shape [B={B}, max_pages], "
@@ -111,6 +117,22 @@ def check_kv_length(kv_length, *, op: str):
     raise ValueError(f"{op}: kv_length must be an integer scalar, got shape {kv_length.shape} "
                      f"dtype {kv_length.dtype}")
   return kv_length.astype(jnp.int32)
+
+
+def split_range(length, split, *, page_size: int, pages_per_block: int, num_splits: int):
+  """(first block, end block, number of pages) of one split of a paged request (flash decoding).
+
+  A request of `length` tokens has cdiv(length, page_size) pages in cdiv(pages, pages_per_block)
+  compute blocks, cut into `num_splits` runs of cdiv(blocks, num_splits) whole blocks; split s
+  owns blocks [first, end). `end` may be below `first` when the request has fewer blocks than the
+  splits before it take (an empty split). Works on Python ints and on traced int32 scalars inside
+  a kernel or an index map (truncating division: every operand is >= 0).
+  """
+  num_pages = pl.cdiv(length, page_size)
+  num_blocks = pl.cdiv(num_pages, pages_per_block)
+  per_split = pl.cdiv(num_blocks, num_splits)
+  first = split * per_split
+  return first, jnp.minimum(first + per_split, num_blocks), num_pages
 
 
 def default_sm_scale(sm_scale: float | None, D: int) -> float:

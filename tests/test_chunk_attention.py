@@ -102,7 +102,8 @@ def _case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_f64(backend, case):
   B, T, G, Hkv, D, S, C, top_k, kv_length, dtype, pattern = case
-  rng, q, k, v = _inputs(abs(hash(case)) % 2**31, B, T, G, Hkv, D, S, dtype)
+  # Seed by position: hash(case) varies per process (str hashing, id-based dtype class hash).
+  rng, q, k, v = _inputs(CASES.index(case), B, T, G, Hkv, D, S, dtype)
   N = -(-S // C)
   ids = random_ids(rng, B, Hkv, N, top_k or N, pattern)
   o, lse = _run(q, k, v, ids, chunk_size=C, kv_length=kv_length, backend=backend,
@@ -154,8 +155,10 @@ def test_all_chunks_equals_shared_attention(backend):
 ])
 def test_jit_traced_kv_length_and_empty(backend, blocks):
   """Under jit with a traced kv_length: ordinary, cutting the first chunk, and zero keys."""
-  rng, q, k, v = _inputs(5, 4, 1, 4, 1, 64, 512, jnp.float32)
-  ids = random_ids(rng, 4, 1, 2, 2)  # C = 256: both chunks, 2 tiles each of 16 rows
+  rng, q, k, v = _inputs(5, 4, 2, 4, 1, 64, 512, jnp.float32)
+  ids = random_ids(rng, 4, 1, 2, 2)  # C = 256: both chunks, each 4 requests x T*G = 8 rows
+  g = group_by_chunk(ids, num_chunks=2, rows_per_pair=8, block_m=blocks.block_m)
+  assert np.asarray(g.tile_chunk[0, :4]).tolist() == [0, 0, 1, 1]  # = 2 tiles of 16 rows each
   fn = jax.jit(lambda q, k, v, ids, n: chunk_attention(
       q, k, v, ids, chunk_size=256, kv_length=n, backend=backend, interpret=True, blocks=blocks))
   for n in (512, 100, 0):
@@ -166,9 +169,90 @@ def test_jit_traced_kv_length_and_empty(backend, blocks):
       _check(o, lse, q, k, v, ids, 256, n, jnp.float32)
 
 
+def _multi_tile_ids(B):
+  """[B, 2, 2] ids over N = 4 chunks: on head 0 chunk 0 is chosen by all B requests and chunks 1, 2
+  by half each (chunk 3 by none); on head 1 chunk 3 by all, 1 and 2 by half (chunk 0 by none)."""
+  ids = [[[0, 1 + b % 2], [3, 1 + b % 2]] for b in range(B)]
+  return jnp.asarray(ids, jnp.int32)
+
+
+@pytest.mark.parametrize("backend,C,blocks", [
+    ("gpu", 256, ChunkAttentionBlocks(block_m=16, block_k=64)),
+    ("tpu", 256, ChunkAttentionBlocks(block_m=16, block_k=128)),
+    ("tpu", 384, ChunkAttentionBlocks(block_m=16, block_k=384)),  # the TPU heuristic at C=384
+])
+def test_multi_block_multi_tile_chunks_poisoned(backend, C, blocks):
+  """Chunks that span several key blocks and several tiles (and padding tiles after them), with
+  NaN in every key / value a head did not select and past kv_length: each tile must stream its
+  chunk's blocks, padding tiles must compute nothing, and the hb = 2 kv heads of a TPU block must
+  each use only their own columns."""
+  B, T, G, Hkv, D = 6, 2, 4, 2, 64  # R = 8 rows per pair: 48 rows (3 tiles) in the popular chunks
+  S, n = 4 * C, 3 * C + 32  # chunk 3 keeps 32 keys, the rest of it is past kv_length
+  rng, q, k, v = _inputs(7, B, T, G, Hkv, D, S, jnp.float32)
+  ids = _multi_tile_ids(B)
+  g = group_by_chunk(ids, num_chunks=4, rows_per_pair=T * G, block_m=blocks.block_m)
+  tc = np.asarray(g.tile_chunk)
+  # 3 tiles for the chunk all 6 requests chose, 2 (24 rows) for each chunk 3 requests chose.
+  assert [np.sum(tc[0] == 0), np.sum(tc[1] == 3), np.sum(tc == 1), np.sum(tc == 2)] == [3, 3, 4, 4]
+  assert np.all(np.asarray(g.num_tiles) < tc.shape[1])  # padding tiles follow the real ones
+  keep = np.zeros((S, Hkv), bool)
+  for h, chunks in enumerate(([0, 1, 2], [1, 2, 3])):
+    for c in chunks:
+      keep[c * C:min((c + 1) * C, n), h] = True
+  k_p = jnp.where(keep[..., None], k, jnp.nan)
+  v_p = jnp.where(keep[..., None], v, jnp.nan)
+  o, lse = _run(q, k_p, v_p, ids, chunk_size=C, kv_length=n, backend=backend, interpret=True,
+                blocks=blocks)
+  _check(o, lse, q, k, v, ids, C, n, jnp.float32)
+
+
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_tpu_kv_index_map_copies(block_k):
+  """The TPU K/V index map, stepped in grid order (kv head, tile, key block): every step of a real
+  tile maps into its chunk's valid blocks, padding tiles repeat the last real step's block (no
+  copy), and a copy happens only where the block changes: each tile streams its chunk's valid
+  blocks, and when a chunk is one key block (block_k = C) its consecutive tiles share it."""
+  from pallas_kernels.tpu.chunk_attention import kv_block
+
+  B, R, C, n, bm = 6, 8, 256, 3 * 256 + 32, 16
+  g = group_by_chunk(_multi_tile_ids(B), num_chunks=4, rows_per_pair=R, block_m=bm)
+  Hkv, NT = g.tile_chunk.shape
+  bpc = C // block_k
+  h, t, kb = (jnp.asarray(x) for x in np.meshgrid(np.arange(Hkv), np.arange(NT), np.arange(bpc),
+                                                   indexing="ij"))
+  idx = np.asarray(kv_block(h, t, kb, jnp.int32(n), g.tile_chunk.reshape(-1), g.num_tiles,
+                            num_tile_slots=NT, chunk_size=C, block_k=block_k))
+  for head in range(Hkv):
+    nt = int(g.num_tiles[head])
+    seq = idx[head].reshape(-1)
+    assert np.all(seq[nt * bpc:] == seq[nt * bpc - 1])  # padding tiles: no new block index
+    expected, prev = 0, None  # the pipeline: one copy per change of block index
+    for tile in range(nt):
+      c = int(g.tile_chunk[head, tile])
+      valid = range(c * bpc, c * bpc + -(-(min((c + 1) * C, n) - c * C) // block_k))
+      assert set(idx[head, tile].tolist()) == set(valid)
+      for b in valid:
+        expected, prev = expected + (b != prev), b
+    assert 1 + np.sum(seq[1:] != seq[:-1]) == expected
+    if bpc == 1:  # one copy per distinct chunk, however many tiles it has
+      assert expected == len(set(np.asarray(g.tile_chunk[head, :nt]).tolist()))
+
+
+def test_tpu_heuristic_block_k():
+  """Chunks up to 512 keys are one key block (resident across the chunk's tiles); longer chunks
+  stream the largest of 512 / 256 / 128 that divides them."""
+  from pallas_kernels.chunk_attention import choose_blocks
+  from pallas_kernels.layout import AttentionDims
+
+  dims = AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=65536)
+  got = {C: choose_blocks(dims, 8, C, "tpu").block_k for C in (128, 256, 384, 512, 1536, 2048)}
+  assert got == {128: 128, 256: 256, 384: 384, 512: 512, 1536: 512, 2048: 512}
+
+
 def test_group_by_chunk_reads_each_chunk_once_per_tile():
   """Each pair row sits in exactly one slot, tiles hold one chunk, and a chunk gets exactly
-  ceil(rows that chose it / block_m) tiles: K/V are read per tile of stacked rows, not per request."""
+  ceil(rows that chose it / block_m) tiles: K/V are read per tile of stacked rows, not per
+  request."""
   rng = np.random.default_rng(0)
   B, Hkv, N, K, R, bm = 9, 2, 7, 3, 4, 16
   ids = np.asarray(random_ids(rng, B, Hkv, N, K, "shaped"))
@@ -206,6 +290,10 @@ def test_validation_errors():
     chunk_attention(q, k, v, ids, chunk_size=0)
   with pytest.raises(ValueError, match="v must have the shape of k"):
     chunk_attention(q, k, v[:10], ids, chunk_size=128)
+  with pytest.raises(ValueError, match="chunk_attention: q and k, v must share a dtype, got q "
+                     "float32 and k, v bfloat16"):
+    chunk_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), ids, chunk_size=128,
+                    backend="gpu", interpret=True)
   with pytest.raises(ValueError, match="chunk_size a multiple of blocks.block_k"):
     chunk_attention(q, k, v, ids, chunk_size=100, backend="tpu", interpret=True)
   with pytest.raises(ValueError, match="power of two >= 16"):

@@ -18,6 +18,10 @@ def test_documents_hold_each_key_once_with_its_value():
     assert np.all((4 <= keys[b]) & (keys[b] < task.first_value))
     assert np.all((task.first_value <= values[b]) & (values[b] < task.first_value + 16))
     assert np.all(tokens[b] < task.vocab)
+  swapped, keys, values = RetrievalTask(64, 16, value_first=True).documents(
+      np.random.default_rng(0), 1, 131)
+  rec = swapped[0, 1:1 + 32 * RECORD].reshape(32, RECORD)
+  np.testing.assert_array_equal(rec[:, :2], np.stack([values[0], keys[0]], 1))
 
 
 def test_training_targets_are_the_asked_keys_values():

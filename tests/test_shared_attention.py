@@ -17,7 +17,8 @@ from tests.np_reference import random_normal, rel_err, shared_attention_f64
 
 TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
 
-# (B, T, G, Hkv, D, S, kv_length, dtype): every B/T/GQA/D/S value of the issue appears at least once.
+# (B, T, G, Hkv, D, S, kv_length, dtype): every B/T/GQA/D/S value of the issue appears at least
+# once.
 CASES = [
     (1, 1, 1, 2, 64, 1000, None, jnp.float32),
     (3, 1, 4, 2, 128, 1000, 700, jnp.float32),
@@ -51,7 +52,7 @@ def _check(o, lse, q, k, v, kv_length, dtype):
     *c[:7], jnp.dtype(c[7]).name))
 def test_kernel_matches_f64(backend, case):
   *shape, kv_length, dtype = case
-  q, k, v = _inputs(hash(case) % 2**31, *shape, dtype)
+  q, k, v = _inputs(CASES.index(case), *shape, dtype)  # hash(case) would vary per process
   o, lse = shared_attention(q, k, v, kv_length=kv_length, backend=backend, interpret=True)
   _check(o, lse, q, k, v, kv_length, dtype)
 
@@ -114,6 +115,9 @@ def test_validation_errors():
     shared_attention(q, k, v[:10])
   with pytest.raises(ValueError, match="k and v must share a dtype"):
     shared_attention(q, k, v.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="q and k, v must share a dtype, got q bfloat16 and k, v "
+                     "float32"):
+    shared_attention(q.astype(jnp.bfloat16), k, v, backend="tpu", interpret=True)
   with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
     shared_attention(q.astype(jnp.int32), k, v)
   with pytest.raises(ValueError, match="power of two >= 16"):

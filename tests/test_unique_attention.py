@@ -121,6 +121,22 @@ def test_block_overrides_and_traced_lengths(backend, blocks):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("T", [1, 4])
+def test_default_heuristic_splits_on_poisoned_pool(backend, T):
+  """The default tiling at lengths long enough that `choose_blocks` splits each request's pages
+  (CASES are too short to split), on the poisoned pool: splits that cut a request unevenly, splits
+  with no block, and their merge."""
+  # GPU: ragged requests (4 splits). TPU splits only while one program would leave a megacore's
+  # second core idle: one request whose kv heads fit one block (Hkv * D = 128), 2 splits.
+  lengths = (2000, 37, 0, 1000) if backend == "gpu" else (1500,)
+  inputs = _paged_inputs(40 + T, T, 4, 2, 64, 16, lengths, jnp.float32)
+  dims, page_size = layout.check_paged_inputs(*inputs, op="test")
+  assert choose_blocks(dims, page_size, backend).num_splits > 1
+  fn = jax.jit(lambda *a: unique_attention(*a, backend=backend, interpret=True))
+  _check(*fn(*inputs), inputs, jnp.float32)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_partials_written_and_empty_splits(backend):
   """Every split writes every query row (no NaN); a split with no valid key gives o = 0,
   lse = -inf."""
@@ -189,10 +205,18 @@ def test_write_pages_round_trip():
   rng = np.random.default_rng(22)
   k_new = random_normal(rng, (5, T, Hkv, D), jnp.float32)
   v_new = random_normal(rng, (5, T, Hkv, D), jnp.float32)
-  k_old, v_old = np.asarray(k_pages), np.asarray(v_pages)
+  # Expected pools: copies, not np.asarray, which on CPU is a view of the device buffer, and a
+  # buffer with a live external view is not donated (jax silently copies instead).
+  k_exp, v_exp = np.array(k_pages), np.array(v_pages)
+  ptrs = k_pages.unsafe_buffer_pointer(), v_pages.unsafe_buffer_pointer()
+  donated = k_pages, v_pages
   write = jax.jit(write_pages, donate_argnums=(0, 1))
   k_pages, v_pages = write(k_pages, v_pages, tables, jnp.asarray(before, jnp.int32), k_new, v_new)
-  k_exp, v_exp = k_old.copy(), v_old.copy()
+  # In place: the donated pools were consumed and the results live in their buffers. jax honors
+  # donation on CPU as on GPU / TPU (checked on CPU, jax 0.10), so this is asserted on every
+  # backend: a lost donation leaves the inputs alive and the step copies both pools.
+  assert all(x.is_deleted() for x in donated), "donated page pools were not consumed"
+  assert (k_pages.unsafe_buffer_pointer(), v_pages.unsafe_buffer_pointer()) == ptrs
   for b, n in enumerate(before):
     for t in range(T):
       pos = n + t
@@ -237,6 +261,9 @@ def test_validation_errors():
     ua(q, jnp.ones((4, 16, 3, 64)), jnp.ones((4, 16, 3, 64)), tables, lengths)
   with pytest.raises(ValueError, match="k_pages and v_pages must share a dtype"):
     ua(q, k, v.astype(jnp.bfloat16), tables, lengths)
+  with pytest.raises(ValueError, match="q and k_pages, v_pages must share a dtype, got q "
+                     "bfloat16 and k_pages, v_pages float32"):
+    ua(q.astype(jnp.bfloat16), k, v, tables, lengths, backend="gpu", interpret=True)
   with pytest.raises(ValueError, match="q must be float32, bfloat16 or float16"):
     ua(q.astype(jnp.int32), k, v, tables, lengths)
   with pytest.raises(ValueError, match=r"block_tables must be an integer array of shape \[B=2"):

@@ -20,7 +20,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.gpu import flash
 
 
-
 def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
             chunk_size: int, block_k: int, rows_per_pair: int, pairs_per_request: int,
             precision):
@@ -48,8 +47,9 @@ def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
 
 def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                              kv_length: jax.Array, tile_chunk: jax.Array, rows: jax.Array, *,
-                             rows_per_pair: int, pairs_per_request: int, scale: float, chunk_size: int, block_m: int,
-                             block_k: int, num_warps: int, num_stages: int,
+                             rows_per_pair: int, pairs_per_request: int, scale: float,
+                             chunk_size: int, block_m: int, block_k: int, num_warps: int,
+                             num_stages: int,
                              interpret: bool = False) -> tuple[jax.Array, jax.Array]:
   """Partial attention of every (request, chunk) pair, one tile of stacked rows per program.
 

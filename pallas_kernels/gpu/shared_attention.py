@@ -18,6 +18,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu import flash
 
+
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
             split_len: int, precision):
   start = pl.program_id(2) * split_len

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import layout
 from pallas_kernels.gpu import flash
-
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
@@ -32,11 +32,10 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   R, d = q.shape
   block_k = pages_per_block * page_size
   length = len_ref[b]
-  num_pages = pl.cdiv(length, page_size)
-  num_blocks = pl.cdiv(num_pages, pages_per_block)
-  per_split = pl.cdiv(num_blocks, num_splits)
-  first = split * per_split
-  last = jnp.maximum(jnp.minimum(first + per_split, num_blocks), first)
+  first, end, num_pages = layout.split_range(length, split, page_size=page_size,
+                                             pages_per_block=pages_per_block,
+                                             num_splits=num_splits)
+  last = jnp.maximum(end, first)  # an empty split runs no block
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
   row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
   qk_scale = scale * flash.LOG2E  # softmax in base 2: exp2 is the fast instruction

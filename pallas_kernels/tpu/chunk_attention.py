@@ -2,11 +2,12 @@
 
 Grid (Hkv, tiles, key blocks of the chunk), the last axis sequential. The work list arrives by
 scalar prefetch (the chunk of every tile, the real tile count of every kv head, kv_length), and
-the K/V index map turns (tile, key block) into a block of that tile's chunk, so only selected
-chunks are DMA'd; key blocks past kv_length and padding tiles map to the block already resident
-(no copy) and are skipped. The query rows were gathered into tile order in XLA, since Mosaic
-DMAs whole blocks. K/V are viewed as [S, Hkv*D] with (block_k, hb*D) blocks as in
-shared_attention; when hb > 1 (D < 128) the kernel picks its head's columns out of the block.
+the K/V index map (`kv_block`) turns (tile, key block) into a block of that tile's chunk, so only
+selected chunks are DMA'd; key blocks past kv_length and every step of the padding tiles map to
+the block already resident (no copy) and are skipped. The query rows were gathered into tile
+order in XLA, since Mosaic DMAs whole blocks. K/V are viewed as [S, Hkv*D] with (block_k, hb*D)
+blocks as in shared_attention; when hb > 1 (D < 128) the kernel picks its head's columns out of
+the block.
 """
 
 from __future__ import annotations
@@ -54,6 +55,32 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
+def kv_block(h, t, kb, kv_length, tile_chunk, num_tiles, *, num_tile_slots: int, chunk_size: int,
+             block_k: int):
+  """The K/V block (in units of block_k rows) that grid step (kv head h, tile t, key block kb)
+  reads; also works on arrays of steps.
+
+  The pipeline copies a block only when the index differs from the previous step's, so steps that
+  compute nothing repeat an index: key blocks past kv_length map to the chunk's last valid block,
+  and padding tiles (t >= num_tiles[h], which come last) map to the block of the last real tile's
+  last step, so none of their steps copies anything. Consecutive tiles of one chunk share the
+  block (no re-copy) only when the chunk is one key block (block_k = chunk_size); otherwise each
+  tile streams the chunk from its first block again.
+
+  Args:
+    h, t, kb: grid indices (int32 scalars, or broadcastable int arrays).
+    kv_length: int32 scalar, keys [0, kv_length) are valid.
+    tile_chunk: [Hkv * num_tile_slots] chunk of each tile (flattened `ChunkGroups.tile_chunk`).
+    num_tiles: [Hkv] real tiles per kv head.
+  """
+  last_real = jnp.maximum(num_tiles[h] - 1, 0)
+  c = jnp.maximum(tile_chunk[h * num_tile_slots + jnp.minimum(t, last_real)], 0)
+  n_valid = jnp.maximum(jnp.minimum(c * chunk_size + chunk_size, kv_length) - c * chunk_size, 0)
+  last = jnp.maximum(pl.cdiv(n_valid, block_k) - 1, 0)
+  kb = jnp.where(t < num_tiles[h], jnp.minimum(kb, last), last)
+  return c * (chunk_size // block_k) + kb
+
+
 def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,
                           tile_chunk: jax.Array, num_tiles: jax.Array, *, scale: float,
                           chunk_size: int, block_m: int, block_k: int,
@@ -76,16 +103,11 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
   S = k.shape[0]
   NT = tile_chunk.shape[1]
   hb = heads_per_block(Hkv, D)
-  blocks_per_chunk = chunk_size // block_k
   k2, v2 = k.reshape(S, Hkv * D), v.reshape(S, Hkv * D)
 
   def kv_map(h, t, kb, len_ref, chunk_ref, ntiles_ref):
-    # Padding tiles reuse the last real tile's chunk and key blocks past kv_length the chunk's
-    # last valid block: the block index does not change, so the pipeline issues no copy.
-    c = jnp.maximum(chunk_ref[h * NT + jnp.minimum(t, jnp.maximum(ntiles_ref[h] - 1, 0))], 0)
-    n_valid = jnp.maximum(jnp.minimum(c * chunk_size + chunk_size, len_ref[0]) - c * chunk_size, 0)
-    last = jnp.maximum(pl.cdiv(n_valid, block_k) - 1, 0)
-    return c * blocks_per_chunk + jnp.minimum(kb, last), h // hb
+    return kv_block(h, t, kb, len_ref[0], chunk_ref, ntiles_ref, num_tile_slots=NT,
+                    chunk_size=chunk_size, block_k=block_k), h // hb
 
   row_map = lambda h, t, kb, *_: (h, t, 0)
   kernel = functools.partial(
@@ -93,7 +115,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
       precision=jax.lax.Precision.HIGHEST if q_tiles.dtype == jnp.float32 else None)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
-      grid=(Hkv, NT, blocks_per_chunk),
+      grid=(Hkv, NT, chunk_size // block_k),
       in_specs=[
           pl.BlockSpec((None, block_m, D), row_map),
           pl.BlockSpec((block_k, hb * D), kv_map),

@@ -21,17 +21,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import layout
 from pallas_kernels.tpu import flash
 from pallas_kernels.tpu.shared_attention import heads_per_block
-
-
-def _split_range(length, split, *, page_size: int, pages_per_block: int, num_splits: int):
-  """(first block, end block, number of pages) of one split of a request of `length` tokens."""
-  num_pages = pl.cdiv(length, page_size)
-  num_blocks = pl.cdiv(num_pages, pages_per_block)
-  per_split = pl.cdiv(num_blocks, num_splits)
-  first = split * per_split
-  return first, jnp.minimum(first + per_split, num_blocks), num_pages
 
 
 def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
@@ -42,8 +34,8 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
   R, d = q_ref.shape[1:]
   block_k = pages_per_block * page_size
   length = len_ref[b]
-  first, end, _ = _split_range(length, split, page_size=page_size,
-                               pages_per_block=pages_per_block, num_splits=num_splits)
+  first, end, _ = layout.split_range(length, split, page_size=page_size,
+                                     pages_per_block=pages_per_block, num_splits=num_splits)
 
   @pl.when(t == 0)
   def _init():
@@ -91,9 +83,9 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
 
   def page_map(j: int):
     def index_map(b, hg, s, t, len_ref, tab_ref):
-      first, end, num_pages = _split_range(len_ref[b], s, page_size=page_size,
-                                           pages_per_block=pages_per_block,
-                                           num_splits=num_splits)
+      first, end, num_pages = layout.split_range(len_ref[b], s, page_size=page_size,
+                                                 pages_per_block=pages_per_block,
+                                                 num_splits=num_splits)
       block = jnp.minimum(first + t, end - 1)  # steps past the run repeat its last block
       page = jnp.clip(block * pages_per_block + j, 0, jnp.maximum(num_pages - 1, 0))
       return jnp.clip(tab_ref[b * max_pages + page], 0, P - 1), hg  # junk ids never reach DMA

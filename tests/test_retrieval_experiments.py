@@ -1,0 +1,48 @@
+"""train_retrieval then accuracy, on CPU at tiny size: it learns, and routing is measured on it."""
+
+import csv
+import json
+import os
+
+from tests.test_launcher import _run
+
+TRAIN = ["--train_layers=2", "--train_hidden=64", "--train_heads=4", "--train_kv_heads=2",
+         "--train_head_dim=16", "--train_mlp=64", "--train_keys=64", "--train_values=16",
+         "--train_start_length=33", "--train_length=33", "--train_batch_tokens=2048",
+         "--train_max_steps=300", "--train_eval_every=100", "--train_eval_docs=128"]
+
+
+def _written(out_dir, name):
+  files = os.listdir(out_dir)
+  for ext in (".csv", ".md", ".png"):
+    assert f"{name}{ext}" in files, (ext, files)
+  md = open(os.path.join(out_dir, f"{name}.md")).read()
+  for key in ("device", "jax", "date", "command", "flags"):
+    assert f"- {key}:" in md
+
+
+def test_train_then_accuracy(tmp_path):
+  res = _run("--experiment=train_retrieval", f"--out_dir={tmp_path}", *TRAIN)
+  assert res.returncode == 0, res.stderr[-3000:]
+  _written(tmp_path, "train_retrieval")
+  ckpt = tmp_path / "retrieval_checkpoint"
+  meta = json.load(open(ckpt / "retrieval.json"))
+  # Chance is 1/16; after 300 steps the tiny model answers ~20% of 256 held-out questions.
+  assert meta["eval_accuracy"] > 2 / 16, meta
+
+  # Sparsity 0 keeps every chunk: it must reproduce dense exactly; 0.75 drops chunks.
+  res = _run("--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
+             "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
+             "--accuracy_questions=16", "--accuracy_batch=16", "--accuracy_chunks=32",
+             "--accuracy_summaries=mean,envelope", "--accuracy_sparsities=0,0.75")
+  assert res.returncode == 0, res.stderr[-3000:]
+  _written(tmp_path, "accuracy")
+  rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy.csv") if not l.startswith("#")))
+  assert len(rows) == 1 + 2 * 2 * 2  # dense + summaries x always_include x sparsities
+  dense = rows[0]
+  assert dense["mode"] == "dense"
+  for r in rows[1:]:
+    if float(r["sparsity"]) == 0.0:
+      assert r["accuracy"] == dense["accuracy"] and float(r["attn_rel_err"]) < 1e-5, r
+    else:
+      assert float(r["attn_rel_err"]) > 1e-4, r  # routing really dropped chunks
