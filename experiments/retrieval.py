@@ -54,10 +54,17 @@ class RetrievalTask:
     """Questions one training sequence may ask: a quarter of its records (at least one)."""
     return max(1, self.records_for(doc_tokens) // 4)
 
-  def documents(self, rng: np.random.Generator, batch: int, doc_tokens: int):
-    """batch documents -> (tokens[batch, doc_tokens] int32, keys[batch, n], values[batch, n])."""
+  def documents(self, rng: np.random.Generator, batch: int, doc_tokens: int,
+                key_pool: int | None = None):
+    """batch documents -> (tokens[batch, doc_tokens] int32, keys[batch, n], values[batch, n]).
+
+    key_pool: draw keys from the first key_pool keys only (default all; at least n).
+    """
     n = self.records_for(doc_tokens)
-    keys = _SPECIALS + np.argsort(rng.random((batch, self.num_keys)), axis=1)[:, :n]
+    pool = self.num_keys if key_pool is None else key_pool
+    if not n <= pool <= self.num_keys:
+      raise ValueError(f"RetrievalTask: key_pool must be in [{n}, {self.num_keys}], got {pool}")
+    keys = _SPECIALS + np.argsort(rng.random((batch, pool)), axis=1)[:, :n]
     values = self.first_value + rng.integers(0, self.num_values, (batch, n))
     filler = self.first_value + self.num_values + rng.integers(0, FILLERS, (batch, n, 2))
     pair = (values, keys) if self.value_first else (keys, values)
@@ -69,12 +76,12 @@ class RetrievalTask:
     return tokens, keys.astype(np.int32), values.astype(np.int32)
 
   def training_batch(self, rng: np.random.Generator, batch: int, doc_tokens: int,
-                     questions: int):
+                     questions: int, key_pool: int | None = None):
     """(tokens[batch, L], targets[batch, L]) with L = doc_tokens + 3 * questions.
 
     targets[b, t] is the token that must follow position t (an answer), or -1 (no loss).
     """
-    tokens, keys, values = self.documents(rng, batch, doc_tokens)
+    tokens, keys, values = self.documents(rng, batch, doc_tokens, key_pool)
     n = keys.shape[1]
     if not 1 <= questions <= self.max_questions(doc_tokens):
       raise ValueError(f"RetrievalTask: ask 1..{self.max_questions(doc_tokens)} questions of a "
