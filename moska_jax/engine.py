@@ -17,6 +17,9 @@ on its own), and its `attend` calls three jitted programs per layer: the unique 
 (`shared_attention_step`: q out, dense or routed attention sharded over "kv", (o, lse) back) on
 the shared group, and `merge_attention_states`. Dispatch is asynchronous, so the unique and shared
 parts of a layer are in flight together. The same path serves a single-device `DeviceGroups`.
+
+Scheduling is simple on purpose: while any slot is still reading its prompt, steps are prefill
+steps and the decoding slots wait (no mixed prefill/decode batches).
 """
 
 from __future__ import annotations
@@ -93,11 +96,12 @@ def _zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass
 class Result:
-  """One finished request: its tokens, text, and (if asked) the logits of every sampled token."""
+  """One finished request: its tokens, text (None when the tokenizer cannot decode), and (if
+  asked) the logits of every sampled token."""
 
   prompt: list[int]
   tokens: list[int]
-  text: str
+  text: str | None
   logits: list[np.ndarray] | None = None
 
 
@@ -122,7 +126,8 @@ class MoskaEngine:
     num_pages, page_size: the unique-cache page budget (page 0 is scratch).
     max_request_tokens: prompt + new tokens one request may hold (default: the whole budget).
     prefill_chunk: prompt tokens fed per prefill step.
-    tokenizer: object with encode(str) -> list[int] and decode(list[int]) -> str.
+    tokenizer: an object with encode(str) -> list[int] and decode(list[int]) -> str, or a plain
+      callable str -> list[int] (results then carry no text); default: UTF-8 bytes.
     groups: run disaggregated on these device groups (see the module docstring); None: one jitted
       step on the default device. Per-request arrays go over the unique mesh's "batch" axis when
       max_batch is a multiple of its size, else they are replicated. `shared_kv` then holds the
@@ -153,7 +158,14 @@ class MoskaEngine:
     self.store, self.mcfg, self.max_batch = shared_store, moska_config, max_batch
     self.prefill_chunk = prefill_chunk
     self.max_request_tokens = max_request_tokens
-    self.tokenizer = tokenizer or ByteTokenizer()
+    tokenizer = tokenizer or ByteTokenizer()
+    if hasattr(tokenizer, "encode"):
+      self._encode, self._decode = tokenizer.encode, getattr(tokenizer, "decode", None)
+    elif callable(tokenizer):
+      self._encode, self._decode = tokenizer, None
+    else:
+      raise ValueError(f"MoskaEngine: tokenizer must have encode() or be callable, got "
+                       f"{type(tokenizer).__name__}")
     self.graphdef, self.state = nnx.split(model)
     self.stats = collections.Counter()
     self.groups = groups
@@ -247,15 +259,18 @@ class MoskaEngine:
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
                sampling: Sampling = Sampling(), *, key: jax.Array | None = None,
-               return_logits: bool = False) -> list[Result]:
-    """Generates max_new_tokens for every prompt; results in prompt order.
+               eos_id: int | None = None, return_logits: bool = False) -> list[Result]:
+    """Generates up to max_new_tokens for every prompt; results in prompt order.
+
+    A request ends after max_new_tokens or once it samples `eos_id` (kept as its last token);
+    its slot and pages go to the next queued request at once.
 
     Raises:
       ValueError: an empty prompt, max_new_tokens < 1, or a request longer than the page budget.
     """
     if max_new_tokens < 1:
       raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    encoded = [list(self.tokenizer.encode(p)) if isinstance(p, str) else [int(t) for t in p]
+    encoded = [list(self._encode(p)) if isinstance(p, str) else [int(t) for t in p]
                for p in prompts]
     for i, p in enumerate(encoded):
       if not p:
@@ -302,9 +317,9 @@ class MoskaEngine:
         if return_logits:
           a.logits.append(last[s])
         self.stats["tokens"] += 1
-        if len(a.tokens) == a.max_new:
-          results[a.index] = Result(a.prompt, a.tokens, self.tokenizer.decode(a.tokens),
-                                    a.logits if return_logits else None)
+        if len(a.tokens) == a.max_new or a.tokens[-1] == eos_id:
+          text = self._decode(a.tokens) if self._decode else None
+          results[a.index] = Result(a.prompt, a.tokens, text, a.logits if return_logits else None)
           self.cache.free(s)
           del active[s]
     self.stats["seconds"] += time.perf_counter() - t0

@@ -46,6 +46,33 @@ def test_finished_request_frees_pages_for_queued_ones(setup):
   assert len(engine.cache.free_pages) == 3
 
 
+def test_eos_ends_a_request_early(setup):
+  model, store = setup
+  mcfg = MoskaConfig(backend="xla")
+  prompts = ["first", "second", "third"]
+  full = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
+                     prefill_chunk=8).generate(prompts, 6)
+  eos = full[0].tokens[1]  # request 0 samples it second (greedy: reproducible)
+  engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
+                       prefill_chunk=8)
+  results = engine.generate(prompts, 6, eos_id=eos)
+  for r, f in zip(results, full):
+    stop = f.tokens.index(eos) + 1 if eos in f.tokens else 6
+    assert r.tokens == f.tokens[:stop]
+  assert len(results[0].tokens) == 2
+  assert len(engine.cache.free_pages) == 15 and not engine.cache.owned
+
+
+def test_callable_tokenizer(setup):
+  model, store = setup
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=8,
+                       page_size=8, tokenizer=lambda text: [ord(c) % 256 for c in text])
+  (r,) = engine.generate(["hi"], 2)
+  assert r.prompt == [104, 105] and r.text is None and len(r.tokens) == 2
+  with pytest.raises(ValueError, match="tokenizer must have encode"):
+    MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=8, tokenizer=3)
+
+
 def test_sampling_is_reproducible_and_respects_top_p():
   logits = jax.numpy.asarray(np.random.default_rng(0).standard_normal((4, 50)), "float32")
   key = jax.random.key(7)
