@@ -11,7 +11,9 @@ computed from the same dense hidden state (errors do not compound across layers)
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import json
 import os
 
@@ -84,6 +86,39 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
   return np.asarray(run(store, jnp.asarray(prompts, jnp.int32)))
 
 
+def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chunk_size: int,
+                    sparsities: list[float], backend: str) -> list[int]:
+  """Correct answers per sparsity with ORACLE routing: each (request, kv head) keeps the chunks
+  with the largest exact max logit over its query rows (which reads every key: an upper bound
+  for any router, not one to deploy). The rest of the path is the sparse one: chunk_attention
+  on the kept chunks, merged with the question's own causal attention, in every layer."""
+  N = store.summaries[0].vectors.shape[0]
+
+  @functools.partial(jax.jit, static_argnums=2)
+  def run(store, tokens, top_k):
+    def attend(i, q, k, v):
+      o_u, lse_u = causal_attention(q, k, v)
+      layer = store.layer(i)
+      B, T, Hq, D = q.shape
+      Hkv = layer.k.shape[1]
+      s = jnp.einsum("bthgd,shd->bhs", q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32),
+                     layer.k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+      s = jnp.where(jnp.arange(s.shape[-1]) < layer.length, s, -jnp.inf)  # invalid rows out
+      s = jnp.max(jnp.pad(s, ((0, 0), (0, 0), (0, N * chunk_size - s.shape[-1])),
+                          constant_values=-jnp.inf).reshape(B, Hkv, N, chunk_size), -1)
+      ids = jax.lax.top_k(s, top_k)[1].astype(jnp.int32)
+      o_s, lse_s = pk.chunk_attention(q, layer.k, layer.v, ids, chunk_size=chunk_size,
+                                      kv_length=layer.length, backend=backend)
+      return pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0]
+
+    positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return jnp.argmax(model.forward(tokens, positions, attend)[:, -1], axis=-1)
+
+  tokens = jnp.asarray(prompts, jnp.int32)
+  kept = [MoskaConfig(sparsity=s).chunks_kept(N) for s in sparsities]
+  return [int(np.sum(np.asarray(run(store, tokens, k)) == answers)) for k in kept]
+
+
 def main() -> None:
   env = common.environment()
   path = FLAGS.accuracy_checkpoint
@@ -103,6 +138,8 @@ def main() -> None:
   errs = {id(m): [] for m in sparse}
   asked = 0
   engines: dict[int, MoskaEngine] = {}  # one compiled engine per config, reused across documents
+  sparsities = [float(x) for x in FLAGS.accuracy_sparsities]
+  oracle_hits = collections.Counter()
   for d in range(FLAGS.accuracy_docs):
     tokens, keys, values = task.documents(rng, 1, length)
     base = build_shared_store(model, tokens[0], chunk_size=chunk_sizes[0], backend=backend)
@@ -122,6 +159,9 @@ def main() -> None:
       got = np.array([r.tokens[0] for r in engine.generate(prompts, 1)])
       hits[j] += int(np.sum(got == answers))
     for c in chunk_sizes:
+      for j, n in enumerate(oracle_accuracy(model, base.with_summaries(c), np.array(prompts),
+                                            answers, c, sparsities, backend)):
+        oracle_hits[c, j] += n
       for kind in FLAGS.accuracy_summaries:
         group = [m for m in sparse if m.chunk_size == c and m.summary == kind]
         e = attention_errors(model, base.with_summaries(c, kind), np.array(prompts), group, dense)
@@ -139,11 +179,18 @@ def main() -> None:
                      top_k=m.chunks_kept(S_chunks[m.chunk_size]), accuracy=hits[j] / asked,
                      acc_over_dense=(hits[j] / asked) / max(dense_acc, 1e-9),
                      attn_rel_err=float(e.mean()), attn_rel_err_worst=float(e.mean(1).max())))
+  for c in chunk_sizes:
+    for j, sp in enumerate(sparsities):
+      acc = oracle_hits[c, j] / asked
+      rows.append(dict(mode="oracle", chunk=c, summary="exact max logit", always_include="-",
+                       sparsity=sp, top_k=MoskaConfig(sparsity=sp).chunks_kept(S_chunks[c]),
+                       accuracy=acc, acc_over_dense=acc / max(dense_acc, 1e-9),
+                       attn_rel_err=float("nan"), attn_rel_err_worst=float("nan")))
   write(rows, env, meta, length, asked, cfg)
 
 
 def write(rows, env, meta, length, asked, cfg) -> None:
-  at75 = [r for r in rows if r["sparsity"] == 0.75]
+  at75 = [r for r in rows if r["sparsity"] == 0.75 and r["mode"] == "sparse"]
   goal = ""
   if at75:
     best = max(at75, key=lambda r: r["acc_over_dense"])
@@ -157,7 +204,9 @@ def write(rows, env, meta, length, asked, cfg) -> None:
            f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "
            f"MoskaEngine; acc_over_dense: / dense accuracy; top_k: chunks kept per (request, kv "
            f"head, layer); attn_rel_err: mean over layers and questions of the key token's "
-           f"||o_sparse - o_dense|| / ||o_dense||; attn_rel_err_worst: the worst layer's mean.\n\n"
+           f"||o_sparse - o_dense|| / ||o_dense||; attn_rel_err_worst: the worst layer's mean. "
+           f"oracle rows: routing by each chunk's exact max logit (reads every key; the ceiling "
+           f"for any router at that chunk size and sparsity, not a deployable one).\n\n"
            + goal)
   report.write_results(FLAGS.out_dir, "accuracy", rows, env,
                        "accuracy: sparse routing vs dense on the trained retrieval decoder", notes)
@@ -173,6 +222,11 @@ def write(rows, env, meta, length, asked, cfg) -> None:
         pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
                      if r["summary"] == kind and r["chunk"] == c and r["always_include"] == ai)
         ax.plot(*zip(*pts), style, label=f"C={c}" + (", sink" if ai == "0" else ""))
+    for c in sorted({r["chunk"] for r in rows if r["mode"] == "oracle"}):
+      pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
+                   if r["mode"] == "oracle" and r["chunk"] == c)
+      ax.plot(*zip(*pts), "k:", lw=0.8 + c / 128,
+              label=f"oracle C={c}")
     ax.axhline(rows[0]["accuracy"], color="k", lw=0.8, label="dense")
     ax.set(title=f"summary: {kind}", xlabel="sparsity", ylabel="exact-match accuracy",
            ylim=(0, 1.02))

@@ -46,7 +46,7 @@ flags.DEFINE_boolean("train_value_first", False,
 flags.DEFINE_integer("train_values", 128, "train_retrieval: distinct values (chance = 1/this).")
 flags.DEFINE_integer("train_start_length", 17, "train_retrieval: first document length.")
 flags.DEFINE_integer("train_length", 8192, "train_retrieval: final document length (tokens).")
-flags.DEFINE_integer("train_batch_tokens", 65536, "train_retrieval: tokens per step.")
+flags.DEFINE_integer("train_batch_tokens", 16384, "train_retrieval: tokens per step.")
 flags.DEFINE_integer("train_questions", 16,
                      "train_retrieval: questions per training sequence (at most a quarter of its records).")
 flags.DEFINE_float("train_lr", 1e-3, "train_retrieval: peak AdamW learning rate.")

@@ -38,10 +38,12 @@ def test_train_then_accuracy(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   _written(tmp_path, "accuracy")
   rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy.csv") if not l.startswith("#")))
-  assert len(rows) == 1 + 2 * 2 * 2  # dense + summaries x always_include x sparsities
+  # dense + summaries x always_include x sparsities + oracle x sparsities
+  assert len(rows) == 1 + 2 * 2 * 2 + 2
   dense = rows[0]
-  assert dense["mode"] == "dense"
-  for r in rows[1:]:
+  assert dense["mode"] == "dense" and [r["mode"] for r in rows[-2:]] == ["oracle"] * 2
+  assert rows[-2]["accuracy"] == dense["accuracy"]  # the oracle keeping every chunk
+  for r in rows[1:-2]:
     if float(r["sparsity"]) == 0.0:
       assert r["accuracy"] == dense["accuracy"] and float(r["attn_rel_err"]) < 1e-5, r
     else:
