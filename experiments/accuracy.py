@@ -45,11 +45,11 @@ flags.DEFINE_list("accuracy_summaries", ["mean", "envelope"], "accuracy: chunk s
 FLAGS = flags.FLAGS
 
 
-def sparse_configs(backend: str) -> list[MoskaConfig]:
-  return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=float(s), summary=kind,
+def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
+  return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=s, summary=kind,
                       always_include=ai, backend=backend)
           for c in FLAGS.accuracy_chunks for kind in FLAGS.accuracy_summaries
-          for ai in ((), (0,)) for s in FLAGS.accuracy_sparsities]
+          for ai in ((), (0,)) for s in sparsities]
 
 
 def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfig],
@@ -130,7 +130,8 @@ def main() -> None:
   model = checkpoint.load_params(path, dataclasses.replace(cfg, dtype=FLAGS.dtype))
   backend = FLAGS.backend
   dense = MoskaConfig(backend=backend)
-  sparse = sparse_configs(backend)
+  sparsities = [float(x) for x in FLAGS.accuracy_sparsities]
+  sparse = sparse_configs(backend, sparsities)
   chunk_sizes = sorted({m.chunk_size for m in sparse})
   rng = np.random.default_rng(FLAGS.seed)
   n_cfg = len(sparse) + 1
@@ -138,7 +139,6 @@ def main() -> None:
   errs = {id(m): [] for m in sparse}
   asked = 0
   engines: dict[int, MoskaEngine] = {}  # one compiled engine per config, reused across documents
-  sparsities = [float(x) for x in FLAGS.accuracy_sparsities]
   oracle_hits = collections.Counter()
   for d in range(FLAGS.accuracy_docs):
     tokens, keys, values = task.documents(rng, 1, length)
@@ -171,7 +171,7 @@ def main() -> None:
   dense_acc = hits[0] / asked
   rows = [dict(mode="dense", chunk=0, summary="-", always_include="-", sparsity=0.0, top_k=0,
                accuracy=dense_acc, acc_over_dense=1.0, attn_rel_err=0.0, attn_rel_err_worst=0.0)]
-  S_chunks = {c: -(-length // c) for c in chunk_sizes}
+  S_chunks = {c: -(-base.k[0].shape[0] // c) for c in chunk_sizes}  # the store's chunk slots
   for j, m in enumerate(sparse, start=1):
     e = np.concatenate(errs[id(m)], axis=1)  # [layers, questions]
     rows.append(dict(mode="sparse", chunk=m.chunk_size, summary=m.summary,

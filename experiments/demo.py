@@ -3,7 +3,8 @@
 Builds the `tiny` decoder, prefills a shared context of a few thousand tokens into a
 SharedKVStore (chunked), saves and reloads it with orbax, serves a batch of requests through the
 MoskaEngine with dense and with sparse (routed) shared attention, and checks MoSKA-dense logits
-against a plain full-attention decoder over [shared + unique].
+against a plain full-attention decoder over [shared + unique]. It always runs in float32
+(`--dtype` does not apply): the exactness check compares at float32 tolerance.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ class MoskaConfig:
   mode: "dense" (every request attends to the whole shared KV, one batched GEMM) or "sparse"
     (a router keeps top_k chunks per (request, kv head); `sparsity` sets top_k as a fraction).
   chunk_size: C, tokens per routed chunk (also the granularity of chunk summaries).
-  top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks.
+  top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks, N the store's
+    chunk slots (static: a store padded past its tokens counts its empty tail chunks too).
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
   summary: chunk summary function ("mean" or "envelope").
   backend: kernel backend passed to every pallas_kernels call.

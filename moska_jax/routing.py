@@ -108,6 +108,9 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
     raise ValueError(f"chunk_summaries: chunk_size must be a positive int, got {chunk_size!r}")
   S, Hkv, D = k.shape
   N = -(-S // chunk_size)
+  if kv_length is not None and jnp.ndim(kv_length) != 0:
+    raise ValueError(f"chunk_summaries: kv_length must be a scalar, got shape "
+                     f"{jnp.shape(kv_length)}")
   n = jnp.int32(S) if kv_length is None else jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, S)
   kc = jnp.pad(k, ((0, N * chunk_size - S), (0, 0), (0, 0))).reshape(N, chunk_size, Hkv, D)
   valid = jnp.arange(N * chunk_size).reshape(N, chunk_size) < n

@@ -43,8 +43,17 @@ def test_load_hf_llama_from_local_safetensors(tmp_path):
   cfg = tiny()
   source = Decoder(cfg, rngs=nnx.Rngs(5))
   flat = dict(nnx.state(source, nnx.Param).flat_state())
+  names = checkpoint._hf_names(cfg)
+  # Pin the Hugging Face Llama names themselves, not only the round trip through our table.
+  for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+               "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+               "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight",
+               "model.layers.0.input_layernorm.weight",
+               "model.layers.1.post_attention_layernorm.weight"):
+    assert name in names, name
+  assert len(names) == 3 + 9 * cfg.layers
   tensors = {}
-  for name, (path, transpose) in checkpoint._hf_names(cfg).items():
+  for name, (path, transpose) in names.items():
     value = np.asarray(flat[path][...], np.float32)
     tensors[name] = np.ascontiguousarray(value.T if transpose else value)
   names = sorted(tensors)

@@ -141,6 +141,11 @@ def test_route_then_chunk_attention(backend):
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_s), rtol=1e-5, atol=1e-5)
 
 
+def test_chunk_summaries_rejects_a_non_scalar_kv_length():
+  with pytest.raises(ValueError, match="kv_length must be a scalar"):
+    routing.chunk_summaries(jnp.ones((64, 1, 8)), 16, kv_length=jnp.array([10, 20]))
+
+
 @pytest.mark.parametrize("kind", ["mean", "envelope"])
 def test_zero_padding_rows_do_not_steer_routing(kind):
   """The engine zeroes the padding rows of a fixed-shape step: the real rows alone decide."""
