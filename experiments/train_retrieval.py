@@ -28,7 +28,7 @@ from flax import nnx
 from experiments import common, report
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint
-from moska_jax.config import ModelConfig
+from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.model import Decoder
 
 flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
@@ -58,6 +58,12 @@ flags.DEFINE_integer("train_eval_every", 200, "train_retrieval: steps between he
 flags.DEFINE_integer("train_eval_docs", 16, "train_retrieval: held-out documents per eval.")
 flags.DEFINE_enum("train_attention", "auto", ["auto", "cudnn", "xla"],
                   "train_retrieval: attention implementation (auto: cuDNN on GPU, else XLA).")
+flags.DEFINE_string("train_init", None,
+                    "train_retrieval: start from this checkpoint (e.g. to fine-tune for routing).")
+flags.DEFINE_float("train_route_sparsity", 0.0,
+                   "train_retrieval: > 0 routes the questions' attention over the document as "
+                   "MoSKA serves it (mean summaries, this sparsity) during training.")
+flags.DEFINE_integer("train_route_chunk", 64, "train_retrieval: chunk size C of routed training.")
 flags.DEFINE_enum("train_save_dtype", "bfloat16", ["bfloat16", "float32"],
                   "train_retrieval: dtype of the saved parameters (bfloat16 halves the file).")
 flags.DEFINE_string("train_checkpoint", None,
@@ -81,6 +87,35 @@ def flash_attend(implementation: str):
                                        implementation="cudnn")
       return o.astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  return attend
+
+
+def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int):
+  """`attend` with MoSKA's sparse path in the loop (fine-tuning for routing, as MoBA trains).
+
+  Document rows attend densely and causally (the shared store is prefilled densely); question
+  rows attend to their own tokens causally and to the top_k document chunks that the serving
+  router would pick for them: per token and kv head, the sum over its G query heads of
+  q . mean(chunk keys), the "mean" summary of `moska_jax.routing`. The choice carries no
+  gradient; the keys learn to be chosen through the attention of the chunks that are.
+  """
+  dense = flash_attend(implementation)
+
+  def attend(i, q, k, v):
+    B, T, Hq, D = q.shape
+    Hkv, G, N, Tq = k.shape[2], Hq // k.shape[2], doc_len // chunk_size, T - doc_len
+    o_doc = dense(i, q[:, :doc_len], k[:, :doc_len], v[:, :doc_len])
+    qq = q[:, doc_len:]
+    summaries = k[:, :doc_len].reshape(B, N, chunk_size, Hkv, D).mean(2)
+    feats = qq.reshape(B, Tq, Hkv, G, D).sum(3)
+    score = jax.lax.stop_gradient(jnp.einsum("bthd,bnhd->bthn", feats, summaries))
+    keep = jax.nn.one_hot(jax.lax.top_k(score, top_k)[1], N, dtype=jnp.int32).sum(-2) > 0
+    doc_mask = jnp.repeat(keep, chunk_size, axis=-1)  # [B, Tq, Hkv, doc_len]
+    own = jnp.broadcast_to(jnp.tril(jnp.ones((Tq, Tq), bool))[None, :, None, :],
+                           (B, Tq, Hkv, Tq))
+    mask = jnp.repeat(jnp.concatenate([doc_mask, own], -1), G, axis=2).transpose(0, 2, 1, 3)
+    o_q = jax.nn.dot_product_attention(qq, k, v, mask=mask, implementation="xla")
+    return jnp.concatenate([o_doc, o_q], axis=1)
   return attend
 
 
@@ -125,8 +160,11 @@ def batch_of(task: RetrievalTask, rng: np.random.Generator, batch: int, length: 
 
 def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generator, seed: int):
   """Runs the curriculum; returns (model, evaluate(params, tokens, targets), log rows)."""
-  model = Decoder(cfg, rngs=nnx.Rngs(seed))
-  if FLAGS.train_embed_std > 0:
+  if FLAGS.train_init:
+    model = checkpoint.load_params(FLAGS.train_init, cfg)
+  else:
+    model = Decoder(cfg, rngs=nnx.Rngs(seed))
+  if FLAGS.train_embed_std > 0 and not FLAGS.train_init:
     # The default init gives token embeddings of norm ~1, while each block adds outputs of norm
     # ~sqrt(hidden): token identity, which retrieval matches on, starts drowned in the residual.
     table = model.embed.embedding
@@ -187,9 +225,20 @@ def main() -> None:
   impl = FLAGS.train_attention
   if impl == "auto":
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  attend = flash_attend(impl)
+  if FLAGS.train_route_sparsity > 0:
+    C = FLAGS.train_route_chunk
+    if FLAGS.train_start_length != FLAGS.train_length or FLAGS.train_length % C:
+      raise ValueError("train_retrieval: routed training runs at one document length "
+                       "(--train_start_length == --train_length), a multiple of "
+                       f"--train_route_chunk={C}")
+    n = FLAGS.train_length // C
+    top_k = MoskaConfig(sparsity=FLAGS.train_route_sparsity).chunks_kept(n)
+    attend = routed_attend(impl, FLAGS.train_length, C, top_k)
+    impl += f", routed questions: top {top_k} of {n} chunks of {C}"
   logging.info("train_retrieval: %s, attention %s", cfg, impl)
   rng = np.random.default_rng(FLAGS.seed)
-  model, evaluate, log = train(task, cfg, flash_attend(impl), rng, FLAGS.seed)
+  model, evaluate, log = train(task, cfg, attend, rng, FLAGS.seed)
   final = log[-1]
   saved = checkpoint.cast(model, FLAGS.train_save_dtype)
   # The published accuracy is that of the saved (possibly rounded) weights.
