@@ -41,6 +41,7 @@ flags.DEFINE_integer("accuracy_batch", 64, "accuracy: engine slots (concurrent q
 flags.DEFINE_list("accuracy_sparsities", ["0.5", "0.75", "0.875", "0.9375"],
                   "accuracy: sparsities of the sparse runs.")
 flags.DEFINE_list("accuracy_chunks", ["64", "128", "256"], "accuracy: routing chunk sizes C.")
+flags.DEFINE_string("accuracy_name", "accuracy", "accuracy: base name of the CSV/MD/PNG written.")
 flags.DEFINE_list("accuracy_summaries", ["mean", "envelope"], "accuracy: chunk summary kinds.")
 FLAGS = flags.FLAGS
 
@@ -208,7 +209,7 @@ def write(rows, env, meta, length, asked, cfg) -> None:
            f"oracle rows: routing by each chunk's exact max logit (reads every key; the ceiling "
            f"for any router at that chunk size and sparsity, not a deployable one).\n\n"
            + goal)
-  report.write_results(FLAGS.out_dir, "accuracy", rows, env,
+  report.write_results(FLAGS.out_dir, FLAGS.accuracy_name, rows, env,
                        "accuracy: sparse routing vs dense on the trained retrieval decoder", notes)
   print(f"accuracy: dense {rows[0]['accuracy']:.3f} over {asked} questions; " + goal.strip())
   plt = report.pyplot()
@@ -232,4 +233,4 @@ def write(rows, env, meta, length, asked, cfg) -> None:
            ylim=(0, 1.02))
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.out_dir, "accuracy.png"), dpi=100)
+  fig.savefig(os.path.join(FLAGS.out_dir, f"{FLAGS.accuracy_name}.png"), dpi=100)
