@@ -253,7 +253,7 @@ def main() -> None:
                    steps=final["step"], minutes=round(final["minutes"], 2), **env), f, indent=1)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"train_retrieval: {params / 1e6:.2f}M parameters, {final['step']} steps in "
-        f"{final['minutes']:.1f} min, document length {final['length']}, held-out dense "
+        f"{final['minutes']:.1f} min, document length {final['length']}, held-out "
         f"accuracy {final['eval_acc']:.3f}, {saved_acc:.3f} with the saved {FLAGS.train_save_dtype} "
         f"weights (chance {1 / task.num_values:.3f}); saved to {path}")
   notes = (f"Model: {cfg}. Chance = 1/{task.num_values}. eval_acc: held-out documents of the "

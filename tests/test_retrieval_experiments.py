@@ -48,3 +48,23 @@ def test_train_then_accuracy(tmp_path):
       assert r["accuracy"] == dense["accuracy"] and float(r["attn_rel_err"]) < 1e-5, r
     else:
       assert float(r["attn_rel_err"]) > 1e-4, r  # routing really dropped chunks
+
+
+def test_routed_training_attention_keeps_every_chunk_when_top_k_is_all():
+  """Routed training attention: with every chunk kept it is plain causal attention; with one
+  chunk kept only the question rows change."""
+  import jax
+  import numpy as np
+
+  from experiments.train_retrieval import routed_attend
+
+  rng = np.random.default_rng(0)
+  B, doc, Tq, Hq, Hkv, D, C = 2, 64, 16, 4, 2, 16, 16
+  q, k, v = (jax.numpy.asarray(rng.standard_normal((B, doc + Tq, h, D)), "float32")
+             for h in (Hq, Hkv, Hkv))
+  causal = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  every = routed_attend("xla", doc, C, doc // C)(0, q, k, v)
+  np.testing.assert_allclose(np.asarray(every), np.asarray(causal), atol=1e-5)
+  one = np.asarray(routed_attend("xla", doc, C, 1)(0, q, k, v))
+  np.testing.assert_allclose(one[:, :doc], np.asarray(causal)[:, :doc], atol=1e-5)
+  assert np.abs(one[:, doc:] - np.asarray(causal)[:, doc:]).max() > 1e-2
