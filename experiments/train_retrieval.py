@@ -1,14 +1,17 @@
 """train_retrieval: trains a small moska_jax decoder (optax) to retrieve values from a long context.
 
 The task (experiments.retrieval): a document of (key, value) records, then `QUERY key` questions
-whose answer is the key's value. A curriculum grows the document: training stays at a length until
-the running answer accuracy passes `--train_advance`, then doubles it up to `--train_length`, where
-it goes on until the held-out dense accuracy reaches `--train_goal` or the time budget ends. The
-parameters are saved with orbax (`moska_jax.checkpoint.save_params`) beside `retrieval.json`
-(the task, the curriculum reached, the accuracy, the command), which `accuracy` reads.
+whose answer is the key's value. A curriculum grows the document and the pool of keys in play
+(`key_pool`) together: training stays at a length until the running answer accuracy passes
+`--train_advance`, then doubles it up to `--train_length`, where it goes on until the held-out
+accuracy reaches `--train_goal` or the time budget ends. The parameters are saved with orbax
+(`moska_jax.checkpoint.save_params`) beside `retrieval.json` (the task, the curriculum reached,
+the accuracy of the saved weights, the command), which `accuracy` reads.
 
 Attention during training is `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU, XLA on
-CPU): the plain causal decoder, the same weights MoSKA serves.
+CPU): the plain causal decoder, the same weights MoSKA serves. With `--train_route_sparsity` (and
+usually `--train_init`), the questions' attention over the document is routed as MoSKA serves it
+(`routed_attend`), and the held-out accuracy is that of the routed model.
 """
 
 from __future__ import annotations
