@@ -49,7 +49,7 @@ def main() -> None:
   print(f"moska-jax demo on {env['device']} (jax {env['jax']}): tiny decoder, {cfg.layers} layers, "
         f"Hq={cfg.num_heads}, Hkv={cfg.num_kv_heads}")
   print(f"  shared store: {FLAGS.demo_shared} tokens prefilled in chunks, saved and reloaded "
-        f"(orbax); {store.summaries[0].vectors.shape[0]} routing chunks of {FLAGS.demo_chunk}")
+        f"(orbax); {store.summaries[0].num_chunks} routing chunks of {FLAGS.demo_chunk}")
   rows = []
   for mode, mcfg in (("dense", MoskaConfig(backend=backend)),
                      ("sparse", MoskaConfig(mode="sparse", sparsity=FLAGS.demo_sparsity,

@@ -2,8 +2,8 @@
 
 One layer of Llama-3.1-8B heads (Hq=32, Hkv=8, D=128), bf16, T=1, shared length S. For each chunk
 size C, batch B, sparsity (1 - K/N) and routing regime, the same process times the router
-(`moska_jax.routing.route` on mean-key summaries), `pallas_kernels.chunk_attention` on the routed
-ids, and the dense `pallas_kernels.shared_attention` over all of S; it reports the union coverage
+(`moska_jax.routing.route` on --sparse_summary summaries), `pallas_kernels.chunk_attention` on
+the routed ids, and the dense `pallas_kernels.shared_attention` over all of S; it reports the union coverage
 (fraction of (kv head, chunk) tiles some request chose, i.e. of the shared KV read) and the ratio
 to the floor max(bytes of the selected union / copy bandwidth, sparse FLOPs / matmul rate), with
 the ceilings measured in the same run. Regimes: "correlated" (each request's queries are one of
@@ -33,6 +33,8 @@ flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correl
 flags.DEFINE_float("sparse_topic_noise", 0.05,
                    "sparse_attention: query noise around its topic vector (correlated regime).")
 flags.DEFINE_enum("sparse_summary", "mean", list(routing.SUMMARIES), "sparse_attention: summary.")
+flags.DEFINE_string("sparse_name", "sparse_attention",
+                    "sparse_attention: base name of the CSV/MD/PNG written.")
 flags.DEFINE_integer("sparse_heads", 32, "sparse_attention: Hq.")
 flags.DEFINE_integer("sparse_kv_heads", 8, "sparse_attention: Hkv.")
 flags.DEFINE_integer("sparse_head_dim", 128, "sparse_attention: D.")
@@ -142,7 +144,7 @@ def main() -> None:
   env["correctness"] = (f"chunk kernel vs f32 reference (bf16, B=17, S=4097, C=512, K=3, "
                         f"kv_length=4000): rel err {err:.1e}" if backend != "xla"
                         else "skipped (backend xla is the reference)")
-  report.write_results(FLAGS.out_dir, "sparse_attention", rows, env,
+  report.write_results(FLAGS.out_dir, FLAGS.sparse_name, rows, env,
                        "sparse_attention: router + grouped chunk attention vs dense",
                        notes=_notes(rows))
   _plot(rows, FLAGS.out_dir)
@@ -168,7 +170,7 @@ def _plot(rows: list[dict], out_dir: str) -> None:
            title=f"chunk size {C}")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(f"{out_dir}/sparse_attention.png", dpi=120)
+  fig.savefig(f"{out_dir}/{FLAGS.sparse_name}.png", dpi=120)
 
 
 def _notes(rows: list[dict]) -> str:

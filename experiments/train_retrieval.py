@@ -30,7 +30,7 @@ from flax import nnx
 
 from experiments import common, report
 from experiments.retrieval import RetrievalTask
-from moska_jax import checkpoint
+from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.model import Decoder
 
@@ -65,8 +65,10 @@ flags.DEFINE_string("train_init", None,
                     "train_retrieval: start from this checkpoint (e.g. to fine-tune for routing).")
 flags.DEFINE_float("train_route_sparsity", 0.0,
                    "train_retrieval: > 0 routes the questions' attention over the document as "
-                   "MoSKA serves it (mean summaries, this sparsity) during training.")
+                   "MoSKA serves it (this sparsity) during training.")
 flags.DEFINE_integer("train_route_chunk", 64, "train_retrieval: chunk size C of routed training.")
+flags.DEFINE_enum("train_route_summary", "mean", list(routing.SUMMARIES),
+                  "train_retrieval: chunk summary kind of routed training.")
 flags.DEFINE_enum("train_save_dtype", "bfloat16", ["bfloat16", "float32"],
                   "train_retrieval: dtype of the saved parameters (bfloat16 halves the file).")
 flags.DEFINE_string("train_checkpoint", None,
@@ -93,26 +95,30 @@ def flash_attend(implementation: str):
   return attend
 
 
-def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int):
+def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int,
+                  summary: str = "mean"):
   """`attend` with MoSKA's sparse path in the loop (fine-tuning for routing, as MoBA trains).
 
   Document rows attend densely and causally (the shared store is prefilled densely); question
   rows attend to their own tokens causally and to the top_k document chunks that the serving
-  router would pick for them: per token and kv head, the sum over its G query heads of
-  q . mean(chunk keys), the "mean" summary of `moska_jax.routing`. The choice carries no
-  gradient; the keys learn to be chosen through the attention of the chunks that are.
+  router (`moska_jax.routing`, this summary kind) picks for each of them, token by token as
+  `accuracy` serves them. The choice carries no gradient; the keys learn to be chosen through
+  the attention of the chunks that are.
   """
   dense = flash_attend(implementation)
+  N = doc_len // chunk_size
+
+  def chosen(q, k):  # one sequence: q[Tq, Hq, D], k[doc_len, Hkv, D] -> keep[Tq, Hkv, N]
+    ids = routing.route(q[:, None], routing.chunk_summaries(k, chunk_size, summary=summary),
+                        top_k)
+    return jnp.any(jax.nn.one_hot(ids, N, dtype=jnp.bool_), axis=-2)
 
   def attend(i, q, k, v):
-    B, T, Hq, D = q.shape
-    Hkv, G, N, Tq = k.shape[2], Hq // k.shape[2], doc_len // chunk_size, T - doc_len
+    B, T, Hq, _ = q.shape
+    Hkv, G, Tq = k.shape[2], Hq // k.shape[2], T - doc_len
     o_doc = dense(i, q[:, :doc_len], k[:, :doc_len], v[:, :doc_len])
     qq = q[:, doc_len:]
-    summaries = k[:, :doc_len].reshape(B, N, chunk_size, Hkv, D).mean(2)
-    feats = qq.reshape(B, Tq, Hkv, G, D).sum(3)
-    score = jax.lax.stop_gradient(jnp.einsum("bthd,bnhd->bthn", feats, summaries))
-    keep = jax.nn.one_hot(jax.lax.top_k(score, top_k)[1], N, dtype=jnp.int32).sum(-2) > 0
+    keep = jax.vmap(chosen)(jax.lax.stop_gradient(qq), jax.lax.stop_gradient(k[:, :doc_len]))
     doc_mask = jnp.repeat(keep, chunk_size, axis=-1)  # [B, Tq, Hkv, doc_len]
     own = jnp.broadcast_to(jnp.tril(jnp.ones((Tq, Tq), bool))[None, :, None, :],
                            (B, Tq, Hkv, Tq))
@@ -237,8 +243,9 @@ def main() -> None:
                        f"--train_route_chunk={C}")
     n = FLAGS.train_length // C
     top_k = MoskaConfig(sparsity=FLAGS.train_route_sparsity).chunks_kept(n)
-    attend = routed_attend(impl, FLAGS.train_length, C, top_k)
-    impl += f", routed questions: top {top_k} of {n} chunks of {C}"
+    attend = routed_attend(impl, FLAGS.train_length, C, top_k, FLAGS.train_route_summary)
+    impl += (f", routed questions: top {top_k} of {n} chunks of {C} "
+             f"({FLAGS.train_route_summary} summaries)")
   logging.info("train_retrieval: %s, attention %s", cfg, impl)
   rng = np.random.default_rng(FLAGS.seed)
   model, evaluate, log = train(task, cfg, attend, rng, FLAGS.seed)

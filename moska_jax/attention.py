@@ -150,7 +150,7 @@ def shared_partial(q: jax.Array, shared: SharedLayer,
   if mcfg.mode == "dense":
     return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
                                backend=mcfg.backend, interpret=mcfg.interpret)
-  top_k = mcfg.chunks_kept(shared.summaries.vectors.shape[0])
+  top_k = mcfg.chunks_kept(shared.summaries.num_chunks)
   ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
   return pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
                             kv_length=shared.length, backend=mcfg.backend,

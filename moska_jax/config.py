@@ -91,7 +91,8 @@ class MoskaConfig:
   top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks, N the store's
     chunk slots (static: a store padded past its tokens counts its empty tail chunks too).
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
-  summary: chunk summary function ("mean" or "envelope").
+  summary: chunk summary kind, a key of `moska_jax.routing.SUMMARIES` ("mean", "envelope",
+    "int4"); the store's summaries must be of this kind.
   backend: kernel backend passed to every pallas_kernels call.
   interpret: run the Pallas kernels in interpret mode (CPU testing of the "gpu"/"tpu" kernels).
   """

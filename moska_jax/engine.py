@@ -189,7 +189,7 @@ class MoskaEngine:
                         kv_length=length)
         for k, v, s in zip(store.k, store.v, store.summaries))
     # K from the store's own chunk count, as `shared_partial` does (placement may pad chunks).
-    self._top_k = self.mcfg.chunks_kept(store.summaries[0].vectors.shape[0]) if sparse else None
+    self._top_k = self.mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None
     self._unique_step = jax.jit(self._unique_impl, donate_argnums=(3, 4))
     self._merge = jax.jit(lambda o_u, lse_u, o_s, lse_s:
                           pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0])

@@ -105,7 +105,7 @@ def save_shared_store(path: str, store: SharedKVStore) -> None:
   with open(os.path.join(path, "store.json"), "w") as f:
     json.dump(meta, f, indent=1)
   arrays = dict(k=list(store.k), v=list(store.v), length=store.length,
-                vectors=[s.vectors for s in store.summaries],
+                summaries=[list(s.arrays) for s in store.summaries],
                 num_valid_chunks=[s.num_valid_chunks for s in store.summaries])
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(path, "arrays"), arrays)
@@ -126,15 +126,16 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None) -> Sha
     raise ValueError(f"load_shared_store: the store at {path} was built for {built_for}, not for "
                      f"{model_config}")
   cfg, C = built_for, meta["chunk_size"]
-  rows, N, P = meta["rows"], -(-meta["rows"] // C), 2 if meta["summary"] == "envelope" else 1
-  kv = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  kv = jax.ShapeDtypeStruct((meta["rows"], cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  vec = jax.ShapeDtypeStruct((N, cfg.num_kv_heads, P, cfg.head_dim), jnp.float32)
+  summary = jax.eval_shape(lambda k: list(routing.chunk_summaries(k, C, summary=meta["summary"])
+                                          .arrays), kv)  # the kind's array shapes
   a = restore_arrays(os.path.join(path, "arrays"),
                      dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
-                          vectors=[vec] * cfg.layers, num_valid_chunks=[scalar] * cfg.layers))
-  summaries = tuple(routing.ChunkSummaries(vec, n, meta["summary"], meta["chunk_size"])
-                    for vec, n in zip(a["vectors"], a["num_valid_chunks"]))
+                          summaries=[summary] * cfg.layers,
+                          num_valid_chunks=[scalar] * cfg.layers))
+  summaries = tuple(routing.ChunkSummaries(tuple(arr), n, meta["summary"], C)
+                    for arr, n in zip(a["summaries"], a["num_valid_chunks"]))
   return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for,
                        meta["chunk_size"])
 

@@ -5,21 +5,28 @@ with the shared store; a request's router score for a chunk estimates how much a
 queries would give the chunk, and the top-k chunks per (request, kv head) are attended by
 `pallas_kernels.chunk_attention`.
 
-Summary representation. A summary kind (`SUMMARIES`) is a pair of functions: `summarize` turns a
-chunk's keys into P vectors per kv head, and `features` turns a query vector into P vectors, so
-that score(q, chunk) = sum_p features(q)_p . summary_p. Both kinds are linear in their query
-features, which makes the aggregation over a request's query rows exact and cheap:
-- "mean": P = 1, the mean of the chunk's valid keys, features(q) = q; q . mean(k) is the mean
-  logit of the chunk.
-- "envelope" (Quest): P = 2, the per-dimension max and min of the keys, features(q) =
-  (max(q, 0), min(q, 0)); the score is Quest's upper bound on the chunk's largest logit,
-  sum_d max(q_d max_d, q_d min_d).
+Summary kinds (`SUMMARIES`). A kind is a pair of functions: `summarize` turns a chunk's keys into
+arrays with one row per chunk, and `score` turns the queries of a (request, kv head) -- its T rows
+times G query heads -- into one score per chunk.
+- "mean": the mean of the chunk's valid keys; the score is the chunk's mean logit SUMMED over the
+  group's rows (q . mean(k) is linear in q, so this is one [B, Hkv, D] x [N, Hkv, D] product on
+  the summed queries: chunks that matter to most rows win).
+- "envelope" (Quest): the per-dimension max and min of the keys; the score is Quest's upper bound
+  on the chunk's largest logit, sum_d max(q_d max_d, q_d min_d), summed over the rows likewise.
+- "int4": every key kept as a 4-bit sketch, k ~ center + scale * code with the chunk's mean as
+  center, one scale per key and codes in [-7, 7]; the score is the chunk's largest approximate
+  logit, MAXED over the group's rows. This one finds needles: a chunk that holds a
+  single key matching one head's query scores high even though its other keys (and the group's
+  other heads) do not. It reads 4 bits per key dimension (1/8 of the K/V bytes in bfloat16) but
+  does a query-key product with every key, half the FLOPs of dense attention; it pays off where
+  shared attention is bound by memory, not compute.
+Single-vector summaries cannot find needles: on the trained retrieval model
+(`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
+choice, while "int4" matches routing by the exact logits.
 
-Aggregation (a choice; the paper does not say): the score of a (request, kv head) is the SUM of
-the scores of its G query heads and T tokens. Since both kinds are linear in the features, this is
-one [B, Hkv, P*D] x [N, Hkv, P*D] product on the summed features. For "mean" it is the chunk's
-mean logit summed over the group's query rows (the group shares one chunk set, so chunks that
-matter to most of its rows win); for "envelope" it is the sum of the rows' upper bounds.
+Aggregating by the max over rows (and not the sum) is what lets one retrieval head pick its chunk
+when the other head of its group attends diffusely. Zero query rows -- the padding of a
+fixed-shape step -- take no part in any score (they add 0 to a sum and are masked out of a max).
 """
 
 from __future__ import annotations
@@ -34,33 +41,85 @@ import jax.numpy as jnp
 from pallas_kernels.chunk_attention import ChunkGroups, group_by_chunk  # noqa: F401  (re-export)
 
 _HI = jax.lax.Precision.HIGHEST
+_INT4_LEVELS = 7  # codes in [-7, 7]: symmetric, 15 of the 16 int4 values
+_SCORE_ELEMENTS = 1 << 24  # "int4" logits held at once (64 MiB in f32), not B x Hq x S
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a request with no live row still ranks
 
 
 class SummaryKind(NamedTuple):
-  """summarize(k[N, C, Hkv, D] f32, valid[N, C]) -> [N, Hkv, P, D]; features(q[..., D]) -> [..., P, D]."""
+  """summarize(k[N, C, Hkv, D] f32, valid[N, C]) -> tuple of [N, ...] arrays;
+  score(q[B, T, Hkv, G, D] f32, arrays) -> [B, Hkv, N] f32."""
 
-  summarize: Callable[[jax.Array, jax.Array], jax.Array]
-  features: Callable[[jax.Array], jax.Array]
+  summarize: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
+  score: Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
 
 
 def _mean(k: jax.Array, valid: jax.Array) -> jax.Array:
   w = valid[:, :, None, None]
   count = jnp.maximum(jnp.sum(valid, axis=1), 1)[:, None, None]
-  return (jnp.sum(jnp.where(w, k, 0.0), axis=1) / count)[:, :, None, :]
+  return jnp.sum(jnp.where(w, k, 0.0), axis=1) / count
 
 
-def _envelope(k: jax.Array, valid: jax.Array) -> jax.Array:
+def _envelope(k: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
   w = valid[:, :, None, None]
   nonempty = jnp.any(valid, axis=1)[:, None, None]
   hi = jnp.where(nonempty, jnp.max(jnp.where(w, k, -jnp.inf), axis=1), 0.0)
   lo = jnp.where(nonempty, jnp.min(jnp.where(w, k, jnp.inf), axis=1), 0.0)
-  return jnp.stack([hi, lo], axis=2)
+  return hi, lo
+
+
+def _summed(q: jax.Array) -> jax.Array:
+  return jnp.sum(q, axis=(1, 3))  # [B, Hkv, D]: linear scores sum over the rows exactly
+
+
+def _score_mean(q, arrays):
+  return jnp.einsum("bhd,nhd->bhn", _summed(q), arrays[0], precision=_HI)
+
+
+def _score_envelope(q, arrays):
+  hi, lo = arrays  # each row's bound is linear in (max(q, 0), min(q, 0)): sum those
+  return (jnp.einsum("bhd,nhd->bhn", _summed(jnp.maximum(q, 0)), hi, precision=_HI)
+          + jnp.einsum("bhd,nhd->bhn", _summed(jnp.minimum(q, 0)), lo, precision=_HI))
+
+
+def _int4(k: jax.Array, valid: jax.Array):
+  center = _mean(k, valid)
+  r = jnp.where(valid[:, :, None, None], k - center[:, None], 0.0)
+  scale = jnp.max(jnp.abs(r), axis=-1) / _INT4_LEVELS  # [N, C, Hkv]: one per key
+  codes = jnp.round(r / jnp.where(scale > 0, scale, 1.0)[..., None])
+  return center, scale, jnp.clip(codes, -_INT4_LEVELS, _INT4_LEVELS).astype(jnp.int4), valid
+
+
+def _score_int4(q, arrays):
+  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc): per kv head one
+  # [B*T*G, D] x [D, keys] product over all keys, taken a block of chunks at a time.
+  center, scale, codes, valid = arrays
+  B, T, Hkv, G, D = q.shape
+  N, C = valid.shape
+  rows = q.transpose(2, 0, 1, 3, 4).reshape(Hkv, B * T * G, D)
+  step = max(1, min(N, _SCORE_ELEMENTS // (Hkv * B * T * G * C)))
+
+  def block(args):  # n chunks -> [Hkv, rows, n]: the largest sketched logit minus the center term
+    sc, co, va = args
+    # Default precision (TF32 on GPU, bf16 passes on TPU): a ranking, not an attention output.
+    logit = jnp.einsum("hrd,nchd->hrnc", rows, co.astype(jnp.float32))
+    logit = logit * sc.transpose(2, 0, 1)[:, None]
+    return jnp.max(jnp.where(va[None, None], logit, _MASKED), axis=-1)
+
+  pad = -N % step
+  blocks = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, step, *x.shape[1:])
+                 for x in (scale, codes, valid))
+  best = jax.lax.map(block, blocks)  # [N / step, Hkv, rows, step]
+  best = best.transpose(1, 2, 0, 3).reshape(Hkv, B, T, G, -1)[..., :N].transpose(1, 2, 0, 3, 4)
+  logit = best + jnp.einsum("bthgd,nhd->bthgn", q, center, precision=_HI)
+  live = jnp.any(q != 0, axis=-1)[..., None]  # padding rows are all zero
+  return jnp.max(jnp.where(live, logit, _MASKED), axis=(1, 3))
 
 
 SUMMARIES: dict[str, SummaryKind] = {
-    "mean": SummaryKind(_mean, lambda q: q[..., None, :]),
-    "envelope": SummaryKind(_envelope,
-                            lambda q: jnp.stack([jnp.maximum(q, 0), jnp.minimum(q, 0)], axis=-2)),
+    "mean": SummaryKind(lambda k, valid: (_mean(k, valid),), _score_mean),
+    "envelope": SummaryKind(_envelope, _score_envelope),
+    "int4": SummaryKind(_int4, _score_int4),
 }
 
 
@@ -69,16 +128,23 @@ SUMMARIES: dict[str, SummaryKind] = {
 class ChunkSummaries:
   """Summaries of the N chunks of one shared k[S, Hkv, D].
 
-  vectors: [N, Hkv, P, D] float32 (P = 1 for "mean", 2 for "envelope").
+  arrays: the kind's arrays, each with N rows: "mean" (mean [N, Hkv, D] f32,), "envelope" (max,
+    min [N, Hkv, D] f32), "int4" (center [N, Hkv, D] f32, scale [N, C, Hkv] f32, codes
+    [N, C, Hkv, D] int4, valid [N, C] bool).
   num_valid_chunks: int32 scalar, chunks [0, num_valid_chunks) hold a key before kv_length.
   kind: key of `SUMMARIES` (static).
   chunk_size: C (static).
   """
 
-  vectors: jax.Array
+  arrays: tuple[jax.Array, ...]
   num_valid_chunks: jax.Array
   kind: str = dataclasses.field(metadata=dict(static=True))
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def num_chunks(self) -> int:
+    """N, the chunk slots (valid or not)."""
+    return self.arrays[0].shape[0]
 
 
 def _check_kind(summary: str) -> SummaryKind:
@@ -95,11 +161,11 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
     k: [S, Hkv, D] shared keys; chunk c is rows [c*C, (c+1)*C), the last one may be partial.
     chunk_size: C.
     kv_length: optional int scalar (may be traced): only keys [0, kv_length) are summarized;
-      chunks with no valid key get zero vectors and are never routed to.
-    summary: a key of `SUMMARIES` ("mean" or "envelope").
+      chunks with no valid key get zero summaries and are never routed to.
+    summary: a key of `SUMMARIES` ("mean", "envelope" or "int4").
 
   Returns:
-    `ChunkSummaries` with vectors [N, Hkv, P, D] float32, N = ceil(S / C).
+    `ChunkSummaries` of N = ceil(S / C) chunks.
   """
   kind = _check_kind(summary)
   if k.ndim != 3:
@@ -114,8 +180,8 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
   n = jnp.int32(S) if kv_length is None else jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, S)
   kc = jnp.pad(k, ((0, N * chunk_size - S), (0, 0), (0, 0))).reshape(N, chunk_size, Hkv, D)
   valid = jnp.arange(N * chunk_size).reshape(N, chunk_size) < n
-  vectors = kind.summarize(kc.astype(jnp.float32), valid)
-  return ChunkSummaries(vectors, (n + chunk_size - 1) // chunk_size, summary, chunk_size)
+  arrays = tuple(kind.summarize(kc.astype(jnp.float32), valid))
+  return ChunkSummaries(arrays, (n + chunk_size - 1) // chunk_size, summary, chunk_size)
 
 
 def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
@@ -131,7 +197,7 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     num_valid_chunks: optional int scalar (may be traced): only chunks [0, num_valid_chunks) may be
       chosen; default from `summaries` (all N for a plain array).
 
-  A zero query row adds nothing to a request's score (both feature kinds map 0 to 0): zero the
+  A zero query row takes no part in a request's score (see the module docstring): zero the
   padding rows of a fixed-shape step so they cannot steer the real tokens' choice.
 
   Returns:
@@ -139,14 +205,14 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     first); when fewer than K chunks are valid the tail is -1 (which chunk_attention ignores).
   """
   if isinstance(summaries, ChunkSummaries):
-    vectors, kind = summaries.vectors, _check_kind(summaries.kind)
+    arrays, kind = summaries.arrays, _check_kind(summaries.kind)
     n_valid = summaries.num_valid_chunks
   else:
     if summaries.ndim != 3:
       raise ValueError(f"route: summaries must be ChunkSummaries or an array of shape "
                        f"[N, Hkv, D], got {summaries.shape}")
-    vectors, kind, n_valid = summaries[:, :, None, :], SUMMARIES["mean"], None
-  N, Hkv, P, D = vectors.shape
+    arrays, kind, n_valid = (summaries,), SUMMARIES["mean"], None
+  N, Hkv, D = arrays[0].shape
   if q.ndim != 4 or q.shape[3] != D or q.shape[2] % Hkv:
     raise ValueError(f"route: q must have shape [B, T, Hq, D={D}] with Hq a multiple of "
                      f"Hkv={Hkv}, got {q.shape}")
@@ -159,9 +225,7 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
   if num_valid_chunks is not None:
     n_valid = jnp.asarray(num_valid_chunks, jnp.int32)
   B, T, Hq, _ = q.shape
-  feats = kind.features(q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32))
-  feats = jnp.sum(feats, axis=(1, 3))  # [B, Hkv, P, D]: linear scores sum over rows exactly
-  scores = jnp.einsum("bhpd,nhpd->bhn", feats, vectors, precision=_HI)
+  scores = kind.score(q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32), arrays)
   c = jnp.arange(N)
   if forced:
     scores = jnp.where(jnp.isin(c, jnp.asarray(forced)), jnp.inf, scores)

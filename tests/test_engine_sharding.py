@@ -25,7 +25,9 @@ C = 32  # the store holds 256 rows = 8 chunks: 2+6 pads it to 12 chunks, two dev
 SPLITS = {"single": (1, None), "1+1": (2, 1), "2+6": (8, 6), "4+4": (8, 4)}
 MODES = {"dense": MoskaConfig(backend="xla"),
          "sparse": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C, always_include=(0,),
-                               backend="xla")}
+                               backend="xla"),
+         "sparse-int4": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C, summary="int4",
+                                    backend="xla")}
 NEW_TOKENS = 3
 
 
@@ -38,9 +40,11 @@ def setup():
   store = build_shared_store(model, rng.integers(0, 256, 250), chunk_size=C, prefill_chunk=128,
                              backend="xla")
   prompts = [list(rng.integers(0, 256, n)) for n in (3, 8)]  # ragged unique lengths
-  refs = {mode: engine(model, store, mcfg).generate(prompts, NEW_TOKENS, return_logits=True)
+  stores = {mode: store.with_summaries(C, mcfg.summary) for mode, mcfg in MODES.items()}
+  refs = {mode: engine(model, stores[mode], mcfg).generate(prompts, NEW_TOKENS,
+                                                           return_logits=True)
           for mode, mcfg in MODES.items()}
-  return model, store, prompts, refs
+  return model, stores, prompts, refs
 
 
 def engine(model, store, mcfg, groups=None):
@@ -51,10 +55,10 @@ def engine(model, store, mcfg, groups=None):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_engine_on_groups_equals_single_device(split, mode, setup):
-  model, store, prompts, refs = setup
+  model, stores, prompts, refs = setup
   n, num_shared = SPLITS[split]
   groups = make_device_groups(jax.devices()[:n], num_shared=num_shared)
-  eng = engine(model, store, MODES[mode], groups)
+  eng = engine(model, stores[mode], MODES[mode], groups)
   results = eng.generate(prompts, NEW_TOKENS, return_logits=True)
   for got, ref in zip(results, refs[mode]):
     assert got.tokens == ref.tokens
@@ -64,8 +68,8 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
   s_pad = 384 if split == "2+6" else 256  # 8 chunks; 2+6 pads them to 12, 2 per device
   for layer in eng.shared_kv:
     parts = [(layer.k, s_pad), (layer.v, s_pad)]
-    if mode == "sparse":
-      parts.append((layer.summaries.vectors, s_pad // C))
+    if mode != "dense":
+      parts += [(a, s_pad // C) for a in layer.summaries.arrays]
     else:
       assert layer.summaries is None  # dense never routes: the summaries stay home
     for arr, rows in parts:

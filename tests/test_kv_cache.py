@@ -45,15 +45,17 @@ def test_chunked_prefill_equals_one_shot(model):
   # in test_model; here their keys must at least agree between the two chunkings (above).
 
 
-def test_save_restore_is_bit_exact_and_checks_config(model, tmp_path):
+@pytest.mark.parametrize("kind", ["envelope", "int4"])
+def test_save_restore_is_bit_exact_and_checks_config(model, tmp_path, kind):
   tokens = np.random.default_rng(2).integers(0, 256, 200)
   store = build_shared_store(model, tokens, chunk_size=64, prefill_chunk=128, backend="xla",
-                             summary="envelope")
+                             summary=kind)
   save_shared_store(str(tmp_path / "store"), store)
   back = load_shared_store(str(tmp_path / "store"), model.cfg)
-  for a, b in zip(jax.tree.leaves(store), jax.tree.leaves(back)):
+  for a, b in zip(jax.tree.leaves(store), jax.tree.leaves(back), strict=True):
+    assert a.dtype == b.dtype
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert back.summaries[0].kind == "envelope" and back.chunk_size == 64
+  assert back.summaries[0].kind == kind and back.chunk_size == 64
   assert back.model_config == model.cfg
   other = dataclasses.replace(model.cfg, hidden=128)
   with pytest.raises(ValueError, match="was built for"):
@@ -94,5 +96,6 @@ def test_with_summaries_recomputes_routing_only(model):
   assert other.chunk_size == 64 and other.summaries[0].kind == "envelope"
   assert other.k is store.k and other.v is store.v
   for a, b in zip(other.summaries, fresh.summaries):
-    np.testing.assert_allclose(np.asarray(a.vectors), np.asarray(b.vectors), atol=1e-6)
+    for x, y in zip(a.arrays, b.arrays, strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     assert int(a.num_valid_chunks) == int(b.num_valid_chunks) == 5

@@ -61,7 +61,7 @@ def test_sparse_with_every_chunk_equals_dense(summary):
   cfg, model, rng, shared, _ = _setup()
   store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
                              summary=summary)
-  n_chunks = store.summaries[0].vectors.shape[0]
+  n_chunks = store.summaries[0].num_chunks
   prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
   outs = []
   for mcfg in (MoskaConfig(backend="xla"),

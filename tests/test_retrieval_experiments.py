@@ -4,6 +4,8 @@ import csv
 import json
 import os
 
+import pytest
+
 from tests.test_launcher import _run
 
 TRAIN = ["--train_layers=2", "--train_hidden=64", "--train_heads=4", "--train_kv_heads=2",
@@ -34,7 +36,7 @@ def test_train_then_accuracy(tmp_path):
   res = _run("--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
              "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
              "--accuracy_questions=16", "--accuracy_batch=16", "--accuracy_chunks=32",
-             "--accuracy_summaries=mean,envelope", "--accuracy_sparsities=0,0.75")
+             "--accuracy_summaries=mean,int4", "--accuracy_sparsities=0,0.75")
   assert res.returncode == 0, res.stderr[-3000:]
   _written(tmp_path, "accuracy")
   rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy.csv") if not l.startswith("#")))
@@ -50,21 +52,31 @@ def test_train_then_accuracy(tmp_path):
       assert float(r["attn_rel_err"]) > 1e-4, r  # routing really dropped chunks
 
 
-def test_routed_training_attention_keeps_every_chunk_when_top_k_is_all():
+@pytest.mark.parametrize("summary", ["mean", "int4"])
+def test_routed_training_attention_keeps_every_chunk_when_top_k_is_all(summary):
   """Routed training attention: with every chunk kept it is plain causal attention; with one
-  chunk kept only the question rows change."""
+  chunk kept only the question rows change, and they see exactly the router's chunk."""
   import jax
   import numpy as np
 
   from experiments.train_retrieval import routed_attend
+  from moska_jax import routing
 
   rng = np.random.default_rng(0)
   B, doc, Tq, Hq, Hkv, D, C = 2, 64, 16, 4, 2, 16, 16
   q, k, v = (jax.numpy.asarray(rng.standard_normal((B, doc + Tq, h, D)), "float32")
              for h in (Hq, Hkv, Hkv))
   causal = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-  every = routed_attend("xla", doc, C, doc // C)(0, q, k, v)
+  every = routed_attend("xla", doc, C, doc // C, summary)(0, q, k, v)
   np.testing.assert_allclose(np.asarray(every), np.asarray(causal), atol=1e-5)
-  one = np.asarray(routed_attend("xla", doc, C, 1)(0, q, k, v))
+  one = np.asarray(routed_attend("xla", doc, C, 1, summary)(0, q, k, v))
   np.testing.assert_allclose(one[:, :doc], np.asarray(causal)[:, :doc], atol=1e-5)
   assert np.abs(one[:, doc:] - np.asarray(causal)[:, doc:]).max() > 1e-2
+  # Question row t attends to its own tokens <= t and the one chunk the router picks for it.
+  s = routing.chunk_summaries(k[1, :doc], C, summary=summary)
+  t = 5
+  c = int(routing.route(q[1:2, doc + t:doc + t + 1], s, 1)[0, 0, 0])  # kv head 0: heads 0, 1
+  rows = np.r_[c * C:(c + 1) * C, doc:doc + t + 1]
+  want = jax.nn.dot_product_attention(q[1:2, doc + t:doc + t + 1, :2], k[1:2, rows, :1],
+                                      v[1:2, rows, :1], implementation="xla")
+  np.testing.assert_allclose(one[1, doc + t, :2], np.asarray(want)[0, 0], atol=1e-5)

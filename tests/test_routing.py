@@ -11,29 +11,46 @@ from tests.np_reference import random_normal, rel_err
 
 
 def summaries_np(k, C, n, kind):
-  """[N, Hkv, P, D] float64 summaries of the valid keys of each chunk (zeros if none)."""
+  """float64 summaries of the valid keys of each chunk (zeros if none), as the kind's arrays."""
   k = np.asarray(k, np.float64)
   S, Hkv, D = k.shape
   N = -(-S // C)
-  out = np.zeros((N, Hkv, 2 if kind == "envelope" else 1, D))
+  kc = np.zeros((N, C, Hkv, D))
+  kc.reshape(N * C, Hkv, D)[:S] = k
+  valid = (np.arange(N * C) < n).reshape(N, C)
+  mean = np.zeros((N, Hkv, D))
+  hi, lo, scale = np.zeros((N, Hkv, D)), np.zeros((N, Hkv, D)), np.zeros((N, C, Hkv))
+  codes = np.zeros((N, C, Hkv, D))
   for c in range(N):
-    kc = k[c * C:min((c + 1) * C, n)]
-    if len(kc):
-      out[c] = np.stack([kc.max(0), kc.min(0)], 1) if kind == "envelope" else kc.mean(0)[:, None]
-  return out
+    x = kc[c, valid[c]]
+    if len(x):
+      mean[c], hi[c], lo[c] = x.mean(0), x.max(0), x.min(0)
+      r = x - mean[c]
+      scale[c, valid[c]] = np.abs(r).max(-1) / 7
+      s = scale[c, valid[c]][..., None]
+      codes[c, valid[c]] = np.round(r / np.where(s > 0, s, 1.0))
+  return dict(mean=(mean,), envelope=(hi, lo), int4=(mean, scale, codes, valid))[kind]
 
 
-def scores_np(q, vec, kind):
-  """Router scores [B, Hkv, N]: per query row, summed over the G heads and T tokens."""
+def scores_np(q, arrays, kind):
+  """Router scores [B, Hkv, N]: mean/envelope summed over the G heads and T rows of a (request,
+  kv head), int4 the largest sketched logit over its live (non-zero) rows and valid keys."""
   q = np.asarray(q, np.float64)
   B, T, Hq, D = q.shape
-  N, Hkv = vec.shape[:2]
+  N, Hkv = arrays[0].shape[:2]
   qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
+  if kind == "int4":
+    center, scale, codes, valid = arrays
+    keys = center[:, None] + scale[..., None] * codes  # [N, C, Hkv, D]
+    logit = np.einsum("bthgd,nchd->bthgnc", qg, keys)
+    logit = np.where(valid[None, None, None, None], logit, -np.inf)
+    logit = np.where(np.any(qg != 0, -1)[..., None, None], logit, -np.inf)
+    return logit.max(axis=(1, 3, 5))
   if kind == "envelope":  # Quest: sum_d max(q_d hi_d, q_d lo_d)
-    per_row = np.maximum(np.einsum("bthgd,nhd->bthgnd", qg, vec[:, :, 0]),
-                         np.einsum("bthgd,nhd->bthgnd", qg, vec[:, :, 1])).sum(-1)
+    per_row = np.maximum(np.einsum("bthgd,nhd->bthgnd", qg, arrays[0]),
+                         np.einsum("bthgd,nhd->bthgnd", qg, arrays[1])).sum(-1)
   else:
-    per_row = np.einsum("bthgd,nhd->bthgn", qg, vec[:, :, 0])
+    per_row = np.einsum("bthgd,nhd->bthgn", qg, arrays[0])
   return per_row.sum(axis=(1, 3))
 
 
@@ -54,7 +71,10 @@ def _assert_top_k(ids, scores, valid_n, forced=()):
         assert np.ptp(scores[b, h, list(diff)]) < 1e-4 * np.abs(scores[b, h]).max(), (got, want)
 
 
-@pytest.mark.parametrize("kind", ["mean", "envelope"])
+KINDS = ["mean", "envelope", "int4"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("kv_length", [None, 700, 129])
 def test_chunk_summaries_match_numpy(kind, kv_length):
   rng = np.random.default_rng(1)
@@ -62,10 +82,32 @@ def test_chunk_summaries_match_numpy(kind, kv_length):
   s = jax.jit(lambda k, n: routing.chunk_summaries(k, 128, n, summary=kind))(k, kv_length)
   n = 1000 if kv_length is None else kv_length
   assert s.kind == kind and s.chunk_size == 128 and int(s.num_valid_chunks) == -(-n // 128)
-  np.testing.assert_allclose(np.asarray(s.vectors), summaries_np(k, 128, n, kind), atol=1e-5)
+  assert s.num_chunks == 8
+  want = summaries_np(k, 128, n, kind)
+  assert len(s.arrays) == len(want)
+  if kind == "int4":  # codes: rounding may differ from float64 only at a .5 tie
+    center, scale, codes, valid = (np.asarray(x) for x in s.arrays)
+    assert codes.dtype == jnp.int4 and valid.dtype == bool
+    codes = codes.astype(np.float64)
+    kc = np.zeros(codes.shape)
+    kc.reshape(-1, *codes.shape[2:])[:1000] = k
+    ratio = (kc - want[0][:, None]) / np.where(want[1] > 0, want[1], 1.0)[..., None]
+    tie = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-4  # f32 vs f64 may round apart
+    assert np.all((codes == want[2]) | (tie & valid[..., None, None]))
+    assert np.abs(codes).max() <= 7
+    np.testing.assert_array_equal(codes[~valid], 0)
+    np.testing.assert_array_equal(valid, want[3])
+    # every valid key is within half a quantization step of its sketch
+    err = np.abs(center[:, None] + scale[..., None] * codes - kc)
+    assert np.all((err <= scale[..., None] / 2 + 1e-5)[valid])
+    got, want = (center, scale), want[:2]
+  else:
+    got = s.arrays
+  for x, y in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(x), y, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["mean", "envelope"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top_k", [1, 3, 8])
 def test_route_is_top_k_of_aggregated_scores(kind, top_k):
   rng = np.random.default_rng(top_k)
@@ -78,7 +120,7 @@ def test_route_is_top_k_of_aggregated_scores(kind, top_k):
   _assert_top_k(ids, scores_np(q, summaries_np(k, C, 500, kind), kind), 8)
 
 
-@pytest.mark.parametrize("kind", ["mean", "envelope"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_route_always_include_and_kv_length(kind):
   rng = np.random.default_rng(2)
   B, Hq, Hkv, D, C, n = 4, 4, 1, 16, 32, 200  # 10 chunks, 7 hold keys before 200
@@ -101,7 +143,7 @@ def test_route_plain_array_and_traced_num_valid():
   q = random_normal(rng, (3, 1, 4, 16), jnp.float32)
   fn = jax.jit(lambda q, n: routing.route(q, vec, 2, num_valid_chunks=n))
   ids = np.asarray(fn(q, jnp.int32(4)))
-  _assert_top_k(ids, scores_np(q, np.asarray(vec)[:, :, None], "mean"), 4)
+  _assert_top_k(ids, scores_np(q, (np.asarray(vec),), "mean"), 4)
 
 
 def test_route_validation_errors():
@@ -146,7 +188,7 @@ def test_chunk_summaries_rejects_a_non_scalar_kv_length():
     routing.chunk_summaries(jnp.ones((64, 1, 8)), 16, kv_length=jnp.array([10, 20]))
 
 
-@pytest.mark.parametrize("kind", ["mean", "envelope"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_zero_padding_rows_do_not_steer_routing(kind):
   """The engine zeroes the padding rows of a fixed-shape step: the real rows alone decide."""
   rng = np.random.default_rng(5)
@@ -160,3 +202,24 @@ def test_zero_padding_rows_do_not_steer_routing(kind):
   for b in range(B):
     want = np.asarray(routing.route(q[b:b + 1, :real[b]], s, 3))
     np.testing.assert_array_equal(got[b], want[0])
+
+
+def test_int4_routes_to_the_chunk_holding_one_matching_key():
+  """A needle: one key in one chunk matches one query head; the group's other head and every
+  other key are random. int4 picks that chunk for every request (a mean would dilute the key
+  1/C among its chunk's keys); the plain top-1 of float64 sketched logits agrees."""
+  rng = np.random.default_rng(6)
+  B, Hq, Hkv, D, C, N = 6, 4, 2, 32, 64, 16
+  k = rng.standard_normal((N * C, Hkv, D))
+  q = rng.standard_normal((B, 1, Hq, D))
+  needle = rng.integers(0, N, (B, Hkv))
+  for b in range(B):
+    for h in range(Hkv):
+      c = needle[b, h]
+      # a key aligned with the group's first query head of request b, hidden among C keys
+      k[c * C + rng.integers(C), h] = 2.5 * np.sqrt(D) * q[b, 0, h * 2] / np.linalg.norm(
+          q[b, 0, h * 2])
+  for b in range(B):
+    s = routing.chunk_summaries(jnp.asarray(k, jnp.float32), C, summary="int4")
+    ids = np.asarray(routing.route(jnp.asarray(q[b:b + 1], jnp.float32), s, 1))
+    np.testing.assert_array_equal(ids[0, :, 0], needle[b])

@@ -122,7 +122,7 @@ def test_shared_kv_is_split_in_whole_chunks(split, data):
   s_local, n_local = s_pad // n, s_pad // n // C
   assert s_pad % (n * C) == 0 and s_pad - S < n * C and store.kv_length == S
   k_pad = np.pad(k, ((0, s_pad - S), (0, 0), (0, 0)))
-  vec = store.summaries.vectors
+  vec = store.summaries.arrays[0]
   for arr, full, rows in ((store.k, k_pad, s_local), (store.v, None, s_local),
                           (vec, None, n_local)):
     assert arr.sharding == NamedSharding(groups.shared_mesh, P("kv"))
