@@ -8,6 +8,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from moska_jax.routing import SUMMARIES
 from pallas_kernels import BACKENDS
 
 
@@ -121,6 +122,9 @@ class MoskaConfig:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+    if self.summary not in SUMMARIES:
+      raise ValueError(f"MoskaConfig.summary must be one of {sorted(SUMMARIES)}, got "
+                       f"{self.summary!r}")
 
   def chunks_kept(self, num_chunks: int) -> int:
     """K for a store of num_chunks chunks (at least len(always_include), at most N)."""

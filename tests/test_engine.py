@@ -95,6 +95,9 @@ def test_validation_errors(setup):
     engine.generate(["x" * 10], 2)  # 2 usable pages of 4 tokens
   with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
     engine.generate(["ok"], 0)
+  with pytest.raises(ValueError, match=r"MoskaConfig.summary must be one of \['envelope', "
+                     r"'int4', 'mean'\], got 'median'"):
+    MoskaConfig(mode="sparse", top_k=1, summary="median")
   with pytest.raises(ValueError, match="chunk_size=32 must match"):
     MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=1, chunk_size=32),
                 max_batch=1, num_pages=3)
