@@ -17,9 +17,12 @@ times G query heads -- into one score per chunk.
   center, one scale per key and codes in [-7, 7]; the score is the chunk's largest approximate
   logit, MAXED over the group's rows. This one finds needles: a chunk that holds a
   single key matching one head's query scores high even though its other keys (and the group's
-  other heads) do not. It reads 4 bits per key dimension (1/8 of the K/V bytes in bfloat16) but
-  does a query-key product with every key, half the FLOPs of dense attention; it pays off where
-  shared attention is bound by memory, not compute.
+  other heads) do not. The sketch is 4 bits per key dimension plus a scale per key (about 1/8
+  of the bf16 K/V bytes), but scoring multiplies the queries with every key: half the FLOPs of
+  dense attention, so it can only pay off where shared attention is bound by memory. The scorer
+  here is plain XLA, which dequantizes the codes block by block into memory: on an H100 it costs
+  more than dense attention (experiments/results/sparse_attention_int4.md); a fused kernel is
+  not written yet.
 Single-vector summaries cannot find needles: on the trained retrieval model
 (`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
 choice, while "int4" matches routing by the exact logits.
