@@ -149,11 +149,14 @@ def main() -> None:
     base = build_shared_store(model, tokens[0], chunk_size=chunk_sizes[0], backend=backend)
     prompts, idx = task.questions(keys[0], rng, FLAGS.accuracy_questions)
     answers = values[0, idx]
+    # Summaries once per (chunk size, kind) of this document, shared by every config using them.
+    stores = {(c, kind): base.with_summaries(c, kind)
+              for c in chunk_sizes for kind in FLAGS.accuracy_summaries}
     asked += len(prompts)
     logging.info("document %d/%d: %d tokens, %d questions", d + 1, FLAGS.accuracy_docs, length,
                  len(prompts))
     for j, mcfg in enumerate([dense, *sparse]):
-      store = base if mcfg.mode == "dense" else base.with_summaries(mcfg.chunk_size, mcfg.summary)
+      store = base if mcfg.mode == "dense" else stores[mcfg.chunk_size, mcfg.summary]
       if j not in engines:
         engines[j] = MoskaEngine(model, store, mcfg, max_batch=FLAGS.accuracy_batch,
                                  num_pages=FLAGS.accuracy_batch + 1, page_size=16,
@@ -163,12 +166,13 @@ def main() -> None:
       got = np.array([r.tokens[0] for r in engine.generate(prompts, 1)])
       hits[j] += int(np.sum(got == answers))
     for c in chunk_sizes:
-      for j, n in enumerate(oracle_accuracy(model, base.with_summaries(c), np.array(prompts),
-                                            answers, c, sparsities, backend)):
+      oracle = oracle_accuracy(model, stores[c, FLAGS.accuracy_summaries[0]], np.array(prompts),
+                               answers, c, sparsities, backend)
+      for j, n in enumerate(oracle):
         oracle_hits[c, j] += n
       for kind in FLAGS.accuracy_summaries:
         group = [m for m in sparse if m.chunk_size == c and m.summary == kind]
-        e = attention_errors(model, base.with_summaries(c, kind), np.array(prompts), group, dense)
+        e = attention_errors(model, stores[c, kind], np.array(prompts), group, dense)
         for m, em in zip(group, e):
           errs[id(m)].append(em)
     logging.info("document %d: dense accuracy so far %.3f", d + 1, hits[0] / asked)
