@@ -89,7 +89,8 @@ def _sampler(sampling: Sampling):
 
 def _zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
   """Zeroes the query rows past fed[b] (padding of a fixed-shape step): their outputs are never
-  read, and a zero row adds nothing to the router's score, so padding cannot steer routing."""
+  read, and a zero row takes no part in the router's score (`routing.route`), so padding cannot
+  steer routing."""
   valid = jnp.arange(q.shape[1])[None, :] < fed[:, None]
   return jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
 
