@@ -318,25 +318,12 @@ def _shard_map(f, mesh: Mesh, in_specs, out_specs):
   return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
-def _merge_across(o: jax.Array, lse: jax.Array, axis: str) -> tuple[jax.Array, jax.Array]:
-  """The LSE merge of per-device partials as collectives: pmax of lse, then psum of the weights
-  exp(lse - max) and of the weighted o. Devices with no valid key (lse = -inf) weigh exactly 0."""
-  m = jax.lax.pmax(lse, axis)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)  # every device empty: keep exp() finite
-  w = jnp.exp(lse - m)
-  w_o = jnp.where(w[..., None] > 0, w[..., None] * o.astype(jnp.float32), 0.0)
-  total = jax.lax.psum(w, axis)
-  out = jax.lax.psum(w_o, axis) / jnp.where(total > 0, total, 1.0)[..., None]
-  out_lse = jnp.where(total > 0, m + jnp.log(total), -jnp.inf)
-  return out.astype(o.dtype), out_lse
-
-
 @functools.lru_cache(maxsize=None)
 def _shared_program(mesh: Mesh, mode: str, top_k: int | None, always_include: tuple[int, ...],
                     chunk_size: int | None, sm_scale: float | None, backend: str,
                     interpret: bool):
   """The jitted shared-group program for one configuration (mode: "dense" or "sparse")."""
-  from pallas_kernels import chunk_attention, shared_attention
+  from pallas_kernels import chunk_attention, merge_partials, shared_attention
 
   def local(q, k, v, kv_length, chunk_ids=None):
     # k, v are this device's rows [i * S_local, (i + 1) * S_local) of the padded store.
@@ -354,7 +341,7 @@ def _shared_program(mesh: Mesh, mode: str, top_k: int | None, always_include: tu
       ids = jnp.where((chunk_ids >= 0) & (ids >= 0) & (ids < per_device), ids, -1)
       o, lse = chunk_attention(q, k, v, ids, chunk_size=chunk_size, sm_scale=sm_scale,
                                kv_length=n, backend=backend, interpret=interpret)
-    return _merge_across(o, lse, SHARED_AXIS)
+    return merge_partials(o, lse, axis_name=SHARED_AXIS)
 
   rows = P(SHARED_AXIS)
 

@@ -6,7 +6,9 @@ lse_i = logsumexp(s_i). For disjoint key sets the attention over their union is
     lse = log(sum_i exp(lse_i)),   o = sum_i exp(lse_i - lse) * o_i.
 
 An empty key set has lse_i = -inf and contributes nothing (whatever its o_i holds); if every set is
-empty the result is o = 0, lse = -inf. Plain jnp: XLA fuses it into its neighbours.
+empty the result is o = 0, lse = -inf. The partials are stacked along an array axis, or held one
+per device of a `shard_map` axis (`axis_name`: the same merge as max-then-sum collectives). Plain
+jnp: XLA fuses it into its neighbours.
 """
 
 from __future__ import annotations
@@ -15,29 +17,38 @@ import jax
 import jax.numpy as jnp
 
 
-def merge_partials(o: jax.Array, lse: jax.Array, axis: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Merges partial states stacked along `axis`.
+def merge_partials(o: jax.Array, lse: jax.Array, axis: int = 0, *,
+                   axis_name: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Merges partial states stacked along `axis`, or spread over the devices of `axis_name`.
 
   Args:
-    o: partial outputs [..., P, ..., D] (P partials along `axis`, D last).
+    o: partial outputs [..., D] (the partials along `axis`, which must not be o's last axis).
     lse: partial log-sum-exps, the shape of `o` without its last axis; float32.
-    axis: the axis of `lse` (and of `o`) that holds the partials; must not be o's last axis.
+    axis: the axis of `lse` (and of `o`) that holds the partials (ignored with axis_name).
+    axis_name: a mesh axis of the enclosing `shard_map`; each device holds one partial and all
+      devices get the merged state (pmax of lse, then psum of the weights and weighted outputs).
 
   Returns:
-    (o, lse) with `axis` reduced; o in o's dtype, lse float32.
+    (o, lse) with `axis` reduced (or replicated over axis_name); o in o's dtype, lse float32.
   """
   if o.shape[:-1] != lse.shape:
     raise ValueError(f"merge_partials: lse must have shape o.shape[:-1]={o.shape[:-1]}, "
                      f"got {lse.shape}")
-  axis = axis % lse.ndim
   lse = lse.astype(jnp.float32)
-  m = jnp.max(lse, axis=axis, keepdims=True)
+  if axis_name is None:
+    axis = axis % lse.ndim
+    m = jnp.max(lse, axis=axis, keepdims=True)
+    total_of = lambda x: jnp.sum(x, axis=axis)
+  else:
+    m = jax.lax.pmax(lse, axis_name)
+    total_of = lambda x: jax.lax.psum(x, axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)  # all-empty rows: keep exp() finite
   w = jnp.exp(lse - m)  # exactly 0 for empty partials
-  total = jnp.sum(w, axis=axis)
+  total = total_of(w)
   w_o = jnp.where(w[..., None] > 0, w[..., None] * o.astype(jnp.float32), 0.0)
-  out = jnp.sum(w_o, axis=axis) / jnp.where(total > 0, total, 1.0)[..., None]
-  out_lse = jnp.where(total > 0, jnp.squeeze(m, axis) + jnp.log(total), -jnp.inf)
+  out = total_of(w_o) / jnp.where(total > 0, total, 1.0)[..., None]
+  m = jnp.squeeze(m, axis) if axis_name is None else m
+  out_lse = jnp.where(total > 0, m + jnp.log(total), -jnp.inf)
   return out.astype(o.dtype), out_lse
 
 
