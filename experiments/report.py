@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -25,6 +26,14 @@ def pyplot():
     logging.warning("matplotlib missing (pip install .[bench]): no plot")
     return None
   return plt
+
+
+def plan_note(plan) -> str:
+  """A kernel plan (`pallas_kernels.Plan`) in one short cell: implementation and config fields."""
+  if plan.config is None:
+    return plan.implementation
+  fields = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(plan.config).items())
+  return f"{plan.implementation} {fields}"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:

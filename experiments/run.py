@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "shared_attention": "experiments.shared_attention",
     "unique_attention": "experiments.unique_attention",
     "sparse_attention": "experiments.sparse_attention",
+    "kernels": "experiments.kernels",
     "decode": "experiments.decode",
     "disaggregation": "experiments.disaggregation",
     "roofline": "experiments.roofline",

@@ -11,18 +11,17 @@ bandwidth) are measured in the same run; the floor is max(KV bytes / bandwidth, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from absl import flags, logging
 
+import pallas_kernels as pk
 from experiments import common, report, timing
-from pallas_kernels import SharedAttentionBlocks, shared_attention
-from pallas_kernels import layout
+from experiments.report import plan_note
+from pallas_kernels import shared_attention
 from pallas_kernels.reference import shared_attention_ref
-from pallas_kernels.shared_attention import choose_blocks
 
 flags.DEFINE_list("shared_lengths", ["131072", "1048576"], "shared_attention: S values.")
 flags.DEFINE_list("shared_batches", ["1", "8", "32", "128", "512"], "shared_attention: B values.")
@@ -69,24 +68,6 @@ def paged_baseline(page_size: int = 16):
   return jax.jit(run), pages
 
 
-def sweep_candidates(dims: layout.AttentionDims, dtype) -> list[SharedAttentionBlocks]:
-  """The heuristic's tiling first, then neighbours (block sizes, warps, stages, splits, kernel)."""
-  base = choose_blocks(dims, "gpu", dtype)
-  out = set()
-  if base.kernel == "mosaic":
-    for bk, stages in ((64, 2), (64, 3), (64, 4)):
-      out.add(dataclasses.replace(base, block_k=bk, num_stages=stages))
-    triton = dataclasses.replace(base, kernel="triton", block_k=64, num_warps=8, num_stages=3)
-    out.add(triton)
-  else:
-    for bk, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2)):
-      out.add(dataclasses.replace(base, block_k=bk, num_warps=warps, num_stages=stages))
-  for f in (0.5, 2.0):
-    out.add(dataclasses.replace(base, num_splits=max(1, int(base.num_splits * f))))
-  out.discard(base)
-  return [base, *sorted(out, key=dataclasses.astuple)]
-
-
 def check_correctness(key) -> float:
   """Relative error of the GPU kernel vs the f32 reference on a ragged bf16 problem."""
   kq, kk, kv = jax.random.split(key, 3)
@@ -126,7 +107,6 @@ def main() -> None:
     for B in map(int, FLAGS.shared_batches):
       kq, key = jax.random.split(key)
       q = jax.random.normal(kq, (B, 1, Hq, D), dtype)
-      dims = layout.AttentionDims(B, 1, Hq, Hkv, D, S)
       flops = 4.0 * B * Hq * S * D
       floor = ceil.floor_s(flops, kv_bytes)
       times: dict[str, float] = {}
@@ -139,21 +119,20 @@ def main() -> None:
         logging.info("S=%d B=%d %-28s %8.3f ms  %.2fx floor", S, B, impl, seconds * 1e3,
                      seconds / floor)
 
-      heuristic = choose_blocks(dims, "gpu", dtype)
-      cands = sweep_candidates(dims, dtype) if FLAGS.shared_sweep else [heuristic]
-      best_blocks, best = heuristic, math.inf
-      for blocks in cands:
-        fn = jax.jit(lambda q, k, v, b=blocks: shared_attention(q, k, v, backend=FLAGS.backend,
-                                                                blocks=b)[0])
+      plans = (pk.sweep if FLAGS.shared_sweep else lambda *a, **k: [pk.plan(*a, **k)])(
+          "shared_attention", q, k, v, backend=FLAGS.backend)
+      heuristic, best_plan, best = plans[0], plans[0], math.inf
+      for plan in plans:
+        fn = jax.jit(lambda q, k, v, p=plan: shared_attention(
+            q, k, v, implementation=p.implementation, config=p.config)[0])
         try:
           t = timing.time_fn(fn, q, k, v)
         except Exception as e:  # a sweep candidate may not compile (e.g. shared memory)
-          logging.warning("blocks %s failed: %s", blocks, str(e).splitlines()[-1][:200])
+          logging.warning("plan %s failed: %s", plan, str(e).splitlines()[-1][:200])
           continue
-        record("ours" if blocks == heuristic else "ours_sweep", t,
-               note=str(dataclasses.astuple(blocks)))
+        record("ours" if plan == heuristic else "ours_sweep", t, note=plan_note(plan))
         if t < best:
-          best, best_blocks = t, blocks
+          best, best_plan = t, plan
       t_heur = times["ours"]
       if "cudnn" in FLAGS.shared_baselines:
         record("cudnn", timing.time_fn(jax.jit(cudnn_attention), q, k, v))
@@ -174,7 +153,7 @@ def main() -> None:
           cudnn_over_ours=times.get("cudnn", math.nan) / t_heur,
           xla_over_ours=times.get("xla_einsum", math.nan) / t_heur,
           paged_over_ours=times.get("paged_per_request", math.nan) / t_heur,
-          heuristic=str(dataclasses.astuple(heuristic)), best=str(dataclasses.astuple(best_blocks))))
+          heuristic=plan_note(heuristic), best=plan_note(best_plan)))
   env["ceilings"] = (f"bf16 matmul {ceil.matmul_flops / 1e12:.0f} TFLOP/s, copy "
                      f"{ceil.copy_bytes_per_s / 1e12:.2f} TB/s (read+write), measured in this run")
   env["correctness"] = f"GPU kernel vs f32 reference (bf16, B=17, S=4097, kv_length=4000): rel err {err:.1e}"
@@ -182,7 +161,7 @@ def main() -> None:
                        "shared_attention: every timing")
   report.write_results(FLAGS.out_dir, "shared_attention", summary, env,
                        "shared_attention: ours vs baselines and the roofline floor",
-                       notes="Blocks are (block_m, block_k, num_splits, num_warps, num_stages). "
+                       notes="heuristic / best: the implementation and its config. "
                              "x_floor = time / max(KV bytes / copy BW, FLOPs / matmul rate).")
   _plot(summary, FLAGS.out_dir)
   print(report.markdown_table([{k: r[k] for k in ("S", "B", "ours_ms", "best_ms", "floor_ms",

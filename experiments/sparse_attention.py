@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 from absl import flags, logging
 
+import pallas_kernels as pk
 from experiments import common, report, timing
+from experiments.report import plan_note
 from moska_jax import routing
 from pallas_kernels import chunk_attention, shared_attention
-from pallas_kernels.chunk_attention import choose_blocks
-from pallas_kernels import layout
 from pallas_kernels.reference import chunk_attention_ref
 
 flags.DEFINE_integer("sparse_length", 1048576, "sparse_attention: shared tokens S.")
@@ -126,7 +126,7 @@ def main() -> None:
           union = union_chunks(ids, N)
           flops = 4.0 * B * Hq * K * C * D
           floor = ceil.floor_s(flops, 2.0 * union * C * D * itemsize)
-          blocks = choose_blocks(layout.AttentionDims(B, 1, Hq, Hkv, D, S), K, C, "gpu")
+          plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
           total = t_route + t_chunk
           rows.append(dict(
               C=C, B=B, sparsity=sparsity, regime=regime, K=K, coverage=union / (Hkv * N),
@@ -134,7 +134,7 @@ def main() -> None:
               total_over_dense=total / dense[B], floor_ms=floor * 1e3,
               chunk_x_floor=t_chunk / floor, total_x_floor=total / floor,
               chunk_tflops=flops / t_chunk / 1e12,
-              blocks=f"{blocks.kernel} {blocks.block_m}x{blocks.block_k}"))
+              plan=plan_note(plan)))
           logging.info("C=%d B=%d sp=%.2f %-10s cov %.2f route %.3f ms chunk %.3f ms dense %.3f "
                        "ms -> %.3fx dense, %.2fx floor", C, B, sparsity, regime,
                        union / (Hkv * N), t_route * 1e3, t_chunk * 1e3, dense[B] * 1e3,
@@ -177,7 +177,7 @@ def _notes(rows: list[dict]) -> str:
   lines = [
       "coverage = chosen (kv head, chunk) tiles / all tiles (the fraction of the shared KV read). "
       "floor = max(2 * union tiles * C * D * bytes / copy BW, 4 * B * Hq * K * C * D / matmul "
-      "rate). total = router + chunk_attention; blocks = block_m x block_k of the GPU heuristic.",
+      "rate). total = router + chunk_attention; plan = the chunk kernel and its config.",
       "",
       "Goals (issue 9): correlated routing, C=512, B=128: total / dense <= 0.35 at 75% sparsity "
       "and <= 0.15 at 90%; uniform routing: chunk_attention within 1.25x of its floor.",

@@ -22,10 +22,10 @@ import numpy as np
 from absl import flags, logging
 
 from experiments import common, report, timing
-from pallas_kernels import UniqueAttentionBlocks, unique_attention
-from pallas_kernels import layout
+from experiments.report import plan_note
+import pallas_kernels as pk
+from pallas_kernels import unique_attention
 from pallas_kernels.reference import unique_attention_ref
-from pallas_kernels.unique_attention import choose_blocks
 
 flags.DEFINE_list("unique_lengths", ["4096", "65536"], "unique_attention: L values (max length).")
 flags.DEFINE_list("unique_batches", ["1", "8", "64"], "unique_attention: B values.")
@@ -105,20 +105,6 @@ def paged_baseline():
   return jax.jit(run), lambda pages: jnp.transpose(pages, (2, 0, 1, 3))
 
 
-def sweep_candidates(dims: layout.AttentionDims, page_size: int) -> list[UniqueAttentionBlocks]:
-  """The heuristic's tiling and neighbours: keys per block, warps, stages, splits."""
-  base = choose_blocks(dims, page_size, "gpu")
-  out = set()
-  for keys, warps, stages in ((64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 3),
-                              (128, 4, 4)):
-    ppb = max(1, keys // page_size)
-    out.add(dataclasses.replace(base, pages_per_block=ppb, num_warps=warps, num_stages=stages))
-  for f in (0.5, 2.0):
-    out.add(dataclasses.replace(base, num_splits=max(1, int(base.num_splits * f))))
-  out.discard(base)
-  return [base, *sorted(out, key=dataclasses.astuple)]
-
-
 def rel_err(x, ref) -> float:
   x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
   return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
@@ -157,7 +143,6 @@ def main() -> None:
                                            map(int, FLAGS.unique_batches)):
     sub, key = jax.random.split(key)
     p = make_problem(sub, B, L, page_size, dims3, dtype, rotate_bytes, rng)
-    dims = layout.AttentionDims(B, 1, Hq, Hkv, D, L)
     times: dict[str, float] = {}
     outs: dict[str, jax.Array] = {}
 
@@ -181,16 +166,17 @@ def main() -> None:
                    impl, seconds * 1e3, tbps, tbps * 1e12 / copy_bw, note)
       return seconds
 
-    heuristic = choose_blocks(dims, page_size, "gpu")
-    cands = sweep_candidates(dims, page_size) if FLAGS.unique_sweep else [heuristic]
-    best_blocks, best = heuristic, math.inf
-    for blocks in cands:
-      fn = jax.jit(lambda *a, b=blocks: unique_attention(*a, backend=FLAGS.backend,
-                                                         blocks=b)[0])
-      t = record("ours" if blocks == heuristic else "ours_sweep", fn, p.k_pages, p.v_pages,
-                 note=str(dataclasses.astuple(blocks)))
+    args = (p.q, p.k_pages, p.v_pages, p.tables[0], p.lengths)
+    plans = (pk.sweep if FLAGS.unique_sweep else lambda *a, **k: [pk.plan(*a, **k)])(
+        "unique_attention", *args, backend=FLAGS.backend)
+    heuristic, best_plan, best = plans[0], plans[0], math.inf
+    for plan in plans:
+      fn = jax.jit(lambda *a, pl=plan: unique_attention(*a, implementation=pl.implementation,
+                                                        config=pl.config)[0])
+      t = record("ours" if plan == heuristic else "ours_sweep", fn, p.k_pages, p.v_pages,
+                 note=plan_note(plan))
       if t < best:
-        best, best_blocks = t, blocks
+        best, best_plan = t, plan
     if "paged" in FLAGS.unique_baselines:
       if on_gpu:
         fn, to_layout = paged_baseline()
@@ -216,7 +202,7 @@ def main() -> None:
         paged_over_ours=times.get("jax_paged", math.nan) / t_ours,
         xla_over_ours=times.get("xla_gather", math.nan) / t_ours,
         err_vs_xla=rel_err(outs["ours"], ref) if ref is not None and "ours" in outs else math.nan,
-        heuristic=str(dataclasses.astuple(heuristic)), best=str(dataclasses.astuple(best_blocks)),
+        heuristic=plan_note(heuristic), best=plan_note(best_plan),
         rotations=len(p.tables)))
     del p
   env["ceilings"] = (f"copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul "

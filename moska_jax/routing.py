@@ -41,7 +41,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_attention import ChunkGroups, group_by_chunk  # noqa: F401  (re-export)
 
 _HI = jax.lax.Precision.HIGHEST
 _INT4_LEVELS = 7  # codes in [-7, 7]: symmetric, 15 of the 16 int4 values

@@ -1,26 +1,43 @@
 """Pallas kernels for MoSKA: shared-KV, routed-chunk and unique (paged) attention, plus the merge.
 
 Every op returns (o, lse) so partial attentions over disjoint key sets combine exactly with
-`merge_attention_states`. Each op has a pure-jnp reference in `pallas_kernels.reference`.
+`merge_attention_states`, and takes `implementation=` ("auto" or a name from
+`implementations(op)`) with that implementation's own `config=`; `plan` shows what a call would
+run and `sweep` what to time. Each op has a pure-jnp reference in `pallas_kernels.reference`.
 """
 
-from pallas_kernels import reference
-from pallas_kernels.backend import BACKENDS
-from pallas_kernels.chunk_attention import ChunkAttentionBlocks, chunk_attention
+from pallas_kernels import reference, targets
+from pallas_kernels.chunk_attention import chunk_attention
+from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep
+from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
+                                        TritonChunkConfig, TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.merge import merge_attention_states, merge_partials
-from pallas_kernels.shared_attention import SharedAttentionBlocks, shared_attention
-from pallas_kernels.unique_attention import UniqueAttentionBlocks, unique_attention, write_pages
+from pallas_kernels.shared_attention import shared_attention
+from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuSharedConfig,
+                                        MosaicTpuUniqueConfig)
+from pallas_kernels.unique_attention import unique_attention, write_pages
 
 __all__ = [
     "BACKENDS",
-    "ChunkAttentionBlocks",
-    "SharedAttentionBlocks",
-    "UniqueAttentionBlocks",
+    "MosaicGpuChunkConfig",
+    "MosaicGpuSharedConfig",
+    "MosaicTpuChunkConfig",
+    "MosaicTpuSharedConfig",
+    "MosaicTpuUniqueConfig",
+    "Plan",
+    "TritonChunkConfig",
+    "TritonSharedConfig",
+    "TritonUniqueConfig",
     "chunk_attention",
+    "implementations",
     "merge_attention_states",
     "merge_partials",
+    "plan",
+    "plans_used",
     "reference",
     "shared_attention",
+    "sweep",
+    "targets",
     "unique_attention",
     "write_pages",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import (check_chunk_ids, check_kv_length, check_paged_inputs,
-                                   check_shared_kv_inputs, default_sm_scale)
-from pallas_kernels.merge import merge_attention_states  # noqa: F401  (part of the reference API)
+from pallas_kernels.checks import (check_chunk_ids, check_kv_length, check_paged_inputs,
+                                   check_shared_kv_inputs)
+from pallas_kernels.grouping import selected_chunks
+from pallas_kernels.numerics import default_sm_scale
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -116,11 +117,7 @@ def chunk_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax
   kv_length = check_kv_length(kv_length, op="chunk_attention_ref")
   B, T, Hq, Hkv, D, S = dims
   scale = default_sm_scale(sm_scale, D)
-  b = jnp.arange(B)[:, None, None]
-  h = jnp.arange(Hkv)[None, :, None]
-  ids = jnp.where(chunk_ids >= 0, chunk_ids, n_chunks)  # negative ids would wrap: push past N
-  chosen = jnp.zeros((B, Hkv, n_chunks), bool).at[b, h, ids].set(True, mode="drop")
-  mask = chosen[:, :, jnp.arange(S) // chunk_size]  # [B, Hkv, S]
+  mask = selected_chunks(chunk_ids, n_chunks)[:, :, jnp.arange(S) // chunk_size]  # [B, Hkv, S]
   if kv_length is not None:
     mask = mask & (jnp.arange(S) < kv_length)
   qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)

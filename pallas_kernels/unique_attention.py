@@ -5,89 +5,110 @@ Hkv, D]` and a length. This path reads every valid page once per step and is ban
 kernels fold the G query heads and T tokens of a request's kv head into the rows of one matmul,
 read several pages per compute block, skip pages past each request's length, and split each
 request's pages across programs (flash decoding) when there are few requests, merging the partial
-states by log-sum-exp. `UniqueAttentionBlocks` holds the tiling; `choose_blocks` is the heuristic.
-`write_pages` appends new tokens to the pages (in place when the caller donates the pool).
+states by log-sum-exp. `write_pages` appends new tokens to the pages (in place when the caller
+donates the pool).
+
+Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import layout, merge
-from pallas_kernels.backend import num_cores, resolve_backend, tpu_interpret
+from pallas_kernels import checks, dispatch, layout
+from pallas_kernels.dispatch import Implementation, Partials
+from pallas_kernels.gpu import triton_unique
+from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.gpu.configs import TritonUniqueConfig
+from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import unique_attention_ref
+from pallas_kernels.tpu import mosaic_unique
+from pallas_kernels.tpu import tuning as tpu_tuning
+from pallas_kernels.tpu.configs import MosaicTpuUniqueConfig
 
-# Keys per compute block: 128 keys x D=128 in bf16 is 32 KiB of K and of V per pipeline stage.
-BLOCK_KEYS = 128
-# Fewest compute blocks per split: below it the partial outputs cost more than the split gains.
-MIN_BLOCKS_PER_SPLIT = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class UniqueAttentionBlocks:
-  """Tiling of one unique-attention call (override the heuristic with an instance).
-
-  pages_per_block: pages per compute block (GPU: times page_size a power of two >= 16);
-  num_splits: programs per (request, kv head) along the request's pages;
-  num_warps / num_stages: Triton launch knobs (GPU only).
-  """
-
-  pages_per_block: int
-  num_splits: int
-  num_warps: int = 4
-  num_stages: int = 2
+OP_NAME = "unique_attention"
 
 
-def _rows(T: int, G: int, backend: str) -> int:
-  """Padded query rows per (request, kv head): a power of two >= 16 on GPU (tl.dot), else 16k."""
-  n = T * G
-  if backend == "gpu":
-    return max(16, 1 << (n - 1).bit_length())
-  return 16 * math.ceil(n / 16)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniqueProblem(dispatch.Problem):
+  k_pages: Any  # [P, page_size, Hkv, D]; dims.S = max_pages * page_size
+  v_pages: Any
+  block_tables: Any  # [B, max_pages]
+  lengths: Any  # [B]
+  page_size: int
 
 
-def choose_blocks(dims: layout.AttentionDims, page_size: int,
-                  backend: str) -> UniqueAttentionBlocks:
-  """Heuristic: ~BLOCK_KEYS keys per block, then split pages until ~4 programs per core (GPU).
-
-  dims.S is the padded capacity max_pages * page_size; the splits follow each request's own
-  length at run time, so the padded size only caps how many splits are worth having.
-  """
-  pages_per_block = max(1, BLOCK_KEYS // page_size)
-  max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
-  if backend == "gpu":
-    programs, target = dims.B * dims.Hkv, 4 * num_cores()
-  else:
-    from pallas_kernels.tpu.shared_attention import heads_per_block
-
-    programs, target = dims.B * (dims.Hkv // heads_per_block(dims.Hkv, dims.D)), 2  # megacore
-  splits = min(math.ceil(target / programs), max_blocks // MIN_BLOCKS_PER_SPLIT)
-  warps = 8 if _rows(dims.T, dims.G, backend) >= 128 else 4
-  return UniqueAttentionBlocks(pages_per_block, max(1, splits), num_warps=warps, num_stages=2)
+def _problem(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None) -> UniqueProblem:
+  dims, page_size = checks.check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
+                                              op=OP_NAME)
+  return UniqueProblem(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=block_tables,
+                       lengths=lengths, sm_scale=sm_scale, dims=dims, page_size=page_size)
 
 
-def _check_blocks(blocks: UniqueAttentionBlocks, page_size: int, backend: str) -> None:
-  if blocks.pages_per_block < 1 or blocks.num_splits < 1:
-    raise ValueError("unique_attention: blocks.pages_per_block and blocks.num_splits must be >= 1, "
-                     f"got {blocks.pages_per_block}, {blocks.num_splits}")
-  if backend == "gpu":
-    block_k = blocks.pages_per_block * page_size
-    if block_k < 16 or block_k & (block_k - 1):
-      raise ValueError("unique_attention: on GPU page_size * blocks.pages_per_block must be a "
-                       f"power of two >= 16, got {page_size} * {blocks.pages_per_block}")
-  elif page_size % 8:
-    raise ValueError(f"unique_attention: on TPU page_size must be a multiple of 8, got {page_size}")
+def _kernel_args(p: UniqueProblem, rows: int) -> tuple:
+  """(q_rows[Hkv, B, rows, D] padded past T*G, pools, int32 tables, lengths clamped to the
+  tables)."""
+  B, T, _, Hkv, D, S = p.dims
+  q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, B, T * p.dims.G, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows - T * p.dims.G), (0, 0)))
+  lengths = jnp.clip(p.lengths.astype(jnp.int32), 0, S)
+  return q_rows, p.k_pages, p.v_pages, p.block_tables.astype(jnp.int32), lengths
+
+
+def _partials(p: UniqueProblem, o, lse) -> Partials:
+  """Per-split [P, Hkv, B, rows, ...] -> the request rows only (padded rows are never written)."""
+  R = p.dims.T * p.dims.G
+  return Partials(o[..., :R, :], lse[..., :R], 0)
+
+
+def _run_xla(p: UniqueProblem, config, interpret):
+  del config, interpret
+  return unique_attention_ref(p.q, p.k_pages, p.v_pages, p.block_tables, p.lengths,
+                              sm_scale=p.sm_scale)
+
+
+def _run_triton(p: UniqueProblem, c: TritonUniqueConfig, interpret):
+  args = _kernel_args(p, gpu_tuning.unique_rows(p.dims.T, p.dims.G))
+  o, lse = triton_unique.unique_attention_partials(
+      *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
+      pages_per_block=c.pages_per_block, num_splits=c.num_splits, num_warps=c.num_warps,
+      num_stages=c.num_stages, interpret=interpret)
+  return _partials(p, o, lse)
+
+
+def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
+  args = _kernel_args(p, tpu_tuning.unique_rows(p.dims.T, p.dims.G))
+  o, lse = mosaic_unique.unique_attention_partials(
+      *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
+      pages_per_block=c.pages_per_block, num_splits=c.num_splits,
+      interpret=dispatch.tpu_interpret(interpret))
+  return _partials(p, o, lse)
+
+
+OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
+    "xla": Implementation("xla", None, _run_xla),
+    "triton": Implementation(
+        "triton", "gpu", _run_triton, TritonUniqueConfig,
+        default_config=lambda p, t: gpu_tuning.triton_unique(p.dims, p.page_size, t),
+        candidates=lambda p, t: gpu_tuning.triton_unique_candidates(p.dims, p.page_size, t),
+        unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(p.page_size, c)),
+    "mosaic_tpu": Implementation(
+        "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuUniqueConfig,
+        default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, t),
+        candidates=lambda p, t: tpu_tuning.unique_candidates(p.dims, p.page_size, t),
+        unsupported=lambda p, c, t, i: tpu_tuning.unique_unsupported(p.page_size)),
+}, lambda p, platform, target, interpret: "mosaic_tpu" if platform == "tpu" else "triton"))
 
 
 def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                      block_tables: jax.Array, lengths: jax.Array, *,
-                     sm_scale: float | None = None, backend: str = "auto",
-                     interpret: bool = False,
-                     blocks: UniqueAttentionBlocks | None = None) -> tuple[jax.Array, jax.Array]:
+                     sm_scale: float | None = None, implementation: str = "auto",
+                     config: Any = None, interpret: bool = False,
+                     backend: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of each request's T newest queries over its own paged KV cache.
 
   Args:
@@ -100,46 +121,16 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     lengths: [B] int tokens in each request's cache including the T new ones (already written,
       see `write_pages`); clamped to [0, max_pages * page_size]. 0 marks an empty batch slot.
     sm_scale: score scale, default 1/sqrt(D).
-    backend: "auto" (GPU kernel on GPU, TPU kernel on TPU, XLA reference elsewhere), "gpu",
-      "tpu" or "xla".
-    interpret: run the chosen Pallas kernel in interpret mode (TPU interpret mode for "tpu").
-    blocks: tiling override; default `choose_blocks`.
+    implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
+      (implementations: `implementations("unique_attention")`; configs: e.g. `TritonUniqueConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
     (length 0) gives o = 0, lse = -inf.
   """
-  dims, page_size = layout.check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
-                                       op="unique_attention")
-  which = resolve_backend(backend, op="unique_attention", interpret=interpret)
-  if which == "xla":
-    return unique_attention_ref(q, k_pages, v_pages, block_tables, lengths, sm_scale=sm_scale)
-  blocks = blocks or choose_blocks(dims, page_size, which)
-  _check_blocks(blocks, page_size, which)
-  B, T, _, Hkv, D, S = dims
-  G = dims.G
-  lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)
-  q_rows = layout.fold_queries(q, Hkv).reshape(Hkv, B, T * G, D)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, _rows(T, G, which) - T * G), (0, 0)))
-  args = (q_rows, k_pages, v_pages, block_tables.astype(jnp.int32), lengths)
-  scale = layout.default_sm_scale(sm_scale, D)
-  if which == "gpu":
-    from pallas_kernels.gpu import unique_attention as kernel
-
-    o, lse = kernel.unique_attention_partials(
-        *args, T=T, G=G, scale=scale, pages_per_block=blocks.pages_per_block,
-        num_splits=blocks.num_splits, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-        interpret=interpret)
-  else:
-    from pallas_kernels.tpu import unique_attention as kernel
-
-    o, lse = kernel.unique_attention_partials(
-        *args, T=T, G=G, scale=scale, pages_per_block=blocks.pages_per_block,
-        num_splits=blocks.num_splits, interpret=tpu_interpret(interpret))
-  o, lse = o[..., :T * G, :], lse[..., :T * G]  # drop the padded rows before the merge reads them
-  o, lse = merge.merge_partials(o, lse, axis=0) if o.shape[0] > 1 else (o[0], lse[0])
-  o = layout.unfold_rows(o.reshape(Hkv, B * T * G, D), B, T)
-  return o.astype(q.dtype), layout.unfold_rows(lse.reshape(Hkv, B * T * G), B, T)
+  return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
+                       dict(sm_scale=sm_scale), implementation=implementation, backend=backend,
+                       config=config, interpret=interpret)
 
 
 def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,

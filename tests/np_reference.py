@@ -59,3 +59,42 @@ def random_normal(rng, shape, dtype):
   import jax.numpy as jnp
 
   return jnp.asarray(rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+
+
+def unique_attention_f64(q, k_pages, v_pages, block_tables, lengths, sm_scale=None):
+  """Per request: gather its pages, attend causally (query t at position length - T + t)."""
+  q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+  B, T, Hq, D = q.shape
+  _, page_size, Hkv, _ = k_pages.shape
+  G = Hq // Hkv
+  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
+  for b, n in enumerate(np.asarray(lengths)):
+    pages = np.asarray(block_tables)[b, :-(-n // page_size)]
+    k = k_pages[pages].reshape(-1, Hkv, D)[:n]
+    v = v_pages[pages].reshape(-1, Hkv, D)[:n]
+    mask = np.arange(n)[None, :] <= (n - T + np.arange(T))[:, None]
+    for h in range(Hq):
+      o[b, :, h], lse[b, :, h] = attention_f64(q[b, :, h], k[:, h // G], v[:, h // G], mask,
+                                               sm_scale)
+  return o, lse
+
+
+def chunk_attention_f64(q, k, v, chunk_ids, chunk_size, kv_length=None):
+  """Float64 attention of each (request, kv head) over the keys of its gathered chunks."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  ids = np.asarray(chunk_ids)
+  B, T, Hq, D = q.shape
+  S, Hkv, _ = k.shape
+  G = Hq // Hkv
+  n = S if kv_length is None else int(kv_length)
+  N = -(-S // chunk_size)
+  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
+  for b in range(B):
+    for h in range(Hkv):
+      keys = [s for c in ids[b, h] if 0 <= c < N
+              for s in range(c * chunk_size, min((c + 1) * chunk_size, n))]
+      rows = q[b, :, h * G:(h + 1) * G].reshape(T * G, D)
+      ob, lb = attention_f64(rows, k[keys, h], v[keys, h])
+      o[b, :, h * G:(h + 1) * G] = ob.reshape(T, G, D)
+      lse[b, :, h * G:(h + 1) * G] = lb.reshape(T, G)
+  return o, lse

@@ -11,78 +11,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import ChunkAttentionBlocks, chunk_attention, shared_attention
-from pallas_kernels.chunk_attention import group_by_chunk, max_tiles
-from tests.np_reference import attention_f64, random_normal, rel_err
+import pallas_kernels as pk
+from pallas_kernels import chunk_attention, shared_attention
+from pallas_kernels.grouping import group_by_chunk, max_tiles
+from tests import kernel_cases as kc
+from tests.kernel_cases import random_ids
+from tests.np_reference import chunk_attention_f64, rel_err
 
-TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
-
-
-def chunk_attention_f64(q, k, v, chunk_ids, chunk_size, kv_length=None):
-  """Float64 attention of each (request, kv head) over the keys of its gathered chunks."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  ids = np.asarray(chunk_ids)
-  B, T, Hq, D = q.shape
-  S, Hkv, _ = k.shape
-  G = Hq // Hkv
-  n = S if kv_length is None else int(kv_length)
-  N = -(-S // chunk_size)
-  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
-  for b in range(B):
-    for h in range(Hkv):
-      keys = [s for c in ids[b, h] if 0 <= c < N
-              for s in range(c * chunk_size, min((c + 1) * chunk_size, n))]
-      rows = q[b, :, h * G:(h + 1) * G].reshape(T * G, D)
-      ob, lb = attention_f64(rows, k[keys, h], v[keys, h])
-      o[b, :, h * G:(h + 1) * G] = ob.reshape(T, G, D)
-      lse[b, :, h * G:(h + 1) * G] = lb.reshape(T, G)
-  return o, lse
-
-
-def random_ids(rng, B, Hkv, N, K, pattern="random"):
-  """Duplicate-free chunk ids [B, Hkv, K].
-
-  "shaped": chunk 0 is chosen by every request, chunk N-1 by request 0 only, chunk 1 by none,
-  and request B-1 pads its last slot with -1.
-  """
-  ids = np.zeros((B, Hkv, K), np.int32)
-  for b in range(B):
-    for h in range(Hkv):
-      if pattern == "random":
-        ids[b, h] = rng.permutation(N)[:K]
-      else:
-        special = [0, N - 1] if b == 0 else [0]
-        rest = rng.permutation(np.arange(2, N - 1))[:K - len(special)]
-        ids[b, h] = rng.permutation([*special, *rest])
-  if pattern == "shaped":
-    ids[B - 1, :, -1] = -1
-  return jnp.asarray(ids)
+OP = "chunk_attention"
 
 
 def _inputs(seed, B, T, G, Hkv, D, S, dtype):
-  rng = np.random.default_rng(seed)
-  q = random_normal(rng, (B, T, G * Hkv, D), dtype)
-  k = random_normal(rng, (S, Hkv, D), dtype)
-  v = random_normal(rng, (S, Hkv, D), dtype)
-  return rng, q, k, v
+  return kc.shared_inputs(seed, B, T, G, Hkv, D, S, dtype)
 
 
 def _run(q, k, v, ids, **kw):
-  """chunk_attention under jit (eager interpret mode dispatches op by op: 10x slower)."""
+  """chunk_attention under jit with a traced kv_length."""
   n = kw.pop("kv_length", None)
-  fn = jax.jit(lambda q, k, v, ids, n: chunk_attention(q, k, v, ids, kv_length=n, **kw))
-  return fn(q, k, v, ids, n)
+  return kc.run(chunk_attention, q, k, v, ids, kv_length=None if n is None else jnp.int32(n),
+                **kw)
 
 
 def _check(o, lse, q, k, v, ids, C, kv_length, dtype):
-  o_ref, lse_ref = chunk_attention_f64(q, k, v, ids, C, kv_length)
-  assert o.shape == q.shape and o.dtype == q.dtype
-  assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
-  assert not np.any(np.isnan(np.asarray(lse)))
-  o_tol, lse_tol = TOL[dtype]
-  assert rel_err(o, o_ref) < o_tol
-  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
+  kc.check(o, lse, *chunk_attention_f64(q, k, v, ids, C, kv_length), q, dtype)
 
 
 # (B, T, G, Hkv, D, S, C, top_k, kv_length, dtype, pattern); top_k None = all N chunks.
@@ -98,31 +49,52 @@ def _case_id(c):
   return "B{}T{}G{}H{}D{}S{}C{}k{}n{}{}-{}".format(*c[:9], jnp.dtype(c[9]).name, c[10])
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu", "xla"])
+@pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_f64(backend, case):
+def test_matches_f64(implementation, interpret, case):
   B, T, G, Hkv, D, S, C, top_k, kv_length, dtype, pattern = case
   # Seed by position: hash(case) varies per process (str hashing, id-based dtype class hash).
   rng, q, k, v = _inputs(CASES.index(case), B, T, G, Hkv, D, S, dtype)
   N = -(-S // C)
   ids = random_ids(rng, B, Hkv, N, top_k or N, pattern)
-  o, lse = _run(q, k, v, ids, chunk_size=C, kv_length=kv_length, backend=backend,
-                interpret=backend != "xla")
+  n = None if kv_length is None else jnp.int32(kv_length)
+  kc.plan_or_skip(OP, q, k, v, ids, chunk_size=C, kv_length=n, implementation=implementation,
+                  interpret=interpret)
+  o, lse = _run(q, k, v, ids, chunk_size=C, kv_length=kv_length, implementation=implementation,
+                interpret=interpret)
   _check(o, lse, q, k, v, ids, C, kv_length, dtype)
+
+
+@pytest.mark.parametrize("implementation,config", [
+    pytest.param("triton", None, marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
+    pytest.param("mosaic_gpu", pk.MosaicGpuChunkConfig(block_k=128, num_stages=2),
+                 marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))])
+@pytest.mark.parametrize("chunk_size,K,kv_length", [(128, 5, None), (64, 3, 3000),
+                                                    (512, 5, 4096), (512, 5, 3000)])
+def test_compiled_gpu_matches_f64(implementation, config, chunk_size, K, kv_length):
+  """The kernels as compiled on the GPU: Llama-like head_dim, shaped routing (a chunk chosen by
+  every request, one by one request, one by none, -1 padding)."""
+  rng, q, k, v = _inputs(chunk_size + K, 24, 1, 4, 2, 128, 4096, jnp.bfloat16)
+  ids = random_ids(rng, 24, 2, 4096 // chunk_size, K, pattern="shaped")
+  n = None if kv_length is None else jnp.int32(kv_length)
+  kc.plan_or_skip(OP, q, k, v, ids, chunk_size=chunk_size, kv_length=n,
+                  implementation=implementation, interpret=False, config=config)
+  o, lse = _run(q, k, v, ids, chunk_size=chunk_size, kv_length=kv_length,
+                implementation=implementation, interpret=False, config=config)
+  _check(o, lse, q, k, v, ids, chunk_size, kv_length, jnp.bfloat16)
 
 
 def test_gpu_odd_chunk_size_and_multi_tile_groups():
   """GPU allows any chunk size; block_m=16 < rows of a popular chunk splits it over tiles."""
   rng, q, k, v = _inputs(3, 6, 1, 4, 2, 64, 500, jnp.float32)
   ids = random_ids(rng, 6, 2, 11, 5, "shaped")  # C = 48: 11 chunks, the last has 20 keys
-  blocks = ChunkAttentionBlocks(block_m=16, block_k=16)
-  o, lse = _run(q, k, v, ids, chunk_size=48, kv_length=490, backend="gpu", interpret=True,
-                blocks=blocks)
+  o, lse = _run(q, k, v, ids, chunk_size=48, kv_length=490, implementation="triton",
+                interpret=True, config=pk.TritonChunkConfig(block_m=16, block_k=16))
   _check(o, lse, q, k, v, ids, 48, 490, jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_reads_only_selected_chunks(backend):
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
+def test_reads_only_selected_chunks(implementation):
   """NaN in every key / value outside the selected chunks (and past kv_length) changes nothing."""
   rng, q, k, v = _inputs(4, 3, 1, 4, 1, 128, 1024, jnp.float32)
   ids = jnp.asarray([[[2, 5]], [[5, 7]], [[2, 6]]], jnp.int32)
@@ -130,37 +102,38 @@ def test_reads_only_selected_chunks(backend):
   keep = np.zeros(1024, bool)
   for c in (2, 5, 6, 7):
     keep[c * C:min((c + 1) * C, n)] = True
-  k_p = jnp.where(keep[:, None, None], k, jnp.nan)
-  v_p = jnp.where(keep[:, None, None], v, jnp.nan)
-  o, lse = _run(q, k_p, v_p, ids, chunk_size=C, kv_length=n, backend=backend, interpret=True)
+  o, lse = _run(q, kc.poison_outside(k, keep), kc.poison_outside(v, keep), ids, chunk_size=C,
+                kv_length=n, implementation=implementation, interpret=True)
   _check(o, lse, q, k, v, ids, C, n, jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_all_chunks_equals_shared_attention(backend):
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
+def test_all_chunks_equals_shared_attention(implementation):
   rng, q, k, v = _inputs(6, 3, 1, 4, 2, 128, 700, jnp.float32)
   N = 6  # C = 128, last chunk partial
   ids = jnp.asarray(np.stack([[rng.permutation(N) for _ in range(2)] for _ in range(3)]),
                     jnp.int32)
-  o, lse = _run(q, k, v, ids, chunk_size=128, kv_length=650, backend=backend, interpret=True)
-  o_s, lse_s = jax.jit(lambda q, k, v: shared_attention(q, k, v, kv_length=650, backend=backend,
-                                                        interpret=True))(q, k, v)
+  o, lse = _run(q, k, v, ids, chunk_size=128, kv_length=650, implementation=implementation,
+                interpret=True)
+  o_s, lse_s = kc.run(shared_attention, q, k, v, kv_length=jnp.int32(650),
+                      implementation=implementation, interpret=True)
   assert rel_err(o, o_s) < 1e-5
   np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_s), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,blocks", [
-    ("gpu", ChunkAttentionBlocks(block_m=16, block_k=32)),
-    ("tpu", ChunkAttentionBlocks(block_m=16, block_k=128)),
+@pytest.mark.parametrize("implementation,config", [
+    ("triton", pk.TritonChunkConfig(block_m=16, block_k=32)),
+    ("mosaic_tpu", pk.MosaicTpuChunkConfig(block_m=16, block_k=128)),
 ])
-def test_jit_traced_kv_length_and_empty(backend, blocks):
+def test_jit_traced_kv_length_and_empty(implementation, config):
   """Under jit with a traced kv_length: ordinary, cutting the first chunk, and zero keys."""
   rng, q, k, v = _inputs(5, 4, 2, 4, 1, 64, 512, jnp.float32)
   ids = random_ids(rng, 4, 1, 2, 2)  # C = 256: both chunks, each 4 requests x T*G = 8 rows
-  g = group_by_chunk(ids, num_chunks=2, rows_per_pair=8, block_m=blocks.block_m)
+  g = group_by_chunk(ids, num_chunks=2, rows_per_pair=8, block_m=config.block_m)
   assert np.asarray(g.tile_chunk[0, :4]).tolist() == [0, 0, 1, 1]  # = 2 tiles of 16 rows each
   fn = jax.jit(lambda q, k, v, ids, n: chunk_attention(
-      q, k, v, ids, chunk_size=256, kv_length=n, backend=backend, interpret=True, blocks=blocks))
+      q, k, v, ids, chunk_size=256, kv_length=n, implementation=implementation, interpret=True,
+      config=config))
   for n in (512, 100, 0):
     o, lse = fn(q, k, v, ids, jnp.int32(n))
     if n == 0:
@@ -176,12 +149,12 @@ def _multi_tile_ids(B):
   return jnp.asarray(ids, jnp.int32)
 
 
-@pytest.mark.parametrize("backend,C,blocks", [
-    ("gpu", 256, ChunkAttentionBlocks(block_m=16, block_k=64)),
-    ("tpu", 256, ChunkAttentionBlocks(block_m=16, block_k=128)),
-    ("tpu", 384, ChunkAttentionBlocks(block_m=16, block_k=384)),  # the TPU heuristic at C=384
+@pytest.mark.parametrize("implementation,C,config", [
+    ("triton", 256, pk.TritonChunkConfig(block_m=16, block_k=64)),
+    ("mosaic_tpu", 256, pk.MosaicTpuChunkConfig(block_m=16, block_k=128)),
+    ("mosaic_tpu", 384, pk.MosaicTpuChunkConfig(block_m=16, block_k=384)),  # default at C=384
 ])
-def test_multi_block_multi_tile_chunks_poisoned(backend, C, blocks):
+def test_multi_block_multi_tile_chunks_poisoned(implementation, C, config):
   """Chunks that span several key blocks and several tiles (and padding tiles after them), with
   NaN in every key / value a head did not select and past kv_length: each tile must stream its
   chunk's blocks, padding tiles must compute nothing, and the hb = 2 kv heads of a TPU block must
@@ -190,7 +163,7 @@ def test_multi_block_multi_tile_chunks_poisoned(backend, C, blocks):
   S, n = 4 * C, 3 * C + 32  # chunk 3 keeps 32 keys, the rest of it is past kv_length
   rng, q, k, v = _inputs(7, B, T, G, Hkv, D, S, jnp.float32)
   ids = _multi_tile_ids(B)
-  g = group_by_chunk(ids, num_chunks=4, rows_per_pair=T * G, block_m=blocks.block_m)
+  g = group_by_chunk(ids, num_chunks=4, rows_per_pair=T * G, block_m=config.block_m)
   tc = np.asarray(g.tile_chunk)
   # 3 tiles for the chunk all 6 requests chose, 2 (24 rows) for each chunk 3 requests chose.
   assert [np.sum(tc[0] == 0), np.sum(tc[1] == 3), np.sum(tc == 1), np.sum(tc == 2)] == [3, 3, 4, 4]
@@ -199,10 +172,8 @@ def test_multi_block_multi_tile_chunks_poisoned(backend, C, blocks):
   for h, chunks in enumerate(([0, 1, 2], [1, 2, 3])):
     for c in chunks:
       keep[c * C:min((c + 1) * C, n), h] = True
-  k_p = jnp.where(keep[..., None], k, jnp.nan)
-  v_p = jnp.where(keep[..., None], v, jnp.nan)
-  o, lse = _run(q, k_p, v_p, ids, chunk_size=C, kv_length=n, backend=backend, interpret=True,
-                blocks=blocks)
+  o, lse = _run(q, kc.poison_outside(k, keep), kc.poison_outside(v, keep), ids, chunk_size=C,
+                kv_length=n, implementation=implementation, interpret=True, config=config)
   _check(o, lse, q, k, v, ids, C, n, jnp.float32)
 
 
@@ -212,7 +183,7 @@ def test_tpu_kv_index_map_copies(block_k):
   tile maps into its chunk's valid blocks, padding tiles repeat the last real step's block (no
   copy), and a copy happens only where the block changes: each tile streams its chunk's valid
   blocks, and when a chunk is one key block (block_k = C) its consecutive tiles share it."""
-  from pallas_kernels.tpu.chunk_attention import kv_block
+  from pallas_kernels.tpu.mosaic_chunk import kv_block
 
   B, R, C, n, bm = 6, 8, 256, 3 * 256 + 32, 16
   g = group_by_chunk(_multi_tile_ids(B), num_chunks=4, rows_per_pair=R, block_m=bm)
@@ -238,14 +209,14 @@ def test_tpu_kv_index_map_copies(block_k):
       assert expected == len(set(np.asarray(g.tile_chunk[head, :nt]).tolist()))
 
 
-def test_tpu_heuristic_block_k():
+def test_tpu_default_block_k():
   """Chunks up to 512 keys are one key block (resident across the chunk's tiles); longer chunks
   stream the largest of 512 / 256 / 128 that divides them."""
-  from pallas_kernels.chunk_attention import choose_blocks
-  from pallas_kernels.layout import AttentionDims
-
-  dims = AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=65536)
-  got = {C: choose_blocks(dims, 8, C, "tpu").block_k for C in (128, 256, 384, 512, 1536, 2048)}
+  q = jax.ShapeDtypeStruct((64, 1, 32, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((65536, 8, 128), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((64, 8, 8), jnp.int32)
+  got = {C: pk.plan(OP, q, k, k, ids, chunk_size=C, implementation="mosaic_tpu").config.block_k
+         for C in (128, 256, 384, 512, 1536, 2048)}
   assert got == {128: 128, 256: 256, 384: 384, 512: 512, 1536: 512, 2048: 512}
 
 
@@ -293,11 +264,15 @@ def test_validation_errors():
   with pytest.raises(ValueError, match="chunk_attention: q and k, v must share a dtype, got q "
                      "float32 and k, v bfloat16"):
     chunk_attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), ids, chunk_size=128,
-                    backend="gpu", interpret=True)
-  with pytest.raises(ValueError, match="chunk_size a multiple of blocks.block_k"):
-    chunk_attention(q, k, v, ids, chunk_size=100, backend="tpu", interpret=True)
-  with pytest.raises(ValueError, match="power of two >= 16"):
-    chunk_attention(q, k, v, ids, chunk_size=128, backend="gpu", interpret=True,
-                    blocks=ChunkAttentionBlocks(block_m=24, block_k=32))
-  o, lse = chunk_attention(q, k, v, ids[..., :0], chunk_size=128, backend="gpu", interpret=True)
+                    implementation="triton", interpret=True)
+  with pytest.raises(ValueError, match="chunk_size must be a multiple of config.block_k, got "
+                     "chunk_size=100, block_k=128"):
+    chunk_attention(q, k, v, ids, chunk_size=100, implementation="mosaic_tpu", interpret=True)
+  with pytest.raises(ValueError, match="block_m must be a power of two >= 16"):
+    pk.TritonChunkConfig(block_m=24, block_k=32)
+  with pytest.raises(ValueError, match="chunk_size must be a multiple of config.block_k"):
+    pk.plan(OP, q, k, v, ids, chunk_size=1000, implementation="mosaic_gpu", target="h100",
+            config=pk.MosaicGpuChunkConfig(block_k=128))
+  o, lse = chunk_attention(q, k, v, ids[..., :0], chunk_size=128, implementation="triton",
+                           interpret=True)
   assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))

@@ -1,24 +1,22 @@
-"""shared_attention kernels (GPU Triton + TPU Mosaic, interpret mode) vs float64 NumPy.
-
-Both interpret modes fill kernel outputs and out-of-bounds reads with NaN, so an element a kernel
-forgets to write, or a padded key it forgets to mask, shows up as NaN in these checks.
-"""
+"""shared_attention, every implementation (interpreted Pallas kernels, XLA, compiled GPU kernels
+where a GPU is present) vs float64 NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import SharedAttentionBlocks, shared_attention
-from pallas_kernels import layout
-from pallas_kernels.gpu import shared_attention as gpu_kernel
-from pallas_kernels.tpu import shared_attention as tpu_kernel
-from tests.np_reference import random_normal, rel_err, shared_attention_f64
+import pallas_kernels as pk
+from pallas_kernels import layout, shared_attention
+from pallas_kernels.gpu import triton_shared as gpu_kernel
+from pallas_kernels.tpu import mosaic_shared as tpu_kernel
+from tests import kernel_cases as kc
+from tests.np_reference import rel_err, shared_attention_f64
 
-TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
+OP = "shared_attention"
 
-# (B, T, G, Hkv, D, S, kv_length, dtype): every B/T/GQA/D/S value of the issue appears at least
-# once.
+# (B, T, G, Hkv, D, S, kv_length, dtype): every B/T/GQA/D/S value appears at least once; S and
+# kv_length are multiples of no block.
 CASES = [
     (1, 1, 1, 2, 64, 1000, None, jnp.float32),
     (3, 1, 4, 2, 128, 1000, 700, jnp.float32),
@@ -27,62 +25,85 @@ CASES = [
     (1, 5, 8, 1, 128, 4097, 4000, jnp.bfloat16),
     (17, 5, 1, 2, 64, 1000, 999, jnp.bfloat16),
 ]
+# Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 64), row tiles
+# that cut a request, a key mask inside a tile, and empty splits.
+LARGE = [(64, 1, 4, 2, 128, 4096, None, jnp.bfloat16), (33, 1, 4, 2, 128, 4096, 4000, jnp.bfloat16),
+         (40, 1, 8, 2, 128, 4096, 130, jnp.bfloat16), (64, 1, 4, 2, 128, 4096, 0, jnp.bfloat16),
+         (3, 2, 4, 2, 64, 1000, None, jnp.float32)]
 
 
-def _inputs(seed, B, T, G, Hkv, D, S, dtype):
-  rng = np.random.default_rng(seed)
-  q = random_normal(rng, (B, T, G * Hkv, D), dtype)
-  k = random_normal(rng, (S, Hkv, D), dtype)
-  v = random_normal(rng, (S, Hkv, D), dtype)
-  return q, k, v
+def _case_id(c):
+  return "B{}T{}G{}H{}D{}S{}n{}{}".format(*c[:7], jnp.dtype(c[7]).name)
 
 
-def _check(o, lse, q, k, v, kv_length, dtype):
-  o_ref, lse_ref = shared_attention_f64(q, k, v, kv_length=kv_length)
-  assert o.shape == q.shape and o.dtype == q.dtype
-  assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
-  o_tol, lse_tol = TOL[dtype]
-  assert rel_err(o, o_ref) < o_tol
-  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
-
-
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}G{}H{}D{}S{}n{}{}".format(
-    *c[:7], jnp.dtype(c[7]).name))
-def test_kernel_matches_f64(backend, case):
+def _run_and_check(seed, case, implementation, interpret, config=None):
   *shape, kv_length, dtype = case
-  q, k, v = _inputs(CASES.index(case), *shape, dtype)  # hash(case) would vary per process
-  o, lse = shared_attention(q, k, v, kv_length=kv_length, backend=backend, interpret=True)
-  _check(o, lse, q, k, v, kv_length, dtype)
+  _, q, k, v = kc.shared_inputs(seed, *shape, dtype)
+  n = None if kv_length is None else jnp.int32(kv_length)
+  kc.plan_or_skip(OP, q, k, v, kv_length=n, implementation=implementation, interpret=interpret,
+                  config=config)
+  o, lse = kc.run(shared_attention, q, k, v, kv_length=n, implementation=implementation,
+                  interpret=interpret, config=config)
+  if kv_length == 0:
+    assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
+    return
+  kc.check(o, lse, *shared_attention_f64(q, k, v, kv_length=kv_length), q, dtype)
 
 
-@pytest.mark.parametrize("backend,blocks", [
-    ("gpu", SharedAttentionBlocks(block_m=16, block_k=64, num_splits=3)),
-    ("gpu", SharedAttentionBlocks(block_m=32, block_k=128, num_splits=1)),
-    ("tpu", SharedAttentionBlocks(block_m=16, block_k=128, num_splits=3)),
-    ("tpu", SharedAttentionBlocks(block_m=32, block_k=256, num_splits=1)),
-])
-def test_block_overrides_and_traced_kv_length(backend, blocks):
-  """Explicit tilings (splits that end past S, one split) under jit with a traced kv_length."""
-  q, k, v = _inputs(5, 3, 1, 4, 2, 64, 1000, jnp.float32)
-  fn = jax.jit(lambda q, k, v, n: shared_attention(q, k, v, kv_length=n, backend=backend,
-                                                   interpret=True, blocks=blocks))
-  for n in (1000, 130, 0):
+@pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_f64(implementation, interpret, case):
+  _run_and_check(CASES.index(case), case, implementation, interpret)  # seeded by position
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("triton", marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
+    pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))])
+@pytest.mark.parametrize("case", LARGE, ids=_case_id)
+def test_compiled_gpu_matches_f64(implementation, case):
+  """The kernels as compiled on the GPU (what interpret mode cannot check), f32 in IEEE
+  precision (not TF32)."""
+  _run_and_check(100 + LARGE.index(case), case, implementation, False)
+
+
+CONFIGS = [
+    ("triton", True, pk.TritonSharedConfig(block_m=16, block_k=64, num_splits=3)),
+    ("triton", True, pk.TritonSharedConfig(block_m=32, block_k=128, num_splits=1)),
+    ("mosaic_tpu", True, pk.MosaicTpuSharedConfig(block_m=16, block_k=128, num_splits=3)),
+    ("mosaic_tpu", True, pk.MosaicTpuSharedConfig(block_m=32, block_k=256, num_splits=1)),
+    pytest.param("triton", False, pk.TritonSharedConfig(block_m=128, block_k=64, num_splits=1,
+                                                        num_warps=8, num_stages=3),
+                 marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
+    pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(block_k=64, num_splits=3,
+                                                               num_stages=4),
+                 marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
+]
+
+
+@pytest.mark.parametrize("implementation,interpret,config", CONFIGS)
+def test_explicit_configs_and_traced_kv_length(implementation, interpret, config):
+  """Explicit tilings (splits that end past S, one split) under one jit with a traced
+  kv_length: whole, cut inside a block, and empty."""
+  dtype = jnp.bfloat16 if implementation == "mosaic_gpu" else jnp.float32
+  _, q, k, v = kc.shared_inputs(5, 3, 1, 4, 2, 64 if dtype == jnp.float32 else 128, 1024, dtype)
+  fn = jax.jit(lambda q, k, v, n: shared_attention(q, k, v, kv_length=n, config=config,
+                                                   implementation=implementation,
+                                                   interpret=interpret))
+  for n in (1024, 130, 0):
     o, lse = fn(q, k, v, jnp.int32(n))
     if n == 0:
       assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
     else:
-      _check(o, lse, q, k, v, n, jnp.float32)
+      kc.check(o, lse, *shared_attention_f64(q, k, v, kv_length=n), q, dtype)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_partials_are_fully_written(backend):
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
+def test_partials_are_fully_written(implementation):
   """Every split writes every row: finite o, and lse finite or -inf (an empty split), never NaN."""
-  q, k, v = _inputs(9, 2, 1, 4, 2, 64, 700, jnp.float32)
+  _, q, k, v = kc.shared_inputs(9, 2, 1, 4, 2, 64, 700, jnp.float32)
   q_rows = jnp.pad(layout.fold_queries(q, 2), ((0, 0), (0, 8), (0, 0)))  # M = 8 -> block_m 16
   n = jnp.int32(300)  # splits past 300 keys are empty
-  if backend == "gpu":
+  if implementation == "triton":
     o, lse = gpu_kernel.shared_attention_partials(
         q_rows, k, v, n, scale=0.125, block_m=16, block_k=64, num_splits=4, num_warps=4,
         num_stages=2, interpret=True)
@@ -98,18 +119,58 @@ def test_partials_are_fully_written(backend):
   assert np.all(o[-1] == 0)
 
 
-def test_xla_backend_and_auto_on_cpu():
-  q, k, v = _inputs(1, 2, 1, 4, 2, 64, 300, jnp.float32)
-  for backend in ("xla", "auto"):
-    o, lse = shared_attention(q, k, v, backend=backend)
-    _check(o, lse, q, k, v, None, jnp.float32)
+def test_backend_alias_and_auto():
+  """`backend=` names a family; "auto" on a CPU is the reference, and with interpret=True the
+  GPU family in interpret mode (Triton semantics)."""
+  _, q, k, v = kc.shared_inputs(1, 2, 1, 4, 2, 64, 300, jnp.float32)
+  ref = shared_attention_f64(q, k, v)
+  for kw in (dict(backend="xla"), dict(backend="auto"), dict(backend="gpu", interpret=True),
+             dict(backend="tpu", interpret=True), dict(interpret=True)):
+    kc.check(*shared_attention(q, k, v, **kw), *ref, q, jnp.float32)
+  if not kc.ON_GPU:
+    assert pk.plan(OP, q, k, k).implementation == "xla"
+    assert pk.plan(OP, q, k, k, interpret=True).implementation == "triton"
+  assert pk.plan(OP, q, k, k, backend="tpu", interpret=True).implementation == "mosaic_tpu"
+  assert pk.plans_used()[OP] == pk.plan(OP, q, k, k, interpret=True)  # the last call's plan
+
+
+def test_plan_targets_and_refusals():
+  """Plans for named chips; Mosaic GPU chosen for large M on Hopper only, refused where it
+  cannot run; the config must be the implementation's own."""
+  q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((131072, 8, 128), jnp.bfloat16)
+  big = pk.plan(OP, q, k, k, backend="gpu", target="h200")
+  assert big.implementation == "mosaic_gpu"
+  assert pk.plan(OP, q, k, k, backend="gpu", target="a100").implementation == "triton"
+  small = jax.ShapeDtypeStruct((1, 1, 32, 128), jnp.bfloat16)
+  assert pk.plan(OP, small, k, k, backend="gpu", target="h200").implementation == "triton"
+  with pytest.raises(ValueError, match="mosaic_gpu.*cannot run.*bfloat16 or float16"):
+    pk.plan(OP, q.update(dtype=jnp.float32), k.update(dtype=jnp.float32),
+            k.update(dtype=jnp.float32), implementation="mosaic_gpu", target="h100")
+  with pytest.raises(ValueError, match="needs a Hopper GPU"):
+    pk.plan(OP, q, k, k, implementation="mosaic_gpu", target="a100")
+  with pytest.raises(ValueError, match="has no interpret mode"):
+    pk.plan(OP, q, k, k, implementation="mosaic_gpu", interpret=True)
+  with pytest.raises(ValueError, match="shared memory per block"):
+    pk.plan(OP, q, k, k, implementation="mosaic_gpu", target="h100",
+            config=pk.MosaicGpuSharedConfig(block_k=128, num_stages=4))
+  with pytest.raises(ValueError, match="config for implementation 'triton' must be "
+                     "TritonSharedConfig, got MosaicTpuSharedConfig"):
+    pk.plan(OP, q, k, k, implementation="triton",
+            config=pk.MosaicTpuSharedConfig(block_m=16, block_k=128))
+  with pytest.raises(ValueError, match="target TPU v5e is a TPU, but the implementation runs on"):
+    pk.plan(OP, q, k, k, implementation="triton", target="v5e")
 
 
 def test_validation_errors():
-  q, k, v = _inputs(2, 1, 1, 4, 2, 64, 100, jnp.float32)
+  _, q, k, v = kc.shared_inputs(2, 1, 1, 4, 2, 64, 100, jnp.float32)
   with pytest.raises(ValueError, match="backend must be one of"):
     shared_attention(q, k, v, backend="cuda")
-  with pytest.raises(ValueError, match="interpret=True needs a Pallas backend"):
+  with pytest.raises(ValueError, match="implementation must be 'auto' or one of"):
+    shared_attention(q, k, v, implementation="cudnn")
+  with pytest.raises(ValueError, match="give implementation= or its alias backend=, not both"):
+    shared_attention(q, k, v, implementation="triton", backend="gpu")
+  with pytest.raises(ValueError, match="the 'xla' implementation has none"):
     shared_attention(q, k, v, backend="xla", interpret=True)
   with pytest.raises(ValueError, match=r"v must have the shape of k"):
     shared_attention(q, k, v[:10])
@@ -120,18 +181,20 @@ def test_validation_errors():
     shared_attention(q.astype(jnp.bfloat16), k, v, backend="tpu", interpret=True)
   with pytest.raises(ValueError, match="must be float32, bfloat16 or float16"):
     shared_attention(q.astype(jnp.int32), k, v)
-  with pytest.raises(ValueError, match="power of two >= 16"):
-    shared_attention(q, k, v, backend="gpu", interpret=True,
-                     blocks=SharedAttentionBlocks(block_m=24, block_k=64, num_splits=1))
-  with pytest.raises(ValueError, match="multiple of 16"):
-    shared_attention(q, k, v, backend="tpu", interpret=True,
-                     blocks=SharedAttentionBlocks(block_m=16, block_k=64, num_splits=1))
+  with pytest.raises(ValueError, match="kv_length must be an integer scalar"):
+    shared_attention(q, k, v, kv_length=jnp.ones(2, jnp.int32))
 
 
-def test_heuristic_splits_small_m_and_tiles_large_m():
-  small = layout.AttentionDims(B=1, T=1, Hq=32, Hkv=8, D=128, S=131072)
-  large = layout.AttentionDims(B=512, T=1, Hq=32, Hkv=8, D=128, S=131072)
-  from pallas_kernels.shared_attention import choose_blocks
-  b_small, b_large = choose_blocks(small, "gpu"), choose_blocks(large, "gpu")
-  assert b_small.block_m == 16 and b_small.num_splits >= 16  # stream S over the whole chip
-  assert b_large.block_m == 128 and b_large.num_splits <= 4  # M already fills the chip
+@pytest.mark.parametrize("make,match", [
+    (lambda: pk.TritonSharedConfig(block_m=24, block_k=64), "block_m must be a power of two >= 16"),
+    (lambda: pk.TritonSharedConfig(block_m=16, block_k=64, num_splits=0),
+     "num_splits must be a positive int"),
+    (lambda: pk.TritonSharedConfig(block_m=16, block_k=64, num_warps=32), "at most 16"),
+    (lambda: pk.MosaicTpuSharedConfig(block_m=16, block_k=64), "block_k must be a multiple of 128"),
+    (lambda: pk.MosaicTpuSharedConfig(block_m=8, block_k=128), "block_m must be a multiple of 16"),
+    (lambda: pk.MosaicGpuSharedConfig(block_k=96), "block_k must be a multiple of 64"),
+    (lambda: pk.MosaicGpuSharedConfig(num_stages=1), "num_stages must be an int >= 2"),
+])
+def test_configs_validate_themselves(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()

@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import (UniqueAttentionBlocks, merge_attention_states, shared_attention,
-                            unique_attention, write_pages)
-from pallas_kernels.reference import unique_attention_ref
-from pallas_kernels.unique_attention import choose_blocks
+import pallas_kernels as pk
+from pallas_kernels import merge_attention_states, shared_attention, unique_attention, write_pages
 from pallas_kernels import layout
-from pallas_kernels.gpu import unique_attention as gpu_kernel
-from pallas_kernels.tpu import unique_attention as tpu_kernel
-from tests.np_reference import attention_f64, random_normal, rel_err
+from pallas_kernels.gpu import triton_unique as gpu_kernel
+from pallas_kernels.reference import unique_attention_ref
+from pallas_kernels.tpu import mosaic_unique as tpu_kernel
+from tests import kernel_cases as kc
+from tests.np_reference import attention_f64, random_normal, rel_err, unique_attention_f64
 
-TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-2, 2e-2)}  # (rel err of o, abs err of lse)
+OP = "unique_attention"
 
 # (T, G, Hkv, D, page_size, lengths, dtype). Lengths cover an empty slot (0), 1 token, exactly one
 # page, many pages and partial last pages; T = 4 rows attend causally inside the new tokens.
@@ -36,116 +36,82 @@ CASES = [
 ]
 
 
-def unique_attention_f64(q, k_pages, v_pages, block_tables, lengths, sm_scale=None):
-  """Per request: gather its pages, attend causally (query t at position length - T + t)."""
-  q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
-  B, T, Hq, D = q.shape
-  _, page_size, Hkv, _ = k_pages.shape
-  G = Hq // Hkv
-  o, lse = np.zeros((B, T, Hq, D)), np.zeros((B, T, Hq))
-  for b, n in enumerate(np.asarray(lengths)):
-    pages = np.asarray(block_tables)[b, :math.ceil(n / page_size)]
-    k = k_pages[pages].reshape(-1, Hkv, D)[:n]
-    v = v_pages[pages].reshape(-1, Hkv, D)[:n]
-    mask = np.arange(n)[None, :] <= (n - T + np.arange(T))[:, None]
-    for h in range(Hq):
-      o[b, :, h], lse[b, :, h] = attention_f64(q[b, :, h], k[:, h // G], v[:, h // G], mask,
-                                               sm_scale)
-  return o, lse
-
-
-def _paged_inputs(seed, T, G, Hkv, D, page_size, lengths, dtype, poison=True):
-  """Random queries and a shuffled, NaN-poisoned page pool holding each request's `lengths`."""
-  rng = np.random.default_rng(seed)
-  B = len(lengths)
-  n_pages = [math.ceil(n / page_size) for n in lengths]
-  max_pages = max(n_pages) + 2  # table columns past every request: junk
-  P = sum(n_pages) + 3  # spare pages nobody owns
-  ids = iter(rng.permutation(P))
-  tables = rng.integers(-3, P + 3, (B, max_pages))
-  owned = np.zeros((P, page_size), bool)
-  for b, n in enumerate(lengths):
-    for i in range(n_pages[b]):
-      tables[b, i] = page = next(ids)
-      owned[page, :min(page_size, n - i * page_size)] = True
-  kv = rng.standard_normal((2, P, page_size, Hkv, D)).astype(np.float32)
-  if poison:
-    kv[:, ~owned] = np.nan
-  q = random_normal(rng, (B, T, G * Hkv, D), dtype)
-  k_pages, v_pages = (jnp.asarray(x).astype(dtype) for x in kv)
-  return q, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)
-
-
 def _check(o, lse, inputs, dtype):
-  q = inputs[0]
-  o_ref, lse_ref = unique_attention_f64(*inputs)
-  assert o.shape == q.shape and o.dtype == q.dtype
-  assert lse.shape == q.shape[:3] and lse.dtype == jnp.float32
-  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
-  assert not np.any(np.isnan(np.asarray(lse)))
-  o_tol, lse_tol = TOL[dtype]
-  assert rel_err(o, o_ref) < o_tol
-  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
+  kc.check(o, lse, *unique_attention_f64(*inputs), inputs[0], dtype)
 
 
 def _case_id(c):
   return "T{}G{}H{}D{}ps{}n{}{}".format(*c[:5], "-".join(map(str, c[5])), jnp.dtype(c[6]).name)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu", "xla"])
+@pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_f64(backend, case):
+def test_matches_f64(implementation, interpret, case):
   *shape, dtype = case
-  inputs = _paged_inputs(CASES.index(case), *shape, dtype)
-  fn = jax.jit(lambda *a: unique_attention(*a, backend=backend, interpret=backend != "xla"))
-  o, lse = fn(*inputs)  # one compiled program: much faster on CPU than op-by-op dispatch
+  inputs = kc.paged_inputs(CASES.index(case), *shape, dtype)
+  o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=interpret)
   _check(o, lse, inputs, dtype)
 
 
-@pytest.mark.parametrize("backend,blocks", [
-    ("gpu", UniqueAttentionBlocks(pages_per_block=1, num_splits=3)),
-    ("gpu", UniqueAttentionBlocks(pages_per_block=4, num_splits=1)),
-    ("tpu", UniqueAttentionBlocks(pages_per_block=1, num_splits=3)),
-    ("tpu", UniqueAttentionBlocks(pages_per_block=4, num_splits=2)),
+@pytest.mark.parametrize("implementation,interpret,config", [
+    ("triton", True, pk.TritonUniqueConfig(pages_per_block=1, num_splits=3)),
+    ("triton", True, pk.TritonUniqueConfig(pages_per_block=4, num_splits=1)),
+    ("mosaic_tpu", True, pk.MosaicTpuUniqueConfig(pages_per_block=1, num_splits=3)),
+    ("mosaic_tpu", True, pk.MosaicTpuUniqueConfig(pages_per_block=4, num_splits=2)),
+    pytest.param("triton", False, pk.TritonUniqueConfig(pages_per_block=1, num_splits=7,
+                                                        num_stages=3),
+                 marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
 ])
-def test_block_overrides_and_traced_lengths(backend, blocks):
+def test_explicit_configs_and_traced_lengths(implementation, interpret, config):
   """Explicit tilings (more splits than a request has blocks, one split) under jit; the same
   compiled call serves new lengths."""
-  q, k, v, tables, _ = _paged_inputs(5, 4, 4, 2, 64, 16, (90, 30, 7), jnp.float32, poison=False)
-  fn = jax.jit(lambda q, k, v, t, n: unique_attention(q, k, v, t, n, backend=backend,
-                                                      interpret=True, blocks=blocks))
+  q, k, v, tables, _ = kc.paged_inputs(5, 4, 4, 2, 64, 16, (90, 30, 7), jnp.float32, poison=False)
+  fn = jax.jit(lambda q, k, v, t, n: unique_attention(
+      q, k, v, t, n, implementation=implementation, interpret=interpret, config=config))
   for lengths in ((90, 30, 7), (17, 0, 16)):  # within the pages each request owns
     n = jnp.asarray(lengths, jnp.int32)
     o, lse = fn(q, k, v, tables, n)
     _check(o, lse, (q, k, v, tables, n), jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("T", [1, 4])
-def test_default_heuristic_splits_on_poisoned_pool(backend, T):
-  """The default tiling at lengths long enough that `choose_blocks` splits each request's pages
-  (CASES are too short to split), on the poisoned pool: splits that cut a request unevenly, splits
-  with no block, and their merge."""
+def test_default_tiling_splits_on_poisoned_pool(implementation, T):
+  """The default tiling at lengths long enough that it splits each request's pages (CASES are
+  too short to split), on the poisoned pool: splits that cut a request unevenly, splits with no
+  block, and their merge."""
   # GPU: ragged requests (4 splits). TPU splits only while one program would leave a megacore's
   # second core idle: one request whose kv heads fit one block (Hkv * D = 128), 2 splits.
-  lengths = (2000, 37, 0, 1000) if backend == "gpu" else (1500,)
-  inputs = _paged_inputs(40 + T, T, 4, 2, 64, 16, lengths, jnp.float32)
-  dims, page_size = layout.check_paged_inputs(*inputs, op="test")
-  assert choose_blocks(dims, page_size, backend).num_splits > 1
-  fn = jax.jit(lambda *a: unique_attention(*a, backend=backend, interpret=True))
-  _check(*fn(*inputs), inputs, jnp.float32)
+  lengths = (2000, 37, 0, 1000) if implementation == "triton" else (1500,)
+  inputs = kc.paged_inputs(40 + T, T, 4, 2, 64, 16, lengths, jnp.float32)
+  plan = pk.plan(OP, *inputs, implementation=implementation, interpret=True, target=(
+      "h100" if implementation == "triton" else "v5p"))
+  assert plan.config.num_splits > 1
+  o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=True)
+  _check(o, lse, inputs, jnp.float32)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_partials_written_and_empty_splits(backend):
+@pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")
+@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("T", [1, 4])
+def test_compiled_gpu_llama_heads(page_size, T):
+  """The default Triton tiling as compiled, Llama-3.1-8B heads, ragged lengths."""
+  lengths = (0, 1, page_size, 3000, 4096, 777, 2 * page_size + 5, 4000)
+  inputs = kc.paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16)
+  o, lse = kc.run(unique_attention, *inputs, implementation="triton", interpret=False)
+  _check(o, lse, inputs, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
+def test_partials_written_and_empty_splits(implementation):
   """Every split writes every query row (no NaN); a split with no valid key gives o = 0,
   lse = -inf."""
-  q, k, v, tables, lengths = _paged_inputs(9, 1, 4, 2, 64, 16, (0, 20, 300), jnp.float32)
+  q, k, v, tables, lengths = kc.paged_inputs(9, 1, 4, 2, 64, 16, (0, 20, 300), jnp.float32)
   T, G, Hkv, D = 1, 4, 2, 64
   q_rows = layout.fold_queries(q, Hkv).reshape(Hkv, 3, T * G, D)
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 16 - T * G), (0, 0)))
   common = dict(T=T, G=G, scale=D**-0.5, pages_per_block=1, num_splits=4)
-  if backend == "gpu":
+  if implementation == "triton":
     o, lse = gpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths, num_warps=4,
                                                   num_stages=2, interpret=True, **common)
   else:
@@ -162,20 +128,21 @@ def test_partials_written_and_empty_splits(backend):
   assert np.all(np.isfinite(lse[:, :, 2]))
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_shared_plus_unique_equals_dense(backend):
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
+def test_shared_plus_unique_equals_dense(implementation):
   """merge(shared_attention over [shared], unique_attention over [unique]) equals one attention
   over [shared + unique] (causal within unique) to f32 precision."""
   T, G, Hkv, D, S, lengths = 4, 4, 2, 64, 300, (4, 37, 80)
-  q, k_pages, v_pages, tables, n = _paged_inputs(13, T, G, Hkv, D, 16, lengths, jnp.float32)
+  q, k_pages, v_pages, tables, n = kc.paged_inputs(13, T, G, Hkv, D, 16, lengths, jnp.float32)
   rng = np.random.default_rng(14)
   k_s = random_normal(rng, (S, Hkv, D), jnp.float32)
   v_s = random_normal(rng, (S, Hkv, D), jnp.float32)
 
   @jax.jit
   def moska(q, k_s, v_s, k_pages, v_pages, tables, n):
-    o_s, lse_s = shared_attention(q, k_s, v_s, backend=backend, interpret=True)
-    o_u, lse_u = unique_attention(q, k_pages, v_pages, tables, n, backend=backend, interpret=True)
+    o_s, lse_s = shared_attention(q, k_s, v_s, implementation=implementation, interpret=True)
+    o_u, lse_u = unique_attention(q, k_pages, v_pages, tables, n, implementation=implementation,
+                                  interpret=True)
     return merge_attention_states(o_s, lse_s, o_u, lse_u)
 
   o, lse = moska(q, k_s, v_s, k_pages, v_pages, tables, n)
@@ -199,7 +166,7 @@ def test_write_pages_round_trip():
   with the pools donated, and attention over the written pages is right."""
   T, Hkv, D, ps = 3, 2, 64, 16
   before = (0, 5, 16, 31, 62)  # the last request overflows its 4-page table by one token
-  q, k_pages, v_pages, tables, _ = _paged_inputs(21, T, 4, Hkv, D, ps, (3, 8, 19, 34, 64),
+  q, k_pages, v_pages, tables, _ = kc.paged_inputs(21, T, 4, Hkv, D, ps, (3, 8, 19, 34, 64),
                                                  jnp.float32, poison=False)
   tables = tables[:, :4]  # capacity 64 tokens; every write below lands in an owned page
   rng = np.random.default_rng(22)
@@ -227,29 +194,23 @@ def test_write_pages_round_trip():
   np.testing.assert_array_equal(np.asarray(k_pages), k_exp)
   np.testing.assert_array_equal(np.asarray(v_pages), v_exp)
   lengths = jnp.asarray([n + T for n in before[:4]] + [64], jnp.int32)
-  o, lse = jax.jit(lambda *a: unique_attention(*a, backend="gpu", interpret=True))(
-      q, k_pages, v_pages, tables, lengths)
+  o, lse = kc.run(unique_attention, q, k_pages, v_pages, tables, lengths,
+                  implementation="triton", interpret=True)
   _check(o, lse, (q, k_pages, v_pages, tables, lengths), jnp.float32)
 
 
 def test_reference_is_jittable_and_matches():
-  inputs = _paged_inputs(3, 4, 4, 2, 64, 16, (0, 9, 40), jnp.float32)
+  inputs = kc.paged_inputs(3, 4, 4, 2, 64, 16, (0, 9, 40), jnp.float32)
   o, lse = jax.jit(unique_attention_ref)(*inputs)
   _check(o, lse, inputs, jnp.float32)
 
 
-def test_auto_backend_on_cpu_is_xla():
-  inputs = _paged_inputs(4, 1, 4, 2, 64, 16, (3, 40), jnp.float32)
-  o, lse = jax.jit(lambda *a: unique_attention(*a, backend="auto"))(*inputs)
-  _check(o, lse, inputs, jnp.float32)
-
-
 def test_validation_errors():
-  q, k, v, tables, lengths = _paged_inputs(2, 1, 4, 2, 64, 16, (5, 20), jnp.float32)
+  q, k, v, tables, lengths = kc.paged_inputs(2, 1, 4, 2, 64, 16, (5, 20), jnp.float32)
   ua = unique_attention
   with pytest.raises(ValueError, match="backend must be one of"):
     ua(q, k, v, tables, lengths, backend="cuda")
-  with pytest.raises(ValueError, match="interpret=True needs a Pallas backend"):
+  with pytest.raises(ValueError, match="the 'xla' implementation has none"):
     ua(q, k, v, tables, lengths, backend="xla", interpret=True)
   with pytest.raises(ValueError, match=r"q must have shape \[B, T, Hq, D\]"):
     ua(q[0], k, v, tables, lengths)
@@ -272,42 +233,13 @@ def test_validation_errors():
     ua(q, k, v, tables.astype(jnp.float32), lengths)
   with pytest.raises(ValueError, match=r"lengths must be an integer array of shape \[B=2\]"):
     ua(q, k, v, tables, lengths[:1])
-  with pytest.raises(ValueError, match="power of two >= 16"):
-    ua(q, k, v, tables, lengths, backend="gpu", interpret=True,
-       blocks=UniqueAttentionBlocks(pages_per_block=3, num_splits=1))
-  with pytest.raises(ValueError, match="must be >= 1"):
-    ua(q, k, v, tables, lengths, backend="gpu", interpret=True,
-       blocks=UniqueAttentionBlocks(pages_per_block=1, num_splits=0))
+  with pytest.raises(ValueError, match="page_size \\* config.pages_per_block must be a power of "
+                     "two >= 16, got 16 \\* 3"):
+    ua(q, k, v, tables, lengths, implementation="triton", interpret=True,
+       config=pk.TritonUniqueConfig(pages_per_block=3))
+  with pytest.raises(ValueError, match="num_splits must be a positive int"):
+    pk.TritonUniqueConfig(pages_per_block=1, num_splits=0)
   with pytest.raises(ValueError, match="page_size must be a multiple of 8"):
     ua(q, k[:, :12], v[:, :12], tables, lengths, backend="tpu", interpret=True)
   with pytest.raises(ValueError, match=r"write_pages: k_new must have shape \[B=2, T, Hkv=2"):
     write_pages(k, v, tables, lengths, jnp.ones((2, 1, 3, 64)), jnp.ones((2, 1, 3, 64)))
-
-
-@pytest.mark.parametrize("page_size", [16, 64])
-def test_heuristic(page_size):
-  """~128 keys per block; few long requests split across the chip, many requests barely."""
-  one = layout.AttentionDims(B=1, T=1, Hq=32, Hkv=8, D=128, S=65536)
-  many = layout.AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=65536)
-  short = layout.AttentionDims(B=1, T=1, Hq=32, Hkv=8, D=128, S=256)
-  b_one, b_many = choose_blocks(one, page_size, "gpu"), choose_blocks(many, page_size, "gpu")
-  assert b_one.pages_per_block * page_size == 128
-  assert b_one.num_splits >= 32 and b_many.num_splits <= 4
-  assert choose_blocks(short, page_size, "gpu").num_splits == 1
-  assert choose_blocks(many, page_size, "tpu").num_splits == 1
-
-
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-@pytest.mark.parametrize("page_size", [16, 64])
-@pytest.mark.parametrize("T,blocks", [
-    (1, None),
-    (4, None),
-    (1, UniqueAttentionBlocks(pages_per_block=1, num_splits=7, num_warps=4, num_stages=3)),
-    (1, UniqueAttentionBlocks(pages_per_block=4, num_splits=2, num_warps=8, num_stages=2)),
-])
-def test_compiled_gpu_kernel(page_size, T, blocks):
-  """The Triton kernel as compiled (what interpret mode cannot check), Llama-3.1-8B heads."""
-  lengths = (0, 1, page_size, 3000, 4096, 777, 2 * page_size + 5, 4000)
-  inputs = _paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16)
-  fn = jax.jit(lambda *a: unique_attention(*a, backend="gpu", blocks=blocks))
-  _check(*fn(*inputs), inputs, jnp.bfloat16)

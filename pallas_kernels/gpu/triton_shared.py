@@ -1,4 +1,4 @@
-"""Shared-KV attention on GPU: one flash-attention GEMM per kv head over all folded query rows.
+"""Shared-KV attention on GPU (Pallas Triton lowering): one flash-attention GEMM per kv head.
 
 Grid (Hkv, M blocks, S splits). A program holds a [block_m, D] tile of query rows (G heads x B*T
 tokens of one kv head) and streams its split of the shared K/V in [block_k, D] tiles with an online
@@ -16,14 +16,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gpu import flash
+from pallas_kernels.gpu import softmax
+from pallas_kernels.numerics import matmul_precision
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
             split_len: int, precision):
   start = pl.program_id(2) * split_len
   end = jnp.minimum(start + split_len, len_ref[0])
-  o_ref[...], lse_ref[...] = flash.attend_range(q_ref[...], k_ref, v_ref, start, end, scale=scale,
+  o_ref[...], lse_ref[...] = softmax.attend_range(q_ref[...], k_ref, v_ref, start, end, scale=scale,
                                                block_k=block_k, precision=precision)
 
 
@@ -39,7 +40,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   Hkv, M, D = q_rows.shape
   S = k.shape[0]
   split_len = pl.cdiv(pl.cdiv(S, num_splits), block_k) * block_k
-  precision = flash.matmul_precision(q_rows.dtype)
+  precision = matmul_precision(q_rows.dtype)
   kernel = functools.partial(_kernel, scale=scale, block_k=block_k, split_len=split_len,
                              precision=precision)
   kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))

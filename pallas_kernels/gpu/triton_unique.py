@@ -1,4 +1,4 @@
-"""Unique-KV (paged, ragged) decode attention on GPU: one program per (request, kv head, split).
+"""Unique-KV (paged, ragged) decode attention on GPU (Triton): one program per (request, kv head, split).
 
 A program holds the R = T*G query rows of one request and one kv head (the G query heads of the kv
 head x the T new tokens, padded to a power of two >= 16 for the tensor cores) and streams the
@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import layout
-from pallas_kernels.gpu import flash
+from pallas_kernels.gpu import softmax
+from pallas_kernels.numerics import LOG2E, matmul_precision
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
@@ -38,7 +39,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   last = jnp.maximum(end, first)  # an empty split runs no block
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
   row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
-  qk_scale = scale * flash.LOG2E  # softmax in base 2: exp2 is the fast instruction
+  scale_log2 = scale * LOG2E
   key = jnp.arange(block_k)
   lanes = jnp.arange(d)[None, :]
 
@@ -48,7 +49,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
     return pltriton.load(tables_ref.at[page], mask=page < num_pages, other=0)
 
   def body(i, carry):
-    acc, m, l, ids = carry
+    *state, ids = carry
     pos = i * block_k + key  # positions of the block's keys in the request
     valid = (pos < length)[:, None]
     # Index both axes with arrays (a gather of [block_k, D]): interpret mode cannot mix an array
@@ -59,21 +60,17 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
     # Next block's page ids now, so its K/V addresses never wait on a table read (manual
     # prefetch: the block table is an indirection Triton's pipeliner may not look through).
     ids_next = page_ids(i + 1)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision) * qk_scale
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
     s = jnp.where(pos[None, :] <= row_hi[:, None], s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    # With a causal mask a row may have no key yet in this block: keep exp2 away from inf - inf.
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[:, None])
-    acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                                         precision=precision)
-    return acc, m_new, l * alpha + jnp.sum(p, axis=1), ids_next
+    # A causal mask may leave a row without a key in this block (and so far).
+    p, (acc, m, l) = softmax.step(state, s, scale_log2=scale_log2, rows_may_be_empty=True)
+    acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                        precision=precision)
+    return acc, m, l, ids_next
 
-  init = (jnp.zeros((R, d), jnp.float32), jnp.full((R,), -jnp.inf, jnp.float32),
-          jnp.zeros((R,), jnp.float32), page_ids(first))
-  acc, m, l, _ = jax.lax.fori_loop(first, last, body, init)
-  o, lse = flash.finish(acc, m, l)
+  acc, m, l, _ = jax.lax.fori_loop(first, last, body,
+                                   (*softmax.initial_state(R, d), page_ids(first)))
+  o, lse = softmax.finish(acc, m, l)
   real = jnp.arange(R) < T * G  # padded rows are never read: skip their stores
   pltriton.store(o_ref, o, mask=real[:, None])
   pltriton.store(lse_ref, lse, mask=real)
@@ -100,7 +97,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits,
-      precision=flash.matmul_precision(q_rows.dtype))
+      precision=matmul_precision(q_rows.dtype))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
   kv_spec = pl.BlockSpec((P * page_size, None, D), lambda b, h, s: (0, h, 0))
   max_pages = block_tables.shape[1]

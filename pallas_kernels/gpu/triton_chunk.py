@@ -1,4 +1,4 @@
-"""Grouped chunk attention on GPU: one flash-attention tile per (chunk, block of stacked rows).
+"""Grouped chunk attention on GPU (Pallas Triton lowering): one tile per (chunk, stacked rows).
 
 Grid (tiles, Hkv), tiles fastest so the tiles of one chunk run back to back (a chunk that spans
 several tiles is re-read from L2, not HBM). A program reads its chunk id (index operand) and the
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.gpu import flash
+from pallas_kernels.gpu import softmax
+from pallas_kernels.numerics import matmul_precision
 
 
 def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
@@ -35,7 +36,7 @@ def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *
   start = chunk * chunk_size
   # Padding tiles (chunk -1) get an empty key range.
   end = jnp.where(chunk >= 0, jnp.minimum(start + chunk_size, len_ref[0]), start)
-  o, lse = flash.attend_range(q, k_ref, v_ref, start, end, scale=scale, block_k=block_k,
+  o, lse = softmax.attend_range(q, k_ref, v_ref, start, end, scale=scale, block_k=block_k,
                               precision=precision)
   # Masked slots point one past the end: interpret mode drops out-of-bounds scatter updates
   # (an in-bounds dummy row could clobber a live row); the GPU never dereferences them.
@@ -70,7 +71,7 @@ def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   S = k.shape[0]
   NT = tile_chunk.shape[1]
   P = BR * pairs_per_request
-  precision = flash.matmul_precision(q_rows.dtype)
+  precision = matmul_precision(q_rows.dtype)
   kernel = functools.partial(_kernel, scale=scale, chunk_size=chunk_size, block_k=block_k,
                              rows_per_pair=rows_per_pair,
                              pairs_per_request=pairs_per_request, precision=precision)

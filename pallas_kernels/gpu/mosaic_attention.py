@@ -1,7 +1,7 @@
 """Shared-KV attention for Hopper with Pallas Mosaic GPU: TMA loads, wgmma, warp specialization.
 
-The Triton-lowered kernel streams KV at full bandwidth but its tensor-core rate tops out near 420
-TFLOP/s on H100 (measured), so large M (compute-bound: many requests) runs here instead. Each CTA
+The Triton-lowered kernel streams KV at full bandwidth but leaves tensor-core rate unused at large
+M (compute-bound: many requests; experiments/results/shared_attention.md), which runs here. Each CTA
 owns 2 x 64 folded query rows of one kv head and one split of S, and runs three warpgroups: a
 producer that TMA-copies K/V tiles into a ring of shared-memory slots, and two consumers that each
 multiply their 64 rows by every tile with wgmma and keep an online softmax. The consumers take
@@ -16,7 +16,6 @@ one CTA per (tile of grouped query rows, chunk)).
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -24,33 +23,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gpu import softmax
+from pallas_kernels.numerics import LOG2E
+
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile)
 ROWS_PER_CTA = 2 * BLOCK_Q
-SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory
 
 
-def max_stages(D: int, block_k: int, itemsize: int) -> int:
-  """Most K/V ring slots that fit next to the two q/o tiles in shared memory (with slack)."""
-  free = SMEM_BYTES - 2 * BLOCK_Q * D * itemsize - 4096
-  return max(2, free // (2 * block_k * D * itemsize))
+def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int) -> int:
+  """Most K/V ring slots that fit next to the two q/o tiles in `smem_bytes` (with slack)."""
+  free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0)
+  return max(0, free // (2 * block_k * D * itemsize))
 
 
-def supported(dtype, D: int, S: int, block_k: int) -> bool:
-  """Whether this kernel handles the problem (else the Triton kernel runs)."""
-  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and (
-      D % 64 == 0 and D <= 256 and S % block_k == 0)
-
-
-def _softmax_step(carry, qk, scale_log2: float, mask):
-  """One online-softmax update in base 2: returns p and the rescaled (acc, m, l)."""
-  acc, m, l = carry
-  if mask is not None:
-    qk = jnp.where(mask, qk, -jnp.inf)
-  m_new = jnp.maximum(m, qk.max(axis=1) * scale_log2)
-  alpha = jnp.exp2(m - m_new)
-  p = jnp.exp2(qk * scale_log2 - lax.broadcast_in_dim(m_new, qk.shape, [0]))
-  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-  return p, (acc, m_new, l * alpha + p.sum(axis=1))
+def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int) -> int:
+  """Shared memory of one CTA: two q/o tiles, the K and V rings, lse rows, barriers (slack)."""
+  return 2 * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * itemsize + 4096
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
@@ -88,8 +76,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   Hkv, M, D = q_rows.shape
   m_tiles, _, num_parts, _ = ranges.shape
   dtype = q_rows.dtype
-  stages = max(2, min(num_stages, max_stages(D, block_k, dtype.itemsize)))
-  scale_log2 = scale * math.log2(math.e)
+  stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
+  scale_log2 = scale * LOG2E
 
   def body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
     (q_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
@@ -142,7 +130,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
           cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_k), 1,
                                         layout=plgpu.Layout.WGMMA)
           mask = cols + (start + i * block_k) < end
-        p, (acc, m, l) = _softmax_step(carry, qk, scale_log2, mask)
+        if mask is not None:
+          qk = jnp.where(mask, qk, -jnp.inf)
+        p, (acc, m, l) = softmax.step(carry, qk, scale_log2=scale_log2)
         p_in = p.astype(dtype)
         acc, m, l, p_in = lax.optimization_barrier((acc, m, l, p_in))
         plgpu.barrier_arrive(turn)
@@ -164,12 +154,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
       pl.when(wg == 0)(take_turn)
 
-      nonempty = l > 0
-      safe_l = jnp.where(nonempty, l, 1.0)
-      acc = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
-      my_q[...] = acc.astype(dtype)  # the q tile is dead: reuse its slot for o
-      lse_smem.at[wg][...] = jnp.where(nonempty, (m + jnp.log2(safe_l)) * math.log(2.0),
-                                       -jnp.inf)
+      o, lse = softmax.finish(acc, m, l)
+      my_q[...] = o.astype(dtype)  # the q tile is dead: reuse its slot for o
+      lse_smem.at[wg][...] = lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(my_q, o_gmem.at[sp, h, pl.ds(row0, BLOCK_Q)])
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[sp, h, pl.ds(row0, BLOCK_Q)])

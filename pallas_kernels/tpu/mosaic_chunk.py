@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu import flash
-from pallas_kernels.tpu.shared_attention import heads_per_block
+from pallas_kernels.numerics import matmul_precision
+from pallas_kernels.tpu import softmax
+from pallas_kernels.tpu.tuning import heads_per_block
 
 
 def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
@@ -34,7 +35,7 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(kb == 0)
   def _init():
-    flash.init(m_sc, l_sc, acc_sc)
+    softmax.init(m_sc, l_sc, acc_sc)
 
   def tile(j: int):
     cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
@@ -43,8 +44,8 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
     # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
     v = jnp.where(rows < end, v_ref[:, j * d:(j + 1) * d], 0)
-    s = jnp.where(cols < end, flash.scores(q, k, scale, precision), -jnp.inf)
-    flash.update(m_sc, l_sc, acc_sc, s, v, precision)
+    s = jnp.where(cols < end, softmax.scores(q, k, scale, precision), -jnp.inf)
+    softmax.update(m_sc, l_sc, acc_sc, s, v, precision)
 
   real = (t < ntiles_ref[h]) & (chunk >= 0) & (start < end)
   for j in range(hb):  # static: the column block of this kv head inside the hb-head block
@@ -52,7 +53,7 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
 
   @pl.when(kb == pl.num_programs(2) - 1)
   def _finish():
-    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    softmax.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def kv_block(h, t, kb, kv_length, tile_chunk, num_tiles, *, num_tile_slots: int, chunk_size: int,
@@ -112,7 +113,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
   row_map = lambda h, t, kb, *_: (h, t, 0)
   kernel = functools.partial(
       _kernel, scale=scale, chunk_size=chunk_size, block_k=block_k, num_tiles=NT, hb=hb,
-      precision=jax.lax.Precision.HIGHEST if q_tiles.dtype == jnp.float32 else None)
+      precision=matmul_precision(q_tiles.dtype))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=3,
       grid=(Hkv, NT, chunk_size // block_k),
@@ -125,11 +126,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
           pl.BlockSpec((None, block_m, D), row_map),
           pl.BlockSpec((None, block_m, 1), row_map),
       ],
-      scratch_shapes=[
-          pltpu.VMEM((block_m, 1), jnp.float32),
-          pltpu.VMEM((block_m, 1), jnp.float32),
-          pltpu.VMEM((block_m, D), jnp.float32),
-      ],
+      scratch_shapes=softmax.scratch(rows=block_m, d=D),
   )
   o, lse = pl.pallas_call(
       kernel,

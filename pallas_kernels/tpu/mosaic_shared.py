@@ -16,15 +16,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tpu import flash
-
-
-def heads_per_block(Hkv: int, D: int) -> int:
-  """Fewest kv heads whose D columns make a lane-dense (multiple of 128) block, else all."""
-  for hb in range(1, Hkv + 1):
-    if Hkv % hb == 0 and (hb * D) % 128 == 0:
-      return hb
-  return Hkv
+from pallas_kernels.numerics import matmul_precision
+from pallas_kernels.tpu import softmax
+from pallas_kernels.tpu.tuning import heads_per_block
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale: float,
@@ -36,7 +30,7 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
 
   @pl.when(t == 0)
   def _init():
-    flash.init(m_sc, l_sc, acc_sc)
+    softmax.init(m_sc, l_sc, acc_sc)
 
   @pl.when(start < kv_len)
   def _tile():
@@ -47,12 +41,12 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
       k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
       # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
       v = jnp.where(rows < kv_len, v_ref[:, j * d:(j + 1) * d], 0)
-      s = jnp.where(cols < kv_len, flash.scores(q, k, scale, precision), -jnp.inf)
-      flash.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
+      s = jnp.where(cols < kv_len, softmax.scores(q, k, scale, precision), -jnp.inf)
+      softmax.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 
   @pl.when(t == tiles_per_split - 1)
   def _finish():
-    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    softmax.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
@@ -76,7 +70,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
 
   kernel = functools.partial(
       _kernel, scale=scale, block_k=block_k, tiles_per_split=tiles_per_split, hb=hb,
-      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+      precision=matmul_precision(q_rows.dtype))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
       grid=(num_splits, Hkv // hb, M // block_m, tiles_per_split),
@@ -89,11 +83,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
           pl.BlockSpec((None, hb, block_m, D), lambda s, hg, i, t, n: (s, hg, i, 0)),
           pl.BlockSpec((None, hb, block_m, 1), lambda s, hg, i, t, n: (s, hg, i, 0)),
       ],
-      scratch_shapes=[
-          pltpu.VMEM((hb, block_m, 1), jnp.float32),
-          pltpu.VMEM((hb, block_m, 1), jnp.float32),
-          pltpu.VMEM((hb, block_m, D), jnp.float32),
-      ],
+      scratch_shapes=softmax.scratch(hb, rows=block_m, d=D),
   )
   o, lse = pl.pallas_call(
       kernel,

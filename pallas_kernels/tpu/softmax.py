@@ -1,9 +1,10 @@
-"""The online-softmax state the Mosaic TPU kernels keep in VMEM scratch across key blocks."""
+"""The online softmax every Mosaic TPU kernel runs, its state in VMEM scratch across key blocks."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 
 
 def init(m_ref, l_ref, acc_ref) -> None:
@@ -43,3 +44,9 @@ def scores(q: jax.Array, k: jax.Array, scale: float, precision) -> jax.Array:
   """scale * q @ k^T in float32 (q[rows, D], k[keys, D])."""
   return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                              precision=precision) * scale
+
+
+def scratch(*lead: int, rows: int, d: int) -> list:
+  """VMEM scratch for the state (m, l, acc) of `lead` row blocks of `rows` rows each."""
+  return [pltpu.VMEM((*lead, rows, 1), jnp.float32), pltpu.VMEM((*lead, rows, 1), jnp.float32),
+          pltpu.VMEM((*lead, rows, d), jnp.float32)]

@@ -22,8 +22,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import layout
-from pallas_kernels.tpu import flash
-from pallas_kernels.tpu.shared_attention import heads_per_block
+from pallas_kernels.numerics import matmul_precision
+from pallas_kernels.tpu import softmax
+from pallas_kernels.tpu.tuning import heads_per_block
 
 
 def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
@@ -39,7 +40,7 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
 
   @pl.when(t == 0)
   def _init():
-    flash.init(m_sc, l_sc, acc_sc)
+    softmax.init(m_sc, l_sc, acc_sc)
 
   @pl.when(first + t < end)
   def _block():
@@ -55,12 +56,12 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
       k = jnp.concatenate([r[:, cut] for r in k_refs], axis=0)  # [block_k, D]
       # The tail of the last page (and interpret mode's NaN fill) must not reach p @ v.
       v = jnp.where(key_rows < length, jnp.concatenate([r[:, cut] for r in v_refs], axis=0), 0)
-      s = jnp.where(visible, flash.scores(q_ref[j], k, scale, precision), -jnp.inf)
-      flash.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
+      s = jnp.where(visible, softmax.scores(q_ref[j], k, scale, precision), -jnp.inf)
+      softmax.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 
   @pl.when(t == pl.num_programs(3) - 1)
   def _finish():
-    flash.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
+    softmax.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
 
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -95,7 +96,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits, hb=hb,
-      precision=jax.lax.Precision.HIGHEST if q_rows.dtype == jnp.float32 else None)
+      precision=matmul_precision(q_rows.dtype))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
       grid=(B, Hkv // hb, num_splits, blocks_per_split),
@@ -108,11 +109,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
           pl.BlockSpec((None, hb, None, R, D), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
           pl.BlockSpec((None, hb, None, R, 1), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
       ],
-      scratch_shapes=[
-          pltpu.VMEM((hb, R, 1), jnp.float32),
-          pltpu.VMEM((hb, R, 1), jnp.float32),
-          pltpu.VMEM((hb, R, D), jnp.float32),
-      ],
+      scratch_shapes=softmax.scratch(hb, rows=R, d=D),
   )
   o, lse = pl.pallas_call(
       kernel,

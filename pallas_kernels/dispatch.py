@@ -1,0 +1,279 @@
+"""One dispatch layer for every op: resolve an implementation, pick its config, call, merge, unfold.
+
+An `Op` turns the user's arguments into a validated problem and owns a table of
+`Implementation`s ("xla", "triton", "mosaic_gpu", "mosaic_tpu"). A call resolves
+`implementation=` ("auto" or a name; `backend=` is kept as an alias naming a family: "auto",
+"gpu", "tpu", "xla") to a `Plan` (implementation + config), runs it, and, when the kernel returns
+partial states, merges them by log-sum-exp and unfolds the query rows back to [B, T, Hq, ...].
+
+"auto" picks the family of the platform JAX runs on (the GPU implementations on a GPU, Mosaic TPU
+on a TPU, XLA elsewhere; with `interpret=True` on a CPU, the GPU family in interpret mode, whose
+semantics are the Triton lowering's) and, within the family, the implementation its tuning module
+prefers for the shape. The plan each call used is logged once (logger `pallas_kernels`, INFO)
+and kept in `plans_used()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import layout, targets
+from pallas_kernels.merge import merge_partials
+
+BACKENDS = ("auto", "gpu", "tpu", "xla")
+
+logger = logging.getLogger("pallas_kernels")
+_logged: set[str] = set()
+_used: dict[str, Plan] = {}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Problem:
+  """One call's validated arguments: the queries, their shape letters and the score scale. Each
+  op extends it with its own inputs."""
+
+  q: Any  # [B, T, Hq, D]
+  dims: layout.AttentionDims
+  sm_scale: float | None
+
+  @property
+  def dtype(self):
+    return self.q.dtype
+
+
+class Plan(NamedTuple):
+  """What a call runs: the op, the implementation's name and its config (None for "xla")."""
+
+  op: str
+  implementation: str
+  config: Any
+
+
+class Partials(NamedTuple):
+  """Normalized partial states of a kernel, stacked along `axis`; removing that axis leaves
+  o [Hkv, rows, D] and lse [Hkv, rows] with the M = B*T*G folded query rows first (padding rows
+  after them are dropped)."""
+
+  o: jax.Array
+  lse: jax.Array
+  axis: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One way to run an op.
+
+  platform: "gpu" or "tpu", where its kernel compiles; None for XLA (anywhere).
+  config_type: its frozen config class; None takes no config.
+  run: (problem, config, interpret) -> `Partials`, or the final (o, lse).
+  default_config: (problem, target) -> config, the tuning module's heuristic.
+  candidates: (problem, target) -> configs to sweep (the default first).
+  unsupported: (problem, config, target, interpret) -> why it cannot run, or None.
+  interpretable: whether interpret=True can run it on a CPU.
+  """
+
+  name: str
+  platform: str | None
+  run: Callable[..., Any]
+  config_type: type | None = None
+  default_config: Callable[..., Any] | None = None
+  candidates: Callable[..., list] | None = None
+  unsupported: Callable[..., str | None] = lambda problem, config, target, interpret: None
+  interpretable: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """An op: its argument validation, its implementations, and the "auto" choice per platform.
+
+  problem: (*args, **kwargs) -> the validated `Problem`.
+  choose: (problem, platform, target, interpret) -> the implementation "auto" runs there.
+  """
+
+  name: str
+  problem: Callable[..., Any]
+  implementations: dict[str, Implementation]
+  choose: Callable[..., str]
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+  OPS[op.name] = op
+  return op
+
+
+def _op(name: str) -> Op:
+  if name not in OPS:
+    raise ValueError(f"op must be one of {sorted(OPS)}, got {name!r}")
+  return OPS[name]
+
+
+def implementations(op: str) -> tuple[str, ...]:
+  """The implementation names registered for an op ("shared_attention", "unique_attention",
+  "chunk_attention")."""
+  return tuple(_op(op).implementations)
+
+
+def _platform(family: str, interpret: bool, op: str) -> str:
+  """The platform whose implementations a family means: "gpu", "tpu" or "xla"."""
+  if family == "auto":
+    running = jax.default_backend()
+    family = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(
+        running, "gpu" if interpret else "xla")
+  if family == "xla" and interpret:
+    raise ValueError(f"{op}: interpret=True runs a Pallas kernel; the 'xla' implementation has "
+                     "none (use implementation='auto' or name a Pallas implementation)")
+  return family
+
+
+def _target(platform: str | None, target) -> targets.Target | None:
+  if platform is None:
+    return None
+  if target is None:
+    return targets.current(platform)
+  tgt = targets.target(target) if isinstance(target, str) else target
+  if tgt.platform != platform:
+    raise ValueError(f"target {tgt.name} is a {tgt.platform.upper()}, but the implementation "
+                     f"runs on {platform.upper()}")
+  return tgt
+
+
+def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | None = None,
+            config: Any = None, interpret: bool = False, target=None) -> Plan:
+  """The plan a call would run (see the module docstring); raises ValueError if it cannot run."""
+  names = tuple(op.implementations)
+  if backend is not None:
+    if implementation != "auto":
+      raise ValueError(f"{op.name}: give implementation= or its alias backend=, not both")
+    if backend not in BACKENDS:
+      raise ValueError(f"{op.name}: backend must be one of {BACKENDS}, got {backend!r}")
+    family = backend
+  elif implementation == "auto":
+    family = "auto"
+  elif implementation in names:
+    family = None
+  else:
+    raise ValueError(f"{op.name}: implementation must be 'auto' or one of {names}, got "
+                     f"{implementation!r}")
+  if family is not None:
+    platform = _platform(family, interpret, op.name)
+    implementation = "xla" if platform == "xla" else op.choose(
+        problem, platform, _target(platform, target), interpret)
+  impl = op.implementations[implementation]
+  if interpret and not impl.interpretable:
+    raise ValueError(f"{op.name}: implementation {impl.name!r} has no interpret mode")
+  tgt = _target(impl.platform, target)
+  if config is None and impl.default_config is not None:
+    config = impl.default_config(problem, tgt)
+  elif config is not None and (impl.config_type is None
+                               or not isinstance(config, impl.config_type)):
+    want = impl.config_type.__name__ if impl.config_type else "None (it takes no config)"
+    raise ValueError(f"{op.name}: config for implementation {impl.name!r} must be {want}, got "
+                     f"{type(config).__name__}")
+  reason = impl.unsupported(problem, config, tgt, interpret)
+  if reason:
+    raise ValueError(f"{op.name}: implementation {impl.name!r} cannot run this call: {reason}")
+  return Plan(op.name, impl.name, config)
+
+
+def finish(partials: Partials, dims: layout.AttentionDims,
+           dtype) -> tuple[jax.Array, jax.Array]:
+  """Merges a kernel's partial states and unfolds its rows: (o [B, T, Hq, D] in dtype,
+  lse [B, T, Hq] float32)."""
+  o, lse, axis = partials
+  if o.shape[axis] > 1:
+    o, lse = merge_partials(o, lse, axis)
+  else:
+    o, lse = jnp.squeeze(o, axis), jnp.squeeze(lse, axis)
+  o = o.reshape(dims.Hkv, -1, dims.D)[:, :dims.M]
+  lse = lse.reshape(dims.Hkv, -1)[:, :dims.M]
+  return (layout.unfold_rows(o, dims.B, dims.T).astype(dtype),
+          layout.unfold_rows(lse, dims.B, dims.T))
+
+
+def call(op: Op, args: tuple, kwargs: dict, *, implementation: str = "auto",
+         backend: str | None = None, config: Any = None,
+         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Validates, resolves, runs and finishes one call of `op`: the body of every public op.
+
+  Args:
+    op, args, kwargs: the op and the user's arguments of it.
+    implementation: "auto" (module docstring) or one of the op's implementation names.
+    backend: instead of implementation=, a family: "auto", "gpu", "tpu" or "xla".
+    config: the chosen implementation's own config; default: its tuning heuristic.
+    interpret: run the Pallas kernel in interpret mode (TPU interpret mode for "mosaic_tpu"),
+      on any machine.
+  """
+  problem = op.problem(*args, **kwargs)
+  plan = resolve(op, problem, implementation=implementation, backend=backend, config=config,
+                 interpret=interpret)
+  _record(plan, interpret)
+  out = op.implementations[plan.implementation].run(problem, plan.config, interpret)
+  return finish(out, problem.dims, problem.dtype) if isinstance(out, Partials) else out
+
+
+def _record(plan: Plan, interpret: bool) -> None:
+  _used[plan.op] = plan
+  mode = " in interpret mode" if interpret else ""
+  message = (f"{plan.op}: {plan.implementation}{mode} on {jax.default_backend()}, "
+             f"config {plan.config}")
+  if message not in _logged:  # calls under jit log once, at trace time
+    _logged.add(message)
+    logger.info("%s", message)
+
+
+def plans_used() -> dict[str, Plan]:
+  """The plan of the latest call (traced or eager) of each op in this process."""
+  return dict(_used)
+
+
+def plan(op: str, *args, implementation: str = "auto", backend: str | None = None,
+         config: Any = None, interpret: bool = False, target=None, **kwargs) -> Plan:
+  """The plan `op(*args, **kwargs)` would run, without running it.
+
+  Takes the op's own arguments (arrays or jax.ShapeDtypeStruct) and `target`: a preset name
+  ("h100", "h200", "a100", "v4", "v5e", "v5p", "v6e") or a `targets.GpuTarget` / `TpuTarget` to
+  plan the tiling for instead of the running chip.
+  """
+  o = _op(op)
+  return resolve(o, o.problem(*args, **kwargs), implementation=implementation, backend=backend,
+                 config=config, interpret=interpret, target=target)
+
+
+def sweep(op: str, *args, implementation: str = "auto", backend: str | None = None,
+          interpret: bool = False, target=None, **kwargs) -> list[Plan]:
+  """Plans to time for `op(*args, **kwargs)`: the default plan first, then every candidate of
+  every implementation of its platform that can run the call (duplicates dropped)."""
+  o = _op(op)
+  problem = o.problem(*args, **kwargs)
+  first = resolve(o, problem, implementation=implementation, backend=backend,
+                  interpret=interpret, target=target)
+  platform = o.implementations[first.implementation].platform
+  plans = [first]
+  for impl in o.implementations.values():
+    if impl.platform != platform or impl.candidates is None:
+      continue
+    tgt = _target(platform, target)
+    for cfg in impl.candidates(problem, tgt):
+      p = Plan(o.name, impl.name, cfg)
+      if p not in plans and not impl.unsupported(problem, cfg, tgt, interpret) and (
+          impl.interpretable or not interpret):
+        plans.append(p)
+  return plans
+
+
+def tpu_interpret(interpret: bool):
+  """The `interpret=` value of a TPU pallas_call: TPU interpret mode when asked, else False."""
+  if not interpret:
+    return False
+  from jax.experimental.pallas import tpu as pltpu
+
+  return pltpu.InterpretParams()

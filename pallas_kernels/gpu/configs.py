@@ -1,0 +1,77 @@
+"""The frozen, self-validating configs of the GPU implementations (one per implementation).
+
+A config holds only its own kernel's knobs and checks them on construction; constraints that
+depend on the problem (chunk size, S, dtype, head_dim) or the chip (shared memory, Hopper) are
+checked when a call is planned (`pallas_kernels.plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_kernels.checks import Config, at_least, knob, multiple_of, positive_int, power_of_two
+
+_frozen = dataclasses.dataclass(frozen=True, kw_only=True)
+
+
+def _warps(value, *, name: str, where: str) -> int:
+  power_of_two(value, name=name, where=where)
+  if value > 16:
+    raise ValueError(f"{where}: {name} must be at most 16, got {value}")
+  return value
+
+
+@_frozen
+class TritonSharedConfig(Config):
+  """shared_attention on the Triton lowering: block_m query rows x block_k keys per step (powers
+  of two >= 16, for tl.dot), num_splits programs along S (flash decoding), num_warps per
+  program, num_stages of software pipelining in the key loop."""
+
+  block_m: int = knob(power_of_two, minimum=16)
+  block_k: int = knob(power_of_two, minimum=16)
+  num_splits: int = knob(positive_int, 1)
+  num_warps: int = knob(_warps, 4)
+  num_stages: int = knob(positive_int, 2)
+
+
+@_frozen
+class TritonChunkConfig(Config):
+  """chunk_attention on the Triton lowering: block_m stacked pair rows per tile, block_k keys per
+  step within a chunk (powers of two >= 16); num_warps, num_stages as for shared_attention."""
+
+  block_m: int = knob(power_of_two, minimum=16)
+  block_k: int = knob(power_of_two, minimum=16)
+  num_warps: int = knob(_warps, 4)
+  num_stages: int = knob(positive_int, 2)
+
+
+@_frozen
+class TritonUniqueConfig(Config):
+  """unique_attention on the Triton lowering: pages_per_block pages per compute block
+  (pages_per_block * page_size must be a power of two >= 16), num_splits programs per
+  (request, kv head) along its pages; num_warps, num_stages as for shared_attention."""
+
+  pages_per_block: int = knob(positive_int)
+  num_splits: int = knob(positive_int, 1)
+  num_warps: int = knob(_warps, 4)
+  num_stages: int = knob(positive_int, 2)
+
+
+@_frozen
+class MosaicGpuSharedConfig(Config):
+  """shared_attention on Mosaic GPU (Hopper): each CTA owns 128 query rows (two 64-row wgmma
+  consumers); block_k keys per TMA copy (a multiple of 64: the (8, 64) shared-memory tiling),
+  num_stages K/V slots in the shared-memory ring (>= 2), num_splits CTAs along S per row tile."""
+
+  block_k: int = knob(multiple_of, 128, step=64)
+  num_stages: int = knob(at_least, 2, minimum=2)
+  num_splits: int = knob(positive_int, 1)
+
+
+@_frozen
+class MosaicGpuChunkConfig(Config):
+  """chunk_attention on Mosaic GPU (Hopper): one CTA per (128-row tile, chunk); block_k and
+  num_stages as for shared_attention."""
+
+  block_k: int = knob(multiple_of, 128, step=64)
+  num_stages: int = knob(at_least, 4, minimum=2)

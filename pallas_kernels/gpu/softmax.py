@@ -1,0 +1,75 @@
+"""The online softmax every GPU kernel runs (Triton and Mosaic GPU), in base 2.
+
+The state of a block of query rows is (acc [rows, D], m [rows], l [rows]) in float32: the
+running unnormalized output, the running max of the scaled scores (base-2 units) and the running
+sum of exp2(score - m). `step` folds one tile of raw scores into it; the caller then adds
+p @ V to acc (on the tensor cores, so the order of the two matmuls stays the kernel's choice).
+`attend_range` is the whole loop for the Triton kernels that stream one contiguous key range.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.numerics import LN2, LOG2E
+
+
+def initial_state(rows: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The empty state: acc = 0, m = -inf, l = 0."""
+  return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def step(carry, s: jax.Array, *, scale_log2: float, rows_may_be_empty: bool = False):
+  """Folds raw scores s[rows, keys] (masked entries -inf) into the state.
+
+  Returns p = exp2(s * scale_log2 - m_new) (the caller adds p @ V to acc) and the state rescaled
+  to the new max. `rows_may_be_empty`: a row may have no valid key yet (a causal mask), so its
+  max stays -inf and must not produce inf - inf; without it every tile holds a valid key for
+  every row (a key-range mask), and the guard is skipped.
+  """
+  acc, m, l = carry
+  m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
+  m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new) if rows_may_be_empty else m_new
+  alpha = jnp.exp2(m - m_ref)
+  p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_ref, s.shape, [0]))
+  acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+  return p, (acc, m_new, l * alpha + p.sum(axis=1))
+
+
+def finish(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Normalizes the state into (o, natural-log lse); l = 0 (no key) gives o = 0, lse = -inf."""
+  nonempty = l > 0
+  safe_l = jnp.where(nonempty, l, 1.0)
+  o = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
+  return o, jnp.where(nonempty, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
+
+
+def attend_range(q: jax.Array, k_ref, v_ref, start, end, *, scale: float, block_k: int,
+                 precision) -> tuple[jax.Array, jax.Array]:
+  """Attention of q[block_m, D] over rows [start, end) of the [S, D] refs k_ref / v_ref (Triton).
+
+  Streams block_k-row tiles with masked loads (rows past `end` read as zero and score -inf).
+  Returns o [block_m, D] float32 normalized, and lse [block_m] float32 natural log; an empty
+  range gives o = 0, lse = -inf.
+  """
+  block_m, d = q.shape
+  scale_log2 = scale * LOG2E
+
+  def body(i, carry):
+    s0 = start + i * block_k
+    valid = s0 + jnp.arange(block_k) < end
+    k = pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
+    p, (acc, m, l) = step(carry, jnp.where(valid[None, :], s, -jnp.inf), scale_log2=scale_log2)
+    v = pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
+    acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                        precision=precision)
+    return acc, m, l
+
+  num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
+  return finish(*lax.fori_loop(0, num_tiles, body, initial_state(block_m, d)))

@@ -1,0 +1,204 @@
+"""Default tilings and sweep candidates of the GPU implementations (Triton and Mosaic GPU).
+
+Every function takes the problem's static shape and a `GpuTarget` (never the running device), so
+a tiling can be planned for any GPU. The measured reasons behind the rules live in
+experiments/results (shared_attention.md, unique_attention.md, sparse_attention.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from pallas_kernels.gpu import mosaic_attention
+from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
+                                        TritonChunkConfig, TritonSharedConfig, TritonUniqueConfig)
+from pallas_kernels.layout import AttentionDims
+from pallas_kernels.targets import GpuTarget
+
+# Rows (B*T*G) from which the Mosaic GPU (wgmma) kernel beats the Triton kernel: below it the
+# problem is bandwidth-bound and the Triton kernel's finer row blocks stream KV at full speed.
+MOSAIC_MIN_ROWS = 256
+# Chunk attention goes to Mosaic GPU for chunks of at least this many keys chosen by at least
+# MOSAIC_MIN_ROWS / 2 rows each: shorter chunks spend their time filling its pipeline.
+MOSAIC_MIN_CHUNK = 1024
+# Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
+# stage), and the fewest blocks per split (below it the partials cost more than the split gains).
+UNIQUE_BLOCK_KEYS = 128
+UNIQUE_MIN_BLOCKS_PER_SPLIT = 4
+
+
+def _pow2_at_least(x: float, minimum: int = 16) -> int:
+  return max(minimum, 1 << math.ceil(math.log2(max(x, 1))))
+
+
+def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
+  """Splits of S so that programs x splits fill the chip in about one wave (fewer, longer
+  programs measured best: a partly filled second wave costs more than merging more splits)."""
+  return max(1, min(n_tiles, target.num_cores // programs))
+
+
+# ------------------------------------------------------------------ Mosaic GPU (shared + chunk)
+
+
+def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
+                       target: GpuTarget, interpret: bool) -> str | None:
+  """Why the Mosaic GPU kernel cannot run this problem with this tiling, or None."""
+  if interpret:
+    return "it has no interpret mode"
+  if not target.is_hopper:
+    return (f"it needs a Hopper GPU (sm_90); the target {target.name} is "
+            f"sm_{target.compute_capability[0]}{target.compute_capability[1]}")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"it needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+  if dims.D % 64 or dims.D > 256:
+    return f"it needs head_dim D a multiple of 64 up to 256, got D={dims.D}"
+  if dims.S % block_k:
+    return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
+  smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
+                                          num_stages=num_stages)
+  if smem > target.smem_per_block:
+    return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
+            f"{target.smem_per_block}")
+  return None
+
+
+def _mosaic_stages(dims: AttentionDims, dtype, block_k: int, wanted: int,
+                   target: GpuTarget) -> int:
+  fit = mosaic_attention.max_stages(dims.D, block_k, jnp.dtype(dtype).itemsize,
+                                    target.smem_per_block)
+  return max(2, min(wanted, fit))
+
+
+# ------------------------------------------------------------------ shared_attention
+
+
+def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool) -> str:
+  """"mosaic_gpu" for large M on Hopper (compute-bound: wgmma), else "triton"."""
+  if dims.M >= MOSAIC_MIN_ROWS and mosaic_unsupported(
+      dims, dtype, 128, 2, target, interpret) is None:
+    return "mosaic_gpu"
+  return "triton"
+
+
+def triton_shared(dims: AttentionDims, target: GpuTarget) -> TritonSharedConfig:
+  """M tiled first (16..128 rows), then S split to fill the chip."""
+  M = dims.M
+  block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+  block_k = 64 if block_m >= 128 else 128
+  warps = 8 if block_m >= 128 else 4
+  programs = dims.Hkv * math.ceil(M / block_m)
+  splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
+  return TritonSharedConfig(block_m=block_m, block_k=block_k, num_splits=splits,
+                            num_warps=warps, num_stages=3)
+
+
+def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuSharedConfig:
+  """128-row CTAs, 128-key tiles, two ring slots; S split to fill the chip."""
+  block_k = 128
+  programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.ROWS_PER_CTA)
+  splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
+  return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits,
+                               num_stages=_mosaic_stages(dims, dtype, block_k, 2, target))
+
+
+def _with_splits(base, factors=(0.5, 2.0)) -> list:
+  return [dataclasses.replace(base, num_splits=max(1, int(base.num_splits * f))) for f in factors]
+
+
+def triton_shared_candidates(dims: AttentionDims, target: GpuTarget) -> list[TritonSharedConfig]:
+  """Neighbours of the default: keys per tile, warps, stages, and half / double the splits."""
+  base = triton_shared(dims, target)
+  out = [dataclasses.replace(base, block_k=bk, num_warps=w, num_stages=st)
+         for bk, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2))]
+  return [base, *out, *_with_splits(base)]
+
+
+def mosaic_shared_candidates(dims: AttentionDims, dtype,
+                             target: GpuTarget) -> list[MosaicGpuSharedConfig]:
+  base = mosaic_shared(dims, dtype, target)
+  out = [dataclasses.replace(base, block_k=64, num_stages=st) for st in (2, 3, 4)]
+  return [base, *out, *_with_splits(base)]
+
+
+# ------------------------------------------------------------------ unique_attention
+
+
+def unique_rows(T: int, G: int) -> int:
+  """Query rows of one (request, kv head) padded for tl.dot: a power of two >= 16."""
+  return _pow2_at_least(T * G)
+
+
+def triton_unique(dims: AttentionDims, page_size: int, target: GpuTarget) -> TritonUniqueConfig:
+  """~UNIQUE_BLOCK_KEYS keys per block, then split each request's pages until ~4 programs per
+  SM. dims.S is the padded capacity max_pages * page_size; the splits follow each request's own
+  length at run time, so the padded size only caps how many splits are worth having."""
+  pages_per_block = max(1, UNIQUE_BLOCK_KEYS // page_size)
+  max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
+  splits = min(math.ceil(4 * target.num_cores / (dims.B * dims.Hkv)),
+               max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
+  warps = 8 if unique_rows(dims.T, dims.G) >= 128 else 4
+  return TritonUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
+                            num_warps=warps, num_stages=2)
+
+
+def triton_unique_unsupported(page_size: int, config: TritonUniqueConfig) -> str | None:
+  block_k = config.pages_per_block * page_size
+  if block_k < 16 or block_k & (block_k - 1):
+    return (f"page_size * config.pages_per_block must be a power of two >= 16, got "
+            f"{page_size} * {config.pages_per_block}")
+  return None
+
+
+def triton_unique_candidates(dims: AttentionDims, page_size: int,
+                             target: GpuTarget) -> list[TritonUniqueConfig]:
+  """Neighbours of the default: keys per block, warps, stages, and half / double the splits."""
+  base = triton_unique(dims, page_size, target)
+  out = [dataclasses.replace(base, pages_per_block=max(1, keys // page_size), num_warps=w,
+                             num_stages=st)
+         for keys, w, st in ((64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 3),
+                             (128, 4, 4))]
+  return [base, *out, *_with_splits(base)]
+
+
+# ------------------------------------------------------------------ chunk_attention
+
+
+def rows_per_chunk(dims: AttentionDims, top_k: int, chunk_size: int) -> float:
+  """Query rows a chosen chunk gets on average under uniform routing: B*T*G*K / N."""
+  return dims.B * dims.T * dims.G * top_k / math.ceil(dims.S / chunk_size)
+
+
+def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int,
+                         target: GpuTarget, interpret: bool) -> str:
+  """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
+  if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
+      and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK
+      and mosaic_unsupported(dims, dtype, 128, 2, target, interpret) is None):
+    return "mosaic_gpu"
+  return "triton"
+
+
+def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int,
+                 target: GpuTarget) -> TritonChunkConfig:
+  """block_m near the rows a chosen chunk gets (B*T*G*K/N), block_k up to the chunk size."""
+  del target  # one tile per (chunk, rows): the work list, not the chip, sets the grid
+  block_m = min(128, _pow2_at_least(rows_per_chunk(dims, top_k, chunk_size)))
+  block_k = min(64 if block_m >= 128 else 128, _pow2_at_least(chunk_size))
+  return TritonChunkConfig(block_m=block_m, block_k=block_k,
+                           num_warps=8 if block_m >= 128 else 4, num_stages=3)
+
+
+def mosaic_chunk(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuChunkConfig:
+  return MosaicGpuChunkConfig(block_k=128,
+                              num_stages=_mosaic_stages(dims, dtype, 128, 4, target))
+
+
+def triton_chunk_candidates(dims: AttentionDims, top_k: int, chunk_size: int,
+                            target: GpuTarget) -> list[TritonChunkConfig]:
+  base = triton_chunk(dims, top_k, chunk_size, target)
+  return [base, *(dataclasses.replace(base, block_m=bm, block_k=bk)
+                  for bm in (16, 32, 64, 128) for bk in (32, 64, 128)
+                  if (bm, bk) != (base.block_m, base.block_k))]

@@ -1,0 +1,96 @@
+"""The default tilings, tested for invariants on every preset chip (not for exact values):
+every plan is one its implementation accepts, and the grid fills the chip without a second wave
+it does not need."""
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import targets
+from pallas_kernels.gpu import mosaic_attention
+
+GPUS = sorted(targets.GPU_PRESETS)
+TPUS = sorted(targets.TPU_PRESETS)
+SHAPES = [(B, T, G, D, S) for B, T, G, D, S in itertools.product(
+    (1, 7, 64, 512), (1, 4), (1, 4, 8), (64, 128), (1000, 131072))]
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("name", GPUS + TPUS)
+def test_shared_plans_are_valid_and_fill_the_chip(name):
+  tgt = targets.target(name)
+  for B, T, G, D, S in SHAPES:
+    Hkv = 8
+    q, k = _sds((B, T, G * Hkv, D)), _sds((S, Hkv, D))
+    plan = pk.plan("shared_attention", q, k, k, backend=tgt.platform, target=tgt)
+    c = plan.config
+    M = B * T * G
+    if plan.implementation == "mosaic_gpu":
+      assert tgt.is_hopper and M >= 256
+      rows, block_k = mosaic_attention.ROWS_PER_CTA, c.block_k
+      assert mosaic_attention.smem_bytes_used(D, c.block_k, 2, num_stages=c.num_stages) <= (
+          tgt.smem_per_block)
+    else:
+      rows, block_k = c.block_m, c.block_k
+      assert rows >= min(M, 128 if tgt.platform == "gpu" else 256) or rows >= M
+    programs = Hkv * math.ceil(M / rows)
+    tiles = math.ceil(S / block_k)
+    total = programs * c.num_splits
+    assert 1 <= c.num_splits <= tiles
+    # One wave at most (unless the rows alone need more), and no idle core that one more split
+    # of S could have used.
+    assert total <= max(programs, tgt.num_cores)
+    assert c.num_splits == tiles or total + programs > tgt.num_cores
+
+
+@pytest.mark.parametrize("name", GPUS + TPUS)
+@pytest.mark.parametrize("page_size", [8, 16, 64])
+def test_unique_plans_are_valid_and_split_long_requests(name, page_size):
+  tgt = targets.target(name)
+  for B, T, G, D, S in SHAPES:
+    Hkv = 8
+    max_pages = -(-S // page_size)
+    args = (_sds((B, T, G * Hkv, D)), _sds((4, page_size, Hkv, D)), _sds((4, page_size, Hkv, D)),
+            _sds((B, max_pages), jnp.int32), _sds((B,), jnp.int32))
+    c = pk.plan("unique_attention", *args, backend=tgt.platform, target=tgt).config
+    keys = c.pages_per_block * page_size
+    assert keys >= min(128, page_size) and keys <= max(128, page_size)
+    blocks = -(-max_pages // c.pages_per_block)
+    assert c.num_splits == 1 or blocks // c.num_splits >= 4  # a split keeps >= 4 blocks
+
+
+@pytest.mark.parametrize("name", GPUS + TPUS)
+@pytest.mark.parametrize("chunk_size", [64, 128, 384, 512, 2048])
+def test_chunk_plans_are_valid(name, chunk_size):
+  tgt = targets.target(name)
+  for B, T, G, D, S in SHAPES:
+    Hkv, N = 8, -(-S // chunk_size)
+    K = max(1, N // 4)
+    q, k, ids = _sds((B, T, G * Hkv, D)), _sds((S, Hkv, D)), _sds((B, Hkv, K), jnp.int32)
+    try:
+      plan = pk.plan("chunk_attention", q, k, k, ids, chunk_size=chunk_size, backend=tgt.platform,
+                     target=tgt)
+    except ValueError as e:  # TPU blocks are 128-key multiples: C=64 / 384-divisible only
+      assert tgt.platform == "tpu" and chunk_size % 128, e
+      continue
+    if plan.implementation == "mosaic_gpu":
+      assert tgt.is_hopper and chunk_size >= 1024 and S % 128 == 0
+    elif tgt.platform == "tpu":
+      assert chunk_size % plan.config.block_k == 0
+
+
+def test_current_target_off_platform_is_the_default_preset():
+  if jax.default_backend() == "cpu":
+    assert targets.current("gpu") == targets.target(targets.DEFAULT["gpu"])
+    assert targets.current("tpu") == targets.target(targets.DEFAULT["tpu"])
+  with pytest.raises(ValueError, match="target must be one of"):
+    targets.target("h300")
+  with pytest.raises(ValueError, match="platform must be 'gpu' or 'tpu'"):
+    targets.current("cpu")
