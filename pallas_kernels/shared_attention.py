@@ -94,8 +94,10 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonSharedConfig,
-        default_config=lambda p, t: gpu_tuning.triton_shared(p.dims, t),
-        candidates=lambda p, t: gpu_tuning.triton_shared_candidates(p.dims, t)),
+        default_config=lambda p, t: gpu_tuning.triton_shared(p.dims, p.dtype, t),
+        candidates=lambda p, t: gpu_tuning.triton_shared_candidates(p.dims, p.dtype, t),
+        unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
+            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuSharedConfig,
         default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t),

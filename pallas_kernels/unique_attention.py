@@ -93,9 +93,11 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonUniqueConfig,
-        default_config=lambda p, t: gpu_tuning.triton_unique(p.dims, p.page_size, t),
-        candidates=lambda p, t: gpu_tuning.triton_unique_candidates(p.dims, p.page_size, t),
-        unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(p.page_size, c)),
+        default_config=lambda p, t: gpu_tuning.triton_unique(p.dims, p.page_size, p.dtype, t),
+        candidates=lambda p, t: gpu_tuning.triton_unique_candidates(p.dims, p.page_size,
+                                                                    p.dtype, t),
+        unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(
+            p.dims, p.page_size, p.dtype, c, t)),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuUniqueConfig,
         default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, t),

@@ -15,7 +15,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.numerics import LN2, LOG2E
+from pallas_kernels.numerics import LN2, LOG2E, matmul_precision
+
+
+def dot_precision(dtype, interpret: bool):
+  """Matmul precision of the Triton kernels: float32 inputs run as 3xTF32 on the tensor cores
+  (about float32 accuracy, where IEEE float32 would leave the tensor cores idle); interpret mode
+  runs on a CPU, whose dots take IEEE float32 (`numerics.matmul_precision`)."""
+  if jnp.dtype(dtype) == jnp.float32 and not interpret:
+    return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  return matmul_precision(dtype)
 
 
 def initial_state(rows: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:

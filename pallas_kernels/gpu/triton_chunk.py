@@ -18,7 +18,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu import softmax
-from pallas_kernels.numerics import matmul_precision
 
 
 def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
@@ -71,7 +70,7 @@ def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   S = k.shape[0]
   NT = tile_chunk.shape[1]
   P = BR * pairs_per_request
-  precision = matmul_precision(q_rows.dtype)
+  precision = softmax.dot_precision(q_rows.dtype, interpret)
   kernel = functools.partial(_kernel, scale=scale, chunk_size=chunk_size, block_k=block_k,
                              rows_per_pair=rows_per_pair,
                              pairs_per_request=pairs_per_request, precision=precision)

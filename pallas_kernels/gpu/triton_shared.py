@@ -17,7 +17,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu import softmax
-from pallas_kernels.numerics import matmul_precision
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
@@ -40,7 +39,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   Hkv, M, D = q_rows.shape
   S = k.shape[0]
   split_len = pl.cdiv(pl.cdiv(S, num_splits), block_k) * block_k
-  precision = matmul_precision(q_rows.dtype)
+  precision = softmax.dot_precision(q_rows.dtype, interpret)
   kernel = functools.partial(_kernel, scale=scale, block_k=block_k, split_len=split_len,
                              precision=precision)
   kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))

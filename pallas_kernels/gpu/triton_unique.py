@@ -23,7 +23,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import layout
 from pallas_kernels.gpu import softmax
-from pallas_kernels.numerics import LOG2E, matmul_precision
+from pallas_kernels.numerics import LOG2E
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
@@ -97,7 +97,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
       num_splits=num_splits,
-      precision=matmul_precision(q_rows.dtype))
+      precision=softmax.dot_precision(q_rows.dtype, interpret))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
   kv_spec = pl.BlockSpec((P * page_size, None, D), lambda b, h, s: (0, h, 0))
   max_pages = block_tables.shape[1]

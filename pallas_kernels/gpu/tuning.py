@@ -34,6 +34,40 @@ def _pow2_at_least(x: float, minimum: int = 16) -> int:
   return max(minimum, 1 << math.ceil(math.log2(max(x, 1))))
 
 
+def triton_smem_bytes(block_m: int, block_k: int, D: int, itemsize: int, num_stages: int) -> int:
+  """Shared memory one Triton attention program asks for: the software pipeline keeps
+  num_stages - 1 tiles each of K and V in flight (at least one), and the q and p tiles are staged
+  for the two dots. (On an H200, float32, D=128, block_m=16, block_k=128, 3 stages asked for
+  278,528 bytes: exactly this.)"""
+  return (2 * max(num_stages - 1, 1) * block_k * D + 2 * block_m * max(D, block_k)) * itemsize
+
+
+def _halvings(x: int, minimum: int = 16) -> list[int]:
+  return [x >> i for i in range(x.bit_length()) if x >> i >= minimum] or [minimum]
+
+
+def _fit_triton(block_m: int, block_k: int, num_stages: int, D: int, itemsize: int,
+                target: GpuTarget) -> tuple[int, int, int]:
+  """The largest tiling at most (block_m, block_k, num_stages) whose shared memory fits the
+  target: fewer pipeline stages first, then fewer keys per tile, then fewer rows."""
+  for bm in _halvings(block_m):
+    for bk in _halvings(block_k):
+      for st in range(num_stages, 0, -1):
+        if triton_smem_bytes(bm, bk, D, itemsize, st) <= target.smem_per_block:
+          return bm, bk, st
+  return 16, 16, 1
+
+
+def triton_smem_unsupported(block_m: int, block_k: int, D: int, dtype, num_stages: int,
+                            target: GpuTarget) -> str | None:
+  """Why a Triton tiling does not fit the target's shared memory, or None."""
+  smem = triton_smem_bytes(block_m, block_k, D, jnp.dtype(dtype).itemsize, num_stages)
+  if smem > target.smem_per_block:
+    return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
+            f"{target.smem_per_block} (fewer num_stages, block_k or block_m fit)")
+  return None
+
+
 def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
   """Splits of S so that programs x splits fill the chip in about one wave (fewer, longer
   programs measured best: a partly filled second wave costs more than merging more splits)."""
@@ -65,11 +99,16 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   return None
 
 
-def _mosaic_stages(dims: AttentionDims, dtype, block_k: int, wanted: int,
-                   target: GpuTarget) -> int:
-  fit = mosaic_attention.max_stages(dims.D, block_k, jnp.dtype(dtype).itemsize,
-                                    target.smem_per_block)
-  return max(2, min(wanted, fit))
+def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int,
+                   target: GpuTarget) -> tuple[int, int]:
+  """(block_k, num_stages) of the Mosaic GPU kernel: 128-key tiles, or 64 where two slots of
+  128 keys do not fit (D=256), with up to `wanted_stages` ring slots."""
+  itemsize = jnp.dtype(dtype).itemsize
+  for block_k in (128, 64):
+    fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block)
+    if fit >= 2:
+      return block_k, min(wanted_stages, fit)
+  return 64, 2  # refused by mosaic_unsupported
 
 
 # ------------------------------------------------------------------ shared_attention
@@ -77,40 +116,44 @@ def _mosaic_stages(dims: AttentionDims, dtype, block_k: int, wanted: int,
 
 def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool) -> str:
   """"mosaic_gpu" for large M on Hopper (compute-bound: wgmma), else "triton"."""
-  if dims.M >= MOSAIC_MIN_ROWS and mosaic_unsupported(
-      dims, dtype, 128, 2, target, interpret) is None:
-    return "mosaic_gpu"
+  if dims.M >= MOSAIC_MIN_ROWS:
+    block_k, stages = _mosaic_tiling(dims, dtype, 2, target)
+    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret) is None:
+      return "mosaic_gpu"
   return "triton"
 
 
-def triton_shared(dims: AttentionDims, target: GpuTarget) -> TritonSharedConfig:
-  """M tiled first (16..128 rows), then S split to fill the chip."""
+def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonSharedConfig:
+  """M tiled first (16..128 rows), then S split to fill the chip; the tiling shrinks until it
+  fits the target's shared memory."""
   M = dims.M
   block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-  block_k = 64 if block_m >= 128 else 128
+  block_m, block_k, stages = _fit_triton(block_m, 64 if block_m >= 128 else 128, 3, dims.D,
+                                         jnp.dtype(dtype).itemsize, target)
   warps = 8 if block_m >= 128 else 4
   programs = dims.Hkv * math.ceil(M / block_m)
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return TritonSharedConfig(block_m=block_m, block_k=block_k, num_splits=splits,
-                            num_warps=warps, num_stages=3)
+                            num_warps=warps, num_stages=stages)
 
 
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuSharedConfig:
-  """128-row CTAs, 128-key tiles, two ring slots; S split to fill the chip."""
-  block_k = 128
+  """128-row CTAs, two ring slots of 128-key tiles (64 where they do not fit); S split to fill
+  the chip."""
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target)
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.ROWS_PER_CTA)
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
-  return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits,
-                               num_stages=_mosaic_stages(dims, dtype, block_k, 2, target))
+  return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages)
 
 
 def _with_splits(base, factors=(0.5, 2.0)) -> list:
   return [dataclasses.replace(base, num_splits=max(1, int(base.num_splits * f))) for f in factors]
 
 
-def triton_shared_candidates(dims: AttentionDims, target: GpuTarget) -> list[TritonSharedConfig]:
+def triton_shared_candidates(dims: AttentionDims, dtype,
+                             target: GpuTarget) -> list[TritonSharedConfig]:
   """Neighbours of the default: keys per tile, warps, stages, and half / double the splits."""
-  base = triton_shared(dims, target)
+  base = triton_shared(dims, dtype, target)
   out = [dataclasses.replace(base, block_k=bk, num_warps=w, num_stages=st)
          for bk, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2))]
   return [base, *out, *_with_splits(base)]
@@ -131,11 +174,16 @@ def unique_rows(T: int, G: int) -> int:
   return _pow2_at_least(T * G)
 
 
-def triton_unique(dims: AttentionDims, page_size: int, target: GpuTarget) -> TritonUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block, then split each request's pages until ~4 programs per
-  SM. dims.S is the padded capacity max_pages * page_size; the splits follow each request's own
-  length at run time, so the padded size only caps how many splits are worth having."""
-  pages_per_block = max(1, UNIQUE_BLOCK_KEYS // page_size)
+def triton_unique(dims: AttentionDims, page_size: int, dtype,
+                  target: GpuTarget) -> TritonUniqueConfig:
+  """~UNIQUE_BLOCK_KEYS keys per block (fewer where shared memory is short), then split each
+  request's pages until ~4 programs per SM. dims.S is the padded capacity max_pages * page_size;
+  the splits follow each request's own length at run time, so the padded size only caps how many
+  splits are worth having."""
+  rows = unique_rows(dims.T, dims.G)
+  keys = max(UNIQUE_BLOCK_KEYS, _pow2_at_least(page_size))
+  _, keys, _ = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target)
+  pages_per_block = max(1, keys // page_size)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
   splits = min(math.ceil(4 * target.num_cores / (dims.B * dims.Hkv)),
                max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
@@ -144,18 +192,20 @@ def triton_unique(dims: AttentionDims, page_size: int, target: GpuTarget) -> Tri
                             num_warps=warps, num_stages=2)
 
 
-def triton_unique_unsupported(page_size: int, config: TritonUniqueConfig) -> str | None:
+def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
+                              config: TritonUniqueConfig, target: GpuTarget) -> str | None:
   block_k = config.pages_per_block * page_size
   if block_k < 16 or block_k & (block_k - 1):
     return (f"page_size * config.pages_per_block must be a power of two >= 16, got "
             f"{page_size} * {config.pages_per_block}")
-  return None
+  return triton_smem_unsupported(unique_rows(dims.T, dims.G), block_k, dims.D, dtype,
+                                 config.num_stages, target)
 
 
-def triton_unique_candidates(dims: AttentionDims, page_size: int,
+def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
                              target: GpuTarget) -> list[TritonUniqueConfig]:
   """Neighbours of the default: keys per block, warps, stages, and half / double the splits."""
-  base = triton_unique(dims, page_size, target)
+  base = triton_unique(dims, page_size, dtype, target)
   out = [dataclasses.replace(base, pages_per_block=max(1, keys // page_size), num_warps=w,
                              num_stages=st)
          for keys, w, st in ((64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 3),
@@ -175,30 +225,34 @@ def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int
                          target: GpuTarget, interpret: bool) -> str:
   """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
   if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
-      and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK
-      and mosaic_unsupported(dims, dtype, 128, 2, target, interpret) is None):
-    return "mosaic_gpu"
+      and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK):
+    block_k, stages = _mosaic_tiling(dims, dtype, 4, target)
+    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret) is None:
+      return "mosaic_gpu"
   return "triton"
 
 
-def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int,
+def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
                  target: GpuTarget) -> TritonChunkConfig:
-  """block_m near the rows a chosen chunk gets (B*T*G*K/N), block_k up to the chunk size."""
-  del target  # one tile per (chunk, rows): the work list, not the chip, sets the grid
+  """block_m near the rows a chosen chunk gets (B*T*G*K/N), block_k up to the chunk size, shrunk
+  until the tiling fits the target's shared memory (the work list, not the chip, sets the grid:
+  one program per tile of a chunk)."""
   block_m = min(128, _pow2_at_least(rows_per_chunk(dims, top_k, chunk_size)))
-  block_k = min(64 if block_m >= 128 else 128, _pow2_at_least(chunk_size))
+  block_m, block_k, stages = _fit_triton(
+      block_m, min(64 if block_m >= 128 else 128, _pow2_at_least(chunk_size)), 3, dims.D,
+      jnp.dtype(dtype).itemsize, target)
   return TritonChunkConfig(block_m=block_m, block_k=block_k,
-                           num_warps=8 if block_m >= 128 else 4, num_stages=3)
+                           num_warps=8 if block_m >= 128 else 4, num_stages=stages)
 
 
 def mosaic_chunk(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuChunkConfig:
-  return MosaicGpuChunkConfig(block_k=128,
-                              num_stages=_mosaic_stages(dims, dtype, 128, 4, target))
+  block_k, stages = _mosaic_tiling(dims, dtype, 4, target)
+  return MosaicGpuChunkConfig(block_k=block_k, num_stages=stages)
 
 
-def triton_chunk_candidates(dims: AttentionDims, top_k: int, chunk_size: int,
+def triton_chunk_candidates(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
                             target: GpuTarget) -> list[TritonChunkConfig]:
-  base = triton_chunk(dims, top_k, chunk_size, target)
+  base = triton_chunk(dims, top_k, chunk_size, dtype, target)
   return [base, *(dataclasses.replace(base, block_m=bm, block_k=bk)
                   for bm in (16, 32, 64, 128) for bk in (32, 64, 128)
                   if (bm, bk) != (base.block_m, base.block_k))]
