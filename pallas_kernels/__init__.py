@@ -1,4 +1,5 @@
-"""Pallas kernels for MoSKA: shared-KV, routed-chunk and unique (paged) attention, plus the merge.
+"""Pallas kernels for MoSKA: shared-KV, routed-chunk and unique (paged) attention, the merge, and
+the chunk scorer of the router.
 
 Every op returns (o, lse) so partial attentions over disjoint key sets combine exactly with
 `merge_attention_states`, and takes `implementation=` ("auto" or a name from
@@ -8,13 +9,15 @@ run and `sweep` what to time. Each op has a pure-jnp reference in `pallas_kernel
 
 from pallas_kernels import reference, targets
 from pallas_kernels.chunk_attention import chunk_attention
+from pallas_kernels.chunk_scores import chunk_scores
 from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        TritonChunkConfig, TritonSharedConfig, TritonUniqueConfig)
+                                        TritonChunkConfig, TritonScoresConfig, TritonSharedConfig,
+                                        TritonUniqueConfig)
 from pallas_kernels.merge import merge_attention_states, merge_partials
 from pallas_kernels.shared_attention import shared_attention
-from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuSharedConfig,
-                                        MosaicTpuUniqueConfig)
+from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuScoresConfig,
+                                        MosaicTpuSharedConfig, MosaicTpuUniqueConfig)
 from pallas_kernels.unique_attention import unique_attention, write_pages
 
 __all__ = [
@@ -22,13 +25,16 @@ __all__ = [
     "MosaicGpuChunkConfig",
     "MosaicGpuSharedConfig",
     "MosaicTpuChunkConfig",
+    "MosaicTpuScoresConfig",
     "MosaicTpuSharedConfig",
     "MosaicTpuUniqueConfig",
     "Plan",
     "TritonChunkConfig",
+    "TritonScoresConfig",
     "TritonSharedConfig",
     "TritonUniqueConfig",
     "chunk_attention",
+    "chunk_scores",
     "implementations",
     "merge_attention_states",
     "merge_partials",

@@ -47,6 +47,13 @@ def at_least(value, minimum: int, *, name: str, where: str) -> int:
   return value
 
 
+def boolean(value, *, name: str, where: str) -> bool:
+  """`value` as a bool (no truthy stand-ins)."""
+  if not isinstance(value, bool):
+    raise ValueError(f"{where}: {name} must be True or False, got {value!r}")
+  return value
+
+
 def knob(check: Callable[..., int], default=dataclasses.MISSING, **bounds):
   """A config field validated on construction by `check(value, **bounds, name=, where=)`."""
   return dataclasses.field(default=default,
@@ -137,6 +144,25 @@ def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str) -> i
     raise ValueError(f"{op}: chunk_ids must be an integer array of shape [B={dims.B}, "
                      f"Hkv={dims.Hkv}, K], got {chunk_ids.shape} {chunk_ids.dtype}")
   return -(-dims.S // chunk_size)
+
+
+def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDims, int]:
+  """Validates q[B, T, Hq, D] against packed sketches codes[S, Hkv, D/2] (uint8) and scales
+  scale[S, Hkv]; returns (dims, N chunks)."""
+  positive_int(chunk_size, name="chunk_size", where=op)
+  if q.ndim != 4 or q.shape[-1] % 2:
+    raise ValueError(f"{op}: q must have shape [B, T, Hq, D] with D even, got {q.shape}")
+  B, T, Hq, D = q.shape
+  if codes.ndim != 3 or codes.shape[-1] != D // 2 or codes.dtype != jnp.uint8:
+    raise ValueError(f"{op}: codes must be a uint8 array of shape [S, Hkv, D/2={D // 2}], got "
+                     f"{codes.shape} {codes.dtype}")
+  S, Hkv, _ = codes.shape
+  _check_gqa(op, Hq, Hkv, "codes")
+  _check_float("q", q, op)
+  if scale.shape != (S, Hkv) or not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}], got "
+                     f"{scale.shape} {scale.dtype}")
+  return AttentionDims(B, T, Hq, Hkv, D, S), -(-S // chunk_size)
 
 
 def check_kv_length(kv_length, *, op: str):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.checks import (check_chunk_ids, check_kv_length, check_paged_inputs,
                                    check_shared_kv_inputs)
+from pallas_kernels import sketch
 from pallas_kernels.grouping import selected_chunks
 from pallas_kernels.numerics import default_sm_scale
 
@@ -124,3 +125,32 @@ def chunk_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax
   s = jnp.einsum("bthgd,shd->bthgs", qg, k.astype(jnp.float32), precision=_HI) * scale
   o, lse = attend(s, mask[:, None, :, None, :], v, "bthgs,shd->bthgd")
   return o.reshape(B, T, Hq, D).astype(q.dtype), lse.reshape(B, T, Hq)
+
+
+def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size: int,
+                     kv_length=None) -> jax.Array:
+  """The largest sketched logit of every query row in every chunk.
+
+  Args:
+    q: [B, T, Hq, D] queries; query head h reads kv head h // G.
+    codes: [S, Hkv, D/2] uint8 packed 4-bit key sketches (`pallas_kernels.sketch`).
+    scale: [S, Hkv] float per-key scales: key s is approximated (up to its chunk's center,
+      which the caller adds) by scale[s] * code[s].
+    chunk_size: C; chunk n is keys [n*C, (n+1)*C).
+    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.
+
+  Returns:
+    [B, T, Hq, N] float32: max over the valid keys s of chunk n of scale[s] * (q . code[s]);
+    -inf for a chunk with no valid key.
+  """
+  B, T, Hq, D = q.shape
+  S, Hkv, _ = codes.shape
+  N = -(-S // chunk_size)
+  lo, hi = sketch.unpack(codes)
+  k = jnp.concatenate([lo, hi], axis=-1).astype(jnp.float32) * scale[..., None]
+  qg = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
+  s = jnp.einsum("bthgd,shd->bthgs", qg, k, precision=_HI)
+  n = S if kv_length is None else kv_length
+  s = jnp.where(jnp.arange(S) < n, s, -jnp.inf)
+  s = jnp.pad(s, [(0, 0)] * 4 + [(0, N * chunk_size - S)], constant_values=-jnp.inf)
+  return jnp.max(s.reshape(B, T, Hkv, Hq // Hkv, N, chunk_size), axis=-1).reshape(B, T, Hq, N)

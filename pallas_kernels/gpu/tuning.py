@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from pallas_kernels.gpu import mosaic_attention
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        TritonChunkConfig, TritonSharedConfig, TritonUniqueConfig)
+                                        TritonChunkConfig, TritonScoresConfig, TritonSharedConfig,
+                                        TritonUniqueConfig)
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import GpuTarget
 
@@ -256,3 +257,33 @@ def triton_chunk_candidates(dims: AttentionDims, top_k: int, chunk_size: int, dt
   return [base, *(dataclasses.replace(base, block_m=bm, block_k=bk)
                   for bm in (16, 32, 64, 128) for bk in (32, 64, 128)
                   if (bm, bk) != (base.block_m, base.block_k))]
+
+
+# ------------------------------------------------------------------ chunk_scores
+
+
+def _rows_block(M: int) -> int:
+  return 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
+
+
+def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> TritonScoresConfig:
+  """Row blocks as in shared_attention; chunks per program halved (down to 16) until the grid
+  fills the chip about twice; key tiles up to 128 keys, no wider than a chunk needs."""
+  block_m = _rows_block(dims.M)
+  n_chunks = math.ceil(dims.S / chunk_size)
+  programs = dims.Hkv * math.ceil(dims.M / block_m)
+  cpp = 64
+  while cpp > 16 and programs * math.ceil(n_chunks / cpp) < 2 * target.num_cores:
+    cpp //= 2
+  return TritonScoresConfig(block_m=block_m, block_k=min(128, _pow2_at_least(chunk_size)),
+                            chunks_per_program=min(cpp, _pow2_at_least(n_chunks)))
+
+
+def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
+                             target: GpuTarget) -> list[TritonScoresConfig]:
+  base = triton_scores(dims, chunk_size, target)
+  return [base, *(dataclasses.replace(base, int8=i8, num_warps=w, num_stages=st)
+                  for i8, w, st in ((True, 4, 2), (False, 8, 2), (True, 8, 2), (False, 4, 3),
+                                    (True, 4, 3))),
+          *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32, 64)
+            if c != base.chunks_per_program)]

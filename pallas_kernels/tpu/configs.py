@@ -40,3 +40,14 @@ class MosaicTpuUniqueConfig(Config):
 
   pages_per_block: int = knob(positive_int)
   num_splits: int = knob(positive_int, 1)
+
+
+@_frozen
+class MosaicTpuScoresConfig(Config):
+  """chunk_scores on Mosaic TPU: block_m query rows x block_k sketched keys per grid step (block_k
+  must divide the chunk size), chunks_per_block chunks per output block (a multiple of 128, or
+  every chunk)."""
+
+  block_m: int = knob(multiple_of, step=16)
+  block_k: int = knob(multiple_of, step=128)
+  chunks_per_block: int = knob(positive_int)

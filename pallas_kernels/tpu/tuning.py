@@ -11,8 +11,8 @@ import math
 
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import TpuTarget
-from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuSharedConfig,
-                                        MosaicTpuUniqueConfig)
+from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuScoresConfig,
+                                        MosaicTpuSharedConfig, MosaicTpuUniqueConfig)
 
 # Largest key block of the chunk heuristic (keys x hb*D columns of K and of V per pipeline stage).
 MAX_CHUNK_BLOCK_K = 512
@@ -97,4 +97,26 @@ def chunk_unsupported(chunk_size: int, config: MosaicTpuChunkConfig) -> str | No
   if chunk_size % config.block_k:
     return (f"chunk_size must be a multiple of config.block_k, got chunk_size={chunk_size}, "
             f"block_k={config.block_k}")
+  return None
+
+
+def scores(dims: AttentionDims, chunk_size: int, target: TpuTarget) -> MosaicTpuScoresConfig:
+  """Row blocks as in shared_attention; the largest of 512 / 256 / 128 keys that divides the
+  chunk; 128 chunks per output block (or all of them)."""
+  del target
+  n_chunks = math.ceil(dims.S / chunk_size)
+  fits = [b for b in (512, 256, 128) if chunk_size % b == 0]
+  return MosaicTpuScoresConfig(block_m=_rows16(dims.M), block_k=fits[0] if fits else 128,
+                               chunks_per_block=n_chunks if n_chunks <= 128 else 128)
+
+
+def scores_unsupported(dims: AttentionDims, chunk_size: int,
+                       config: MosaicTpuScoresConfig) -> str | None:
+  n_chunks = math.ceil(dims.S / chunk_size)
+  if chunk_size % config.block_k:
+    return (f"chunk_size must be a multiple of config.block_k (a multiple of 128), got "
+            f"chunk_size={chunk_size}, block_k={config.block_k}")
+  if config.chunks_per_block % 128 and config.chunks_per_block != n_chunks:
+    return (f"config.chunks_per_block must be a multiple of 128 or all N={n_chunks} chunks, got "
+            f"{config.chunks_per_block}")
   return None

@@ -1,0 +1,128 @@
+"""`chunk_scores`: how strongly each query row could attend to each chunk, from 4-bit key sketches.
+
+The router's scorer (MoSKA's MoE-style routing): every shared key is kept as a 4-bit sketch
+(`pallas_kernels.sketch`: codes in [-7, 7] and a per-key scale, around its chunk's center, which
+the caller adds), and a chunk's score for a query row is its largest sketched logit. Like
+shared_attention, the query rows of all requests are stacked, so the sketches (1/8 of the bf16
+K/V bytes) are read once for the whole batch, and only one float per (row, chunk) is written: no
+[rows, keys] logits reach HBM.
+
+Implementations: "xla" (the reference), "triton" (any GPU; optionally on the int8 tensor cores),
+"mosaic_tpu".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import checks, dispatch, layout
+from pallas_kernels.dispatch import Implementation
+from pallas_kernels.gpu import softmax, triton_scores
+from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.gpu.configs import TritonScoresConfig
+from pallas_kernels.reference import chunk_scores_ref
+from pallas_kernels.tpu import mosaic_scores
+from pallas_kernels.tpu import tuning as tpu_tuning
+from pallas_kernels.tpu.configs import MosaicTpuScoresConfig
+
+OP_NAME = "chunk_scores"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScoresProblem(dispatch.Problem):
+  codes: Any  # [S, Hkv, D/2] uint8
+  scale: Any  # [S, Hkv]
+  chunk_size: int
+  num_chunks: int
+  kv_length: Any  # int32 scalar or None
+
+
+def _problem(q, codes, scale, *, chunk_size, kv_length=None) -> ScoresProblem:
+  dims, n_chunks = checks.check_sketches(q, codes, scale, chunk_size, op=OP_NAME)
+  return ScoresProblem(q=q, codes=codes, scale=scale, dims=dims, sm_scale=None,
+                       chunk_size=chunk_size, num_chunks=n_chunks,
+                       kv_length=checks.check_kv_length(kv_length, op=OP_NAME))
+
+
+def _halves(p: ScoresProblem, block_m: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The folded query rows' two halves of D, padded to whole row blocks, and the valid keys."""
+  q_rows = layout.fold_queries(p.q, p.dims.Hkv).astype(dtype)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, -p.dims.M % block_m), (0, 0)))
+  half = p.dims.D // 2
+  n = jnp.int32(p.dims.S) if p.kv_length is None else jnp.clip(p.kv_length, 0, p.dims.S)
+  return q_rows[..., :half], q_rows[..., half:], n
+
+
+def _unfold(p: ScoresProblem, out: jax.Array) -> jax.Array:
+  return layout.unfold_rows(out[:, :p.dims.M, :p.num_chunks], p.dims.B, p.dims.T)
+
+
+def _run_xla(p: ScoresProblem, config, interpret):
+  del config, interpret
+  return chunk_scores_ref(p.q, p.codes, p.scale, chunk_size=p.chunk_size, kv_length=p.kv_length)
+
+
+def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
+  q_lo, q_hi, n = _halves(p, c.block_m, jnp.float32 if c.int8 else p.dtype)
+  row_scale = None
+  if c.int8:  # per-row symmetric quantization; the row scale factors out of the max
+    row_scale = jnp.maximum(jnp.max(jnp.abs(jnp.concatenate([q_lo, q_hi], -1)), -1), 1e-30) / 127
+    q_lo, q_hi = (jnp.round(x / row_scale[..., None]).astype(jnp.int8) for x in (q_lo, q_hi))
+  out = triton_scores.chunk_scores(
+      q_lo, q_hi, p.codes, p.scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
+      block_k=c.block_k, chunks_per_program=c.chunks_per_program, int8=c.int8,
+      num_warps=c.num_warps, num_stages=c.num_stages,
+      precision=None if c.int8 else softmax.dot_precision(p.dtype, interpret),
+      interpret=interpret)
+  return _unfold(p, out if row_scale is None else out * row_scale[..., None])
+
+
+def _run_mosaic_tpu(p: ScoresProblem, c: MosaicTpuScoresConfig, interpret):
+  q_lo, q_hi, n = _halves(p, c.block_m, p.dtype)
+  out = mosaic_scores.chunk_scores(
+      q_lo, q_hi, p.codes, p.scale.T.astype(jnp.float32), n, chunk_size=p.chunk_size,
+      block_m=c.block_m, block_k=c.block_k, chunks_per_block=c.chunks_per_block,
+      interpret=dispatch.tpu_interpret(interpret))
+  return _unfold(p, out)
+
+
+OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
+    "xla": Implementation("xla", None, _run_xla),
+    "triton": Implementation(
+        "triton", "gpu", _run_triton, TritonScoresConfig,
+        default_config=lambda p, t: gpu_tuning.triton_scores(p.dims, p.chunk_size, t),
+        candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t)),
+    "mosaic_tpu": Implementation(
+        "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuScoresConfig,
+        default_config=lambda p, t: tpu_tuning.scores(p.dims, p.chunk_size, t),
+        unsupported=lambda p, c, t, i: tpu_tuning.scores_unsupported(p.dims, p.chunk_size, c)),
+}, lambda p, platform, target, interpret: "mosaic_tpu" if platform == "tpu" else "triton"))
+
+
+def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size: int,
+                 kv_length=None, implementation: str = "auto", config: Any = None,
+                 interpret: bool = False, backend: str | None = None) -> jax.Array:
+  """Largest sketched logit of every query row in every chunk of the shared keys.
+
+  Args:
+    q: [B, T, Hq, D] queries (D even); query head h reads kv head h // G.
+    codes: [S, Hkv, D/2] uint8 packed 4-bit sketches of the shared keys (`sketch.pack`).
+    scale: [S, Hkv] float per-key scales (0 for keys that must never score).
+    chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
+    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.
+    implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
+      (implementations: `implementations("chunk_scores")`; configs: e.g. `TritonScoresConfig`).
+
+  Returns:
+    [B, T, Hq, N] float32: for query row (b, t, h) and chunk n, the max over its valid keys s of
+    scale[s] * (q . code[s]); -inf for a chunk with no valid key. Kernels multiply in the query
+    dtype (bf16 queries: bf16 products, float32 sums) or in int8 (`TritonScoresConfig.int8`):
+    a ranking, within rounding of the float32 reference.
+  """
+  return dispatch.call(OP, (q, codes, scale), dict(chunk_size=chunk_size, kv_length=kv_length),
+                       implementation=implementation, backend=backend, config=config,
+                       interpret=interpret)

@@ -1,0 +1,118 @@
+"""chunk_scores (the router's scorer), every implementation vs a float64 NumPy reference, and its
+top-k against NumPy's top-k of the same scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import chunk_scores, sketch
+from tests import kernel_cases as kc
+
+OP = "chunk_scores"
+
+
+def scores_f64(q, codes, scale, C, kv_length=None):
+  """max over the valid keys of each chunk of scale * (q . code), float64; codes unpacked by
+  hand (low nibble = dim j, high nibble = dim j + D/2, two's complement)."""
+  q, scale = np.asarray(q, np.float64), np.asarray(scale, np.float64)
+  b = np.asarray(codes).astype(np.int64)
+  lo, hi = b & 15, b >> 4
+  code = np.concatenate([np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)], -1)
+  B, T, Hq, D = q.shape
+  S, Hkv, _ = code.shape
+  G, n, N = Hq // Hkv, S if kv_length is None else kv_length, -(-S // C)
+  out = np.full((B, T, Hq, N), -np.inf)
+  for h in range(Hq):
+    logit = q[:, :, h] @ (code[:, h // G] * scale[:, h // G, None]).T  # [B, T, S]
+    for c in range(N):
+      keys = slice(c * C, min((c + 1) * C, n))
+      if keys.stop > keys.start:
+        out[:, :, h, c] = logit[..., keys].max(-1)
+  return out
+
+
+def _inputs(seed, B, T, G, Hkv, D, S, dtype):
+  rng = np.random.default_rng(seed)
+  q = kc.random_normal(rng, (B, T, G * Hkv, D), dtype)
+  codes = sketch.pack(jnp.asarray(rng.integers(-7, 8, (S, Hkv, D))))
+  scale = jnp.asarray(rng.uniform(0.05, 1.0, (S, Hkv)), jnp.float32)
+  return q, codes, scale
+
+
+# (B, T, G, Hkv, D, S, C, kv_length, dtype): partial last chunks, kv_length inside a chunk,
+# GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses.
+CASES = [
+    (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32),
+    (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32),
+    (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16),
+    (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16),
+]
+
+
+def _case_id(c):
+  return "B{}T{}G{}H{}D{}S{}C{}n{}{}".format(*c[:8], jnp.dtype(c[8]).name)
+
+
+@pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_f64(implementation, interpret, case):
+  *shape, C, kv_length, dtype = case
+  q, codes, scale = _inputs(CASES.index(case), *shape, dtype)
+  n = None if kv_length is None else jnp.int32(kv_length)
+  kc.plan_or_skip(OP, q, codes, scale, chunk_size=C, kv_length=n, implementation=implementation,
+                  interpret=interpret)
+  out = kc.run(chunk_scores, q, codes, scale, chunk_size=C, kv_length=n,
+               implementation=implementation, interpret=interpret)
+  ref = scores_f64(q, codes, scale, C, kv_length)
+  assert out.shape == ref.shape and out.dtype == jnp.float32
+  finite = np.isfinite(ref)
+  assert np.array_equal(np.isfinite(np.asarray(out)), finite), "a chunk's validity differs"
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16 queries: bf16 products
+  np.testing.assert_allclose(np.asarray(out)[finite], ref[finite], rtol=tol, atol=tol * 10)
+  # The router's choice: top-k of the scores maxed over a request's rows equals NumPy's, except
+  # where two chunks' scores are within the tolerance (ties).
+  K = 3
+  got = np.asarray(jax.lax.top_k(jnp.max(out, axis=(1, 2)), K)[1])
+  best = ref.max(axis=(1, 2))
+  for b in range(best.shape[0]):
+    order = np.argsort(-best[b])
+    clear = best[b, order[K - 1]] - best[b, order[K]] > 4 * tol * max(1, abs(best[b, order[K]]))
+    if clear:
+      assert set(got[b]) == set(order[:K]), (b, got[b], order[:K])
+
+
+@pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.skipif(
+    not kc.ON_GPU, reason="needs a GPU"))])
+def test_int8_tensor_core_path(interpret):
+  """int8 dots (query rows quantized per row) score within the quantization error."""
+  q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16)
+  config = pk.TritonScoresConfig(block_m=16, block_k=64, chunks_per_program=16, int8=True)
+  out = kc.run(chunk_scores, q, codes, scale, chunk_size=128, implementation="triton",
+               interpret=interpret, config=config)
+  ref = scores_f64(q, codes, scale, 128)
+  assert np.abs(np.asarray(out) - ref).max() <= 0.02 * np.abs(ref).max()
+
+
+def test_empty_and_validation():
+  q, codes, scale = _inputs(8, 2, 1, 4, 2, 64, 300, jnp.float32)
+  out = kc.run(chunk_scores, q, codes, scale, chunk_size=128, kv_length=jnp.int32(0),
+               implementation="triton", interpret=True)
+  assert np.all(np.isneginf(np.asarray(out)))
+  with pytest.raises(ValueError, match=r"codes must be a uint8 array of shape \[S, Hkv, D/2=32\]"):
+    chunk_scores(q, codes.astype(jnp.int8), scale, chunk_size=128)
+  with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\]"):
+    chunk_scores(q, codes, scale[:10], chunk_size=128)
+  with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+    chunk_scores(q, codes, scale, chunk_size=0)
+  with pytest.raises(ValueError, match="chunk_size must be a multiple of config.block_k"):
+    pk.plan(OP, q, codes, scale, chunk_size=100, implementation="mosaic_tpu")
+
+
+def test_pack_unpack_round_trip():
+  codes = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (5, 3, 16)))
+  lo, hi = sketch.unpack(sketch.pack(codes))
+  np.testing.assert_array_equal(np.concatenate([lo, hi], -1), codes)
+  with pytest.raises(ValueError, match="must be even"):
+    sketch.pack(codes[..., :15])
