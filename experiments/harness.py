@@ -30,7 +30,7 @@ from absl import flags, logging
 
 import pallas_kernels as pk
 from experiments import common, report, shapes, timing
-from experiments.goals import GOALS
+from experiments.goals import GOALS, Goal
 
 FLAGS = flags.FLAGS
 
@@ -149,9 +149,11 @@ class Bench:
 
 
 class Table:
-  """The rows of one results file (see `Bench.table`)."""
+  """The rows of one results file (see `Bench.table`). `add` logs each row; bulk rows that need
+  no log (an analytic sweep) may go straight into `rows`."""
 
-  def __init__(self, bench: Bench, name: str, title: str, keys: Sequence[str], goals):
+  def __init__(self, bench: Bench, name: str, title: str, keys: Sequence[str],
+               goals: Sequence[Goal]):
     self.bench, self.name, self.title, self.keys, self.goals = bench, name, title, keys, goals
     self.rows: list[dict] = []
 

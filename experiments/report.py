@@ -87,10 +87,10 @@ def goals_section(goals: Sequence[Goal], rows: Sequence[dict], keys: Sequence[st
 
 
 def write_results(out_dir: str, name: str, rows: Sequence[dict], env: dict[str, str],
-                  title: str, notes: str = "", goals: str = "") -> tuple[str, str]:
+                  title: str, notes: str = "", goals_md: str = "") -> tuple[str, str]:
   """Writes `{name}.csv` and `{name}.md` under out_dir; returns their paths.
 
-  goals: a markdown section appended after the notes (`goals_section`).
+  goals_md: the markdown `goals_section` of the rows, appended after the notes.
   """
   os.makedirs(out_dir, exist_ok=True)
   csv_path = os.path.join(out_dir, f"{name}.csv")
@@ -109,7 +109,7 @@ def write_results(out_dir: str, name: str, rows: Sequence[dict], env: dict[str, 
     f.write("\n" + markdown_table(rows))
     if notes:
       f.write("\n" + notes.strip() + "\n")
-    if goals:
-      f.write("\n" + goals)
+    if goals_md:
+      f.write("\n" + goals_md)
   logging.info("wrote %s and %s", csv_path, md_path)
   return csv_path, md_path
