@@ -9,12 +9,31 @@ import sys
 import jax
 from absl import flags
 
+from experiments import shapes
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("out_dir", "experiments/out", "Where CSV, markdown and plots are written.")
 flags.DEFINE_enum("backend", "auto", ["auto", "gpu", "tpu", "xla"], "Kernel backend.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_string("shape", "llama3_1_8b",
+                    f"Attention heads: one of {', '.join(shapes.SHAPES)} (experiments/shapes.py) "
+                    "or Hq/Hkv/D.")
+
+
+@flags.validator("shape")
+def _check_shape(spec: str) -> bool:
+  try:
+    shapes.parse(spec)
+  except ValueError as e:
+    raise flags.ValidationError(str(e)) from e
+  return True
+
+
+def shape() -> shapes.Shape:
+  """The attention shape chosen by --shape."""
+  return shapes.parse(FLAGS.shape)
 
 
 def environment() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The analytic roofline model (experiments/roofline.py): a hand-checked step, sanity, capacity, main."""
+"""The analytic roofline model (experiments/roofline_model.py): a hand-checked step, sanity,
+capacity; and the roofline experiment's main."""
 
 import dataclasses
 import math
@@ -8,8 +9,8 @@ import pytest
 from absl import flags
 from absl.testing import flagsaver
 
-from experiments import common  # noqa: F401  (the shared flags, as experiments.run defines them)
-from experiments import hardware, roofline as rl
+from experiments import run  # noqa: F401  (the launcher's flags: --experiment and the shared ones)
+from experiments import hardware, roofline, roofline_model as rl
 from experiments.timing import Ceilings
 
 M = rl.ModelShape()  # Llama 3.1 8B, FP8 weights and KV
@@ -108,7 +109,8 @@ def test_disaggregated_overlap_and_transfer():
   assert rl.transfer_bytes(M, 8) == 8 * 32 * 16512
   sys2 = dataclasses.replace(sys1, microbatches=2)
   st2 = rl.step("moska_disagg", M, w, sys2, 8)
-  assert st2.step_s == pytest.approx(max(st2.weights_s + st2.unique_s, st2.shared_s, st2.transfer_s))
+  assert st2.step_s == pytest.approx(max(st2.weights_s + st2.unique_s, st2.shared_s,
+                                         st2.transfer_s))
   assert st2.step_s < st.step_s
 
 
@@ -123,9 +125,10 @@ def test_main_writes_results(tmp_path):
   measured.write_text("# ceilings: bf16 matmul 660 TFLOP/s, copy 2.55 TB/s (read+write)\n"
                       "S,B,ours_ms,paged_over_ours\n131072,512,2.0,51.3\n")
   with flagsaver.flagsaver():
-    flags.FLAGS(["prog", f"--out_dir={tmp_path}", "--roofline_shared_lengths=1048576,16777216",
-                 "--roofline_batches=1,16", f"--roofline_measured_csv={measured}"])
-    rl.main()
+    flags.FLAGS(["prog", "--experiment=roofline", f"--out_dir={tmp_path}",
+                 "--roofline_shared_lengths=1048576,16777216", "--roofline_batches=1,16",
+                 f"--roofline_measured_csv={measured}"])
+    roofline.main()
   for name in ("roofline.csv", "roofline.md", "roofline_sweep.csv", "roofline_headline.csv",
                "roofline_check.csv", "roofline.png"):
     assert os.path.getsize(tmp_path / name) > 0, name

@@ -1,0 +1,92 @@
+"""The goals each experiment is measured against, as data; `report` marks them met or missed.
+
+A goal names a column of one results table, the rows it applies to, a comparison and a threshold.
+`GOALS` maps a table's goal key (by default its base name, e.g. "sparse_attention" for
+`sparse_attention_int4.md` too) to its goals. Changing a goal is an edit here, not in a benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+           "==": operator.eq}
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+  """`column op threshold` on the rows matching `where`.
+
+  where: column -> value (equal) or (op, value), e.g. {"regime": "uniform", "n_shared": (">", 1)}.
+  over: "each": every matching row must meet it (the worst is reported); "any": one must (the
+    best is reported), e.g. "with the best routing".
+  """
+
+  description: str
+  column: str
+  op: str
+  threshold: float
+  where: dict[str, Any] = dataclasses.field(default_factory=dict)
+  over: str = "each"
+
+  def __post_init__(self):
+    if self.op not in COMPARE or self.over not in ("each", "any"):
+      raise ValueError(f"goal {self.description!r}: op must be one of {sorted(COMPARE)} and over "
+                       f"'each' or 'any', got {self.op!r}, {self.over!r}")
+
+  def matches(self, row: dict) -> bool:
+    """Whether the goal applies to this row."""
+    for col, want in self.where.items():
+      op, value = want if isinstance(want, tuple) else ("==", want)
+      if col not in row or not COMPARE[op](row[col], value):
+        return False
+    return True
+
+  def met_by(self, value: float) -> bool:
+    return COMPARE[self.op](value, self.threshold)
+
+
+GOALS: dict[str, tuple[Goal, ...]] = {
+    "shared_attention": (
+        Goal("time over the roofline floor, every (S, B)", "ours_x_floor", "<=", 1.25),
+        Goal("cuDNN time over ours (never slower), every (S, B)", "cudnn_over_ours", ">=", 1.0),
+        Goal("per-request paged decode time over ours at B=512", "paged_over_ours", ">=", 50,
+             where={"B": 512}),
+    ),
+    "unique_attention": (
+        Goal("fraction of the copy bandwidth at B=64, L=64K", "ours_frac_copy", ">=", 0.8,
+             where={"B": 64, "L": 65536}),
+        Goal("fraction of the copy bandwidth at B=1, L=64K", "ours_frac_copy", ">=", 0.6,
+             where={"B": 1, "L": 65536}),
+    ),
+    "sparse_attention": (
+        Goal("(router + chunks) / dense, correlated routing, C=512, B=128, 75% sparse",
+             "total_over_dense", "<=", 0.35,
+             where={"regime": "correlated", "C": 512, "B": 128, "sparsity": 0.75}),
+        Goal("(router + chunks) / dense, correlated routing, C=512, B=128, 90% sparse",
+             "total_over_dense", "<=", 0.15,
+             where={"regime": "correlated", "C": 512, "B": 128, "sparsity": 0.9}),
+        Goal("chunk_attention over its floor, uniform routing, every row", "chunk_x_floor", "<=",
+             1.25, where={"regime": "uniform"}),
+    ),
+    "decode": (
+        Goal("MoSKA dense speedup over per-request paged decode at B=64", "x_baseline", ">=", 20,
+             where={"impl": "moska_dense", "B": 64}),
+    ),
+    "disaggregation": (
+        Goal("shared-attention scaling efficiency, every n > 1 shared devices", "scaling_eff",
+             ">=", 0.8, where={"n_shared": (">", 1)}),
+        Goal("transfers (q out, (o, lse) back) as a share of the step, where bytes move",
+             "transfer_frac", "<", 0.1, where={"bytes_to_shared": (">", 0)}),
+    ),
+    "train_retrieval": (
+        Goal("held-out exact match at a document of >= 8K tokens, best eval", "eval_acc", ">=",
+             0.95, where={"length": (">=", 8192)}, over="any"),
+    ),
+    "accuracy": (
+        Goal("accuracy over dense at 75% sparsity, best routing", "acc_over_dense", ">=", 0.99,
+             where={"mode": "sparse", "sparsity": 0.75}, over="any"),
+    ),
+}
