@@ -188,7 +188,7 @@ def main() -> None:
   notes = ("Times per layer-step; `step` runs unique attention and the shared step concurrently "
            "on their groups, then the merge, so it is less than the sum of the pieces. "
            "transfer_frac = (to_shared + to_unique) / step. shared_x_floor: the shared attention "
-           "over the per-device roofline floor max(bytes / copy BW, FLOPs / matmul rate) with "
+           "over the per-device roofline floor max(bytes / read BW, FLOPs / matmul rate) with "
            "S/n rows per device. scaling_eff = t_shared(n_min) * n_min / (t_shared(n) * n). "
            "bytes_*: `TransferStats` (bytes landing on the target devices, every replica "
            "counted); 0 when both groups share one device (colocated): nothing moves and the "

@@ -10,6 +10,7 @@ per-chip figure of the Cloud TPU docs, converted from Gbps).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # experiments.timing imports jax; the model itself must not need it
@@ -57,14 +58,17 @@ PRESETS: dict[str, Hardware] = {
 def calibrated(hw: Hardware, ceilings: Ceilings) -> Hardware:
   """hw with the bandwidth and matmul rates measured on the current device.
 
-  Only a bf16 matmul is measured, so the FP8 rate keeps the vendor FP8:BF16 ratio. The copy
-  bandwidth counts read + write bytes, the same bytes-moved unit as the model's KV reads.
-  Capacity and interconnect stay the preset's.
+  The bandwidth is the streaming read rate (the model counts the KV bytes read); the FP8 rate is
+  the measured one where the run measured it, else the vendor FP8:BF16 ratio applied to the bf16
+  rate. Capacity and interconnect stay the preset's.
   """
+  fp8 = ceilings.fp8_matmul_flops
+  if not math.isfinite(fp8):
+    fp8 = ceilings.matmul_flops * hw.matmul_flops_fp8 / hw.matmul_flops_bf16
   return dataclasses.replace(
       hw,
       name=f"{hw.name} (calibrated)",
-      hbm_bytes_per_s=ceilings.copy_bytes_per_s,
+      hbm_bytes_per_s=ceilings.read_bytes_per_s,
       matmul_flops_bf16=ceilings.matmul_flops,
-      matmul_flops_fp8=ceilings.matmul_flops * hw.matmul_flops_fp8 / hw.matmul_flops_bf16,
+      matmul_flops_fp8=fp8,
   )

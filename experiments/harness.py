@@ -113,7 +113,7 @@ def jit_plan(plan: pk.Plan, **kwargs) -> Callable:
 class Bench:
   """One run of a benchmark: its environment header, ceilings, shape and output folder.
 
-  ceilings: measure the bf16 matmul rate and copy bandwidth now (`timing.measure_ceilings`) and
+  ceilings: measure the matmul rates and read / copy bandwidths now (`timing.measure_ceilings`) and
     put them in the header; `self.ceilings` is None without.
   shape: put the `--shape` heads in the header; `self.shape` is the parsed shape either way.
   """
@@ -127,11 +127,8 @@ class Bench:
     self.ceilings = timing.measure_ceilings() if ceilings else None
     if self.ceilings:
       c = self.ceilings
-      logging.info("ceilings: matmul %.0f TFLOP/s, copy %.2f TB/s", c.matmul_flops / 1e12,
-                   c.copy_bytes_per_s / 1e12)
-      self.env["ceilings"] = (f"bf16 matmul {c.matmul_flops / 1e12:.0f} TFLOP/s, copy "
-                              f"{c.copy_bytes_per_s / 1e12:.2f} TB/s (read+write), measured in "
-                              "this run")
+      self.env["ceilings"] = c.describe()
+      logging.info("ceilings: %s", self.env["ceilings"])
 
   def check(self, what: str, fn: Callable, ref_fn: Callable, args: Sequence, *,
             tol: float = 2e-2) -> Agreement:

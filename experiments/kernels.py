@@ -93,7 +93,7 @@ def main() -> None:
         floor = bench.ceilings.floor_s(flops, nbytes)
         table.add(op=op, Hq=Hq, Hkv=Hkv, D=D, T=T, dtype=dtype.name, B=B, ms=seconds * 1e3,
                   floor_ms=floor * 1e3, x_floor=seconds / floor, error=error)
-  table.write(notes="floor = max(bytes / copy BW, FLOPs / matmul rate), from the ceilings of "
+  table.write(notes="floor = max(bytes / read BW, FLOPs / matmul rate), from the ceilings of "
                     "this run; unique bytes = the K/V of every request.", plot=_plot)
 
 

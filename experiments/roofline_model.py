@@ -350,12 +350,16 @@ def check_rows(rows: list[dict], header: dict[str, str], hw: Hardware,
   per-request paged baseline = prefix_gemv's shared part). Uses the ceilings measured in the
   same run when the CSV's header has them, else `hw`."""
   m = ModelShape(layers=1, kv_bytes=4 if "--dtype=float32" in header.get("command", "") else 2)
-  got = re.search(r"matmul ([\d.]+) TFLOP/s, copy ([\d.]+) TB/s", header.get("ceilings", ""))
-  if got:
+  ceilings = header.get("ceilings", "")
+  matmul = re.search(r"bf16 matmul ([\d.]+) TFLOP/s", ceilings)
+  # The streaming read rate where the run measured one; older runs recorded only a copy rate.
+  bandwidth = (re.search(r"streaming read ([\d.]+) TB/s", ceilings)
+               or re.search(r"copy ([\d.]+) TB/s", ceilings))
+  if matmul and bandwidth:
     hw = dataclasses.replace(hw, name="ceilings of the measured run",
-                             matmul_flops_bf16=float(got[1]) * 1e12,
-                             matmul_flops_fp8=float(got[1]) * 1e12,
-                             hbm_bytes_per_s=float(got[2]) * 1e12)
+                             matmul_flops_bf16=float(matmul[1]) * 1e12,
+                             matmul_flops_fp8=float(matmul[1]) * 1e12,
+                             hbm_bytes_per_s=float(bandwidth[1]) * 1e12)
   chip = Cluster(hw, 1)
   out = []
   for r in rows:

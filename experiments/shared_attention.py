@@ -7,7 +7,7 @@ plus every candidate of `pallas_kernels.sweep` with --shared_sweep);
 an XLA einsum attention; and the per-request baseline of a prefix-caching server, JAX's Pallas
 `paged_attention` with every block table pointing at the same shared pages (it re-reads the
 shared KV once per request). A case that fails is a row with its error in `note`. The ceilings
-(bf16 matmul rate, copy bandwidth) are measured in the same run; the floor is
+(bf16 matmul rate, streaming read bandwidth) are measured in the same run; the floor is
 max(KV bytes / bandwidth, FLOPs / rate).
 """
 
@@ -130,7 +130,7 @@ def main() -> None:
           heuristic=plan_note(plans[0]), best=plan_note(best_plan))
   every.write(show=False)
   summary.write(notes="heuristic / best: the implementation and its config. "
-                      "x_floor = time / max(KV bytes / copy BW, FLOPs / matmul rate).",
+                      "x_floor = time / max(KV bytes / read BW, FLOPs / matmul rate).",
                 plot=_plot, show=("S", "B", "ours_ms", "best_ms", "floor_ms", "best_x_floor",
                                   "cudnn_over_ours", "paged_over_ours", "best"))
 

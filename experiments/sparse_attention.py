@@ -6,7 +6,7 @@ the router (`moska_jax.routing.route` on --sparse_summary summaries),
 `pallas_kernels.chunk_attention` on the routed ids (its default plan), and the dense
 `pallas_kernels.shared_attention` over all of S; it reports the union coverage (fraction of
 (kv head, chunk) tiles some request chose, i.e. of the shared KV read) and the ratio to the floor
-max(bytes of the selected union / copy bandwidth, sparse FLOPs / matmul rate), with the ceilings
+max(bytes of the selected union / read bandwidth, sparse FLOPs / matmul rate), with the ceilings
 measured in the same run. Regimes: "correlated" (each request's queries are one of
 --sparse_topics topic vectors plus noise, so the batch's chunks concentrate) and "uniform"
 (independent random queries: at large B the union covers nearly every chunk).
@@ -109,7 +109,7 @@ def main() -> None:
               chunk_tflops=flops / t_chunk / 1e12,
               plan=plan_note(plan))
   table.write(notes="coverage = chosen (kv head, chunk) tiles / all tiles (the fraction of the "
-                    "shared KV read). floor = max(2 * union tiles * C * D * bytes / copy BW, "
+                    "shared KV read). floor = max(2 * union tiles * C * D * bytes / read BW, "
                     "4 * B * Hq * K * C * D / matmul rate). total = router + chunk_attention; "
                     "plan = the chunk kernel and its config.", plot=_plot)
 

@@ -43,30 +43,55 @@ def time_fn(fn: Callable, *args, warmup: int = 3, inner: int = 10, samples: int 
 
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
-  """Measured in the same run: bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s, R+W)."""
+  """Measured in the same run: matmul rates (FLOP/s, bf16 and FP8 operands), the streaming read
+  bandwidth the kernels' floors use (they read K/V and write little), and the copy bandwidth
+  (read + write) for the ops that write as much as they read."""
 
   matmul_flops: float
+  read_bytes_per_s: float
   copy_bytes_per_s: float
+  fp8_matmul_flops: float = float("nan")
 
-  def floor_s(self, flops: float, bytes_moved: float) -> float:
-    """Roofline floor: max(bytes / bandwidth, FLOPs / matmul rate)."""
-    return max(bytes_moved / self.copy_bytes_per_s, flops / self.matmul_flops)
+  def floor_s(self, flops: float, bytes_read: float, *, fp8: bool = False) -> float:
+    """Roofline floor: max(bytes read / read bandwidth, FLOPs / matmul rate)."""
+    rate = self.fp8_matmul_flops if fp8 else self.matmul_flops
+    return max(bytes_read / self.read_bytes_per_s, flops / rate)
+
+  def describe(self) -> str:
+    """One line for result headers."""
+    return (f"bf16 matmul {self.matmul_flops / 1e12:.0f} TFLOP/s, FP8 matmul "
+            f"{self.fp8_matmul_flops / 1e12:.0f} TFLOP/s, streaming read "
+            f"{self.read_bytes_per_s / 1e12:.2f} TB/s, copy {self.copy_bytes_per_s / 1e12:.2f} "
+            "TB/s (read + write), measured in this run")
 
 
-def measure_ceilings(matmul_n: int | None = None, copy_bytes: int | None = None) -> Ceilings:
-  """Times an n^3 bf16 matmul and an elementwise pass over `copy_bytes` of bf16 (read + write).
+def _matmul_rate(n: int, dtype) -> float:
+  """FLOP/s of an n^3 matmul with `dtype` operands (float32 accumulation) on random data; NaN
+  where the platform has no such matmul."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  try:
+    return 2.0 * n**3 / time_fn(mm, a, b)
+  except Exception:  # noqa: BLE001  (e.g. no FP8 GEMM on this platform)
+    return float("nan")
 
-  Defaults: 8192^3 and 2 GiB on accelerators; small sizes on CPU (smoke runs only).
+
+def measure_ceilings(matmul_n: int | None = None, read_bytes: int | None = None) -> Ceilings:
+  """Times n^3 bf16 and FP8 matmuls, a streaming read (a sum) of `read_bytes` of bf16, and an
+  elementwise pass over half as much (read + write).
+
+  Defaults: 8192^3 and 4 GiB on accelerators; small sizes on CPU (smoke runs only).
   """
   on_cpu = jax.default_backend() == "cpu"
   matmul_n = matmul_n or (512 if on_cpu else 8192)
-  copy_bytes = copy_bytes or ((16 << 20) if on_cpu else (2 << 30))
-  key_a, key_b = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(key_a, (matmul_n, matmul_n), jnp.bfloat16)
-  b = jax.random.normal(key_b, (matmul_n, matmul_n), jnp.bfloat16)
-  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-  t_mm = time_fn(mm, a, b)
-  x = jax.random.normal(key_a, (copy_bytes // 2,), jnp.bfloat16)
-  copy = jax.jit(lambda x: x + jnp.bfloat16(1))  # one read + one write of every element
-  t_cp = time_fn(copy, x)
-  return Ceilings(2.0 * matmul_n**3 / t_mm, 2.0 * x.nbytes / t_cp)
+  read_bytes = read_bytes or ((16 << 20) if on_cpu else (4 << 30))
+  x = jax.random.normal(jax.random.key(1), (read_bytes // 2,), jnp.bfloat16)
+  t_read = time_fn(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x)
+  half = x[:x.size // 2]
+  t_copy = time_fn(jax.jit(lambda x: x + jnp.bfloat16(1)), half)  # one read + one write each
+  del x
+  return Ceilings(_matmul_rate(matmul_n, jnp.bfloat16), read_bytes / t_read,
+                  2.0 * half.nbytes / t_copy,
+                  _matmul_rate(matmul_n, jnp.float8_e4m3fn) if not on_cpu else float("nan"))
