@@ -16,6 +16,7 @@ from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedCon
                                         TritonUniqueConfig)
 from pallas_kernels.merge import merge_attention_states, merge_partials
 from pallas_kernels.shared_attention import shared_attention
+from pallas_kernels.tile_chunk_attention import tile_chunk_attention
 from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuScoresConfig,
                                         MosaicTpuSharedConfig, MosaicTpuUniqueConfig)
 from pallas_kernels.unique_attention import unique_attention, write_pages
@@ -44,6 +45,7 @@ __all__ = [
     "shared_attention",
     "sweep",
     "targets",
+    "tile_chunk_attention",
     "unique_attention",
     "write_pages",
 ]

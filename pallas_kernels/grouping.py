@@ -118,3 +118,31 @@ def scatter_to_pairs(o_tiles: jax.Array, lse_tiles: jax.Array,
   per pair row [Hkv, B*K*R, (D)] (rows of invalid pairs hold slot 0's values: mask them)."""
   o = jnp.take_along_axis(o_tiles, groups.slots[..., None], axis=1)
   return o, jnp.take_along_axis(lse_tiles, groups.slots, axis=1)
+
+
+def compact_ids(ids: jax.Array, num_chunks: int, width: int) -> tuple[jax.Array, jax.Array]:
+  """Each row's ids in [0, N), ascending, first (padding -1 after them), cut or padded to
+  `width`; and how many each row holds. ids [..., K] -> ([..., width] int32, [...] int32)."""
+  valid = (ids >= 0) & (ids < num_chunks)
+  key = jnp.where(valid, ids, num_chunks).astype(jnp.int32)  # invalid ids sort last
+  ordered = jnp.sort(key, axis=-1)
+  pad = width - ordered.shape[-1]
+  ordered = (jnp.pad(ordered, [(0, 0)] * (ids.ndim - 1) + [(0, pad)], constant_values=num_chunks)
+             if pad > 0 else ordered[..., :width])
+  return jnp.where(ordered < num_chunks, ordered, -1), jnp.sum(valid, axis=-1).astype(jnp.int32)
+
+
+def tile_union(chunk_ids: jax.Array, num_chunks: int, requests_per_tile: int) -> jax.Array:
+  """The union of the chunks of every tile of `requests_per_tile` consecutive requests:
+  chunk_ids[B, Hkv, K] -> tile_ids[B / requests_per_tile, Hkv, min(N, requests_per_tile * K)],
+  ascending, -1 after the tile's chunks."""
+  B, Hkv, K = chunk_ids.shape
+  if B % requests_per_tile:
+    raise ValueError(f"tile_union: B={B} must be a multiple of requests_per_tile="
+                     f"{requests_per_tile}")
+  union = selected_chunks(chunk_ids, num_chunks).reshape(
+      B // requests_per_tile, requests_per_tile, Hkv, num_chunks).any(axis=1)
+  width = min(num_chunks, requests_per_tile * K)
+  # The top `width` of (N - c) over the selected c are the selected ids, smallest first.
+  top, _ = jax.lax.top_k(jnp.where(union, num_chunks - jnp.arange(num_chunks), 0), width)
+  return jnp.where(top > 0, num_chunks - top, -1).astype(jnp.int32)

@@ -23,6 +23,8 @@ def attend(scores: jax.Array, mask: jax.Array | None, v: jax.Array,
            spec: str) -> tuple[jax.Array, jax.Array]:
   """Softmax over the last axis of float32 `scores` (masked), then `einsum(spec, p, v)`.
 
+  Masked keys are never read, as in the kernels: NaN or inf in their K (scores) or V rows reaches
+  no output, while one in a key a row attends to makes that row's output NaN.
   Returns (o float32, lse float32); fully masked rows give o = 0, lse = -inf.
   """
   if mask is not None:
@@ -31,7 +33,14 @@ def attend(scores: jax.Array, mask: jax.Array | None, v: jax.Array,
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   p = jnp.exp(scores - m)
   denom = jnp.sum(p, axis=-1)
-  o = jnp.einsum(spec, p, v.astype(jnp.float32), precision=_HI)
+  v = v.astype(jnp.float32)
+  if mask is None:
+    o = jnp.einsum(spec, p, v, precision=_HI)
+  else:  # 0 * NaN would leak masked rows: zero them, then put back what attended rows read
+    finite = jnp.isfinite(v)
+    o = jnp.einsum(spec, p, jnp.where(finite, v, 0.0), precision=_HI)
+    seen = jnp.broadcast_to(mask, scores.shape).astype(jnp.float32)
+    o = jnp.where(jnp.einsum(spec, seen, (~finite).astype(jnp.float32)) > 0, jnp.nan, o)
   o = o / jnp.where(denom > 0, denom, 1.0)[..., None]
   lse = jnp.where(denom > 0, jnp.log(denom) + m[..., 0], -jnp.inf)
   return o, lse
@@ -87,7 +96,6 @@ def unique_attention_ref(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   v = v_pages[tables].reshape(B, S, Hkv, D)
   lengths = lengths.astype(jnp.int32)
   pos = jnp.arange(S)
-  v = jnp.where((pos[None, :] < lengths[:, None])[..., None, None], v, 0)  # stale pages: no NaN
   qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)
   s = jnp.einsum("bthgd,bshd->bthgs", qg, k, precision=_HI) * scale
   last = lengths[:, None] - T + jnp.arange(T)[None, :]  # [B, T] position of each query

@@ -58,16 +58,10 @@ def finish(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.A
   return o, jnp.where(nonempty, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
 
 
-def attend_range(q: jax.Array, k_ref, v_ref, start, end, *, scale: float, block_k: int,
-                 precision) -> tuple[jax.Array, jax.Array]:
-  """Attention of q[block_m, D] over rows [start, end) of the [S, D] refs k_ref / v_ref (Triton).
-
-  Streams block_k-row tiles with masked loads (rows past `end` read as zero and score -inf).
-  Returns o [block_m, D] float32 normalized, and lse [block_m] float32 natural log; an empty
-  range gives o = 0, lse = -inf.
-  """
-  block_m, d = q.shape
-  scale_log2 = scale * LOG2E
+def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: float,
+                block_k: int, precision):
+  """Folds keys [start, end) of the [S, D] refs k_ref / v_ref into the state of q[block_m, D]
+  (Triton): block_k-row tiles with masked loads (rows past `end` read as zero and score -inf)."""
 
   def body(i, carry):
     s0 = start + i * block_k
@@ -80,5 +74,16 @@ def attend_range(q: jax.Array, k_ref, v_ref, start, end, *, scale: float, block_
                         precision=precision)
     return acc, m, l
 
-  num_tiles = pl.cdiv(jnp.maximum(end - start, 0), block_k)
-  return finish(*lax.fori_loop(0, num_tiles, body, initial_state(block_m, d)))
+  return lax.fori_loop(0, pl.cdiv(jnp.maximum(end - start, 0), block_k), body, carry)
+
+
+def attend_range(q: jax.Array, k_ref, v_ref, start, end, *, scale: float, block_k: int,
+                 precision) -> tuple[jax.Array, jax.Array]:
+  """Attention of q[block_m, D] over rows [start, end) of the [S, D] refs k_ref / v_ref (Triton).
+
+  Returns o [block_m, D] float32 normalized, and lse [block_m] float32 natural log; an empty
+  range gives o = 0, lse = -inf.
+  """
+  carry = attend_keys(q, k_ref, v_ref, start, end, initial_state(*q.shape),
+                      scale_log2=scale * LOG2E, block_k=block_k, precision=precision)
+  return finish(*carry)

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.gpu import softmax
+from pallas_kernels.numerics import LOG2E
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
@@ -64,3 +65,72 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
       interpret=interpret,
       name="moska_shared_attention",
   )(kv_length.reshape(1), q_rows, k, v)
+
+
+def _list_kernel(len_ref, count_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                 scale: float, block_k: int, chunk_size: int, num_splits: int, precision):
+  n, count = len_ref[0], count_ref[0]
+  per_split = pl.cdiv(count, num_splits)
+  first = pl.program_id(2) * per_split
+  q = q_ref[...]
+
+  def chunk(j, carry):
+    start = ids_ref[j] * chunk_size
+    return softmax.attend_keys(q, k_ref, v_ref, start, jnp.minimum(start + chunk_size, n), carry,
+                               scale_log2=scale * LOG2E, block_k=block_k,
+                               precision=precision)
+
+  carry = jax.lax.fori_loop(first, jnp.minimum(first + per_split, count), chunk,
+                            softmax.initial_state(*q.shape))
+  o_ref[...], lse_ref[...] = softmax.finish(*carry)
+
+
+def chunk_list_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,
+                        tile_ids: jax.Array, tile_counts: jax.Array, *, scale: float,
+                        chunk_size: int, rows_per_tile: int, block_m: int, block_k: int,
+                        num_splits: int, num_warps: int, num_stages: int,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of each tile of rows over its own list of chunks (shared_attention over a
+  chosen subset of S, accumulated online across the chunks: one partial per split).
+
+  Args:
+    q_rows: [Hkv, n_tiles * rows_per_tile, D] folded query rows, tile t owning rows
+      [t * rows_per_tile, (t + 1) * rows_per_tile), rows_per_tile a multiple of block_m.
+    k, v: [S, Hkv, D]; kv_length: int32 scalar.
+    tile_ids: [Hkv, n_tiles, U] chunk ids of each (kv head, tile), the first tile_counts of them
+      valid (U a power of two); tile_counts: [Hkv, n_tiles] int32.
+
+  Returns:
+    o[num_splits, Hkv, rows, D] float32 (normalized per split) and lse[num_splits, Hkv, rows];
+    each split takes an equal share of its tile's list.
+  """
+  Hkv, M, D = q_rows.shape
+  S, U = k.shape[0], tile_ids.shape[-1]
+  blocks_per_tile = rows_per_tile // block_m
+  kernel = functools.partial(_list_kernel, scale=scale, block_k=block_k, chunk_size=chunk_size,
+                             num_splits=num_splits,
+                             precision=softmax.dot_precision(q_rows.dtype, interpret))
+  kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(Hkv, M // block_m, num_splits),
+      in_specs=[
+          pl.BlockSpec((1,), lambda h, i, j: (0,)),
+          pl.BlockSpec((None, 1), lambda h, i, j: (h, i // blocks_per_tile)),
+          pl.BlockSpec((None, None, U), lambda h, i, j: (h, i // blocks_per_tile, 0)),
+          pl.BlockSpec((None, block_m, D), lambda h, i, j: (h, i, 0)),
+          kv_spec,
+          kv_spec,
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, block_m, D), lambda h, i, j: (j, h, i, 0)),
+          pl.BlockSpec((None, None, block_m), lambda h, i, j: (j, h, i)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((num_splits, Hkv, M, D), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, Hkv, M), jnp.float32),
+      ],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="moska_tile_chunk_attention",
+  )(kv_length.reshape(1), tile_counts, tile_ids, q_rows, k, v)

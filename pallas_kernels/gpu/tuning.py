@@ -287,3 +287,21 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
                                     (True, 4, 3))),
           *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32, 64)
             if c != base.chunks_per_program)]
+
+
+# ------------------------------------------------------------------ tile_chunk_attention
+
+
+def triton_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
+                 dtype, target: GpuTarget) -> TritonSharedConfig:
+  """shared_attention's tiling over a tile's rows (padded to whole row blocks per tile), its
+  chunk list split to fill the chip."""
+  rows = requests_per_tile * dims.T * dims.G
+  block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64 if rows <= 64 else 128
+  block_m, block_k, stages = _fit_triton(block_m, 64 if block_m >= 128 else 128, 3, dims.D,
+                                         jnp.dtype(dtype).itemsize, target)
+  n_tiles = dims.B // requests_per_tile
+  programs = dims.Hkv * n_tiles * math.ceil(rows / block_m)
+  splits = splits_to_fill(target, programs, list_width * math.ceil(chunk_size / block_k))
+  return TritonSharedConfig(block_m=block_m, block_k=block_k, num_splits=min(splits, list_width),
+                            num_warps=8 if block_m >= 128 else 4, num_stages=stages)

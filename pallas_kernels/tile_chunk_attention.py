@@ -1,0 +1,124 @@
+"""`tile_chunk_attention`: each tile of requests attends to one list of chunks (batch-aware routing).
+
+`chunk_attention` gives every (request, kv head) its own chunks and pays for it with a partial
+state per (request, chunk) pair that is written, read back and merged. When the requests of a tile
+share one list of chunks -- the union of what each of them was routed to, so each still sees at
+least its own chunks, and the extra ones only add exact attention -- the tile runs like
+shared_attention over a subset of S: its rows stream the list's chunks with one online softmax
+and write one partial per split. Routing decides the tiles (`moska_jax.routing.batch_aware`
+clusters requests that chose alike); this op takes them as given.
+
+Implementations: "xla" (the reference), "triton" (any GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import checks, dispatch, grouping, layout
+from pallas_kernels.dispatch import Implementation, Partials
+from pallas_kernels.gpu import triton_shared
+from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.gpu.configs import TritonSharedConfig
+from pallas_kernels.numerics import default_sm_scale
+from pallas_kernels.reference import chunk_attention_ref
+from pallas_kernels.shared_attention import SharedProblem
+
+OP_NAME = "tile_chunk_attention"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TileProblem(SharedProblem):
+  tile_ids: Any  # [n_tiles, Hkv, U]
+  chunk_size: int
+  num_chunks: int
+
+  @property
+  def requests_per_tile(self) -> int:
+    return self.dims.B // self.tile_ids.shape[0]
+
+
+def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=None):
+  dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
+  if (tile_chunk_ids.ndim != 3 or tile_chunk_ids.shape[0] < 1
+      or dims.B % tile_chunk_ids.shape[0] or tile_chunk_ids.shape[1] != dims.Hkv
+      or not jnp.issubdtype(tile_chunk_ids.dtype, jnp.integer)):
+    raise ValueError(f"{OP_NAME}: tile_chunk_ids must be an integer array of shape [n_tiles, "
+                     f"Hkv={dims.Hkv}, U] with n_tiles dividing B={dims.B}, got "
+                     f"{tile_chunk_ids.shape} {tile_chunk_ids.dtype}")
+  n_chunks = checks.check_chunk_ids(tile_chunk_ids, dims._replace(B=tile_chunk_ids.shape[0]),
+                                    chunk_size, op=OP_NAME)
+  return TileProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
+                     kv_length=checks.check_kv_length(kv_length, op=OP_NAME),
+                     tile_ids=tile_chunk_ids, chunk_size=chunk_size, num_chunks=n_chunks)
+
+
+def _run_xla(p: TileProblem, config, interpret):
+  del config, interpret
+  ids = jnp.repeat(p.tile_ids, p.requests_per_tile, axis=0)
+  return chunk_attention_ref(p.q, p.k, p.v, ids, chunk_size=p.chunk_size, sm_scale=p.sm_scale,
+                             kv_length=p.kv_length)
+
+
+def _run_triton(p: TileProblem, c: TritonSharedConfig, interpret):
+  B, T, _, Hkv, D, S = p.dims
+  n_tiles = p.tile_ids.shape[0]
+  rows = p.requests_per_tile * T * p.dims.G
+  rows_pad = -(-rows // c.block_m) * c.block_m  # a row block never straddles two tiles
+  q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, n_tiles, rows, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+  width = 1 << max(0, (p.tile_ids.shape[-1] - 1).bit_length())  # a power of two for Triton
+  ids, counts = grouping.compact_ids(p.tile_ids.transpose(1, 0, 2), p.num_chunks, width)
+  n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
+  o, lse = triton_shared.chunk_list_partials(
+      q_rows.reshape(Hkv, n_tiles * rows_pad, D), p.k, p.v, n, ids, counts,
+      scale=default_sm_scale(p.sm_scale, D), chunk_size=p.chunk_size, rows_per_tile=rows_pad,
+      block_m=c.block_m, block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
+      num_stages=c.num_stages, interpret=interpret)
+  P = o.shape[0]
+  o = o.reshape(P, Hkv, n_tiles, rows_pad, D)[:, :, :, :rows].reshape(P, Hkv, B * T * p.dims.G, D)
+  lse = lse.reshape(P, Hkv, n_tiles, rows_pad)[..., :rows].reshape(P, Hkv, -1)
+  return Partials(o, lse, 0)
+
+
+OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
+    "xla": Implementation("xla", None, _run_xla),
+    "triton": Implementation(
+        "triton", "gpu", _run_triton, TritonSharedConfig,
+        default_config=lambda p, t: gpu_tuning.triton_tiles(
+            p.dims, p.requests_per_tile, p.tile_ids.shape[-1], p.chunk_size, p.dtype, t),
+        unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
+            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
+}, lambda p, platform, target, interpret: "triton"))
+
+
+def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_ids: jax.Array, *,
+                         chunk_size: int, sm_scale: float | None = None, kv_length=None,
+                         implementation: str = "auto", config: Any = None,
+                         interpret: bool = False,
+                         backend: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Attention of each tile of requests over its tile's chunks of the shared KV.
+
+  Args:
+    q: [B, T, Hq, D] queries; request b belongs to tile b // R, R = B / n_tiles.
+    k, v: [S, Hkv, D] the shared keys / values; chunk c is rows [c*C, (c+1)*C).
+    tile_chunk_ids: [n_tiles, Hkv, U] integer chunk ids per (tile, kv head), duplicate-free; ids
+      outside [0, N) (e.g. -1 padding) select nothing. `grouping.tile_union` builds them.
+    chunk_size: C.
+    sm_scale: score scale, default 1/sqrt(D).
+    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are valid.
+    implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
+      (implementations: `implementations("tile_chunk_attention")`; config: `TritonSharedConfig`).
+
+  Returns:
+    o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32: chunk_attention with every request
+    given its tile's chunks; rows with no valid key give o = 0, lse = -inf.
+  """
+  return dispatch.call(OP, (q, k, v, tile_chunk_ids),
+                       dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),
+                       implementation=implementation, backend=backend, config=config,
+                       interpret=interpret)
