@@ -25,7 +25,7 @@ from absl import flags, logging
 import pallas_kernels as pk
 from experiments import common, report
 from experiments.retrieval import RetrievalTask
-from moska_jax import checkpoint
+from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.engine import MoskaEngine
@@ -90,11 +90,11 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
 
 def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chunk_size: int,
                     sparsities: list[float], backend: str) -> list[int]:
-  """Correct answers per sparsity with ORACLE routing: each (request, kv head) keeps the chunks
-  with the largest exact logit, maxed over its query rows and heads (what "int4" estimates, from
-  the full keys: a reference, not a router to deploy). The rest of the path is the sparse one:
-  chunk_attention on the kept chunks, merged with the question's own causal attention, in every
-  layer."""
+  """Correct answers per sparsity with ORACLE routing (`routing.oracle_route`): each (request,
+  kv head) keeps the chunks with the largest exact logit, maxed over its query rows and heads
+  (what "int4" estimates, from the full keys: a reference, not a router to deploy). The rest of
+  the path is the sparse one: chunk_attention on the kept chunks, merged with the question's own
+  causal attention, in every layer."""
   N = store.summaries[0].num_chunks
 
   @functools.partial(jax.jit, static_argnums=2)
@@ -102,15 +102,7 @@ def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chun
     def attend(i, q, k, v):
       o_u, lse_u = causal_attention(q, k, v)
       layer = store.layer(i)
-      B, T, Hq, D = q.shape
-      Hkv = layer.k.shape[1]
-      s = jnp.einsum("bthgd,shd->bthgs", q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32),
-                     layer.k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-      s = jnp.max(s, axis=(1, 3))
-      s = jnp.where(jnp.arange(s.shape[-1]) < layer.length, s, -jnp.inf)  # invalid rows out
-      s = jnp.max(jnp.pad(s, ((0, 0), (0, 0), (0, N * chunk_size - s.shape[-1])),
-                          constant_values=-jnp.inf).reshape(B, Hkv, N, chunk_size), -1)
-      ids = jax.lax.top_k(s, top_k)[1].astype(jnp.int32)
+      ids = routing.oracle_route(q, layer.k, top_k, chunk_size=chunk_size, kv_length=layer.length)
       o_s, lse_s = pk.chunk_attention(q, layer.k, layer.v, ids, chunk_size=chunk_size,
                                       kv_length=layer.length, backend=backend)
       return pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0]
