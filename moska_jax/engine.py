@@ -130,7 +130,7 @@ class MoskaEngine:
     tokenizer: an object with encode(str) -> list[int] and decode(list[int]) -> str, or a plain
       callable str -> list[int] (results then carry no text); default: UTF-8 bytes.
     groups: run disaggregated on these device groups (see the module docstring); None: one jitted
-      step on the default device. Per-request arrays go over the unique mesh's "batch" axis when
+      step on the default device. Per-request arrays go over the groups' request axis when
       max_batch is a multiple of its size, else they are replicated. `shared_kv` then holds the
       placed store (one `PlacedSharedKV` per layer) and `stats` counts the bytes moved between
       the groups ("bytes_to_shared", "bytes_to_unique").
@@ -178,10 +178,10 @@ class MoskaEngine:
   def _place(self, groups: DeviceGroups) -> None:
     """Puts weights and unique cache on the unique group and the shared store on the shared one."""
     store, c = self.store, self.cache
-    self.state = place_unique(groups, self.state)
-    c.k_pages, c.v_pages = place_unique(groups, (c.k_pages, c.v_pages))
+    self.state = place_unique(groups, self.state, specs=groups.rules.weights)
+    c.k_pages, c.v_pages = place_unique(groups, (c.k_pages, c.v_pages), specs=groups.rules.pages)
     self._model = nnx.merge(self.graphdef, self.state)
-    self._batch_axis = 0 if self.max_batch % groups.unique_mesh.shape["batch"] == 0 else None
+    self._batch_axis = 0 if self.max_batch % groups.request_shards == 0 else None
     self._shared_length = int(store.length)
     sparse = self.mcfg.mode == "sparse"
     (length,), _ = send_to_shared(groups, np.int32(self._shared_length))
