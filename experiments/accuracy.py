@@ -29,7 +29,7 @@ from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
+from moska_jax.prefill import build_shared_store
 
 flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
                     "accuracy: directory written by train_retrieval.")

@@ -7,8 +7,8 @@ from flax import nnx
 
 from moska_jax.config import MoskaConfig, tiny
 from moska_jax.engine import ByteTokenizer, MoskaEngine, Sampling, sample
-from moska_jax.kv_cache import build_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 from moska_jax.sharding import make_device_groups
 
 pytestmark = pytest.mark.skipif(

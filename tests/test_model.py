@@ -9,8 +9,8 @@ from flax import nnx
 from moska_jax.attention import apply_rope, rope_frequencies
 from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b, tiny
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 
 
 def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
