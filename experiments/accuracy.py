@@ -29,6 +29,7 @@ from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.engine import MoskaEngine
+from moska_jax.model import stateless
 from moska_jax.prefill import build_shared_store
 
 flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
@@ -63,11 +64,9 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
   """
   @jax.jit
   def run(store, tokens):
-    errs = []
-
-    def attend(i, q, k, v):
+    def attend(i, q, k, v, _):  # layer state out: this layer's errors [configs, questions]
       o_u, lse_u = causal_attention(q, k, v)
-      layer = store.layer(i)
+      layer = store.layers[i]
       o_d = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, layer, dense))[0]
       ref = o_d[:, -1].astype(jnp.float32)
       last = q[:, -1:]
@@ -78,11 +77,10 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
         diff = o_s[:, 0].astype(jnp.float32) - ref
         per_cfg.append(jnp.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1) /
                        jnp.linalg.norm(ref.reshape(ref.shape[0], -1), axis=1))
-      errs.append(jnp.stack(per_cfg))
-      return o_d
+      return o_d, jnp.stack(per_cfg)
 
     positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    model.forward(tokens, positions, attend)
+    _, errs = model.forward(tokens, positions, attend)
     return jnp.stack(errs, axis=1)
 
   return np.asarray(run(store, jnp.asarray(prompts, jnp.int32)))
@@ -99,16 +97,16 @@ def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chun
 
   @functools.partial(jax.jit, static_argnums=2)
   def run(store, tokens, top_k):
-    def attend(i, q, k, v):
+    def attention(i, q, k, v):
       o_u, lse_u = causal_attention(q, k, v)
-      layer = store.layer(i)
+      layer = store.layers[i]
       ids = routing.oracle_route(q, layer.k, top_k, chunk_size=chunk_size, kv_length=layer.length)
       o_s, lse_s = pk.chunk_attention(q, layer.k, layer.v, ids, chunk_size=chunk_size,
                                       kv_length=layer.length, backend=backend)
       return pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0]
 
     positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return jnp.argmax(model.forward(tokens, positions, attend)[:, -1], axis=-1)
+    return jnp.argmax(model.forward(tokens, positions, stateless(attention))[0][:, -1], axis=-1)
 
   tokens = jnp.asarray(prompts, jnp.int32)
   kept = [MoskaConfig(sparsity=s).chunks_kept(N) for s in sparsities]

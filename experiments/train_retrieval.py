@@ -32,7 +32,7 @@ from experiments import common, report
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, stateless
 
 flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
 flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.")
@@ -190,7 +190,7 @@ def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generato
   def logits_of(params, tokens):
     m = nnx.merge(graphdef, params)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return m.forward(tokens, pos, attend)
+    return m.forward(tokens, pos, stateless(attend))[0]
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, targets):

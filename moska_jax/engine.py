@@ -3,7 +3,7 @@
 Every request owns a slot of a fixed batch (`max_batch`) and pages of the unique cache. Each
 engine step is one of two jit-compiled functions with fixed shapes: a prefill step that feeds
 `prefill_chunk` prompt tokens to the slots still reading their prompt, or a decode step that
-feeds one token to every slot. Both run `moska_attention` in every layer, so all active requests
+feeds one token to every slot. Both run `moska_step` (moska_jax.step), so all active requests
 attend to the shared KV together (the batched GEMM). Finished requests free their pages and slot,
 and queued requests are admitted as soon as pages allow (continuous batching); none is dropped,
 and results come back in request order.
@@ -11,12 +11,13 @@ and results come back in request order.
 On `DeviceGroups` (disaggregated serving, `moska_jax.sharding`) the weights and the unique cache
 live on the unique group and every layer's shared K/V/summaries on the shared group, whole chunks
 per "kv" device. One jitted program cannot span two disjoint device sets, so a step is then
-orchestrated from Python: `Decoder.forward` runs eagerly on the unique group (each op dispatched
-on its own), and its `attend` calls three jitted programs per layer: the unique part
-(`unique_partial`: write_pages + unique_attention) on the unique group, the shared part
-(`shared_attention_step`: q out, dense or routed attention sharded over "kv", (o, lse) back) on
-the shared group, and `merge_attention_states`. Dispatch is asynchronous, so the unique and shared
-parts of a layer are in flight together. The same path serves a single-device `DeviceGroups`.
+orchestrated from Python: `Decoder.forward` runs eagerly on the unique group with the same
+`moska_attend` as the jitted step (moska_jax.step), built from parts that run where their data
+lives: `zero_padding`, the unique half (`unique_partial`: write_pages + unique_attention, jitted,
+pools donated) and `merge_halves` on the unique group, and the shared half by
+`shared_attention_step` (q out, dense or routed attention sharded over "kv", (o, lse) back).
+Dispatch is asynchronous and the shared half is issued first, so the two halves of a layer are
+in flight together. The same path serves a single-device `DeviceGroups`.
 
 Scheduling is simple on purpose: while any slot is still reading its prompt, steps are prefill
 steps and the decoding slots wait (no mixed prefill/decode batches).
@@ -35,13 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
-from moska_jax.attention import UniqueLayer, moska_attention, unique_partial
+from moska_jax.attention import unique_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.sharding import (DeviceGroups, place_shared_kv, place_unique, send_to_shared,
                                 shared_attention_step)
+from moska_jax.step import moska_attend, moska_step, step_positions
 
 
 class ByteTokenizer:
@@ -85,14 +86,6 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 def _sampler(sampling: Sampling):
   """One compiled sampler per Sampling (it is frozen, so hashable)."""
   return jax.jit(functools.partial(sample, sampling=sampling))
-
-
-def _zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
-  """Zeroes the query rows past fed[b] (padding of a fixed-shape step): their outputs are never
-  read, and a zero row takes no part in the router's score (`routing.route`), so padding cannot
-  steer routing."""
-  valid = jnp.arange(q.shape[1])[None, :] < fed[:, None]
-  return jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
 
 
 @dataclasses.dataclass
@@ -171,7 +164,7 @@ class MoskaEngine:
     self.stats = collections.Counter()
     self.groups = groups
     if groups is None:
-      self._step = jax.jit(self._step_impl, donate_argnums=(2, 3))
+      self._step = jax.jit(self._step_impl, donate_argnums=(2,))
     else:
       self._place(groups)
 
@@ -179,7 +172,7 @@ class MoskaEngine:
     """Puts weights and unique cache on the unique group and the shared store on the shared one."""
     store, c = self.store, self.cache
     self.state = place_unique(groups, self.state, specs=groups.rules.weights)
-    c.k_pages, c.v_pages = place_unique(groups, (c.k_pages, c.v_pages), specs=groups.rules.pages)
+    c.pools = place_unique(groups, c.pools, specs=groups.rules.pages)
     self._model = nnx.merge(self.graphdef, self.state)
     self._batch_axis = 0 if self.max_batch % groups.request_shards == 0 else None
     self._shared_length = int(store.length)
@@ -191,71 +184,48 @@ class MoskaEngine:
         for k, v, s in zip(store.k, store.v, store.summaries))
     # K from the store's own chunk count, as `shared_partial` does (placement may pad chunks).
     self._top_k = self.mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None
-    self._unique_step = jax.jit(self._unique_impl, donate_argnums=(3, 4))
-    self._merge = jax.jit(lambda o_u, lse_u, o_s, lse_s:
-                          pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0])
-    self._zero_padding = jax.jit(_zero_padding)
+    self._unique_step = jax.jit(functools.partial(unique_partial, mcfg=self.mcfg),
+                                donate_argnums=(3,))
 
-  def _step_impl(self, state, store, k_pages, v_pages, tables, lengths, tokens, fed):
-    """Feeds tokens[B, T] (the first fed[b] of row b are real) to every slot; returns
-    logits[B, T, V] and the updated page pools."""
-    model = nnx.merge(self.graphdef, state)
-    positions = store.length + lengths[:, None] + jnp.arange(tokens.shape[1])[None]
-    pools = []
-
-    def attend(i, q, k, v):
-      unique = UniqueLayer(k_pages[i], v_pages[i], tables, lengths)
-      o, pages = moska_attention(_zero_padding(q, fed), k, v, store.layer(i), unique, self.mcfg)
-      pools.append(pages)
-      return o
-
-    logits = model.forward(tokens, positions, attend)
-    return logits, tuple(p[0] for p in pools), tuple(p[1] for p in pools)
-
-  def _unique_impl(self, q, k, v, k_pages, v_pages, tables, lengths):
-    """One layer's unique part on the unique group: (o_u, lse_u) and the updated page pools."""
-    (o, lse), (k_pages, v_pages) = unique_partial(q, k, v, UniqueLayer(k_pages, v_pages, tables,
-                                                                       lengths), self.mcfg)
-    return o, lse, k_pages, v_pages
+  def _step_impl(self, state, shared, pools, tables, lengths, tokens, fed):
+    return moska_step(nnx.merge(self.graphdef, state), shared, pools, tables, lengths, tokens,
+                      self.mcfg, fed=fed)
 
   def compilations(self) -> int:
     """Distinct compiled step shapes so far (2 at most: prefill and decode); with groups, those
     of the per-layer unique program."""
     return (self._step if self.groups is None else self._unique_step)._cache_size()
 
+  def _shared_on_groups(self, i: int, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The shared half of layer i on the shared group; counts the bytes moved."""
+    s, mcfg = self.shared_kv[i], self.mcfg
+    o, lse, moved = shared_attention_step(
+        self.groups, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
+        always_include=mcfg.always_include, chunk_size=s.chunk_size, backend=mcfg.backend,
+        interpret=mcfg.interpret)
+    self.stats["bytes_to_shared"] += moved.bytes_to_shared
+    self.stats["bytes_to_unique"] += moved.bytes_to_unique
+    return o, lse
+
   def _run_groups(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
-    """The disaggregated step (module docstring): eager forward, three jitted programs a layer."""
-    g, c = self.groups, self.cache
-    positions = (self._shared_length + c.lengths[:, None]
-                 + np.arange(tokens.shape[1], dtype=np.int32)[None])
+    """The disaggregated step (module docstring): eager forward, jitted parts per layer."""
+    c = self.cache
+    positions = step_positions(self._shared_length, c.lengths, tokens.shape[1])
     tokens, positions, tables, lengths, fed = place_unique(
-        g, (tokens, positions, c.block_tables, c.lengths, fed), batch_axis=self._batch_axis)
-    k_pages, v_pages = list(c.k_pages), list(c.v_pages)
-
-    def attend(i, q, k, v):
-      q = self._zero_padding(q, fed)
-      s = self.shared_kv[i]
-      o_s, lse_s, moved = shared_attention_step(
-          g, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
-          always_include=self.mcfg.always_include, chunk_size=s.chunk_size,
-          backend=self.mcfg.backend, interpret=self.mcfg.interpret)
-      o_u, lse_u, k_pages[i], v_pages[i] = self._unique_step(q, k, v, k_pages[i], v_pages[i],
-                                                             tables, lengths)
-      self.stats["bytes_to_shared"] += moved.bytes_to_shared
-      self.stats["bytes_to_unique"] += moved.bytes_to_unique
-      return self._merge(o_u, lse_u, o_s, lse_s)
-
-    logits = self._model.forward(tokens, positions, attend)
-    c.k_pages, c.v_pages = tuple(k_pages), tuple(v_pages)
+        self.groups, (tokens, positions, c.block_tables, c.lengths, fed),
+        batch_axis=self._batch_axis)
+    unique = functools.partial(self._unique_step, tables=tables, lengths=lengths)
+    attend = moska_attend(self._shared_on_groups, unique, fed)
+    logits, c.pools = self._model.forward(tokens, positions, attend, c.pools)
     return logits
 
   def _run(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
     if self.groups is not None:
       return self._run_groups(tokens, fed)
     c = self.cache
-    logits, c.k_pages, c.v_pages = self._step(self.state, self.store, c.k_pages, c.v_pages,
-                                              jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
-                                              jnp.asarray(tokens), jnp.asarray(fed))
+    logits, c.pools = self._step(self.state, self.store.layers, c.pools,
+                                 jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
+                                 jnp.asarray(tokens), jnp.asarray(fed))
     return logits
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,

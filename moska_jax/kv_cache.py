@@ -22,6 +22,12 @@ from moska_jax.checkpoint import restore_arrays
 from moska_jax.config import ModelConfig
 
 
+def zero_kv(cfg: ModelConfig, rows: tuple[int, ...]) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """Per layer a zero (k, v) pair of shape [*rows, Hkv, D] in the model's dtype."""
+  zeros = lambda: jnp.zeros((*rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  return tuple((zeros(), zeros()) for _ in range(cfg.layers))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SharedKVStore:
@@ -38,8 +44,11 @@ class SharedKVStore:
   model_config: ModelConfig = dataclasses.field(metadata=dict(static=True))
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
 
-  def layer(self, i: int) -> SharedLayer:
-    return SharedLayer(self.k[i], self.v[i], self.summaries[i], self.length)
+  @property
+  def layers(self) -> tuple[SharedLayer, ...]:
+    """Each layer's K, V, summaries and length as the attention reads them."""
+    return tuple(SharedLayer(k, v, s, self.length)
+                 for k, v, s in zip(self.k, self.v, self.summaries, strict=True))
 
   def with_summaries(self, chunk_size: int, summary: str = "mean") -> SharedKVStore:
     """The same K/V routed at another chunk size or summary kind (summaries recomputed)."""
@@ -95,9 +104,13 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None) -> Sha
 class UniqueKVCache:
   """The paged unique KV of up to `max_batch` requests: one page pool per layer.
 
+  pools: per layer (k_pages, v_pages) [num_pages, page_size, Hkv, D], the state a MoSKA step
+  takes and returns (`moska_jax.step`). block_tables [max_batch, max_pages_per_request] and
+  lengths [max_batch] (tokens cached per slot) are host arrays.
+
   Page 0 is a scratch page no request owns: unused block-table entries point at it, so the fixed-
   shape step can write padding tokens anywhere without touching another request's pages.
-  Allocation is host-side (a free list); the arrays live on the device.
+  Allocation is host-side (a free list); the pools live on the device.
   """
 
   def __init__(self, cfg: ModelConfig, *, max_batch: int, num_pages: int, page_size: int,
@@ -106,9 +119,7 @@ class UniqueKVCache:
       raise ValueError("UniqueKVCache: need num_pages >= 2 (page 0 is scratch), page_size, "
                        f"max_batch and max_pages_per_request >= 1; got {num_pages}, {page_size}, "
                        f"{max_batch}, {max_pages_per_request}")
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    self.k_pages = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
-    self.v_pages = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
+    self.pools = zero_kv(cfg, (num_pages, page_size))
     self.page_size, self.num_pages = page_size, num_pages
     self.block_tables = np.zeros((max_batch, max_pages_per_request), np.int32)
     self.lengths = np.zeros((max_batch,), np.int32)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
-from moska_jax.kv_cache import SharedKVStore
+from moska_jax.kv_cache import SharedKVStore, zero_kv
 from moska_jax.model import Decoder
 
 
@@ -46,30 +46,26 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
   S_pad = -(-S // align) * align
   padded = np.zeros((S_pad,), np.int32)
   padded[:S] = tokens
-  shape = (S_pad, cfg.num_kv_heads, cfg.head_dim)
-  K = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
-  V = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
+  kv = zero_kv(cfg, (S_pad,))  # per layer (K, V): the state the forward fills in
   graphdef, state = nnx.split(model)
 
-  @functools.partial(jax.jit, donate_argnums=(1, 2))
-  def prefill_chunk_step(state, K, V, tok, start):
-    m = nnx.merge(graphdef, state)
-    new_kv = []
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def prefill_chunk_step(state, kv, tok, start):
+    put = lambda store, new: jax.lax.dynamic_update_slice(store, new[0].astype(store.dtype),
+                                                          (start, 0, 0))
 
-    def attend(i, q, k, v):
-      new_kv.append((k[0], v[0]))
-      return shared_prefix_attention(q, k, v, K[i], V[i], start, backend)
+    def attend(i, q, k, v, layer):  # attend to the store so far, then write the chunk into it
+      o = shared_prefix_attention(q, k, v, *layer, start, backend)
+      return o, (put(layer[0], k), put(layer[1], v))
 
     positions = start + jnp.arange(tok.shape[1])[None]
-    m.forward(tok, positions, attend)  # logits unused: XLA drops the LM head
-    put = lambda store, new: jax.lax.dynamic_update_slice(store, new.astype(store.dtype),
-                                                          (start, 0, 0))
-    return (tuple(put(Ki, kv[0]) for Ki, kv in zip(K, new_kv)),
-            tuple(put(Vi, kv[1]) for Vi, kv in zip(V, new_kv)))
+    _, kv = nnx.merge(graphdef, state).forward(tok, positions, attend, kv)
+    return kv  # logits unused: XLA drops the LM head
 
   for start in range(0, S, prefill_chunk):
     tok = jnp.asarray(padded[start:start + prefill_chunk])[None]
-    K, V = prefill_chunk_step(state, K, V, tok, jnp.int32(start))
+    kv = prefill_chunk_step(state, kv, tok, jnp.int32(start))
+  K, V = (tuple(layer[j] for layer in kv) for j in (0, 1))
   length = jnp.int32(S)
   summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
                     for Ki in K)

@@ -78,7 +78,7 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
       assert set(shards) == set(groups.shared_devices)
       assert set(shards.values()) == {(rows // groups.num_shared, *arr.shape[1:])}
   # The weights and the page pools stay on the unique group; nothing recompiled per step.
-  for arr in jax.tree.leaves(eng.state) + list(eng.cache.k_pages):
+  for arr in jax.tree.leaves(eng.state) + jax.tree.leaves(eng.cache.pools):
     assert arr.sharding.device_set == set(groups.unique_devices)
   assert eng.compilations() == 2  # the unique program: prefill and decode
 
