@@ -152,7 +152,7 @@ def main() -> None:
                                  num_pages=FLAGS.accuracy_batch + 1, page_size=16,
                                  prefill_chunk=1)
       engine = engines[j]
-      engine.store = store
+      engine.set_store(store)
       got = np.array([r.tokens[0] for r in engine.generate(prompts, 1)])
       hits[j] += int(np.sum(got == answers))
     for c in chunk_sizes:
