@@ -111,6 +111,7 @@ def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int
   def chosen(q, k):  # one sequence: q[Tq, Hq, D], k[doc_len, Hkv, D] -> keep[Tq, Hkv, N]
     ids = routing.route(q[:, None], routing.chunk_summaries(k, chunk_size, summary=summary),
                         top_k)
+    # TODO(structure): pallas_kernels.grouping.selected_chunks
     return jnp.any(jax.nn.one_hot(ids, N, dtype=jnp.bool_), axis=-2)
 
   def attend(i, q, k, v):
