@@ -32,6 +32,9 @@ SharedPart = Callable[[int, jax.Array], tuple[jax.Array, jax.Array]]
 UniquePart = Callable[[jax.Array, jax.Array, jax.Array, Pages],
                       tuple[tuple[jax.Array, jax.Array], Pages]]
 
+# zero_padding and merge_halves are jitted so that the eager path on device groups runs each as
+# one program on the unique group; inside a jitted step they are inlined.
+
 
 @jax.jit
 def zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
