@@ -25,11 +25,12 @@ from absl import flags, logging
 import pallas_kernels as pk
 from experiments import common, report
 from experiments.retrieval import RetrievalTask
-from moska_jax import checkpoint
+from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
+from moska_jax.model import stateless
+from moska_jax.prefill import build_shared_store
 
 flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
                     "accuracy: directory written by train_retrieval.")
@@ -63,11 +64,9 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
   """
   @jax.jit
   def run(store, tokens):
-    errs = []
-
-    def attend(i, q, k, v):
+    def attend(i, q, k, v, _):  # layer state out: this layer's errors [configs, questions]
       o_u, lse_u = causal_attention(q, k, v)
-      layer = store.layer(i)
+      layer = store.layers[i]
       o_d = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, layer, dense))[0]
       ref = o_d[:, -1].astype(jnp.float32)
       last = q[:, -1:]
@@ -78,11 +77,10 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
         diff = o_s[:, 0].astype(jnp.float32) - ref
         per_cfg.append(jnp.linalg.norm(diff.reshape(diff.shape[0], -1), axis=1) /
                        jnp.linalg.norm(ref.reshape(ref.shape[0], -1), axis=1))
-      errs.append(jnp.stack(per_cfg))
-      return o_d
+      return o_d, jnp.stack(per_cfg)
 
     positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    model.forward(tokens, positions, attend)
+    _, errs = model.forward(tokens, positions, attend)
     return jnp.stack(errs, axis=1)
 
   return np.asarray(run(store, jnp.asarray(prompts, jnp.int32)))
@@ -90,33 +88,25 @@ def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfi
 
 def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chunk_size: int,
                     sparsities: list[float], backend: str) -> list[int]:
-  """Correct answers per sparsity with ORACLE routing: each (request, kv head) keeps the chunks
-  with the largest exact logit, maxed over its query rows and heads (what "int4" estimates, from
-  the full keys: a reference, not a router to deploy). The rest of the path is the sparse one:
-  chunk_attention on the kept chunks, merged with the question's own causal attention, in every
-  layer."""
+  """Correct answers per sparsity with ORACLE routing (`routing.oracle_route`): each (request,
+  kv head) keeps the chunks with the largest exact logit, maxed over its query rows and heads
+  (what "int4" estimates, from the full keys: a reference, not a router to deploy). The rest of
+  the path is the sparse one: chunk_attention on the kept chunks, merged with the question's own
+  causal attention, in every layer."""
   N = store.summaries[0].num_chunks
 
   @functools.partial(jax.jit, static_argnums=2)
   def run(store, tokens, top_k):
-    def attend(i, q, k, v):
+    def attention(i, q, k, v):
       o_u, lse_u = causal_attention(q, k, v)
-      layer = store.layer(i)
-      B, T, Hq, D = q.shape
-      Hkv = layer.k.shape[1]
-      s = jnp.einsum("bthgd,shd->bthgs", q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32),
-                     layer.k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-      s = jnp.max(s, axis=(1, 3))
-      s = jnp.where(jnp.arange(s.shape[-1]) < layer.length, s, -jnp.inf)  # invalid rows out
-      s = jnp.max(jnp.pad(s, ((0, 0), (0, 0), (0, N * chunk_size - s.shape[-1])),
-                          constant_values=-jnp.inf).reshape(B, Hkv, N, chunk_size), -1)
-      ids = jax.lax.top_k(s, top_k)[1].astype(jnp.int32)
+      layer = store.layers[i]
+      ids = routing.oracle_route(q, layer.k, top_k, chunk_size=chunk_size, kv_length=layer.length)
       o_s, lse_s = pk.chunk_attention(q, layer.k, layer.v, ids, chunk_size=chunk_size,
                                       kv_length=layer.length, backend=backend)
       return pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0]
 
     positions = store.length + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return jnp.argmax(model.forward(tokens, positions, attend)[:, -1], axis=-1)
+    return jnp.argmax(model.forward(tokens, positions, stateless(attention))[0][:, -1], axis=-1)
 
   tokens = jnp.asarray(prompts, jnp.int32)
   kept = [MoskaConfig(sparsity=s).chunks_kept(N) for s in sparsities]
@@ -162,7 +152,7 @@ def main() -> None:
                                  num_pages=FLAGS.accuracy_batch + 1, page_size=16,
                                  prefill_chunk=1)
       engine = engines[j]
-      engine.store = store
+      engine.set_store(store)
       got = np.array([r.tokens[0] for r in engine.generate(prompts, 1)])
       hits[j] += int(np.sum(got == answers))
     for c in chunk_sizes:

@@ -20,9 +20,10 @@ from flax import nnx
 import pallas_kernels as pk
 from experiments import common, report, timing
 from moska_jax import routing
-from moska_jax.attention import SharedLayer, UniqueLayer, moska_attention
+from moska_jax.attention import SharedLayer
 from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
 from moska_jax.model import Decoder
+from moska_jax.step import moska_step
 
 flags.DEFINE_enum("decode_model", "llama3_1_8b", ["llama3_1_8b", "tiny"], "decode: shapes.")
 flags.DEFINE_integer("decode_layers", 1, "decode: decoder layers built (per-layer times reported).")
@@ -63,42 +64,30 @@ def main() -> None:
       key, kk, kv = jax.random.split(key, 3)
       unique_pools.append((jax.random.normal(kk, (P_u, ps, cfg.num_kv_heads, cfg.head_dim), dtype),
                            jax.random.normal(kv, (P_u, ps, cfg.num_kv_heads, cfg.head_dim), dtype)))
+    unique_pools = tuple(unique_pools)  # the decoder returns its state as a tuple
     tables = 1 + jnp.arange(B * pages_per_req, dtype=jnp.int32).reshape(B, pages_per_req)
     lengths = jnp.full((B,), U - 1, jnp.int32)  # one token is added by the step
     tokens = jax.random.randint(key, (B, 1), 0, cfg.vocab)
 
-    def moska_step(state, pools, mcfg):
-      m = nnx.merge(graphdef, state)
-      new_pools = []
-
-      def attend(i, q, k, v):
-        o, pages = moska_attention(q, k, v, shared[i], UniqueLayer(*pools[i], tables, lengths),
-                                   mcfg)
-        new_pools.append(pages)
-        return o
-
-      return m.forward(tokens, S + lengths[:, None], attend), new_pools
+    def step(state, pools, mcfg):
+      return moska_step(nnx.merge(graphdef, state), shared, pools, tables, lengths, tokens, mcfg)
 
     # Baseline pools: [shared pages | unique pages] in one pool per layer; a request's table lists
     # the shared pages (the same ids for everyone) then its own.
     n_sp = S // ps
-    base_pools = [(jnp.concatenate([sh.k.reshape(n_sp, ps, *sh.k.shape[1:]), up[0]]),
-                   jnp.concatenate([sh.v.reshape(n_sp, ps, *sh.v.shape[1:]), up[1]]))
-                  for sh, up in zip(shared, unique_pools)]
+    base_pools = tuple((jnp.concatenate([sh.k.reshape(n_sp, ps, *sh.k.shape[1:]), up[0]]),
+                        jnp.concatenate([sh.v.reshape(n_sp, ps, *sh.v.shape[1:]), up[1]]))
+                       for sh, up in zip(shared, unique_pools))
     base_tables = jnp.concatenate(
         [jnp.broadcast_to(jnp.arange(n_sp, dtype=jnp.int32), (B, n_sp)), n_sp + tables], axis=1)
 
     def baseline_step(state, pools):
-      m = nnx.merge(graphdef, state)
-      new_pools = []
-
-      def attend(i, q, k, v):
-        kp, vp = pk.write_pages(*pools[i], base_tables, S + lengths, k, v)
-        new_pools.append((kp, vp))
+      def attend(i, q, k, v, pages):
+        kp, vp = pk.write_pages(*pages, base_tables, S + lengths, k, v)
         return pk.unique_attention(q, kp, vp, base_tables, S + lengths + 1,
-                                   backend=FLAGS.backend)[0]
+                                   backend=FLAGS.backend)[0], (kp, vp)
 
-      return m.forward(tokens, S + lengths[:, None], attend), new_pools
+      return nnx.merge(graphdef, state).forward(tokens, S + lengths[:, None], attend, pools)
 
     def timed(step, pools):
       """Times a step whose page pools are donated and threaded call to call (in place)."""
@@ -116,9 +105,9 @@ def main() -> None:
                          backend=FLAGS.backend)
     times, logits = {}, {}
     times["moska_dense"], unique_pools, logits["moska_dense"] = timed(
-        lambda st, p: moska_step(st, p, dense), unique_pools)
+        lambda st, p: step(st, p, dense), unique_pools)
     times["moska_sparse"], unique_pools, logits["moska_sparse"] = timed(
-        lambda st, p: moska_step(st, p, sparse), unique_pools)
+        lambda st, p: step(st, p, sparse), unique_pools)
     times["baseline_paged"], base_pools, logits["baseline_paged"] = timed(baseline_step,
                                                                           base_pools)
     ref = logits["baseline_paged"]

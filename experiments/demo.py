@@ -20,8 +20,9 @@ from flax import nnx
 from experiments import common, report
 from moska_jax.config import MoskaConfig, tiny
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store, load_shared_store, save_shared_store
+from moska_jax.kv_cache import load_shared_store, save_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 
 flags.DEFINE_integer("demo_shared", 3000, "demo: shared-context tokens.")
 flags.DEFINE_integer("demo_requests", 6, "demo: requests served.")

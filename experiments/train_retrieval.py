@@ -32,7 +32,7 @@ from experiments import common, report
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, stateless
 
 flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
 flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.")
@@ -111,6 +111,7 @@ def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int
   def chosen(q, k):  # one sequence: q[Tq, Hq, D], k[doc_len, Hkv, D] -> keep[Tq, Hkv, N]
     ids = routing.route(q[:, None], routing.chunk_summaries(k, chunk_size, summary=summary),
                         top_k)
+    # TODO(structure): pallas_kernels.grouping.selected_chunks
     return jnp.any(jax.nn.one_hot(ids, N, dtype=jnp.bool_), axis=-2)
 
   def attend(i, q, k, v):
@@ -190,7 +191,7 @@ def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generato
   def logits_of(params, tokens):
     m = nnx.merge(graphdef, params)
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return m.forward(tokens, pos, attend)
+    return m.forward(tokens, pos, stateless(attend))[0]
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, tokens, targets):

@@ -1,16 +1,15 @@
 """MoskaAttention: GQA projections with RoPE, and the attention paths that tie router + kernels.
 
-The module owns the q/k/v/o projections; the attention itself is one of three functions, chosen by
-the caller (the decoder's `attend` callback), all of which return (o, lse):
+The module owns the q/k/v/o projections; the attention itself is chosen by the caller (the
+decoder's `attend` callback) among these functions:
 - `causal_attention`: plain causal attention within a sequence (the reference decoder, training,
   and the inside of a prefill chunk).
 - `shared_prefix_attention`: a chunk of shared tokens against the store built so far, merged with
   causal attention inside the chunk (the bounded-memory prefill of the shared store).
-- `moska_attention`: the decode / unique-prefill step of DESIGN.md: new K/V appended to the
-  request's pages -> `unique_attention` (`unique_partial`); shared part by `shared_attention`
-  (dense) or `route` + `chunk_attention` (sparse) (`shared_partial`); the two partials merged by
-  `merge_attention_states`. On `DeviceGroups` the engine runs `unique_partial` on the unique
-  group, the shared part with `sharding.shared_attention_step`, and merges the two itself.
+- the two halves of the decode / unique-prefill step of DESIGN.md: `unique_partial` appends the
+  new K/V to each request's pages and runs `unique_attention`; `shared_partial` runs
+  `shared_attention` (dense) or `route` + `chunk_attention` (sparse) over the shared store.
+  `moska_jax.step` merges them per layer (`merge_attention_states`).
 Only `pallas_kernels` entry points are called: no Pallas here.
 """
 
@@ -113,33 +112,27 @@ class SharedLayer(NamedTuple):
   length: jax.Array  # valid tokens (int32 scalar)
 
 
-class UniqueLayer(NamedTuple):
-  """One layer of the paged unique cache plus the batch's tables and lengths before this step."""
+def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Array, jax.Array],
+                   tables: jax.Array, lengths: jax.Array, mcfg: MoskaConfig
+                   ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+  """The unique half of a MoSKA step for one layer.
 
-  k_pages: jax.Array  # [P, page_size, Hkv, D]
-  v_pages: jax.Array
-  block_tables: jax.Array  # [B, max_pages]
-  lengths: jax.Array  # [B] tokens already cached
+  Appends the new k, v[B, T, Hkv, D] to each request's pages and attends q[B, T, Hq, D] to its
+  unique KV (cached tokens and the new ones).
 
+  Args:
+    q, k, v: the step's T new tokens of every request.
+    pages: this layer's (k_pages, v_pages) [P, page_size, Hkv, D], one pool for all requests.
+    tables: [B, max_pages] each request's page ids.
+    lengths: [B] tokens each request had cached before this step.
+    mcfg: the kernel backend and interpret mode.
 
-def moska_attention(q: jax.Array, k: jax.Array, v: jax.Array, shared: SharedLayer,
-                    unique: UniqueLayer,
-                    mcfg: MoskaConfig) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """MoSKA attention of the T new tokens of every request; returns (o, updated (k, v) pages)."""
-  (o_u, lse_u), pages = unique_partial(q, k, v, unique, mcfg)
-  o, _ = pk.merge_attention_states(o_u, lse_u, *shared_partial(q, shared, mcfg))
-  return o, pages
-
-
-def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, unique: UniqueLayer,
-                   mcfg: MoskaConfig) -> tuple[tuple[jax.Array, jax.Array],
-                                               tuple[jax.Array, jax.Array]]:
-  """Appends the new k, v[B, T, Hkv, D] to each request's pages and attends q[B, T, Hq, D] to its
-  unique KV (cached tokens and the new ones); returns ((o, lse), updated (k, v) pages)."""
+  Returns:
+    ((o, lse), updated (k_pages, v_pages)).
+  """
   T = q.shape[1]
-  k_pages, v_pages = pk.write_pages(unique.k_pages, unique.v_pages, unique.block_tables,
-                                    unique.lengths, k, v)
-  o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, unique.block_tables, unique.lengths + T,
+  k_pages, v_pages = pk.write_pages(*pages, tables, lengths, k, v)
+  o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, tables, lengths + T,
                                    backend=mcfg.backend, interpret=mcfg.interpret)
   return (o_u, lse_u), (k_pages, v_pages)
 

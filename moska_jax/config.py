@@ -8,8 +8,11 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-from moska_jax.routing import SUMMARIES
 from pallas_kernels import BACKENDS
+
+# The chunk summary kinds of `moska_jax.routing.SUMMARIES`, named here so that a config validates
+# without importing the router (tests check that the two agree).
+SUMMARY_KINDS = ("mean", "envelope", "int4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,8 @@ class MoskaConfig:
   top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks, N the store's
     chunk slots (static: a store padded past its tokens counts its empty tail chunks too).
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
-  summary: chunk summary kind, a key of `moska_jax.routing.SUMMARIES` ("mean", "envelope",
-    "int4"); the store's summaries must be of this kind.
+  summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4"; the keys of
+    `moska_jax.routing.SUMMARIES`); the store's summaries must be of this kind.
   backend: kernel backend passed to every pallas_kernels call.
   interpret: run the Pallas kernels in interpret mode (CPU testing of the "gpu"/"tpu" kernels).
   """
@@ -122,8 +125,8 @@ class MoskaConfig:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-    if self.summary not in SUMMARIES:
-      raise ValueError(f"MoskaConfig.summary must be one of {sorted(SUMMARIES)}, got "
+    if self.summary not in SUMMARY_KINDS:
+      raise ValueError(f"MoskaConfig.summary must be one of {sorted(SUMMARY_KINDS)}, got "
                        f"{self.summary!r}")
 
   def chunks_kept(self, num_chunks: int) -> int:

@@ -1,25 +1,24 @@
-"""Batched generation against one shared store: admission, chunked unique prefill, decode, retire.
+"""Batched generation against a shared store: the step executor and `generate`.
 
-Every request owns a slot of a fixed batch (`max_batch`) and pages of the unique cache. Each
-engine step is one of two jit-compiled functions with fixed shapes: a prefill step that feeds
-`prefill_chunk` prompt tokens to the slots still reading their prompt, or a decode step that
-feeds one token to every slot. Both run `moska_attention` in every layer, so all active requests
-attend to the shared KV together (the batched GEMM). Finished requests free their pages and slot,
-and queued requests are admitted as soon as pages allow (continuous batching); none is dropped,
-and results come back in request order.
+`MoskaEngine` holds the weights, the shared store as the step reads it, the unique cache's page
+pools and the compiled step; its `Scheduler` (moska_jax.scheduler) holds the host-side request
+state: queue, slots, admission, retirement. Each step has one of two fixed shapes, a prefill
+step of `prefill_chunk` prompt tokens per slot or a decode step of one token per slot, and runs
+`moska_step` (moska_jax.step) in one jitted program, so all active requests attend to the shared
+KV together (the batched GEMM). Results come back in request order.
 
-On `DeviceGroups` (disaggregated serving, `moska_jax.sharding`) the weights and the unique cache
-live on the unique group and every layer's shared K/V/summaries on the shared group, whole chunks
-per "kv" device. One jitted program cannot span two disjoint device sets, so a step is then
-orchestrated from Python: `Decoder.forward` runs eagerly on the unique group (each op dispatched
-on its own), and its `attend` calls three jitted programs per layer: the unique part
-(`unique_partial`: write_pages + unique_attention) on the unique group, the shared part
-(`shared_attention_step`: q out, dense or routed attention sharded over "kv", (o, lse) back) on
-the shared group, and `merge_attention_states`. Dispatch is asynchronous, so the unique and shared
-parts of a layer are in flight together. The same path serves a single-device `DeviceGroups`.
-
-Scheduling is simple on purpose: while any slot is still reading its prompt, steps are prefill
-steps and the decoding slots wait (no mixed prefill/decode batches).
+On `DeviceGroups` (disaggregated serving, moska_jax.sharding) the weights and page pools live on
+the unique group and every layer's shared K/V (plus the summaries when sparse) on the shared
+group, whole chunks per "kv" device. One jitted program cannot span two disjoint device sets, so
+the step is orchestrated from Python: `Decoder.forward` runs eagerly on the unique group with the
+same `moska_attend` as the one-device step, built from parts that run where their data lives:
+`zero_padding`, the unique half (`unique_partial`, jitted, pools donated) and `merge_halves` on
+the unique group, and the shared half by `sharding.shared_attention_step` (q out, dense or routed
+attention sharded over "kv", (o, lse) back). Dispatch is asynchronous and the shared half is
+issued first, so the two halves of a layer are in flight together. The logits equal the
+one-device engine's to f32 tolerance, and `stats` counts the bytes moved between the groups
+("bytes_to_shared", "bytes_to_unique"). A single-device `DeviceGroups` takes the same path
+(0 bytes). A fully jitted disaggregated step would keep `moska_attend` and trace its parts.
 """
 
 from __future__ import annotations
@@ -28,20 +27,21 @@ import collections
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels as pk
-from moska_jax.attention import UniqueLayer, moska_attention, unique_partial
+from moska_jax.attention import unique_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
 from moska_jax.model import Decoder
+from moska_jax.scheduler import Request, Scheduler, StepBatch
 from moska_jax.sharding import (DeviceGroups, place_shared_kv, place_unique, send_to_shared,
                                 shared_attention_step)
+from moska_jax.step import moska_attend, moska_step, step_positions
 
 
 class ByteTokenizer:
@@ -87,14 +87,6 @@ def _sampler(sampling: Sampling):
   return jax.jit(functools.partial(sample, sampling=sampling))
 
 
-def _zero_padding(q: jax.Array, fed: jax.Array) -> jax.Array:
-  """Zeroes the query rows past fed[b] (padding of a fixed-shape step): their outputs are never
-  read, and a zero row takes no part in the router's score (`routing.route`), so padding cannot
-  steer routing."""
-  valid = jnp.arange(q.shape[1])[None, :] < fed[:, None]
-  return jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
-
-
 @dataclasses.dataclass
 class Result:
   """One finished request: its tokens, text (None when the tokenizer cannot decode), and (if
@@ -106,22 +98,12 @@ class Result:
   logits: list[np.ndarray] | None = None
 
 
-@dataclasses.dataclass
-class _Active:
-  index: int
-  prompt: list[int]
-  max_new: int
-  fed: int = 0  # prompt tokens already in the cache
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  logits: list[np.ndarray] = dataclasses.field(default_factory=list)
-
-
 class MoskaEngine:
-  """Serves many prompts against one SharedKVStore with MoSKA attention.
+  """Serves many prompts against a SharedKVStore with MoSKA attention.
 
   Args:
     model: the Decoder whose weights were used to build `shared_store`.
-    shared_store: the prefilled shared context.
+    shared_store: the prefilled shared context (swap it later with `set_store`).
     moska_config: dense / sparse routing and the kernel backend.
     max_batch: concurrent requests (the fixed batch of the compiled steps).
     num_pages, page_size: the unique-cache page budget (page 0 is scratch).
@@ -130,25 +112,23 @@ class MoskaEngine:
     tokenizer: an object with encode(str) -> list[int] and decode(list[int]) -> str, or a plain
       callable str -> list[int] (results then carry no text); default: UTF-8 bytes.
     groups: run disaggregated on these device groups (see the module docstring); None: one jitted
-      step on the default device. Per-request arrays go over the unique mesh's "batch" axis when
-      max_batch is a multiple of its size, else they are replicated. `shared_kv` then holds the
-      placed store (one `PlacedSharedKV` per layer) and `stats` counts the bytes moved between
-      the groups ("bytes_to_shared", "bytes_to_unique").
+      step on the default device. Per-request arrays go over the groups' request axis when
+      max_batch is a multiple of its size, else they are replicated.
+
+  Attributes:
+    cache: the `UniqueKVCache` (page pools, block tables, lengths).
+    scheduler: the `Scheduler` of the requests.
+    shared_kv: per layer the shared store as the step reads it: `attention.SharedLayer` on one
+      device, `sharding.PlacedSharedKV` on groups.
+    stats: counters "steps_prefill", "steps_decode", "tokens", "seconds" (+ on groups
+      "bytes_to_shared", "bytes_to_unique").
   """
 
   def __init__(self, model: Decoder, shared_store: SharedKVStore, moska_config: MoskaConfig, *,
                max_batch: int, num_pages: int, page_size: int = 16,
                max_request_tokens: int | None = None, prefill_chunk: int = 32, tokenizer=None,
                groups: DeviceGroups | None = None):
-    if shared_store.model_config != model.cfg:
-      raise ValueError("MoskaEngine: the shared store was built for a different model config")
-    if moska_config.mode == "sparse" and moska_config.chunk_size != shared_store.chunk_size:
-      raise ValueError(f"MoskaEngine: moska_config.chunk_size={moska_config.chunk_size} must "
-                       f"match the store's chunk_size={shared_store.chunk_size}")
-    if moska_config.mode == "sparse" and moska_config.summary != shared_store.summaries[0].kind:
-      raise ValueError(f"MoskaEngine: moska_config.summary={moska_config.summary!r} must match "
-                       f"the store's summaries ({shared_store.summaries[0].kind!r}); see "
-                       f"SharedKVStore.with_summaries")
+    self.model_config, self.mcfg, self.groups = model.cfg, moska_config, groups
     max_request_tokens = max_request_tokens or (num_pages - 1) * page_size
     # A prefill step writes prefill_chunk tokens from a request's length on, past its last page
     # when the prompt ends inside the chunk: spare table entries (the scratch page) take those
@@ -156,9 +136,8 @@ class MoskaEngine:
     self.cache = UniqueKVCache(
         model.cfg, max_batch=max_batch, num_pages=num_pages, page_size=page_size,
         max_pages_per_request=-(-(max_request_tokens + prefill_chunk - 1) // page_size))
-    self.store, self.mcfg, self.max_batch = shared_store, moska_config, max_batch
-    self.prefill_chunk = prefill_chunk
-    self.max_request_tokens = max_request_tokens
+    self.scheduler = Scheduler(self.cache, max_batch, prefill_chunk)
+    self.max_batch, self.max_request_tokens = max_batch, max_request_tokens
     tokenizer = tokenizer or ByteTokenizer()
     if hasattr(tokenizer, "encode"):
       self._encode, self._decode = tokenizer.encode, getattr(tokenizer, "decode", None)
@@ -169,93 +148,99 @@ class MoskaEngine:
                        f"{type(tokenizer).__name__}")
     self.graphdef, self.state = nnx.split(model)
     self.stats = collections.Counter()
-    self.groups = groups
+    self._traces = 0
     if groups is None:
-      self._step = jax.jit(self._step_impl, donate_argnums=(2, 3))
+      self._step = jax.jit(self._counted(self._local_step), donate_argnums=(2,))
     else:
-      self._place(groups)
+      self.state = place_unique(groups, self.state, specs=groups.rules.weights)
+      self.cache.pools = place_unique(groups, self.cache.pools, specs=groups.rules.pages)
+      self._model = nnx.merge(self.graphdef, self.state)
+      self._batch_axis = 0 if max_batch % groups.request_shards == 0 else None
+      self._unique = jax.jit(self._counted(functools.partial(unique_partial, mcfg=moska_config)),
+                             donate_argnums=(3,))
+    self.set_store(shared_store)
 
-  def _place(self, groups: DeviceGroups) -> None:
-    """Puts weights and unique cache on the unique group and the shared store on the shared one."""
-    store, c = self.store, self.cache
-    self.state = place_unique(groups, self.state)
-    c.k_pages, c.v_pages = place_unique(groups, (c.k_pages, c.v_pages))
-    self._model = nnx.merge(self.graphdef, self.state)
-    self._batch_axis = 0 if self.max_batch % groups.unique_mesh.shape["batch"] == 0 else None
+  @property
+  def store(self) -> SharedKVStore:
+    """The shared store being served."""
+    return self._store
+
+  def set_store(self, store: SharedKVStore) -> None:
+    """Serves `store` from the next step on; on groups it is placed on the shared group first.
+
+    A store of the same shapes as the one before reuses the compiled step.
+
+    Raises:
+      ValueError: the store was built for another model, or (sparse) its chunk size or summary
+        kind differs from the engine's MoskaConfig.
+    """
+    mcfg = self.mcfg
+    if store.model_config != self.model_config:
+      raise ValueError("MoskaEngine: the shared store was built for a different model config")
+    if mcfg.mode == "sparse" and mcfg.chunk_size != store.chunk_size:
+      raise ValueError(f"MoskaEngine: moska_config.chunk_size={mcfg.chunk_size} must match the "
+                       f"store's chunk_size={store.chunk_size}")
+    if mcfg.mode == "sparse" and mcfg.summary != store.summaries[0].kind:
+      raise ValueError(f"MoskaEngine: moska_config.summary={mcfg.summary!r} must match the "
+                       f"store's summaries ({store.summaries[0].kind!r}); see "
+                       f"SharedKVStore.with_summaries")
+    self._store = store
+    if self.groups is None:
+      self.shared_kv = store.layers
+      return
+    sparse = mcfg.mode == "sparse"
     self._shared_length = int(store.length)
-    sparse = self.mcfg.mode == "sparse"
-    (length,), _ = send_to_shared(groups, np.int32(self._shared_length))
+    (length,), _ = send_to_shared(self.groups, np.int32(self._shared_length))
     self.shared_kv = tuple(
-        place_shared_kv(groups, k, v, s if sparse else None, chunk_size=store.chunk_size,
+        place_shared_kv(self.groups, k, v, s if sparse else None, chunk_size=store.chunk_size,
                         kv_length=length)
         for k, v, s in zip(store.k, store.v, store.summaries))
     # K from the store's own chunk count, as `shared_partial` does (placement may pad chunks).
-    self._top_k = self.mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None
-    self._unique_step = jax.jit(self._unique_impl, donate_argnums=(3, 4))
-    self._merge = jax.jit(lambda o_u, lse_u, o_s, lse_s:
-                          pk.merge_attention_states(o_u, lse_u, o_s, lse_s)[0])
-    self._zero_padding = jax.jit(_zero_padding)
-
-  def _step_impl(self, state, store, k_pages, v_pages, tables, lengths, tokens, fed):
-    """Feeds tokens[B, T] (the first fed[b] of row b are real) to every slot; returns
-    logits[B, T, V] and the updated page pools."""
-    model = nnx.merge(self.graphdef, state)
-    positions = store.length + lengths[:, None] + jnp.arange(tokens.shape[1])[None]
-    pools = []
-
-    def attend(i, q, k, v):
-      unique = UniqueLayer(k_pages[i], v_pages[i], tables, lengths)
-      o, pages = moska_attention(_zero_padding(q, fed), k, v, store.layer(i), unique, self.mcfg)
-      pools.append(pages)
-      return o
-
-    logits = model.forward(tokens, positions, attend)
-    return logits, tuple(p[0] for p in pools), tuple(p[1] for p in pools)
-
-  def _unique_impl(self, q, k, v, k_pages, v_pages, tables, lengths):
-    """One layer's unique part on the unique group: (o_u, lse_u) and the updated page pools."""
-    (o, lse), (k_pages, v_pages) = unique_partial(q, k, v, UniqueLayer(k_pages, v_pages, tables,
-                                                                       lengths), self.mcfg)
-    return o, lse, k_pages, v_pages
+    self._top_k = mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None
 
   def compilations(self) -> int:
-    """Distinct compiled step shapes so far (2 at most: prefill and decode); with groups, those
-    of the per-layer unique program."""
-    return (self._step if self.groups is None else self._unique_step)._cache_size()
+    """Traces of the compiled step so far (2 at most: the prefill and the decode shape); on
+    groups, of the per-layer unique program."""
+    return self._traces
 
-  def _run_groups(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
-    """The disaggregated step (module docstring): eager forward, three jitted programs a layer."""
-    g, c = self.groups, self.cache
-    positions = (self._shared_length + c.lengths[:, None]
-                 + np.arange(tokens.shape[1], dtype=np.int32)[None])
-    tokens, positions, tables, lengths, fed = place_unique(
-        g, (tokens, positions, c.block_tables, c.lengths, fed), batch_axis=self._batch_axis)
-    k_pages, v_pages = list(c.k_pages), list(c.v_pages)
+  def _counted(self, fn):
+    """fn, counting its traces (one per compiled shape) in `compilations()`."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      self._traces += 1
+      return fn(*args, **kwargs)
+    return traced
 
-    def attend(i, q, k, v):
-      q = self._zero_padding(q, fed)
-      s = self.shared_kv[i]
-      o_s, lse_s, moved = shared_attention_step(
-          g, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
-          always_include=self.mcfg.always_include, chunk_size=s.chunk_size,
-          backend=self.mcfg.backend, interpret=self.mcfg.interpret)
-      o_u, lse_u, k_pages[i], v_pages[i] = self._unique_step(q, k, v, k_pages[i], v_pages[i],
-                                                             tables, lengths)
-      self.stats["bytes_to_shared"] += moved.bytes_to_shared
-      self.stats["bytes_to_unique"] += moved.bytes_to_unique
-      return self._merge(o_u, lse_u, o_s, lse_s)
+  def _local_step(self, state, shared, pools, tables, lengths, tokens, fed):
+    return moska_step(nnx.merge(self.graphdef, state), shared, pools, tables, lengths, tokens,
+                      self.mcfg, fed=fed)
 
-    logits = self._model.forward(tokens, positions, attend)
-    c.k_pages, c.v_pages = tuple(k_pages), tuple(v_pages)
-    return logits
+  def _shared_on_groups(self, i: int, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The shared half of layer i on the shared group; counts the bytes moved."""
+    s, mcfg = self.shared_kv[i], self.mcfg
+    o, lse, moved = shared_attention_step(
+        self.groups, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
+        always_include=mcfg.always_include, chunk_size=s.chunk_size, backend=mcfg.backend,
+        interpret=mcfg.interpret)
+    self.stats["bytes_to_shared"] += moved.bytes_to_shared
+    self.stats["bytes_to_unique"] += moved.bytes_to_unique
+    return o, lse
 
-  def _run(self, tokens: np.ndarray, fed: np.ndarray) -> jax.Array:
-    if self.groups is not None:
-      return self._run_groups(tokens, fed)
+  def _run(self, batch: StepBatch) -> jax.Array:
+    """Runs one step over every slot; updates the page pools and returns logits[B, T, V]."""
     c = self.cache
-    logits, c.k_pages, c.v_pages = self._step(self.state, self.store, c.k_pages, c.v_pages,
-                                              jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
-                                              jnp.asarray(tokens), jnp.asarray(fed))
+    if self.groups is None:
+      logits, c.pools = self._step(self.state, self.shared_kv, c.pools,
+                                   jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
+                                   jnp.asarray(batch.tokens), jnp.asarray(batch.fed))
+      return logits
+    positions = step_positions(self._shared_length, c.lengths, batch.tokens.shape[1])
+    tokens, positions, tables, lengths, fed = place_unique(
+        self.groups, (batch.tokens, positions, c.block_tables, c.lengths, batch.fed),
+        batch_axis=self._batch_axis)
+    unique = functools.partial(self._unique, tables=tables, lengths=lengths)
+    attend = moska_attend(self._shared_on_groups, unique, fed)
+    logits, c.pools = self._model.forward(tokens, positions, attend, c.pools)
     return logits
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
@@ -284,44 +269,25 @@ class MoskaEngine:
       raise ValueError("generate: sampling with temperature > 0 needs an explicit PRNG key")
     key = jax.random.key(0) if key is None else key  # greedy: the key is never used
     sample_fn = _sampler(sampling)
-    queue = collections.deque(enumerate(encoded))
-    active: dict[int, _Active] = {}
+    order = {self.scheduler.submit(p, max_new_tokens, eos_id).id: i
+             for i, p in enumerate(encoded)}
     results: list[Result | None] = [None] * len(encoded)
     t0 = time.perf_counter()
-    while queue or active:
-      for slot in range(self.max_batch):  # admit while slots and pages allow
-        if queue and slot not in active and self.cache.can_allocate(
-            len(queue[0][1]) + max_new_tokens):
-          i, p = queue.popleft()
-          self.cache.allocate(slot, len(p) + max_new_tokens)
-          active[slot] = _Active(i, p, max_new_tokens)
-      prefilling = {s: a for s, a in active.items() if a.fed < len(a.prompt)}
-      T = self.prefill_chunk if prefilling else 1
-      tokens = np.zeros((self.max_batch, T), np.int32)
-      fed = np.zeros((self.max_batch,), np.int32)
-      for s, a in (prefilling or active).items():
-        chunk = a.prompt[a.fed:a.fed + T] if prefilling else a.tokens[-1:]
-        tokens[s, :len(chunk)] = chunk
-        fed[s] = len(chunk)
-      logits = self._run(tokens, fed)
-      last = logits[jnp.arange(self.max_batch), jnp.maximum(jnp.asarray(fed) - 1, 0)]
+    while self.scheduler.busy:
+      self.scheduler.admit()
+      batch = self.scheduler.batch()
+      logits = self._run(batch)
+      last = logits[jnp.arange(self.max_batch), jnp.maximum(jnp.asarray(batch.fed) - 1, 0)]
       key, sub = jax.random.split(key)
       nxt = np.asarray(sample_fn(last, sub))
-      last = np.asarray(last) if return_logits else None
-      self.cache.lengths += fed
-      self.stats["steps_prefill" if prefilling else "steps_decode"] += 1
-      for s, a in list((prefilling or active).items()):
-        a.fed += int(fed[s]) if prefilling else 0
-        if prefilling and a.fed < len(a.prompt):
-          continue  # more prompt to feed: these logits are not a prediction yet
-        a.tokens.append(int(nxt[s]))
-        if return_logits:
-          a.logits.append(last[s])
+      self.stats["steps_prefill" if batch.prefill else "steps_decode"] += 1
+      for r in self.scheduler.advance(batch, nxt, np.asarray(last) if return_logits else None):
         self.stats["tokens"] += 1
-        if len(a.tokens) == a.max_new or a.tokens[-1] == eos_id:
-          text = self._decode(a.tokens) if self._decode else None
-          results[a.index] = Result(a.prompt, a.tokens, text, a.logits if return_logits else None)
-          self.cache.free(s)
-          del active[s]
+        if r.done and r.id in order:
+          results[order[r.id]] = self._result(r, return_logits)
     self.stats["seconds"] += time.perf_counter() - t0
     return results
+
+  def _result(self, r: Request, return_logits: bool) -> Result:
+    text = self._decode(r.tokens) if self._decode else None
+    return Result(r.prompt, r.tokens, text, r.logits if return_logits else None)

@@ -1,38 +1,41 @@
-"""The shared KV store (built once, saved with orbax) and the paged unique KV cache.
+"""The shared KV store (built once by `prefill.build_shared_store`, saved with orbax) and the
+paged unique KV cache.
 
-`build_shared_store` prefills the shared token sequence in chunks: each chunk attends to the
-store built so far (`shared_attention` with kv_length) merged with causal attention inside the
-chunk, so memory stays bounded by chunk x S, never S x S. Keys are stored after RoPE at positions
-0..S-1, padded to a multiple of the routing chunk and of 128 (the Hopper kernel's tile); the
-padding is masked by `length`. Every layer's K, V (and page pool) is its own array, so a jitted
-step reads a layer without slicing a copy out of a stacked array and updates pools in place.
+Every layer's K, V (and page pool) is its own array, so a jitted step reads a layer without
+slicing a copy out of a stacked array and updates pools in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from moska_jax import routing
-from moska_jax.attention import SharedLayer, shared_prefix_attention
+from moska_jax.attention import SharedLayer
 from moska_jax.checkpoint import restore_arrays
 from moska_jax.config import ModelConfig
-from moska_jax.model import Decoder
+
+
+def zero_kv(cfg: ModelConfig, rows: tuple[int, ...]) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """Per layer a zero (k, v) pair of shape [*rows, Hkv, D] in the model's dtype."""
+  zeros = lambda: jnp.zeros((*rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  return tuple((zeros(), zeros()) for _ in range(cfg.layers))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SharedKVStore:
-  """Per-layer shared K, V [S_pad, Hkv, D] (RoPE applied), chunk summaries, token count."""
+  """Per-layer shared K, V [S_pad, Hkv, D] (RoPE applied), chunk summaries, token count.
+
+  Keys sit at positions 0..S-1; S_pad rounds S up (to the routing chunk and the kernels' tiles)
+  and the padding is masked by `length`.
+  """
 
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
@@ -41,59 +44,17 @@ class SharedKVStore:
   model_config: ModelConfig = dataclasses.field(metadata=dict(static=True))
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
 
-  def layer(self, i: int) -> SharedLayer:
-    return SharedLayer(self.k[i], self.v[i], self.summaries[i], self.length)
+  @property
+  def layers(self) -> tuple[SharedLayer, ...]:
+    """Each layer's K, V, summaries and length as the attention reads them."""
+    return tuple(SharedLayer(k, v, s, self.length)
+                 for k, v, s in zip(self.k, self.v, self.summaries, strict=True))
 
   def with_summaries(self, chunk_size: int, summary: str = "mean") -> SharedKVStore:
     """The same K/V routed at another chunk size or summary kind (summaries recomputed)."""
     summaries = tuple(routing.chunk_summaries(k, chunk_size, kv_length=self.length,
                                               summary=summary) for k in self.k)
     return dataclasses.replace(self, summaries=summaries, chunk_size=chunk_size)
-
-
-def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str = "mean",
-                       prefill_chunk: int = 256, backend: str = "auto") -> SharedKVStore:
-  """Prefills the shared tokens [S] chunk by chunk into a SharedKVStore."""
-  cfg = model.cfg
-  tokens = np.asarray(tokens, np.int32).reshape(-1)
-  S = tokens.shape[0]
-  if S == 0:
-    raise ValueError("build_shared_store: tokens must hold at least one token")
-  if chunk_size < 1 or prefill_chunk < 1:
-    raise ValueError(f"build_shared_store: chunk_size and prefill_chunk must be >= 1, got "
-                     f"{chunk_size}, {prefill_chunk}")
-  align = math.lcm(prefill_chunk, chunk_size, 128)
-  S_pad = -(-S // align) * align
-  padded = np.zeros((S_pad,), np.int32)
-  padded[:S] = tokens
-  shape = (S_pad, cfg.num_kv_heads, cfg.head_dim)
-  K = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
-  V = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
-  graphdef, state = nnx.split(model)
-
-  @functools.partial(jax.jit, donate_argnums=(1, 2))
-  def prefill_chunk_step(state, K, V, tok, start):
-    m = nnx.merge(graphdef, state)
-    new_kv = []
-
-    def attend(i, q, k, v):
-      new_kv.append((k[0], v[0]))
-      return shared_prefix_attention(q, k, v, K[i], V[i], start, backend)
-
-    positions = start + jnp.arange(tok.shape[1])[None]
-    m.forward(tok, positions, attend)  # logits unused: XLA drops the LM head
-    put = lambda store, new: jax.lax.dynamic_update_slice(store, new.astype(store.dtype),
-                                                          (start, 0, 0))
-    return (tuple(put(Ki, kv[0]) for Ki, kv in zip(K, new_kv)),
-            tuple(put(Vi, kv[1]) for Vi, kv in zip(V, new_kv)))
-
-  for start in range(0, S, prefill_chunk):
-    tok = jnp.asarray(padded[start:start + prefill_chunk])[None]
-    K, V = prefill_chunk_step(state, K, V, tok, jnp.int32(start))
-  length = jnp.int32(S)
-  summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
-                    for Ki in K)
-  return SharedKVStore(K, V, summaries, length, cfg, chunk_size)
 
 
 def save_shared_store(path: str, store: SharedKVStore) -> None:
@@ -143,9 +104,13 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None) -> Sha
 class UniqueKVCache:
   """The paged unique KV of up to `max_batch` requests: one page pool per layer.
 
+  pools: per layer (k_pages, v_pages) [num_pages, page_size, Hkv, D], the state a MoSKA step
+  takes and returns (`moska_jax.step`). block_tables [max_batch, max_pages_per_request] and
+  lengths [max_batch] (tokens cached per slot) are host arrays.
+
   Page 0 is a scratch page no request owns: unused block-table entries point at it, so the fixed-
   shape step can write padding tokens anywhere without touching another request's pages.
-  Allocation is host-side (a free list); the arrays live on the device.
+  Allocation is host-side (a free list); the pools live on the device.
   """
 
   def __init__(self, cfg: ModelConfig, *, max_batch: int, num_pages: int, page_size: int,
@@ -154,9 +119,7 @@ class UniqueKVCache:
       raise ValueError("UniqueKVCache: need num_pages >= 2 (page 0 is scratch), page_size, "
                        f"max_batch and max_pages_per_request >= 1; got {num_pages}, {page_size}, "
                        f"{max_batch}, {max_pages_per_request}")
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-    self.k_pages = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
-    self.v_pages = tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.layers))
+    self.pools = zero_kv(cfg, (num_pages, page_size))
     self.page_size, self.num_pages = page_size, num_pages
     self.block_tables = np.zeros((max_batch, max_pages_per_request), np.int32)
     self.lengths = np.zeros((max_batch,), np.int32)

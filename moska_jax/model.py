@@ -1,14 +1,18 @@
 """A Llama-style decoder (Flax NNX) whose attention is MoskaAttention.
 
-`Decoder.forward(tokens, positions, attend)` runs the blocks and calls `attend(layer, q, k, v)`
-for the attention of each layer, so one set of weights serves every path: `Decoder.__call__` is
-the plain causal decoder (the reference MoSKA must equal, and the training forward); the shared
-store prefill and the MoSKA decode step pass their own `attend` (see kv_cache and engine).
+`Decoder.forward(tokens, positions, attend, state)` runs the blocks and calls
+`attend(layer, q, k, v, state[layer]) -> (o, new layer state)` for the attention of each layer,
+and returns the logits with the new per-layer states: the attention's state (page pools, the
+shared store being prefilled) goes in and comes out as values, so a forward is a pure function
+that jit traces once. One set of weights serves every path: `Decoder.__call__` is the plain
+causal decoder (the reference MoSKA must equal, and the training forward); the shared-store
+prefill (`prefill`) and the MoSKA step (`step`) pass their own `attend`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +21,13 @@ from flax import nnx
 from moska_jax.attention import MoskaAttention, causal_attention, rope_frequencies
 from moska_jax.config import ModelConfig
 
-Attend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+# attend(layer, q[B, T, Hq, D], k[B, T, Hkv, D], v, layer_state) -> (o[B, T, Hq, D], layer_state)
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def stateless(attention: Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]) -> Attend:
+  """The `Attend` of an attention that keeps no state: attention(layer, q, k, v) -> o."""
+  return lambda i, q, k, v, layer_state: (attention(i, q, k, v), layer_state)
 
 
 class RMSNorm(nnx.Module):
@@ -63,20 +73,33 @@ class Decoder(nnx.Module):
     self.lm_head = nnx.Linear(cfg.hidden, cfg.vocab, use_bias=False, dtype=dt, param_dtype=dt,
                               rngs=rngs)
 
-  def forward(self, tokens: jax.Array, positions: jax.Array, attend: Attend) -> jax.Array:
-    """tokens[B, T] at positions[B, T] -> logits[B, T, vocab] (float32)."""
+  def forward(self, tokens: jax.Array, positions: jax.Array, attend: Attend,
+              state: Sequence[Any] | None = None) -> tuple[jax.Array, tuple[Any, ...]]:
+    """tokens[B, T] at positions[B, T] -> (logits[B, T, vocab] float32, new state).
+
+    state: one entry per layer handed to `attend` (default None for every layer); the new state
+    is the tuple of what `attend` returned for each layer.
+    """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
       raise ValueError(f"Decoder: tokens must be [B, T] and positions the same shape, got "
                        f"{tokens.shape} and {positions.shape}")
+    state = (None,) * self.cfg.layers if state is None else tuple(state)
+    if len(state) != self.cfg.layers:
+      raise ValueError(f"Decoder: state must hold one entry per layer ({self.cfg.layers}), got "
+                       f"{len(state)}")
     inv_freq = rope_frequencies(self.cfg)
     x = self.embed(tokens)
+    new_state = []
     for i, blk in enumerate(self.blocks):
       q, k, v = blk.attn.project(blk.attn_norm(x), positions, inv_freq)
-      x = x + blk.attn.output(attend(i, q, k, v))
+      o, layer_state = attend(i, q, k, v, state[i])
+      new_state.append(layer_state)
+      x = x + blk.attn.output(o)
       x = x + blk.mlp(blk.mlp_norm(x))
-    return self.lm_head(self.norm(x)).astype(jnp.float32)
+    return self.lm_head(self.norm(x)).astype(jnp.float32), tuple(new_state)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """The plain causal decoder over tokens[B, T] at positions 0..T-1 (the reference)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    return self.forward(tokens, positions, lambda i, q, k, v: causal_attention(q, k, v)[0])
+    causal = stateless(lambda i, q, k, v: causal_attention(q, k, v)[0])
+    return self.forward(tokens, positions, causal)[0]

@@ -1,4 +1,4 @@
-"""MoE-style routing over the shared KV: chunk summaries, a top-k router, grouping by chunk.
+"""MoE-style routing over the shared KV: chunk summaries, a top-k router, an exact-logit oracle.
 
 The shared KV is cut into N = ceil(S / C) chunks ("experts"). Each chunk has a summary built once
 with the shared store; a request's router score for a chunk estimates how much attention its
@@ -25,7 +25,7 @@ times G query heads -- into one score per chunk.
   not written yet.
 Single-vector summaries cannot find needles: on the trained retrieval model
 (`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
-choice, while "int4" matches routing by the exact logits.
+choice, while "int4" matches routing by the exact logits (`oracle_route`, the reference router).
 
 Aggregating by the max over rows (and not the sum) is what lets one retrieval head pick its chunk
 when the other head of its group attends diffusely. Zero query rows -- the padding of a
@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 
 _HI = jax.lax.Precision.HIGHEST
 _INT4_LEVELS = 7  # codes in [-7, 7]: symmetric, 15 of the 16 int4 values
@@ -92,30 +91,52 @@ def _int4(k: jax.Array, valid: jax.Array):
   return center, scale, jnp.clip(codes, -_INT4_LEVELS, _INT4_LEVELS).astype(jnp.int4), valid
 
 
-def _score_int4(q, arrays):
-  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc): per kv head one
-  # [B*T*G, D] x [D, keys] product over all keys, taken a block of chunks at a time.
-  center, scale, codes, valid = arrays
+def _chunk_max(q: jax.Array, per_key: tuple[jax.Array, ...], valid: jax.Array,
+               logits: Callable[..., jax.Array]) -> jax.Array:
+  """[B, T, Hkv, G, N]: each query row's largest logit over each chunk's valid keys.
+
+  q[B, T, Hkv, G, D] f32; per_key: arrays [N, C, ...] handed to `logits(rows[Hkv, R, D],
+  *blocks) -> [Hkv, R, n, C]` a block of n chunks at a time, so that never more than
+  _SCORE_ELEMENTS logits (not B x Hq x S) are held at once.
+  """
   B, T, Hkv, G, D = q.shape
   N, C = valid.shape
   rows = q.transpose(2, 0, 1, 3, 4).reshape(Hkv, B * T * G, D)
   step = max(1, min(N, _SCORE_ELEMENTS // (Hkv * B * T * G * C)))
 
-  def block(args):  # n chunks -> [Hkv, rows, n]: the largest sketched logit minus the center term
-    sc, co, va = args
-    # Default precision (TF32 on GPU, bf16 passes on TPU): a ranking, not an attention output.
-    logit = jnp.einsum("hrd,nchd->hrnc", rows, co.astype(jnp.float32))
-    logit = logit * sc.transpose(2, 0, 1)[:, None]
-    return jnp.max(jnp.where(va[None, None], logit, _MASKED), axis=-1)
+  def block(args):  # n chunks -> [Hkv, rows, n]
+    *arrays, va = args
+    return jnp.max(jnp.where(va[None, None], logits(rows, *arrays), _MASKED), axis=-1)
 
   pad = -N % step
   blocks = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, step, *x.shape[1:])
-                 for x in (scale, codes, valid))
+                 for x in (*per_key, valid))
   best = jax.lax.map(block, blocks)  # [N / step, Hkv, rows, step]
-  best = best.transpose(1, 2, 0, 3).reshape(Hkv, B, T, G, -1)[..., :N].transpose(1, 2, 0, 3, 4)
-  logit = best + jnp.einsum("bthgd,nhd->bthgn", q, center, precision=_HI)
-  live = jnp.any(q != 0, axis=-1)[..., None]  # padding rows are all zero
+  return best.transpose(1, 2, 0, 3).reshape(Hkv, B, T, G, -1)[..., :N].transpose(1, 2, 0, 3, 4)
+
+
+def _max_over_live_rows(q: jax.Array, logit: jax.Array) -> jax.Array:
+  """logit[B, T, Hkv, G, N] -> [B, Hkv, N], maxed over the rows that are not all zero (padding)."""
+  live = jnp.any(q != 0, axis=-1)[..., None]
   return jnp.max(jnp.where(live, logit, _MASKED), axis=(1, 3))
+
+
+def _sketch_logits(rows, scale, codes):
+  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc); the center term is
+  # added per chunk afterwards. Default precision (TF32 on GPU, bf16 passes on TPU): a ranking,
+  # not an attention output.
+  return (jnp.einsum("hrd,nchd->hrnc", rows, codes.astype(jnp.float32))
+          * scale.transpose(2, 0, 1)[:, None])
+
+
+def _score_int4(q, arrays):
+  center, scale, codes, valid = arrays
+  best = _chunk_max(q, (scale, codes), valid, _sketch_logits)
+  return _max_over_live_rows(q, best + jnp.einsum("bthgd,nhd->bthgn", q, center, precision=_HI))
+
+
+def _exact_logits(rows, k):
+  return jnp.einsum("hrd,nchd->hrnc", rows, k, precision=_HI)
 
 
 SUMMARIES: dict[str, SummaryKind] = {
@@ -155,6 +176,23 @@ def _check_kind(summary: str) -> SummaryKind:
   return SUMMARIES[summary]
 
 
+def _chunked(k: jax.Array, chunk_size: int, kv_length, op: str):
+  """k[S, Hkv, D] -> (keys [N, C, Hkv, D] f32 zero-padded, valid [N, C], valid chunks), N =
+  ceil(S / C): keys [0, kv_length) are valid."""
+  if k.ndim != 3:
+    raise ValueError(f"{op}: k must have shape [S, Hkv, D], got {k.shape}")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+  if kv_length is not None and jnp.ndim(kv_length) != 0:
+    raise ValueError(f"{op}: kv_length must be a scalar, got shape {jnp.shape(kv_length)}")
+  S, Hkv, D = k.shape
+  N = -(-S // chunk_size)
+  n = jnp.int32(S) if kv_length is None else jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, S)
+  kc = jnp.pad(k, ((0, N * chunk_size - S), (0, 0), (0, 0))).reshape(N, chunk_size, Hkv, D)
+  valid = jnp.arange(N * chunk_size).reshape(N, chunk_size) < n
+  return kc.astype(jnp.float32), valid, (n + chunk_size - 1) // chunk_size
+
+
 def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
                     summary: str = "mean") -> ChunkSummaries:
   """Summarizes each chunk of the shared keys (once, when the shared store is built).
@@ -170,20 +208,39 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
     `ChunkSummaries` of N = ceil(S / C) chunks.
   """
   kind = _check_kind(summary)
-  if k.ndim != 3:
-    raise ValueError(f"chunk_summaries: k must have shape [S, Hkv, D], got {k.shape}")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"chunk_summaries: chunk_size must be a positive int, got {chunk_size!r}")
-  S, Hkv, D = k.shape
-  N = -(-S // chunk_size)
-  if kv_length is not None and jnp.ndim(kv_length) != 0:
-    raise ValueError(f"chunk_summaries: kv_length must be a scalar, got shape "
-                     f"{jnp.shape(kv_length)}")
-  n = jnp.int32(S) if kv_length is None else jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, S)
-  kc = jnp.pad(k, ((0, N * chunk_size - S), (0, 0), (0, 0))).reshape(N, chunk_size, Hkv, D)
-  valid = jnp.arange(N * chunk_size).reshape(N, chunk_size) < n
-  arrays = tuple(kind.summarize(kc.astype(jnp.float32), valid))
-  return ChunkSummaries(arrays, (n + chunk_size - 1) // chunk_size, summary, chunk_size)
+  kc, valid, num_valid = _chunked(k, chunk_size, kv_length, "chunk_summaries")
+  return ChunkSummaries(tuple(kind.summarize(kc, valid)), num_valid, summary, chunk_size)
+
+
+def _check_route(q: jax.Array, N: int, Hkv: int, D: int, top_k: int,
+                 always_include: Sequence[int], op: str) -> tuple[int, ...]:
+  """Validates a router's arguments; returns the forced chunk ids."""
+  if q.ndim != 4 or q.shape[3] != D or q.shape[2] % Hkv:
+    raise ValueError(f"{op}: q must have shape [B, T, Hq, D={D}] with Hq a multiple of "
+                     f"Hkv={Hkv}, got {q.shape}")
+  if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
+    raise ValueError(f"{op}: top_k must be an int in [1, N={N}], got {top_k!r}")
+  forced = tuple(int(c) for c in always_include)
+  if len(set(forced)) != len(forced) or len(forced) > top_k or any(not 0 <= c < N for c in forced):
+    raise ValueError(f"{op}: always_include must hold at most top_k={top_k} distinct chunk ids "
+                     f"in [0, N={N}), got {always_include!r}")
+  return forced
+
+
+def _select(scores: jax.Array, top_k: int, forced: tuple[int, ...], n_valid) -> jax.Array:
+  """scores[B, Hkv, N] -> the top_k chunk ids, forced ones first, -1 past the valid chunks."""
+  c = jnp.arange(scores.shape[-1])
+  if forced:
+    scores = jnp.where(jnp.isin(c, jnp.asarray(forced)), jnp.inf, scores)
+  if n_valid is not None:
+    scores = jnp.where(c < n_valid, scores, -jnp.inf)
+  best, ids = jax.lax.top_k(scores, top_k)
+  return jnp.where(best > -jnp.inf, ids, -1).astype(jnp.int32)
+
+
+def _grouped(q: jax.Array, Hkv: int) -> jax.Array:
+  B, T, Hq, D = q.shape
+  return q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
 
 
 def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
@@ -215,23 +272,36 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
                        f"[N, Hkv, D], got {summaries.shape}")
     arrays, kind, n_valid = (summaries,), SUMMARIES["mean"], None
   N, Hkv, D = arrays[0].shape
-  if q.ndim != 4 or q.shape[3] != D or q.shape[2] % Hkv:
-    raise ValueError(f"route: q must have shape [B, T, Hq, D={D}] with Hq a multiple of "
-                     f"Hkv={Hkv}, got {q.shape}")
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
-    raise ValueError(f"route: top_k must be an int in [1, N={N}], got {top_k!r}")
-  forced = tuple(int(c) for c in always_include)
-  if len(set(forced)) != len(forced) or len(forced) > top_k or any(not 0 <= c < N for c in forced):
-    raise ValueError(f"route: always_include must hold at most top_k={top_k} distinct chunk ids "
-                     f"in [0, N={N}), got {always_include!r}")
+  forced = _check_route(q, N, Hkv, D, top_k, always_include, "route")
   if num_valid_chunks is not None:
     n_valid = jnp.asarray(num_valid_chunks, jnp.int32)
-  B, T, Hq, _ = q.shape
-  scores = kind.score(q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32), arrays)
-  c = jnp.arange(N)
-  if forced:
-    scores = jnp.where(jnp.isin(c, jnp.asarray(forced)), jnp.inf, scores)
-  if n_valid is not None:
-    scores = jnp.where(c < n_valid, scores, -jnp.inf)
-  best, ids = jax.lax.top_k(scores, top_k)
-  return jnp.where(best > -jnp.inf, ids, -1).astype(jnp.int32)
+  return _select(kind.score(_grouped(q, Hkv), arrays), top_k, forced, n_valid)
+
+
+def oracle_route(q: jax.Array, k: jax.Array, top_k: int, *, chunk_size: int, kv_length=None,
+                 always_include: Sequence[int] = ()) -> jax.Array:
+  """Top-k chunks per (request, kv head) by the EXACT largest logit: the reference router.
+
+  A chunk's score is its largest q . k over its valid keys and the (request, kv head)'s live
+  query rows (T rows times G heads; all-zero rows are padding and take no part), what the "int4"
+  summaries estimate from 4-bit sketches. It reads every key at full precision, so it costs more
+  than dense attention: a ceiling to measure routers against, not one to serve.
+
+  Args:
+    q: [B, T, Hq, D] queries.
+    k: [S, Hkv, D] shared keys; chunk c is rows [c*C, (c+1)*C).
+    top_k: K, 1 <= K <= N = ceil(S / C).
+    chunk_size: C.
+    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count, and chunks
+      past them are never chosen.
+    always_include: chunk ids forced into every set, as for `route`.
+
+  Returns:
+    chunk_ids [B, Hkv, K] int32 as `route` returns them.
+  """
+  keys, valid, num_valid = _chunked(k, chunk_size, kv_length, "oracle_route")
+  N, _, Hkv, D = keys.shape
+  forced = _check_route(q, N, Hkv, D, top_k, always_include, "oracle_route")
+  qg = _grouped(q, Hkv)
+  scores = _max_over_live_rows(qg, _chunk_max(qg, (keys,), valid, _exact_logits))
+  return _select(scores, top_k, forced, num_valid)

@@ -1,4 +1,7 @@
-"""The engine: queueing beyond max_batch, page freeing, no recompilation, sampling, validation."""
+"""The engine: queueing beyond max_batch, page freeing, no recompilation, sampling, validation,
+swapping the shared store."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -7,8 +10,10 @@ from flax import nnx
 
 from moska_jax.config import MoskaConfig, tiny
 from moska_jax.engine import ByteTokenizer, MoskaEngine, Sampling, sample
-from moska_jax.kv_cache import build_shared_store
+from moska_jax.kv_cache import UniqueKVCache
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
+from moska_jax.scheduler import Scheduler
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,55 @@ def test_validation_errors(setup):
   other = Decoder(tiny(layers=1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="different model config"):
     MoskaEngine(other, store, MoskaConfig(), max_batch=1, num_pages=3)
+
+
+def test_set_store_swaps_the_shared_context(setup):
+  model, store = setup
+  other = dataclasses.replace(store, v=tuple(-v for v in store.v))  # another context, same shapes
+  make = lambda s: MoskaEngine(model, s, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
+                               page_size=8, prefill_chunk=8)
+  prompts = ["one", "three"]
+  engine = make(store)
+  before = engine.generate(prompts, 3, return_logits=True)
+  engine.set_store(other)
+  assert engine.store is other
+  after = engine.generate(prompts, 3, return_logits=True)
+  for got, want, old in zip(after, make(other).generate(prompts, 3, return_logits=True), before):
+    assert got.tokens == want.tokens
+    np.testing.assert_array_equal(np.stack(got.logits), np.stack(want.logits))
+    assert not np.allclose(np.stack(got.logits), np.stack(old.logits))
+  assert engine.compilations() == 2  # the same shapes: the steps compiled for `store` serve it
+  with pytest.raises(ValueError, match="different model config"):
+    engine.set_store(dataclasses.replace(store, model_config=tiny(layers=1)))
+  sparse = MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=1, chunk_size=64,
+                                                 backend="xla"), max_batch=1, num_pages=3)
+  with pytest.raises(ValueError, match="summary='mean' must match the store's summaries"):
+    sparse.set_store(store.with_summaries(64, "int4"))
+  with pytest.raises(ValueError, match="chunk_size=64 must match the store's chunk_size=32"):
+    sparse.set_store(store.with_summaries(32))
+  assert sparse.store is store  # a rejected store changes nothing
+
+
+def test_scheduler_admits_batches_and_retires_on_the_host():
+  cache = UniqueKVCache(tiny(), max_batch=2, num_pages=5, page_size=4, max_pages_per_request=3)
+  sched = Scheduler(cache, max_batch=2, prefill_chunk=4)
+  a = sched.submit([1, 2, 3, 4, 5], 2)  # 7 tokens: 2 pages
+  b = sched.submit([6], 3, eos_id=9)  # 1 page
+  c = sched.submit([7, 8], 5)  # 2 pages: waits until b returns its page
+  sched.admit()
+  assert sched.active == {0: a, 1: b} and list(sched.queue) == [c]
+  batch = sched.batch()  # prefill: a's first 4 prompt tokens, b's only one
+  assert batch.prefill and batch.tokens.tolist() == [[1, 2, 3, 4], [6, 0, 0, 0]]
+  assert sched.advance(batch, np.array([11, 9])) == [b]  # a is still reading its prompt
+  assert b.tokens == [9] and b.done and 1 not in sched.active  # eos: retired at once
+  assert cache.lengths.tolist() == [4, 0] and len(cache.free_pages) == 2
+  sched.admit()
+  assert sched.active == {0: a, 1: c}
+  batch = sched.batch()
+  assert batch.prefill and batch.fed.tolist() == [1, 2]
+  assert sched.advance(batch, np.array([12, 13])) == [a, c]
+  batch = sched.batch()  # every slot decodes its last token
+  assert not batch.prefill and batch.tokens.tolist() == [[12], [13]]
+  assert sched.advance(batch, np.array([14, 15]), np.eye(2)) == [a, c]
+  assert a.done and a.tokens == [12, 14] and [x.tolist() for x in a.logits] == [[1.0, 0.0]]
+  assert sched.active == {1: c} and sched.busy and len(cache.free_pages) == 2

@@ -5,6 +5,8 @@ tokens and the same logits (f32 tolerance) as the engine without groups, the sha
 really split in whole chunks over the shared group, and the cross-group bytes are counted.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -13,8 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 from moska_jax.sharding import make_device_groups
 
 pytestmark = pytest.mark.skipif(
@@ -78,7 +80,7 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
       assert set(shards) == set(groups.shared_devices)
       assert set(shards.values()) == {(rows // groups.num_shared, *arr.shape[1:])}
   # The weights and the page pools stay on the unique group; nothing recompiled per step.
-  for arr in jax.tree.leaves(eng.state) + list(eng.cache.k_pages):
+  for arr in jax.tree.leaves(eng.state) + jax.tree.leaves(eng.cache.pools):
     assert arr.sharding.device_set == set(groups.unique_devices)
   assert eng.compilations() == 2  # the unique program: prefill and decode
 
@@ -93,3 +95,24 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
             cfg.layers * copies * rows * cfg.num_heads * (cfg.head_dim + 1) * 4)
   assert (eng.stats["bytes_to_shared"], eng.stats["bytes_to_unique"]) == (
       (0, 0) if groups.colocated else expect)
+
+
+def test_set_store_places_the_new_store_on_the_groups(setup):
+  model, stores, prompts, _ = setup
+  groups = make_device_groups(jax.devices(), num_shared=4)
+  mcfg = MODES["sparse"]
+  store = stores["sparse"]
+  other = dataclasses.replace(store, v=tuple(-v for v in store.v))  # another context
+  eng = engine(model, store, mcfg, groups)
+  eng.generate(prompts, NEW_TOKENS)
+  eng.set_store(other)
+  assert eng.store is other
+  results = eng.generate(prompts, NEW_TOKENS, return_logits=True)
+  for got, ref in zip(results, engine(model, other, mcfg).generate(prompts, NEW_TOKENS,
+                                                                   return_logits=True)):
+    assert got.tokens == ref.tokens
+    np.testing.assert_allclose(np.stack(got.logits), np.stack(ref.logits), rtol=1e-5, atol=1e-5)
+  for layer, v in zip(eng.shared_kv, other.v):  # the new V, split in whole chunks over "kv"
+    assert layer.v.sharding == NamedSharding(groups.shared_mesh, P("kv"))
+    np.testing.assert_array_equal(np.asarray(layer.v)[:v.shape[0]], np.asarray(v))
+  assert eng.compilations() == 2

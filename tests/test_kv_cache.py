@@ -11,9 +11,9 @@ from flax import nnx
 
 from moska_jax.attention import rope_frequencies
 from moska_jax.config import tiny
-from moska_jax.kv_cache import (UniqueKVCache, build_shared_store, load_shared_store,
-                                save_shared_store)
+from moska_jax.kv_cache import UniqueKVCache, load_shared_store, save_shared_store
 from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moska_jax import routing
 from moska_jax.attention import apply_rope, rope_frequencies
 from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b, tiny
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import build_shared_store
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, stateless
+from moska_jax.prefill import build_shared_store
+from moska_jax.step import moska_step
 
 
 def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
@@ -74,17 +76,99 @@ def test_sparse_with_every_chunk_equals_dense(summary):
     np.testing.assert_allclose(np.stack(dense.logits), np.stack(sparse.logits), atol=2e-5)
 
 
-def test_sparse_routing_really_drops_chunks():
-  _, model, rng, shared, store = _setup()
-  prompts = [list(rng.integers(0, 256, 6))]
+def _routed_reference(model, shared, prompt, generated, mcfg, top_k):
+  """Logits [L, vocab] of the plain decoder over shared + prompt + generated in which every
+  unique token sees, besides its own causal context, only the shared chunks that the router
+  (`routing.route` on this forward's own queries and keys) picks for its engine step: the prompt
+  as one prefill step, then each generated token alone. Dense masked attention in float32,
+  independent of the engine's paging, kernels and merge."""
+  S, C = len(shared), mcfg.chunk_size
+  L = S + len(prompt) + len(generated)
+  steps = [np.arange(S, S + len(prompt))] + [np.array([r]) for r in range(S + len(prompt), L)]
+
+  def attention(i, q, k, v):
+    q, k, v = q[0], k[0], v[0]  # one sequence: [L, H, D]
+    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    summaries = routing.chunk_summaries(k[:S], C, summary=mcfg.summary)
+    mask = np.repeat(np.tril(np.ones((L, L), bool))[:, None], Hkv, axis=1)  # [row, Hkv, key]
+    for rows in steps:
+      ids = np.asarray(routing.route(q[rows][None], summaries, top_k,
+                                     always_include=mcfg.always_include))[0]
+      chosen = np.zeros((Hkv, S), bool)
+      for h, c in zip(*np.nonzero(ids >= 0)):
+        chosen[h, ids[h, c] * C:(ids[h, c] + 1) * C] = True
+      mask[rows, :, :S] = chosen
+    s = jnp.einsum("thgd,shd->hgts", q.reshape(L, Hkv, Hq // Hkv, D), k,
+                   precision=jax.lax.Precision.HIGHEST) * D**-0.5
+    p = jax.nn.softmax(jnp.where(mask.transpose(1, 0, 2)[:, None], s, -jnp.inf), axis=-1)
+    o = jnp.einsum("hgts,shd->thgd", p, v, precision=jax.lax.Precision.HIGHEST)
+    return o.reshape(1, L, Hq, D)
+
+  tokens = jnp.asarray(list(shared) + prompt + generated)[None]
+  positions = jnp.arange(L)[None]
+  return np.asarray(model.forward(tokens, positions, stateless(attention))[0][0])
+
+
+@pytest.mark.parametrize("summary", ["mean", "int4"])
+def test_sparse_engine_equals_decoder_masked_to_the_routed_chunks(summary):
+  cfg, model, rng, shared, _ = _setup()
+  store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
+                             summary=summary)
+  prompt = list(rng.integers(0, 256, 6))
   dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=10,
-                      page_size=8).generate(prompts, 3, return_logits=True)[0]
-  sparse = MoskaEngine(model, store, MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64,
-                                                 always_include=(0,), backend="xla"),
-                       max_batch=1, num_pages=10, page_size=8).generate(prompts, 3,
-                                                                       return_logits=True)[0]
+                      page_size=8).generate([prompt], 3, return_logits=True)[0]
+  mcfg = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, always_include=(0,),
+                     summary=summary, backend="xla")
+  sparse = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=10, page_size=8,
+                       prefill_chunk=8).generate([prompt], 3, return_logits=True)[0]
   assert np.all(np.isfinite(np.stack(sparse.logits)))
   assert not np.allclose(np.stack(dense.logits), np.stack(sparse.logits))  # it did drop chunks
+  ref = _routed_reference(model, shared, prompt, sparse.tokens[:-1], mcfg,
+                          mcfg.chunks_kept(store.summaries[0].num_chunks))
+  start = len(shared) + len(prompt) - 1
+  np.testing.assert_allclose(np.stack(sparse.logits), ref[start:start + 3], rtol=2e-5, atol=2e-5)
+
+
+def test_moska_step_is_pure_and_equals_plain_decoder():
+  """The jitted step: a ragged prefill step, then a decode step, from fresh pools; the logits
+  are the plain decoder's, the pools come back written and the pools passed in are untouched."""
+  cfg, model, rng, shared, store = _setup()
+  graphdef, state = nnx.split(model)
+  mcfg = MoskaConfig(backend="xla")
+  shape = (7, 8, cfg.num_kv_heads, cfg.head_dim)
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  tables = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
+  prompts = [list(rng.integers(0, 256, n)) for n in (5, 3)]
+  tokens = np.zeros((2, 5), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  fed = jnp.asarray([5, 3], jnp.int32)
+
+  @jax.jit
+  def step(state, pools, lengths, tokens, fed=None):
+    return moska_step(nnx.merge(graphdef, state), store.layers, pools, tables, lengths, tokens,
+                      mcfg, fed=fed)
+
+  logits, new_pools = step(state, pools, jnp.zeros(2, jnp.int32), jnp.asarray(tokens), fed)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(pools))
+  assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(new_pools))
+  nxt = jnp.asarray([[7], [9]], jnp.int32)
+  logits2, _ = step(state, new_pools, fed, nxt)  # fed=None: every row real
+  for b, p in enumerate(prompts):
+    ref = np.asarray(model(jnp.asarray(list(shared) + p + [int(nxt[b, 0])])[None])[0])
+    S = len(shared)
+    np.testing.assert_allclose(logits[b, :len(p)], ref[S:S + len(p)], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(logits2[b, 0], ref[S + len(p)], rtol=2e-5, atol=2e-5)
+
+
+def test_forward_threads_one_state_per_layer():
+  cfg, model, *_ = _setup()
+  tokens = jnp.arange(6)[None]
+  seen = lambda i, q, k, v, state: (jnp.zeros_like(q), state + (i,))
+  logits, state = model.forward(tokens, jnp.arange(6)[None], seen, [(), ()])
+  assert state == ((0,), (1,)) and logits.shape == (1, 6, cfg.vocab)
+  with pytest.raises(ValueError, match=r"state must hold one entry per layer \(2\), got 3"):
+    model.forward(tokens, jnp.arange(6)[None], seen, [(), (), ()])
 
 
 def test_rope_scaling_and_rotation():

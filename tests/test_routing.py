@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from moska_jax import routing
+from moska_jax.config import SUMMARY_KINDS
 from pallas_kernels import chunk_attention, shared_attention
 from tests.np_reference import random_normal, rel_err
 
@@ -223,3 +224,55 @@ def test_int4_routes_to_the_chunk_holding_one_matching_key():
       k, C, summary=kind), 1))[0, :, 0] for b in range(B)]) for kind in ("int4", "mean")}
   np.testing.assert_array_equal(found["int4"], needle)
   assert np.mean(found["mean"] == needle) < 0.75, found["mean"]
+
+
+def oracle_scores_np(q, k, C, n):
+  """float64 [B, Hkv, N]: each chunk's largest exact logit over its keys before n and over the
+  live (non-zero) rows and heads of a (request, kv head)."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  B, T, Hq, D = q.shape
+  S, Hkv, _ = k.shape
+  N = -(-S // C)
+  logit = np.einsum("bthgd,shd->bthgs", q.reshape(B, T, Hkv, Hq // Hkv, D), k)
+  logit = np.where(np.arange(S) < n, logit, -np.inf)
+  logit = np.where(np.any(q.reshape(B, T, Hkv, Hq // Hkv, D) != 0, -1)[..., None], logit, -np.inf)
+  logit = np.pad(logit, [(0, 0)] * 4 + [(0, N * C - S)], constant_values=-np.inf)
+  return logit.reshape(B, T, Hkv, Hq // Hkv, N, C).max(axis=(1, 3, 5))
+
+
+@pytest.mark.parametrize("kv_length", [None, 200])
+def test_oracle_route_is_top_k_of_exact_logits(kv_length):
+  rng = np.random.default_rng(7)
+  B, T, Hq, Hkv, D, C = 4, 3, 8, 2, 16, 32
+  k = random_normal(rng, (300, Hkv, D), jnp.float32)  # 10 chunks, the last partial
+  q = np.array(random_normal(rng, (B, T, Hq, D), jnp.float32))
+  q[1, 1:] = 0.0  # padding rows of request 1 take no part
+  n = 300 if kv_length is None else kv_length
+  valid_n = -(-n // C)
+  scores = oracle_scores_np(q, k, C, n)
+  fn = jax.jit(lambda q, k, n: routing.oracle_route(q, k, 4, chunk_size=C, kv_length=n,
+                                                    always_include=(9,)))
+  ids = np.asarray(fn(jnp.asarray(q), k, n))
+  assert ids.shape == (B, Hkv, 4) and ids.dtype == np.int32
+  _assert_top_k(ids, scores, valid_n, (9,))
+  assert np.all((ids == 9).any(-1)) == (9 < valid_n)  # a forced chunk past kv_length is dropped
+  every = np.asarray(routing.oracle_route(jnp.asarray(q), k, 10, chunk_size=C, kv_length=n))
+  assert np.all(np.sort(every, -1)[..., 10 - valid_n:] == np.arange(valid_n))
+  assert np.all(every[..., valid_n:] == -1)  # only valid chunks, then -1
+
+
+def test_oracle_route_validation_errors():
+  k = jnp.ones((256, 2, 16))
+  q = jnp.ones((2, 1, 4, 16))
+  with pytest.raises(ValueError, match=r"oracle_route: top_k must be an int in \[1, N=4\]"):
+    routing.oracle_route(q, k, 5, chunk_size=64)
+  with pytest.raises(ValueError, match=r"oracle_route: q must have shape \[B, T, Hq, D=16\]"):
+    routing.oracle_route(q[..., :8], k, 2, chunk_size=64)
+  with pytest.raises(ValueError, match="oracle_route: chunk_size must be a positive int"):
+    routing.oracle_route(q, k, 2, chunk_size=0)
+  with pytest.raises(ValueError, match=r"oracle_route: k must have shape \[S, Hkv, D\]"):
+    routing.oracle_route(q, k[0], 2, chunk_size=64)
+
+
+def test_config_names_the_summary_kinds_of_the_router():
+  assert SUMMARY_KINDS == tuple(routing.SUMMARIES)

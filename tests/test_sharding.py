@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moska_jax import routing
-from moska_jax.sharding import (DeviceGroups, make_device_groups, place_shared_kv, place_unique,
-                                shared_attention_step)
+from moska_jax.sharding import (DeviceGroups, ShardingRules, make_device_groups, place_shared_kv,
+                                place_unique, send_to_unique, shared_attention_step)
 from pallas_kernels import chunk_attention, shared_attention
 from tests.np_reference import rel_err
 
@@ -222,3 +222,39 @@ def test_bad_placement_and_step_args_raise(data):
                           backend="xla")
   with pytest.raises(ValueError, match="do not split evenly"):
     shared_attention_step(groups, q, k[:198], v[:198], backend="xla")
+
+
+def test_sharding_rules_place_each_role():
+  rules = ShardingRules()
+  assert (rules.requests, rules.weights, rules.pages, rules.shared_rows) == (
+      P("batch"), P(), P(), P("kv"))
+  assert rules.request_spec(2) == P(None, None, "batch") and rules.kv_axis == "kv"
+  assert make_device_groups(jax.devices()).rules == rules  # the default
+  # Requests over both unique axes, pools split by kv head over "model".
+  custom = ShardingRules(requests=P(("batch", "model")), pages=P(None, None, "model"))
+  groups = make_device_groups(jax.devices(), num_shared=2, unique_mesh_shape=(3, 2),
+                              rules=custom)
+  assert groups.request_shards == 6
+  per_req = place_unique(groups, np.arange(12 * 3).reshape(3, 12), batch_axis=1)
+  assert per_req.sharding.spec == P(None, ("batch", "model"))
+  assert {s.data.shape for s in per_req.addressable_shards} == {(3, 2)}
+  pool = place_unique(groups, np.zeros((5, 4, 2, 8), np.float32), specs=groups.rules.pages)
+  assert {s.data.shape for s in pool.addressable_shards} == {(5, 4, 1, 8)}
+  o, lse, _ = send_to_unique(groups, jnp.zeros((6, 1, 4, 8)), jnp.zeros((6, 1, 4)))
+  assert o.sharding.spec == P(("batch", "model"), None, None, None)
+  assert {s.data.shape for s in lse.addressable_shards} == {(1, 1, 4)}
+  o, _, _ = send_to_unique(groups, jnp.zeros((4, 1, 4, 8)), jnp.zeros((4, 1, 4)))
+  assert o.sharding.is_fully_replicated  # 4 requests do not split 6 ways
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(requests=P("kv")), r"requests must be a PartitionSpec over the axes \('batch', "
+                             r"'model'\)"),
+    (dict(pages=P(None, "kv")), "pages must be a PartitionSpec"),
+    (dict(weights="batch"), "weights must be a PartitionSpec"),
+    (dict(requests=P("batch", "model")), "requests must split one axis"),
+    (dict(shared_rows=P(None, "kv")), r"shared_rows must be PartitionSpec\('kv'\)"),
+])
+def test_bad_sharding_rules_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ShardingRules(**kwargs)
