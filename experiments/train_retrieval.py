@@ -33,6 +33,7 @@ from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.model import Decoder, stateless
+from pallas_kernels import grouping
 
 flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
 flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.")
@@ -111,8 +112,7 @@ def routed_attend(implementation: str, doc_len: int, chunk_size: int, top_k: int
   def chosen(q, k):  # one sequence: q[Tq, Hq, D], k[doc_len, Hkv, D] -> keep[Tq, Hkv, N]
     ids = routing.route(q[:, None], routing.chunk_summaries(k, chunk_size, summary=summary),
                         top_k)
-    # TODO(structure): pallas_kernels.grouping.selected_chunks
-    return jnp.any(jax.nn.one_hot(ids, N, dtype=jnp.bool_), axis=-2)
+    return grouping.selected_chunks(ids, N)
 
   def attend(i, q, k, v):
     B, T, Hq, _ = q.shape
