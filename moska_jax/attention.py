@@ -144,7 +144,24 @@ def shared_partial(q: jax.Array, shared: SharedLayer,
     return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
                                backend=mcfg.backend, interpret=mcfg.interpret)
   top_k = mcfg.chunks_kept(shared.summaries.num_chunks)
-  ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include)
-  return pk.chunk_attention(q, shared.k, shared.v, ids, chunk_size=mcfg.chunk_size,
-                            kv_length=shared.length, backend=mcfg.backend,
-                            interpret=mcfg.interpret)
+  ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include,
+                      backend=mcfg.backend, interpret=mcfg.interpret)
+  return routed_attention(q, shared, ids, mcfg)
+
+
+def routed_attention(q: jax.Array, shared: SharedLayer, ids: jax.Array,
+                     mcfg: MoskaConfig) -> tuple[jax.Array, jax.Array]:
+  """(o, lse) of q[B, T, Hq, D] over the routed chunks ids[B, Hkv, K] of the shared KV: per
+  (request, chunk) pair (`chunk_attention`), or per tile of alike requests over the union of
+  their chunks when `mcfg.batch_aware` is set (`routing.batch_aware`, `tile_chunk_attention`)."""
+  kernel = dict(chunk_size=mcfg.chunk_size, kv_length=shared.length, backend=mcfg.backend,
+                interpret=mcfg.interpret)
+  if not mcfg.batch_aware:
+    return pk.chunk_attention(q, shared.k, shared.v, ids, **kernel)
+  B = q.shape[0]
+  order, tiles = routing.batch_aware(ids, shared.summaries.num_chunks, mcfg.batch_aware,
+                                     skip=len(mcfg.always_include))
+  q_tiled = jnp.pad(q, ((0, order.shape[0] - B),) + ((0, 0),) * 3)[order]
+  o, lse = pk.tile_chunk_attention(q_tiled, shared.k, shared.v, tiles, **kernel)
+  back = jnp.argsort(order)[:B]  # where each request sits in the tile order
+  return o[back], lse[back]

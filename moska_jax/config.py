@@ -97,6 +97,9 @@ class MoskaConfig:
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
   summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4"; the keys of
     `moska_jax.routing.SUMMARIES`); the store's summaries must be of this kind.
+  batch_aware: requests per tile of batch-aware routing (0: off): requests routed alike share a
+    tile, which attends to the union of their chunks (`moska_jax.routing.batch_aware`); a
+    request then sees at least its own chunks.
   backend: kernel backend passed to every pallas_kernels call.
   interpret: run the Pallas kernels in interpret mode (CPU testing of the "gpu"/"tpu" kernels).
   """
@@ -107,6 +110,7 @@ class MoskaConfig:
   sparsity: float | None = None
   always_include: tuple[int, ...] = ()
   summary: str = "mean"
+  batch_aware: int = 0
   backend: str = "auto"
   interpret: bool = False
 
@@ -125,6 +129,10 @@ class MoskaConfig:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+    if isinstance(self.batch_aware, bool) or not isinstance(self.batch_aware, int) or (
+        self.batch_aware < 0):
+      raise ValueError(f"MoskaConfig.batch_aware must be an int >= 0 (requests per tile; 0 is "
+                       f"off), got {self.batch_aware!r}")
     if self.summary not in SUMMARY_KINDS:
       raise ValueError(f"MoskaConfig.summary must be one of {sorted(SUMMARY_KINDS)}, got "
                        f"{self.summary!r}")

@@ -18,11 +18,11 @@ times G query heads -- into one score per chunk.
   logit, MAXED over the group's rows. This one finds needles: a chunk that holds a
   single key matching one head's query scores high even though its other keys (and the group's
   other heads) do not. The sketch is 4 bits per key dimension plus a scale per key (about 1/8
-  of the bf16 K/V bytes), but scoring multiplies the queries with every key: half the FLOPs of
-  dense attention, so it can only pay off where shared attention is bound by memory. The scorer
-  here is plain XLA, which dequantizes the codes block by block into memory: on an H100 it costs
-  more than dense attention (experiments/results/sparse_attention_int4.md); a fused kernel is
-  not written yet.
+  of the bf16 K/V bytes, packed two codes a byte as `pallas_kernels.sketch` lays them out), and
+  it is scored by the `pallas_kernels.chunk_scores` kernel: the sketches are read once for the
+  whole batch's stacked queries and only one float per (query row, chunk) is written. Scoring
+  still multiplies the queries with every key (half the FLOPs of dense attention), which is why
+  `MoskaConfig.reroute_every` can keep a selection for several decode steps.
 Single-vector summaries cannot find needles: on the trained retrieval model
 (`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
 choice, while "int4" matches routing by the exact logits (`oracle_route`, the reference router).
@@ -41,18 +41,21 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels as pk
+from pallas_kernels import grouping, sketch
+
 _HI = jax.lax.Precision.HIGHEST
-_INT4_LEVELS = 7  # codes in [-7, 7]: symmetric, 15 of the 16 int4 values
-_SCORE_ELEMENTS = 1 << 24  # "int4" logits held at once (64 MiB in f32), not B x Hq x S
+_SCORE_ELEMENTS = 1 << 24  # oracle logits held at once (64 MiB in f32), not B x Hq x S
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a request with no live row still ranks
 
 
 class SummaryKind(NamedTuple):
   """summarize(k[N, C, Hkv, D] f32, valid[N, C]) -> tuple of [N, ...] arrays;
-  score(q[B, T, Hkv, G, D] f32, arrays) -> [B, Hkv, N] f32."""
+  score(q[B, T, Hkv, G, D] (its own dtype), arrays, kernel) -> [B, Hkv, N] f32, where `kernel`
+  holds the `backend=` / `interpret=` a kind's kernel runs with."""
 
   summarize: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
-  score: Callable[[jax.Array, tuple[jax.Array, ...]], jax.Array]
+  score: Callable[[jax.Array, tuple[jax.Array, ...], dict], jax.Array]
 
 
 def _mean(k: jax.Array, valid: jax.Array) -> jax.Array:
@@ -70,14 +73,17 @@ def _envelope(k: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _summed(q: jax.Array) -> jax.Array:
-  return jnp.sum(q, axis=(1, 3))  # [B, Hkv, D]: linear scores sum over the rows exactly
+  # [B, Hkv, D]: linear scores sum over the rows exactly
+  return jnp.sum(q.astype(jnp.float32), axis=(1, 3))
 
 
-def _score_mean(q, arrays):
+def _score_mean(q, arrays, kernel):
+  del kernel
   return jnp.einsum("bhd,nhd->bhn", _summed(q), arrays[0], precision=_HI)
 
 
-def _score_envelope(q, arrays):
+def _score_envelope(q, arrays, kernel):
+  del kernel
   hi, lo = arrays  # each row's bound is linear in (max(q, 0), min(q, 0)): sum those
   return (jnp.einsum("bhd,nhd->bhn", _summed(jnp.maximum(q, 0)), hi, precision=_HI)
           + jnp.einsum("bhd,nhd->bhn", _summed(jnp.minimum(q, 0)), lo, precision=_HI))
@@ -86,9 +92,9 @@ def _score_envelope(q, arrays):
 def _int4(k: jax.Array, valid: jax.Array):
   center = _mean(k, valid)
   r = jnp.where(valid[:, :, None, None], k - center[:, None], 0.0)
-  scale = jnp.max(jnp.abs(r), axis=-1) / _INT4_LEVELS  # [N, C, Hkv]: one per key
+  scale = jnp.max(jnp.abs(r), axis=-1) / sketch.LEVELS  # [N, C, Hkv]: one per key
   codes = jnp.round(r / jnp.where(scale > 0, scale, 1.0)[..., None])
-  return center, scale, jnp.clip(codes, -_INT4_LEVELS, _INT4_LEVELS).astype(jnp.int4), valid
+  return center, scale, sketch.pack(jnp.clip(codes, -sketch.LEVELS, sketch.LEVELS)), valid
 
 
 def _chunk_max(q: jax.Array, per_key: tuple[jax.Array, ...], valid: jax.Array,
@@ -121,18 +127,19 @@ def _max_over_live_rows(q: jax.Array, logit: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(live, logit, _MASKED), axis=(1, 3))
 
 
-def _sketch_logits(rows, scale, codes):
-  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc); the center term is
-  # added per chunk afterwards. Default precision (TF32 on GPU, bf16 passes on TPU): a ranking,
-  # not an attention output.
-  return (jnp.einsum("hrd,nchd->hrnc", rows, codes.astype(jnp.float32))
-          * scale.transpose(2, 0, 1)[:, None])
-
-
-def _score_int4(q, arrays):
+def _score_int4(q, arrays, kernel):
+  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc): the kernel takes the
+  # largest sketched term of each (row, chunk) over the valid keys (a prefix of the store), the
+  # center term is added per chunk.
   center, scale, codes, valid = arrays
-  best = _chunk_max(q, (scale, codes), valid, _sketch_logits)
-  return _max_over_live_rows(q, best + jnp.einsum("bthgd,nhd->bthgn", q, center, precision=_HI))
+  B, T, Hkv, G, D = q.shape
+  N, C = valid.shape
+  best = pk.chunk_scores(q.reshape(B, T, Hkv * G, D), codes.reshape(N * C, Hkv, D // 2),
+                         scale.reshape(N * C, Hkv), chunk_size=C,
+                         kv_length=jnp.sum(valid, dtype=jnp.int32), **kernel)
+  logit = best.reshape(B, T, Hkv, G, N) + jnp.einsum(
+      "bthgd,nhd->bthgn", q.astype(jnp.float32), center, precision=_HI)
+  return _max_over_live_rows(q, logit)
 
 
 def _exact_logits(rows, k):
@@ -153,7 +160,7 @@ class ChunkSummaries:
 
   arrays: the kind's arrays, each with N rows: "mean" (mean [N, Hkv, D] f32,), "envelope" (max,
     min [N, Hkv, D] f32), "int4" (center [N, Hkv, D] f32, scale [N, C, Hkv] f32, codes
-    [N, C, Hkv, D] int4, valid [N, C] bool).
+    [N, C, Hkv, D/2] uint8 (`pallas_kernels.sketch` packing), valid [N, C] bool).
   num_valid_chunks: int32 scalar, chunks [0, num_valid_chunks) hold a key before kv_length.
   kind: key of `SUMMARIES` (static).
   chunk_size: C (static).
@@ -240,11 +247,12 @@ def _select(scores: jax.Array, top_k: int, forced: tuple[int, ...], n_valid) -> 
 
 def _grouped(q: jax.Array, Hkv: int) -> jax.Array:
   B, T, Hq, D = q.shape
-  return q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
+  return q.reshape(B, T, Hkv, Hq // Hkv, D)
 
 
 def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
-          always_include: Sequence[int] = (), num_valid_chunks=None) -> jax.Array:
+          always_include: Sequence[int] = (), num_valid_chunks=None, backend: str = "auto",
+          interpret: bool = False) -> jax.Array:
   """Top-k chunks per (request, kv head).
 
   Args:
@@ -255,6 +263,8 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
       unless they are past the valid chunks.
     num_valid_chunks: optional int scalar (may be traced): only chunks [0, num_valid_chunks) may be
       chosen; default from `summaries` (all N for a plain array).
+    backend, interpret: the kernel family and interpret mode of a kind that scores with a kernel
+      ("int4": `pallas_kernels.chunk_scores`).
 
   A zero query row takes no part in a request's score (see the module docstring): zero the
   padding rows of a fixed-shape step so they cannot steer the real tokens' choice.
@@ -275,7 +285,8 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
   forced = _check_route(q, N, Hkv, D, top_k, always_include, "route")
   if num_valid_chunks is not None:
     n_valid = jnp.asarray(num_valid_chunks, jnp.int32)
-  return _select(kind.score(_grouped(q, Hkv), arrays), top_k, forced, n_valid)
+  scores = kind.score(_grouped(q, Hkv), arrays, dict(backend=backend, interpret=interpret))
+  return _select(scores, top_k, forced, n_valid)
 
 
 def oracle_route(q: jax.Array, k: jax.Array, top_k: int, *, chunk_size: int, kv_length=None,
@@ -302,6 +313,35 @@ def oracle_route(q: jax.Array, k: jax.Array, top_k: int, *, chunk_size: int, kv_
   keys, valid, num_valid = _chunked(k, chunk_size, kv_length, "oracle_route")
   N, _, Hkv, D = keys.shape
   forced = _check_route(q, N, Hkv, D, top_k, always_include, "oracle_route")
-  qg = _grouped(q, Hkv)
+  qg = _grouped(q, Hkv).astype(jnp.float32)
   scores = _max_over_live_rows(qg, _chunk_max(qg, (keys,), valid, _exact_logits))
   return _select(scores, top_k, forced, num_valid)
+
+
+def batch_aware(chunk_ids: jax.Array, num_chunks: int, requests_per_tile: int, *,
+                skip: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Batch-aware routing: requests that chose alike share a tile, and a tile the union of its
+  requests' chunks (`pallas_kernels.tile_chunk_attention` then streams each tile's chunks once,
+  with one online softmax, instead of a partial state per (request, chunk)).
+
+  Requests are ordered by their best routed chunk (that of the first kv head, after the `skip`
+  forced ones), so that requests routed alike land in one tile; every request still attends to
+  at least its own chunks, and the union's extra chunks only add exact attention.
+
+  Args:
+    chunk_ids: [B, Hkv, K] routed ids (`route`), best first after the forced ones.
+    num_chunks: N.
+    requests_per_tile: R, requests per tile; B is padded to a multiple of R with requests that
+      choose nothing.
+    skip: leading ids of every row that are forced (always_include), not routed.
+
+  Returns:
+    order [B'] int32, B' = B rounded up to R: tile t holds requests order[t*R:(t+1)*R] (ids >= B
+    are padding); and tile_ids [B' / R, Hkv, min(N, R*K)] (`grouping.tile_union`).
+  """
+  B, _, K = chunk_ids.shape
+  padded = -(-B // requests_per_tile) * requests_per_tile
+  ids = jnp.pad(chunk_ids, ((0, padded - B), (0, 0), (0, 0)), constant_values=-1)
+  first = ids[:, 0, min(skip, K - 1)]
+  order = jnp.argsort(jnp.where(first >= 0, first, num_chunks), stable=True).astype(jnp.int32)
+  return order, grouping.tile_union(ids[order], num_chunks, requests_per_tile)

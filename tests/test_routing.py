@@ -33,6 +33,15 @@ def summaries_np(k, C, n, kind):
   return dict(mean=(mean,), envelope=(hi, lo), int4=(mean, scale, codes, valid))[kind]
 
 
+def unpack_np(packed):
+  """uint8 [..., D/2] -> float64 codes [..., D]: low nibble = dim j, high nibble = dim j + D/2,
+  two's complement (decoded here independently of pallas_kernels.sketch)."""
+  b = np.asarray(packed).astype(np.int64)
+  lo, hi = b & 15, b >> 4
+  return np.concatenate([np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)],
+                        -1).astype(np.float64)
+
+
 def scores_np(q, arrays, kind):
   """Router scores [B, Hkv, N]: mean/envelope summed over the G heads and T rows of a (request,
   kv head), int4 the largest sketched logit over its live (non-zero) rows and valid keys."""
@@ -42,6 +51,7 @@ def scores_np(q, arrays, kind):
   qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
   if kind == "int4":
     center, scale, codes, valid = arrays
+    codes = codes if codes.shape[-1] == q.shape[-1] else unpack_np(codes)
     keys = center[:, None] + scale[..., None] * codes  # [N, C, Hkv, D]
     logit = np.einsum("bthgd,nchd->bthgnc", qg, keys)
     logit = np.where(valid[None, None, None, None], logit, -np.inf)
@@ -88,8 +98,8 @@ def test_chunk_summaries_match_numpy(kind, kv_length):
   assert len(s.arrays) == len(want)
   if kind == "int4":  # codes: rounding may differ from float64 only at a .5 tie
     center, scale, codes, valid = (np.asarray(x) for x in s.arrays)
-    assert codes.dtype == jnp.int4 and valid.dtype == bool
-    codes = codes.astype(np.float64)
+    assert codes.dtype == np.uint8 and codes.shape[-1] == 16 and valid.dtype == bool
+    codes = unpack_np(codes)
     kc = np.zeros(codes.shape)
     kc.reshape(-1, *codes.shape[2:])[:1000] = k
     ratio = (kc - want[0][:, None]) / np.where(want[1] > 0, want[1], 1.0)[..., None]
@@ -276,3 +286,25 @@ def test_oracle_route_validation_errors():
 
 def test_config_names_the_summary_kinds_of_the_router():
   assert SUMMARY_KINDS == tuple(routing.SUMMARIES)
+
+
+def test_batch_aware_tiles_cover_each_request():
+  """Every request's routed chunks are in its tile's list, the list is exactly the union of its
+  requests' chunks, the order is a permutation (padding requests last) and requests with the same
+  best chunk sit next to each other."""
+  rng = np.random.default_rng(5)
+  B, Hkv, N, K, R = 10, 2, 9, 3, 4
+  ids = np.stack([[rng.permutation(N)[:K] for _ in range(Hkv)] for _ in range(B)])
+  ids[:5, 0, 0] = 4  # five requests share their best chunk
+  order, tiles = jax.jit(lambda i: routing.batch_aware(i, N, R))(jnp.asarray(ids, jnp.int32))
+  order, tiles = np.asarray(order), np.asarray(tiles)
+  assert sorted(order) == list(range(12)) and tiles.shape == (3, Hkv, N)
+  assert set(order[-2:]) == {10, 11}  # padding requests choose nothing: they sort last
+  pos = {int(b): i for i, b in enumerate(order)}
+  assert max(pos[b] for b in range(5)) - min(pos[b] for b in range(5)) == 4
+  for t in range(3):
+    members = [b for b in order[t * R:(t + 1) * R] if b < B]
+    for h in range(Hkv):
+      got = tiles[t, h][tiles[t, h] >= 0]
+      assert set(got) == {c for b in members for c in ids[b, h]}
+      assert list(got) == sorted(got)
