@@ -145,7 +145,7 @@ def shared_partial(q: jax.Array, shared: SharedLayer,
                                backend=mcfg.backend, interpret=mcfg.interpret)
   top_k = mcfg.chunks_kept(shared.summaries.num_chunks)
   ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include,
-                      backend=mcfg.backend, interpret=mcfg.interpret)
+                      int8=mcfg.int8_scorer, backend=mcfg.backend, interpret=mcfg.interpret)
   return routed_attention(q, shared, ids, mcfg)
 
 

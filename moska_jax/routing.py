@@ -78,7 +78,7 @@ def _summed(q: jax.Array) -> jax.Array:
 
 
 def _score_mean(q, arrays, kernel):
-  del kernel
+  del kernel  # linear kinds score in XLA
   return jnp.einsum("bhd,nhd->bhn", _summed(q), arrays[0], precision=_HI)
 
 
@@ -251,8 +251,8 @@ def _grouped(q: jax.Array, Hkv: int) -> jax.Array:
 
 
 def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
-          always_include: Sequence[int] = (), num_valid_chunks=None, backend: str = "auto",
-          interpret: bool = False) -> jax.Array:
+          always_include: Sequence[int] = (), num_valid_chunks=None, int8: bool = False,
+          backend: str = "auto", interpret: bool = False) -> jax.Array:
   """Top-k chunks per (request, kv head).
 
   Args:
@@ -263,8 +263,8 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
       unless they are past the valid chunks.
     num_valid_chunks: optional int scalar (may be traced): only chunks [0, num_valid_chunks) may be
       chosen; default from `summaries` (all N for a plain array).
-    backend, interpret: the kernel family and interpret mode of a kind that scores with a kernel
-      ("int4": `pallas_kernels.chunk_scores`).
+    int8, backend, interpret: how a kind that scores with a kernel runs it ("int4":
+      `pallas_kernels.chunk_scores`, int8 query rows on the int8 matrix units or not).
 
   A zero query row takes no part in a request's score (see the module docstring): zero the
   padding rows of a fixed-shape step so they cannot steer the real tokens' choice.
@@ -285,7 +285,8 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
   forced = _check_route(q, N, Hkv, D, top_k, always_include, "route")
   if num_valid_chunks is not None:
     n_valid = jnp.asarray(num_valid_chunks, jnp.int32)
-  scores = kind.score(_grouped(q, Hkv), arrays, dict(backend=backend, interpret=interpret))
+  scores = kind.score(_grouped(q, Hkv), arrays,
+                      dict(int8=int8, backend=backend, interpret=interpret))
   return _select(scores, top_k, forced, n_valid)
 
 

@@ -85,14 +85,20 @@ def test_matches_f64(implementation, interpret, case):
 
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.skipif(
     not kc.ON_GPU, reason="needs a GPU"))])
-def test_int8_tensor_core_path(interpret):
-  """int8 dots (query rows quantized per row) score within the quantization error."""
+@pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic_tpu"])
+def test_int8_matrix_unit_path(implementation, interpret):
+  """int8 query rows score within the quantization error of the float reference, and every
+  implementation agrees with the int8 reference (integer dots are exact)."""
+  if implementation != "triton" and not interpret:
+    pytest.skip("compiled here: the Triton kernel only")
   q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16)
-  config = pk.TritonScoresConfig(block_m=16, block_k=64, chunks_per_program=16, int8=True)
-  out = kc.run(chunk_scores, q, codes, scale, chunk_size=128, implementation="triton",
-               interpret=interpret, config=config)
+  run = lambda impl, i: kc.run(chunk_scores, q, codes, scale, chunk_size=128, int8=True,
+                               implementation=impl, interpret=i)
+  out = run(implementation, interpret and implementation != "xla")
   ref = scores_f64(q, codes, scale, 128)
   assert np.abs(np.asarray(out) - ref).max() <= 0.02 * np.abs(ref).max()
+  np.testing.assert_allclose(np.asarray(out), np.asarray(run("xla", False)), rtol=1e-5,
+                             atol=1e-5 * np.abs(ref).max())
 
 
 def test_empty_and_validation():

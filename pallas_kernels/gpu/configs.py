@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels.checks import (Config, at_least, boolean, knob, multiple_of, positive_int,
-                                   power_of_two)
+from pallas_kernels.checks import Config, at_least, knob, multiple_of, positive_int, power_of_two
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
@@ -81,12 +80,10 @@ class MosaicGpuChunkConfig(Config):
 @_frozen
 class TritonScoresConfig(Config):
   """chunk_scores on the Triton lowering: block_m query rows x block_k sketched keys per step,
-  chunks_per_program chunks per program (powers of two), int8: the dots on the int8 tensor cores
-  (query rows quantized to int8) instead of in the query dtype."""
+  chunks_per_program chunks per program (powers of two)."""
 
   block_m: int = knob(power_of_two, minimum=16)
   block_k: int = knob(power_of_two, minimum=16)
   chunks_per_program: int = knob(power_of_two, 16)
-  int8: bool = knob(boolean, False)
   num_warps: int = knob(_warps, 4)
   num_stages: int = knob(positive_int, 2)

@@ -7,8 +7,8 @@ logit, and keep the running max per row. The sketches of a chunk are read once f
 program's rows (the whole batch's, stacked like shared_attention's), and what leaves the program
 is one float per (row, chunk): no [rows, keys] logits reach HBM.
 
-With `int8=True` the dots run on the int8 tensor cores: the caller quantizes each query row to
-int8 (and multiplies its row scale back in), the codes are already integers.
+int8 query rows (the caller quantized them and multiplies their row scales back in) run the dots
+on the int8 tensor cores: the codes are integers already.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from pallas_kernels import sketch
 
 
 def _kernel(len_ref, q_lo_ref, q_hi_ref, codes_ref, scale_ref, out_ref, *, chunk_size: int,
-            block_k: int, chunks_per_program: int, int8: bool, precision):
+            block_k: int, chunks_per_program: int, precision):
   q_lo, q_hi = q_lo_ref[...], q_hi_ref[...]  # [block_m, D/2] each
   block_m = q_lo.shape[0]
   first = pl.program_id(2) * chunks_per_program
   length = len_ref[0]
-  operand = jnp.int8 if int8 else q_lo.dtype
-  acc = jnp.int32 if int8 else jnp.float32
+  operand = q_lo.dtype
+  acc = jnp.int32 if operand == jnp.int8 else jnp.float32
   col = jnp.arange(chunks_per_program)[None, :]
 
   def chunk(j, tile):
@@ -59,13 +59,13 @@ def _kernel(len_ref, q_lo_ref, q_hi_ref, codes_ref, scale_ref, out_ref, *, chunk
 
 def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale: jax.Array,
                  kv_length: jax.Array, *, chunk_size: int, block_m: int, block_k: int,
-                 chunks_per_program: int, int8: bool, num_warps: int, num_stages: int,
-                 precision=None, interpret: bool = False) -> jax.Array:
+                 chunks_per_program: int, num_warps: int, num_stages: int, precision=None,
+                 interpret: bool = False) -> jax.Array:
   """Largest sketched logit of each folded query row in each chunk.
 
   Args:
     q_lo, q_hi: [Hkv, M, D/2] the two halves of the folded query rows (M a multiple of block_m),
-      bfloat16/float16/float32, or int8 (quantized rows) with int8=True.
+      bfloat16/float16/float32, or int8 (quantized rows).
     codes: [S, Hkv, D/2] uint8 packed sketches; scale: [S, Hkv] per-key scales.
     kv_length: int32 scalar, keys [0, kv_length) are valid.
 
@@ -77,8 +77,7 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale: jax.
   S = codes.shape[0]
   n_blocks = pl.cdiv(pl.cdiv(S, chunk_size), chunks_per_program)
   kernel = functools.partial(_kernel, chunk_size=chunk_size, block_k=block_k,
-                             chunks_per_program=chunks_per_program, int8=int8,
-                             precision=precision)
+                             chunks_per_program=chunks_per_program, precision=precision)
   q_spec = pl.BlockSpec((None, block_m, Dh), lambda h, i, j: (h, i, 0))
   return pl.pallas_call(
       kernel,

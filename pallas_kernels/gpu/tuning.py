@@ -282,9 +282,8 @@ def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> Tr
 def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
                              target: GpuTarget) -> list[TritonScoresConfig]:
   base = triton_scores(dims, chunk_size, target)
-  return [base, *(dataclasses.replace(base, int8=i8, num_warps=w, num_stages=st)
-                  for i8, w, st in ((True, 4, 2), (False, 8, 2), (True, 8, 2), (False, 4, 3),
-                                    (True, 4, 3))),
+  return [base, *(dataclasses.replace(base, num_warps=w, num_stages=st)
+                  for w, st in ((8, 2), (4, 3), (8, 3))),
           *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32, 64)
             if c != base.chunks_per_program)]
 

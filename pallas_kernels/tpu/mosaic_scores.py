@@ -41,8 +41,9 @@ def _kernel(len_ref, q_lo_ref, q_hi_ref, codes_ref, scale_ref, out_ref, best_sc,
     for jj in range(hb):  # static unroll over the kv heads of this block
       lo, hi = sketch.unpack(codes_ref[:, jj * dh:(jj + 1) * dh])
       dims = (((1,), (1,)), ((), ()))
+      acc = jnp.int32 if q_lo_ref.dtype == jnp.int8 else jnp.float32  # int8 rows: the int MXU
       dot = lambda q, c: jax.lax.dot_general(q, c.astype(q.dtype), dims, precision=precision,
-                                             preferred_element_type=jnp.float32)
+                                             preferred_element_type=acc).astype(jnp.float32)
       s = dot(q_lo_ref[jj], lo) + dot(q_hi_ref[jj], hi)  # [block_m, block_k]
       s = jnp.where(valid, s * scale_ref[pl.ds(hg * hb + jj, 1), :], -jnp.inf)
       best = best_sc[jj]
@@ -81,7 +82,8 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale_t: ja
 
   kernel = functools.partial(_kernel, chunk_size=chunk_size, block_k=block_k,
                              chunks_per_block=chunks_per_block, hb=hb,
-                             precision=matmul_precision(q_lo.dtype))
+                             precision=None if q_lo.dtype == jnp.int8 else matmul_precision(
+                                 q_lo.dtype))
   q_spec = pl.BlockSpec((hb, block_m, Dh), lambda hg, i, nb, t, n: (hg, i, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=1,
