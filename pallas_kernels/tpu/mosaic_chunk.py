@@ -48,8 +48,10 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     softmax.update(m_sc, l_sc, acc_sc, s, v, precision)
 
   real = (t < ntiles_ref[h]) & (chunk >= 0) & (start < end)
+  # lax.rem / lax.div on grid indices (never negative), not % and //: floor division emits
+  # lax.sign, whose Mosaic rule reads the chip generation (unknown when lowering off a TPU).
   for j in range(hb):  # static: the column block of this kv head inside the hb-head block
-    pl.when(real & (h % hb == j))(functools.partial(tile, j))
+    pl.when(real & (jax.lax.rem(h, hb) == j))(functools.partial(tile, j))
 
   @pl.when(kb == pl.num_programs(2) - 1)
   def _finish():
@@ -108,7 +110,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
 
   def kv_map(h, t, kb, len_ref, chunk_ref, ntiles_ref):
     return kv_block(h, t, kb, len_ref[0], chunk_ref, ntiles_ref, num_tile_slots=NT,
-                    chunk_size=chunk_size, block_k=block_k), h // hb
+                    chunk_size=chunk_size, block_k=block_k), jax.lax.div(h, hb)  # see _kernel
 
   row_map = lambda h, t, kb, *_: (h, t, 0)
   kernel = functools.partial(
