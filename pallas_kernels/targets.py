@@ -56,13 +56,15 @@ class TpuTarget:
   `lowering_for` lowers for. num_cores: TensorCores one call spreads its "parallel" grid axes
   over (2 on the megacore chips v4 and v5p, 1 on v5e and v6e). vmem_bytes: vector memory per
   core. mxu: the matrix unit's side (128 or 256): block dimensions that feed it are best
-  multiples of it.
+  multiples of it. scoped_vmem_bytes: the VMEM Mosaic gives a kernel unless its
+  `vmem_limit_bytes` asks for more.
   """
 
   name: str
   num_cores: int
   vmem_bytes: int
   mxu: int
+  scoped_vmem_bytes: int
 
   platform = "tpu"
 
@@ -81,12 +83,14 @@ GPU_PRESETS: dict[str, GpuTarget] = {
 }
 
 # Cores per chip and MXU size: Cloud TPU system architecture docs; VMEM per TensorCore: JAX's
-# TPU info table (jax/_src/pallas/mosaic/tpu_info.py), which `lowering_for` makes Mosaic use.
+# TPU info table (jax/_src/pallas/mosaic/tpu_info.py), which `lowering_for` makes Mosaic use;
+# default scoped VMEM: 16 MiB before v6e, 32 MiB on v6e, as reported by Pallas kernel authors
+# (not measured here: no TPU).
 TPU_PRESETS: dict[str, TpuTarget] = {
-    "v4": TpuTarget("TPU v4", 2, 16 * MIB, 128),
-    "v5e": TpuTarget("TPU v5e", 1, 128 * MIB, 128),
-    "v5p": TpuTarget("TPU v5p", 2, 64 * MIB, 128),
-    "v6e": TpuTarget("TPU v6e", 1, 128 * MIB, 256),
+    "v4": TpuTarget("TPU v4", 2, 16 * MIB, 128, 16 * MIB),
+    "v5e": TpuTarget("TPU v5e", 1, 128 * MIB, 128, 16 * MIB),
+    "v5p": TpuTarget("TPU v5p", 2, 64 * MIB, 128, 16 * MIB),
+    "v6e": TpuTarget("TPU v6e", 1, 128 * MIB, 256, 32 * MIB),
 }
 
 # Planned for when the running device is not of the platform (interpret mode, cross-lowering).

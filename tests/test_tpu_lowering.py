@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import re
 from collections.abc import Sequence
 
@@ -102,9 +103,17 @@ def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tupl
   return (q, kv, kv, sds((B, Hkv, top_k), jnp.int32)), {"chunk_size": shape["C"]}
 
 
-def _mosaic_kernels(lowered) -> list[str]:
-  """The kernel names of the module's Mosaic TPU custom calls."""
-  return re.findall(r'custom_call @tpu_custom_call\(.*kernel_name = "(\w+)"', lowered.as_text())
+def _mosaic_calls(lowered) -> list[tuple[str, dict]]:
+  """(kernel name, backend config) of each Mosaic TPU custom call of the module."""
+  calls = re.findall(r'custom_call @tpu_custom_call\(.*backend_config = "([^"]*)".*'
+                     r'kernel_name = "(\w+)"', lowered.as_text())
+  return [(name, json.loads(config.replace("\\22", '"'))) for config, name in calls]
+
+
+def _lower(op: str, args: tuple, chip, **kwargs):
+  with targets.lowering_for(chip):
+    fn = functools.partial(OPS[op], implementation="mosaic_tpu", **kwargs)
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -112,11 +121,23 @@ def test_kernel_lowers_for_tpu(case):
   op = case["op"]
   args, static = _inputs(op, SHAPES[op][case["shape"]], D=case["D"], G=case["G"], T=case["T"],
                          dtype=case["dtype"])
-  with targets.lowering_for(case["target"]) as chip:
-    plan = pk.plan(op, *args, implementation="mosaic_tpu", target=chip, **static)
-    fn = functools.partial(OPS[op], implementation="mosaic_tpu", config=plan.config, **static)
-    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
-  assert _mosaic_kernels(lowered) == [f"moska_{op}"], plan
+  plan = pk.plan(op, *args, implementation="mosaic_tpu", target=case["target"], **static)
+  lowered = _lower(op, args, case["target"], config=plan.config, **static)
+  assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
+
+
+def test_a_kernel_that_needs_more_vmem_asks_for_it_up_to_the_chip():
+  q = jax.ShapeDtypeStruct((16, 16, 16, 256), jnp.float32)
+  k = jax.ShapeDtypeStruct((4097, 1, 256), jnp.float32)
+  big = pk.MosaicTpuSharedConfig(block_m=256, block_k=2048)  # ~20 MiB by tuning.vmem_bytes
+
+  def limits(chip, config):
+    [(_, backend)] = _mosaic_calls(_lower("shared_attention", (q, k, k), chip, config=config))
+    return [c["size"] for c in backend.get("scoped_memory_configs", [])]
+
+  default = pk.plan("shared_attention", q, k, k, implementation="mosaic_tpu", target="v5e")
+  assert limits("v5e", default.config) == []  # fits the default scoped VMEM
+  assert limits("v5e", big) == [25 * targets.MIB] and limits("v4", big) == [16 * targets.MIB]
 
 
 @pytest.mark.parametrize("name", sorted(targets.TPU_PRESETS))
