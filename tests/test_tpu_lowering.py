@@ -1,4 +1,4 @@
-"""Every Mosaic TPU kernel lowers for the TPU platform, for every preset TPU generation, on a CPU.
+"""Every Mosaic TPU kernel lowers for the TPU platform, for each preset TPU generation, anywhere.
 
 TPU interpret mode checks the kernels' numerics but applies none of Mosaic's lowering rules.
 Lowering for the TPU platform under `targets.lowering_for(chip)` applies them for that chip
@@ -6,7 +6,7 @@ without one: each case plans the op for its chip (`pk.plan(..., target=)`), lowe
 config and checks that the module holds the kernel's Mosaic custom call. What libtpu then
 compiles for the chip (layout passes, VMEM fit) needs a TPU and is not checked here.
 
-Grid (~140 lowerings): on v5p (megacore, the default preset) the full product of head_dim x G x
+Grid (149 lowerings): on v5p (megacore, the default preset) the full product of head_dim x G x
 T x dtype, each op's odd shapes taken in turn; on v4, v5e and v6e a subset covering every pair of
 values of any two factors (shape and chip included).
 """
@@ -143,8 +143,8 @@ def test_a_kernel_that_needs_more_vmem_asks_for_it_up_to_the_chip():
 @pytest.mark.parametrize("name", sorted(targets.TPU_PRESETS))
 def test_lowering_for_names_the_chip(name):
   chip = targets.target(name)
-  q, k = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct(
-      (1000, 1, 128), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1000, 1, 128), jnp.bfloat16)  # one kv head: v4 / v5p split S
   with targets.lowering_for(name):
     # Mosaic's lowering rules see the chip (JAX's table of it agrees with the preset) ...
     info = pltpu.get_tpu_info()
