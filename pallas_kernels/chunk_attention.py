@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import checks, dispatch, grouping, layout
+from pallas_kernels import checks, dispatch, grouping, layout, targets
 from pallas_kernels.dispatch import Implementation, Partials
 from pallas_kernels.gpu import mosaic_attention, triton_chunk
 from pallas_kernels.gpu import tuning as gpu_tuning
@@ -109,7 +109,9 @@ def _mosaic_tpu(p, groups, q_rows, n, scale, c: MosaicTpuChunkConfig, interpret)
   o_t, lse_t = mosaic_chunk.chunk_attention_tiles(
       _tile_rows(p, groups, q_rows), p.k, p.v, n, groups.tile_chunk, groups.num_tiles,
       scale=scale, chunk_size=p.chunk_size, block_m=c.block_m, block_k=c.block_k,
-      interpret=dispatch.tpu_interpret(interpret))
+      interpret=dispatch.tpu_interpret(interpret),
+      vmem_limit_bytes=tpu_tuning.vmem_limit(tpu_tuning.chunk_vmem(p.dims, p.dtype, c),
+                                             targets.current("tpu")))
   return grouping.scatter_to_pairs(o_t, lse_t, groups)
 
 
@@ -150,7 +152,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         unsupported=_mosaic_gpu_unsupported, interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _pallas(_mosaic_tpu), MosaicTpuChunkConfig,
-        default_config=lambda p, t: tpu_tuning.chunk(p.dims, p.top_k, p.chunk_size, t),
+        default_config=lambda p, t: tpu_tuning.chunk(p.dims, p.top_k, p.chunk_size, p.dtype, t),
         unsupported=lambda p, c, t, i: tpu_tuning.chunk_unsupported(p.chunk_size, c)),
 }, _choose))
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import checks, dispatch, layout
+from pallas_kernels import checks, dispatch, layout, targets
 from pallas_kernels.dispatch import Implementation, Partials
 from pallas_kernels.gpu import mosaic_attention, triton_shared
 from pallas_kernels.gpu import tuning as gpu_tuning
@@ -80,7 +80,9 @@ def _run_mosaic_tpu(p: SharedProblem, c: MosaicTpuSharedConfig, interpret):
   q_rows, n, scale = _rows(p, c.block_m)
   o, lse = mosaic_shared.shared_attention_partials(
       q_rows, p.k, p.v, n, scale=scale, block_m=c.block_m, block_k=c.block_k,
-      num_splits=c.num_splits, interpret=dispatch.tpu_interpret(interpret))
+      num_splits=c.num_splits, interpret=dispatch.tpu_interpret(interpret),
+      vmem_limit_bytes=tpu_tuning.vmem_limit(tpu_tuning.shared_vmem(p.dims, p.dtype, c),
+                                             targets.current("tpu")))
   return Partials(o, lse, 0)
 
 
@@ -107,8 +109,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuSharedConfig,
-        default_config=lambda p, t: tpu_tuning.shared(p.dims, t),
-        candidates=lambda p, t: tpu_tuning.shared_candidates(p.dims, t)),
+        default_config=lambda p, t: tpu_tuning.shared(p.dims, p.dtype, t),
+        candidates=lambda p, t: tpu_tuning.shared_candidates(p.dims, p.dtype, t)),
 }, _choose))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import checks, dispatch, layout
+from pallas_kernels import checks, dispatch, layout, targets
 from pallas_kernels.dispatch import Implementation, Partials
 from pallas_kernels.gpu import triton_unique
 from pallas_kernels.gpu import tuning as gpu_tuning
@@ -85,7 +85,9 @@ def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
   o, lse = mosaic_unique.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
       pages_per_block=c.pages_per_block, num_splits=c.num_splits,
-      interpret=dispatch.tpu_interpret(interpret))
+      interpret=dispatch.tpu_interpret(interpret),
+      vmem_limit_bytes=tpu_tuning.vmem_limit(
+          tpu_tuning.unique_vmem(p.dims, p.page_size, p.dtype, c), targets.current("tpu")))
   return _partials(p, o, lse)
 
 
@@ -101,7 +103,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuUniqueConfig,
         default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, t),
-        candidates=lambda p, t: tpu_tuning.unique_candidates(p.dims, p.page_size, t),
+        candidates=lambda p, t: tpu_tuning.unique_candidates(p.dims, p.page_size, p.dtype, t),
         unsupported=lambda p, c, t, i: tpu_tuning.unique_unsupported(p.page_size)),
 }, lambda p, platform, target, interpret: "mosaic_tpu" if platform == "tpu" else "triton"))
 

@@ -17,3 +17,6 @@ def test_colab_notebook_executes():
                           resources={"metadata": {"path": ROOT}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
   assert "max |logit diff| =" in outputs and "devices:" in outputs
+  # The TPU kernel cells: interpret mode against the reference, lowering for every generation.
+  assert "max |o - reference| =" in outputs
+  assert outputs.count("lowers to a Mosaic kernel: True") == 4, outputs

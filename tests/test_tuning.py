@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import targets
+from pallas_kernels import checks, targets
 from pallas_kernels.gpu import mosaic_attention
 from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.tpu import tuning as tpu_tuning
 
 GPUS = sorted(targets.GPU_PRESETS)
 TPUS = sorted(targets.TPU_PRESETS)
@@ -104,6 +105,29 @@ def test_chunk_plans_are_valid(name, chunk_size):
       assert tgt.is_hopper and chunk_size >= 1024 and S % 128 == 0
     elif tgt.platform == "tpu":
       assert chunk_size % plan.config.block_k == 0
+
+
+@pytest.mark.parametrize("name", TPUS)
+def test_tpu_tilings_fit_vmem(name):
+  """Default tilings and sweep candidates of shared and chunk attention fit the chip's VMEM
+  budget (`tpu_tuning.fits`); a kernel asks for more than the default scoped VMEM only when it
+  needs it, and for at most the chip's VMEM."""
+  tgt = targets.target(name)
+  # 8 heads x D=112 in float32 (one 896-column block): 512-key blocks do not fit v4's 16 MiB.
+  for B, T, G, D, S, dtype in SHAPES + [(64, 1, 16, 112, 131072, jnp.float32)]:
+    q, k = _sds((B, T, G * 8, D), dtype), _sds((S, 8, D), dtype)
+    dims = checks.check_shared_kv_inputs(q, k, k, op="test")
+    needs = [tpu_tuning.shared_vmem(dims, dtype, p.config)
+             for p in pk.sweep("shared_attention", q, k, k, backend="tpu", target=tgt)]
+    for C in (128, 512, 2048):
+      ids = _sds((B, 8, max(1, S // C // 4)), jnp.int32)
+      c = pk.plan("chunk_attention", q, k, k, ids, chunk_size=C, backend="tpu", target=tgt).config
+      needs.append(tpu_tuning.chunk_vmem(dims, dtype, c))
+    for need in needs:
+      assert tpu_tuning.fits(need, tgt), (B, T, G, D, S, dtype, need)
+      limit = tpu_tuning.vmem_limit(need, tgt)
+      assert (limit is None) == (need <= tgt.scoped_vmem_bytes)
+      assert limit is None or need < limit <= tgt.vmem_bytes
 
 
 def test_current_target_off_platform_is_the_default_preset():

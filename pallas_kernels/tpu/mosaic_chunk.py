@@ -48,8 +48,10 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     softmax.update(m_sc, l_sc, acc_sc, s, v, precision)
 
   real = (t < ntiles_ref[h]) & (chunk >= 0) & (start < end)
+  # lax.rem / lax.div on grid indices (never negative), not % and //: floor division emits
+  # lax.sign, whose Mosaic rule reads the chip generation (unknown when lowering off a TPU).
   for j in range(hb):  # static: the column block of this kv head inside the hb-head block
-    pl.when(real & (h % hb == j))(functools.partial(tile, j))
+    pl.when(real & (jax.lax.rem(h, hb) == j))(functools.partial(tile, j))
 
   @pl.when(kb == pl.num_programs(2) - 1)
   def _finish():
@@ -84,8 +86,8 @@ def kv_block(h, t, kb, kv_length, tile_chunk, num_tiles, *, num_tile_slots: int,
 
 def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,
                           tile_chunk: jax.Array, num_tiles: jax.Array, *, scale: float,
-                          chunk_size: int, block_m: int, block_k: int,
-                          interpret=False) -> tuple[jax.Array, jax.Array]:
+                          chunk_size: int, block_m: int, block_k: int, interpret=False,
+                          vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Partial attention of each tile of stacked query rows over its chunk.
 
   Args:
@@ -95,6 +97,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
     tile_chunk: [Hkv, NT] chunk of each tile, -1 for padding tiles.
     num_tiles: [Hkv] real tiles per kv head (they come first).
     block_k: divides chunk_size, a multiple of 128 (lane-dense score tile).
+    vmem_limit_bytes: Mosaic's VMEM limit for the kernel (None: the default scoped VMEM).
 
   Returns:
     o[Hkv, NT * block_m, D] in q_tiles.dtype and lse[Hkv, NT * block_m] float32 per tile row;
@@ -108,7 +111,7 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
 
   def kv_map(h, t, kb, len_ref, chunk_ref, ntiles_ref):
     return kv_block(h, t, kb, len_ref[0], chunk_ref, ntiles_ref, num_tile_slots=NT,
-                    chunk_size=chunk_size, block_k=block_k), h // hb
+                    chunk_size=chunk_size, block_k=block_k), jax.lax.div(h, hb)  # see _kernel
 
   row_map = lambda h, t, kb, *_: (h, t, 0)
   kernel = functools.partial(
@@ -136,7 +139,8 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
           jax.ShapeDtypeStruct((Hkv, rows, 1), jnp.float32),
       ],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "arbitrary"),
+          vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       name="moska_chunk_attention",
   )(kv_length.reshape(1), tile_chunk.reshape(Hkv * NT), num_tiles, q_tiles, k2, v2)

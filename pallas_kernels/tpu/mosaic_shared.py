@@ -51,11 +51,13 @@ def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                               kv_length: jax.Array, *, scale: float, block_m: int, block_k: int,
-                              num_splits: int, interpret=False) -> tuple[jax.Array, jax.Array]:
+                              num_splits: int, interpret=False,
+                              vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Partial attention of q_rows[Hkv, M, D] (M a multiple of block_m) over k, v[S, Hkv, D].
 
   Same contract as the GPU kernel: o[num_splits, Hkv, M, D], lse[num_splits, Hkv, M] float32.
   block_k must be a multiple of 128 (a lane-dense score tile) and block_m of 16.
+  vmem_limit_bytes: Mosaic's VMEM limit for the kernel (None: the default scoped VMEM).
   """
   Hkv, M, D = q_rows.shape
   S = k.shape[0]
@@ -93,7 +95,8 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
           jax.ShapeDtypeStruct((num_splits, Hkv, M, 1), jnp.float32),
       ],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+          vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       name="moska_shared_attention",
   )(kv_length.reshape(1), q_rows, k2, v2)

@@ -67,12 +67,14 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
                               scale: float, pages_per_block: int, num_splits: int,
-                              interpret=False) -> tuple[jax.Array, jax.Array]:
+                              interpret=False,
+                              vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Partial attention of q_rows[Hkv, B, R, D] over each request's pages.
 
   Same contract as the GPU kernel (row r of request b is its query token r // G; R >= T*G, a
   multiple of 16), returning o[num_splits, Hkv, B, R, D] and lse[num_splits, Hkv, B, R] float32.
-  page_size must be a multiple of 8 (sublane tiling of a page block).
+  page_size must be a multiple of 8 (sublane tiling of a page block). vmem_limit_bytes: Mosaic's
+  VMEM limit for the kernel (None: the default scoped VMEM).
   """
   Hkv, B, R, D = q_rows.shape
   P, page_size = k_pages.shape[:2]
@@ -119,7 +121,8 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
           jax.ShapeDtypeStruct((num_splits, Hkv, B, R, 1), jnp.float32),
       ],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+          vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       name="moska_unique_attention",
   )(lengths, block_tables.reshape(-1), q_rows, *([k2] * pages_per_block),

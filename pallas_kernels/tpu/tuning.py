@@ -1,7 +1,15 @@
-"""Default tilings and sweep candidates of the Mosaic TPU implementations, and the K/V block layout.
+"""Default tilings and sweep candidates of the Mosaic TPU implementations, the K/V block layout,
+and a model of the kernels' VMEM use.
 
 Every function takes the problem's static shape and a `TpuTarget` (never the running device), so
 a TPU tiling can be planned and lowered for any TPU generation on a machine without one.
+
+VMEM: the default tilings of shared and chunk attention keep the modelled use (`vmem_bytes`)
+within the chip's default scoped VMEM or three quarters of its VMEM, whichever is more (`fits`;
+v4 has 16 MiB in all), and so do the sweep candidates. A kernel that needs more than the default
+scoped VMEM (large float32 blocks, D not a multiple of 128 with many heads per block, or many
+query rows per request in unique_attention, whose rows are not tiled) asks for it through
+`vmem_limit_bytes` (`vmem_limit`). The model is not checked against libtpu here (no TPU).
 """
 
 from __future__ import annotations
@@ -9,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 from pallas_kernels.layout import AttentionDims
-from pallas_kernels.targets import TpuTarget
+from pallas_kernels.targets import MIB, TpuTarget
 from pallas_kernels.tpu.configs import (MosaicTpuChunkConfig, MosaicTpuScoresConfig,
                                         MosaicTpuSharedConfig, MosaicTpuUniqueConfig)
 
@@ -37,24 +47,81 @@ def _rows16(rows: float, cap: int = 256) -> int:
   return min(cap, max(16, 16 * math.ceil(rows / 16)))
 
 
-def shared(dims: AttentionDims, target: TpuTarget) -> MosaicTpuSharedConfig:
-  """block_m up to 256 rows, 512-key blocks, S split only while programs leave a core idle."""
+def _tiled(rows: int, cols: int, itemsize: int) -> int:
+  """VMEM bytes of a [rows, cols] array: whole tiles of 32 / itemsize sublanes x 128 lanes."""
+  sublanes = 32 // itemsize
+  return math.ceil(rows / sublanes) * sublanes * math.ceil(cols / 128) * 128 * itemsize
+
+
+def vmem_bytes(*, rows: int, keys: int, D: int, hb: int, q_heads: int, dtype,
+               out_dtype=jnp.float32, kv_blocks: int = 1) -> int:
+  """A model of a kernel's VMEM use for one grid step.
+
+  The pipeline double-buffers every block: K and V (kv_blocks blocks of keys / kv_blocks rows x
+  hb * D columns each) and the q, o and lse blocks of q_heads heads x rows rows. The online
+  softmax state (m, l, acc) of those heads stays resident, and one head at a time holds float32
+  scores, probabilities and mask [rows, keys] and its K, V slices [keys, D].
+  """
+  size, out_size = jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize
+  kv = 2 * kv_blocks * _tiled(keys // kv_blocks, hb * D, size)
+  blocks = q_heads * (_tiled(rows, D, size) + _tiled(rows, D, out_size) + _tiled(rows, 1, 4))
+  state = q_heads * (2 * _tiled(rows, 1, 4) + _tiled(rows, D, 4))
+  work = 3 * _tiled(rows, keys, 4) + 2 * _tiled(keys, D, size)
+  return 2 * (kv + blocks) + state + work
+
+
+def vmem_limit(need: int, target: TpuTarget) -> int | None:
+  """`vmem_limit_bytes` of a kernel that needs `need` bytes (`vmem_bytes`): None (the default
+  scoped VMEM) while that holds it, else need and a quarter more (the model is rough) in whole
+  MiB, at most the core's VMEM."""
+  if need <= target.scoped_vmem_bytes:
+    return None
+  return min(target.vmem_bytes, math.ceil(need * 1.25 / MIB) * MIB)
+
+
+def fits(need: int, target: TpuTarget) -> bool:
+  """Whether a default tiling may need `need` bytes of VMEM (module docstring)."""
+  return need <= max(target.scoped_vmem_bytes, target.vmem_bytes * 3 // 4)
+
+
+def shared_vmem(dims: AttentionDims, dtype, config: MosaicTpuSharedConfig) -> int:
+  """A block holds hb kv heads' query rows and K/V columns."""
+  hb = heads_per_block(dims.Hkv, dims.D)
+  return vmem_bytes(rows=config.block_m, keys=config.block_k, D=dims.D, hb=hb, q_heads=hb,
+                    dtype=dtype)
+
+
+def shared(dims: AttentionDims, dtype, target: TpuTarget) -> MosaicTpuSharedConfig:
+  """block_m up to 256 rows, 512-key blocks (fewer where VMEM is short), S split only while
+  programs leave a core idle."""
   block_m = _rows16(dims.M)
   block_k = 512 if dims.S >= 512 else 128
+  while block_k > 128 and not fits(shared_vmem(
+      dims, dtype, MosaicTpuSharedConfig(block_m=block_m, block_k=block_k)), target):
+    block_k //= 2
   programs = dims.Hkv * math.ceil(dims.M / block_m)
   splits = max(1, min(math.ceil(dims.S / block_k), target.num_cores // programs))
   return MosaicTpuSharedConfig(block_m=block_m, block_k=block_k, num_splits=splits)
 
 
-def shared_candidates(dims: AttentionDims, target: TpuTarget) -> list[MosaicTpuSharedConfig]:
-  base = shared(dims, target)
-  return [base, *(dataclasses.replace(base, block_k=bk) for bk in (128, 256, 1024)
-                  if bk != base.block_k)]
+def shared_candidates(dims: AttentionDims, dtype,
+                      target: TpuTarget) -> list[MosaicTpuSharedConfig]:
+  base = shared(dims, dtype, target)
+  others = (dataclasses.replace(base, block_k=bk) for bk in (128, 256, 1024) if bk != base.block_k)
+  return [base, *(c for c in others if fits(shared_vmem(dims, dtype, c), target))]
 
 
 def unique_rows(T: int, G: int) -> int:
   """Query rows of one (request, kv head) padded to the bf16 sublane tile: a multiple of 16."""
   return 16 * math.ceil(T * G / 16)
+
+
+def unique_vmem(dims: AttentionDims, page_size: int, dtype,
+                config: MosaicTpuUniqueConfig) -> int:
+  """All T*G query rows of a (request, kv-head block) are one block: they are not tiled."""
+  hb = heads_per_block(dims.Hkv, dims.D)
+  return vmem_bytes(rows=unique_rows(dims.T, dims.G), keys=config.pages_per_block * page_size,
+                    D=dims.D, hb=hb, q_heads=hb, dtype=dtype, kv_blocks=config.pages_per_block)
 
 
 def unique(dims: AttentionDims, page_size: int, target: TpuTarget) -> MosaicTpuUniqueConfig:
@@ -73,24 +140,32 @@ def unique_unsupported(page_size: int) -> str | None:
   return None
 
 
-def unique_candidates(dims: AttentionDims, page_size: int,
+def unique_candidates(dims: AttentionDims, page_size: int, dtype,
                       target: TpuTarget) -> list[MosaicTpuUniqueConfig]:
   base = unique(dims, page_size, target)
-  return [base, *(dataclasses.replace(base, pages_per_block=max(1, keys // page_size))
-                  for keys in (64, 256, 512) if max(1, keys // page_size) != base.pages_per_block)]
+  others = (dataclasses.replace(base, pages_per_block=max(1, keys // page_size))
+            for keys in (64, 256, 512) if max(1, keys // page_size) != base.pages_per_block)
+  return [base, *(c for c in others if fits(unique_vmem(dims, page_size, dtype, c), target))]
 
 
-def chunk(dims: AttentionDims, top_k: int, chunk_size: int,
+def chunk_vmem(dims: AttentionDims, dtype, config: MosaicTpuChunkConfig) -> int:
+  """A tile is one kv head's rows (o in the input dtype) against hb heads' K/V columns."""
+  return vmem_bytes(rows=config.block_m, keys=config.block_k, D=dims.D,
+                    hb=heads_per_block(dims.Hkv, dims.D), q_heads=1, dtype=dtype,
+                    out_dtype=dtype)
+
+
+def chunk(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
           target: TpuTarget) -> MosaicTpuChunkConfig:
   """block_m near the rows a chosen chunk gets; a chunk of up to MAX_CHUNK_BLOCK_K keys is one
   key block (resident across all of its tiles: the index map does not change between them, so
-  no re-copy); longer chunks stream 512 / 256 / 128 keys."""
-  del target
-  rows = dims.B * dims.T * dims.G * top_k / math.ceil(dims.S / chunk_size)
-  fits = [b for b in (chunk_size, 512, 256, 128) if b <= MAX_CHUNK_BLOCK_K and b % 128 == 0
-          and chunk_size % b == 0]
-  block_k = fits[0] if fits else 128  # no 128-multiple divides C: refused by chunk_unsupported
-  return MosaicTpuChunkConfig(block_m=_rows16(rows), block_k=block_k)
+  no re-copy); longer chunks (or a short VMEM) stream 512 / 256 / 128 keys."""
+  block_m = _rows16(dims.B * dims.T * dims.G * top_k / math.ceil(dims.S / chunk_size))
+  configs = [MosaicTpuChunkConfig(block_m=block_m, block_k=b) for b in (chunk_size, 512, 256, 128)
+             if b <= MAX_CHUNK_BLOCK_K and b % 128 == 0 and chunk_size % b == 0]
+  if not configs:  # no 128-multiple divides C: refused by chunk_unsupported
+    return MosaicTpuChunkConfig(block_m=block_m, block_k=128)
+  return next((c for c in configs if fits(chunk_vmem(dims, dtype, c), target)), configs[-1])
 
 
 def chunk_unsupported(chunk_size: int, config: MosaicTpuChunkConfig) -> str | None:
@@ -105,8 +180,8 @@ def scores(dims: AttentionDims, chunk_size: int, target: TpuTarget) -> MosaicTpu
   chunk; 128 chunks per output block (or all of them)."""
   del target
   n_chunks = math.ceil(dims.S / chunk_size)
-  fits = [b for b in (512, 256, 128) if chunk_size % b == 0]
-  return MosaicTpuScoresConfig(block_m=_rows16(dims.M), block_k=fits[0] if fits else 128,
+  blocks = [b for b in (512, 256, 128) if chunk_size % b == 0]
+  return MosaicTpuScoresConfig(block_m=_rows16(dims.M), block_k=blocks[0] if blocks else 128,
                                chunks_per_block=n_chunks if n_chunks <= 128 else 128)
 
 

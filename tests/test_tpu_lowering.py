@@ -1,0 +1,167 @@
+"""Every Mosaic TPU kernel lowers for the TPU platform, for each preset TPU generation, anywhere.
+
+TPU interpret mode checks the kernels' numerics but applies none of Mosaic's lowering rules.
+Lowering for the TPU platform under `targets.lowering_for(chip)` applies them for that chip
+without one: each case plans the op for its chip (`pk.plan(..., target=)`), lowers it with that
+config and checks that the module holds the kernel's Mosaic custom call. What libtpu then
+compiles for the chip (layout passes, VMEM fit) needs a TPU and is not checked here.
+
+Grid (149 lowerings): on v5p (megacore, the default preset) the full product of head_dim x G x
+T x dtype, each op's odd shapes taken in turn; on v4, v5e and v6e a subset covering every pair of
+values of any two factors (shape and chip included).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+import pallas_kernels as pk
+from pallas_kernels import targets
+
+FULL_TARGET = "v5p"
+# Name -> (q dtype, K/V dtype).
+DTYPES = {"bf16": (jnp.bfloat16, jnp.bfloat16), "f32": (jnp.float32, jnp.float32)}
+# FP8 K/V joins with one entry once the TPU kernels read it: "fp8": (jnp.bfloat16,
+# jnp.float8_e4m3fn) (dequantized to bf16 in the kernel: v4-v6e have no e4m3fn matmul).
+FACTORS = {"D": (64, 128, 256), "G": (1, 4, 8), "T": (1, 4), "dtype": tuple(DTYPES)}
+# Each op's own sizes: odd B, S, page counts, pool sizes; page sizes multiples of 8 (the kernel's
+# sublane rule); chunk sizes whose 128-multiple key blocks divide them (C=384 -> 384, 2048 -> 512).
+# B=1 with one block of kv heads leaves a core idle on the megacore chips (v4, v5p): the plans
+# split S (or the pages) there.
+SHAPES = {
+    "shared_attention": ({"B": 1, "Hkv": 1, "S": 1000}, {"B": 3, "Hkv": 2, "S": 4097}),
+    "chunk_attention": ({"B": 3, "Hkv": 2, "S": 1000, "C": 128},
+                        {"B": 2, "Hkv": 2, "S": 4097, "C": 384},
+                        {"B": 1, "Hkv": 1, "S": 4097, "C": 512},
+                        {"B": 3, "Hkv": 2, "S": 1000, "C": 2048}),
+    "unique_attention": ({"B": 1, "Hkv": 2, "page_size": 8, "max_pages": 125, "P": 251},
+                         {"B": 3, "Hkv": 2, "page_size": 24, "max_pages": 43, "P": 131},
+                         {"B": 2, "Hkv": 1, "page_size": 40, "max_pages": 13, "P": 27}),
+}
+OPS = {"shared_attention": pk.shared_attention, "chunk_attention": pk.chunk_attention,
+       "unique_attention": pk.unique_attention}
+
+
+def _pairwise(factors: dict[str, Sequence]) -> list[dict]:
+  """Rows of values of `factors` covering every pair of values of any two factors (greedy)."""
+  names = list(factors)
+
+  def pairs(row: dict) -> set:
+    return {(a, row[a], b, row[b]) for a, b in itertools.combinations(names, 2)}
+
+  candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
+  todo = set().union(*map(pairs, candidates))
+  rows = []
+  while todo:
+    row = max(candidates, key=lambda r: len(pairs(r) & todo))
+    rows.append(row)
+    todo -= pairs(row)
+  return rows
+
+
+def _cases() -> list:
+  rows = []
+  for op, shapes in SHAPES.items():
+    indices = itertools.product(*(range(len(v)) for v in FACTORS.values()))
+    for index in indices:  # shape by the sum of indices: every shape meets every factor value
+      row = {name: FACTORS[name][i] for name, i in zip(FACTORS, index)}
+      rows.append(dict(op=op, target=FULL_TARGET, shape=sum(index) % len(shapes), **row))
+    others = tuple(t for t in sorted(targets.TPU_PRESETS) if t != FULL_TARGET)
+    rows += [dict(op=op, **row) for row in _pairwise(
+        {"target": others, **FACTORS, "shape": tuple(range(len(shapes)))})]
+  return [pytest.param(r, id=_case_id(r)) for r in rows]
+
+
+def _case_id(r: dict) -> str:
+  """E.g. v5p-chunk-D64-G4-T1-bf16-B3-Hkv2-S1000-C128."""
+  shape = "-".join(f"{k}{v}" for k, v in SHAPES[r["op"]][r["shape"]].items())
+  return f"{r['target']}-{r['op'].split('_')[0]}-D{r['D']}-G{r['G']}-T{r['T']}-{r['dtype']}-{shape}"
+
+
+def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tuple[tuple, dict]:
+  """ShapeDtypeStructs of the op's arguments and its static keyword arguments."""
+  sds = jax.ShapeDtypeStruct
+  q_dtype, kv_dtype = DTYPES[dtype]
+  B, Hkv = shape["B"], shape["Hkv"]
+  q = sds((B, T, G * Hkv, D), q_dtype)
+  if op == "unique_attention":
+    pages = sds((shape["P"], shape["page_size"], Hkv, D), kv_dtype)
+    return (q, pages, pages, sds((B, shape["max_pages"]), jnp.int32), sds((B,), jnp.int32)), {}
+  kv = sds((shape["S"], Hkv, D), kv_dtype)
+  if op == "shared_attention":
+    return (q, kv, kv), {}
+  top_k = min(3, -(-shape["S"] // shape["C"]))
+  return (q, kv, kv, sds((B, Hkv, top_k), jnp.int32)), {"chunk_size": shape["C"]}
+
+
+def _mosaic_calls(lowered) -> list[tuple[str, dict]]:
+  """(kernel name, backend config) of each Mosaic TPU custom call of the module."""
+  calls = re.findall(r'custom_call @tpu_custom_call\(.*backend_config = "([^"]*)".*'
+                     r'kernel_name = "(\w+)"', lowered.as_text())
+  return [(name, json.loads(config.replace("\\22", '"'))) for config, name in calls]
+
+
+def _lower(op: str, args: tuple, chip, **kwargs):
+  with targets.lowering_for(chip):
+    fn = functools.partial(OPS[op], implementation="mosaic_tpu", **kwargs)
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",))
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_kernel_lowers_for_tpu(case):
+  op = case["op"]
+  args, static = _inputs(op, SHAPES[op][case["shape"]], D=case["D"], G=case["G"], T=case["T"],
+                         dtype=case["dtype"])
+  plan = pk.plan(op, *args, implementation="mosaic_tpu", target=case["target"], **static)
+  lowered = _lower(op, args, case["target"], config=plan.config, **static)
+  assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
+
+
+def test_a_kernel_that_needs_more_vmem_asks_for_it_up_to_the_chip():
+  q = jax.ShapeDtypeStruct((16, 16, 16, 256), jnp.float32)
+  k = jax.ShapeDtypeStruct((4097, 1, 256), jnp.float32)
+  big = pk.MosaicTpuSharedConfig(block_m=256, block_k=2048)  # ~20 MiB by tuning.vmem_bytes
+
+  def limits(chip, config):
+    [(_, backend)] = _mosaic_calls(_lower("shared_attention", (q, k, k), chip, config=config))
+    return [c["size"] for c in backend.get("scoped_memory_configs", [])]
+
+  default = pk.plan("shared_attention", q, k, k, implementation="mosaic_tpu", target="v5e")
+  assert limits("v5e", default.config) == []  # fits the default scoped VMEM
+  assert limits("v5e", big) == [25 * targets.MIB] and limits("v4", big) == [16 * targets.MIB]
+
+
+@pytest.mark.parametrize("name", sorted(targets.TPU_PRESETS))
+def test_lowering_for_names_the_chip(name):
+  chip = targets.target(name)
+  q = jax.ShapeDtypeStruct((1, 1, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1000, 1, 128), jnp.bfloat16)  # one kv head: v4 / v5p split S
+  with targets.lowering_for(name):
+    # Mosaic's lowering rules see the chip (JAX's table of it agrees with the preset) ...
+    info = pltpu.get_tpu_info()
+    assert (info.num_cores, info.vmem_capacity_bytes, info.mxu_column_size) == (
+        chip.num_cores, chip.vmem_bytes, chip.mxu)
+    # ... and so do the default tilings.
+    assert targets.current("tpu") == chip
+    assert pk.plan("shared_attention", q, k, k, implementation="mosaic_tpu") == pk.plan(
+        "shared_attention", q, k, k, implementation="mosaic_tpu", target=chip)
+  assert jax.sharding.get_abstract_mesh().empty
+
+
+def test_lowering_for_keeps_the_mesh_in_scope_and_refuses_other_chips():
+  mesh = jax.sharding.AbstractMesh((2,), ("x",), (jax.sharding.AxisType.Explicit,))
+  with jax.sharding.use_abstract_mesh(mesh), targets.lowering_for("v6e"):
+    inner = jax.sharding.get_abstract_mesh()
+    assert inner.axis_names == ("x",) and inner.abstract_device.device_kind == "TPU v6e"
+  with pytest.raises(ValueError, match="chip must be one of"):
+    with targets.lowering_for("h100"):
+      pass
