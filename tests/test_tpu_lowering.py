@@ -6,7 +6,7 @@ without one: each case plans the op for its chip (`pk.plan(..., target=)`), lowe
 config and checks that the module holds the kernel's Mosaic custom call. What libtpu then
 compiles for the chip (layout passes, VMEM fit) needs a TPU and is not checked here.
 
-Grid (149 lowerings): on v5p (megacore, the default preset) the full product of head_dim x G x
+Grid (about 200 lowerings): on v5p (megacore, the default preset) the full product of head_dim x G x
 T x dtype, each op's odd shapes taken in turn; on v4, v5e and v6e a subset covering every pair of
 values of any two factors (shape and chip included).
 """
@@ -46,9 +46,12 @@ SHAPES = {
     "unique_attention": ({"B": 1, "Hkv": 2, "page_size": 8, "max_pages": 125, "P": 251},
                          {"B": 3, "Hkv": 2, "page_size": 24, "max_pages": 43, "P": 131},
                          {"B": 2, "Hkv": 1, "page_size": 40, "max_pages": 13, "P": 27}),
+    "chunk_scores": ({"B": 3, "Hkv": 2, "S": 1000, "C": 128, "int8": 0},
+                     {"B": 1, "Hkv": 1, "S": 4097, "C": 512, "int8": 1},
+                     {"B": 2, "Hkv": 2, "S": 40000, "C": 256, "int8": 0}),  # > 128 chunks
 }
 OPS = {"shared_attention": pk.shared_attention, "chunk_attention": pk.chunk_attention,
-       "unique_attention": pk.unique_attention}
+       "unique_attention": pk.unique_attention, "chunk_scores": pk.chunk_scores}
 
 
 def _pairwise(factors: dict[str, Sequence]) -> list[dict]:
@@ -96,6 +99,9 @@ def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tupl
   if op == "unique_attention":
     pages = sds((shape["P"], shape["page_size"], Hkv, D), kv_dtype)
     return (q, pages, pages, sds((B, shape["max_pages"]), jnp.int32), sds((B,), jnp.int32)), {}
+  if op == "chunk_scores":
+    codes, scale = sds((shape["S"], Hkv, D // 2), jnp.uint8), sds((shape["S"], Hkv), jnp.float32)
+    return (q, codes, scale), {"chunk_size": shape["C"], "int8": bool(shape["int8"])}
   kv = sds((shape["S"], Hkv, D), kv_dtype)
   if op == "shared_attention":
     return (q, kv, kv), {}
