@@ -1,19 +1,28 @@
-"""sparse_attention: routed chunk attention (router + grouped kernel) vs dense shared attention.
+"""sparse_attention: the sparse path's Pareto front, router + routed attention vs dense.
 
 One layer of --shape heads (default Llama-3.1-8B: Hq=32, Hkv=8, D=128), bf16, T=1, shared length
-S. For each chunk size C, batch B, sparsity (1 - K/N) and routing regime, the same process times
-the router (`moska_jax.routing.route` on --sparse_summary summaries),
-`pallas_kernels.chunk_attention` on the routed ids (its default plan), and the dense
-`pallas_kernels.shared_attention` over all of S; it reports the union coverage (fraction of
-(kv head, chunk) tiles some request chose, i.e. of the shared KV read) and the ratio to the floor
-max(bytes of the selected union / read bandwidth, sparse FLOPs / matmul rate), with the ceilings
-measured in the same run. Regimes: "correlated" (each request's queries are one of
---sparse_topics topic vectors plus noise, so the batch's chunks concentrate) and "uniform"
-(independent random queries: at large B the union covers nearly every chunk).
+S. For each chunk size C, batch B, sparsity (1 - K/N) and routing regime the same process times
+the router (`moska_jax.routing.route` on --sparse_summary summaries; "int4" runs the
+`chunk_scores` kernel, bf16 and int8 query rows), the routed attention on its ids per
+(request, chunk) pair (`chunk_attention`) and per tile of alike requests over the union of their
+chunks (`--sparse_batch_aware` requests per tile: `routing.batch_aware` + `tile_chunk_attention`,
+what `MoskaConfig.batch_aware` runs), and the dense `shared_attention` over all of S. Each row is
+one operating point (scorer, reuse r, batch-aware or not): total = router / r (the selection is
+kept r decode steps, `MoskaConfig.reroute_every`) + routed attention. Accuracy comes from the
+`accuracy` experiment's CSV (--sparse_accuracy_csv), matched by (scorer, reuse, batch_aware,
+sparsity). coverage is the union of chosen (kv head, chunk) tiles over all tiles (the share of the
+shared KV read); chunk_x_floor sets the per-pair path against max(union bytes / read bandwidth,
+its FLOPs / matmul rate), ceilings measured in the same run. Regimes: "correlated" (each request's
+queries are one of --sparse_topics topic vectors plus noise, so the batch's chunks concentrate)
+and "uniform" (independent random queries: at large B the union covers nearly every chunk).
 """
 
 
 from __future__ import annotations
+
+import csv
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +32,8 @@ import pallas_kernels as pk
 from experiments import harness, timing
 from experiments.report import plan_note
 from moska_jax import routing
+from moska_jax.attention import SharedLayer, routed_attention
+from moska_jax.config import MoskaConfig
 from pallas_kernels import chunk_attention, shared_attention
 from pallas_kernels.grouping import selected_chunks
 from pallas_kernels.reference import chunk_attention_ref
@@ -35,8 +46,15 @@ flags.DEFINE_list("sparse_regimes", ["correlated", "uniform"], "sparse_attention
 flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correlated regime.")
 flags.DEFINE_float("sparse_topic_noise", 0.05,
                    "sparse_attention: query noise around its topic vector (correlated regime).")
-flags.DEFINE_enum("sparse_summary", "mean", list(routing.SUMMARIES), "sparse_attention: summary.")
-flags.DEFINE_string("sparse_name", "sparse_attention",
+flags.DEFINE_enum("sparse_summary", "int4", list(routing.SUMMARIES), "sparse_attention: summary.")
+flags.DEFINE_list("sparse_reuse", ["1", "4", "16"],
+                  "sparse_attention: re-route every r decode steps (router cost / r).")
+flags.DEFINE_list("sparse_batch_aware", ["16"],
+                  "sparse_attention: requests per batch-aware tile to time (0 is always timed).")
+flags.DEFINE_string("sparse_accuracy_csv", "",
+                    "sparse_attention: an accuracy CSV (scorer, reuse, batch_aware, sparsity, "
+                    "acc_over_dense) to join.")
+flags.DEFINE_string("sparse_name", "sparse_pareto",
                     "sparse_attention: base name of the CSV/MD/PNG written.")
 FLAGS = flags.FLAGS
 
@@ -50,6 +68,16 @@ def make_queries(key, regime: str, B: int, Hq: int, D: int, dtype) -> jax.Array:
   topic = jax.random.randint(kt, (B,), 0, FLAGS.sparse_topics)
   noise = jax.random.normal(kn, (B, Hq, D), jnp.float32) * FLAGS.sparse_topic_noise
   return (centers[topic] + noise)[:, None].astype(dtype)
+
+
+def _accuracy(path: str) -> dict[tuple, float]:
+  """(scorer, reuse, batch_aware, sparsity) -> accuracy over dense, from an accuracy CSV."""
+  if not path:
+    return {}
+  with open(path) as f:
+    rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+  return {(r["scorer"], int(r["reuse"]), int(r["batch_aware"]), float(r["sparsity"])):
+          float(r["acc_over_dense"]) for r in rows if r.get("acc_over_dense")}
 
 
 def main() -> None:
@@ -71,6 +99,7 @@ def main() -> None:
   v = harness.normal(kv, (S, Hkv, D), dtype)
   itemsize = jnp.dtype(dtype).itemsize
   batches = list(map(int, FLAGS.sparse_batches))
+  accuracy = _accuracy(FLAGS.sparse_accuracy_csv)
   queries = {}  # (regime, B) -> q, shared by every chunk size and sparsity
   for regime in FLAGS.sparse_regimes:
     for B in batches:
@@ -81,52 +110,72 @@ def main() -> None:
     fn = jax.jit(lambda q, k, v: shared_attention(q, k, v, backend=backend)[0])
     dense[B] = timing.time_fn(fn, queries[FLAGS.sparse_regimes[0], B], k, v)
     logging.info("dense B=%d: %.3f ms", B, dense[B] * 1e3)
-  table = bench.table(FLAGS.sparse_name,
-                      "sparse_attention: router + grouped chunk attention vs dense",
-                      keys=("C", "B", "sparsity", "regime"), goals="sparse_attention")
+  table = bench.table(FLAGS.sparse_name, "sparse_attention: the sparse path against dense",
+                      keys=("scorer", "reuse", "batch_aware", "chunk", "sparsity", "regime", "B"),
+                      goals="sparse_attention")
+  scorers = {"int4": False, "int4-int8": True} if FLAGS.sparse_summary == "int4" else {
+      FLAGS.sparse_summary: False}
+  tiles = [0, *map(int, FLAGS.sparse_batch_aware)]
   for C in map(int, FLAGS.sparse_chunks):
     N = -(-S // C)
-    summ = jax.jit(lambda k: routing.chunk_summaries(k, C, summary=FLAGS.sparse_summary))(k)
+    summ = jax.block_until_ready(
+        jax.jit(lambda k: routing.chunk_summaries(k, C, summary=FLAGS.sparse_summary))(k))
+    logging.info("C=%d: summaries built", C)
+    shared = SharedLayer(k, v, summ, jnp.int32(S))
     for sparsity in map(float, FLAGS.sparse_sparsities):
       K = max(1, round((1 - sparsity) * N))
-      router = jax.jit(lambda q, s: routing.route(q, s, K))
       for regime in FLAGS.sparse_regimes:
         for B in batches:
           q = queries[regime, B]
+          t_route = {}
+          for scorer, int8 in scorers.items():
+            router = jax.jit(lambda q, s, i8=int8: routing.route(q, s, K, int8=i8,
+                                                                 backend=backend))
+            t_route[scorer] = timing.time_fn(router, q, summ)
+            logging.info("C=%d B=%d %s router: %.3f ms", C, B, scorer, t_route[scorer] * 1e3)
           ids = router(q, summ)
-          t_route = timing.time_fn(router, q, summ)
-          plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
-          t_chunk = timing.time_fn(harness.jit_plan(plan, chunk_size=C), q, k, v, ids)
+          t_attn = {}
+          for R in tiles:
+            mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=FLAGS.sparse_summary,
+                               batch_aware=R, backend=backend)
+            fn = jax.jit(lambda q, ids, m=mcfg: routed_attention(q, shared, ids, m)[0])
+            t_attn[R], err = harness.time_or_error(fn, q, ids)
+            logging.info("C=%d B=%d batch_aware=%d: %.3f ms %s", C, B, R, t_attn[R] * 1e3, err)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
-          flops = 4.0 * B * Hq * K * C * D
-          floor = bench.ceilings.floor_s(flops, 2.0 * union * C * D * itemsize)
-          total = t_route + t_chunk
-          table.add(
-              C=C, B=B, sparsity=sparsity, regime=regime, K=K, coverage=union / (Hkv * N),
-              router_ms=t_route * 1e3, chunk_ms=t_chunk * 1e3, dense_ms=dense[B] * 1e3,
-              total_over_dense=total / dense[B], floor_ms=floor * 1e3,
-              chunk_x_floor=t_chunk / floor, total_x_floor=total / floor,
-              chunk_tflops=flops / t_chunk / 1e12,
-              plan=plan_note(plan))
-  table.write(notes="coverage = chosen (kv head, chunk) tiles / all tiles (the fraction of the "
-                    "shared KV read). floor = max(2 * union tiles * C * D * bytes / read BW, "
-                    "4 * B * Hq * K * C * D / matmul rate). total = router + chunk_attention; "
-                    "plan = the chunk kernel and its config.", plot=_plot)
+          floor = bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
+                                         2.0 * union * C * D * itemsize)
+          plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
+          for scorer, R, reuse in itertools.product(scorers, tiles,
+                                                    map(int, FLAGS.sparse_reuse)):
+            total = t_route[scorer] / reuse + t_attn[R]
+            table.add(scorer=scorer, reuse=reuse, batch_aware=R, chunk=C, sparsity=sparsity,
+                      regime=regime, B=B,
+                      acc_over_dense=accuracy.get((scorer, reuse, R, sparsity), math.nan),
+                      total_over_dense=total / dense[B], router_ms=t_route[scorer] * 1e3,
+                      chunk_ms=t_attn[R] * 1e3, dense_ms=dense[B] * 1e3, K=K,
+                      coverage=union / (Hkv * N),
+                      chunk_x_floor=t_attn[0] / floor if R == 0 else math.nan,
+                      plan=plan_note(plan) if R == 0 else f"tiles of {R} requests")
+  table.write(notes="total = router / reuse + routed attention (per-pair chunk_attention, or "
+                    "batch-aware tiles of `batch_aware` requests); coverage = chosen (kv head, "
+                    "chunk) tiles / all tiles. chunk_x_floor (per-pair rows) = time / max(2 * "
+                    "union tiles * C * D * bytes / read BW, 4 * B * Hq * K * C * D / matmul "
+                    "rate). acc_over_dense: the accuracy experiment on the trained retrieval "
+                    "model (its own chunk size), NaN where not measured.", plot=_plot)
 
 
 def _plot(plt, rows: list[dict]):
-  """Router + chunk_attention time over dense time, against B, one panel per chunk size."""
-  chunks = sorted({r["C"] for r in rows})
-  fig, axes = plt.subplots(1, len(chunks), figsize=(4.5 * len(chunks), 3.6), squeeze=False)
-  for ax, C in zip(axes[0], chunks):
-    for sp in sorted({r["sparsity"] for r in rows}):
-      for regime, style in (("correlated", "o-"), ("uniform", "s--")):
-        rs = [r for r in rows if r["C"] == C and r["sparsity"] == sp and r["regime"] == regime]
-        if rs:
-          ax.plot([r["B"] for r in rs], [r["total_over_dense"] for r in rs], style,
-                  label=f"{regime}, {sp:.0%} sparse")
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set(xscale="log", xlabel="B (requests)", ylabel="(router + chunk) / dense",
-           title=f"chunk size {C}")
+  """Accuracy (where measured) or sparsity against time over dense, at each B: the Pareto front."""
+  batches = sorted({r["B"] for r in rows})
+  fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+  for ax, B in zip(axes[0], batches):
+    for regime, marker in (("correlated", "o"), ("uniform", "s")):
+      rs = [r for r in rows if r["B"] == B and r["regime"] == regime]
+      y = [r["acc_over_dense"] if math.isfinite(r["acc_over_dense"]) else 1 - r["sparsity"]
+           for r in rs]
+      ax.scatter([r["total_over_dense"] for r in rs], y, marker=marker, s=12, label=regime)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="(router / r + routed attention) / dense",
+           ylabel="accuracy over dense (or 1 - sparsity)", title=f"B={B}")
     ax.legend(fontsize=7)
   return fig

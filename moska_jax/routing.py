@@ -160,7 +160,7 @@ class ChunkSummaries:
 
   arrays: the kind's arrays, each with N rows: "mean" (mean [N, Hkv, D] f32,), "envelope" (max,
     min [N, Hkv, D] f32), "int4" (center [N, Hkv, D] f32, scale [N, C, Hkv] f32, codes
-    [N, C, Hkv, D/2] uint8 (`pallas_kernels.sketch` packing), valid [N, C] bool).
+    [N, C, Hkv, D/2] int8 (`pallas_kernels.sketch` packing), valid [N, C] bool).
   num_valid_chunks: int32 scalar, chunks [0, num_valid_chunks) hold a key before kv_length.
   kind: key of `SUMMARIES` (static).
   chunk_size: C (static).

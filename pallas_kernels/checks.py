@@ -147,14 +147,14 @@ def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str) -> i
 
 
 def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDims, int]:
-  """Validates q[B, T, Hq, D] against packed sketches codes[S, Hkv, D/2] (uint8) and scales
+  """Validates q[B, T, Hq, D] against packed sketches codes[S, Hkv, D/2] (int8) and scales
   scale[S, Hkv]; returns (dims, N chunks)."""
   positive_int(chunk_size, name="chunk_size", where=op)
   if q.ndim != 4 or q.shape[-1] % 2:
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D] with D even, got {q.shape}")
   B, T, Hq, D = q.shape
-  if codes.ndim != 3 or codes.shape[-1] != D // 2 or codes.dtype != jnp.uint8:
-    raise ValueError(f"{op}: codes must be a uint8 array of shape [S, Hkv, D/2={D // 2}], got "
+  if codes.ndim != 3 or codes.shape[-1] != D // 2 or codes.dtype != jnp.int8:
+    raise ValueError(f"{op}: codes must be an int8 array of shape [S, Hkv, D/2={D // 2}], got "
                      f"{codes.shape} {codes.dtype}")
   S, Hkv, _ = codes.shape
   _check_gqa(op, Hq, Hkv, "codes")

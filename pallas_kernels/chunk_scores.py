@@ -37,7 +37,7 @@ OP_NAME = "chunk_scores"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScoresProblem(dispatch.Problem):
-  codes: Any  # [S, Hkv, D/2] uint8
+  codes: Any  # [S, Hkv, D/2] int8
   scale: Any  # [S, Hkv]
   chunk_size: int
   num_chunks: int
@@ -129,7 +129,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
 
   Args:
     q: [B, T, Hq, D] queries (D even); query head h reads kv head h // G.
-    codes: [S, Hkv, D/2] uint8 packed 4-bit sketches of the shared keys (`sketch.pack`).
+    codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`).
     scale: [S, Hkv] float per-key scales (0 for keys that must never score).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
     kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.

@@ -141,7 +141,7 @@ def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_
 
   Args:
     q: [B, T, Hq, D] queries; query head h reads kv head h // G.
-    codes: [S, Hkv, D/2] uint8 packed 4-bit key sketches (`pallas_kernels.sketch`).
+    codes: [S, Hkv, D/2] int8 packed 4-bit key sketches (`pallas_kernels.sketch`).
     scale: [S, Hkv] float per-key scales: key s is approximated (up to its chunk's center,
       which the caller adds) by scale[s] * code[s].
     chunk_size: C; chunk n is keys [n*C, (n+1)*C).

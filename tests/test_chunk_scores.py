@@ -106,8 +106,8 @@ def test_empty_and_validation():
   out = kc.run(chunk_scores, q, codes, scale, chunk_size=128, kv_length=jnp.int32(0),
                implementation="triton", interpret=True)
   assert np.all(np.isneginf(np.asarray(out)))
-  with pytest.raises(ValueError, match=r"codes must be a uint8 array of shape \[S, Hkv, D/2=32\]"):
-    chunk_scores(q, codes.astype(jnp.int8), scale, chunk_size=128)
+  with pytest.raises(ValueError, match=r"codes must be an int8 array of shape \[S, Hkv, D/2=32\]"):
+    chunk_scores(q, codes.astype(jnp.uint8), scale, chunk_size=128)
   with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\]"):
     chunk_scores(q, codes, scale[:10], chunk_size=128)
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):

@@ -34,7 +34,7 @@ def summaries_np(k, C, n, kind):
 
 
 def unpack_np(packed):
-  """uint8 [..., D/2] -> float64 codes [..., D]: low nibble = dim j, high nibble = dim j + D/2,
+  """int8 [..., D/2] (packed bytes) -> float64 codes [..., D]: low nibble = dim j, high nibble = dim j + D/2,
   two's complement (decoded here independently of pallas_kernels.sketch)."""
   b = np.asarray(packed).astype(np.int64)
   lo, hi = b & 15, b >> 4
@@ -98,7 +98,7 @@ def test_chunk_summaries_match_numpy(kind, kv_length):
   assert len(s.arrays) == len(want)
   if kind == "int4":  # codes: rounding may differ from float64 only at a .5 tie
     center, scale, codes, valid = (np.asarray(x) for x in s.arrays)
-    assert codes.dtype == np.uint8 and codes.shape[-1] == 16 and valid.dtype == bool
+    assert codes.dtype == np.int8 and codes.shape[-1] == 16 and valid.dtype == bool
     codes = unpack_np(codes)
     kc = np.zeros(codes.shape)
     kc.reshape(-1, *codes.shape[2:])[:1000] = k

@@ -100,7 +100,7 @@ def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tupl
     pages = sds((shape["P"], shape["page_size"], Hkv, D), kv_dtype)
     return (q, pages, pages, sds((B, shape["max_pages"]), jnp.int32), sds((B,), jnp.int32)), {}
   if op == "chunk_scores":
-    codes, scale = sds((shape["S"], Hkv, D // 2), jnp.uint8), sds((shape["S"], Hkv), jnp.float32)
+    codes, scale = sds((shape["S"], Hkv, D // 2), jnp.int8), sds((shape["S"], Hkv), jnp.float32)
     return (q, codes, scale), {"chunk_size": shape["C"], "int8": bool(shape["int8"])}
   kv = sds((shape["S"], Hkv, D), kv_dtype)
   if op == "shared_attention":

@@ -66,7 +66,7 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale: jax.
   Args:
     q_lo, q_hi: [Hkv, M, D/2] the two halves of the folded query rows (M a multiple of block_m),
       bfloat16/float16/float32, or int8 (quantized rows).
-    codes: [S, Hkv, D/2] uint8 packed sketches; scale: [S, Hkv] per-key scales.
+    codes: [S, Hkv, D/2] int8 packed sketches; scale: [S, Hkv] per-key scales.
     kv_length: int32 scalar, keys [0, kv_length) are valid.
 
   Returns:

@@ -37,10 +37,18 @@ def _pow2_at_least(x: float, minimum: int = 16) -> int:
 
 def triton_smem_bytes(block_m: int, block_k: int, D: int, itemsize: int, num_stages: int) -> int:
   """Shared memory one Triton attention program asks for: the software pipeline keeps
-  num_stages - 1 tiles each of K and V in flight (at least one), and the q and p tiles are staged
-  for the two dots. (On an H200, float32, D=128, block_m=16, block_k=128, 3 stages asked for
-  278,528 bytes: exactly this.)"""
-  return (2 * max(num_stages - 1, 1) * block_k * D + 2 * block_m * max(D, block_k)) * itemsize
+  num_stages - 1 tiles each of K and V in flight (at least one), and the two dots stage their
+  first operands, q [block_m, D] and p [block_m, block_k] -- twice over for float32, whose 3xTF32
+  dots split each operand in a high and a low part. What the compiler asked for on an H200:
+  262,144 bytes for float32 (3xTF32), block_m=128, block_k=64, 2 stages (this, exactly); 278,528
+  for float32 with IEEE dots (one operand copy), block_m=16, block_k=128, 3 stages."""
+  operands = (2 if itemsize == 4 else 1) * block_m * (D + block_k)
+  return (2 * max(num_stages - 1, 1) * block_k * D + operands) * itemsize
+
+
+# The share of a block's shared memory a default tiling may plan for: the model counts the
+# pipeline and the dot operands, not the compiler's small scratch (barriers, reductions).
+SMEM_USE = 0.95
 
 
 def _halvings(x: int, minimum: int = 16) -> list[int]:
@@ -54,7 +62,7 @@ def _fit_triton(block_m: int, block_k: int, num_stages: int, D: int, itemsize: i
   for bm in _halvings(block_m):
     for bk in _halvings(block_k):
       for st in range(num_stages, 0, -1):
-        if triton_smem_bytes(bm, bk, D, itemsize, st) <= target.smem_per_block:
+        if triton_smem_bytes(bm, bk, D, itemsize, st) <= SMEM_USE * target.smem_per_block:
           return bm, bk, st
   return 16, 16, 1
 

@@ -61,7 +61,7 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale_t: ja
 
   Args:
     q_lo, q_hi: [Hkv, M, D/2] halves of the folded query rows, M a multiple of block_m.
-    codes: [S, Hkv, D/2] uint8 packed sketches; scale_t: [Hkv, S] per-key scales (transposed).
+    codes: [S, Hkv, D/2] int8 packed sketches; scale_t: [Hkv, S] per-key scales (transposed).
     kv_length: int32 scalar.
     block_k: divides chunk_size, a multiple of 128; chunks_per_block: a multiple of 128 or all N.
 
