@@ -138,8 +138,9 @@ def main() -> None:
           for R in tiles:
             mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=FLAGS.sparse_summary,
                                batch_aware=R, backend=backend)
-            fn = jax.jit(lambda q, ids, m=mcfg: routed_attention(q, shared, ids, m)[0])
-            t_attn[R], err = harness.time_or_error(fn, q, ids)
+            # The store is an argument, not a closed-over constant (GBs folded into the program).
+            fn = jax.jit(lambda q, ids, shared, m=mcfg: routed_attention(q, shared, ids, m)[0])
+            t_attn[R], err = harness.time_or_error(fn, q, ids, shared)
             logging.info("C=%d B=%d batch_aware=%d: %.3f ms %s", C, B, R, t_attn[R] * 1e3, err)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
           floor = bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
