@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags, logging
 
 import pallas_kernels as pk
-from experiments import common, report
+from experiments import harness
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
@@ -45,14 +45,27 @@ flags.DEFINE_list("accuracy_chunks", ["64", "128", "256"], "accuracy: routing ch
 flags.DEFINE_string("accuracy_name", "accuracy", "accuracy: base name of the CSV/MD/PNG written.")
 flags.DEFINE_list("accuracy_summaries", ["mean", "envelope", "int4"],
                   "accuracy: chunk summary kinds.")
+flags.DEFINE_list("accuracy_int8_scorer", ["0"],
+                  "accuracy: int8 query rows in the int4 scorer (0 and/or 1; int4 configs only).")
+flags.DEFINE_list("accuracy_batch_aware", ["0"],
+                  "accuracy: requests per batch-aware tile (0: per-request chunks).")
 FLAGS = flags.FLAGS
 
 
 def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
+  """Every (chunk size, summary, sink, sparsity, batch-aware tile) and, for "int4", scorer."""
   return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=s, summary=kind,
-                      always_include=ai, backend=backend)
+                      always_include=ai, int8_scorer=i8, batch_aware=int(tile), backend=backend)
           for c in FLAGS.accuracy_chunks for kind in FLAGS.accuracy_summaries
+          for i8 in ({bool(int(x)) for x in FLAGS.accuracy_int8_scorer} if kind == "int4"
+                     else {False})
+          for tile in FLAGS.accuracy_batch_aware
           for ai in ((), (0,)) for s in sparsities]
+
+
+def scorer_name(mcfg: MoskaConfig) -> str:
+  """The router's name in results (the sparse experiment's `scorer` column)."""
+  return mcfg.summary + ("-int8" if mcfg.int8_scorer else "")
 
 
 def attention_errors(model, store, prompts: np.ndarray, configs: list[MoskaConfig],
@@ -114,7 +127,7 @@ def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chun
 
 
 def main() -> None:
-  env = common.environment()
+  bench = harness.Bench(ceilings=False, shape=False)
   path = FLAGS.accuracy_checkpoint
   with open(os.path.join(path, "retrieval.json")) as f:
     meta = json.load(f)
@@ -167,67 +180,65 @@ def main() -> None:
           errs[id(m)].append(em)
     logging.info("document %d: dense accuracy so far %.3f", d + 1, hits[0] / asked)
   dense_acc = hits[0] / asked
-  rows = [dict(mode="dense", chunk=0, summary="-", always_include="-", sparsity=0.0, top_k=0,
-               accuracy=dense_acc, acc_over_dense=1.0, attn_rel_err=0.0, attn_rel_err_worst=0.0)]
+  table = bench.table(FLAGS.accuracy_name,
+                      "accuracy: sparse routing vs dense on the trained retrieval decoder",
+                      keys=("mode", "chunk", "scorer", "batch_aware", "always_include",
+                            "sparsity"), goals="accuracy")
+  common_cols = dict(reuse=1)  # every answer is predicted by a step that routes afresh
+
+  def add(mode, chunk, scorer, batch_aware, always_include, sparsity, top_k, accuracy, e):
+    table.add(mode=mode, chunk=chunk, scorer=scorer, batch_aware=batch_aware, **common_cols,
+              always_include=always_include, sparsity=sparsity, top_k=top_k, accuracy=accuracy,
+              acc_over_dense=accuracy / max(dense_acc, 1e-9),
+              attn_rel_err=float(e.mean()) if e is not None else float("nan"),
+              attn_rel_err_worst=float(e.mean(1).max()) if e is not None else float("nan"))
+
+  add("dense", 0, "-", 0, "-", 0.0, 0, dense_acc, np.zeros((1, 1)))
   S_chunks = {c: -(-base.k[0].shape[0] // c) for c in chunk_sizes}  # the store's chunk slots
   for j, m in enumerate(sparse, start=1):
-    e = np.concatenate(errs[id(m)], axis=1)  # [layers, questions]
-    rows.append(dict(mode="sparse", chunk=m.chunk_size, summary=m.summary,
-                     always_include="0" if m.always_include else "-", sparsity=m.sparsity,
-                     top_k=m.chunks_kept(S_chunks[m.chunk_size]), accuracy=hits[j] / asked,
-                     acc_over_dense=(hits[j] / asked) / max(dense_acc, 1e-9),
-                     attn_rel_err=float(e.mean()), attn_rel_err_worst=float(e.mean(1).max())))
+    add("sparse", m.chunk_size, scorer_name(m), m.batch_aware,
+        "0" if m.always_include else "-", m.sparsity, m.chunks_kept(S_chunks[m.chunk_size]),
+        hits[j] / asked, np.concatenate(errs[id(m)], axis=1))  # errors [layers, questions]
   for c in chunk_sizes:
     for j, sp in enumerate(sparsities):
-      acc = oracle_hits[c, j] / asked
-      rows.append(dict(mode="oracle", chunk=c, summary="exact max logit", always_include="-",
-                       sparsity=sp, top_k=MoskaConfig(sparsity=sp).chunks_kept(S_chunks[c]),
-                       accuracy=acc, acc_over_dense=acc / max(dense_acc, 1e-9),
-                       attn_rel_err=float("nan"), attn_rel_err_worst=float("nan")))
-  write(rows, env, meta, length, asked, cfg)
+      add("oracle", c, "exact max logit", 0, "-", sp,
+          MoskaConfig(sparsity=sp).chunks_kept(S_chunks[c]), oracle_hits[c, j] / asked, None)
+  table.write(notes=(
+      f"Checkpoint: {FLAGS.accuracy_checkpoint} ({cfg}; trained to {meta['trained_length']} "
+      f"tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at training). Documents: "
+      f"{FLAGS.accuracy_docs} x {length} tokens, {asked} questions in all; chance "
+      f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "
+      f"MoskaEngine; acc_over_dense: / dense accuracy; scorer: the router (\"-int8\": int8 query "
+      f"rows); batch_aware: requests per batch-aware tile (0: off); reuse: the answer is "
+      f"predicted by a step that routes afresh (prefill steps always route); top_k: chunks kept "
+      f"per (request, kv head, layer); attn_rel_err: mean over layers and questions of the key "
+      f"token's ||o_sparse - o_dense|| / ||o_dense||; attn_rel_err_worst: the worst layer's "
+      f"mean. oracle rows: routing by each chunk's exact largest logit over the group's rows "
+      f"and heads (reads every key at full precision: the reference int4 approximates)."),
+              plot=_plot, show=("mode", "chunk", "scorer", "batch_aware", "always_include",
+                                "sparsity", "accuracy", "acc_over_dense"))
 
 
-def write(rows, env, meta, length, asked, cfg) -> None:
-  at75 = [r for r in rows if r["sparsity"] == 0.75 and r["mode"] == "sparse"]
-  goal = ""
-  if at75:
-    best = max(at75, key=lambda r: r["acc_over_dense"])
-    verdict = "met" if best["acc_over_dense"] >= 0.99 else "missed"
-    goal = (f"- Goal (issue 8): at 75% sparsity >= 99% of dense accuracy with the best routing: "
-            f"{best['acc_over_dense']:.3f} (C={best['chunk']}, {best['summary']}, always_include="
-            f"{best['always_include']}): {verdict}\n")
-  notes = (f"Checkpoint: {FLAGS.accuracy_checkpoint} ({cfg}; trained to {meta['trained_length']} "
-           f"tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at training). Documents: "
-           f"{FLAGS.accuracy_docs} x {length} tokens, {asked} questions in all; chance "
-           f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "
-           f"MoskaEngine; acc_over_dense: / dense accuracy; top_k: chunks kept per (request, kv "
-           f"head, layer); attn_rel_err: mean over layers and questions of the key token's "
-           f"||o_sparse - o_dense|| / ||o_dense||; attn_rel_err_worst: the worst layer's mean. "
-           f"oracle rows: routing by each chunk's exact largest logit over the group's rows and "
-           f"heads (reads every key at full precision: the reference int4 approximates).\n\n"
-           + goal)
-  report.write_results(FLAGS.out_dir, FLAGS.accuracy_name, rows, env,
-                       "accuracy: sparse routing vs dense on the trained retrieval decoder", notes)
-  print(f"accuracy: dense {rows[0]['accuracy']:.3f} over {asked} questions; " + goal.strip())
-  plt = report.pyplot()
-  if plt is None:
-    return
-  kinds = FLAGS.accuracy_summaries
+def _plot(plt, rows: list[dict]):
+  """Accuracy against sparsity, one panel per summary kind, oracle and dense for reference."""
+  kinds = sorted({r["scorer"] for r in rows if r["mode"] == "sparse"})
   fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.5), squeeze=False)
+  dense = next(r["accuracy"] for r in rows if r["mode"] == "dense")
   for ax, kind in zip(axes[0], kinds):
-    for c in sorted({r["chunk"] for r in rows if r["mode"] == "sparse"}):
+    for c, tile in sorted({(r["chunk"], r["batch_aware"]) for r in rows if r["mode"] == "sparse"}):
       for ai, style in (("-", "o-"), ("0", "s--")):
         pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
-                     if r["summary"] == kind and r["chunk"] == c and r["always_include"] == ai)
-        ax.plot(*zip(*pts), style, label=f"C={c}" + (", sink" if ai == "0" else ""))
+                     if r["scorer"] == kind and r["chunk"] == c and r["always_include"] == ai
+                     and r["batch_aware"] == tile)
+        if pts:
+          ax.plot(*zip(*pts), style, label=f"C={c}" + (", sink" if ai == "0" else "")
+                  + (f", tiles of {tile}" if tile else ""))
     for c in sorted({r["chunk"] for r in rows if r["mode"] == "oracle"}):
       pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
                    if r["mode"] == "oracle" and r["chunk"] == c)
-      ax.plot(*zip(*pts), "k:", lw=0.8 + c / 128,
-              label=f"oracle C={c}")
-    ax.axhline(rows[0]["accuracy"], color="k", lw=0.8, label="dense")
-    ax.set(title=f"summary: {kind}", xlabel="sparsity", ylabel="exact-match accuracy",
+      ax.plot(*zip(*pts), "k:", lw=0.8 + c / 128, label=f"oracle C={c}")
+    ax.axhline(dense, color="k", lw=0.8, label="dense")
+    ax.set(title=f"router: {kind}", xlabel="sparsity", ylabel="exact-match accuracy",
            ylim=(0, 1.02))
-  axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(os.path.join(FLAGS.out_dir, f"{FLAGS.accuracy_name}.png"), dpi=100)
+    ax.legend(fontsize=7)
+  return fig
