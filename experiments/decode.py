@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import flags, logging
 from flax import nnx
 
 import pallas_kernels as pk
-from experiments import common, report, timing
+from experiments import harness, timing
 from moska_jax import routing
 from moska_jax.attention import SharedLayer
 from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
@@ -41,7 +40,9 @@ def _random_kv(key, n, cfg, dtype):
 
 
 def main() -> None:
-  env = common.environment()
+  bench = harness.Bench(ceilings=False, shape=False)
+  table = bench.table("decode", "decode: MoSKA vs per-request paged decode over shared pages",
+                      keys=("B", "impl"))
   dtype = jnp.dtype(FLAGS.dtype)
   make = llama3_1_8b if FLAGS.decode_model == "llama3_1_8b" else tiny
   cfg = make(dtype=FLAGS.dtype, layers=FLAGS.decode_layers)
@@ -55,7 +56,6 @@ def main() -> None:
     key, kk, kv = jax.random.split(key, 3)
     k, v = _random_kv(kk, S, cfg, dtype), _random_kv(kv, S, cfg, dtype)
     shared.append(SharedLayer(k, v, routing.chunk_summaries(k, C), jnp.int32(S)))
-  rows = []
   for B in map(int, FLAGS.decode_batches):
     pages_per_req = U // ps + 1  # room for the token written this step
     P_u = B * pages_per_req + 1  # + the scratch page 0
@@ -69,7 +69,7 @@ def main() -> None:
     lengths = jnp.full((B,), U - 1, jnp.int32)  # one token is added by the step
     tokens = jax.random.randint(key, (B, 1), 0, cfg.vocab)
 
-    def step(state, pools, mcfg):
+    def step(state, pools, shared, mcfg):
       return moska_step(nnx.merge(graphdef, state), shared, pools, tables, lengths, tokens, mcfg)
 
     # Baseline pools: [shared pages | unique pages] in one pool per layer; a request's table lists
@@ -81,7 +81,8 @@ def main() -> None:
     base_tables = jnp.concatenate(
         [jnp.broadcast_to(jnp.arange(n_sp, dtype=jnp.int32), (B, n_sp)), n_sp + tables], axis=1)
 
-    def baseline_step(state, pools):
+    def baseline_step(state, pools, shared):
+      del shared  # the baseline's pools hold the shared pages
       def attend(i, q, k, v, pages):
         kp, vp = pk.write_pages(*pages, base_tables, S + lengths, k, v)
         return pk.unique_attention(q, kp, vp, base_tables, S + lengths + 1,
@@ -90,12 +91,13 @@ def main() -> None:
       return nnx.merge(graphdef, state).forward(tokens, S + lengths[:, None], attend, pools)
 
     def timed(step, pools):
-      """Times a step whose page pools are donated and threaded call to call (in place)."""
+      """Times a step whose page pools are donated and threaded call to call (in place); the
+      store is an argument (closed over, GBs of K/V would be folded into the program)."""
       fn = jax.jit(step, donate_argnums=(1,))
       held = {"pools": pools}
 
       def call():
-        held["logits"], held["pools"] = fn(state, held["pools"])
+        held["logits"], held["pools"] = fn(state, held["pools"], shared)
         return held["logits"]
 
       return timing.time_fn(call), held["pools"], held["logits"]
@@ -105,36 +107,33 @@ def main() -> None:
                          backend=FLAGS.backend)
     times, logits = {}, {}
     times["moska_dense"], unique_pools, logits["moska_dense"] = timed(
-        lambda st, p: step(st, p, dense), unique_pools)
+        lambda st, p, sh: step(st, p, sh, dense), unique_pools)
     times["moska_sparse"], unique_pools, logits["moska_sparse"] = timed(
-        lambda st, p: step(st, p, sparse), unique_pools)
+        lambda st, p, sh: step(st, p, sh, sparse), unique_pools)
     times["baseline_paged"], base_pools, logits["baseline_paged"] = timed(baseline_step,
                                                                           base_pools)
     ref = logits["baseline_paged"]
     for name, t in times.items():
       logging.info("B=%d %s: %.3f ms/step", B, name, t * 1e3)
-      rows.append(dict(B=B, impl=name, layers=cfg.layers, step_ms=t * 1e3,
-                       ms_per_layer=t * 1e3 / cfg.layers, tokens_per_s=B / t,
-                       x_baseline=times["baseline_paged"] / t,
-                       logits_rel_diff=float(jnp.linalg.norm(logits[name] - ref)
-                                             / jnp.linalg.norm(ref))))
+      table.add(B=B, impl=name, layers=cfg.layers, step_ms=t * 1e3,
+                ms_per_layer=t * 1e3 / cfg.layers, tokens_per_s=B / t,
+                x_baseline=times["baseline_paged"] / t,
+                logits_rel_diff=float(jnp.linalg.norm(logits[name] - ref)
+                                      / jnp.linalg.norm(ref)))
     del unique_pools, base_pools
-  env["shapes"] = (f"{FLAGS.decode_model} x {cfg.layers} layers (random weights), S={S}, U={U}, "
-                   f"page {ps}, chunk {C}, sparsity {FLAGS.decode_sparsity}, {FLAGS.dtype}")
-  report.write_results(FLAGS.out_dir, "decode", rows, env,
-                       "decode: MoSKA vs per-request paged decode over shared pages",
-                       notes="x_baseline = baseline step time / this step time (higher is better). "
-                             "logits_rel_diff: vs the baseline's logits (dense must agree up to "
-                             "bf16 rounding; sparse drops chunks). Goal (issue 5): MoSKA dense "
-                             ">= 20x the baseline at B=64.")
-  plt = report.pyplot()
-  if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in ("moska_dense", "moska_sparse", "baseline_paged"):
-      rs = [r for r in rows if r["impl"] == name]
-      ax.plot([r["B"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
-    ax.set(xlabel="B", ylabel="tokens/s", yscale="log", title=env["shapes"][:60])
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(f"{FLAGS.out_dir}/decode.png", dpi=110)
-  print(report.markdown_table(rows))
+  bench.env["shapes"] = (f"{FLAGS.decode_model} x {cfg.layers} layers (random weights), S={S}, "
+                         f"U={U}, page {ps}, chunk {C}, sparsity {FLAGS.decode_sparsity}, "
+                         f"{FLAGS.dtype}")
+  table.write(notes="x_baseline = baseline step time / this step time (higher is better). "
+                    "logits_rel_diff: vs the baseline's logits (dense must agree up to bf16 "
+                    "rounding; sparse drops chunks).", plot=_plot)
+
+
+def _plot(plt, rows: list[dict]):
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name in ("moska_dense", "moska_sparse", "baseline_paged"):
+    rs = [r for r in rows if r["impl"] == name]
+    ax.plot([r["B"] for r in rs], [r["tokens_per_s"] for r in rs], "o-", label=name)
+  ax.set(xlabel="B", ylabel="tokens/s", yscale="log", title="decode: tokens/s")
+  ax.legend(fontsize=7)
+  return fig

@@ -28,7 +28,7 @@ import optax
 from absl import flags, logging
 from flax import nnx
 
-from experiments import common, report
+from experiments import harness
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
@@ -228,7 +228,7 @@ def train(task: RetrievalTask, cfg: ModelConfig, attend, rng: np.random.Generato
 
 
 def main() -> None:
-  env = common.environment()
+  bench = harness.Bench(ceilings=False, shape=False)
   task = RetrievalTask(FLAGS.train_keys, FLAGS.train_values, FLAGS.train_value_first)
   task.records_for(FLAGS.train_length)  # validates the final length against num_keys
   cfg = model_config(task)
@@ -261,26 +261,28 @@ def main() -> None:
     json.dump(dict(num_keys=task.num_keys, num_values=task.num_values,
                    value_first=task.value_first,
                    trained_length=final["length"], eval_accuracy=saved_acc,
-                   steps=final["step"], minutes=round(final["minutes"], 2), **env), f, indent=1)
+                   steps=final["step"], minutes=round(final["minutes"], 2), **bench.env), f,
+              indent=1)
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"train_retrieval: {params / 1e6:.2f}M parameters, {final['step']} steps in "
         f"{final['minutes']:.1f} min, document length {final['length']}, held-out "
         f"accuracy {final['eval_acc']:.3f}, {saved_acc:.3f} with the saved {FLAGS.train_save_dtype} "
         f"weights (chance {1 / task.num_values:.3f}); saved to {path}")
-  notes = (f"Model: {cfg}. Chance = 1/{task.num_values}. eval_acc: held-out documents of the "
-           f"current length (teacher-forced questions).")
-  report.write_results(FLAGS.out_dir, "train_retrieval", log, env,
-                       "train_retrieval: curriculum training of the retrieval decoder", notes)
-  plt = report.pyplot()
-  if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in log], [r["train_acc"] for r in log], label="train answers")
-    ax.plot([r["step"] for r in log], [r["eval_acc"] for r in log], "o-", label="held-out")
-    ax2 = ax.twinx()
-    ax2.step([r["step"] for r in log], [r["length"] for r in log], "k:", where="post")
-    ax2.set_yscale("log", base=2)
-    ax2.set_ylabel("document length (dotted)")
-    ax.set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1.02))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(os.path.join(FLAGS.out_dir, "train_retrieval.png"), dpi=100)
+  table = bench.table("train_retrieval", "train_retrieval: curriculum training of the retrieval "
+                      "decoder", keys=("step", "length"))
+  table.rows.extend(log)  # logged as it trained
+  table.write(notes=f"Model: {cfg}. Chance = 1/{task.num_values}. eval_acc: held-out documents "
+                    f"of the current length (teacher-forced questions).", plot=_plot, show=False)
+
+
+def _plot(plt, log: list[dict]):
+  fig, ax = plt.subplots(figsize=(5, 3))
+  ax.plot([r["step"] for r in log], [r["train_acc"] for r in log], label="train answers")
+  ax.plot([r["step"] for r in log], [r["eval_acc"] for r in log], "o-", label="held-out")
+  ax2 = ax.twinx()
+  ax2.step([r["step"] for r in log], [r["length"] for r in log], "k:", where="post")
+  ax2.set_yscale("log", base=2)
+  ax2.set_ylabel("document length (dotted)")
+  ax.set(xlabel="step", ylabel="exact-match accuracy", ylim=(0, 1.02))
+  ax.legend(loc="lower right")
+  return fig
