@@ -38,10 +38,16 @@ OP_NAME = "chunk_attention"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ChunkProblem(SharedProblem):
-  chunk_ids: Any  # [B, Hkv, K]
+class ChunkedProblem(SharedProblem):
+  """Shared attention restricted to chunks of C keys (N of them)."""
+
   chunk_size: int
   num_chunks: int
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChunkProblem(ChunkedProblem):
+  chunk_ids: Any  # [B, Hkv, K]
 
   @property
   def top_k(self) -> int:

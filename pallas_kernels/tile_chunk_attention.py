@@ -20,22 +20,20 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import checks, dispatch, grouping, layout
+from pallas_kernels.chunk_attention import ChunkedProblem
 from pallas_kernels.dispatch import Implementation, Partials
 from pallas_kernels.gpu import triton_shared
 from pallas_kernels.gpu import tuning as gpu_tuning
 from pallas_kernels.gpu.configs import TritonSharedConfig
 from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import chunk_attention_ref
-from pallas_kernels.shared_attention import SharedProblem
 
 OP_NAME = "tile_chunk_attention"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TileProblem(SharedProblem):
+class TileProblem(ChunkedProblem):
   tile_ids: Any  # [n_tiles, Hkv, U]
-  chunk_size: int
-  num_chunks: int
 
   @property
   def requests_per_tile(self) -> int:

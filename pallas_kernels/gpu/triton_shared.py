@@ -37,18 +37,28 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   Returns o[num_splits, Hkv, M, D] float32 (normalized per split) and lse[num_splits, Hkv, M]
   float32; a split with no valid key has o = 0, lse = -inf.
   """
-  Hkv, M, D = q_rows.shape
-  S = k.shape[0]
-  split_len = pl.cdiv(pl.cdiv(S, num_splits), block_k) * block_k
+  split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
   precision = softmax.dot_precision(q_rows.dtype, interpret)
   kernel = functools.partial(_kernel, scale=scale, block_k=block_k, split_len=split_len,
                              precision=precision)
-  kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))
+  return _partials_call(kernel, [], q_rows, k, v, kv_length, block_m=block_m,
+                        num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                        interpret=interpret, name="moska_shared_attention")
+
+
+def _partials_call(kernel, tables: list, q_rows: jax.Array, k: jax.Array, v: jax.Array,
+                   kv_length: jax.Array, *, block_m: int, num_splits: int, num_warps: int,
+                   num_stages: int, interpret: bool, name: str) -> tuple[jax.Array, jax.Array]:
+  """The pallas_call both kernels share: grid (Hkv, row blocks, splits), kernel(len, *tables,
+  q, k, v, o, lse); `tables` are (array, BlockSpec) pairs read per (kv head, row block)."""
+  Hkv, M, D = q_rows.shape
+  kv_spec = pl.BlockSpec((k.shape[0], None, D), lambda h, i, j: (0, h, 0))
   return pl.pallas_call(
       kernel,
       grid=(Hkv, M // block_m, num_splits),
       in_specs=[
           pl.BlockSpec((1,), lambda h, i, j: (0,)),
+          *(spec for _, spec in tables),
           pl.BlockSpec((None, block_m, D), lambda h, i, j: (h, i, 0)),
           kv_spec,
           kv_spec,
@@ -63,8 +73,8 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
       ],
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name="moska_shared_attention",
-  )(kv_length.reshape(1), q_rows, k, v)
+      name=name,
+  )(kv_length.reshape(1), *(x for x, _ in tables), q_rows, k, v)
 
 
 def _list_kernel(len_ref, count_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
@@ -104,33 +114,13 @@ def chunk_list_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, kv_length
     o[num_splits, Hkv, rows, D] float32 (normalized per split) and lse[num_splits, Hkv, rows];
     each split takes an equal share of its tile's list.
   """
-  Hkv, M, D = q_rows.shape
-  S, U = k.shape[0], tile_ids.shape[-1]
+  U = tile_ids.shape[-1]
   blocks_per_tile = rows_per_tile // block_m
   kernel = functools.partial(_list_kernel, scale=scale, block_k=block_k, chunk_size=chunk_size,
                              num_splits=num_splits,
                              precision=softmax.dot_precision(q_rows.dtype, interpret))
-  kv_spec = pl.BlockSpec((S, None, D), lambda h, i, j: (0, h, 0))
-  return pl.pallas_call(
-      kernel,
-      grid=(Hkv, M // block_m, num_splits),
-      in_specs=[
-          pl.BlockSpec((1,), lambda h, i, j: (0,)),
-          pl.BlockSpec((None, 1), lambda h, i, j: (h, i // blocks_per_tile)),
-          pl.BlockSpec((None, None, U), lambda h, i, j: (h, i // blocks_per_tile, 0)),
-          pl.BlockSpec((None, block_m, D), lambda h, i, j: (h, i, 0)),
-          kv_spec,
-          kv_spec,
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, block_m, D), lambda h, i, j: (j, h, i, 0)),
-          pl.BlockSpec((None, None, block_m), lambda h, i, j: (j, h, i)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((num_splits, Hkv, M, D), jnp.float32),
-          jax.ShapeDtypeStruct((num_splits, Hkv, M), jnp.float32),
-      ],
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
-      name="moska_tile_chunk_attention",
-  )(kv_length.reshape(1), tile_counts, tile_ids, q_rows, k, v)
+  tables = [(tile_counts, pl.BlockSpec((None, 1), lambda h, i, j: (h, i // blocks_per_tile))),
+            (tile_ids, pl.BlockSpec((None, None, U), lambda h, i, j: (h, i // blocks_per_tile, 0)))]
+  return _partials_call(kernel, tables, q_rows, k, v, kv_length, block_m=block_m,
+                        num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                        interpret=interpret, name="moska_tile_chunk_attention")
