@@ -45,9 +45,9 @@ from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.scheduler import Request, Scheduler, StepBatch
 from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
-                                place_replicated, place_requests, place_shared_kv)
+                                place_replicated, place_requests, place_shared_kv,
+                                shared_rows_per_device)
 from moska_jax.sharding.groups import SPAN
-from moska_jax.sharding.placement import shared_rows_per_device
 from moska_jax.sharding.shared_step import (hand_off, merge_with_unique, own_rows,
                                             shared_partial, span_context, span_map)
 from moska_jax.step import moska_step, step_positions, zero_padding
@@ -165,6 +165,7 @@ class MoskaEngine:
     if groups is not None and not groups.colocated:
       self._groups = GroupsExecutor(model.cfg, self.graphdef, self.state, groups, moska_config,
                                     self.cache, self._counted)
+      self.state = self._groups.state
     else:
       if groups is not None:  # both groups are one device: the one-device step, on it
         self.state, self.cache.pools = jax.device_put((self.state, self.cache.pools),

@@ -9,8 +9,8 @@ and (o, lse) come back by collectives inside it, never through the host. One dev
 non-disaggregated case: both groups are that device.
 
 - `groups`: `DeviceGroups`, `make_device_groups`, `ShardingRules`, `SpanRoles`.
-- `placement`: span arrays (`place_shared_kv`, `place_requests`, `place_replicated`,
-  `span_blocks`) and the bytes a step moves (`TransferStats`).
+- `placement`: span arrays (`place_shared_kv`, `shared_rows_per_device`, `place_requests`,
+  `place_replicated`, `span_blocks`) and the bytes a step moves (`TransferStats`).
 - `shared_step`: the span program's parts and programs (`shared_attention_step`,
   `shared_attention_program`, `disaggregated_attention_program`).
 - `launch`: N local processes of one `jax.distributed` job (tests, experiments).
@@ -24,8 +24,8 @@ process runs the same code on the same host values.
 
 from moska_jax.sharding.groups import DeviceGroups, ShardingRules, SpanRoles, make_device_groups
 from moska_jax.sharding.placement import (PlacedSharedKV, TransferStats, place_replicated,
-                                          place_requests, place_shared_kv, span_blocks,
-                                          span_sharding)
+                                          place_requests, place_shared_kv,
+                                          shared_rows_per_device, span_blocks, span_sharding)
 from moska_jax.sharding.shared_step import (SharedConfig, disaggregated_attention_program,
                                             shared_attention_program, shared_attention_step)
 
@@ -43,6 +43,7 @@ __all__ = [
     "place_shared_kv",
     "shared_attention_program",
     "shared_attention_step",
+    "shared_rows_per_device",
     "span_blocks",
     "span_sharding",
 ]

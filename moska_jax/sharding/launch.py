@@ -37,6 +37,7 @@ ENV_PROCESS_ID = "MOSKA_PROCESS_ID"
 ENV_LOCAL_DEVICES = "MOSKA_LOCAL_DEVICE_IDS"
 ENV_TIMEOUT = "MOSKA_DISTRIBUTED_TIMEOUT"
 PLATFORMS = ("cpu", "gpu")
+GRACE_S = 3  # after one process fails, the others' time to exit on their own (and say why)
 
 
 def free_port() -> int:
@@ -115,7 +116,7 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
 
   Returns:
     One `ProcessResult` per process, in process order. Once one process fails, the others get
-    a few seconds to finish and are then stopped.
+    GRACE_S seconds to finish and are then stopped.
   """
   if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
     raise ValueError(f"launch: num_processes must be an int >= 1, got {num_processes!r}")
@@ -141,10 +142,13 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
     readers[-1].start()
   deadline = time.monotonic() + timeout_s
   failed_at = None
-  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-    if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+  while time.monotonic() < deadline:
+    codes = [p.poll() for p in procs]  # every one, each time: a failure anywhere is seen
+    if all(c is not None for c in codes):
+      break
+    if failed_at is None and any(c not in (None, 0) for c in codes):
       failed_at = time.monotonic()
-    if failed_at is not None and time.monotonic() > failed_at + 5:
+    if failed_at is not None and time.monotonic() > failed_at + GRACE_S:
       break
     time.sleep(0.05)
   stopped = set()
