@@ -83,31 +83,28 @@ def _time(fn, *args, warmup: int = 3, inner: int = 5, samples: int = 7) -> float
 
 
 class Layer:
-  """One layer's K/V memory on the span of `groups` for B requests: each unique device's rows
-  hold the page pool (U tokens per request), each shared device's rows its part of the store
-  (whole chunks); random values generated on each device."""
+  """One layer on the span of `groups` for B requests, random values made on each device: the
+  unique devices' page pools (U tokens per request) and the shared devices' store rows (whole
+  chunks), as two memories of exactly their role's size (the shared kernels split a device's rows
+  statically, so a block padded to the pool's size would leave part of their splits idle)."""
 
   def __init__(self, groups: sharding.DeviceGroups, B: int, dtype, key):
     S, U, C, page = (FLAGS.disagg_length, FLAGS.disagg_unique_length, FLAGS.disagg_chunk,
                      FLAGS.disagg_page_size)
     Hq, Hkv, D = common.shape().heads
-    roles = groups.span_roles(B)
-    B_l = B // roles.shards
+    B_l = B // groups.span_roles(B).shards
     pages = -(-U // page)
-    pool_rows = (B_l * pages + 1) * page  # + the scratch page 0
-    R = max(sharding.shared_rows_per_device(groups, S, C, page),
-            -(-pool_rows // math.lcm(C, page)) * math.lcm(C, page))
-    self.colocated = groups.colocated
 
-    def rows(salt: int):
+    def memory(salt: int, rows: int):
       def block(i, device):
-        return harness.normal(jax.random.fold_in(jax.random.fold_in(key, salt), i), (R, Hkv, D),
-                              dtype, SingleDeviceSharding(device))
-      return sharding.span_blocks(groups, block, (R, Hkv, D), dtype)
+        return harness.normal(jax.random.fold_in(jax.random.fold_in(key, salt), i),
+                              (rows, Hkv, D), dtype, SingleDeviceSharding(device))
+      return sharding.span_blocks(groups, block, (rows, Hkv, D), dtype)
 
-    self.k, self.v = rows(0), rows(1)
-    # One device holds both roles: the pool and the store are separate memories there.
-    self.k_pages, self.v_pages = (rows(2), rows(3)) if self.colocated else (self.k, self.v)
+    pool_rows = (B_l * pages + 1) * page  # + the scratch page 0
+    store_rows = sharding.shared_rows_per_device(groups, S, C)
+    self.k_pages, self.v_pages = memory(0, pool_rows), memory(1, pool_rows)
+    self.k, self.v = memory(2, store_rows), memory(3, store_rows)
     self.kv_length = sharding.place_replicated(groups, np.int32(S))
     tables = (1 + np.arange(B * pages, dtype=np.int32) % (B_l * pages)).reshape(B, pages)
     self.q, self.tables, self.lengths = sharding.place_requests(
@@ -340,17 +337,22 @@ def _plot(plt, rows: list[dict]):
   """Step time per B for each (processes, layout, n), and the transfer share of the split steps."""
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
   series = sorted({(r["processes"], r["layout"], r["n_shared"]) for r in rows})
-  for p, layout, n in series:
+  batches = sorted({r["B"] for r in rows})
+  for color, (p, layout, n) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, series):
     rs = sorted((r for r in rows if (r["processes"], r["layout"], r["n_shared"]) == (p, layout, n)),
                 key=lambda r: r["B"])
-    label = f"{layout} n={n}" + (f" ({p} proc)" if p > 1 else "")
-    ax1.plot([r["B"] for r in rs], [r["step_ms"] for r in rs], "o-", label=label)
+    label = f"{layout} n={n}" + (f" ({p} processes)" if p > 1 else "")
+    ax1.plot([r["B"] for r in rs], [r["step_ms"] for r in rs], "o-", color=color, label=label)
     if layout == "split":
-      ax2.plot([r["B"] for r in rs], [100 * r["transfer_frac"] for r in rs], "o-", label=label)
-  ax1.set(xlabel="B", ylabel="ms per layer-step", xscale="log", yscale="log")
-  ax2.set(xlabel="B", ylabel="transfers, % of the step", xscale="log")
-  ax1.legend(fontsize=7)
-  ax2.legend(fontsize=7)
+      ax2.plot([r["B"] for r in rs], [100 * r["transfer_frac"] for r in rs], "o-", color=color,
+               label=label)
+  for ax in (ax1, ax2):
+    ax.set_xscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+  ax1.set(xlabel="B", ylabel="ms per layer-step", yscale="log")
+  ax2.set(xlabel="B", ylabel="transfers, % of the step")
   return fig
 
 

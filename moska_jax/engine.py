@@ -314,7 +314,10 @@ class GroupsExecutor:
     """Puts `store` on the shared devices; cache.pools becomes the K/V memory.
 
     R, the rows per device, holds the store's rows over the shared devices (whole chunks) and the
-    unique pools (whole pages); it only grows, and the pages already written stay.
+    unique pools (whole pages); it only grows, and the pages already written stay. When the pools
+    need more rows than a shared device's part of the store, the shared blocks are padded, and the
+    shared kernels, which split a device's R rows statically, find no keys in part of their
+    splits: num_pages * page_size <= S / num_shared keeps the shared attention at full speed.
     """
     C, page, sparse = store.chunk_size, self.page_size, self.mcfg.mode == "sparse"
     whole = math.lcm(C, page)
@@ -325,7 +328,7 @@ class GroupsExecutor:
       """The unique devices' blocks of x (span memory of self.rows rows), padded to R rows."""
       def block(i, device):
         data = next(s.data for s in x.addressable_shards if s.device == device)
-        return jnp.pad(data, ((0, R - self.rows), (0, 0), (0, 0)))
+        return data if R == self.rows else jnp.pad(data, ((0, R - self.rows), (0, 0), (0, 0)))
       return block
 
     placed = tuple(

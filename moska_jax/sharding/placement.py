@@ -104,7 +104,7 @@ class PlacedSharedKV(NamedTuple):
   @property
   def rows_per_device(self) -> int:
     """R, the rows of each span device's block."""
-    return self.k.addressable_shards[0].data.shape[0]
+    return self.k.shape[0] // self.k.sharding.mesh.size
 
 
 def shared_rows_per_device(groups: DeviceGroups, rows: int, chunk_size: int,

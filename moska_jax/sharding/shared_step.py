@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moska_jax import routing
-from moska_jax.sharding.groups import SPAN, DeviceGroups, SpanRoles
+from moska_jax.sharding.groups import SPAN, DeviceGroups
 from moska_jax.sharding.placement import (TransferStats, place_replicated, place_requests,
                                           span_sharding)
 from pallas_kernels import chunk_attention, merge_partials, shared_attention, unique_attention
@@ -58,40 +58,26 @@ def span_map(f, groups: DeviceGroups, in_specs, out_specs):
 
 
 class SpanContext(NamedTuple):
-  """Inside a span body: this device's role for a batch of `batch` requests."""
+  """Inside a span body: this device's role for a batch of `batch` requests (the traced entries
+  of `DeviceGroups.span_roles` at this device's span position)."""
 
-  roles: SpanRoles
   batch: int
-  index: jax.Array  # this device's span position
-
-  @property
-  def rows(self) -> int:
-    """B_l, the requests each unique device serves."""
-    return self.batch // self.roles.shards
-
-  def _table(self, values) -> jax.Array:
-    return jnp.asarray(np.asarray(values))[self.index]
-
-  @property
-  def shard(self) -> jax.Array:
-    return self._table(self.roles.shard)
-
-  @property
-  def owner(self) -> jax.Array:
-    return self._table(self.roles.owner)
-
-  @property
-  def unique(self) -> jax.Array:
-    return self._table(self.roles.unique)
-
-  @property
-  def shared_rank(self) -> jax.Array:
-    return self._table(self.roles.shared_rank)
+  rows: int  # B_l, the requests each unique device serves
+  shard: jax.Array  # int32: the request shard it serves
+  owner: jax.Array  # bool: it speaks for its shard in collectives
+  unique: jax.Array  # bool: it serves requests
+  shared_rank: jax.Array  # int32: its rank in the shared group, -1 on unique devices
+  shared_positions: tuple[int, ...]  # the span positions of shared ranks 0, 1, ...
 
 
 def span_context(groups: DeviceGroups, batch: int) -> SpanContext:
   """This device's `SpanContext` (call inside a `span_map` body)."""
-  return SpanContext(groups.span_roles(batch), batch, jax.lax.axis_index(SPAN))
+  roles = groups.span_roles(batch)
+  i = jax.lax.axis_index(SPAN)
+  at = lambda values: jnp.asarray(np.asarray(values))[i]
+  positions = tuple(sorted((r, p) for p, r in enumerate(roles.shared_rank) if r >= 0))
+  return SpanContext(batch, batch // roles.shards, at(roles.shard), at(roles.owner),
+                     at(roles.unique), at(roles.shared_rank), tuple(p for _, p in positions))
 
 
 def hand_off(ctx: SpanContext, x: jax.Array) -> jax.Array:
@@ -131,8 +117,8 @@ def route_on_span(ctx: SpanContext, q: jax.Array, summaries: routing.ChunkSummar
     raise ValueError(f"route_on_span: Hq={Hq} must be a multiple of the summaries' Hkv={Hkv}")
   grouped = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
   scores = routing.SUMMARIES[summaries.kind].score(grouped, arrays)  # [B, Hkv, N_local]
-  ranks = [i for i, r in sorted(enumerate(ctx.roles.shared_rank), key=lambda x: x[1]) if r >= 0]
-  gathered = jax.lax.all_gather(scores, SPAN)[np.asarray(ranks)]  # [n, B, Hkv, N_local]
+  ranks = np.asarray(ctx.shared_positions)
+  gathered = jax.lax.all_gather(scores, SPAN)[ranks]  # [n, B, Hkv, N_local]
   scores = gathered.transpose(1, 2, 0, 3).reshape(B, Hkv, len(ranks) * n_local)
   forced = tuple(int(c) for c in always_include)
   # routing's own selection (forced chunks first, -1 past the valid ones), on the global scores.
@@ -325,6 +311,14 @@ def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v
                      chunk_size if mode != "dense" else None, sm_scale, backend, interpret)
   for name, x in (("shared_k", shared_k), ("shared_v", shared_v)):
     _check_store(groups, f"shared_attention_step: {name}", x, cfg)
+  if mode == "routed":
+    n = groups.num_shared * summaries.arrays[0].shape[0] // len(groups.span_devices)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+      raise ValueError(f"shared_attention_step: top_k must be an int in [1, N={n}], got "
+                       f"{top_k!r}")
+    if any(not 0 <= c < n for c in cfg.always_include) or len(cfg.always_include) > top_k:
+      raise ValueError(f"shared_attention_step: always_include must hold at most top_k={top_k} "
+                       f"chunk ids in [0, N={n}), got {always_include!r}")
   if kv_length is None:
     kv_length = groups.num_shared * (shared_k.shape[0] // len(groups.span_devices))
   if not isinstance(kv_length, jax.Array):
