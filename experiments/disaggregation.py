@@ -187,11 +187,11 @@ def measure_step(groups: sharding.DeviceGroups, B: int, dtype, key, layout: str)
     B_l = B // groups.span_roles(B).shards
     q = jax.device_put(np.asarray(jax.random.normal(key, (B_l, 1, Hq, D)), dtype), first)
     block = lambda x: next(s.data for s in x.addressable_shards if s.device == first)
-    pages = [block(x).reshape(-1, FLAGS.disagg_page_size, Hkv, D)
-             for x in (layer.k_pages, layer.v_pages)]
-    tables, lengths = (jax.device_put(block(x), first) for x in (layer.tables, layer.lengths))
-    t["unique"] = _time(jax.jit(lambda *a: unique_attention(*a, backend=FLAGS.backend)), q,
-                        *pages, tables, lengths)
+    as_pages = lambda x: x.reshape(-1, FLAGS.disagg_page_size, Hkv, D)  # free inside the jit
+    unique = jax.jit(lambda q, k, v, tables, lengths: unique_attention(
+        q, as_pages(k), as_pages(v), tables, lengths, backend=FLAGS.backend))
+    t["unique"] = _time(unique, q, *(block(x) for x in (layer.k_pages, layer.v_pages,
+                                                        layer.tables, layer.lengths)))
     t["shared"] = shared_time(groups.shared_mesh, B, dtype, key)
   moved = sharding.TransferStats.of_step(groups, (B, 1, Hq, D), dtype)
   return dict(processes=jax.process_count(), layout=layout, n_shared=groups.num_shared, B=B,

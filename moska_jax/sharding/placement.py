@@ -37,7 +37,8 @@ def span_sharding(groups: DeviceGroups, axis: int | None = 0) -> NamedSharding:
 
 
 def place_replicated(groups: DeviceGroups, tree: Any) -> Any:
-  """Every leaf of `tree` (weights, scalars) replicated on every span device."""
+  """Every leaf of `tree` (weights, scalars) replicated on every span device (host values under
+  jax.distributed: each process puts them on its own devices)."""
   return jax.device_put(tree, span_sharding(groups, None))
 
 
