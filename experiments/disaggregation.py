@@ -1,220 +1,368 @@
-"""disaggregation: one layer's decode attention with unique and shared KV on separate device groups.
+"""disaggregation: a decode layer with unique and shared KV on separate device groups, one program.
 
---shape heads (default Llama-3.1-8B: Hq=32, Hkv=8, D=128), T=1, one layer: the shared store
-(S tokens, dense) is sharded in whole chunks over n shared devices (`moska_jax.sharding`), each
-request's unique KV (U tokens, paged) sits on the unique group. For each n in
---disagg_shared_counts and B in --disagg_batches the same process times the pieces of one step
-separately: unique attention (`pallas_kernels.unique_attention` on the unique group), the
-transfer of q to the shared group, the shared attention (shard_map over "kv": per-device
-`shared_attention` + the max-then-sum collective merge), the transfer of (o, lse) back, and the
-merge with the unique partial; then the whole step (`shared_attention_step` with the unique
-attention in flight on the other group, so the two overlap). Shared-attention scaling is
-t_shared(1) / t_shared(n) against the ideal n; the per-device roofline floor uses the ceilings
-measured in the same run, and the transfers are set against a measured device-to-device copy.
-The unique pool and the shared KV are GBs, far past L2: no input rotation is needed.
+--shape heads (default Llama-3.1-8B: Hq=32, Hkv=8, D=128), T=1, one layer, B requests with U
+unique tokens each (paged) and a dense shared store of S tokens sharded in whole chunks over n
+shared devices (`moska_jax.sharding`). Two tables:
+
+`disaggregation`, one row per (processes, layout, n_shared, B):
+- layout "colocated": one device does both halves; "split": --disagg_unique_devices unique
+  devices + n shared devices, the layer as ONE jitted program over their span
+  (`sharding.disaggregated_attention_program`: q handed to the shared devices by an all-reduce,
+  unique and shared attention at once on their groups, one collective merge back).
+- step_ms: that program. transfer_ms: a program of the same shapes with only its collectives
+  (the q hand-off and the (o, lse) merge), so transfer_frac = transfer_ms / step_ms is what the
+  exchange costs at most. unique_ms / shared_ms: each half alone on its group (one process).
+- x_colocated: the colocated step over this row's step at the same B (> 1: splitting pays).
+- processes > 1: the same split over that many local processes of one `jax.distributed` job (one
+  device each on GPUs, `moska_jax.sharding.launch`); unique_ms / shared_ms are not measured
+  there (each is one group's program).
+
+`disaggregation_scaling`, one row per (n, B), one process: the shared attention over n devices
+(per-device `shared_attention` + the max-then-sum merge), scaling_eff = t(n_min) n_min / (t(n) n),
+and its per-device roofline floor from the ceilings measured in the same run.
+
+The pools and the store are GBs, far past L2: no input rotation is needed.
 """
 
-
 from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
-from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from experiments import harness, shapes, timing
+from experiments import common, harness, timing
 from moska_jax import sharding
-from pallas_kernels import merge_attention_states, shared_attention, unique_attention
+from moska_jax.sharding import launch
+from moska_jax.sharding.shared_step import hand_off, merge_over_span, span_context, span_map
+from pallas_kernels import (merge_attention_states, merge_partials, shared_attention,
+                            unique_attention)
 
 flags.DEFINE_integer("disagg_length", 1048576, "disaggregation: shared tokens S (one layer).")
-flags.DEFINE_list("disagg_batches", ["64", "256"], "disaggregation: B values.")
-flags.DEFINE_list("disagg_shared_counts", ["1", "2", "3"],
+flags.DEFINE_list("disagg_batches", ["16", "64", "256"], "disaggregation: B values.")
+flags.DEFINE_list("disagg_shared_counts", ["1", "2", "3", "4", "7"],
                   "disaggregation: shared-group sizes n (skipped when devices are missing).")
 flags.DEFINE_integer("disagg_unique_devices", 1, "disaggregation: devices of the unique group.")
 flags.DEFINE_integer("disagg_unique_length", 16384, "disaggregation: unique tokens U per request.")
 flags.DEFINE_integer("disagg_page_size", 64, "disaggregation: unique-cache page size.")
 flags.DEFINE_integer("disagg_chunk", 2048,
                      "disaggregation: chunk size C (whole chunks per device).")
-flags.DEFINE_integer("disagg_copy_mb", 256,
-                     "disaggregation: bytes of the device-to-device copy ceiling (MiB).")
+flags.DEFINE_list("disagg_processes", ["1"],
+                  "disaggregation: process counts; p > 1 runs the split layout over p local "
+                  "processes of one jax.distributed job (launched by this run).")
+flags.DEFINE_integer("disagg_devices_per_process", 1,
+                     "disaggregation: devices of each launched process (CPU: emulated).")
 FLAGS = flags.FLAGS
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def device_copy_bytes_per_s(src, dst, nbytes: int) -> float:
-  """Bandwidth of one jax.device_put from device src to device dst (the transfers' ceiling)."""
-  x = harness.normal(jax.random.key(1), (nbytes // 2,), jnp.bfloat16, SingleDeviceSharding(src))
-  t = timing.time_fn(lambda x: jax.device_put(x, SingleDeviceSharding(dst)), x)
-  return x.nbytes / t
+
+def _time(fn, *args, warmup: int = 3, inner: int = 5, samples: int = 7) -> float:
+  """Seconds per call of fn(*args): `timing.time_fn` in one process; over several processes
+  the median of `samples` means of `inner` calls, counts fixed because every process must run
+  the same programs as many times (time_fn adapts them to the time a call takes here)."""
+  if jax.process_count() == 1:
+    return timing.time_fn(fn, *args)
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    out = [fn(*args) for _ in range(inner)]
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+class Layer:
+  """One layer on the span of `groups` for B requests, random values made on each device: the
+  unique devices' page pools (U tokens per request) and the shared devices' store rows (whole
+  chunks), as two memories of exactly their role's size (the shared kernels split a device's rows
+  statically, so a block padded to the pool's size would leave part of their splits idle)."""
+
+  def __init__(self, groups: sharding.DeviceGroups, B: int, dtype, key):
+    S, U, C, page = (FLAGS.disagg_length, FLAGS.disagg_unique_length, FLAGS.disagg_chunk,
+                     FLAGS.disagg_page_size)
+    Hq, Hkv, D = common.shape().heads
+    B_l = B // groups.span_roles(B).shards
+    pages = -(-U // page)
+
+    def memory(salt: int, rows: int):
+      def block(i, device):
+        return harness.normal(jax.random.fold_in(jax.random.fold_in(key, salt), i),
+                              (rows, Hkv, D), dtype, SingleDeviceSharding(device))
+      return sharding.span_blocks(groups, block, (rows, Hkv, D), dtype)
+
+    pool_rows = (B_l * pages + 1) * page  # + the scratch page 0
+    store_rows = sharding.shared_rows_per_device(groups, S, C)
+    self.k_pages, self.v_pages = memory(0, pool_rows), memory(1, pool_rows)
+    self.k, self.v = memory(2, store_rows), memory(3, store_rows)
+    self.kv_length = sharding.place_replicated(groups, np.int32(S))
+    tables = (1 + np.arange(B * pages, dtype=np.int32) % (B_l * pages)).reshape(B, pages)
+    self.q, self.tables, self.lengths = sharding.place_requests(
+        groups, (np.asarray(jax.random.normal(key, (B, 1, Hq, D)), dtype), tables,
+                 np.full((B,), U, np.int32)), B)
+    self.unique_bytes = 2 * B_l * U * Hkv * D * jnp.dtype(dtype).itemsize
+    self.args = (self.q, self.k_pages, self.v_pages, self.tables, self.lengths, self.k, self.v,
+                 self.kv_length)
+
+
+def collectives_program(groups: sharding.DeviceGroups, B: int):
+  """The step's exchange without its kernels: q handed off, (o, lse) [B, 1, Hq, D] float32
+  merged over the span (what `disaggregated_attention_program` moves)."""
+
+  def body(q):
+    ctx = span_context(groups, B)
+    q_all = hand_off(ctx, q)
+    o = q_all.astype(jnp.float32)
+    return merge_over_span(o, o[..., 0])
+
+  return jax.jit(span_map(body, groups, (P("span"),), (P(), P())))
+
+
+def shared_program(mesh):
+  """Shared attention of replicated q over k, v sharded on the mesh's "kv" axis, merged."""
+  def local(q, k, v):
+    return merge_partials(*shared_attention(q, k, v, backend=FLAGS.backend), axis_name="kv")
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P("kv"), P("kv")),
+                               out_specs=(P(), P()), check_vma=False))
 
 
 def check(bench: harness.Bench, groups: sharding.DeviceGroups, dtype) -> None:
-  """The sharded step vs one-device shared_attention on a small ragged problem."""
-  C = 128
-  S = 2 * groups.num_shared * C + 37
-  valid = S - 50
-
-  def sharded(q, k, v):
-    store = sharding.place_shared_kv(groups, k, v, chunk_size=C, kv_length=valid)
-    return sharding.shared_attention_step(groups, q, store.k, store.v,
-                                          kv_length=store.kv_length, backend=FLAGS.backend)
-
-  bench.check(f"sharded step (n={groups.num_shared}) vs one-device attention", sharded,
-              lambda q, k, v: shared_attention(q, k, v, kv_length=valid, backend="xla"),
-              harness.qkv(jax.random.key(FLAGS.seed + 1), 5, S, bench.shape, dtype))
-
-
-class UniqueSide:
-  """B requests' paged unique caches (U tokens each) and queries on the unique group."""
-
-  def __init__(self, groups: sharding.DeviceGroups, B: int, shape: shapes.Shape, dtype, key):
-    U, page = FLAGS.disagg_unique_length, FLAGS.disagg_page_size
-    Hq, Hkv, D = shape.heads
-    pages = -(-U // page)
-    rep = NamedSharding(groups.unique_mesh, P())
-    kq, kk, kv = jax.random.split(key, 3)
-    self.k_pages = harness.normal(kk, (B * pages, page, Hkv, D), dtype, rep)
-    self.v_pages = harness.normal(kv, (B * pages, page, Hkv, D), dtype, rep)
-    self.q = sharding.place_unique(groups, harness.normal(kq, (B, 1, Hq, D), dtype, rep),
-                                   batch_axis=0)
-    self.tables, self.lengths = sharding.place_unique(
-        groups, (np.arange(B * pages, dtype=np.int32).reshape(B, pages),
-                 np.full((B,), U, np.int32)), batch_axis=0)
-    self.fn = jax.jit(lambda q, kp, vp, t, n: unique_attention(q, kp, vp, t, n,
-                                                               backend=FLAGS.backend))
-    self.bytes = 2 * B * U * Hkv * D * jnp.dtype(dtype).itemsize
-
-  def __call__(self, q=None):
-    return self.fn(self.q if q is None else q, self.k_pages, self.v_pages, self.tables,
-                   self.lengths)
-
-
-def measure(bench: harness.Bench, groups: sharding.DeviceGroups, store: sharding.PlacedSharedKV,
-            B: int, dtype, key) -> dict:
-  """Times the pieces of one step and the whole step for one (n, B): the row of the table."""
-  backend, S, n = FLAGS.backend, FLAGS.disagg_length, groups.num_shared
+  """The split layer program vs one-device unique + shared attention merged, on a small ragged
+  problem (every process compares)."""
   Hq, Hkv, D = bench.shape.heads
-  uniq = UniqueSide(groups, B, bench.shape, dtype, key)
-  q = uniq.q
-  merge = jax.jit(merge_attention_states)
+  B, page, C = 3, 16, 128
+  S = 2 * groups.num_shared * C + 37
+  rng = np.random.default_rng(FLAGS.seed)
+  q = rng.standard_normal((B, 1, Hq, D)).astype(dtype)
+  k, v = (rng.standard_normal((S, Hkv, D)).astype(dtype) for _ in range(2))
+  pool_k, pool_v = (rng.standard_normal((4 * B + 1, page, Hkv, D)).astype(dtype)
+                    for _ in range(2))
+  tables = (1 + np.arange(4 * B, dtype=np.int32)).reshape(B, 4)
+  lengths = np.array([64, 5, 33], np.int32)
+  R = max(sharding.shared_rows_per_device(groups, S, C), -(-(4 * B + 1) * page // C) * C)
 
-  def to_shared(q):
-    return sharding.send_to_shared(groups, q, np.int32(S))[0]  # S: the valid rows of the store
+  def split(q, k, v, pool_k, pool_v, tables, lengths):
+    def pool(x):
+      flat = np.asarray(x).reshape(-1, Hkv, D)
+      return lambda i, device: np.concatenate([flat, np.zeros((R - len(flat), Hkv, D), dtype)])
+    store = sharding.place_shared_kv(groups, k, v, chunk_size=C, kv_length=S - 50,
+                                     rows_per_device=R, unique_blocks=(pool(pool_k), pool(pool_v)))
+    program = sharding.disaggregated_attention_program(
+        groups, B, page, sharding.SharedConfig(backend=FLAGS.backend))
+    q_s, t_s, n_s = sharding.place_requests(groups, (q, tables, lengths), B)
+    return program(q_s, store.k, store.v, t_s, n_s, store.k, store.v, store.kv_length)
 
-  def shared(q_s, n_s):
-    return sharding.shared_partial_attention(groups, q_s, store.k, store.v, n_s, backend=backend)
+  def reference(q, k, v, pool_k, pool_v, tables, lengths):
+    return merge_attention_states(
+        *unique_attention(q, pool_k, pool_v, tables, lengths, backend="xla"),
+        *shared_attention(q, k, v, kv_length=S - 50, backend="xla"))
 
-  def to_unique(o, lse):
-    return sharding.send_to_unique(groups, o, lse, like=q)[:2]
+  bench.check(f"split layer program ({groups.num_unique}+{groups.num_shared}, "
+              f"{jax.process_count()} process(es)) vs one-device attention", split, reference,
+              (q, k, v, pool_k, pool_v, tables, lengths))
 
-  def step(q):
-    o_u, lse_u = uniq(q)  # dispatched first: runs on the unique group while the shared step does
-    o_s, lse_s, _ = sharding.shared_attention_step(groups, q, store.k, store.v,
-                                                   kv_length=store.kv_length, backend=backend)
-    return merge(o_u, lse_u, o_s, lse_s)
 
-  o_u, lse_u = uniq()
-  q_s, n_s = to_shared(q)
-  o_s, lse_s = shared(q_s, n_s)
-  o_b, lse_b = to_unique(o_s, lse_s)
-  _, _, stats = sharding.shared_attention_step(groups, q, store.k, store.v,
-                                               kv_length=store.kv_length, backend=backend)
-  t = dict(unique=timing.time_fn(uniq), to_shared=timing.time_fn(to_shared, q),
-           shared=timing.time_fn(shared, q_s, n_s),
-           to_unique=timing.time_fn(to_unique, o_s, lse_s),
-           merge=timing.time_fn(merge, o_u, lse_u, o_b, lse_b), step=timing.time_fn(step, q))
-  itemsize = jnp.dtype(dtype).itemsize
-  shared_floor = bench.ceilings.floor_s(4.0 * B * Hq * S * D / n, 2.0 * S * Hkv * D * itemsize / n)
-  transfer = t["to_shared"] + t["to_unique"]
-  return dict(n_shared=n, B=B, **{f"{k}_ms": v * 1e3 for k, v in t.items()},
-              transfer_frac=transfer / t["step"], tokens_per_s=B / t["step"],
-              shared_x_floor=t["shared"] / shared_floor,
-              unique_TBps=uniq.bytes / t["unique"] / 1e12,
-              bytes_to_shared=stats.bytes_to_shared, bytes_to_unique=stats.bytes_to_unique)
+def measure_step(groups: sharding.DeviceGroups, B: int, dtype, key, layout: str) -> dict:
+  """One row of `disaggregation`: the layer program, its collectives alone and (one process)
+  each half alone."""
+  Hq, Hkv, D = common.shape().heads
+  layer = Layer(groups, B, dtype, key)
+  program = sharding.disaggregated_attention_program(
+      groups, B, FLAGS.disagg_page_size, sharding.SharedConfig(backend=FLAGS.backend))
+  t = dict(step=_time(program, *layer.args),
+           transfer=_time(collectives_program(groups, B), layer.q))
+  t["unique"] = t["shared"] = math.nan
+  if jax.process_count() == 1:
+    first = groups.unique_devices[0]
+    B_l = B // groups.span_roles(B).shards
+    q = jax.device_put(np.asarray(jax.random.normal(key, (B_l, 1, Hq, D)), dtype), first)
+    block = lambda x: next(s.data for s in x.addressable_shards if s.device == first)
+    as_pages = lambda x: x.reshape(-1, FLAGS.disagg_page_size, Hkv, D)  # free inside the jit
+    unique = jax.jit(lambda q, k, v, tables, lengths: unique_attention(
+        q, as_pages(k), as_pages(v), tables, lengths, backend=FLAGS.backend))
+    t["unique"] = _time(unique, q, *(block(x) for x in (layer.k_pages, layer.v_pages,
+                                                        layer.tables, layer.lengths)))
+    t["shared"] = shared_time(groups.shared_mesh, B, dtype, key)
+  moved = sharding.TransferStats.of_step(groups, (B, 1, Hq, D), dtype)
+  return dict(processes=jax.process_count(), layout=layout, n_shared=groups.num_shared, B=B,
+              **{f"{k}_ms": v * 1e3 for k, v in t.items()},
+              transfer_frac=t["transfer"] / t["step"] if not groups.colocated else math.nan,
+              tokens_per_s=B / t["step"], unique_TBps=layer.unique_bytes / t["unique"] / 1e12,
+              bytes_to_shared=moved.bytes_to_shared, bytes_to_unique=moved.bytes_to_unique)
+
+
+def shared_time(mesh, B: int, dtype, key) -> float:
+  """Seconds of the shared attention of B queries over S rows sharded on `mesh` ("kv")."""
+  Hq, Hkv, D = common.shape().heads
+  n = mesh.size
+  S = -(-FLAGS.disagg_length // (n * FLAGS.disagg_chunk)) * n * FLAGS.disagg_chunk
+  rows = NamedSharding(mesh, P("kv"))
+  kq, kk, kv = jax.random.split(key, 3)
+  q = harness.normal(kq, (B, 1, Hq, D), dtype, NamedSharding(mesh, P()))
+  k, v = harness.normal(kk, (S, Hkv, D), dtype, rows), harness.normal(kv, (S, Hkv, D), dtype, rows)
+  return _time(shared_program(mesh), q, k, v)
+
+
+def run_processes(counts: list[int]) -> list[dict]:
+  """Launches this run over p processes for each p > 1 in counts; returns their rows."""
+  rows = []
+  for p in counts:
+    platform = "gpu" if jax.default_backend() == "gpu" else "cpu"
+    results = launch.launch([sys.executable, "-m", "experiments.run", *sys.argv[1:]], p,
+                            devices_per_process=FLAGS.disagg_devices_per_process,
+                            platform=platform, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=ROOT))
+    for r in results:
+      if r.returncode != 0:
+        raise RuntimeError(f"disaggregation over {p} processes: process {r.process_id} exited "
+                           f"{r.returncode}:\n{r.output[-4000:]}")
+    with open(_rows_path(p)) as f:
+      rows += json.load(f)
+    os.remove(_rows_path(p))
+  return rows
+
+
+def _rows_path(p: int) -> str:
+  return os.path.join(FLAGS.out_dir, f"disaggregation.processes{p}.json")
+
+
+def launched() -> None:
+  """One process of a launched run: the split layout over every process's devices."""
+  launch.initialize()
+  bench = harness.Bench(ceilings=False)
+  dtype = jnp.dtype(FLAGS.dtype)
+  u = FLAGS.disagg_unique_devices
+  groups = sharding.make_device_groups(num_shared=jax.device_count() - u)
+  check(bench, groups, dtype)
+  key = jax.random.key(FLAGS.seed)
+  rows = [dict(measure_step(groups, B, dtype, jax.random.fold_in(key, B), "split"),
+               correctness=bench.env["correctness"]) for B in map(int, FLAGS.disagg_batches)]
+  if jax.process_index() == 0:
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(_rows_path(jax.process_count()), "w") as f:
+      json.dump(rows, f)
 
 
 def main() -> None:
+  if launch.ENV_COORDINATOR in os.environ:
+    return launched()
+  counts = sorted(set(map(int, FLAGS.disagg_processes)))
+  if any(p > 1 for p in counts):
+    # This process opens the devices before the launched ones run on them: it must not take
+    # their memory up front (jax preallocates most of a GPU's by default); they inherit it.
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  mp_rows = run_processes([p for p in counts if p > 1])
   bench = harness.Bench()
   dtype = jnp.dtype(FLAGS.dtype)
   S, C = FLAGS.disagg_length, FLAGS.disagg_chunk
   Hq, Hkv, D = bench.shape.heads
   u = FLAGS.disagg_unique_devices
   devices = jax.devices()
-  wanted = list(map(int, FLAGS.disagg_shared_counts))
-  if len(devices) == 1:  # no second device: the colocated (non-disaggregated) case, n = 1
-    logging.warning("one device: both groups on it (colocated), shared-group size 1 only")
-    counts, missing = [1], [n for n in wanted if n != 1]
-  else:
-    counts = [n for n in wanted if u + n <= len(devices)]
-    missing = [n for n in wanted if u + n > len(devices)]
-  if missing:
-    logging.warning("only %d devices: skipping shared-group sizes %s (unique group: %d)",
-                    len(devices), missing, u)
-  if not counts:
-    raise SystemExit(f"disaggregation: needs at least {u + 1} devices, found {len(devices)}")
-
-  def groups_for(n: int) -> sharding.DeviceGroups:
-    return sharding.make_device_groups(devices[:u + n], num_shared=n)
-
-  copy_bw = (device_copy_bytes_per_s(devices[0], devices[u], FLAGS.disagg_copy_mb << 20)
-             if len(devices) > u else float("nan"))
-  logging.info("device-to-device copy: %.1f GB/s", copy_bw / 1e9)
-  bench.env["ceilings"] += f"; device-to-device device_put {copy_bw / 1e9:.1f} GB/s"
+  wanted = sorted(map(int, FLAGS.disagg_shared_counts))
   bench.env["shapes"] = (f"S={S}, C={C}, Hq={Hq}, Hkv={Hkv}, D={D}, T=1, "
                          f"U={FLAGS.disagg_unique_length} per request (page "
                          f"{FLAGS.disagg_page_size}), {FLAGS.dtype}, unique group {u} device(s), "
                          "one layer")
+  missing = [n for n in wanted if n > len(devices)]
   if missing:
     bench.env["missing"] = f"shared-group sizes {missing} (only {len(devices)} devices)"
-  check(bench, groups_for(max(counts)), dtype)
-  key, kk, kv = jax.random.split(jax.random.key(FLAGS.seed), 3)
-  # One copy of the layer's shared K/V on the unique group's first device; each n re-places it.
-  home = SingleDeviceSharding(devices[0])
-  k, v = harness.normal(kk, (S, Hkv, D), dtype, home), harness.normal(kv, (S, Hkv, D), dtype, home)
+    logging.warning("only %d devices: skipping shared-group sizes %s", len(devices), missing)
+  for r in mp_rows:
+    bench.env[f"correctness ({r['processes']} processes)"] = r.pop("correctness")
+  key = jax.random.key(FLAGS.seed)
+  batches = list(map(int, FLAGS.disagg_batches))
   table = bench.table("disaggregation",
-                      "disaggregation: unique and shared KV on separate device groups",
-                      keys=("n_shared", "B"))
-  for n in counts:
-    groups = groups_for(n)
-    store = sharding.place_shared_kv(groups, k, v, chunk_size=C)
-    for B in map(int, FLAGS.disagg_batches):
-      key, sub = jax.random.split(key)
-      table.add(**measure(bench, groups, store, B, dtype, sub))
-    del store
-  base = {r["B"]: r["shared_ms"] for r in table.rows if r["n_shared"] == counts[0]}
-  for r in table.rows:  # scaling relative to the smallest shared group measured (normally n = 1)
-    r["shared_speedup"] = base[r["B"]] / r["shared_ms"]
-    r["scaling_eff"] = r["shared_speedup"] * counts[0] / r["n_shared"]
-  notes = ("Times per layer-step; `step` runs unique attention and the shared step concurrently "
-           "on their groups, then the merge, so it is less than the sum of the pieces. "
-           "transfer_frac = (to_shared + to_unique) / step. shared_x_floor: the shared attention "
-           "over the per-device roofline floor max(bytes / read BW, FLOPs / matmul rate) with "
-           "S/n rows per device. scaling_eff = t_shared(n_min) * n_min / (t_shared(n) * n). "
-           "bytes_*: `TransferStats` (bytes landing on the target devices, every replica "
-           "counted); 0 when both groups share one device (colocated): nothing moves and the "
-           "transfer columns are dispatch overhead.")
-  table.write(notes=notes, plot=_plot)
+                      "disaggregation: a decode layer on separate device groups, one program",
+                      keys=("processes", "layout", "n_shared", "B"))
+  scaling = bench.table("disaggregation_scaling",
+                        "disaggregation: shared attention over n shared devices",
+                        keys=("n_shared", "B"))
+  if 1 in counts:
+    splits = [n for n in wanted if u + n <= len(devices)]
+    if splits:
+      check(bench, sharding.make_device_groups(devices[:u + max(splits)], num_shared=max(splits)),
+            dtype)
+    for B in batches:
+      table.add(**measure_step(sharding.make_device_groups(devices[:1]), B, dtype,
+                               jax.random.fold_in(key, B), "colocated"))
+    for n in splits:
+      groups = sharding.make_device_groups(devices[:u + n], num_shared=n)
+      for B in batches:
+        table.add(**measure_step(groups, B, dtype, jax.random.fold_in(key, B), "split"))
+    for n in [n for n in wanted if n <= len(devices)]:
+      mesh = Mesh(np.asarray(devices[:n]), ("kv",))  # any n devices: no unique group needed
+      for B in batches:
+        t = shared_time(mesh, B, dtype, jax.random.fold_in(key, B))
+        floor = bench.ceilings.floor_s(4.0 * B * Hq * S * D / n,
+                                       2.0 * S * Hkv * D * dtype.itemsize / n)
+        scaling.add(n_shared=n, B=B, shared_ms=t * 1e3, shared_x_floor=t / floor)
+  table.rows += mp_rows
+  colocated = {r["B"]: r["step_ms"] for r in table.rows if r["layout"] == "colocated"}
+  for r in table.rows:
+    r["x_colocated"] = colocated.get(r["B"], math.nan) / r["step_ms"]
+  base = {r["B"]: (r["n_shared"], r["shared_ms"]) for r in reversed(scaling.rows)}
+  for r in scaling.rows:  # relative to the smallest n measured (normally 1)
+    n0, t0 = base[r["B"]]
+    r["speedup"] = t0 / r["shared_ms"]
+    r["scaling_eff"] = r["speedup"] * n0 / r["n_shared"]
+  table.write(notes=(
+      "Times per layer-step. step: the whole layer as one program over the span (q hand-off, "
+      "unique and shared attention at once on their groups, one collective merge). transfer: "
+      "a program with only those collectives on the same shapes (an upper bound on what the "
+      "exchange adds: inside the step they overlap nothing but still cost their latency). "
+      "transfer_frac = transfer_ms / step_ms (split only). unique / shared: each half alone on "
+      "its group (one process; not measured over several processes). x_colocated: the "
+      "colocated step at the same B over this row's step. bytes_*: `TransferStats` (q landing "
+      "on every shared device; the merged (o, lse), float32, on every unique device)."),
+      plot=_plot)
+  if scaling.rows:
+    scaling.write(notes=(
+        "shared attention over n devices: per-device `shared_attention` over S/n rows + the "
+        "max-then-sum merge over \"kv\" (one program). speedup and scaling_eff = t(n_min) n_min / "
+        "(t(n) n) relative to the smallest n measured. shared_x_floor: over the per-device "
+        "roofline floor max(bytes / read BW, FLOPs / matmul rate)."), plot=_plot_scaling)
 
 
 def _plot(plt, rows: list[dict]):
-  """Shared-attention speedup vs n (with ideal), and the step's time split per (n, B)."""
+  """Step time per B for each (processes, layout, n), and the transfer share of the split steps."""
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+  series = sorted({(r["processes"], r["layout"], r["n_shared"]) for r in rows})
+  batches = sorted({r["B"] for r in rows})
+  for color, (p, layout, n) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, series):
+    rs = sorted((r for r in rows if (r["processes"], r["layout"], r["n_shared"]) == (p, layout, n)),
+                key=lambda r: r["B"])
+    label = f"{layout} n={n}" + (f" ({p} processes)" if p > 1 else "")
+    ax1.plot([r["B"] for r in rs], [r["step_ms"] for r in rs], "o-", color=color, label=label)
+    if layout == "split":
+      ax2.plot([r["B"] for r in rs], [100 * r["transfer_frac"] for r in rs], "o-", color=color,
+               label=label)
+  for ax in (ax1, ax2):
+    ax.set_xscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+  ax1.set(xlabel="B", ylabel="ms per layer-step", yscale="log")
+  ax2.set(xlabel="B", ylabel="transfers, % of the step")
+  return fig
+
+
+def _plot_scaling(plt, rows: list[dict]):
+  fig, ax = plt.subplots(figsize=(5, 3.8))
   ns = sorted({r["n_shared"] for r in rows})
   for B in sorted({r["B"] for r in rows}):
     rs = sorted((r for r in rows if r["B"] == B), key=lambda r: r["n_shared"])
-    ax1.plot([r["n_shared"] for r in rs], [r["shared_speedup"] for r in rs], "o-", label=f"B={B}")
-  ax1.plot(ns, [n / ns[0] for n in ns], "k--", lw=0.8, label="ideal")
-  ax1.set(xlabel="shared devices n", ylabel="shared attention speedup", xticks=ns)
-  ax1.legend(fontsize=7)
-  parts = ("unique", "to_shared", "shared", "to_unique", "merge")
-  labels = [f"n={r['n_shared']}\nB={r['B']}" for r in rows]
-  bottom = np.zeros(len(rows))
-  for part in parts:
-    vals = np.array([r[f"{part}_ms"] for r in rows])
-    ax2.bar(labels, vals, bottom=bottom, label=part)
-    bottom += vals
-  ax2.plot(labels, [r["step_ms"] for r in rows], "k_", ms=18, label="step (overlapped)")
-  ax2.set(ylabel="ms per layer-step")
-  ax2.tick_params(axis="x", labelsize=7)
-  ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.plot([r["n_shared"] for r in rs], [r["speedup"] for r in rs], "o-", label=f"B={B}")
+  ax.plot(ns, [n / ns[0] for n in ns], "k--", lw=0.8, label="ideal")
+  ax.set(xlabel="shared devices n", ylabel="shared attention speedup", xticks=ns)
+  ax.legend(fontsize=7)
   return fig

@@ -7,18 +7,21 @@ step of `prefill_chunk` prompt tokens per slot or a decode step of one token per
 `moska_step` (moska_jax.step) in one jitted program, so all active requests attend to the shared
 KV together (the batched GEMM). Results come back in request order.
 
-On `DeviceGroups` (disaggregated serving, moska_jax.sharding) the weights and page pools live on
-the unique group and every layer's shared K/V (plus the summaries when sparse) on the shared
-group, whole chunks per "kv" device. One jitted program cannot span two disjoint device sets, so
-the step is orchestrated from Python: `Decoder.forward` runs eagerly on the unique group with the
-same `moska_attend` as the one-device step, built from parts that run where their data lives:
-`zero_padding`, the unique half (`unique_partial`, jitted, pools donated) and `merge_halves` on
-the unique group, and the shared half by `sharding.shared_attention_step` (q out, dense or routed
-attention sharded over "kv", (o, lse) back). Dispatch is asynchronous and the shared half is
-issued first, so the two halves of a layer are in flight together. The logits equal the
-one-device engine's to f32 tolerance, and `stats` counts the bytes moved between the groups
-("bytes_to_shared", "bytes_to_unique"). A single-device `DeviceGroups` takes the same path
-(0 bytes). A fully jitted disaggregated step would keep `moska_attend` and trace its parts.
+On `DeviceGroups` (disaggregated serving, moska_jax.sharding) a step is ONE jitted program over
+the span of the groups (`GroupsExecutor`): `Decoder.forward` runs as a `shard_map` body in which
+every device holds its role's blocks (`sharding.placement`). Per layer the unique devices write
+the new K/V to their pages, hand q to the shared devices with a collective, attend to their
+pages while the shared devices attend to their store rows (dense or routed there), and one
+collective merge brings (o, lse) back; there is no host step between layers or groups. Each
+device keeps one K/V memory per layer (`cache.pools`): page pools on the unique devices, the
+store's rows (whole chunks) on the shared devices, so neither group holds a copy of the other's
+KV; the weights are replicated on the shared devices too (the program has one block of every
+argument per device; they run their copy of the dense layers on filler rows while they wait for
+q). Under `jax.distributed` the groups may live in different processes: every process runs
+`generate` with the same arguments, and the logits are replicated so each reads them. The logits
+equal the one-device engine's to f32 tolerance, and `stats` counts the bytes handed between the
+groups ("bytes_to_shared", "bytes_to_unique", `sharding.TransferStats`). A single-device
+`DeviceGroups` runs the one-device step on that device (0 bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import time
 from collections.abc import Sequence
 
@@ -33,15 +37,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from moska_jax.attention import unique_partial
-from moska_jax.config import MoskaConfig
+import pallas_kernels as pk
+from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.scheduler import Request, Scheduler, StepBatch
-from moska_jax.sharding import (DeviceGroups, place_shared_kv, place_unique, send_to_shared,
-                                shared_attention_step)
-from moska_jax.step import moska_attend, moska_step, step_positions
+from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
+                                place_replicated, place_requests, place_shared_kv,
+                                shared_rows_per_device)
+from moska_jax.sharding.groups import SPAN
+from moska_jax.sharding.shared_step import (hand_off, merge_with_unique, own_rows,
+                                            shared_partial, span_context, span_map)
+from moska_jax.step import moska_step, step_positions, zero_padding
 
 
 class ByteTokenizer:
@@ -112,14 +121,17 @@ class MoskaEngine:
     tokenizer: an object with encode(str) -> list[int] and decode(list[int]) -> str, or a plain
       callable str -> list[int] (results then carry no text); default: UTF-8 bytes.
     groups: run disaggregated on these device groups (see the module docstring); None: one jitted
-      step on the default device. Per-request arrays go over the groups' request axis when
-      max_batch is a multiple of its size, else they are replicated.
+      step on the default device. The requests are split over the unique devices
+      (`ShardingRules.requests`) when max_batch is a multiple of their number of shards, else
+      every unique device serves all of them.
 
   Attributes:
-    cache: the `UniqueKVCache` (page pools, block tables, lengths).
+    cache: the `UniqueKVCache` (page pools, block tables, lengths); on disaggregated groups its
+      pools are per layer the span K/V memory (pages on the unique devices, the store's rows on
+      the shared devices).
     scheduler: the `Scheduler` of the requests.
     shared_kv: per layer the shared store as the step reads it: `attention.SharedLayer` on one
-      device, `sharding.PlacedSharedKV` on groups.
+      device, `sharding.PlacedSharedKV` (views of the K/V memory) on disaggregated groups.
     stats: counters "steps_prefill", "steps_decode", "tokens", "seconds" (+ on groups
       "bytes_to_shared", "bytes_to_unique").
   """
@@ -149,15 +161,16 @@ class MoskaEngine:
     self.graphdef, self.state = nnx.split(model)
     self.stats = collections.Counter()
     self._traces = 0
-    if groups is None:
-      self._step = jax.jit(self._counted(self._local_step), donate_argnums=(2,))
+    self._groups = None
+    if groups is not None and not groups.colocated:
+      self._groups = GroupsExecutor(model.cfg, self.graphdef, self.state, groups, moska_config,
+                                    self.cache, self._counted)
+      self.state = self._groups.state
     else:
-      self.state = place_unique(groups, self.state, specs=groups.rules.weights)
-      self.cache.pools = place_unique(groups, self.cache.pools, specs=groups.rules.pages)
-      self._model = nnx.merge(self.graphdef, self.state)
-      self._batch_axis = 0 if max_batch % groups.request_shards == 0 else None
-      self._unique = jax.jit(self._counted(functools.partial(unique_partial, mcfg=moska_config)),
-                             donate_argnums=(3,))
+      if groups is not None:  # both groups are one device: the one-device step, on it
+        self.state, self.cache.pools = jax.device_put((self.state, self.cache.pools),
+                                                     groups.unique_devices[0])
+      self._step = jax.jit(self._counted(self._local_step), donate_argnums=(2,))
     self.set_store(shared_store)
 
   @property
@@ -185,22 +198,16 @@ class MoskaEngine:
                        f"store's summaries ({store.summaries[0].kind!r}); see "
                        f"SharedKVStore.with_summaries")
     self._store = store
-    if self.groups is None:
+    if self._groups is not None:
+      self._groups.set_store(store, self.cache)
+      self.shared_kv = self._groups.layers(self.cache.pools)
+    elif self.groups is not None:
+      self.shared_kv = jax.device_put(store.layers, self.groups.unique_devices[0])
+    else:
       self.shared_kv = store.layers
-      return
-    sparse = mcfg.mode == "sparse"
-    self._shared_length = int(store.length)
-    (length,), _ = send_to_shared(self.groups, np.int32(self._shared_length))
-    self.shared_kv = tuple(
-        place_shared_kv(self.groups, k, v, s if sparse else None, chunk_size=store.chunk_size,
-                        kv_length=length)
-        for k, v, s in zip(store.k, store.v, store.summaries))
-    # K from the store's own chunk count, as `shared_partial` does (placement may pad chunks).
-    self._top_k = mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None
 
   def compilations(self) -> int:
-    """Traces of the compiled step so far (2 at most: the prefill and the decode shape); on
-    groups, of the per-layer unique program."""
+    """Traces of the compiled step so far (2 at most: the prefill and the decode shape)."""
     return self._traces
 
   def _counted(self, fn):
@@ -215,32 +222,16 @@ class MoskaEngine:
     return moska_step(nnx.merge(self.graphdef, state), shared, pools, tables, lengths, tokens,
                       self.mcfg, fed=fed)
 
-  def _shared_on_groups(self, i: int, q: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The shared half of layer i on the shared group; counts the bytes moved."""
-    s, mcfg = self.shared_kv[i], self.mcfg
-    o, lse, moved = shared_attention_step(
-        self.groups, q, s.k, s.v, kv_length=s.kv_length, summaries=s.summaries, top_k=self._top_k,
-        always_include=mcfg.always_include, chunk_size=s.chunk_size, backend=mcfg.backend,
-        interpret=mcfg.interpret)
-    self.stats["bytes_to_shared"] += moved.bytes_to_shared
-    self.stats["bytes_to_unique"] += moved.bytes_to_unique
-    return o, lse
-
   def _run(self, batch: StepBatch) -> jax.Array:
     """Runs one step over every slot; updates the page pools and returns logits[B, T, V]."""
     c = self.cache
-    if self.groups is None:
-      logits, c.pools = self._step(self.state, self.shared_kv, c.pools,
-                                   jnp.asarray(c.block_tables), jnp.asarray(c.lengths),
-                                   jnp.asarray(batch.tokens), jnp.asarray(batch.fed))
+    if self._groups is not None:
+      logits, c.pools = self._groups.run(batch, c, self.stats)
+      self.shared_kv = self._groups.layers(c.pools)
       return logits
-    positions = step_positions(self._shared_length, c.lengths, batch.tokens.shape[1])
-    tokens, positions, tables, lengths, fed = place_unique(
-        self.groups, (batch.tokens, positions, c.block_tables, c.lengths, batch.fed),
-        batch_axis=self._batch_axis)
-    unique = functools.partial(self._unique, tables=tables, lengths=lengths)
-    attend = moska_attend(self._shared_on_groups, unique, fed)
-    logits, c.pools = self._model.forward(tokens, positions, attend, c.pools)
+    logits, c.pools = self._step(self.state, self.shared_kv, c.pools, jnp.asarray(c.block_tables),
+                                 jnp.asarray(c.lengths), jnp.asarray(batch.tokens),
+                                 jnp.asarray(batch.fed))
     return logits
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
@@ -291,3 +282,124 @@ class MoskaEngine:
   def _result(self, r: Request, return_logits: bool) -> Result:
     text = self._decode(r.tokens) if self._decode else None
     return Result(r.prompt, r.tokens, text, r.logits if return_logits else None)
+
+
+class GroupsExecutor:
+  """The engine's step on disaggregated `DeviceGroups`: one jitted program over their span.
+
+  See the module docstring for the data flow. The engine owns one: `set_store` places a store in
+  the K/V memory (keeping the unique devices' pages), `run` runs a step.
+
+  Args:
+    model_config: the decoder's config.
+    graphdef, state: the split decoder (`nnx.split`); the state is replicated over the span.
+    groups: disjoint device groups.
+    mcfg: dense or sparse shared attention ("sparse" is routed on the shared devices), the kernel
+      backend and interpret mode.
+    cache: the engine's `UniqueKVCache` (its page size, pages and batch size the memory must hold).
+    counted: wraps the step function to count its traces.
+  """
+
+  def __init__(self, model_config: ModelConfig, graphdef, state, groups: DeviceGroups,
+               mcfg: MoskaConfig, cache: UniqueKVCache, counted):
+    self.model_config, self.graphdef, self.groups, self.mcfg = model_config, graphdef, groups, mcfg
+    # Host values (the same in every process) -> every span device: no cross-process copy.
+    self.state = place_replicated(groups, jax.tree.map(np.asarray, state))
+    self.batch, self.page_size = cache.block_tables.shape[0], cache.page_size
+    self.pool_rows = cache.num_pages * cache.page_size
+    self.rows = 0  # R, each device's K/V rows per layer; set by set_store
+    self._step = jax.jit(counted(self._program), static_argnums=0, donate_argnums=2)
+
+  def set_store(self, store: SharedKVStore, cache: UniqueKVCache) -> None:
+    """Puts `store` on the shared devices; cache.pools becomes the K/V memory.
+
+    R, the rows per device, holds the store's rows over the shared devices (whole chunks) and the
+    unique pools (whole pages); it only grows, and the pages already written stay. When the pools
+    need more rows than a shared device's part of the store, the shared blocks are padded, and the
+    shared kernels, which split a device's R rows statically, find no keys in part of their
+    splits: num_pages * page_size <= S / num_shared keeps the shared attention at full speed.
+    """
+    C, page, sparse = store.chunk_size, self.page_size, self.mcfg.mode == "sparse"
+    whole = math.lcm(C, page)
+    R = max(self.rows, shared_rows_per_device(self.groups, store.k[0].shape[0], C, page),
+            -(-self.pool_rows // whole) * whole)
+
+    def kept(x):
+      """The unique devices' blocks of x (span memory of self.rows rows), padded to R rows."""
+      def block(i, device):
+        data = next(s.data for s in x.addressable_shards if s.device == device)
+        return data if R == self.rows else jnp.pad(data, ((0, R - self.rows), (0, 0), (0, 0)))
+      return block
+
+    placed = tuple(
+        place_shared_kv(self.groups, k, v, s if sparse else None, chunk_size=C,
+                        kv_length=int(store.length), rows_per_device=R,
+                        unique_blocks=(kept(pool[0]), kept(pool[1])) if self.rows else None)
+        for k, v, s, pool in zip(store.k, store.v, store.summaries, cache.pools))
+    cache.pools = tuple((p.k, p.v) for p in placed)
+    self.rows, self.chunk_size = R, C
+    self.summaries = tuple(p.summaries for p in placed) if sparse else ()
+    self.kv_length, self.shared_length = placed[0].kv_length, int(store.length)
+    mcfg = self.mcfg
+    self.cfg = SharedConfig(
+        "routed" if sparse else "dense",
+        mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None,
+        tuple(mcfg.always_include) if sparse else (), C if sparse else None, None,
+        mcfg.backend, mcfg.interpret)
+
+  def layers(self, pools) -> tuple[PlacedSharedKV, ...]:
+    """Per layer the shared store as the step reads it (views of the K/V memory `pools`)."""
+    summaries = self.summaries or (None,) * len(pools)
+    return tuple(PlacedSharedKV(k, v, s, self.kv_length, self.chunk_size)
+                 for (k, v), s in zip(pools, summaries))
+
+  def run(self, batch: StepBatch, cache: UniqueKVCache, stats: collections.Counter):
+    """One step over every slot -> (this process's copy of logits[B, T, V], new pools); adds the
+    bytes handed between the groups to `stats`."""
+    c, T = cache, batch.tokens.shape[1]
+    requests = place_requests(
+        self.groups, (batch.tokens, step_positions(self.shared_length, c.lengths, T),
+                      c.block_tables, c.lengths, batch.fed), self.batch)
+    logits, pools = self._step(self.cfg, self.state, c.pools, self.summaries, self.kv_length,
+                               *requests)
+    m = self.model_config
+    moved = TransferStats.of_step(self.groups, (self.batch, T, m.num_heads, m.head_dim),
+                                  m.jnp_dtype)
+    stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
+    stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
+    return logits.addressable_data(0), pools
+
+  def _program(self, cfg: SharedConfig, state, pools, summaries, kv_length, tokens, positions,
+               tables, lengths, fed):
+    groups, page, B = self.groups, self.page_size, self.batch
+    mcfg = self.mcfg
+
+    def body(state, pools, summaries, kv_length, tokens, positions, tables, lengths, fed):
+      ctx = span_context(groups, B)
+      T = tokens.shape[1]
+      # Shared devices write past every table (dropped) and see no unique keys; their copy of
+      # the dense layers runs on the filler rows of shard 0 while they wait for q.
+      start = jnp.where(ctx.unique, lengths, tables.shape[1] * page)
+      seen = jnp.where(ctx.unique, lengths + T, 0)
+
+      def attend(i, q, k, v, memory):
+        q_all = hand_off(ctx, zero_padding(q, fed))
+        k_pages, v_pages = pk.write_pages(*(x.reshape(-1, page, *x.shape[1:]) for x in memory),
+                                          tables, start, k, v)
+        # q from the hand-off: the unique kernel waits for it, so q leaves first and both
+        # groups attend at once.
+        unique = pk.unique_attention(own_rows(ctx, q_all), k_pages, v_pages, tables, seen,
+                                     backend=mcfg.backend, interpret=mcfg.interpret)
+        memory = tuple(x.reshape(-1, *x.shape[2:]) for x in (k_pages, v_pages))
+        shared = shared_partial(ctx, q_all, *memory, kv_length, cfg,
+                                summaries=summaries[i] if summaries else None)
+        o, _ = merge_with_unique(ctx, unique, shared)
+        return own_rows(ctx, o).astype(q.dtype), memory
+
+      logits, pools = nnx.merge(self.graphdef, state).forward(tokens, positions, attend, pools)
+      return hand_off(ctx, logits), pools
+
+    rows = jax.tree.map(lambda x: P() if x.ndim == 0 else P(SPAN), summaries)
+    in_specs = (P(), P(SPAN), rows, P()) + (P(SPAN),) * 5
+    return span_map(body, groups, in_specs, (P(), P(SPAN)))(
+        state, pools, summaries, kv_length, tokens, positions, tables, lengths, fed)

@@ -7,8 +7,9 @@ request's pages, then paged attention), and merges the two partials exactly. The
 the decoder's per-layer state: they go in and come out as values (`Decoder.forward`).
 
 `moska_step` is that step on one device: pure and jittable (the engine jits it; experiments
-call it directly). The disaggregated engine builds the same `moska_attend` from parts that run
-on separate device groups (`moska_jax.engine`).
+call it directly). The disaggregated engine runs the same parts (`zero_padding`, the kernels) in
+one program over both device groups and merges the halves across them
+(`moska_jax.engine.GroupsExecutor`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SharedPart = Callable[[int, jax.Array], tuple[jax.Array, jax.Array]]
 UniquePart = Callable[[jax.Array, jax.Array, jax.Array, Pages],
                       tuple[tuple[jax.Array, jax.Array], Pages]]
 
-# zero_padding and merge_halves are jitted so that the eager path on device groups runs each as
-# one program on the unique group; inside a jitted step they are inlined.
+# zero_padding and merge_halves are jitted so that an eager caller runs each as one program;
+# inside a jitted step they are inlined.
 
 
 @jax.jit

@@ -2,7 +2,10 @@
 
 For every split (one device, 1+1, 2+6, 4+4), dense and sparse, greedy generation gives the same
 tokens and the same logits (f32 tolerance) as the engine without groups, the shared store is
-really split in whole chunks over the shared group, and the cross-group bytes are counted.
+really split in whole chunks over the shared devices of the span (the unique devices' rows hold
+the pages), a step is one program that moves nothing between devices outside it, and the
+cross-group bytes are counted. TPU interpret mode runs on a 2-device unique group with requests
+split over it (it aborted when the step was partitioned by GSPMD).
 """
 
 import dataclasses
@@ -11,13 +14,12 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
-from moska_jax.sharding import make_device_groups
+from moska_jax.sharding import make_device_groups, span_sharding
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8,
@@ -66,35 +68,70 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
     assert got.tokens == ref.tokens
     np.testing.assert_allclose(np.stack(got.logits), np.stack(ref.logits), rtol=1e-5, atol=1e-5)
 
-  # The engine's shared K/V (and summaries) are split in whole chunks over the shared group.
-  s_pad = 384 if split == "2+6" else 256  # 8 chunks; 2+6 pads them to 12, 2 per device
-  for layer in eng.shared_kv:
-    parts = [(layer.k, s_pad), (layer.v, s_pad)]
-    if mode != "dense":
-      parts += [(a, s_pad // C) for a in layer.summaries.arrays]
-    else:
-      assert layer.summaries is None  # dense never routes: the summaries stay home
-    for arr, rows in parts:
-      assert arr.shape[0] == rows and arr.sharding == NamedSharding(groups.shared_mesh, P("kv"))
-      shards = {s.device: s.data.shape for s in arr.addressable_shards}
-      assert set(shards) == set(groups.shared_devices)
-      assert set(shards.values()) == {(rows // groups.num_shared, *arr.shape[1:])}
-  # The weights and the page pools stay on the unique group; nothing recompiled per step.
-  for arr in jax.tree.leaves(eng.state) + jax.tree.leaves(eng.cache.pools):
-    assert arr.sharding.device_set == set(groups.unique_devices)
-  assert eng.compilations() == 2  # the unique program: prefill and decode
+  # Each layer's K/V memory: R rows per span device, the store's (whole chunks) on the shared
+  # devices, the page pools on the unique ones; summaries (sparse) alike. Weights everywhere.
+  if groups.colocated:
+    for arr in jax.tree.leaves((eng.state, eng.cache.pools, eng.shared_kv)):
+      assert arr.sharding.device_set == set(groups.unique_devices)
+  else:
+    roles = groups.span_roles(2)
+    for (k, v), layer, store_k in zip(eng.cache.pools, eng.shared_kv, stores[mode].k):
+      assert layer.k is k and layer.v is v
+      R = layer.rows_per_device
+      assert R % C == 0 and R % 8 == 0 and R >= 8 * 8  # whole chunks, whole pages, 8 pages
+      parts = [(k, R), (v, R)] + ([] if mode == "dense" else
+                                  [(a, R // C) for a in layer.summaries.arrays])
+      if mode == "dense":
+        assert layer.summaries is None  # dense never routes: the summaries stay home
+      for arr, rows in parts:
+        assert arr.shape[0] == len(groups.span_devices) * rows
+        assert arr.sharding == span_sharding(groups)
+      for shard in k.addressable_shards:
+        r = roles.shared_rank[groups.span_devices.index(shard.device)]
+        if r >= 0:
+          want = np.asarray(store_k)[r * R:(r + 1) * R]
+          np.testing.assert_array_equal(np.asarray(shard.data)[:len(want)], want)
+    for arr in jax.tree.leaves(eng.state):
+      assert arr.sharding.is_fully_replicated and arr.sharding.device_set == set(
+          groups.span_devices)
+  assert eng.compilations() == 2  # the step: prefill and decode
 
-  # Per layer and step, q lands on every shared device and (o, lse) come back: split over
-  # "batch" when max_batch (2) divides it, else one copy per unique device (4+4). Nothing moves
-  # on one device.
+  # Per layer and step, q [B, T, Hq, D] lands on every shared device and the merged (o, lse)
+  # (float32) on every unique device. Nothing moves on one device.
   cfg = model.cfg
   rows = 2 * (8 + NEW_TOKENS - 1)  # 2 slots x (one prefill step of 8 tokens, then decode steps)
-  copies = 1 if 2 % groups.unique_mesh.shape["batch"] == 0 else len(groups.unique_devices)
-  q_bytes = rows * cfg.num_heads * cfg.head_dim * 4
-  expect = (cfg.layers * groups.num_shared * q_bytes,
-            cfg.layers * copies * rows * cfg.num_heads * (cfg.head_dim + 1) * 4)
+  expect = (cfg.layers * groups.num_shared * rows * cfg.num_heads * cfg.head_dim * 4,
+            cfg.layers * len(groups.unique_devices) * rows * cfg.num_heads * (cfg.head_dim + 1)
+            * 4)
   assert (eng.stats["bytes_to_shared"], eng.stats["bytes_to_unique"]) == (
       (0, 0) if groups.colocated else expect)
+
+
+def test_a_step_moves_nothing_outside_its_program(setup):
+  model, stores, prompts, refs = setup
+  groups = make_device_groups(jax.devices()[:4], num_shared=2)
+  eng = engine(model, stores["sparse"], MODES["sparse"], groups)
+  with jax.transfer_guard_device_to_device("disallow_explicit"):
+    results = eng.generate(prompts, NEW_TOKENS)
+  assert [r.tokens for r in results] == [r.tokens for r in refs["sparse"]]
+
+
+def test_tpu_interpret_mode_on_a_split_unique_group(setup):
+  """Pallas TPU interpret mode on 2 unique devices with 4 requests split over them (issue: the
+  process aborted when GSPMD partitioned the interpreter's callbacks, see the engine docs)."""
+  model, stores, prompts, _ = setup
+  groups = make_device_groups(jax.devices()[:3], num_shared=1)
+  mcfg = MoskaConfig(backend="tpu", interpret=True)
+  four = prompts + [p[:2] for p in prompts]
+  eng = MoskaEngine(model, stores["dense"], mcfg, max_batch=4, num_pages=8, page_size=8,
+                    prefill_chunk=8, groups=groups)
+  assert groups.span_roles(4).shards == 2
+  got = eng.generate(four, 1, return_logits=True)
+  ref = MoskaEngine(model, stores["dense"], MODES["dense"], max_batch=4, num_pages=8,
+                    page_size=8, prefill_chunk=8).generate(four, 1, return_logits=True)
+  for a, b in zip(got, ref):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), rtol=1e-4, atol=1e-4)
 
 
 def test_set_store_places_the_new_store_on_the_groups(setup):
@@ -112,7 +149,12 @@ def test_set_store_places_the_new_store_on_the_groups(setup):
                                                                    return_logits=True)):
     assert got.tokens == ref.tokens
     np.testing.assert_allclose(np.stack(got.logits), np.stack(ref.logits), rtol=1e-5, atol=1e-5)
-  for layer, v in zip(eng.shared_kv, other.v):  # the new V, split in whole chunks over "kv"
-    assert layer.v.sharding == NamedSharding(groups.shared_mesh, P("kv"))
-    np.testing.assert_array_equal(np.asarray(layer.v)[:v.shape[0]], np.asarray(v))
+  roles = groups.span_roles(2)
+  for layer, v in zip(eng.shared_kv, other.v):  # the new V, in whole chunks on the shared devices
+    R = layer.rows_per_device
+    for shard in layer.v.addressable_shards:
+      r = roles.shared_rank[groups.span_devices.index(shard.device)]
+      if r >= 0:
+        want = np.asarray(v)[r * R:(r + 1) * R]
+        np.testing.assert_array_equal(np.asarray(shard.data)[:len(want)], want)
   assert eng.compilations() == 2

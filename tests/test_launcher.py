@@ -29,9 +29,10 @@ TINY = {
     "decode": ["--backend=xla", "--dtype=float32", "--decode_model=tiny", "--decode_layers=1",
                "--decode_shared=512", "--decode_unique=64", "--decode_batches=2",
                "--decode_chunk=128", "--decode_page=16"],
-    "disaggregation": ["--backend=xla", "--shape=tiny", "--disagg_length=2048",
-                       "--disagg_batches=2", "--disagg_shared_counts=1,2", "--disagg_chunk=256",
-                       "--disagg_unique_length=256", "--disagg_page_size=16", "--disagg_copy_mb=4"],
+    "disaggregation": ["--backend=xla", "--shape=tiny", "--dtype=float32", "--disagg_length=2048",
+                       "--disagg_batches=2", "--disagg_shared_counts=1,2",
+                       "--disagg_chunk=256", "--disagg_unique_length=256",
+                       "--disagg_page_size=16", "--disagg_processes=1,2"],
     "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
 }
 CHECKED = {"shared_attention", "unique_attention", "sparse_attention", "disaggregation"}

@@ -1,8 +1,10 @@
-"""moska_jax.sharding on 8 emulated CPU devices: groups, placement and the cross-group shared step.
+"""moska_jax.sharding on 8 emulated CPU devices: groups, span placement and the disaggregated
+step as one program.
 
 Every group split (1+1, 2+6, 4+4, one device) must give the single-device kernels' (o, lse) to f32
-tolerance, dense and sparse, with the shared K/V really split in whole chunks and the transfers
-counted. Run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (as .ci/run does).
+tolerance, dense and sparse, with the shared K/V really split in whole chunks, the transfers
+counted from the shapes, and nothing moved outside the compiled program. Run with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (as .ci/run does).
 """
 
 import jax
@@ -12,9 +14,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moska_jax import routing
-from moska_jax.sharding import (DeviceGroups, ShardingRules, make_device_groups, place_shared_kv,
-                                place_unique, send_to_unique, shared_attention_step)
-from pallas_kernels import chunk_attention, shared_attention
+from moska_jax.sharding import (DeviceGroups, SharedConfig, ShardingRules,
+                                disaggregated_attention_program, make_device_groups,
+                                place_requests, place_shared_kv, shared_attention_program,
+                                shared_attention_step, shared_rows_per_device, span_blocks,
+                                span_sharding)
+from pallas_kernels import (chunk_attention, merge_attention_states, merge_partials,
+                            shared_attention, unique_attention)
 from tests.np_reference import rel_err
 
 pytestmark = pytest.mark.skipif(
@@ -67,9 +73,8 @@ def test_step_equals_single_device(split, kv_length, mode, data):
   q, k, v, ids = data
   groups = groups_for(split)
   store = place_shared_kv(groups, k, v, chunk_size=C, kv_length=kv_length)
-  q_u = place_unique(groups, q, batch_axis=0)
-  sparse = dict(chunk_ids=jnp.asarray(ids), chunk_size=C) if mode == "sparse" else {}
-  o, lse, stats = shared_attention_step(groups, q_u, store.k, store.v, kv_length=store.kv_length,
+  sparse = dict(chunk_ids=ids, chunk_size=C) if mode == "sparse" else {}
+  o, lse, stats = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
                                         backend="xla", **sparse)
   if mode == "dense":
     o_ref, lse_ref = shared_attention(q, k, v, kv_length=kv_length, backend="xla")
@@ -78,8 +83,7 @@ def test_step_equals_single_device(split, kv_length, mode, data):
                                      backend="xla")
   assert_close(o, lse, o_ref, lse_ref)
   assert o.dtype == q.dtype and lse.dtype == jnp.float32
-  assert o.sharding.device_set == set(groups.unique_devices)
-  assert o.sharding.is_equivalent_to(q_u.sharding, o.ndim)
+  assert o.sharding.device_set == set(groups.span_devices) and o.sharding.is_fully_replicated
   assert (stats.total_bytes == 0) == groups.colocated
 
 
@@ -89,26 +93,111 @@ def test_routing_on_the_shared_group(split, data):
   groups = groups_for(split)
   summaries = routing.chunk_summaries(jnp.asarray(k), C, kv_length=170)
   store = place_shared_kv(groups, k, v, summaries, chunk_size=C, kv_length=170)
-  o, lse, _ = shared_attention_step(groups, jnp.asarray(q), store.k, store.v,
-                                    kv_length=store.kv_length, summaries=store.summaries,
-                                    top_k=3, chunk_size=C, backend="xla")
-  ids = routing.route(jnp.asarray(q), summaries, 3)
+  o, lse, _ = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
+                                    summaries=store.summaries, top_k=3, always_include=(12,),
+                                    chunk_size=C, backend="xla")
+  ids = routing.route(jnp.asarray(q), summaries, 3, always_include=(12,))
   o_ref, lse_ref = chunk_attention(q, k, v, ids, chunk_size=C, kv_length=170, backend="xla")
   assert_close(o, lse, o_ref, lse_ref)
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_pallas_kernels_inside_shard_map(mode, data):
+def test_pallas_kernels_inside_the_span_program(mode, data):
   q, k, v, ids = data
   groups = groups_for("4+4")
   store = place_shared_kv(groups, k, v, chunk_size=C)
-  sparse = dict(chunk_ids=jnp.asarray(ids), chunk_size=C) if mode == "sparse" else {}
-  o, lse, _ = shared_attention_step(groups, jnp.asarray(q), store.k, store.v,
-                                    kv_length=store.kv_length, backend="gpu", interpret=True,
-                                    **sparse)
+  sparse = dict(chunk_ids=ids, chunk_size=C) if mode == "sparse" else {}
+  o, lse, _ = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
+                                    backend="gpu", interpret=True, **sparse)
   ref = (shared_attention(q, k, v, backend="xla") if mode == "dense" else
          chunk_attention(q, k, v, ids, chunk_size=C, backend="xla"))
   assert_close(o, lse, *ref)
+
+
+def eager_shared_step(groups, q, k, v, kv_length):
+  """The orchestration the span program replaces: q moved to the shared mesh by device_put, a
+  shard_map over "kv" there, (o, lse) moved back by device_put."""
+  n = groups.num_shared
+  s_pad = -(-S // (n * C)) * n * C
+  pad = ((0, s_pad - S), (0, 0), (0, 0))
+  rows = NamedSharding(groups.shared_mesh, P("kv"))
+  k_s, v_s = jax.device_put(np.pad(k, pad), rows), jax.device_put(np.pad(v, pad), rows)
+  q_s = jax.device_put(q, NamedSharding(groups.shared_mesh, P()))
+
+  def local(q, k, v):
+    s_local = k.shape[0]
+    valid = jnp.clip(kv_length - jax.lax.axis_index("kv") * s_local, 0, s_local)
+    return merge_partials(*shared_attention(q, k, v, kv_length=valid, backend="xla"),
+                          axis_name="kv")
+
+  o, lse = jax.jit(jax.shard_map(local, mesh=groups.shared_mesh, in_specs=(P(), P("kv"), P("kv")),
+                                 out_specs=(P(), P()), check_vma=False))(q_s, k_s, v_s)
+  return jax.device_put((o, lse), NamedSharding(groups.unique_mesh, P()))
+
+
+@pytest.mark.parametrize("split", ["1+1", "2+6"])
+def test_jitted_step_equals_the_eager_step(split, data):
+  q, k, v, _ = data
+  groups = groups_for(split)
+  o_eager, lse_eager = eager_shared_step(groups, q, k, v, 150)
+  store = place_shared_kv(groups, k, v, chunk_size=C, kv_length=150)
+  o, lse, _ = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
+                                    backend="xla")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(o_eager), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(lse_eager), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["dense", "routed"])
+@pytest.mark.parametrize("split", ["1+1", "2+6", "single"])
+def test_disaggregated_layer_is_one_program(split, mode, data):
+  """One decode layer (unique pages + shared store, packed in one K/V memory on split groups)
+  in one compiled program: equal to the one-device kernels merged, the hand-off and the return
+  are all-reduces inside it, and running it moves nothing outside it."""
+  q, k, v, _ = data
+  q = q[:, :1]  # decode
+  groups = groups_for(split)
+  page, pages_each = 8, 4  # every request owns 4 pages; unique lengths ragged, up to 32
+  lengths = np.array([5, 32, 17, 1], np.int32)
+  rng = np.random.default_rng(1)
+  pool_k, pool_v = (rng.standard_normal((B * pages_each + 1, page, Hkv, D), np.float32)
+                    for _ in range(2))
+  tables = (1 + np.arange(B * pages_each, dtype=np.int32)).reshape(B, pages_each)
+  summaries = routing.chunk_summaries(jnp.asarray(k), C, kv_length=150)
+  pool_rows = -(-(B * pages_each + 1) * page // C) * C
+  R = max(pool_rows, shared_rows_per_device(groups, S, C))  # every device's rows hold its role
+  store = place_shared_kv(groups, k, v, summaries if mode == "routed" else None, chunk_size=C,
+                          kv_length=150, rows_per_device=R)
+
+  def pool_block(pool):  # a unique device's rows of the K/V memory: its page pool, then free
+    flat = pool.reshape(-1, Hkv, D)
+    return lambda i, device: np.concatenate([flat, np.zeros((R - len(flat), Hkv, D), np.float32)])
+
+  if groups.colocated:  # one device holds both roles: pages and store are separate arrays
+    k_mem, v_mem = (span_blocks(groups, pool_block(p), (R, Hkv, D), np.float32)
+                    for p in (pool_k, pool_v))
+  else:  # one memory per device: the unique devices' free rows of the store hold the pages
+    store = place_shared_kv(groups, k, v, summaries if mode == "routed" else None, chunk_size=C,
+                            kv_length=150, rows_per_device=R,
+                            unique_blocks=(pool_block(pool_k), pool_block(pool_v)))
+    k_mem, v_mem = store.k, store.v
+  cfg = SharedConfig(mode, 3 if mode == "routed" else None, (), C if mode == "routed" else None,
+                     None, "xla", False)
+  program = disaggregated_attention_program(groups, B, page, cfg)
+  q_s, tables_s, lengths_s = place_requests(groups, (q, tables, lengths), B)
+  args = (q_s, k_mem, v_mem, tables_s, lengths_s, store.k, store.v, store.kv_length)
+  args += (store.summaries,) if mode == "routed" else ()
+  with jax.transfer_guard("disallow"):
+    o, lse = program(*args)
+    o.block_until_ready()
+  o_u, lse_u = unique_attention(q, pool_k, pool_v, tables, lengths, backend="xla")
+  if mode == "dense":
+    o_s, lse_s = shared_attention(q, k, v, kv_length=150, backend="xla")
+  else:
+    ids = routing.route(jnp.asarray(q), summaries, 3)
+    o_s, lse_s = chunk_attention(q, k, v, ids, chunk_size=C, kv_length=150, backend="xla")
+  assert_close(o, lse, *merge_attention_states(o_u, lse_u, o_s, lse_s))
+  hlo = program.lower(*args).compile().as_text()
+  assert groups.colocated or hlo.count("all-reduce") >= 2  # hand-off and merge, in the program
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -117,70 +206,74 @@ def test_shared_kv_is_split_in_whole_chunks(split, data):
   groups = groups_for(split)
   summaries = routing.chunk_summaries(jnp.asarray(k), C)
   store = place_shared_kv(groups, k, v, summaries, chunk_size=C)
-  n = groups.num_shared
-  s_pad = store.k.shape[0]
-  s_local, n_local = s_pad // n, s_pad // n // C
-  assert s_pad % (n * C) == 0 and s_pad - S < n * C and store.kv_length == S
-  k_pad = np.pad(k, ((0, s_pad - S), (0, 0), (0, 0)))
+  n, span = groups.num_shared, len(groups.span_devices)
+  R = store.rows_per_device
+  assert R % C == 0 and n * R >= S > n * R - n * C
+  k_pad = np.pad(k, ((0, n * R - S), (0, 0), (0, 0)))
   vec = store.summaries.arrays[0]
-  for arr, full, rows in ((store.k, k_pad, s_local), (store.v, None, s_local),
-                          (vec, None, n_local)):
-    assert arr.sharding == NamedSharding(groups.shared_mesh, P("kv"))
-    assert arr.sharding.device_set == set(groups.shared_devices)
-    assert len(arr.addressable_shards) == n
+  for arr, full, rows in ((store.k, k_pad, R), (store.v, None, R), (vec, None, R // C)):
+    assert arr.shape[0] == span * rows and arr.sharding == span_sharding(groups)
+    assert len(arr.addressable_shards) == span
     for shard in arr.addressable_shards:
-      i = groups.shared_devices.index(shard.device)
+      i = groups.span_devices.index(shard.device)
+      r = groups.span_roles(1).shared_rank[i]
       assert shard.data.shape == (rows, *arr.shape[1:])
-      assert shard.index[0].indices(arr.shape[0])[:2] == (i * rows, (i + 1) * rows)
-      if full is not None:  # device i holds exactly its chunks' rows
-        np.testing.assert_array_equal(np.asarray(shard.data), full[i * rows:(i + 1) * rows])
+      if r < 0:  # a unique device: free rows (for its pages), zero
+        assert not np.asarray(shard.data).any()
+      elif full is not None:  # shared rank r holds exactly its chunks' rows
+        np.testing.assert_array_equal(np.asarray(shard.data), full[r * rows:(r + 1) * rows])
   assert store.summaries.num_valid_chunks.sharding.is_fully_replicated
+  assert int(store.kv_length) == S
 
 
-def test_bytes_counted(data):
+def test_bytes_counted_from_shapes(data):
   q, k, v, ids = data
-  groups = groups_for("2+6")  # unique mesh (2, 1): q sharded over "batch"
+  groups = groups_for("2+6")
   store = place_shared_kv(groups, k, v, chunk_size=C)
-  q_u = place_unique(groups, q, batch_axis=0)
-  ids = jnp.asarray(ids)
-  _, _, dense = shared_attention_step(groups, q_u, store.k, store.v, kv_length=store.kv_length,
+  _, _, dense = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
                                       backend="xla")
-  _, _, sparse = shared_attention_step(groups, q_u, store.k, store.v, kv_length=store.kv_length,
+  _, _, sparse = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
                                        chunk_ids=ids, chunk_size=C, backend="xla")
-  # q and kv_length land on each of the 6 shared devices; o and lse come back split over "batch".
-  assert dense.bytes_to_shared == 6 * (q.nbytes + 4)
+  # q lands on each of the 6 shared devices; the merged (o, lse) in float32 on both unique ones.
+  assert dense.bytes_to_shared == 6 * q.nbytes
   assert sparse.bytes_to_shared == dense.bytes_to_shared + 6 * ids.nbytes
-  assert dense.bytes_to_unique == sparse.bytes_to_unique == q.nbytes + B * T * Hq * 4
+  assert dense.bytes_to_unique == sparse.bytes_to_unique == 2 * B * T * Hq * (D + 1) * 4
   single = groups_for("single")
   store1 = place_shared_kv(single, k, v, chunk_size=C)
-  _, _, none = shared_attention_step(single, jnp.asarray(q), store1.k, store1.v,
-                                     kv_length=store1.kv_length, backend="xla")
+  _, _, none = shared_attention_step(single, q, store1.k, store1.v, kv_length=store1.kv_length,
+                                     backend="xla")
   assert none.total_bytes == 0
 
 
-def test_single_device_step_is_traceable(data):
-  q, k, v, _ = data
-  groups = groups_for("single")
-  store = place_shared_kv(groups, k, v, chunk_size=C)
-
-  @jax.jit
-  def step(q, k, v):
-    return shared_attention_step(groups, q, k, v, kv_length=store.kv_length, backend="xla")[:2]
-
-  assert_close(*step(q, store.k, store.v), *shared_attention(q, k, v, backend="xla"))
-
-
-def test_place_unique():
+def test_span_roles_and_request_placement():
   groups = make_device_groups(jax.devices(), num_shared=2, unique_mesh_shape=(3, 2))
-  tree = {"w": np.ones((4, 4), np.float32), "lengths": np.arange(6), "t": np.int32(3)}
-  rep = place_unique(groups, tree)
-  assert all(x.sharding.is_fully_replicated and x.sharding.device_set == set(groups.unique_devices)
-             for x in jax.tree.leaves(rep))
-  per_req = place_unique(groups, {"lengths": tree["lengths"], "t": tree["t"]}, batch_axis=0)
-  assert per_req["lengths"].sharding.spec == P("batch")
-  assert {s.data.shape for s in per_req["lengths"].addressable_shards} == {(2,)}
-  tp = place_unique(groups, tree["w"], specs=P(None, "model"))
-  assert {s.data.shape for s in tp.addressable_shards} == {(4, 2)}
+  roles = groups.span_roles(6)  # requests over "batch": 3 shards of 2; "model" replicas
+  assert roles.shards == 3 and roles.shard == (0, 0, 1, 1, 2, 2, 0, 0)
+  assert roles.owner == (True, False, True, False, True, False, False, False)
+  assert roles.unique == (True,) * 6 + (False,) * 2 and roles.shared_rank == (-1,) * 6 + (0, 1)
+  x = np.arange(6 * 3).reshape(6, 3)
+  placed = place_requests(groups, x, 6)
+  assert placed.shape == (8 * 2, 3) and placed.sharding == span_sharding(groups)
+  for shard in placed.addressable_shards:
+    i = groups.span_devices.index(shard.device)
+    s = roles.shard[i]
+    np.testing.assert_array_equal(np.asarray(shard.data), x[2 * s:2 * s + 2])
+  replicated = groups.span_roles(4)  # 4 requests do not split 3 ways
+  assert replicated.shards == 1 and replicated.owner == (True,) + (False,) * 7
+  both = make_device_groups(jax.devices(), num_shared=2, unique_mesh_shape=(3, 2),
+                            rules=ShardingRules(requests=P(("batch", "model"))))
+  assert both.request_shards == 6 and both.span_roles(12).shard[:6] == (0, 1, 2, 3, 4, 5)
+  with pytest.raises(ValueError, match="request axis B=6 first"):
+    place_requests(groups, np.zeros((5, 2)), 6)
+
+
+def test_span_mesh_lists_unique_then_shared():
+  groups = make_device_groups(jax.devices(), num_shared=3)
+  assert groups.span_devices == tuple(jax.devices())
+  assert groups.span_mesh.axis_names == ("span",) and groups.span_mesh.size == 8
+  single = make_device_groups(jax.devices()[:1])
+  assert single.span_devices == tuple(jax.devices()[:1])
+  assert single.span_roles(2) == (1, (0,), (True,), (True,), (0,))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -216,43 +309,45 @@ def test_bad_placement_and_step_args_raise(data):
   groups = groups_for("4+4")
   with pytest.raises(ValueError, match="every summary leaf must have N=13"):
     place_shared_kv(groups, k, v, np.zeros((12, Hkv, D)), chunk_size=C)
+  with pytest.raises(ValueError, match="rows_per_device must be a multiple of chunk_size=16 and "
+                                       "at least 64"):
+    place_shared_kv(groups, k, v, chunk_size=C, rows_per_device=48)
+  with pytest.raises(ValueError, match=r"kv_length must be in \[0, S=200\]"):
+    place_shared_kv(groups, k, v, chunk_size=C, kv_length=201)
   store = place_shared_kv(groups, k, v, chunk_size=C)
   with pytest.raises(ValueError, match="whole chunks per device"):
-    shared_attention_step(groups, q, store.k, store.v, chunk_ids=jnp.asarray(ids), chunk_size=24,
+    shared_attention_step(groups, q, store.k, store.v, chunk_ids=ids, chunk_size=24,
                           backend="xla")
-  with pytest.raises(ValueError, match="do not split evenly"):
-    shared_attention_step(groups, q, k[:198], v[:198], backend="xla")
+  with pytest.raises(ValueError, match="place the store with place_shared_kv"):
+    shared_attention_step(groups, q, jnp.asarray(k), jnp.asarray(v), backend="xla")
+  summaries = routing.chunk_summaries(jnp.asarray(k), C)
+  routed = place_shared_kv(groups, k, v, summaries, chunk_size=C)
+  with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=16\]"):
+    shared_attention_step(groups, q, routed.k, routed.v, summaries=routed.summaries, top_k=17,
+                          chunk_size=C)
+  with pytest.raises(ValueError, match=r"always_include must hold at most top_k=2 chunk ids"):
+    shared_attention_step(groups, q, routed.k, routed.v, summaries=routed.summaries, top_k=2,
+                          always_include=(16,), chunk_size=C)
+  with pytest.raises(ValueError, match="chunk_ids or"):
+    shared_attention_step(groups, q, store.k, store.v, chunk_ids=ids, top_k=2, chunk_size=C)
+  with pytest.raises(ValueError, match="chunk ids are routed on the shared devices"):
+    disaggregated_attention_program(groups, B, 8, SharedConfig("sparse"))
+  assert shared_attention_program(groups, B, SharedConfig()) is shared_attention_program(
+      groups, B, SharedConfig())  # cached per (groups, batch, config)
 
 
-def test_sharding_rules_place_each_role():
+def test_sharding_rules():
   rules = ShardingRules()
-  assert (rules.requests, rules.weights, rules.pages, rules.shared_rows) == (
-      P("batch"), P(), P(), P("kv"))
-  assert rules.request_spec(2) == P(None, None, "batch") and rules.kv_axis == "kv"
+  assert (rules.requests, rules.shared_rows, rules.kv_axis) == (P("batch"), P("kv"), "kv")
+  assert rules.request_axes == ("batch",)
+  assert ShardingRules(requests=P(("batch", "model"))).request_axes == ("batch", "model")
   assert make_device_groups(jax.devices()).rules == rules  # the default
-  # Requests over both unique axes, pools split by kv head over "model".
-  custom = ShardingRules(requests=P(("batch", "model")), pages=P(None, None, "model"))
-  groups = make_device_groups(jax.devices(), num_shared=2, unique_mesh_shape=(3, 2),
-                              rules=custom)
-  assert groups.request_shards == 6
-  per_req = place_unique(groups, np.arange(12 * 3).reshape(3, 12), batch_axis=1)
-  assert per_req.sharding.spec == P(None, ("batch", "model"))
-  assert {s.data.shape for s in per_req.addressable_shards} == {(3, 2)}
-  pool = place_unique(groups, np.zeros((5, 4, 2, 8), np.float32), specs=groups.rules.pages)
-  assert {s.data.shape for s in pool.addressable_shards} == {(5, 4, 1, 8)}
-  o, lse, _ = send_to_unique(groups, jnp.zeros((6, 1, 4, 8)), jnp.zeros((6, 1, 4)))
-  assert o.sharding.spec == P(("batch", "model"), None, None, None)
-  assert {s.data.shape for s in lse.addressable_shards} == {(1, 1, 4)}
-  o, _, _ = send_to_unique(groups, jnp.zeros((4, 1, 4, 8)), jnp.zeros((4, 1, 4)))
-  assert o.sharding.is_fully_replicated  # 4 requests do not split 6 ways
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(requests=P("kv")), r"requests must be a PartitionSpec over the axes \('batch', "
-                             r"'model'\)"),
-    (dict(pages=P(None, "kv")), "pages must be a PartitionSpec"),
-    (dict(weights="batch"), "weights must be a PartitionSpec"),
-    (dict(requests=P("batch", "model")), "requests must split one axis"),
+    (dict(requests=P("kv")), r"requests must be a PartitionSpec that splits one axis"),
+    (dict(requests=P("batch", "model")), "requests must be a PartitionSpec that splits one"),
+    (dict(requests="batch"), "requests must be a PartitionSpec"),
     (dict(shared_rows=P(None, "kv")), r"shared_rows must be PartitionSpec\('kv'\)"),
 ])
 def test_bad_sharding_rules_raise(kwargs, match):

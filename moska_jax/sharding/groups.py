@@ -1,18 +1,20 @@
-"""Device groups of disaggregated serving, and the rules that map each role of the layout to the
-mesh axes it is split over."""
+"""Device groups of disaggregated serving, the rules that split requests and the shared store
+over them, and the span mesh on which both groups run as one program."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 BATCH, MODEL, KV = "batch", "model", "kv"
+SPAN = "span"
 UNIQUE_AXES = (BATCH, MODEL)
 SHARED_AXES = (KV,)
 
@@ -26,36 +28,27 @@ def _axis_names(spec: PartitionSpec) -> set[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-  """Where each role of the disaggregated layout lives, as a PartitionSpec over its group's mesh.
+  """How requests and the shared store are split over the groups (MaxText's logical axis rules,
+  for MoSKA's two roles).
 
-  The one place that maps data to mesh axes (MaxText's logical axis rules, for MoSKA's roles).
-  On the unique mesh, axes ("batch", "model"):
-    requests: per-request arrays along their request axis (tokens, positions, block tables,
-      lengths, q, o, lse); `request_spec` shifts it to another axis.
-    weights: every weight leaf (replicated; per-leaf tensor-parallel specs go through
-      `place_unique(specs=...)`).
-    pages: the unique page pools [P, page_size, Hkv, D].
-  On the shared mesh, axis ("kv",):
-    shared_rows: the shared K/V [S, Hkv, D] and per-chunk summaries [N, ...] along their rows,
-      whole chunks per device; the shared step merges its per-device partials over this axis.
+  requests: the unique mesh axes ("batch", "model") the request axis is split over; each unique
+    device serves the requests of its coordinates along them, and devices that differ only along
+    the other axes hold replicas (the same requests, computed again).
+  shared_rows: the shared K/V [S, Hkv, D] and the per-chunk summaries [N, ...] along their rows
+    over the shared mesh axis "kv", whole chunks per device.
+  Every unique device holds the full weights and its own page pool (the span program,
+  `moska_jax.sharding.shared_step`).
   """
 
   requests: PartitionSpec = PartitionSpec(BATCH)
-  weights: PartitionSpec = PartitionSpec()
-  pages: PartitionSpec = PartitionSpec()
   shared_rows: PartitionSpec = PartitionSpec(KV)
 
   def __post_init__(self):
-    for name, axes in (("requests", UNIQUE_AXES), ("weights", UNIQUE_AXES),
-                       ("pages", UNIQUE_AXES), ("shared_rows", SHARED_AXES)):
-      spec = getattr(self, name)
-      if not isinstance(spec, PartitionSpec) or not _axis_names(spec) <= set(axes):
-        raise ValueError(f"ShardingRules.{name} must be a PartitionSpec over the axes {axes}, "
-                         f"got {spec!r}")
-    if len(self.requests) != 1:
-      raise ValueError(f"ShardingRules.requests must split one axis (the request axis), got "
-                       f"{self.requests!r}")
-    if tuple(self.shared_rows) != SHARED_AXES:
+    if (not isinstance(self.requests, PartitionSpec) or len(self.requests) != 1
+        or not _axis_names(self.requests) <= set(UNIQUE_AXES)):
+      raise ValueError(f"ShardingRules.requests must be a PartitionSpec that splits one axis (the "
+                       f"request axis) over the axes {UNIQUE_AXES}, got {self.requests!r}")
+    if not isinstance(self.shared_rows, PartitionSpec) or tuple(self.shared_rows) != SHARED_AXES:
       raise ValueError(f"ShardingRules.shared_rows must be PartitionSpec({KV!r}) (rows over the "
                        f"shared mesh), got {self.shared_rows!r}")
 
@@ -64,9 +57,30 @@ class ShardingRules:
     """The shared mesh axis the shared K/V rows are split over."""
     return self.shared_rows[0]
 
-  def request_spec(self, axis: int = 0) -> PartitionSpec:
-    """The spec of an array whose `axis` indexes requests."""
-    return PartitionSpec(*[None] * axis, *self.requests)
+  @property
+  def request_axes(self) -> tuple[str, ...]:
+    """The unique mesh axes the requests are split over, in order (the first varies slowest)."""
+    (entry,) = tuple(self.requests)
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+class SpanRoles(NamedTuple):
+  """What each device of the span does for a batch of B requests (index = span position).
+
+  shards: request shards (`DeviceGroups.request_shards` when it divides B, else 1: replicated).
+  shard: the shard of requests a device serves (shared devices: 0, a filler they never use).
+  owner: the one device that speaks for its shard in collectives (a unique device; replicas and
+    shared devices contribute nothing).
+  unique: whether the device is in the unique group (it serves requests).
+  shared_rank: the device's rank in the shared group (its store rows), -1 on unique devices.
+  One device (`colocated`) is both: unique, owner of shard 0 and shared rank 0.
+  """
+
+  shards: int
+  shard: tuple[int, ...]
+  owner: tuple[bool, ...]
+  unique: tuple[bool, ...]
+  shared_rank: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +88,11 @@ class DeviceGroups:
   """The unique and shared device groups and their meshes (build with `make_device_groups`).
 
   unique_devices / shared_devices: disjoint, non-empty; or both the same single device.
-  unique_mesh: axes ("batch", "model") over unique_devices (weights, unique caches, requests).
+  unique_mesh: axes ("batch", "model") over unique_devices (how the requests are split).
   shared_mesh: axis ("kv",) over shared_devices (the shared store, whole chunks per device).
   rules: what goes over which axis (`ShardingRules`).
+  The span (`span_mesh`, axis "span") lists the unique devices, then the shared ones: the one
+  mesh the disaggregated step runs on as a single program.
   """
 
   unique_devices: tuple[Any, ...]
@@ -111,13 +127,46 @@ class DeviceGroups:
     return len(self.unique_devices) == 1 and self.unique_devices == self.shared_devices
 
   @property
+  def num_unique(self) -> int:
+    return len(self.unique_devices)
+
+  @property
   def num_shared(self) -> int:
     return len(self.shared_devices)
 
   @property
   def request_shards(self) -> int:
     """Parts the requests are split into on the unique mesh (`rules.requests`)."""
-    return math.prod(self.unique_mesh.shape[a] for a in _axis_names(self.rules.requests))
+    return math.prod(self.unique_mesh.shape[a] for a in self.rules.request_axes)
+
+  @property
+  def span_devices(self) -> tuple[Any, ...]:
+    """The unique devices, then the shared ones (one device when colocated)."""
+    return self.unique_devices if self.colocated else self.unique_devices + self.shared_devices
+
+  @functools.cached_property
+  def span_mesh(self) -> Mesh:
+    """The 1-D mesh (axis "span") over `span_devices` that the disaggregated step runs on."""
+    return Mesh(np.asarray(self.span_devices, dtype=object), (SPAN,))
+
+  def span_roles(self, batch: int) -> SpanRoles:
+    """Each span device's role for a batch of `batch` requests (see `SpanRoles`)."""
+    shards = self.request_shards if batch % self.request_shards == 0 else 1
+    shape = self.unique_mesh.shape
+    shard, owner = [], []
+    for coords in np.ndindex(*(shape[a] for a in UNIQUE_AXES)):  # row-major = unique order
+      at = dict(zip(UNIQUE_AXES, coords))
+      s = 0
+      for a in self.rules.request_axes:
+        s = s * shape[a] + at[a]
+      replica = any(at[a] for a in UNIQUE_AXES if a not in self.rules.request_axes)
+      shard.append(s if shards > 1 else 0)
+      owner.append(not replica and (shards > 1 or s == 0))
+    if self.colocated:
+      return SpanRoles(shards, tuple(shard), tuple(owner), (True,), (0,))
+    u, n = self.num_unique, self.num_shared
+    return SpanRoles(shards, tuple(shard) + (0,) * n, tuple(owner) + (False,) * n,
+                     (True,) * u + (False,) * n, (-1,) * u + tuple(range(n)))
 
 
 def make_device_groups(devices: Sequence[Any] | None = None, num_shared: int | None = None,

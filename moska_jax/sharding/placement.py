@@ -1,14 +1,25 @@
-"""Placement of data on the device groups, and the counted transfers between them.
+"""Placement of data on the span of the device groups (`DeviceGroups.span_mesh`), and the bytes a
+step moves between the groups, counted from the program's shapes.
 
-Every transfer between the groups is an explicit `jax.device_put` to a target sharding, and the
-bytes it lands are counted in `TransferStats`.
+A span array has one block per span device, all of one shape: its global shape is
+[num_span_devices * rows, ...] split over "span" along its first axis (`P("span")`), or it is
+replicated (`P()`). Each device's block holds what its role needs:
+
+  array                      unique device (span index < u)          shared device of rank r
+  requests [B, ...]          its request shard [B_l, ...]            shard 0 (a filler, unused)
+  shared K/V [S, Hkv, D]     R zero rows: free for its page pool      store rows [r R, (r + 1) R)
+  summaries [N, ...]         R / C zero rows (unused)                 its R / C chunks' summaries
+  weights, scalars           replicated                               replicated
+
+Placement works from host arrays (every process passes the same values under `jax.distributed`)
+or from per-device blocks (`span_blocks`), and never moves data between devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -16,47 +27,118 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moska_jax.sharding.groups import DeviceGroups
+from moska_jax.sharding.groups import SPAN, DeviceGroups
+
+
+def span_sharding(groups: DeviceGroups, axis: int | None = 0) -> NamedSharding:
+  """The span sharding that splits `axis` over "span" (None: replicated on every span device)."""
+  spec = PartitionSpec() if axis is None else PartitionSpec(*[None] * axis, SPAN)
+  return NamedSharding(groups.span_mesh, spec)
+
+
+def place_replicated(groups: DeviceGroups, tree: Any) -> Any:
+  """Every leaf of `tree` (weights, scalars) replicated on every span device (host values under
+  jax.distributed: each process puts them on its own devices)."""
+  return jax.device_put(tree, span_sharding(groups, None))
+
+
+def span_blocks(groups: DeviceGroups, block: Callable[[int, Any], Any], shape: tuple[int, ...],
+                dtype) -> jax.Array:
+  """A span array [num_span_devices * rows, ...] built from per-device blocks, with no copy
+  between devices.
+
+  Args:
+    block: block(span_index, device) -> that device's [rows, ...] block, a host array or one
+      already on `device` (it is called for this process's devices only).
+    shape: the block shape [rows, ...].
+    dtype: the blocks' dtype.
+  """
+  sharding = span_sharding(groups)
+  devices = groups.span_devices
+  arrays = []
+  for device in sharding.addressable_devices:
+    x = block(devices.index(device), device)
+    if tuple(x.shape) != tuple(shape) or jnp.dtype(x.dtype) != jnp.dtype(dtype):
+      raise ValueError(f"span_blocks: every block must be {tuple(shape)} {jnp.dtype(dtype)}, got "
+                       f"{tuple(x.shape)} {jnp.dtype(x.dtype)}")
+    arrays.append(jax.device_put(x, device))
+  return jax.make_array_from_single_device_arrays((len(devices) * shape[0], *shape[1:]),
+                                                  sharding, arrays, dtype=dtype)
+
+
+def place_requests(groups: DeviceGroups, tree: Any, batch: int) -> Any:
+  """Per-request arrays [B, ...] (B = batch; host arrays, the same in every process) as span
+  arrays [num_span_devices * B_l, ...]: each unique device gets the requests of its shard
+  (`DeviceGroups.span_roles`), each shared device a copy of shard 0 that it never uses."""
+  roles = groups.span_roles(batch)
+  rows = batch // roles.shards
+
+  def place(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] != batch:
+      raise ValueError(f"place_requests: every leaf must have the request axis B={batch} first, "
+                       f"got shape {x.shape}")
+    blocks = [x[s * rows:(s + 1) * rows] for s in roles.shard]
+    return jax.device_put(np.concatenate(blocks), span_sharding(groups))
+
+  return jax.tree.map(place, tree)
 
 
 class PlacedSharedKV(NamedTuple):
-  """One layer's shared store on the shared group.
+  """One layer's shared store over the span.
 
-  k, v: [S_pad, Hkv, D] split by rows (`ShardingRules.shared_rows`), S_pad = S rounded up to
-  num_shared * chunk_size (zero rows appended; they are masked by kv_length). summaries: the given
-  pytree with every per-chunk leaf [N_pad, ...] split likewise (zero rows appended), scalars
-  replicated. kv_length: the valid rows, None when nothing was padded and none was given; pass
-  it to `shared_attention_step`.
+  k, v: [num_span_devices * R, Hkv, D] span arrays: shared device r holds the padded store's rows
+    [r R, (r + 1) R), whole chunks; a unique device holds R zero rows (the room of its page pool,
+    `PlacedSharedKV.rows_per_device`). Rows past the store are zero and masked by kv_length.
+  summaries: the given pytree with every per-chunk leaf as a span array [num_span * R / C, ...]
+    likewise (zeros on unique devices), scalars replicated; None when none was given.
+  kv_length: int32 scalar replicated over the span: the valid rows (default the store's S).
+  chunk_size: C.
   """
 
   k: jax.Array
   v: jax.Array
   summaries: Any
-  kv_length: int | jax.Array | None
+  kv_length: jax.Array
   chunk_size: int
 
+  @property
+  def rows_per_device(self) -> int:
+    """R, the rows of each span device's block."""
+    return self.k.shape[0] // self.k.sharding.mesh.size
 
-def _pad_rows(x, rows: int):
-  pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
-  return np.pad(x, pad) if isinstance(x, np.ndarray) else jnp.pad(x, pad)
+
+def shared_rows_per_device(groups: DeviceGroups, rows: int, chunk_size: int,
+                           multiple_of: int = 1) -> int:
+  """The smallest R that holds `rows` store rows over the shared group in whole chunks, rounded
+  up to a multiple of `multiple_of` (e.g. a page size, so R also holds whole pages)."""
+  per_device = -(-rows // (groups.num_shared * chunk_size)) * chunk_size
+  step = math.lcm(chunk_size, multiple_of)
+  return -(-per_device // step) * step
 
 
 def place_shared_kv(groups: DeviceGroups, k, v, summaries: Any = None, *, chunk_size: int,
-                    kv_length: int | jax.Array | None = None) -> PlacedSharedKV:
-  """Puts one layer's shared k, v[S, Hkv, D] (and per-chunk summaries) on the shared group.
+                    kv_length: int | None = None, rows_per_device: int | None = None,
+                    unique_blocks: tuple[Callable, Callable] | None = None) -> PlacedSharedKV:
+  """Puts one layer's shared k, v[S, Hkv, D] (and per-chunk summaries) on the shared devices of
+  the span, R rows per device (see `PlacedSharedKV`).
 
-  Each shared device gets S_pad / num_shared consecutive rows, a whole number of chunks, so chunk
-  c lives on device c // (chunks per device) and no chunk straddles two devices. When S is not a
-  multiple of num_shared * chunk_size, zero rows are appended and the returned kv_length
-  (min(S, kv_length)) masks them: the result of `shared_attention_step` is unchanged.
+  Shared device r gets rows [r R, (r + 1) R) of the store padded with zero rows to num_shared * R,
+  so chunk c lives on rank c // (R / C) and no chunk straddles two devices.
 
   Args:
     groups: the device groups.
-    k, v: [S, Hkv, D] NumPy or JAX arrays (multi-host: the same host array in every process).
-    summaries: optional pytree whose array leaves of ndim >= 1 have N = ceil(S / chunk_size) rows
-      (e.g. `routing.ChunkSummaries`); scalar leaves are replicated.
+    k, v: [S, Hkv, D] host or single-process arrays (multi-process: the same values in every
+      process; each process places its own devices' rows).
+    summaries: optional pytree whose array leaves of ndim >= 1 have N = ceil(S / C) rows (e.g.
+      `routing.ChunkSummaries`); scalar leaves are replicated.
     chunk_size: C.
-    kv_length: optional valid rows (int or int scalar array).
+    kv_length: the valid rows (default S); past them keys are masked.
+    rows_per_device: R, a multiple of C with num_shared * R >= S (default the smallest,
+      `shared_rows_per_device`); a larger R leaves the unique devices room for bigger page pools.
+    unique_blocks: what the unique devices' blocks of k and v hold instead of zeros, as two
+      functions (span_index, device) -> [R, Hkv, D] on that device (e.g. the page pools already
+      there, which then stay in place).
   """
   if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"place_shared_kv: chunk_size must be a positive int, got {chunk_size!r}")
@@ -65,63 +147,56 @@ def place_shared_kv(groups: DeviceGroups, k, v, summaries: Any = None, *, chunk_
                      f"and {v.shape}")
   S = k.shape[0]
   n_chunks = -(-S // chunk_size)
-  per_device = -(-n_chunks // groups.num_shared)  # chunks per device
-  n_pad = per_device * groups.num_shared
-  s_pad = n_pad * chunk_size
-  if s_pad != S:
-    k, v = _pad_rows(k, s_pad), _pad_rows(v, s_pad)
-    if kv_length is None or isinstance(kv_length, int):
-      kv_length = S if kv_length is None else min(kv_length, S)
-    else:
-      kv_length = jnp.minimum(kv_length, S)
-  rows = NamedSharding(groups.shared_mesh, groups.rules.shared_rows)
-  replicated = NamedSharding(groups.shared_mesh, PartitionSpec())
+  least = shared_rows_per_device(groups, S, chunk_size)
+  R = least if rows_per_device is None else rows_per_device
+  if isinstance(R, bool) or not isinstance(R, int) or R < least or R % chunk_size:
+    raise ValueError(f"place_shared_kv: rows_per_device must be a multiple of chunk_size="
+                     f"{chunk_size} and at least {least} (S={S} rows over {groups.num_shared} "
+                     f"shared devices), got {rows_per_device!r}")
+  kv_length = S if kv_length is None else int(kv_length)
+  if not 0 <= kv_length <= S:
+    raise ValueError(f"place_shared_kv: kv_length must be in [0, S={S}], got {kv_length}")
+  roles = groups.span_roles(1)
+  n_local = R // chunk_size
+
+  def rows_of(x, per_device: int, unique_block: Callable | None = None):
+    """The span array whose shared rank r holds x[r * per_device:(r + 1) * per_device], zero
+    rows past x's end, and unique_block(i, device) (default zero rows) on unique devices."""
+    x = np.asarray(x)
+
+    def block(i, device):
+      r = roles.shared_rank[i]
+      if r < 0:  # made on the device: no host buffer of R rows
+        return (unique_block(i, device) if unique_block is not None else
+                jnp.zeros((per_device, *x.shape[1:]), x.dtype, device=device))
+      part = x[r * per_device:(r + 1) * per_device]
+      return np.concatenate([part, np.zeros((per_device - len(part), *x.shape[1:]), x.dtype)])
+
+    return span_blocks(groups, block, (per_device, *x.shape[1:]), x.dtype)
 
   def place_summary(x):
     if np.ndim(x) == 0:
-      return jax.device_put(x, replicated)
+      return place_replicated(groups, x)
     if x.shape[0] != n_chunks:
       raise ValueError(f"place_shared_kv: every summary leaf must have N={n_chunks} rows "
                        f"(ceil(S={S} / chunk_size={chunk_size})), got shape {x.shape}")
-    return jax.device_put(_pad_rows(x, n_pad), rows)
+    return rows_of(x, n_local)
 
   summaries = None if summaries is None else jax.tree.map(place_summary, summaries)
-  return PlacedSharedKV(jax.device_put(k, rows), jax.device_put(v, rows), summaries, kv_length,
-                        chunk_size)
-
-
-def place_unique(groups: DeviceGroups, tree: Any, *, batch_axis: int | None = None,
-                 specs: Any = None) -> Any:
-  """Puts a pytree (weights, unique caches, request state) on the unique group.
-
-  Default: every leaf replicated over the unique mesh. batch_axis: split that axis of every leaf
-  of higher rank by request (`ShardingRules.requests`; scalars stay replicated). specs: a pytree
-  prefix of `PartitionSpec`s over ("batch", "model") for anything else (e.g. `rules.weights`,
-  `rules.pages`, or tensor-parallel weights over "model"). batch_axis and specs are exclusive.
-  """
-  if batch_axis is not None and specs is not None:
-    raise ValueError("place_unique: pass batch_axis or specs, not both")
-  mesh = groups.unique_mesh
-  if specs is not None:
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                             is_leaf=lambda s: isinstance(s, PartitionSpec))
-    return jax.device_put(tree, shardings)
-
-  def place(x):
-    if batch_axis is None or np.ndim(x) <= batch_axis:
-      return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
-    return jax.device_put(x, NamedSharding(mesh, groups.rules.request_spec(batch_axis)))
-
-  return jax.tree.map(place, tree)
+  k_block, v_block = unique_blocks or (None, None)
+  return PlacedSharedKV(rows_of(k, R, k_block), rows_of(v, R, v_block), summaries,
+                        place_replicated(groups, np.int32(kv_length)), chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class TransferStats:
-  """Bytes that one step moves between the groups, counted where they land (every replica).
+  """Bytes that one step moves between the groups, counted from the program's shapes where they
+  land (every receiving device counted).
 
-  bytes_to_shared: q, chunk ids and kv_length arriving on the shared devices.
-  bytes_to_unique: o and lse arriving on the unique devices.
-  Arrays already on their target sharding (one device: `colocated`) move nothing and count 0.
+  bytes_to_shared: the queries (and chunk ids) handed to each shared device.
+  bytes_to_unique: the merged (o, lse) each unique device receives (float32, all B rows: the
+    merge is an all-reduce over the span).
+  Both are 0 when the groups are one device (`colocated`): nothing moves.
   """
 
   bytes_to_shared: int
@@ -131,43 +206,15 @@ class TransferStats:
   def total_bytes(self) -> int:
     return self.bytes_to_shared + self.bytes_to_unique
 
-
-def _landed_bytes(x, target: NamedSharding, colocated: bool) -> int:
-  """Bytes `device_put(x, target)` writes on target's devices (0 if x is already there)."""
-  if colocated:
-    return 0
-  sharding = getattr(x, "sharding", None)
-  if (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and sharding is not None
-      and sharding.is_equivalent_to(target, x.ndim)):
-    return 0
-  shard = target.shard_shape(np.shape(x))
-  return math.prod(shard) * jnp.dtype(x.dtype).itemsize * len(target.device_set)
-
-
-def _put(xs: Sequence[Any], target: NamedSharding, colocated: bool) -> tuple[list, int]:
-  """Explicit transfer of arrays to one target sharding; returns (arrays, landed bytes)."""
-  moved = sum(_landed_bytes(x, target, colocated) for x in xs)
-  return [jax.device_put(x, target) for x in xs], moved
-
-
-def send_to_shared(groups: DeviceGroups, *arrays) -> tuple[list[jax.Array], int]:
-  """Moves q (and routing decisions, kv_length) to the shared group, replicated on every device."""
-  return _put(arrays, NamedSharding(groups.shared_mesh, PartitionSpec()), groups.colocated)
-
-
-def send_to_unique(groups: DeviceGroups, o: jax.Array, lse: jax.Array,
-                   like: Any = None) -> tuple[jax.Array, jax.Array, int]:
-  """Moves (o[B, T, Hq, D], lse[B, T, Hq]) back to the unique group.
-
-  They take the sharding of `like` (the caller's q) when it is a NamedSharding of the unique mesh,
-  else they are split by request (replicated when B does not split evenly).
-  """
-  mesh = groups.unique_mesh
-  spec = getattr(getattr(like, "sharding", None), "spec", None)
-  if spec is None or getattr(like.sharding, "mesh", None) != mesh:
-    spec = groups.rules.requests if o.shape[0] % groups.request_shards == 0 else PartitionSpec()
-  spec = tuple(spec) + (None,) * (o.ndim - len(tuple(spec)))
-  (o,), n_o = _put([o], NamedSharding(mesh, PartitionSpec(*spec)), groups.colocated)
-  (lse,), n_lse = _put([lse], NamedSharding(mesh, PartitionSpec(*spec[:lse.ndim])),
-                       groups.colocated)
-  return o, lse, n_o + n_lse
+  @classmethod
+  def of_step(cls, groups: DeviceGroups, q_shape: tuple[int, ...], q_dtype,
+              chunk_ids_shape: tuple[int, ...] | None = None) -> TransferStats:
+    """The bytes of one disaggregated attention over queries q [B, T, Hq, D] (and handed-off
+    chunk ids [B, Hkv, K], int32)."""
+    if groups.colocated:
+      return cls(0, 0)
+    out = math.prod(q_shape) // q_shape[-1] * (q_shape[-1] + 1) * 4  # o and lse, float32
+    to_shared = math.prod(q_shape) * jnp.dtype(q_dtype).itemsize
+    if chunk_ids_shape is not None:
+      to_shared += math.prod(chunk_ids_shape) * 4
+    return cls(groups.num_shared * to_shared, groups.num_unique * out)

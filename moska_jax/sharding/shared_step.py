@@ -1,27 +1,38 @@
-"""The shared half of a MoSKA step across the device groups: attention over the shared store,
-split over the shared group's devices, for queries that live on the unique group.
+"""A layer's disaggregated attention as one compiled program over the span of the device groups.
 
-    unique group                          shared group (shard_map over "kv")
-    q [B,T,Hq,D], chunk ids  --device_put-->  replicated on every shared device
-                                              device i: partial (o_i, lse_i) over ITS chunks
-                                              merge_partials over "kv" (pmax, then psum)
-    (o_s, lse_s)            <--device_put--   replicated result
+A jitted program runs on one set of devices, so the step runs on `DeviceGroups.span_mesh` (the
+unique devices, then the shared ones) as a `shard_map` body, each device on its own blocks
+(`moska_jax.sharding.placement`). The hand-off of the queries and the return of (o, lse) are
+collectives inside the program:
 
-Only q (and routing decisions) travel out and only (o, lse) travel back: B*T*Hq*(D+1) numbers per
-layer, never the shared KV. The caller merges (o_s, lse_s) with its unique half.
+    unique device (its request rows)              shared device r (its store rows)
+    q [B_l]  --hand_off: psum over "span" (only owners add their rows)-->  q [B] on every device
+    unique partial over its pages                 shared partial over rows [r R, (r + 1) R):
+      (shared devices: 0 keys)                      dense, or routed (each device scores its
+                                                    chunks, scores all-gathered, one top-k)
+                                                    (unique devices: 0 rows)
+    merge_over_span: merge_partials over "span" (pmax, then psum) -> (o, lse) [B] on every device
+    own_rows: each unique device keeps its requests' rows
 
-Why this is several programs, not one jit: a jitted computation runs on one device set; a
-`device_put` to another device set inside `jit` raises "Received incompatible devices for jitted
-computation". So with disjoint groups the step is orchestrated from Python (dispatch is
-asynchronous, so the host does not wait between the pieces). With one device (`colocated`) the
-step is traceable and may sit inside the caller's jit.
+Roles are data (lengths and masks from `DeviceGroups.span_roles`), not control flow: every device
+runs the same kernels, the other role's over zero keys (the kernels' loops stop at the length).
+A device-dependent `lax.cond` would make each GPU step wait on the host for its predicate, and a
+collective inside one branch would never be met by the devices that took the other.
+
+Only q (and chunk ids) go out and only (o, lse) come back, B*T*Hq*(D+1) numbers per layer; the
+shared KV never moves. `TransferStats.of_step` counts them from the shapes.
+
+Here: the body-level parts (`SpanContext`, `hand_off`, `own_rows`, `shared_partial`,
+`merge_over_span`), two programs built from them (`shared_attention_program`: the shared half;
+`disaggregated_attention_program`: a decode layer's unique and shared halves merged) and
+`shared_attention_step`, which places its inputs and runs the first.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +40,16 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moska_jax import routing
-from moska_jax.sharding.groups import DeviceGroups
-from moska_jax.sharding.placement import TransferStats, send_to_shared, send_to_unique
-from pallas_kernels import chunk_attention, merge_partials, shared_attention
+from moska_jax.sharding.groups import SPAN, DeviceGroups
+from moska_jax.sharding.placement import (TransferStats, place_replicated, place_requests,
+                                          span_sharding)
+from pallas_kernels import chunk_attention, merge_partials, shared_attention, unique_attention
 
 
-def _shard_map(f, mesh: Mesh, in_specs, out_specs):
-  """jax.shard_map (jax >= 0.10) or the experimental one; replication checks off because the
-  Pallas calls inside carry no varying-axes types on every supported version."""
+def span_map(f, groups: DeviceGroups, in_specs, out_specs):
+  """`shard_map` of f over the span mesh; replication checks off because the Pallas calls
+  inside carry no varying-axes types on every supported version."""
+  mesh: Mesh = groups.span_mesh
   if hasattr(jax, "shard_map"):
     return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
   from jax.experimental.shard_map import shard_map
@@ -44,116 +57,280 @@ def _shard_map(f, mesh: Mesh, in_specs, out_specs):
   return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
+class SpanContext(NamedTuple):
+  """Inside a span body: this device's role for a batch of `batch` requests (the traced entries
+  of `DeviceGroups.span_roles` at this device's span position)."""
+
+  batch: int
+  rows: int  # B_l, the requests each unique device serves
+  shard: jax.Array  # int32: the request shard it serves
+  owner: jax.Array  # bool: it speaks for its shard in collectives
+  unique: jax.Array  # bool: it serves requests
+  shared_rank: jax.Array  # int32: its rank in the shared group, -1 on unique devices
+  shared_positions: tuple[int, ...]  # the span positions of shared ranks 0, 1, ...
+
+
+def span_context(groups: DeviceGroups, batch: int) -> SpanContext:
+  """This device's `SpanContext` (call inside a `span_map` body)."""
+  roles = groups.span_roles(batch)
+  i = jax.lax.axis_index(SPAN)
+  at = lambda values: jnp.asarray(np.asarray(values))[i]
+  positions = tuple(sorted((r, p) for p, r in enumerate(roles.shared_rank) if r >= 0))
+  return SpanContext(batch, batch // roles.shards, at(roles.shard), at(roles.owner),
+                     at(roles.unique), at(roles.shared_rank), tuple(p for _, p in positions))
+
+
+def hand_off(ctx: SpanContext, x: jax.Array) -> jax.Array:
+  """x[B_l, ...] of each unique device's requests -> x[B, ...] on every span device.
+
+  A psum over "span" of the [B] rows where only each shard's owner writes its rows: the others
+  add exact zeros, so the values arrive unchanged.
+  """
+  rows = jnp.where(ctx.owner, x, jnp.zeros((), x.dtype))
+  full = jnp.zeros((ctx.batch, *x.shape[1:]), x.dtype)
+  full = jax.lax.dynamic_update_slice_in_dim(full, rows, ctx.shard * ctx.rows, axis=0)
+  return jax.lax.psum(full, SPAN)
+
+
+def own_rows(ctx: SpanContext, x: jax.Array) -> jax.Array:
+  """x[B, ...] -> this device's request rows [B_l, ...]."""
+  return jax.lax.dynamic_slice_in_dim(x, ctx.shard * ctx.rows, ctx.rows, axis=0)
+
+
+def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """One partial per span device -> their exact merge on every device (pmax, then psum)."""
+  return merge_partials(o, lse, axis_name=SPAN)
+
+
+def route_on_span(ctx: SpanContext, q: jax.Array, summaries: routing.ChunkSummaries, top_k: int,
+                  always_include: Sequence[int] = ()) -> jax.Array:
+  """`routing.route` over the summaries sharded on the shared devices, in a span body.
+
+  Each device scores its own chunks; the scores [B, Hkv, N_local] are gathered over "span" and
+  every device takes the same global top-k (the shared ranks' chunks in order; unique devices'
+  blocks are dropped). q: [B, T, Hq, D] on every device. Returns global chunk ids [B, Hkv, K].
+  """
+  arrays = summaries.arrays
+  n_local, Hkv = arrays[0].shape[:2]
+  B, T, Hq, D = q.shape
+  if Hq % Hkv:
+    raise ValueError(f"route_on_span: Hq={Hq} must be a multiple of the summaries' Hkv={Hkv}")
+  grouped = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
+  scores = routing.SUMMARIES[summaries.kind].score(grouped, arrays)  # [B, Hkv, N_local]
+  ranks = np.asarray(ctx.shared_positions)
+  gathered = jax.lax.all_gather(scores, SPAN)[ranks]  # [n, B, Hkv, N_local]
+  scores = gathered.transpose(1, 2, 0, 3).reshape(B, Hkv, len(ranks) * n_local)
+  forced = tuple(int(c) for c in always_include)
+  # routing's own selection (forced chunks first, -1 past the valid ones), on the global scores.
+  return routing._select(scores, top_k, forced, summaries.num_valid_chunks)  # noqa: SLF001
+
+
+class SharedConfig(NamedTuple):
+  """The static arguments of the shared half (hashable: programs are cached on it).
+
+  mode: "dense", "sparse" (chunk ids handed off with q) or "routed" (summaries + top_k, routed on
+  the shared devices). chunk_size divides every device's rows (sparse, routed).
+  """
+
+  mode: str = "dense"
+  top_k: int | None = None
+  always_include: tuple[int, ...] = ()
+  chunk_size: int | None = None
+  sm_scale: float | None = None
+  backend: str = "auto"
+  interpret: bool = False
+
+
+def shared_partial(ctx: SpanContext, q: jax.Array, k: jax.Array, v: jax.Array,
+                   kv_length: jax.Array, cfg: SharedConfig, *, chunk_ids: jax.Array | None = None,
+                   summaries: Any = None) -> tuple[jax.Array, jax.Array]:
+  """This device's partial (o, lse) of q[B, T, Hq, D] over its store rows k, v[R, Hkv, D] (rows
+  [r R, (r + 1) R) of the store on shared rank r; none on unique devices), in a span body.
+
+  kv_length: the store's valid rows. chunk_ids: [B, Hkv, K] global ids ("sparse"); summaries:
+  this device's block of the `ChunkSummaries` ("routed").
+  """
+  r, R = ctx.shared_rank, k.shape[0]
+  n = jnp.where(r >= 0, jnp.clip(kv_length - r * R, 0, R), 0)
+  kernel = dict(sm_scale=cfg.sm_scale, kv_length=n, backend=cfg.backend,
+                interpret=cfg.interpret)
+  if cfg.mode == "dense":
+    return shared_attention(q, k, v, **kernel)
+  if cfg.mode == "routed":
+    chunk_ids = route_on_span(ctx, q, summaries, cfg.top_k, cfg.always_include)
+  # Global chunk c lives on rank c // per_device; other ranks' ids (and -1 padding) become -1,
+  # which chunk_attention skips.
+  per_device = R // cfg.chunk_size
+  ids = chunk_ids - r * per_device
+  ids = jnp.where((chunk_ids >= 0) & (r >= 0) & (ids >= 0) & (ids < per_device), ids, -1)
+  return chunk_attention(q, k, v, ids, chunk_size=cfg.chunk_size, **kernel)
+
+
+def merge_with_unique(ctx: SpanContext, unique: tuple[jax.Array, jax.Array],
+                      shared: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The attention over unique + shared KV on every span device: the owners' unique partials
+  (o_u [B_l, ...], lse_u) and every device's shared partial (o_s [B, ...], lse_s) merged over the
+  span in one collective. Returns (o [B, ...] float32, lse [B, ...])."""
+  (o_u, lse_u), (o_s, lse_s) = unique, shared
+  at = ctx.shard * ctx.rows
+  o_full = jax.lax.dynamic_update_slice_in_dim(jnp.zeros(o_s.shape, jnp.float32),
+                                               o_u.astype(jnp.float32), at, axis=0)
+  lse_u = jnp.where(ctx.owner, lse_u.astype(jnp.float32), -jnp.inf)
+  lse_full = jax.lax.dynamic_update_slice_in_dim(jnp.full(lse_s.shape, -jnp.inf), lse_u, at,
+                                                 axis=0)
+  o, lse = merge_partials(jnp.stack([o_full, o_s.astype(jnp.float32)]),
+                          jnp.stack([lse_full, lse_s]), axis=0)
+  return merge_over_span(o, lse)
+
+
+def _check_store(groups: DeviceGroups, name: str, x: jax.Array, cfg: SharedConfig) -> None:
+  span = len(groups.span_devices)
+  if (not isinstance(x, jax.Array) or x.ndim != 3 or x.shape[0] % span
+      or not x.sharding.is_equivalent_to(span_sharding(groups), 3)):
+    raise ValueError(f"{name} must be a span array [{span} * R, Hkv, D] split over 'span' "
+                     f"(place the store with place_shared_kv), got shape {x.shape}")
+  R = x.shape[0] // span
+  if cfg.mode != "dense" and (not isinstance(cfg.chunk_size, int) or cfg.chunk_size < 1
+                              or R % cfg.chunk_size):
+    raise ValueError(f"sparse attention needs a chunk_size that divides the {R} rows of each "
+                     f"device (whole chunks per device), got {cfg.chunk_size!r}")
+
+
+def _summary_specs(summaries: Any) -> Any:
+  return jax.tree.map(lambda x: P() if x.ndim == 0 else P(SPAN), summaries)
+
+
 @functools.lru_cache(maxsize=None)
-def _shared_program(mesh: Mesh, rows: P, mode: str, top_k: int | None,
-                    always_include: tuple[int, ...], chunk_size: int | None,
-                    sm_scale: float | None, backend: str, interpret: bool):
-  """The jitted shared-group program for one configuration (mode: "dense" or "sparse"); rows:
-  the spec of the shared K/V rows, over one mesh axis."""
-  (axis,) = rows
+def shared_attention_program(groups: DeviceGroups, batch: int, cfg: SharedConfig):
+  """The jitted shared half for `batch` requests:
+  fn(q, k, v, kv_length[, chunk_ids | summaries]) -> (o, lse) replicated over the span.
 
-  def local(q, k, v, kv_length, chunk_ids=None):
-    # k, v are this device's rows [i * S_local, (i + 1) * S_local) of the padded store.
-    i = jax.lax.axis_index(axis)
-    s_local = k.shape[0]
-    n = jnp.clip(kv_length - i * s_local, 0, s_local)
-    if mode == "dense":
-      o, lse = shared_attention(q, k, v, sm_scale=sm_scale, kv_length=n, backend=backend,
-                                interpret=interpret)
-    else:
-      # Global chunk id c lives here as c - i * per_device; ids of other devices (and -1
-      # padding) become -1, which chunk_attention ignores.
-      per_device = s_local // chunk_size
-      ids = chunk_ids - i * per_device
-      ids = jnp.where((chunk_ids >= 0) & (ids >= 0) & (ids < per_device), ids, -1)
-      o, lse = chunk_attention(q, k, v, ids, chunk_size=chunk_size, sm_scale=sm_scale,
-                               kv_length=n, backend=backend, interpret=interpret)
-    return merge_partials(o, lse, axis_name=axis)
+  q: [num_span * B_l, T, Hq, D] (`place_requests`); k, v, kv_length (, summaries): a
+  `PlacedSharedKV`; chunk_ids: [num_span * B_l, Hkv, K] global ids (`place_requests`).
+  o [B, T, Hq, D] in q's dtype, lse [B, T, Hq] float32: the shared attention of every request.
+  """
 
-  def program(q, k, v, kv_length, chunk_ids=None, summaries=None):
-    if mode == "dense":
-      return _shard_map(local, mesh, (P(), rows, rows, P()), (P(), P()))(q, k, v, kv_length)
-    if top_k is not None:  # route on the shared group: the summaries never leave it
-      chunk_ids = routing.route(q, summaries, top_k, always_include=always_include)
-    return _shard_map(local, mesh, (P(), rows, rows, P(), P()), (P(), P()))(
-        q, k, v, kv_length, chunk_ids)
+  def body(q, k, v, kv_length, extra=None):
+    ctx = span_context(groups, batch)
+    q = hand_off(ctx, q)
+    ids = hand_off(ctx, extra) if cfg.mode == "sparse" else None
+    o, lse = shared_partial(ctx, q, k, v, kv_length, cfg, chunk_ids=ids,
+                            summaries=extra if cfg.mode == "routed" else None)
+    o, lse = merge_over_span(o, lse)
+    return o.astype(q.dtype), lse
+
+  def program(q, k, v, kv_length, extra=None):
+    specs = [P(SPAN), P(SPAN), P(SPAN), P()]
+    args = [q, k, v, kv_length]
+    if cfg.mode != "dense":
+      specs.append(P(SPAN) if cfg.mode == "sparse" else _summary_specs(extra))
+      args.append(extra)
+    return span_map(body, groups, tuple(specs), (P(), P()))(*args)
 
   return jax.jit(program)
 
 
-def shared_partial_attention(groups: DeviceGroups, q: jax.Array, shared_k: jax.Array,
-                             shared_v: jax.Array, kv_length: jax.Array, *,
-                             chunk_ids: jax.Array | None = None, summaries: Any = None,
-                             top_k: int | None = None, always_include: Sequence[int] = (),
-                             chunk_size: int | None = None, sm_scale: float | None = None,
-                             backend: str = "auto",
-                             interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """The shared-group part of the step, on inputs already on the shared group (see
-  `shared_attention_step` for the arguments); returns (o, lse) replicated over "kv"."""
-  S = shared_k.shape[0]
-  if S % groups.num_shared:
-    raise ValueError(f"shared_partial_attention: S={S} rows do not split evenly over "
-                     f"{groups.num_shared} shared devices; place the store with place_shared_kv")
-  sparse = chunk_ids is not None or top_k is not None
-  if sparse:
-    if chunk_ids is not None and top_k is not None:
-      raise ValueError("shared_partial_attention: pass chunk_ids or (summaries, top_k), not both")
-    if top_k is not None and summaries is None:
-      raise ValueError("shared_partial_attention: top_k needs the shared store's summaries")
-    s_local = S // groups.num_shared
-    if not isinstance(chunk_size, int) or chunk_size < 1 or s_local % chunk_size:
-      raise ValueError(f"shared_partial_attention: sparse attention needs a chunk_size that "
-                       f"divides the {s_local} rows of each shared device (whole chunks per "
-                       f"device), got {chunk_size!r}")
-  program = _shared_program(groups.shared_mesh, groups.rules.shared_rows,
-                            "sparse" if sparse else "dense", top_k,
-                            tuple(int(c) for c in always_include) if top_k is not None else (),
-                            chunk_size if sparse else None, sm_scale, backend, interpret)
-  if not sparse:
-    return program(q, shared_k, shared_v, kv_length)
-  return program(q, shared_k, shared_v, kv_length, chunk_ids, summaries)
+@functools.lru_cache(maxsize=None)
+def disaggregated_attention_program(groups: DeviceGroups, batch: int, page_size: int,
+                                    cfg: SharedConfig):
+  """The jitted attention of one decode layer over unique and shared KV, both halves in one
+  program: fn(q, k_pages, v_pages, tables, lengths, k, v, kv_length[, summaries]) -> (o, lse)
+  replicated over the span.
+
+  q [num_span * B_l, T, Hq, D], tables [num_span * B_l, max_pages], lengths [num_span * B_l]
+  (`place_requests`; lengths count the tokens in each request's pages, the T new ones included);
+  k_pages, v_pages: span arrays [num_span * R_p, Hkv, D] whose unique blocks are page pools of
+  R_p / page_size pages; k, v, kv_length (, summaries): a `PlacedSharedKV`. The pools and the store
+  may be the same arrays (the unique devices' free rows of `place_shared_kv` hold the pages).
+  Returns o [B, T, Hq, D] in q's dtype and lse [B, T, Hq] float32.
+  """
+  if cfg.mode == "sparse":
+    raise ValueError("disaggregated_attention_program: chunk ids are routed on the shared "
+                     "devices here; use mode 'dense' or 'routed'")
+
+  def body(q, k_pages, v_pages, tables, lengths, k, v, kv_length, summaries=None):
+    ctx = span_context(groups, batch)
+    q_all = hand_off(ctx, q)
+    pools = [x.reshape(-1, page_size, *x.shape[1:]) for x in (k_pages, v_pages)]
+    # q from the hand-off: the unique half waits for it, so q leaves before the unique kernel.
+    unique = unique_attention(own_rows(ctx, q_all), *pools, tables,
+                              jnp.where(ctx.unique, lengths, 0), sm_scale=cfg.sm_scale,
+                              backend=cfg.backend, interpret=cfg.interpret)
+    shared = shared_partial(ctx, q_all, k, v, kv_length, cfg, summaries=summaries)
+    o, lse = merge_with_unique(ctx, unique, shared)
+    return o.astype(q.dtype), lse
+
+  def program(q, k_pages, v_pages, tables, lengths, k, v, kv_length, summaries=None):
+    specs = (P(SPAN),) * 7 + (P(),)
+    args = (q, k_pages, v_pages, tables, lengths, k, v, kv_length)
+    if cfg.mode == "routed":
+      specs, args = specs + (_summary_specs(summaries),), args + (summaries,)
+    return span_map(body, groups, specs, (P(), P()))(*args)
+
+  return jax.jit(program)
 
 
-def shared_attention_step(groups: DeviceGroups, q: jax.Array, shared_k: jax.Array,
-                          shared_v: jax.Array, *, kv_length: int | jax.Array | None = None,
-                          chunk_ids: jax.Array | None = None, summaries: Any = None,
-                          top_k: int | None = None, always_include: Sequence[int] = (),
-                          chunk_size: int | None = None, sm_scale: float | None = None,
-                          backend: str = "auto", interpret: bool = False
+def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v: jax.Array, *,
+                          kv_length: int | jax.Array | None = None, chunk_ids=None,
+                          summaries: Any = None, top_k: int | None = None,
+                          always_include: Sequence[int] = (), chunk_size: int | None = None,
+                          sm_scale: float | None = None, backend: str = "auto",
+                          interpret: bool = False
                           ) -> tuple[jax.Array, jax.Array, TransferStats]:
-  """Attention of q over the shared store on the shared group; (o, lse) return to the unique group.
+  """Attention of q over the shared store on the shared devices, with the hand-off of q and the
+  return of (o, lse) inside one compiled program (`shared_attention_program`).
 
   Dense by default (`pallas_kernels.shared_attention` on each device's rows); sparse with
-  `chunk_ids` (global ids, as from `routing.route`) or with `summaries` + `top_k` (routed on the
-  shared group, next to the sharded summaries), run by `pallas_kernels.chunk_attention` on each
-  device's own chunks. Per-device partials merge by a max-then-sum collective over "kv".
+  `chunk_ids` (global ids, as from `routing.route`, handed off with q) or with `summaries` +
+  `top_k` (routed on the shared devices, next to their summaries), run by
+  `pallas_kernels.chunk_attention` on each device's own chunks.
 
   Args:
     groups: the device groups.
-    q: [B, T, Hq, D] queries, usually on the unique group.
-    shared_k, shared_v: [S, Hkv, D] sharded over "kv" (`place_shared_kv`).
-    kv_length: valid rows (int or int scalar array; `PlacedSharedKV.kv_length`); default S.
-    chunk_ids: [B, Hkv, K] global chunk ids; ids outside [0, N) select nothing.
-    summaries, top_k, always_include: route here instead (`routing.route(q, summaries, top_k,
-      always_include=always_include)`).
+    q: [B, T, Hq, D] queries, host values (placed on the unique devices by request,
+      `place_requests`; the same values in every process under jax.distributed).
+    shared_k, shared_v: span arrays from `place_shared_kv`.
+    kv_length: valid rows (int, or the `PlacedSharedKV.kv_length` array); default all rows.
+    chunk_ids: [B, Hkv, K] global chunk ids (host values); ids outside [0, N) select nothing.
+    summaries, top_k, always_include: route on the shared devices instead
+      (`PlacedSharedKV.summaries`).
     chunk_size: C (sparse only); it must divide each device's rows.
     sm_scale, backend, interpret: as for the kernels.
 
   Returns:
-    o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 on the unique group (sharded like q when
-    q is on the unique mesh), and the step's `TransferStats`.
+    o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32, replicated on every span device (so
+    every process can read them), and the step's `TransferStats`.
   """
+  sparse = chunk_ids is not None
+  if sparse and top_k is not None:
+    raise ValueError("shared_attention_step: pass chunk_ids or (summaries, top_k), not both")
+  if top_k is not None and summaries is None:
+    raise ValueError("shared_attention_step: top_k needs the shared store's summaries")
+  mode = "sparse" if sparse else "routed" if top_k is not None else "dense"
+  cfg = SharedConfig(mode, top_k, tuple(int(c) for c in always_include) if top_k else (),
+                     chunk_size if mode != "dense" else None, sm_scale, backend, interpret)
+  for name, x in (("shared_k", shared_k), ("shared_v", shared_v)):
+    _check_store(groups, f"shared_attention_step: {name}", x, cfg)
+  if mode == "routed":
+    n = groups.num_shared * summaries.arrays[0].shape[0] // len(groups.span_devices)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+      raise ValueError(f"shared_attention_step: top_k must be an int in [1, N={n}], got "
+                       f"{top_k!r}")
+    if any(not 0 <= c < n for c in cfg.always_include) or len(cfg.always_include) > top_k:
+      raise ValueError(f"shared_attention_step: always_include must hold at most top_k={top_k} "
+                       f"chunk ids in [0, N={n}), got {always_include!r}")
   if kv_length is None:
-    kv_length = shared_k.shape[0]
+    kv_length = groups.num_shared * (shared_k.shape[0] // len(groups.span_devices))
   if not isinstance(kv_length, jax.Array):
-    kv_length = np.int32(kv_length)
-  out = [q, kv_length] + ([] if chunk_ids is None else [chunk_ids])
-  moved, to_shared = send_to_shared(groups, *out)
-  q_s, n_s = moved[:2]
-  ids_s = moved[2] if chunk_ids is not None else None
-  o, lse = shared_partial_attention(groups, q_s, shared_k, shared_v, n_s, chunk_ids=ids_s,
-                                    summaries=summaries, top_k=top_k,
-                                    always_include=always_include, chunk_size=chunk_size,
-                                    sm_scale=sm_scale, backend=backend, interpret=interpret)
-  o, lse, to_unique = send_to_unique(groups, o, lse, like=q)
-  return o, lse, TransferStats(to_shared, to_unique)
+    kv_length = place_replicated(groups, np.int32(kv_length))
+  q = np.asarray(q)
+  B = q.shape[0]
+  q_span = place_requests(groups, q, B)
+  program = shared_attention_program(groups, B, cfg)
+  if mode == "dense":
+    o, lse = program(q_span, shared_k, shared_v, kv_length)
+  else:
+    extra = place_requests(groups, np.asarray(chunk_ids, np.int32), B) if sparse else summaries
+    o, lse = program(q_span, shared_k, shared_v, kv_length, extra)
+  return o, lse, TransferStats.of_step(groups, q.shape, q.dtype,
+                                       np.shape(chunk_ids) if sparse else None)

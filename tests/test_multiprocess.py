@@ -1,0 +1,94 @@
+"""Device groups across processes: 2 and 4 local processes of one `jax.distributed` job (gloo on
+CPU) give what one process gives with the same group layout.
+
+Each launch runs `tests/multiprocess_worker.py` in every process: the cross-group shared step
+(dense and handed-off chunk ids with 2 processes, routed with 4) and the engine (dense with 2,
+sparse with 4; greedy, 4 prompts over 2 slots); every process must read the same results, equal
+to the one-process run of the same layout (8 emulated devices here) and, for the step, to the
+one-device kernels.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from moska_jax.sharding import launch, make_device_groups
+from tests import multiprocess_worker as worker
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name -> (processes, devices each, shared devices (the last processes'), step modes, engine mode)
+LAYOUTS = {"2x1, 1+1": (2, 1, 1, ("dense", "ids"), "dense"),
+           "4x1, 2+2": (4, 1, 2, ("routed",), "sparse")}
+
+
+@pytest.fixture(scope="module")
+def references():
+  """One process: the worker's cases on each layout's group split, and the one-device kernels."""
+  from pallas_kernels import chunk_attention, shared_attention
+
+  from moska_jax import routing
+  c = worker.cases()
+  q, k, v, C, n = c["q"], c["k"], c["v"], c["chunk_size"], c["kv_length"]
+  ids = routing.route(q, routing.chunk_summaries(k, C, kv_length=n), c["top_k"])
+  kernels = {"dense": shared_attention(q, k, v, kv_length=n, backend="xla"),
+             "ids": chunk_attention(q, k, v, c["ids"], chunk_size=C, kv_length=n, backend="xla"),
+             "routed": chunk_attention(q, k, v, ids, chunk_size=C, kv_length=n, backend="xla")}
+  layouts = {}
+  for name, (procs, per_proc, num_shared, steps, mode) in LAYOUTS.items():
+    groups = make_device_groups(jax.devices()[:procs * per_proc], num_shared=num_shared)
+    layouts[name] = worker.run(groups, steps, mode)
+  return kernels, layouts
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_processes_equal_one_process(layout, references, tmp_path):
+  kernels, layouts = references
+  procs, per_proc, num_shared, steps, mode = LAYOUTS[layout]
+  results = launch.launch([sys.executable, "-m", "tests.multiprocess_worker", str(tmp_path),
+                           str(num_shared), ",".join(steps), mode], procs,
+                          devices_per_process=per_proc, timeout_s=100,
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+  for r in results:
+    assert r.returncode == 0, f"process {r.process_id} failed:\n{r.output[-3000:]}"
+  got = [dict(np.load(tmp_path / f"process{i}.npz")) for i in range(procs)]
+  one = layouts[layout]
+  for out in got:
+    assert set(out) == set(one)
+    for name, want in one.items():
+      if name.endswith("tokens"):
+        np.testing.assert_array_equal(out[name], want, err_msg=name)
+      else:
+        np.testing.assert_allclose(out[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+  for mode in steps:
+    o, lse = kernels[mode]
+    np.testing.assert_allclose(got[0][f"step_{mode}_o"], np.asarray(o), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[0][f"step_{mode}_lse"], np.asarray(lse), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_failing_process_stops_the_launch(tmp_path):
+  script = tmp_path / "fail.py"
+  script.write_text("import os, sys, time\n"
+                    f"if os.environ['{launch.ENV_PROCESS_ID}'] == '1':\n"
+                    "  sys.exit(3)\n"
+                    "time.sleep(60)\n")
+  results = launch.launch([sys.executable, str(script)], 2, timeout_s=40, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  assert [r.returncode for r in results] == [None, 3]  # process 0 stopped, not waited for
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_processes=0), "num_processes must be an int >= 1"),
+    (dict(num_processes=2, devices_per_process=0), "devices_per_process must be"),
+    (dict(num_processes=2, platform="tpu"), "platform must be one of"),
+])
+def test_bad_launch_args_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    launch.launch(["true"], **kwargs)
