@@ -302,6 +302,9 @@ class GroupsExecutor:
 
   def __init__(self, model_config: ModelConfig, graphdef, state, groups: DeviceGroups,
                mcfg: MoskaConfig, cache: UniqueKVCache, counted):
+    if mcfg.batch_aware:  # each shared device attends to its own chunks, per (request, chunk)
+      raise ValueError(f"MoskaEngine: MoskaConfig.batch_aware={mcfg.batch_aware} is not supported "
+                       "on device groups; use batch_aware=0 there")
     self.model_config, self.graphdef, self.groups, self.mcfg = model_config, graphdef, groups, mcfg
     # Host values (the same in every process) -> every span device: no cross-process copy.
     self.state = place_replicated(groups, jax.tree.map(np.asarray, state))
@@ -345,7 +348,7 @@ class GroupsExecutor:
         "routed" if sparse else "dense",
         mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None,
         tuple(mcfg.always_include) if sparse else (), C if sparse else None, None,
-        mcfg.backend, mcfg.interpret)
+        mcfg.backend, mcfg.interpret, mcfg.int8_scorer)
 
   def layers(self, pools) -> tuple[PlacedSharedKV, ...]:
     """Per layer the shared store as the step reads it (views of the K/V memory `pools`)."""

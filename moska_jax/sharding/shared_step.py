@@ -103,20 +103,21 @@ def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def route_on_span(ctx: SpanContext, q: jax.Array, summaries: routing.ChunkSummaries, top_k: int,
-                  always_include: Sequence[int] = ()) -> jax.Array:
+                  always_include: Sequence[int] = (), *, kernel: dict) -> jax.Array:
   """`routing.route` over the summaries sharded on the shared devices, in a span body.
 
   Each device scores its own chunks; the scores [B, Hkv, N_local] are gathered over "span" and
   every device takes the same global top-k (the shared ranks' chunks in order; unique devices'
-  blocks are dropped). q: [B, T, Hq, D] on every device. Returns global chunk ids [B, Hkv, K].
+  blocks are dropped). q: [B, T, Hq, D] on every device; kernel: how a kind's scoring kernel runs
+  (int8, backend, interpret). Returns global chunk ids [B, Hkv, K].
   """
   arrays = summaries.arrays
   n_local, Hkv = arrays[0].shape[:2]
   B, T, Hq, D = q.shape
   if Hq % Hkv:
     raise ValueError(f"route_on_span: Hq={Hq} must be a multiple of the summaries' Hkv={Hkv}")
-  grouped = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
-  scores = routing.SUMMARIES[summaries.kind].score(grouped, arrays)  # [B, Hkv, N_local]
+  grouped = q.reshape(B, T, Hkv, Hq // Hkv, D)
+  scores = routing.SUMMARIES[summaries.kind].score(grouped, arrays, kernel)  # [B, Hkv, N_local]
   ranks = np.asarray(ctx.shared_positions)
   gathered = jax.lax.all_gather(scores, SPAN)[ranks]  # [n, B, Hkv, N_local]
   scores = gathered.transpose(1, 2, 0, 3).reshape(B, Hkv, len(ranks) * n_local)
@@ -129,7 +130,8 @@ class SharedConfig(NamedTuple):
   """The static arguments of the shared half (hashable: programs are cached on it).
 
   mode: "dense", "sparse" (chunk ids handed off with q) or "routed" (summaries + top_k, routed on
-  the shared devices). chunk_size divides every device's rows (sparse, routed).
+  the shared devices). chunk_size divides every device's rows (sparse, routed). int8_scorer:
+  `MoskaConfig.int8_scorer` for an "int4" router.
   """
 
   mode: str = "dense"
@@ -139,6 +141,7 @@ class SharedConfig(NamedTuple):
   sm_scale: float | None = None
   backend: str = "auto"
   interpret: bool = False
+  int8_scorer: bool = False
 
 
 def shared_partial(ctx: SpanContext, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -157,7 +160,9 @@ def shared_partial(ctx: SpanContext, q: jax.Array, k: jax.Array, v: jax.Array,
   if cfg.mode == "dense":
     return shared_attention(q, k, v, **kernel)
   if cfg.mode == "routed":
-    chunk_ids = route_on_span(ctx, q, summaries, cfg.top_k, cfg.always_include)
+    chunk_ids = route_on_span(ctx, q, summaries, cfg.top_k, cfg.always_include,
+                              kernel=dict(int8=cfg.int8_scorer, backend=cfg.backend,
+                                          interpret=cfg.interpret))
   # Global chunk c lives on rank c // per_device; other ranks' ids (and -1 padding) become -1,
   # which chunk_attention skips.
   per_device = R // cfg.chunk_size
