@@ -32,7 +32,7 @@ from moska_jax.engine import MoskaEngine
 from moska_jax.model import stateless
 from moska_jax.prefill import build_shared_store
 
-flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
+flags.DEFINE_string("accuracy_checkpoint", common.package_path("checkpoints", "retrieval"),
                     "accuracy: directory written by train_retrieval.")
 flags.DEFINE_integer("accuracy_length", 0,
                      "accuracy: document tokens (0: the length the checkpoint was trained at).")
@@ -196,8 +196,9 @@ def write(rows, env, meta, length, asked, cfg) -> None:
     goal = (f"- Goal (issue 8): at 75% sparsity >= 99% of dense accuracy with the best routing: "
             f"{best['acc_over_dense']:.3f} (C={best['chunk']}, {best['summary']}, always_include="
             f"{best['always_include']}): {verdict}\n")
-  notes = (f"Checkpoint: {FLAGS.accuracy_checkpoint} ({cfg}; trained to {meta['trained_length']} "
-           f"tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at training). Documents: "
+  notes = (f"Checkpoint: {common.shown(FLAGS.accuracy_checkpoint)} ({cfg}; trained to "
+           f"{meta['trained_length']} tokens, held-out dense accuracy "
+           f"{meta['eval_accuracy']:.3f} at training). Documents: "
            f"{FLAGS.accuracy_docs} x {length} tokens, {asked} questions in all; chance "
            f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "
            f"MoskaEngine; acc_over_dense: / dense accuracy; top_k: chunks kept per (request, kv "
