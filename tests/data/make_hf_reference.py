@@ -24,11 +24,11 @@ each prompt, the sequence [prefix + prompt] is extended greedily by 8 tokens. re
   margin float32: the smallest gap between the best and second-best logit of any greedy step.
 
 Made on CPU in its own virtual environment (torch is not a dependency of moska-jax), from the
-repository root:
+repository root (.venv* is git-ignored):
 
-    python3 -m venv /tmp/hfvenv
-    /tmp/hfvenv/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors numpy
-    /tmp/hfvenv/bin/python tests/data/make_hf_reference.py
+    python3 -m venv .venv-hf
+    .venv-hf/bin/pip install torch==2.13.0 transformers==5.24.0 safetensors numpy
+    .venv-hf/bin/python tests/data/make_hf_reference.py
 
 The versions it ran with are written into reference.npz (`versions`).
 """
