@@ -86,7 +86,7 @@ def main() -> None:
   kernels = ", ".join(f"{op}: {p.implementation}" for op, p in sorted(pk.plans_used().items()))
   print(f"  kernels that ran (pallas_kernels.plans_used()): {kernels}")
   report.write_results(FLAGS.out_dir, "demo", rows, env, "demo: end-to-end MoSKA on the tiny model")
-  print(f"  results: {FLAGS.out_dir}/demo.md (.csv, .png)")
+  print(f"  results: {os.path.join(FLAGS.out_dir, 'demo.md')} (.csv, .png)")
   plt = report.pyplot()
   if plt is not None:
     fig, ax = plt.subplots(figsize=(4, 3))

@@ -65,7 +65,6 @@ def _own_or_warning(record: std_logging.LogRecord) -> bool:
   return record.pathname.startswith(_OWN_DIRS)
 
 
-
 def _load_flags(argv: list[str]) -> None:
   # Experiment flags are defined at import, so import the chosen module before absl parses argv.
   name = "demo"
