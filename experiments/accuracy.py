@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags, logging
 
 import pallas_kernels as pk
-from experiments import harness
+from experiments import common, harness
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, shared_partial
@@ -32,7 +32,7 @@ from moska_jax.engine import MoskaEngine
 from moska_jax.model import stateless
 from moska_jax.prefill import build_shared_store
 
-flags.DEFINE_string("accuracy_checkpoint", "experiments/checkpoints/retrieval",
+flags.DEFINE_string("accuracy_checkpoint", common.package_path("checkpoints", "retrieval"),
                     "accuracy: directory written by train_retrieval.")
 flags.DEFINE_integer("accuracy_length", 0,
                      "accuracy: document tokens (0: the length the checkpoint was trained at).")
@@ -204,7 +204,8 @@ def main() -> None:
       add("oracle", c, "exact max logit", 0, "-", sp,
           MoskaConfig(sparsity=sp).chunks_kept(S_chunks[c]), oracle_hits[c, j] / asked, None)
   table.write(notes=(
-      f"Checkpoint: {FLAGS.accuracy_checkpoint} ({cfg}; trained to {meta['trained_length']} "
+      f"Checkpoint: {common.shown(FLAGS.accuracy_checkpoint)} ({cfg}; trained to "
+      f"{meta['trained_length']} "
       f"tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at training). Documents: "
       f"{FLAGS.accuracy_docs} x {length} tokens, {asked} questions in all; chance "
       f"{1 / meta['num_values']:.4f}. accuracy: exact match of the greedy answer served by "

@@ -1,8 +1,10 @@
-"""Flags every experiment shares, and the environment header written with each result."""
+"""Flags every experiment shares, the package's default paths, and the environment header
+written with each result."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 
@@ -13,7 +15,24 @@ from experiments import shapes
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("out_dir", "experiments/out", "Where CSV, markdown and plots are written.")
+# Default paths resolve inside this package, never against the current folder.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def package_path(*parts: str) -> str:
+  """A path inside the experiments package (experiments/... in a checkout)."""
+  return os.path.join(PACKAGE_DIR, *parts)
+
+
+def shown(text: str) -> str:
+  """`text` with paths inside the package written as experiments/..., so that result headers
+  and notes name no folder of the machine that ran them."""
+  return text.replace(os.path.dirname(PACKAGE_DIR) + os.sep, "")
+
+
+flags.DEFINE_string("out_dir", package_path("out"),
+                    "Where CSV, markdown and plots are written (default: experiments/out, "
+                    "inside the package).")
 flags.DEFINE_enum("backend", "auto", ["auto", "gpu", "tpu", "xla"], "Kernel backend.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
@@ -36,16 +55,23 @@ def shape() -> shapes.Shape:
   return shapes.parse(FLAGS.shape)
 
 
-def environment() -> dict[str, str]:
-  """Device, versions, date, the exact command line and every flag value, for result headers."""
+def environment(fixed: dict[str, str] | None = None) -> dict[str, str]:
+  """Device, versions, date, the exact command line and every flag value, for result headers.
+
+  Args:
+    fixed: flags the experiment fixes whatever the command line says (name -> the value it
+      runs with), shown with that value.
+  """
+  fixed = fixed or {}
   dev = jax.devices()[0]
   return {
       "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')} x{jax.device_count()}",
       "jax": jax.__version__,
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": " ".join(["python -m experiments.run", *sys.argv[1:]]),
-      "flags": " ".join(s for s in (f.serialize() for f in _experiment_flags()) if s),
+      "command": shown(" ".join(["python -m experiments.run", *sys.argv[1:]])),
+      "flags": shown(" ".join(f"--{f.name}={fixed[f.name]}" if f.name in fixed else f.serialize()
+                              for f in _experiment_flags() if f.serialize())),
   }
 
 

@@ -3,8 +3,9 @@
 Builds the `tiny` decoder, prefills a shared context of a few thousand tokens into a
 SharedKVStore (chunked), saves and reloads it with orbax, serves a batch of requests through the
 MoskaEngine with dense and with sparse (routed) shared attention, and checks MoSKA-dense logits
-against a plain full-attention decoder over [shared + unique]. It always runs in float32
-(`--dtype` does not apply): the exactness check compares at float32 tolerance.
+against a plain full-attention decoder over [shared + unique]. It runs in float32 (the exactness
+check compares at float32 tolerance): its results header says --dtype=float32, and another
+--dtype is an error. It prints the kernels that ran (`pallas_kernels.plans_used()`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import tempfile
 
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 from flax import nnx
 
+import pallas_kernels as pk
 from experiments import common, report
 from moska_jax.config import MoskaConfig, tiny
 from moska_jax.engine import MoskaEngine
@@ -37,7 +39,10 @@ PROMPTS = ["What does the manual say about", "Summarize section", "Q: who wrote"
 
 
 def main() -> None:
-  env = common.environment()
+  if FLAGS["dtype"].present and FLAGS.dtype != "float32":
+    raise app.UsageError(f"demo runs float32 (its exactness check compares at float32 "
+                         f"tolerance), got --dtype={FLAGS.dtype}")
+  env = common.environment(fixed={"dtype": "float32"})
   backend = FLAGS.backend
   cfg = tiny()
   model = Decoder(cfg, rngs=nnx.Rngs(FLAGS.seed))
@@ -78,7 +83,10 @@ def main() -> None:
           f"{tok_s:.1f} tokens/s; first reply (random weights, so noise): {results[0].text!r}")
   print(f"  max |logits(MoSKA dense) - logits(plain decoder over shared+unique)| = "
         f"{rows[0]['max_logit_diff']:.2e}")
+  kernels = ", ".join(f"{op}: {p.implementation}" for op, p in sorted(pk.plans_used().items()))
+  print(f"  kernels that ran (pallas_kernels.plans_used()): {kernels}")
   report.write_results(FLAGS.out_dir, "demo", rows, env, "demo: end-to-end MoSKA on the tiny model")
+  print(f"  results: {os.path.join(FLAGS.out_dir, 'demo.md')} (.csv, .png)")
   plt = report.pyplot()
   if plt is not None:
     fig, ax = plt.subplots(figsize=(4, 3))

@@ -17,7 +17,7 @@ import statistics
 
 from absl import flags
 
-from experiments import hardware, report
+from experiments import common, hardware, report
 from experiments.hardware import Hardware
 from experiments.roofline_model import (BASELINES, CONFIGS, Cluster, ModelShape, Step, System,
                                         Workload, best_step, capacity_note, check_rows,
@@ -46,7 +46,8 @@ flags.DEFINE_integer("roofline_microbatches", 2,
 flags.DEFINE_float("roofline_link_latency_us", 5.0, "roofline: latency per q or o/lse transfer.")
 flags.DEFINE_boolean("roofline_calibrate", False,
                      "roofline: measure matmul rate and bandwidth on this device and use them.")
-flags.DEFINE_string("roofline_measured_csv", "experiments/results/shared_attention.csv",
+flags.DEFINE_string("roofline_measured_csv",
+                    common.package_path("results", "shared_attention.csv"),
                     "roofline: measured shared-attention times to check the model against.")
 flags.DEFINE_string("roofline_measured_column", "ours_ms", "roofline: measured column (ms).")
 FLAGS = flags.FLAGS
@@ -150,14 +151,15 @@ def main() -> None:
 def _check(hw: Hardware) -> tuple[list[dict], str]:
   """Reads the measured CSV if present; returns its rows and a markdown note (also printed)."""
   path = FLAGS.roofline_measured_csv
+  name = common.shown(path)
   if not os.path.exists(path):
-    return [], f"Check skipped: {path} does not exist yet."
+    return [], f"Check skipped: {name} does not exist yet."
   rows, header = read_measured(path)
   check, used = check_rows(rows, header, hw, FLAGS.roofline_measured_column)
   if not check:
-    return [], f"Check skipped: no rows with B, S and {FLAGS.roofline_measured_column} in {path}."
+    return [], f"Check skipped: no rows with B, S and {FLAGS.roofline_measured_column} in {name}."
   errs = [abs(r["rel_err"]) for r in check]
-  return check, (f"From {path} ({header.get('device', '?')}), model with {used}. "
+  return check, (f"From {name} ({header.get('device', '?')}), model with {used}. "
                  f"rel_err = (measured - model) / model; median |rel_err| of our kernel "
                  f"{statistics.median(errs):.2f}.\n\n" + report.markdown_table(check))
 

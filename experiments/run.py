@@ -1,19 +1,26 @@
 """Experiment launcher: `python -m experiments.run --experiment=NAME [flags]`.
 
-`--list` prints the experiments. Each experiment is one module of this package with a `main()`,
-its own flags (prefixed with its name) and a docstring; shared flags live in experiments.common.
+The same from any folder: `python -m experiments` or the `moska-experiments` command. Results
+(CSV, markdown, PNG) go to --out_dir (default: out/ in the experiments package). The launcher logs
+this project's progress and each kernel plan at INFO and other libraries' warnings
+(--verbosity=1 shows every library's log). `--experiment=NAME --help` shows the shared flags and
+that experiment's; --helpfull shows all; --list lists the experiments.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import logging as std_logging
+import os
 import sys
 
 from absl import app, flags, logging
 
-from experiments import common  # noqa: F401  (defines the shared flags)
+from experiments import common
 
-# name -> module; a module is imported only to run it or to list it, so GPU-only code stays lazy.
+# name -> module; a module is imported only to run it, so GPU-only code stays lazy.
 EXPERIMENTS = {
     "demo": "experiments.demo",
     "shared_attention": "experiments.shared_attention",
@@ -26,15 +33,36 @@ EXPERIMENTS = {
     "train_retrieval": "experiments.train_retrieval",
     "accuracy": "experiments.accuracy",
 }
+# Logs written from these packages are shown at INFO; other libraries' at WARNING and above.
+OWN_PACKAGES = ("experiments", "moska_jax", "pallas_kernels")
+_OWN_DIRS = tuple(os.path.dirname(importlib.util.find_spec(p).origin) + os.sep
+                  for p in OWN_PACKAGES)
 
 flags.DEFINE_string("experiment", "demo", "Which experiment to run (see --list).")
 flags.DEFINE_boolean("list", False, "List the experiments and exit.")
+flags.adopt_module_key_flags(common)  # --help shows the shared flags
 FLAGS = flags.FLAGS
 
 
-def _doc_line(module_name: str) -> str:
-  doc = importlib.import_module(module_name).__doc__ or ""
-  return doc.strip().splitlines()[0] if doc.strip() else ""
+def summary(name: str) -> str:
+  """The one-line description of an experiment: its module docstring's first line, read without
+  importing the module."""
+  path = importlib.util.find_spec(EXPERIMENTS[name]).origin
+  with open(path, encoding="utf-8") as f:
+    doc = (ast.get_docstring(ast.parse(f.read())) or "").strip()
+  return doc.splitlines()[0].removeprefix(f"{name}: ") if doc else ""
+
+
+def listing() -> str:
+  """Every experiment on one line: its name and description."""
+  return "".join(f"  {name:18s} {summary(name)}\n" for name in EXPERIMENTS)
+
+
+def _own_or_warning(record: std_logging.LogRecord) -> bool:
+  """The launcher's log filter (see the module docstring)."""
+  if record.levelno >= std_logging.WARNING or FLAGS["verbosity"].value >= 1:
+    return True
+  return record.pathname.startswith(_OWN_DIRS)
 
 
 def _load_flags(argv: list[str]) -> None:
@@ -46,28 +74,29 @@ def _load_flags(argv: list[str]) -> None:
     elif a == "--experiment" and i + 1 < len(argv):
       name = argv[i + 1]
   if name in EXPERIMENTS:
-    importlib.import_module(EXPERIMENTS[name])
+    flags.adopt_module_key_flags(importlib.import_module(EXPERIMENTS[name]))
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.list:
-    for name, mod in EXPERIMENTS.items():
-      print(f"{name:20s} {_doc_line(mod)}")
+    print(listing(), end="")
     return 0
   if FLAGS.experiment not in EXPERIMENTS:
     print(f"unknown experiment {FLAGS.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}",
           file=sys.stderr)
     return 2
-  # orbax logs every checkpoint step at INFO through absl; keep the experiments' own progress.
-  logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
   logging.info("running experiment %s", FLAGS.experiment)
   importlib.import_module(EXPERIMENTS[FLAGS.experiment]).main()
   return 0
 
 
 def run() -> None:
+  """The launcher's entry point, with this module as __main__ (absl's --help reads its
+  docstring, to which the experiment list is added)."""
+  sys.modules["__main__"].__doc__ = (__doc__ + "\nExperiments:\n" + listing()).replace("%", "%%")
+  logging.get_absl_handler().addFilter(_own_or_warning)
   _load_flags(sys.argv)
   app.run(main)
 

@@ -1,5 +1,7 @@
 """The absl experiment launcher: --list, errors, and every CPU-capable experiment at tiny size."""
 
+import importlib
+import logging
 import os
 import subprocess
 import sys
@@ -77,9 +79,69 @@ def test_experiment_writes_csv_md_png(name, tmp_path):
     assert f"- {key}:" in md
   if name in CHECKED:
     assert "- correctness:" in md
+  if name == "demo":  # the header says the dtype the demo runs, and the kernels that ran show
+    assert "--dtype=float32" in md and "--dtype=bfloat16" not in md
+    assert "kernels that ran (pallas_kernels.plans_used()): chunk_attention: " in res.stdout
   if name in GOALS and name not in NOT_ON_HARNESS:  # every goal has a verdict, in md and stdout
     section = md.split("## Goals\n", 1)[1]
     for goal in GOALS[name]:
       row = next(r for r in section.splitlines() if r.startswith(f"| {goal.description} |"))
       assert row.endswith(("| met |", "| missed |", "| not measured |")), row
     assert "## Goals" in res.stdout
+
+
+def test_help_lists_every_experiment_with_one_line():
+  from experiments.run import EXPERIMENTS, summary
+  res = _run("--help")
+  for name in EXPERIMENTS:
+    line = next(r for r in res.stdout.splitlines() if r.split()[:1] == [name])
+    assert summary(name) and line.split(None, 1)[1] == summary(name), line
+  assert "--out_dir" in res.stdout and "--demo_shared" in res.stdout  # shared + chosen flags
+
+
+def test_runs_from_any_folder(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, "-m", "experiments", "--list"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.startswith("  demo ")
+
+
+def test_default_paths_resolve_in_the_package():
+  from experiments import common
+  importlib.import_module("experiments.accuracy")
+  assert common.FLAGS["out_dir"].default == os.path.join(ROOT, "experiments", "out")
+  checkpoint = common.FLAGS["accuracy_checkpoint"].default
+  assert os.path.isfile(os.path.join(checkpoint, "model_config.json")), checkpoint
+  assert common.shown(f"--out_dir={common.FLAGS['out_dir'].default}") == "--out_dir=experiments/out"
+
+
+def test_demo_rejects_another_dtype():
+  res = _run("--experiment=demo", "--dtype=bfloat16")
+  assert res.returncode != 0
+  assert "demo runs float32" in res.stderr
+
+
+def test_launcher_logs_own_info_and_library_warnings():
+  from experiments import run
+  import jax
+  import pallas_kernels
+
+  def record(module, level):
+    path = os.path.join(os.path.dirname(module.__file__), "x.py")
+    return logging.LogRecord("x", level, path, 1, "message", None, None)
+
+  assert run._own_or_warning(record(pallas_kernels, logging.INFO))
+  assert not run._own_or_warning(record(jax, logging.INFO))  # e.g. "Failed to open libtpu.so"
+  assert run._own_or_warning(record(jax, logging.WARNING))
+
+
+def test_launcher_is_quiet_when_jax_probes_platforms(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = ROOT
+  res = subprocess.run([sys.executable, "-m", "experiments.run", "--experiment=roofline",
+                        f"--out_dir={tmp_path}", *TINY["roofline"]], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "running experiment roofline" in res.stderr
+  assert "libtpu" not in res.stderr and "Unable to initialize backend" not in res.stderr
