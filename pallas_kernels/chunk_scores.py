@@ -45,7 +45,7 @@ def _problem(q, codes, scale, *, chunk_size, kv_length=None) -> ScoresProblem:
   dims, n_chunks = checks.check_sketches(q, codes, scale, chunk_size, op=OP_NAME)
   return ScoresProblem(q=q, codes=codes, scale=scale, dims=dims, sm_scale=None,
                        chunk_size=chunk_size, num_chunks=n_chunks,
-                       kv_length=checks.check_kv_length(kv_length, op=OP_NAME))
+                       kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME))
 
 
 def _halves(p: ScoresProblem, block_m: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -113,7 +113,8 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     codes: [S, Hkv, D/2] uint8 packed 4-bit sketches of the shared keys (`sketch.pack`).
     scale: [S, Hkv] float per-key scales (0 for keys that must never score).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.
+    kv_length: optional int scalar: only keys [0, kv_length) count. A concrete value must lie
+      in [0, S]; a traced one (under jit) is clamped to it.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_scores")`; configs: e.g. `TritonScoresConfig`).
 
@@ -122,6 +123,10 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     scale[s] * (q . code[s]); -inf for a chunk with no valid key. Kernels multiply in the query
     dtype (bf16 queries: bf16 products, float32 sums) or in int8 (`TritonScoresConfig.int8`):
     a ranking, within rounding of the float32 reference.
+
+  Raises:
+    ValueError: a bad shape, dtype, chunk_size or kv_length (see the arguments), or an
+      implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, codes, scale), dict(chunk_size=chunk_size, kv_length=kv_length),
                        implementation=implementation, backend=backend, config=config,
