@@ -7,7 +7,9 @@ its own flags (prefixed with its name) and a docstring; shared flags live in exp
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -49,6 +51,20 @@ def _load_flags(argv: list[str]) -> None:
     importlib.import_module(EXPERIMENTS[name])
 
 
+def _unwritable(out_dir: str) -> str | None:
+  """Why results cannot be written under out_dir (created if missing), or None: checked before
+  an experiment runs, not found after it."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    return f"--out_dir={out_dir} is not a directory"
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-"):
+      pass
+  except OSError as e:
+    return f"--out_dir={out_dir} is not writable: {e.strerror or e}"
+  return None
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -59,6 +75,10 @@ def main(argv: list[str]) -> int:
   if FLAGS.experiment not in EXPERIMENTS:
     print(f"unknown experiment {FLAGS.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}",
           file=sys.stderr)
+    return 2
+  problem = _unwritable(FLAGS.out_dir)
+  if problem:
+    print(problem, file=sys.stderr)
     return 2
   # orbax logs every checkpoint step at INFO through absl; keep the experiments' own progress.
   logging.get_absl_handler().addFilter(lambda record: "/orbax/" not in record.pathname)
