@@ -173,8 +173,7 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
       reference attends to the chunk once, Mosaic TPU counts it twice, Triton returns garbage).
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar: only keys [0, kv_length) are valid. A concrete value must lie
-      in [0, S]; a traced one (under jit) is clamped to it.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_attention")`; configs: e.g. `TritonChunkConfig`).
 
@@ -182,10 +181,6 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32; rows with no valid key give o = 0,
     lse = -inf. With every chunk selected it equals `shared_attention`. Keys of unselected
     chunks and past kv_length are never read: NaN or inf there reaches no output.
-
-  Raises:
-    ValueError: a bad shape, dtype, chunk_size, sm_scale, kv_length or a repeated chunk id (see
-      the arguments), or an implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, k, v, chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),

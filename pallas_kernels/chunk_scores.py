@@ -113,8 +113,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     codes: [S, Hkv, D/2] uint8 packed 4-bit sketches of the shared keys (`sketch.pack`).
     scale: [S, Hkv] float per-key scales (0 for keys that must never score).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
-    kv_length: optional int scalar: only keys [0, kv_length) count. A concrete value must lie
-      in [0, S]; a traced one (under jit) is clamped to it.
+    kv_length: optional int scalar: keys [0, kv_length) count; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_scores")`; configs: e.g. `TritonScoresConfig`).
 
@@ -123,10 +122,6 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     scale[s] * (q . code[s]); -inf for a chunk with no valid key. Kernels multiply in the query
     dtype (bf16 queries: bf16 products, float32 sums) or in int8 (`TritonScoresConfig.int8`):
     a ranking, within rounding of the float32 reference.
-
-  Raises:
-    ValueError: a bad shape, dtype, chunk_size or kv_length (see the arguments), or an
-      implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, codes, scale), dict(chunk_size=chunk_size, kv_length=kv_length),
                        implementation=implementation, backend=backend, config=config,

@@ -123,8 +123,7 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
     q: [B, T, Hq, D] queries of B requests, T tokens each; query head h reads kv head h // G.
     k, v: [S, Hkv, D] the shared keys / values (one copy for every request).
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar: only keys [0, kv_length) are valid. A concrete value must lie
-      in [0, S]; a traced one (under jit) is clamped to it.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
 
@@ -132,10 +131,6 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key
     give o = 0, lse = -inf. Keys past kv_length are never read: NaN or inf there reaches no
     output.
-
-  Raises:
-    ValueError: a bad shape, dtype, sm_scale or kv_length (see the arguments), or an
-      implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, k, v), dict(sm_scale=sm_scale, kv_length=kv_length),
                        implementation=implementation, backend=backend, config=config,

@@ -115,8 +115,7 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
       XLA reference attends to the chunk once, the Triton kernel once per repeat).
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar: only keys [0, kv_length) are valid. A concrete value must lie
-      in [0, S]; a traced one (under jit) is clamped to it.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("tile_chunk_attention")`; config: `TritonSharedConfig`).
 
@@ -124,10 +123,6 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32: chunk_attention with every request
     given its tile's chunks; rows with no valid key give o = 0, lse = -inf. Keys of unselected
     chunks and past kv_length are never read: NaN or inf there reaches no output.
-
-  Raises:
-    ValueError: a bad shape, dtype, chunk_size, sm_scale, kv_length or a repeated chunk id (see
-      the arguments), or an implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, k, v, tile_chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),

@@ -136,10 +136,6 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
     (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
     page, pages it does not own) are never read: NaN or inf there reaches no output.
-
-  Raises:
-    ValueError: a bad shape, dtype, sm_scale, length or live page id (see the arguments), or an
-      implementation / config that cannot run the call.
   """
   return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
                        dict(sm_scale=sm_scale), implementation=implementation, backend=backend,
