@@ -208,10 +208,10 @@ def verify_files(directory: str, what: str) -> None:
     raise FileNotFoundError(f"{e}; a directory saved before checksums existed loads with "
                             "verify=False (then save it again)") from None
   files = table.get("files") if isinstance(table, dict) else None
-  if not isinstance(files, dict) or not all(
+  if not isinstance(files, dict) or table.get("algorithm") != "sha256" or not all(
       isinstance(v, dict) and {"size", "sha256"} <= set(v) for v in files.values()):
-    raise ValueError(f"{what}: {os.path.join(directory, CHECKSUMS)} is damaged (no 'files' table "
-                     "of sizes and sha256s)")
+    raise ValueError(f"{what}: {os.path.join(directory, CHECKSUMS)} is damaged (no sha256 'files' "
+                     "table of sizes and sha256s)")
   for name, saved in files.items():
     full = os.path.join(directory, name)
     try:
@@ -345,8 +345,10 @@ def _hf_names(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
            "lm_head.weight": (("lm_head", "kernel"), True)}
   for i in range(cfg.layers):
     p = f"model.layers.{i}."
-    for hf, ours in (("self_attn.q_proj", ("attn", "q_proj")), ("self_attn.k_proj", ("attn", "k_proj")),
-                     ("self_attn.v_proj", ("attn", "v_proj")), ("self_attn.o_proj", ("attn", "o_proj")),
+    for hf, ours in (("self_attn.q_proj", ("attn", "q_proj")),
+                     ("self_attn.k_proj", ("attn", "k_proj")),
+                     ("self_attn.v_proj", ("attn", "v_proj")),
+                     ("self_attn.o_proj", ("attn", "o_proj")),
                      ("mlp.gate_proj", ("mlp", "gate")), ("mlp.up_proj", ("mlp", "up")),
                      ("mlp.down_proj", ("mlp", "down"))):
       names[p + hf + ".weight"] = (("blocks", i, *ours, "kernel"), True)
