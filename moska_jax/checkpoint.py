@@ -307,7 +307,8 @@ def load_params(path: str, cfg: ModelConfig | None = None, *, verify: bool = Tru
     cfg: None for the saved config; otherwise it must equal the saved config up to `dtype`
       (parameters are cast, e.g. a bfloat16 checkpoint served in float32).
     verify: check every file against `checksums.json` before reading it (each file is read
-      once more to hash it); False only to load a checkpoint saved before checksums existed.
+      once more to hash it); False only to load a checkpoint saved before checksums existed
+      (damage is then found only where orbax cannot read it).
 
   Raises:
     FileNotFoundError: no checkpoint at `path`.

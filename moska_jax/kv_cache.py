@@ -104,7 +104,8 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
     path: the store's directory.
     model_config: if given, the config the store must have been built with.
     verify: check every file against `checksums.json` before reading it (each file is read
-      once more to hash it); False only to load a store saved before checksums existed.
+      once more to hash it); False only to load a store saved before checksums existed
+      (damage is then found only where orbax cannot read it).
 
   Raises:
     FileNotFoundError: no store at `path`.
