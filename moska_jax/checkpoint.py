@@ -416,8 +416,10 @@ def load_hf_llama(directory: str, cfg: ModelConfig) -> Decoder:
     raise ValueError(f"load_hf_llama: {len(extra)} tensors in {directory} are not part of a "
                      f"Decoder of {cfg}: {', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}"
                      f"{hint}")
-  model = Decoder(cfg, rngs=nnx.Rngs(0))
-  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  # An abstract model: no random initialization of weights that are all about to be replaced.
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+  flat = dict(nnx.to_flat_state(abstract))
+  assert set(flat) == {path for path, _ in expected.values()}, "_hf_names misses a parameter"
   for name, (path, transpose) in expected.items():
     if name not in tensors:
       raise ValueError(f"load_hf_llama: tensor {name} is missing in {directory}")
@@ -427,6 +429,5 @@ def load_hf_llama(directory: str, cfg: ModelConfig) -> Decoder:
     if value.shape != target.shape:
       raise ValueError(f"load_hf_llama: {name} has shape {value.shape}, expected "
                        f"{target.shape} for {cfg}")
-    target[...] = jnp.asarray(value, target.dtype)
-  nnx.update(model, nnx.from_flat_state(flat))
-  return model
+    target.set_value(jnp.asarray(value, target.dtype))
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))

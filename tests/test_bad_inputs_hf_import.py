@@ -5,7 +5,6 @@ tensors, unreadable files. Each is refused by name; nothing loads part of a mode
 import dataclasses
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -47,8 +46,7 @@ def _halves(tensors):
 
 def test_two_shards_load_exactly(tmp_path):
   model = checkpoint.load_hf_llama(_write(tmp_path, *_halves(TENSORS)), CFG)
-  tokens = jnp.arange(9)[None]
-  np.testing.assert_allclose(np.asarray(model(tokens)), np.asarray(SOURCE(tokens)), atol=1e-6)
+  np.testing.assert_equal(_tensors(model), TENSORS)
 
 
 def test_rotary_buffers_are_recomputed_not_refused(tmp_path):
