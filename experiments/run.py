@@ -15,6 +15,7 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
+import tempfile
 
 from absl import app, flags, logging
 
@@ -77,6 +78,20 @@ def _load_flags(argv: list[str]) -> None:
     flags.adopt_module_key_flags(importlib.import_module(EXPERIMENTS[name]))
 
 
+def _unwritable(out_dir: str) -> str | None:
+  """Why results cannot be written under out_dir (created if missing), or None: checked before
+  an experiment runs, not found after it."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    return f"--out_dir={out_dir} is not a directory"
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-check-"):
+      pass
+  except OSError as e:
+    return f"--out_dir={out_dir} is not writable: {e.strerror or e}"
+  return None
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -86,6 +101,10 @@ def main(argv: list[str]) -> int:
   if FLAGS.experiment not in EXPERIMENTS:
     print(f"unknown experiment {FLAGS.experiment!r}; choose one of: {', '.join(EXPERIMENTS)}",
           file=sys.stderr)
+    return 2
+  problem = _unwritable(FLAGS.out_dir)
+  if problem:
+    print(problem, file=sys.stderr)
     return 2
   logging.info("running experiment %s", FLAGS.experiment)
   importlib.import_module(EXPERIMENTS[FLAGS.experiment]).main()

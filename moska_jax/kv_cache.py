@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moska_jax import routing
+from moska_jax import checkpoint, routing
 from moska_jax.attention import SharedLayer
-from moska_jax.checkpoint import restore_arrays
 from moska_jax.config import ModelConfig
 
 
@@ -57,48 +56,93 @@ class SharedKVStore:
     return dataclasses.replace(self, summaries=summaries, chunk_size=chunk_size)
 
 
-def save_shared_store(path: str, store: SharedKVStore) -> None:
-  """Saves the store under directory `path` (orbax arrays + a JSON header); path must not exist."""
-  path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=False)
-  meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
-              summary=store.summaries[0].kind, rows=store.k[0].shape[0])
-  with open(os.path.join(path, "store.json"), "w") as f:
-    json.dump(meta, f, indent=1)
-  arrays = dict(k=list(store.k), v=list(store.v), length=store.length,
-                summaries=[list(s.arrays) for s in store.summaries],
-                num_valid_chunks=[s.num_valid_chunks for s in store.summaries])
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(path, "arrays"), arrays)
-  ckpt.wait_until_finished()
+def _arrays(store: SharedKVStore) -> dict:
+  """The tree of arrays a store is saved as (orbax)."""
+  return dict(k=list(store.k), v=list(store.v), length=store.length,
+              summaries=[list(s.arrays) for s in store.summaries],
+              num_valid_chunks=[s.num_valid_chunks for s in store.summaries])
 
 
-def load_shared_store(path: str, model_config: ModelConfig | None = None) -> SharedKVStore:
-  """Restores a store saved by `save_shared_store`.
+def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = False) -> None:
+  """Saves the store under directory `path`, atomically and with a checksum per file.
+
+  Layout: `path/store.json` (the config, chunk size, summary kind, rows), `path/arrays` (orbax)
+  and `path/checksums.json` (the size and sha256 of every file). The directory is written beside
+  `path` and renamed into place once complete and durable (`checkpoint.atomic_directory`): a save
+  that fails or is killed leaves the old store (or none) loadable, never a half-written one.
+
+  Args:
+    path: the directory to write; it must not exist unless overwrite=True.
+    store: the store.
+    overwrite: replace an existing store at `path`, only once the new one is complete.
 
   Raises:
-    ValueError: `model_config` is given and differs from the config the store was built with.
+    FileExistsError: `path` exists (and overwrite is False, or it is not a store).
+    TypeError: store is not a SharedKVStore.
   """
+  if not isinstance(store, SharedKVStore):
+    raise TypeError(f"save_shared_store: store must be a SharedKVStore, got "
+                    f"{type(store).__name__}")
+  meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
+              summary=store.summaries[0].kind, rows=store.k[0].shape[0])
+  arrays = _arrays(store)
+  with checkpoint.atomic_directory(path, overwrite=overwrite, marker="store.json",
+                                   what="save_shared_store") as tmp:
+    with open(os.path.join(tmp, "store.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(tmp, "arrays"), arrays)
+    ckpt.wait_until_finished()
+    checkpoint.write_checksums(tmp)
+
+
+def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
+                      verify: bool = True) -> SharedKVStore:
+  """Restores a store saved by `save_shared_store`.
+
+  Args:
+    path: the store's directory.
+    model_config: if given, the config the store must have been built with.
+    verify: check every file against `checksums.json` before reading it (each file is read
+      once more to hash it); False only to load a store saved before checksums existed
+      (damage is then found only where orbax cannot read it).
+
+  Raises:
+    FileNotFoundError: no store at `path`.
+    ValueError: `model_config` is given and differs from the config the store was built with,
+      or the store is damaged or incomplete (the error names the file).
+  """
+  what = "load_shared_store"
   path = os.path.abspath(path)
-  with open(os.path.join(path, "store.json")) as f:
-    meta = json.load(f)
-  built_for = ModelConfig.from_dict(meta["model_config"])
+  checkpoint.settle(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{what}: no shared store at {path} (no such directory)")
+  if verify:
+    checkpoint.verify_files(path, what)
+  meta = checkpoint.read_json(path, "store.json", what)
+  try:
+    built_for = ModelConfig.from_dict(meta["model_config"])
+    C, summary, rows = meta["chunk_size"], meta["summary"], meta["rows"]
+    if summary not in routing.SUMMARIES or not isinstance(C, int) or not isinstance(rows, int):
+      raise ValueError(f"summary {summary!r}, chunk_size {C!r}, rows {rows!r}")
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{what}: {os.path.join(path, 'store.json')} is damaged: "
+                     f"{type(e).__name__}: {e}") from None
   if model_config is not None and model_config != built_for:
-    raise ValueError(f"load_shared_store: the store at {path} was built for {built_for}, not for "
+    raise ValueError(f"{what}: the store at {path} was built for {built_for}, not for "
                      f"{model_config}")
-  cfg, C = built_for, meta["chunk_size"]
-  kv = jax.ShapeDtypeStruct((meta["rows"], cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  cfg = built_for
+  kv = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  summary = jax.eval_shape(lambda k: list(routing.chunk_summaries(k, C, summary=meta["summary"])
-                                          .arrays), kv)  # the kind's array shapes
-  a = restore_arrays(os.path.join(path, "arrays"),
-                     dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
-                          summaries=[summary] * cfg.layers,
-                          num_valid_chunks=[scalar] * cfg.layers))
-  summaries = tuple(routing.ChunkSummaries(tuple(arr), n, meta["summary"], C)
+  summary_shapes = jax.eval_shape(
+      lambda k: list(routing.chunk_summaries(k, C, summary=summary).arrays), kv)
+  a = checkpoint.restore_arrays(os.path.join(path, "arrays"),
+                                dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
+                                     summaries=[summary_shapes] * cfg.layers,
+                                     num_valid_chunks=[scalar] * cfg.layers), what)
+  summaries = tuple(routing.ChunkSummaries(tuple(arr), n, summary, C)
                     for arr, n in zip(a["summaries"], a["num_valid_chunks"]))
-  return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for,
-                       meta["chunk_size"])
+  return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C)
 
 
 class UniqueKVCache:

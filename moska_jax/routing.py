@@ -40,6 +40,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import checks
 
 import pallas_kernels as pk
 from pallas_kernels import grouping, sketch
@@ -186,15 +189,17 @@ def _check_kind(summary: str) -> SummaryKind:
 def _chunked(k: jax.Array, chunk_size: int, kv_length, op: str):
   """k[S, Hkv, D] -> (keys [N, C, Hkv, D] f32 zero-padded, valid [N, C], valid chunks), N =
   ceil(S / C): keys [0, kv_length) are valid."""
-  if k.ndim != 3:
-    raise ValueError(f"{op}: k must have shape [S, Hkv, D], got {k.shape}")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+  checks.check_array("k", k, op)
+  if k.ndim != 3 or 0 in k.shape or not jnp.issubdtype(k.dtype, jnp.floating):
+    raise ValueError(f"{op}: k must have shape [S, Hkv, D] with no empty axis and a float "
+                     f"dtype, got {k.shape} {k.dtype}")
+  checks.positive_int(chunk_size, name="chunk_size", where=op)
   if kv_length is not None and jnp.ndim(kv_length) != 0:
     raise ValueError(f"{op}: kv_length must be a scalar, got shape {jnp.shape(kv_length)}")
+  kv_length = checks.check_kv_length(kv_length, k.shape[0], op=op)
   S, Hkv, D = k.shape
   N = -(-S // chunk_size)
-  n = jnp.int32(S) if kv_length is None else jnp.clip(jnp.asarray(kv_length, jnp.int32), 0, S)
+  n = jnp.int32(S) if kv_length is None else jnp.clip(kv_length, 0, S)
   kc = jnp.pad(k, ((0, N * chunk_size - S), (0, 0), (0, 0))).reshape(N, chunk_size, Hkv, D)
   valid = jnp.arange(N * chunk_size).reshape(N, chunk_size) < n
   return kc.astype(jnp.float32), valid, (n + chunk_size - 1) // chunk_size
@@ -207,8 +212,9 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
   Args:
     k: [S, Hkv, D] shared keys; chunk c is rows [c*C, (c+1)*C), the last one may be partial.
     chunk_size: C.
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are summarized;
-      chunks with no valid key get zero summaries and are never routed to.
+    kv_length: optional int scalar: only keys [0, kv_length) are summarized; chunks with no
+      valid key get zero summaries and are never routed to. A concrete value must lie in
+      [0, S]; a traced one is clamped to it.
     summary: a key of `SUMMARIES` ("mean", "envelope" or "int4").
 
   Returns:
@@ -222,11 +228,17 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
 def _check_route(q: jax.Array, N: int, Hkv: int, D: int, top_k: int,
                  always_include: Sequence[int], op: str) -> tuple[int, ...]:
   """Validates a router's arguments; returns the forced chunk ids."""
-  if q.ndim != 4 or q.shape[3] != D or q.shape[2] % Hkv:
+  checks.check_array("q", q, op)
+  if (q.ndim != 4 or q.shape[3] != D or q.shape[2] % Hkv or 0 in q.shape
+      or not jnp.issubdtype(q.dtype, jnp.floating)):
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D={D}] with Hq a multiple of "
-                     f"Hkv={Hkv}, got {q.shape}")
+                     f"Hkv={Hkv}, no empty axis and a float dtype, got {q.shape} {q.dtype}")
   if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
     raise ValueError(f"{op}: top_k must be an int in [1, N={N}], got {top_k!r}")
+  if isinstance(always_include, (str, bytes)) or not all(
+      isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in always_include):
+    raise ValueError(f"{op}: always_include must be a sequence of int chunk ids, got "
+                     f"{always_include!r}")
   forced = tuple(int(c) for c in always_include)
   if len(set(forced)) != len(forced) or len(forced) > top_k or any(not 0 <= c < N for c in forced):
     raise ValueError(f"{op}: always_include must hold at most top_k={top_k} distinct chunk ids "
@@ -261,8 +273,9 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     top_k: K, chunks per (request, kv head), 1 <= K <= N.
     always_include: chunk ids forced into every set (e.g. 0, an attention sink), at most K,
       unless they are past the valid chunks.
-    num_valid_chunks: optional int scalar (may be traced): only chunks [0, num_valid_chunks) may be
-      chosen; default from `summaries` (all N for a plain array).
+    num_valid_chunks: optional int scalar: only chunks [0, num_valid_chunks) may be chosen;
+      default from `summaries` (all N for a plain array). A concrete value must lie in [0, N];
+      a traced one is not checked.
     int8, backend, interpret: how a kind that scores with a kernel runs it ("int4":
       `pallas_kernels.chunk_scores`, int8 query rows on the int8 matrix units or not).
 
@@ -277,14 +290,16 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     arrays, kind = summaries.arrays, _check_kind(summaries.kind)
     n_valid = summaries.num_valid_chunks
   else:
-    if summaries.ndim != 3:
-      raise ValueError(f"route: summaries must be ChunkSummaries or an array of shape "
-                       f"[N, Hkv, D], got {summaries.shape}")
+    if (not hasattr(summaries, "ndim") or summaries.ndim != 3
+        or not jnp.issubdtype(summaries.dtype, jnp.floating)):
+      raise ValueError(f"route: summaries must be ChunkSummaries or a float array of shape "
+                       f"[N, Hkv, D], got {getattr(summaries, 'shape', type(summaries).__name__)}")
     arrays, kind, n_valid = (summaries,), SUMMARIES["mean"], None
   N, Hkv, D = arrays[0].shape
   forced = _check_route(q, N, Hkv, D, top_k, always_include, "route")
   if num_valid_chunks is not None:
-    n_valid = jnp.asarray(num_valid_chunks, jnp.int32)
+    n_valid = checks.check_kv_length(num_valid_chunks, N, op="route", name="num_valid_chunks",
+                                     bound="N")
   scores = kind.score(_grouped(q, Hkv), arrays,
                       dict(int8=int8, backend=backend, interpret=interpret))
   return _select(scores, top_k, forced, n_valid)
@@ -304,8 +319,8 @@ def oracle_route(q: jax.Array, k: jax.Array, top_k: int, *, chunk_size: int, kv_
     k: [S, Hkv, D] shared keys; chunk c is rows [c*C, (c+1)*C).
     top_k: K, 1 <= K <= N = ceil(S / C).
     chunk_size: C.
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count, and chunks
-      past them are never chosen.
+    kv_length: optional int scalar: only keys [0, kv_length) count, and chunks past them are
+      never chosen. A concrete value must lie in [0, S]; a traced one is clamped to it.
     always_include: chunk ids forced into every set, as for `route`.
 
   Returns:

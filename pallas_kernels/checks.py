@@ -2,6 +2,11 @@
 
 Every check raises a one-line `ValueError` that names the op (or config), the argument, what was
 expected in DESIGN.md's letters and what was received.
+
+Shapes and dtypes are always checked. Values (chunk ids, block tables, lengths, kv_length) are
+checked when they are concrete: numpy arrays, Python ints, or jax.Arrays that are neither traced
+(under jit, vmap, ...) nor spread over other processes (`host_values`). A traced value cannot be
+read before the kernel runs; each op's docstring says what it does with a bad one.
 """
 
 from __future__ import annotations
@@ -10,7 +15,9 @@ import dataclasses
 import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.layout import AttentionDims
 
@@ -72,6 +79,43 @@ class Config:
         f.metadata["check"](getattr(self, f.name), name=f.name, where=type(self).__name__)
 
 
+def host_values(x) -> np.ndarray | None:
+  """x's values as a numpy array when they are known on this host now; None for traced values
+  and for shape-only stand-ins (jax.ShapeDtypeStruct, as `plan` takes), which cannot be read.
+
+  A concrete jax.Array on an accelerator is copied to the host (a small synchronous read: ids,
+  tables and lengths are a few KB); under jit nothing is read.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return None
+  if isinstance(x, jax.Array):
+    return np.asarray(x) if x.is_fully_addressable else None
+  if isinstance(x, (np.ndarray, np.generic, int)):
+    return np.asarray(x)
+  return None
+
+
+def check_array(name: str, x, op: str) -> None:
+  """x must be an array with a shape and a dtype (a list's dtype would be a guess)."""
+  if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+    raise ValueError(f"{op}: {name} must be an array (jax.Array, numpy array or "
+                     f"jax.ShapeDtypeStruct), got {type(x).__name__}")
+
+
+def _check_nonempty(name: str, x, letters: str, op: str) -> None:
+  if 0 in tuple(x.shape):
+    raise ValueError(f"{op}: {name} {letters} must have no empty axis, got shape {tuple(x.shape)}")
+
+
+def check_sm_scale(sm_scale, *, op: str) -> None:
+  """sm_scale: None (1/sqrt(D)) or a finite real number (a NaN or inf scale poisons every row)."""
+  if sm_scale is None:
+    return
+  if (isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float, np.integer, np.floating))
+      or not np.isfinite(sm_scale)):
+    raise ValueError(f"{op}: sm_scale must be None or a finite real number, got {sm_scale!r}")
+
+
 def _check_float(name: str, x, op: str) -> None:
   if not any(x.dtype == d for d in FLOAT_DTYPES):
     raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
@@ -95,6 +139,8 @@ def _check_gqa(op: str, Hq: int, Hkv: int, k_name: str) -> None:
 
 def check_shared_kv_inputs(q, k, v, *, op: str) -> AttentionDims:
   """Validates q[B, T, Hq, D] against a shared k, v[S, Hkv, D]; returns the dims."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    check_array(name, x, op)
   if q.ndim != 4:
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D], got {q.shape}")
   B, T, Hq, D = q.shape
@@ -107,13 +153,22 @@ def check_shared_kv_inputs(q, k, v, *, op: str) -> AttentionDims:
     raise ValueError(f"{op}: v must have the shape of k {k.shape}, got {v.shape}")
   _check_gqa(op, Hq, Hkv, "k")
   _check_dtypes(op, q, k, v, "k", "v")
+  _check_nonempty("q", q, "[B, T, Hq, D]", op)
+  _check_nonempty("k", k, "[S, Hkv, D]", op)
   return AttentionDims(B, T, Hq, Hkv, D, S)
 
 
 def check_paged_inputs(q, k_pages, v_pages, block_tables, lengths, *,
                        op: str) -> tuple[AttentionDims, int]:
   """Validates q[B, T, Hq, D] against paged k, v[P, page_size, Hkv, D], block_tables[B, max_pages]
-  and lengths[B]; returns (dims with S = max_pages * page_size, page_size)."""
+  and lengths[B]; returns (dims with S = max_pages * page_size, page_size).
+
+  Concrete lengths must lie in [0, max_pages * page_size], and the live entries of a concrete
+  table (the first ceil(lengths[b] / page_size) of row b) in [0, P); entries past them are never
+  read and may hold anything."""
+  for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
+                  ("block_tables", block_tables), ("lengths", lengths)):
+    check_array(name, x, op)
   if q.ndim != 4:
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D], got {q.shape}")
   B, T, Hq, D = q.shape
@@ -133,23 +188,76 @@ def check_paged_inputs(q, k_pages, v_pages, block_tables, lengths, *,
   if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"{op}: lengths must be an integer array of shape [B={B}], got "
                      f"{lengths.shape} {lengths.dtype}")
+  _check_nonempty("q", q, "[B, T, Hq, D]", op)
+  _check_nonempty("k_pages", k_pages, "[P, page_size, Hkv, D]", op)
+  _check_nonempty("block_tables", block_tables, "[B, max_pages]", op)
+  check_live_pages(block_tables, lengths, num_pages=k_pages.shape[0], page_size=page_size, op=op)
   return AttentionDims(B, T, Hq, Hkv, D, block_tables.shape[1] * page_size), page_size
 
 
-def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str) -> int:
-  """Validates chunk_ids[B, Hkv, K] (integer) and chunk_size (positive int); returns N chunks."""
+def check_live_pages(block_tables, lengths, *, num_pages: int, page_size: int, op: str,
+                     lengths_name: str = "lengths", new_tokens: int = 0) -> None:
+  """Concrete lengths[B] in [0, max_pages * page_size], and the table ids of the pages they
+  cover in [0, P) (with new_tokens > 0: the pages those tokens are written to as well, up to the
+  end of the table)."""
+  n = host_values(lengths)
+  if n is None:
+    return
+  max_pages = block_tables.shape[1]
+  cap = max_pages * page_size
+  bad = np.flatnonzero((n < 0) | (n > cap))
+  if bad.size:
+    b = int(bad[0])
+    raise ValueError(f"{op}: {lengths_name}[{b}] = {int(n[b])} must be in [0, max_pages * "
+                     f"page_size = {max_pages} * {page_size} = {cap}]")
+  tables = host_values(block_tables)
+  if tables is None:
+    return
+  live = np.minimum(-(-(n.astype(np.int64) + new_tokens) // page_size), max_pages)
+  bad = np.argwhere((np.arange(max_pages) < live[:, None])
+                    & ((tables < 0) | (tables >= num_pages)))
+  if len(bad):
+    b, i = (int(x) for x in bad[0])
+    raise ValueError(f"{op}: block_tables[{b}, {i}] = {int(tables[b, i])} must be a page id in "
+                     f"[0, P={num_pages}): it is one of the {int(live[b])} pages request {b} "
+                     f"{'reads or writes' if new_tokens else 'reads'} ({lengths_name}[{b}] = "
+                     f"{int(n[b])}, page_size = {page_size})")
+
+
+def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str,
+                    name: str = "chunk_ids", row: str = "request") -> int:
+  """Validates chunk_ids[B, Hkv, K] (integer) and chunk_size (positive int); returns N chunks.
+
+  Concrete ids must not repeat a chunk in [0, N) within one (row, kv head): kernels that group
+  pairs by chunk would count it twice. Ids outside [0, N) select nothing and may repeat."""
   positive_int(chunk_size, name="chunk_size", where=op)
+  check_array(name, chunk_ids, op)
   if (chunk_ids.ndim != 3 or chunk_ids.shape[:2] != (dims.B, dims.Hkv)
       or not jnp.issubdtype(chunk_ids.dtype, jnp.integer)):
-    raise ValueError(f"{op}: chunk_ids must be an integer array of shape [B={dims.B}, "
+    raise ValueError(f"{op}: {name} must be an integer array of shape [B={dims.B}, "
                      f"Hkv={dims.Hkv}, K], got {chunk_ids.shape} {chunk_ids.dtype}")
-  return -(-dims.S // chunk_size)
+  num_chunks = -(-dims.S // chunk_size)
+  ids = host_values(chunk_ids)
+  if ids is not None and ids.shape[-1] > 1:
+    K = ids.shape[-1]
+    # Ids that select nothing become distinct negatives, so only real chunks can collide.
+    key = np.where((ids >= 0) & (ids < num_chunks), ids.astype(np.int64), -1 - np.arange(K))
+    key = np.sort(key, axis=-1)
+    dup = np.argwhere(key[..., 1:] == key[..., :-1])
+    if len(dup):
+      b, h, i = (int(x) for x in dup[0])
+      raise ValueError(f"{op}: {name}[{b}, {h}] (the chunks of {row} {b}, kv head {h}) holds "
+                       f"chunk {int(key[b, h, i])} twice; the ids of a row must be distinct "
+                       f"(ids outside [0, N={num_chunks}) select nothing and may repeat)")
+  return num_chunks
 
 
 def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDims, int]:
   """Validates q[B, T, Hq, D] against packed sketches codes[S, Hkv, D/2] (int8) and scales
   scale[S, Hkv]; returns (dims, N chunks)."""
   positive_int(chunk_size, name="chunk_size", where=op)
+  for name, x in (("q", q), ("codes", codes), ("scale", scale)):
+    check_array(name, x, op)
   if q.ndim != 4 or q.shape[-1] % 2:
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D] with D even, got {q.shape}")
   B, T, Hq, D = q.shape
@@ -162,15 +270,25 @@ def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDi
   if scale.shape != (S, Hkv) or not jnp.issubdtype(scale.dtype, jnp.floating):
     raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}], got "
                      f"{scale.shape} {scale.dtype}")
+  _check_nonempty("q", q, "[B, T, Hq, D]", op)
+  _check_nonempty("codes", codes, "[S, Hkv, D/2]", op)
   return AttentionDims(B, T, Hq, Hkv, D, S), -(-S // chunk_size)
 
 
-def check_kv_length(kv_length, *, op: str):
-  """Returns kv_length as an int32 scalar array (traced values allowed), or None."""
+def check_kv_length(kv_length, S: int, *, op: str, name: str = "kv_length", bound: str = "S"):
+  """Returns kv_length as an int32 scalar array (traced values allowed), or None; a concrete
+  one must lie in [0, S] (`name` / `bound` label the argument and its limit in errors)."""
   if kv_length is None:
     return None
+  if isinstance(kv_length, bool):
+    raise ValueError(f"{op}: {name} must be an integer scalar, got {kv_length!r}")
+  n = host_values(kv_length)
+  if isinstance(kv_length, int) and not 0 <= kv_length <= S:  # before int32 could overflow
+    raise ValueError(f"{op}: {name} must be in [0, {bound}={S}], got {kv_length}")
   kv_length = jnp.asarray(kv_length)
   if kv_length.ndim != 0 or not jnp.issubdtype(kv_length.dtype, jnp.integer):
-    raise ValueError(f"{op}: kv_length must be an integer scalar, got shape {kv_length.shape} "
+    raise ValueError(f"{op}: {name} must be an integer scalar, got shape {kv_length.shape} "
                      f"dtype {kv_length.dtype}")
+  if n is not None and not 0 <= int(n) <= S:
+    raise ValueError(f"{op}: {name} must be in [0, {bound}={S}], got {int(n)}")
   return kv_length.astype(jnp.int32)

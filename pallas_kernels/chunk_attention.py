@@ -56,8 +56,9 @@ class ChunkProblem(ChunkedProblem):
 
 def _problem(q, k, v, chunk_ids, *, chunk_size, sm_scale=None, kv_length=None) -> ChunkProblem:
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
+  checks.check_sm_scale(sm_scale, op=OP_NAME)
   return ChunkProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
-                      kv_length=checks.check_kv_length(kv_length, op=OP_NAME),
+                      kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                       chunk_ids=chunk_ids, chunk_size=chunk_size,
                       num_chunks=checks.check_chunk_ids(chunk_ids, dims, chunk_size, op=OP_NAME))
 
@@ -174,16 +175,20 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
     k, v: [S, Hkv, D] the shared keys / values; chunk c is rows [c*C, (c+1)*C) (the last chunk
       may be partial).
     chunk_ids: [B, Hkv, K] integer chunk ids per (request, kv head), duplicate-free; ids outside
-      [0, N) (e.g. -1 padding from the router) select nothing.
+      [0, N) (e.g. -1 padding from the router) select nothing and may repeat. A concrete array
+      that lists a chunk twice in one (request, kv head) row is refused; under jit (traced ids)
+      a repeat cannot be seen and its result is undefined (the implementations differ: the XLA
+      reference attends to the chunk once, Mosaic TPU counts it twice, Triton returns garbage).
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are valid.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_attention")`; configs: e.g. `TritonChunkConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32; rows with no valid key give o = 0,
-    lse = -inf. With every chunk selected it equals `shared_attention`.
+    lse = -inf. With every chunk selected it equals `shared_attention`. Keys of unselected
+    chunks and past kv_length are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k, v, chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),

@@ -49,7 +49,7 @@ def _problem(q, codes, scale, *, chunk_size, kv_length=None, int8=False) -> Scor
   dims, n_chunks = checks.check_sketches(q, codes, scale, chunk_size, op=OP_NAME)
   return ScoresProblem(q=q, codes=codes, scale=scale, dims=dims, sm_scale=None,
                        chunk_size=chunk_size, num_chunks=n_chunks,
-                       kv_length=checks.check_kv_length(kv_length, op=OP_NAME),
+                       kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                        int8=checks.boolean(int8, name="int8", where=OP_NAME))
 
 
@@ -132,7 +132,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`).
     scale: [S, Hkv] float per-key scales (0 for keys that must never score).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.
+    kv_length: optional int scalar: keys [0, kv_length) count; in [0, S] (traced: clamped).
     int8: quantize each query row to int8 and score on the int8 matrix units (module docstring).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_scores")`; configs: e.g. `TritonScoresConfig`).

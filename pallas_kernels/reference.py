@@ -61,7 +61,7 @@ def shared_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, *,
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log of sum_j exp(scale q.k_j)).
   """
   dims = check_shared_kv_inputs(q, k, v, op="shared_attention_ref")
-  kv_length = check_kv_length(kv_length, op="shared_attention_ref")
+  kv_length = check_kv_length(kv_length, dims.S, op="shared_attention_ref")
   B, T, Hq, Hkv, D, S = dims
   scale = default_sm_scale(sm_scale, D)
   qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)
@@ -123,7 +123,7 @@ def chunk_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax
   """
   dims = check_shared_kv_inputs(q, k, v, op="chunk_attention_ref")
   n_chunks = check_chunk_ids(chunk_ids, dims, chunk_size, op="chunk_attention_ref")
-  kv_length = check_kv_length(kv_length, op="chunk_attention_ref")
+  kv_length = check_kv_length(kv_length, dims.S, op="chunk_attention_ref")
   B, T, Hq, Hkv, D, S = dims
   scale = default_sm_scale(sm_scale, D)
   mask = selected_chunks(chunk_ids, n_chunks)[:, :, jnp.arange(S) // chunk_size]  # [B, Hkv, S]

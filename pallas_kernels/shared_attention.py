@@ -40,9 +40,10 @@ class SharedProblem(dispatch.Problem):
 
 
 def _problem(q, k, v, *, sm_scale=None, kv_length=None) -> SharedProblem:
-  return SharedProblem(q=q, k=k, v=v, dims=checks.check_shared_kv_inputs(q, k, v, op=OP_NAME),
-                       kv_length=checks.check_kv_length(kv_length, op=OP_NAME),
-                       sm_scale=sm_scale)
+  dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
+  checks.check_sm_scale(sm_scale, op=OP_NAME)
+  return SharedProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
+                       kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME))
 
 
 def _rows(p: SharedProblem, block_m: int) -> tuple[jax.Array, jax.Array, float]:
@@ -124,13 +125,14 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
     q: [B, T, Hq, D] queries of B requests, T tokens each; query head h reads kv head h // G.
     k, v: [S, Hkv, D] the shared keys / values (one copy for every request).
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are valid.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key
-    give o = 0, lse = -inf.
+    give o = 0, lse = -inf. Keys past kv_length are never read: NaN or inf there reaches no
+    output.
   """
   return dispatch.call(OP, (q, k, v), dict(sm_scale=sm_scale, kv_length=kv_length),
                        implementation=implementation, backend=backend, config=config,

@@ -42,6 +42,8 @@ class TileProblem(ChunkedProblem):
 
 def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=None):
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
+  checks.check_sm_scale(sm_scale, op=OP_NAME)
+  checks.check_array("tile_chunk_ids", tile_chunk_ids, OP_NAME)
   if (tile_chunk_ids.ndim != 3 or tile_chunk_ids.shape[0] < 1
       or dims.B % tile_chunk_ids.shape[0] or tile_chunk_ids.shape[1] != dims.Hkv
       or not jnp.issubdtype(tile_chunk_ids.dtype, jnp.integer)):
@@ -49,9 +51,9 @@ def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=No
                      f"Hkv={dims.Hkv}, U] with n_tiles dividing B={dims.B}, got "
                      f"{tile_chunk_ids.shape} {tile_chunk_ids.dtype}")
   n_chunks = checks.check_chunk_ids(tile_chunk_ids, dims._replace(B=tile_chunk_ids.shape[0]),
-                                    chunk_size, op=OP_NAME)
+                                    chunk_size, op=OP_NAME, name="tile_chunk_ids", row="tile")
   return TileProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
-                     kv_length=checks.check_kv_length(kv_length, op=OP_NAME),
+                     kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                      tile_ids=tile_chunk_ids, chunk_size=chunk_size, num_chunks=n_chunks)
 
 
@@ -105,16 +107,20 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
     q: [B, T, Hq, D] queries; request b belongs to tile b // R, R = B / n_tiles.
     k, v: [S, Hkv, D] the shared keys / values; chunk c is rows [c*C, (c+1)*C).
     tile_chunk_ids: [n_tiles, Hkv, U] integer chunk ids per (tile, kv head), duplicate-free; ids
-      outside [0, N) (e.g. -1 padding) select nothing. `grouping.tile_union` builds them.
+      outside [0, N) (e.g. -1 padding) select nothing and may repeat. `grouping.tile_union`
+      builds them. A concrete array that lists a chunk twice in one (tile, kv head) row is
+      refused; under jit (traced ids) a repeat cannot be seen and its result is undefined (the
+      XLA reference attends to the chunk once, the Triton kernel once per repeat).
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
-    kv_length: optional int scalar (may be traced): only keys [0, kv_length) are valid.
+    kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("tile_chunk_attention")`; config: `TritonSharedConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32: chunk_attention with every request
-    given its tile's chunks; rows with no valid key give o = 0, lse = -inf.
+    given its tile's chunks; rows with no valid key give o = 0, lse = -inf. Keys of unselected
+    chunks and past kv_length are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k, v, tile_chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),

@@ -45,6 +45,7 @@ class UniqueProblem(dispatch.Problem):
 def _problem(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None) -> UniqueProblem:
   dims, page_size = checks.check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
                                               op=OP_NAME)
+  checks.check_sm_scale(sm_scale, op=OP_NAME)
   return UniqueProblem(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=block_tables,
                        lengths=lengths, sm_scale=sm_scale, dims=dims, page_size=page_size)
 
@@ -120,17 +121,23 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       kv head h // G. Query t of request b sits at position lengths[b] - T + t and attends
       causally to the positions <= its own.
     k_pages, v_pages: [P, page_size, Hkv, D] one pool of pages shared by all requests.
-    block_tables: [B, max_pages] int page ids of each request in order; entries past a request's
-      length are never read.
+    block_tables: [B, max_pages] int page ids of each request in order. The first
+      ceil(lengths[b] / page_size) entries of row b are its live pages and must lie in [0, P);
+      entries past them are never read and may hold anything. A concrete table with a live id
+      out of range is refused; under jit (traced tables or lengths) it is not seen: the XLA and
+      Mosaic TPU implementations clamp the id into [0, P) and read that page (possibly another
+      request's), the Triton kernel reads outside the pool (undefined values, or a fault).
     lengths: [B] int tokens in each request's cache including the T new ones (already written,
-      see `write_pages`); clamped to [0, max_pages * page_size]. 0 marks an empty batch slot.
+      see `write_pages`); 0 marks an empty batch slot. Concrete lengths must lie in
+      [0, max_pages * page_size]; traced ones are clamped to it.
     sm_scale: score scale, default 1/sqrt(D).
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("unique_attention")`; configs: e.g. `TritonUniqueConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
-    (length 0) gives o = 0, lse = -inf.
+    (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
+    page, pages it does not own) are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
                        dict(sm_scale=sm_scale), implementation=implementation, backend=backend,
@@ -159,7 +166,21 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
     block_tables: [B, max_pages] int page ids of each request.
     lengths_before: [B] int tokens already in each request's cache.
     k_new, v_new: [B, T, Hkv, D] the new keys and values (cast to the pools' dtype).
+
+  Concrete lengths_before must lie in [0, max_pages * page_size] and the table ids of the pages
+  they and the new tokens cover in [0, P) (ValueError otherwise). Under jit nothing is checked:
+  tokens at a negative position or on a page id outside [0, P) are dropped.
   """
+  where = "write_pages"
+  for name, x in (("k_pages", k_pages), ("v_pages", v_pages), ("block_tables", block_tables),
+                  ("lengths_before", lengths_before), ("k_new", k_new), ("v_new", v_new)):
+    checks.check_array(name, x, where)
+  if k_pages.ndim != 4:
+    raise ValueError(f"{where}: k_pages must have shape [P, page_size, Hkv, D], got "
+                     f"{k_pages.shape}")
+  if block_tables.ndim != 2 or not jnp.issubdtype(block_tables.dtype, jnp.integer):
+    raise ValueError(f"{where}: block_tables must be an integer array of shape [B, max_pages], "
+                     f"got {block_tables.shape} {block_tables.dtype}")
   P, page_size, Hkv, D = k_pages.shape
   B, max_pages = block_tables.shape
   if v_pages.shape != k_pages.shape:
@@ -171,14 +192,17 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
   if v_new.shape != k_new.shape:
     raise ValueError(f"write_pages: v_new must have the shape of k_new {k_new.shape}, got "
                      f"{v_new.shape}")
-  if lengths_before.shape != (B,):
-    raise ValueError(f"write_pages: lengths_before must have shape [B={B}], got "
-                     f"{lengths_before.shape}")
+  if lengths_before.shape != (B,) or not jnp.issubdtype(lengths_before.dtype, jnp.integer):
+    raise ValueError(f"write_pages: lengths_before must be an integer array of shape [B={B}], "
+                     f"got {lengths_before.shape} {lengths_before.dtype}")
+  checks.check_live_pages(block_tables, lengths_before, num_pages=P, page_size=page_size,
+                          op=where, lengths_name="lengths_before", new_tokens=k_new.shape[1])
   pos = lengths_before.astype(jnp.int32)[:, None] + jnp.arange(k_new.shape[1])  # [B, T]
   slot = pos // page_size
   page = jnp.take_along_axis(block_tables.astype(jnp.int32), jnp.clip(slot, 0, max_pages - 1),
                              axis=1)
-  page = jnp.where((pos >= 0) & (slot < max_pages), page, P)  # P is out of range: dropped
+  # P is out of range: dropped (a negative id would wrap around the pool onto another page)
+  page = jnp.where((pos >= 0) & (slot < max_pages) & (page >= 0), page, P)
   offset = pos % page_size
   k_pages = k_pages.at[page, offset].set(k_new.astype(k_pages.dtype), mode="drop")
   v_pages = v_pages.at[page, offset].set(v_new.astype(v_pages.dtype), mode="drop")

@@ -42,7 +42,7 @@ def test_load_hf_llama_from_local_safetensors(tmp_path):
   st = pytest.importorskip("safetensors.numpy")
   cfg = tiny()
   source = Decoder(cfg, rngs=nnx.Rngs(5))
-  flat = dict(nnx.state(source, nnx.Param).flat_state())
+  flat = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
   names = checkpoint._hf_names(cfg)
   # Pin the Hugging Face Llama names themselves, not only the round trip through our table.
   for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
