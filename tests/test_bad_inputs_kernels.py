@@ -312,9 +312,9 @@ def test_write_pages_drops_negative_page_ids_under_jit():
 _SCORES_BAD = [
     ("q-odd-D", (Q[..., :63], CODES, SCALE), {}, "with D even"),
     ("q-list", (Q.tolist(), CODES, SCALE), {}, "q must be an array"),
-    ("codes-int8", (Q, CODES.astype(jnp.int8), SCALE), {}, "codes must be a uint8 array"),
-    ("codes-full-D", (Q, jnp.zeros((S, HKV, D), jnp.uint8), SCALE), {}, "D/2=32"),
-    ("codes-gqa", (Q, jnp.zeros((S, 3, D // 2), jnp.uint8), jnp.ones((S, 3))), {},
+    ("codes-uint8", (Q, CODES.astype(jnp.uint8), SCALE), {}, "codes must be an int8 array"),
+    ("codes-full-D", (Q, jnp.zeros((S, HKV, D), jnp.int8), SCALE), {}, "D/2=32"),
+    ("codes-gqa", (Q, jnp.zeros((S, 3, D // 2), jnp.int8), jnp.ones((S, 3))), {},
      "multiple of Hkv=3"),
     ("scale-shape", (Q, CODES, SCALE[:10]), {}, "scale must be a float array of shape [S=512"),
     ("scale-int", (Q, CODES, SCALE.astype(jnp.int32)), {}, "scale must be a float array"),
