@@ -7,7 +7,7 @@ Every op returns (o, lse) so partial attentions over disjoint key sets combine e
 run and `sweep` what to time. Each op has a pure-jnp reference in `pallas_kernels.reference`.
 """
 
-from pallas_kernels import reference, targets
+from pallas_kernels import quant, reference, targets
 from pallas_kernels.chunk_attention import chunk_attention
 from pallas_kernels.chunk_scores import chunk_scores
 from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep

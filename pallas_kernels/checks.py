@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import quant
 from pallas_kernels.layout import AttentionDims
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -122,14 +123,35 @@ def _check_float(name: str, x, op: str) -> None:
 
 
 def _check_dtypes(op: str, q, k, v, k_name: str, v_name: str) -> None:
-  for name, x in (("q", q), (k_name, k), (v_name, v)):
-    _check_float(name, x, op)
+  _check_float("q", q, op)
   if k.dtype != v.dtype:
     raise ValueError(f"{op}: {k_name} and {v_name} must share a dtype, got {k.dtype} and "
                      f"{v.dtype}")
+  if quant.is_fp8(k.dtype):  # scaled KV: float8 storage, the dots in q's dtype
+    return
+  for name, x in ((k_name, k), (v_name, v)):
+    _check_float(name, x, op)
   if q.dtype != k.dtype:
     raise ValueError(f"{op}: q and {k_name}, {v_name} must share a dtype, got q {q.dtype} and "
-                     f"{k_name}, {v_name} {k.dtype}")
+                     f"{k_name}, {v_name} {k.dtype} (or store {k_name}, {v_name} in float8 with "
+                     "scales)")
+
+
+def check_kv_scales(k_scale, v_scale, Hkv: int, *, op: str):
+  """(k_scale, v_scale) as float32 [Hkv] arrays or None: per kv head dequantization scales of
+  scaled (e.g. float8) K/V (`pallas_kernels.quant`); give both or neither."""
+  if (k_scale is None) != (v_scale is None):
+    raise ValueError(f"{op}: give k_scale and v_scale together (or neither)")
+  if k_scale is None:
+    return None, None
+  out = []
+  for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+    x = x if hasattr(x, "dtype") else jnp.asarray(x)  # arrays, tracers, ShapeDtypeStructs
+    if x.shape != (Hkv,) or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{op}: {name} must be a float array of shape [Hkv={Hkv}], got "
+                       f"{x.shape} {x.dtype}")
+    out.append(x if x.dtype == jnp.float32 else x.astype(jnp.float32))
+  return tuple(out)
 
 
 def _check_gqa(op: str, Hq: int, Hkv: int, k_name: str) -> None:

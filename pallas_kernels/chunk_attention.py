@@ -54,10 +54,13 @@ class ChunkProblem(ChunkedProblem):
     return self.chunk_ids.shape[2]
 
 
-def _problem(q, k, v, chunk_ids, *, chunk_size, sm_scale=None, kv_length=None) -> ChunkProblem:
+def _problem(q, k, v, chunk_ids, *, chunk_size, sm_scale=None, kv_length=None, k_scale=None,
+             v_scale=None) -> ChunkProblem:
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
   checks.check_sm_scale(sm_scale, op=OP_NAME)
-  return ChunkProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
+  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
+  return ChunkProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale, k_scale=k_scale,
+                      v_scale=v_scale,
                       kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                       chunk_ids=chunk_ids, chunk_size=chunk_size,
                       num_chunks=checks.check_chunk_ids(chunk_ids, dims, chunk_size, op=OP_NAME))
@@ -132,7 +135,7 @@ def _choose(p: ChunkProblem, platform: str, target, interpret: bool) -> str:
   if platform == "tpu":
     return "mosaic_tpu"
   return gpu_tuning.chunk_implementation(p.dims, p.dtype, p.top_k, p.chunk_size, target,
-                                         interpret)
+                                         interpret, kv_dtype=p.k.dtype)
 
 
 def _mosaic_gpu_unsupported(p: ChunkProblem, c: MosaicGpuChunkConfig, target, interpret):
@@ -140,7 +143,7 @@ def _mosaic_gpu_unsupported(p: ChunkProblem, c: MosaicGpuChunkConfig, target, in
     return (f"chunk_size must be a multiple of config.block_k, got chunk_size={p.chunk_size}, "
             f"block_k={c.block_k}")
   return gpu_tuning.mosaic_unsupported(p.dims, p.dtype, c.block_k, c.num_stages, target,
-                                       interpret)
+                                       interpret, kv_dtype=p.k.dtype)
 
 
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
@@ -166,6 +169,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
 
 def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Array, *,
                     chunk_size: int, sm_scale: float | None = None, kv_length=None,
+                    k_scale=None, v_scale=None,
                     implementation: str = "auto", config: Any = None, interpret: bool = False,
                     backend: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of each request's queries over the union of its selected chunks of the shared KV.
@@ -182,6 +186,8 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
     kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
+    k_scale, v_scale: optional [Hkv] float32 dequantization scales of scaled K/V (e.g. float8:
+      k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("chunk_attention")`; configs: e.g. `TritonChunkConfig`).
 
@@ -191,6 +197,7 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
     chunks and past kv_length are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k, v, chunk_ids),
-                       dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),
+                       dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length,
+                            k_scale=k_scale, v_scale=v_scale),
                        implementation=implementation, backend=backend, config=config,
                        interpret=interpret)

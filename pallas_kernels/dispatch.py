@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import layout, targets
+from pallas_kernels import layout, quant, targets
 from pallas_kernels.merge import merge_partials
 
 BACKENDS = ("auto", "gpu", "tpu", "xla")
@@ -35,16 +35,32 @@ _used: dict[str, Plan] = {}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Problem:
-  """One call's validated arguments: the queries, their shape letters and the score scale. Each
-  op extends it with its own inputs."""
+  """One call's validated arguments: the queries, their shape letters, the score scale and the
+  K/V dequantization scales (`pallas_kernels.quant`; None: K/V as stored). Each op extends it
+  with its own inputs."""
 
   q: Any  # [B, T, Hq, D]
   dims: layout.AttentionDims
   sm_scale: float | None
+  k_scale: Any = None  # [Hkv] float32
+  v_scale: Any = None
 
   @property
   def dtype(self):
     return self.q.dtype
+
+  def scaled(self) -> Problem:
+    """What the kernels run: the key scales folded into the queries."""
+    if self.k_scale is None:
+      return self
+    return dataclasses.replace(self, q=quant.scale_heads(self.q, self.k_scale))
+
+  def unscaled(self, out):
+    """The op's (o, lse) from the kernels': the value scales applied to o."""
+    if self.v_scale is None:
+      return out
+    o, lse = out
+    return quant.scale_heads(o, self.v_scale), lse
 
 
 class Plan(NamedTuple):
@@ -216,8 +232,9 @@ def call(op: Op, args: tuple, kwargs: dict, *, implementation: str = "auto",
   plan = resolve(op, problem, implementation=implementation, backend=backend, config=config,
                  interpret=interpret)
   _record(plan, interpret)
-  out = op.implementations[plan.implementation].run(problem, plan.config, interpret)
-  return finish(out, problem.dims, problem.dtype) if isinstance(out, Partials) else out
+  out = op.implementations[plan.implementation].run(problem.scaled(), plan.config, interpret)
+  return problem.unscaled(finish(out, problem.dims, problem.dtype)
+                          if isinstance(out, Partials) else out)
 
 
 def _record(plan: Plan, interpret: bool) -> None:

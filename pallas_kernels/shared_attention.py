@@ -39,10 +39,13 @@ class SharedProblem(dispatch.Problem):
   kv_length: Any  # int32 scalar or None
 
 
-def _problem(q, k, v, *, sm_scale=None, kv_length=None) -> SharedProblem:
+def _problem(q, k, v, *, sm_scale=None, kv_length=None, k_scale=None,
+             v_scale=None) -> SharedProblem:
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
   checks.check_sm_scale(sm_scale, op=OP_NAME)
-  return SharedProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
+  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
+  return SharedProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale, k_scale=k_scale,
+                       v_scale=v_scale,
                        kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME))
 
 
@@ -90,7 +93,7 @@ def _run_mosaic_tpu(p: SharedProblem, c: MosaicTpuSharedConfig, interpret):
 def _choose(p: SharedProblem, platform: str, target, interpret: bool) -> str:
   if platform == "tpu":
     return "mosaic_tpu"
-  return gpu_tuning.shared_implementation(p.dims, p.dtype, target, interpret)
+  return gpu_tuning.shared_implementation(p.dims, p.dtype, target, interpret, kv_dtype=p.k.dtype)
 
 
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
@@ -106,7 +109,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t),
         candidates=lambda p, t: gpu_tuning.mosaic_shared_candidates(p.dims, p.dtype, t),
         unsupported=lambda p, c, t, i: gpu_tuning.mosaic_unsupported(
-            p.dims, p.dtype, c.block_k, c.num_stages, t, i),
+            p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k.dtype),
         interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuSharedConfig,
@@ -116,8 +119,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
 
 
 def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: float | None = None,
-                     kv_length=None, implementation: str = "auto", config: Any = None,
-                     interpret: bool = False,
+                     kv_length=None, k_scale=None, v_scale=None, implementation: str = "auto",
+                     config: Any = None, interpret: bool = False,
                      backend: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of all queries q[B, T, Hq, D] over the shared k, v[S, Hkv, D].
 
@@ -126,6 +129,8 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
     k, v: [S, Hkv, D] the shared keys / values (one copy for every request).
     sm_scale: score scale, default 1/sqrt(D).
     kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
+    k_scale, v_scale: optional [Hkv] float32 dequantization scales of scaled K/V (e.g. float8:
+      k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
 
@@ -134,6 +139,7 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
     give o = 0, lse = -inf. Keys past kv_length are never read: NaN or inf there reaches no
     output.
   """
-  return dispatch.call(OP, (q, k, v), dict(sm_scale=sm_scale, kv_length=kv_length),
+  return dispatch.call(OP, (q, k, v), dict(sm_scale=sm_scale, kv_length=kv_length,
+                                           k_scale=k_scale, v_scale=v_scale),
                        implementation=implementation, backend=backend, config=config,
                        interpret=interpret)

@@ -40,7 +40,8 @@ class TileProblem(ChunkedProblem):
     return self.dims.B // self.tile_ids.shape[0]
 
 
-def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=None):
+def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=None,
+             k_scale=None, v_scale=None):
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
   checks.check_sm_scale(sm_scale, op=OP_NAME)
   checks.check_array("tile_chunk_ids", tile_chunk_ids, OP_NAME)
@@ -52,7 +53,9 @@ def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=No
                      f"{tile_chunk_ids.shape} {tile_chunk_ids.dtype}")
   n_chunks = checks.check_chunk_ids(tile_chunk_ids, dims._replace(B=tile_chunk_ids.shape[0]),
                                     chunk_size, op=OP_NAME, name="tile_chunk_ids", row="tile")
-  return TileProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale,
+  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
+  return TileProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale, k_scale=k_scale,
+                     v_scale=v_scale,
                      kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                      tile_ids=tile_chunk_ids, chunk_size=chunk_size, num_chunks=n_chunks)
 
@@ -98,6 +101,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
 
 def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_ids: jax.Array, *,
                          chunk_size: int, sm_scale: float | None = None, kv_length=None,
+                         k_scale=None, v_scale=None,
                          implementation: str = "auto", config: Any = None,
                          interpret: bool = False,
                          backend: str | None = None) -> tuple[jax.Array, jax.Array]:
@@ -114,6 +118,8 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
     chunk_size: C.
     sm_scale: score scale, default 1/sqrt(D).
     kv_length: optional int scalar: keys [0, kv_length) are valid; in [0, S] (traced: clamped).
+    k_scale, v_scale: optional [Hkv] float32 dequantization scales of scaled K/V (e.g. float8:
+      k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("tile_chunk_attention")`; config: `TritonSharedConfig`).
 
@@ -123,6 +129,7 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
     chunks and past kv_length are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k, v, tile_chunk_ids),
-                       dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length),
+                       dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length,
+                            k_scale=k_scale, v_scale=v_scale),
                        implementation=implementation, backend=backend, config=config,
                        interpret=interpret)

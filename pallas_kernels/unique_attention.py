@@ -42,12 +42,15 @@ class UniqueProblem(dispatch.Problem):
   page_size: int
 
 
-def _problem(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None) -> UniqueProblem:
+def _problem(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None, k_scale=None,
+             v_scale=None) -> UniqueProblem:
   dims, page_size = checks.check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
                                               op=OP_NAME)
   checks.check_sm_scale(sm_scale, op=OP_NAME)
+  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
   return UniqueProblem(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=block_tables,
-                       lengths=lengths, sm_scale=sm_scale, dims=dims, page_size=page_size)
+                       lengths=lengths, sm_scale=sm_scale, dims=dims, page_size=page_size,
+                       k_scale=k_scale, v_scale=v_scale)
 
 
 def _kernel_args(p: UniqueProblem, rows: int) -> tuple:
@@ -111,7 +114,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
 
 def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                      block_tables: jax.Array, lengths: jax.Array, *,
-                     sm_scale: float | None = None, implementation: str = "auto",
+                     sm_scale: float | None = None, k_scale=None, v_scale=None,
+                     implementation: str = "auto",
                      config: Any = None, interpret: bool = False,
                      backend: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of each request's T newest queries over its own paged KV cache.
@@ -131,6 +135,8 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       see `write_pages`); 0 marks an empty batch slot. Concrete lengths must lie in
       [0, max_pages * page_size]; traced ones are clamped to it.
     sm_scale: score scale, default 1/sqrt(D).
+    k_scale, v_scale: optional [Hkv] float32 dequantization scales of scaled K/V (e.g. float8:
+      k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("unique_attention")`; configs: e.g. `TritonUniqueConfig`).
 
@@ -140,8 +146,9 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     page, pages it does not own) are never read: NaN or inf there reaches no output.
   """
   return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
-                       dict(sm_scale=sm_scale), implementation=implementation, backend=backend,
-                       config=config, interpret=interpret)
+                       dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale),
+                       implementation=implementation, backend=backend, config=config,
+                       interpret=interpret)
 
 
 def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,

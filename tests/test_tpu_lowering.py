@@ -29,10 +29,11 @@ from pallas_kernels import targets
 
 FULL_TARGET = "v5p"
 # Name -> (q dtype, K/V dtype).
-DTYPES = {"bf16": (jnp.bfloat16, jnp.bfloat16), "f32": (jnp.float32, jnp.float32)}
-# FP8 K/V joins with one entry once the TPU kernels read it: "fp8": (jnp.bfloat16,
-# jnp.float8_e4m3fn) (dequantized to bf16 in the kernel: v4-v6e have no e4m3fn matmul).
-FACTORS = {"D": (64, 128, 256), "G": (1, 4, 8), "T": (1, 4), "dtype": tuple(DTYPES)}
+DTYPES = {"bf16": (jnp.bfloat16, jnp.bfloat16), "f32": (jnp.float32, jnp.float32),
+          # Scaled float8 K/V, widened to bf16 in the kernel (v4-v6e have no e4m3fn matmul):
+          # its own small grid (test_float8_kv_lowers_on_every_chip).
+          "fp8": (jnp.bfloat16, jnp.float8_e4m3fn)}
+FACTORS = {"D": (64, 128, 256), "G": (1, 4, 8), "T": (1, 4), "dtype": ("bf16", "f32")}
 # Each op's own sizes: odd B, S, page counts, pool sizes; page sizes multiples of 8 (the kernel's
 # sublane rule); chunk sizes whose 128-multiple key blocks divide them (C=384 -> 384, 2048 -> 512).
 # B=1 with one block of kv heads leaves a core idle on the megacore chips (v4, v5p): the plans
@@ -129,6 +130,22 @@ def test_kernel_lowers_for_tpu(case):
                          dtype=case["dtype"])
   plan = pk.plan(op, *args, implementation="mosaic_tpu", target=case["target"], **static)
   lowered = _lower(op, args, case["target"], config=plan.config, **static)
+  assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
+
+
+@pytest.mark.parametrize("chip", sorted(targets.TPU_PRESETS))
+@pytest.mark.parametrize("op", ["shared_attention", "chunk_attention", "unique_attention"])
+def test_float8_kv_lowers_on_every_chip(op, chip):
+  """float8 K/V tiles (32 sublanes per native tile) with traced per-head scales."""
+  args, static = _inputs(op, SHAPES[op][1], D=128, G=4, T=1, dtype="fp8")
+  scale = jax.ShapeDtypeStruct((SHAPES[op][1]["Hkv"],), jnp.float32)
+  plan = pk.plan(op, *args, implementation="mosaic_tpu", target=chip, k_scale=scale,
+                 v_scale=scale, **static)
+  with targets.lowering_for(chip):
+    fn = lambda args, k_scale, v_scale: OPS[op](*args, implementation="mosaic_tpu",
+                                                config=plan.config, k_scale=k_scale,
+                                                v_scale=v_scale, **static)
+    lowered = jax.jit(fn).trace(args, scale, scale).lower(lowering_platforms=("tpu",))
   assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
 
 

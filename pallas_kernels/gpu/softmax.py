@@ -15,6 +15,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import quant
 from pallas_kernels.numerics import LN2, LOG2E, matmul_precision
 
 
@@ -66,10 +67,12 @@ def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: fl
   def body(i, carry):
     s0 = start + i * block_k
     valid = s0 + jnp.arange(block_k) < end
-    k = pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
+    k = quant.widen(pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None],
+                                  other=0.0), q.dtype)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
     p, (acc, m, l) = step(carry, jnp.where(valid[None, :], s, -jnp.inf), scale_log2=scale_log2)
-    v = pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0.0)
+    v = quant.widen(pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None],
+                                  other=0.0), q.dtype)
     acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                         precision=precision)
     return acc, m, l

@@ -87,8 +87,9 @@ def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
 
 
 def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
-                       target: GpuTarget, interpret: bool) -> str | None:
-  """Why the Mosaic GPU kernel cannot run this problem with this tiling, or None."""
+                       target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
+  """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`)
+  with this tiling, or None."""
   if interpret:
     return "it has no interpret mode"
   if not target.is_hopper:
@@ -96,6 +97,8 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
             f"sm_{target.compute_capability[0]}{target.compute_capability[1]}")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"it needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
+  if jnp.dtype(kv_dtype) != jnp.dtype(dtype):  # its wgmma reads K/V tiles as stored
+    return f"it needs K/V in the query dtype (no scaled float8 K/V), got {jnp.dtype(kv_dtype).name}"
   if dims.D % 64 or dims.D > 256:
     return f"it needs head_dim D a multiple of 64 up to 256, got D={dims.D}"
   if dims.S % block_k:
@@ -123,11 +126,13 @@ def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int,
 # ------------------------------------------------------------------ shared_attention
 
 
-def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool) -> str:
+def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool, *,
+                          kv_dtype) -> str:
   """"mosaic_gpu" for large M on Hopper (compute-bound: wgmma), else "triton"."""
   if dims.M >= MOSAIC_MIN_ROWS:
     block_k, stages = _mosaic_tiling(dims, dtype, 2, target)
-    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret) is None:
+    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret,
+                          kv_dtype=kv_dtype) is None:
       return "mosaic_gpu"
   return "triton"
 
@@ -231,12 +236,13 @@ def rows_per_chunk(dims: AttentionDims, top_k: int, chunk_size: int) -> float:
 
 
 def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int,
-                         target: GpuTarget, interpret: bool) -> str:
+                         target: GpuTarget, interpret: bool, *, kv_dtype) -> str:
   """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
   if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
       and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK):
     block_k, stages = _mosaic_tiling(dims, dtype, 4, target)
-    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret) is None:
+    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret,
+                          kv_dtype=kv_dtype) is None:
       return "mosaic_gpu"
   return "triton"
 

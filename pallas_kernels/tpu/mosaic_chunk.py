@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import quant
 from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.tpu import softmax
 from pallas_kernels.tpu.tuning import heads_per_block
@@ -41,9 +42,9 @@ def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
     cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     rows = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
     q = q_ref[...]  # [block_m, D]
-    k = k_ref[:, j * d:(j + 1) * d]  # [block_k, D]
+    k = quant.widen(k_ref[:, j * d:(j + 1) * d], q.dtype)  # [block_k, D]
     # Rows past kv_length (or past S in a partial edge block) may hold anything: zero V there.
-    v = jnp.where(rows < end, v_ref[:, j * d:(j + 1) * d], 0)
+    v = jnp.where(rows < end, quant.widen(v_ref[:, j * d:(j + 1) * d], q.dtype), 0)
     s = jnp.where(cols < end, softmax.scores(q, k, scale, precision), -jnp.inf)
     softmax.update(m_sc, l_sc, acc_sc, s, v, precision)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import layout
+from pallas_kernels import layout, quant
 from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.tpu import softmax
 from pallas_kernels.tpu.tuning import heads_per_block
@@ -53,9 +53,10 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
     visible = (cols < length) & ((cols - length + T) * G <= row)
     for j in range(hb):  # static unroll over the kv heads of this block
       cut = slice(j * d, (j + 1) * d)
-      k = jnp.concatenate([r[:, cut] for r in k_refs], axis=0)  # [block_k, D]
+      k = quant.widen(jnp.concatenate([r[:, cut] for r in k_refs], axis=0), q_ref.dtype)
       # The tail of the last page (and interpret mode's NaN fill) must not reach p @ v.
-      v = jnp.where(key_rows < length, jnp.concatenate([r[:, cut] for r in v_refs], axis=0), 0)
+      v = jnp.where(key_rows < length, quant.widen(jnp.concatenate([r[:, cut] for r in v_refs],
+                                                                   axis=0), q_ref.dtype), 0)
       s = jnp.where(visible, softmax.scores(q_ref[j], k, scale, precision), -jnp.inf)
       softmax.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 

@@ -1,0 +1,58 @@
+"""Scaled (quantized) K/V: FP8 storage with one dequantization scale per kv head.
+
+A layer's keys and values may be stored in float8 (half the bytes of bf16) as k = k_scale[h] *
+k_stored and v = v_scale[h] * v_stored, one float32 scale per kv head h. The kernels never
+multiply by the scales: q . (s k) = (s q) . k folds the key scale into the queries before the
+kernel, and softmax(.) (s v) = s softmax(.) v scales the output after it; a kernel only loads the
+float8 tiles and widens them to the query dtype in registers (`widen`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+_FP8_MAX = {jnp.dtype(jnp.float8_e4m3fn): 448.0, jnp.dtype(jnp.float8_e5m2): 57344.0}
+
+
+def is_fp8(dtype) -> bool:
+  return jnp.dtype(dtype) in FP8_DTYPES
+
+
+def widen(x: jax.Array, dtype) -> jax.Array:
+  """A loaded K/V tile in the dtype its dots run in (float8 -> the query dtype; else as is)."""
+  return x.astype(dtype) if is_fp8(x.dtype) else x
+
+
+def scale_heads(x: jax.Array, scale: jax.Array) -> jax.Array:
+  """x[B, T, Hq, D] times scale[Hkv] of each query head's kv head (h // G), in x's dtype."""
+  G = x.shape[2] // scale.shape[0]
+  per_head = jnp.repeat(scale.astype(jnp.float32), G)[:, None]
+  return (x.astype(jnp.float32) * per_head).astype(x.dtype)
+
+
+def quantize(x: jax.Array, dtype="float8_e4m3fn", axis: int = -2) -> tuple[jax.Array, jax.Array]:
+  """x[..., Hkv, D] -> (x_stored in `dtype`, scale[Hkv] float32) with x ~ scale * x_stored.
+
+  One scale per kv head (the axis `axis`), the largest magnitude of that head over all other
+  axes mapped to the format's largest finite value; an all-zero head gets scale 1.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype not in FP8_DTYPES:
+    raise ValueError(f"quantize: dtype must be one of {[d.name for d in FP8_DTYPES]}, got "
+                     f"{dtype.name}")
+  axis = axis % x.ndim
+  others = tuple(i for i in range(x.ndim) if i != axis)
+  amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=others)
+  scale = jnp.where(amax > 0, amax / _FP8_MAX[dtype], 1.0)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  return (x.astype(jnp.float32) / scale.reshape(shape)).astype(dtype), scale
+
+
+def dequantize(x: jax.Array, scale: jax.Array, dtype=jnp.float32, axis: int = -2) -> jax.Array:
+  """scale * x_stored, the scale broadcast along kv-head axis `axis`."""
+  shape = [1] * x.ndim
+  shape[axis % x.ndim] = -1
+  return (x.astype(jnp.float32) * scale.reshape(shape)).astype(dtype)

@@ -1,0 +1,151 @@
+"""Scaled float8 K/V (`pallas_kernels.quant`): every op's kernels vs float64 of the dequantized K/V.
+
+Each kv head gets its own magnitude (so its own scale): a kernel applying one head's scale to
+another shows. Keys a kernel must not read stay NaN in float8 too.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import grouping, quant, targets
+from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.layout import AttentionDims
+from tests import kernel_cases as kc
+from tests.np_reference import (chunk_attention_f64, rel_err, shared_attention_f64,
+                                unique_attention_f64)
+
+FP8 = [pytest.param(jnp.float8_e4m3fn, id="e4m3"), pytest.param(jnp.float8_e5m2, id="e5m2")]
+# Relative error of o / absolute of lse beyond the query dtype's (the kernels see exactly the
+# dequantized values; only the folded scales round once more in the query dtype).
+TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1.5e-2, 3e-2)}
+
+
+def _fp8(x, dtype, head_gain):
+  """x [..., Hkv, D] times a per-head gain, stored in `dtype` with per-head scales: (stored,
+  k_scale, the dequantized float32 values). NaN (poison) stays NaN in the stored copy."""
+  x = jnp.asarray(x, jnp.float32) * jnp.asarray(head_gain, jnp.float32)[:, None]
+  nan = jnp.isnan(x)
+  stored, scale = quant.quantize(jnp.where(nan, 0.0, x), dtype)
+  stored = jnp.where(nan, jnp.nan, stored.astype(jnp.float32)).astype(dtype)
+  return stored, scale, quant.dequantize(stored, scale)
+
+
+def _check(o, lse, o_ref, lse_ref, q):
+  o_tol, lse_tol = TOL[q.dtype.type]
+  assert o.shape == q.shape and o.dtype == q.dtype
+  assert np.all(np.isfinite(np.asarray(o, np.float32))), "unwritten or unmasked output (NaN)"
+  assert rel_err(o, o_ref) < o_tol
+  np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
+
+
+def _shared(seed, dtype, fp8, G=4, Hkv=2, S=300):
+  rng, q, k, v = kc.shared_inputs(seed, 3, 2, G, Hkv, 64, S, jnp.float32)
+  gains = 1.0 + 3.0 * np.arange(Hkv)
+  k8, ks, kd = _fp8(k, fp8, gains)
+  v8, vs, vd = _fp8(v, fp8, gains[::-1])
+  return rng, q.astype(dtype), (k8, ks, kd), (v8, vs, vd)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("shared_attention"))
+def test_shared_attention(implementation, interpret, dtype, fp8):
+  _, q, (k8, ks, kd), (v8, vs, vd) = _shared(0, dtype, fp8)
+  kc.plan_or_skip("shared_attention", q, k8, v8, k_scale=ks, v_scale=vs,
+                  implementation=implementation, interpret=interpret)
+  n = 250  # keys past kv_length poisoned
+  k8, v8 = (kc.poison_outside(x, np.arange(x.shape[0])[:, None] < n) for x in (k8, v8))
+  o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs, kv_length=jnp.int32(n),
+                  implementation=implementation, interpret=interpret)
+  _check(o, lse, *shared_attention_f64(q, kd, vd, n), q)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("chunk_attention"))
+def test_chunk_attention(implementation, interpret, dtype):
+  C, K = 128, 2
+  rng, q, (k8, ks, kd), (v8, vs, vd) = _shared(1, dtype, jnp.float8_e4m3fn, G=8, Hkv=2, S=600)
+  N = -(-k8.shape[0] // C)
+  ids = kc.random_ids(rng, q.shape[0], 2, N, K, pattern="shaped")
+  keep = np.asarray(grouping.selected_chunks(ids, N)).any(0).T[np.arange(k8.shape[0]) // C]
+  kc.plan_or_skip("chunk_attention", q, k8, v8, ids, chunk_size=C, k_scale=ks, v_scale=vs,
+                  implementation=implementation, interpret=interpret)
+  o, lse = kc.run(pk.chunk_attention, q, kc.poison_outside(k8, keep),
+                  kc.poison_outside(v8, keep), ids, chunk_size=C, k_scale=ks, v_scale=vs,
+                  implementation=implementation, interpret=interpret)
+  _check(o, lse, *chunk_attention_f64(q, kd, vd, ids, C), q)
+
+
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("tile_chunk_attention"))
+def test_tile_chunk_attention(implementation, interpret):
+  C, K, R = 64, 2, 3
+  rng, q, (k8, ks, kd), (v8, vs, vd) = _shared(2, jnp.bfloat16, jnp.float8_e4m3fn, G=1)
+  N = -(-k8.shape[0] // C)
+  tiles = grouping.tile_union(kc.random_ids(rng, q.shape[0], 2, N, K), N, R)
+  o, lse = kc.run(pk.tile_chunk_attention, q, k8, v8, tiles, chunk_size=C, k_scale=ks,
+                  v_scale=vs, implementation=implementation, interpret=interpret)
+  per_request = np.repeat(np.asarray(tiles), q.shape[0] // tiles.shape[0], axis=0)
+  _check(o, lse, *chunk_attention_f64(q, kd, vd, per_request, C), q)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("unique_attention"))
+def test_unique_attention(implementation, interpret, fp8):
+  """The page pool's unowned slots stay NaN in float8: a read past a length shows."""
+  q, k_pages, v_pages, tables, lengths = kc.paged_inputs(3, 2, 4, 2, 64, 16, (0, 2, 16, 77),
+                                                         jnp.float32)
+  gains = np.array([0.5, 4.0])
+  k8, ks, kd = _fp8(k_pages, fp8, gains)
+  v8, vs, vd = _fp8(v_pages, fp8, gains[::-1])
+  q = q.astype(jnp.bfloat16)
+  o, lse = kc.run(pk.unique_attention, q, k8, v8, tables, lengths, k_scale=ks, v_scale=vs,
+                  implementation=implementation, interpret=interpret)
+  o_ref, lse_ref = unique_attention_f64(q, kd, vd, tables, lengths)
+  live = np.asarray(lengths) > 0  # an empty slot gives lse = -inf, checked apart
+  _check(o[live], lse[live], o_ref[live], lse_ref[live], q[live])
+  assert np.all(np.asarray(lse)[~live] == -np.inf) and np.all(np.asarray(o)[~live] == 0)
+
+
+def test_quantize_round_trip_per_head():
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((50, 3, 64)) * np.array([1e-3, 1.0, 1e3])[:, None])
+  x = x.at[:, 2].set(0.0)  # an all-zero head: scale 1, stored zeros
+  for dtype, rel in ((jnp.float8_e4m3fn, 2 ** -3), (jnp.float8_e5m2, 2 ** -2)):
+    stored, scale = quant.quantize(x, dtype)
+    assert stored.dtype == dtype and scale.shape == (3,) and scale.dtype == jnp.float32
+    assert scale[2] == 1.0 and not np.any(np.asarray(stored[:, 2], np.float32))
+    back = np.asarray(quant.dequantize(stored, scale), np.float64)
+    for h in range(2):  # elementwise within the format's relative step (normal range)
+      big = np.abs(np.asarray(x[:, h])) > 1e-2 * float(np.abs(x[:, h]).max())
+      assert np.all(np.abs(back[:, h] - x[:, h])[big] <= rel * np.abs(np.asarray(x[:, h]))[big])
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    quant.quantize(x, jnp.int8)
+
+
+def test_scale_validation():
+  _, q, (k8, ks, _), (v8, vs, _) = _shared(5, jnp.bfloat16, jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="give k_scale and v_scale together"):
+    pk.shared_attention(q, k8, v8, k_scale=ks)
+  with pytest.raises(ValueError, match=r"k_scale must be a float array of shape \[Hkv=2\]"):
+    pk.shared_attention(q, k8, v8, k_scale=ks[:1], v_scale=vs)
+  with pytest.raises(ValueError, match="v_scale must be a float array"):
+    pk.shared_attention(q, k8, v8, k_scale=ks, v_scale=jnp.ones(2, jnp.int32))
+  with pytest.raises(ValueError, match="q must be"):
+    pk.shared_attention(q.astype(jnp.float8_e4m3fn), k8, v8, k_scale=ks, v_scale=vs)
+  with pytest.raises(ValueError, match="must share a dtype"):
+    pk.shared_attention(q, k8, v8.astype(jnp.float8_e5m2), k_scale=ks, v_scale=vs)
+
+
+def test_mosaic_gpu_refuses_float8_kv():
+  """Its wgmma reads K/V tiles as stored: float8 K/V go to the Triton kernels on Hopper."""
+  dims = AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=4096)
+  h100 = targets.target("h100")
+  why = gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 128, 2, h100, False,
+                                      kv_dtype=jnp.float8_e4m3fn)
+  assert why and "float8" in why
+  assert gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 128, 2, h100, False,
+                                       kv_dtype=jnp.bfloat16) is None
+  assert gpu_tuning.shared_implementation(dims, jnp.bfloat16, h100, False,
+                                          kv_dtype=jnp.float8_e4m3fn) == "triton"
