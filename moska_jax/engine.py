@@ -101,6 +101,21 @@ class Result:
   finish_reason: str = "length"
 
 
+_TRACES = [0]  # traces of `_engine_step`, all engines together
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mcfg"), donate_argnums=(2, 3))
+def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, *, graphdef, mcfg):
+  """One engine step on one device: `moska_step`, each row's last logits, sampling. Module-level,
+  so engines of the same model and MoskaConfig share its compilations."""
+  _TRACES[0] += 1
+  routes = None if ids is None else Routes(ids, reroute)
+  logits, pools, ids = moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg,
+                                  routes=routes)
+  last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
+  return sample(last, sampling), last, pools, ids
+
+
 def _check_int(name: str, value, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"MoskaEngine: {name} must be an int >= {minimum}, got {value!r}")
@@ -192,9 +207,7 @@ class MoskaEngine:
     self._drive = threading.RLock()  # held by whoever runs steps
     self._thread: threading.Thread | None = None
     self._stopping = False
-    if groups is None:
-      self._step = jax.jit(self._counted(self._local_step), donate_argnums=(2, 3))
-    else:
+    if groups is not None:
       self.state = place_unique(groups, self.state, specs=groups.rules.weights)
       self.cache.pools = place_unique(groups, self.cache.pools, specs=groups.rules.pages)
       self._model = nnx.merge(self.graphdef, self.state)
@@ -229,6 +242,13 @@ class MoskaEngine:
   def store(self) -> SharedKVStore:
     """The default context's store."""
     return self._contexts[self.default_context].store
+
+  @property
+  def shared_kv(self) -> tuple:
+    """Per layer the default context's store as the step reads it: `attention.SharedLayer` on
+    one device, `sharding.PlacedSharedKV` on groups."""
+    view = self._contexts[self.default_context].view
+    return view.layers if isinstance(view, SharedContext) else view
 
   def set_store(self, store: SharedKVStore) -> None:
     """Serves `store` as the default context from the next step on (`load_context`)."""
@@ -563,9 +583,10 @@ class MoskaEngine:
   # ---- running a step -------------------------------------------------------------------------
 
   def compilations(self) -> int:
-    """Traces of the compiled step so far: one per step shape (the decode-only step, and a
+    """Compilations this engine's steps caused: one per step shape (the decode-only step, and a
     mixed step per prefill lane count used: powers of two up to prefill_lanes) and per set of
-    contexts; on groups, of the per-part unique program."""
+    contexts, none for shapes an engine of the same model and MoskaConfig compiled before; on
+    groups, traces of the per-part unique program."""
     return self._traces
 
   def _counted(self, fn):
@@ -575,13 +596,6 @@ class MoskaEngine:
       self._traces += 1
       return fn(*args, **kwargs)
     return traced
-
-  def _local_step(self, state, contexts, pools, ids, parts, reroute, sampling):
-    routes = None if ids is None else Routes(ids, reroute)
-    logits, pools, ids = moska_step(nnx.merge(self.graphdef, state), contexts, pools, parts,
-                                    self.mcfg, routes=routes)
-    last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
-    return sample(last, sampling), last, pools, ids
 
   def _route_ids(self):
     """The reused chunk selections (created at the first step that needs them), or None."""
@@ -603,9 +617,12 @@ class MoskaEngine:
     them, their logits."""
     rows = SamplingRows(*(jnp.asarray(a) for a in plan.sampling))
     if self.groups is None:
-      tokens, last, self.cache.pools, self._ids = self._step(
+      traces = _TRACES[0]
+      tokens, last, self.cache.pools, self._ids = _engine_step(
           self.state, self._step_contexts, self.cache.pools, self._route_ids(),
-          host_parts(plan.parts), jnp.asarray(plan.reroute), rows)
+          host_parts(plan.parts), jnp.asarray(plan.reroute), rows, graphdef=self.graphdef,
+          mcfg=self.mcfg)
+      self._traces += _TRACES[0] - traces
     else:
       last = self._run_on_groups(plan)
       tokens = self._sample(last, rows)
@@ -721,6 +738,14 @@ class MoskaEngine:
       if r.finish_reason in ("error", "cancelled"):
         raise RuntimeError(f"generate: prompt {i} ended with {r.finish_reason}: {r.error}")
     return [self._result(r) for r in requests]
+
+  def warmup(self) -> None:
+    """Compiles every step shape now (the decode step, a mixed step per prefill lane count)
+    with throw-away requests on the default context, then clears `stats`."""
+    lanes = sorted({self.scheduler.lane_bucket(n) for n in range(1, self.prefill_lanes + 1)})
+    for n in lanes:
+      self.generate([[0]] * n, 2)
+    self.stats.clear()
 
   def _result(self, r: Request) -> Result:
     text = self._decode(r.tokens) if self._decode else None
