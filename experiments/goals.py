@@ -75,6 +75,12 @@ GOALS: dict[str, tuple[Goal, ...]] = {
         Goal("MoSKA dense speedup over per-request paged decode at B=64", "x_baseline", ">=", 20,
              where={"impl": "moska_dense", "B": 64}),
     ),
+    "serving": (
+        Goal("decoding ITL beside a long prefill over ITL without, every prefill chunk",
+             "itl_growth", "<=", 1.3, where={"scenario": "prefill beside decode"}),
+        Goal("streaming clients' tokens/s over generate's on the same requests, every transport",
+             "x_generate", ">=", 0.8, where={"scenario": "load"}),
+    ),
     "disaggregation": (
         Goal("shared-attention scaling efficiency, every n > 1 shared devices", "scaling_eff",
              ">=", 0.8, where={"n_shared": (">", 1)}),

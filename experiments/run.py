@@ -25,6 +25,7 @@ EXPERIMENTS = {
     "roofline": "experiments.roofline",
     "train_retrieval": "experiments.train_retrieval",
     "accuracy": "experiments.accuracy",
+    "serving": "experiments.serving",
 }
 
 flags.DEFINE_string("experiment", "demo", "Which experiment to run (see --list).")

@@ -213,6 +213,16 @@ class Server:
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
+  async def answer(self, request: HttpRequest, body: dict, args: dict, chunk, final):
+    """The response to a completion request: an SSE stream of chunk(text, finish_reason) when
+    body asks for one, else final(request) once it ended."""
+    if body.get("stream", False):
+      return self.stream(args, chunk)
+    r = await self.complete(request, args)
+    if r is None:
+      return error_response(400, "the client disconnected")
+    return final(r)
+
   def usage(self, r) -> dict:
     return dict(prompt_tokens=len(r.prompt), completion_tokens=len(r.tokens),
                 total_tokens=len(r.prompt) + len(r.tokens))
@@ -344,14 +354,10 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
               "choices": [{"text": text or "", "index": 0, "logprobs": None,
                            "finish_reason": finish}]}
 
-    if body.get("stream", False):
-      return server.stream(args, chunk)
-    r = await server.complete(request, args)
-    if r is None:
-      return error_response(400, "the client disconnected")
-    out = chunk(engine.decode(r.tokens), r.finish_reason)
-    out["usage"] = server.usage(r)
-    return out
+    def final(r) -> dict[str, Any]:
+      return chunk(engine.decode(r.tokens), r.finish_reason) | {"usage": server.usage(r)}
+
+    return await server.answer(request, body, args, chunk, final)
 
   @app.post("/v1/chat/completions")
   async def chat(request: HttpRequest):
@@ -367,16 +373,14 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
               "choices": [{"index": 0, "delta": delta, "logprobs": None,
                            "finish_reason": finish}]}
 
-    if body.get("stream", False):
-      return server.stream(args, chunk)
-    r = await server.complete(request, args)
-    if r is None:
-      return error_response(400, "the client disconnected")
-    return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant",
-                                                  "content": engine.decode(r.tokens)},
-                         "logprobs": None, "finish_reason": r.finish_reason}],
-            "usage": server.usage(r)}
+    def final(r) -> dict[str, Any]:
+      return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+              "choices": [{"index": 0, "message": {"role": "assistant",
+                                                    "content": engine.decode(r.tokens)},
+                           "logprobs": None, "finish_reason": r.finish_reason}],
+              "usage": server.usage(r)}
+
+    return await server.answer(request, body, args, chunk, final)
 
   @app.get("/v1/models")
   async def models():
