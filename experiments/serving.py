@@ -7,6 +7,11 @@ Two scenarios, one table:
   the prompt is read (the steps' wall times: every decoding request takes one token per step),
   their ratio (goal <= 1.3), the long prompt's time to first token, and `blocked_ms`: that
   prompt's whole prefill time, what each decoding request would wait if prefill stopped decoding.
+  The chunk is the per-step prefill budget: it trades the decoding requests' ITL for the long
+  prompt's TTFT. On a CPU every step is compute-bound and the XLA reference's paged attention
+  reads each request's whole block table (sized for the long prompt), so a mixed step costs
+  several decode steps; on a GPU decode steps are bound by memory and the Pallas kernels read
+  only each request's own tokens.
 - "load": `--serving_clients` streaming clients at once over `--serving_contexts` contexts, each
   `--serving_prompt` prompt tokens and `--serving_new_tokens` new ones, against `generate` on the
   same requests. Transports: "generate" (the synchronous batch call), "in-process" (the async API:
@@ -51,9 +56,9 @@ flags.DEFINE_integer("serving_prompt", 32, "serving: prompt tokens per client.")
 flags.DEFINE_integer("serving_new_tokens", 32, "serving: new tokens per client.")
 flags.DEFINE_integer("serving_load_chunk", 64, "serving: prefill chunk of the load test.")
 flags.DEFINE_integer("serving_load_lanes", 8, "serving: prefill lanes of the load test.")
-flags.DEFINE_integer("serving_decoders", 8, "serving: decoding requests beside the long prompt.")
+flags.DEFINE_integer("serving_decoders", 32, "serving: decoding requests beside the long prompt.")
 flags.DEFINE_integer("serving_long_prompt", 4096, "serving: tokens of the long prompt.")
-flags.DEFINE_list("serving_prefill_chunks", ["64", "256"],
+flags.DEFINE_list("serving_prefill_chunks", ["8", "32", "128"],
                   "serving: prefill chunks of the long prompt (the per-step prefill budget).")
 flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.")
 flags.DEFINE_integer("serving_page", 16, "serving: page size.")

@@ -646,8 +646,8 @@ class MoskaEngine:
       tokens, positions, tables, lengths, fed = place_unique(
           self.groups, (part.tokens, positions, part.tables, part.lengths, part.fed),
           batch_axis=axis)
-      unique = lambda j, q, k, v, pages: self._unique(q, k, v, pages, tables=tables,
-                                                      lengths=lengths)
+      unique = lambda qs, ks, vs, pages: (lambda out, pages: ([out], pages))(
+          *self._unique(qs[0], ks[0], vs[0], pages, tables=tables, lengths=lengths))
       shared = functools.partial(self._shared_on_groups, part.context[part.fed > 0], axis,
                                  part.context)
       attend = moska_attend(shared, unique, [(B, T)], [fed])

@@ -39,7 +39,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from moska_jax import routing
-from moska_jax.attention import SharedLayer, shared_partial, unique_partial
+from moska_jax.attention import SharedLayer, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.kv_cache import SharedKVStore
 from moska_jax.model import Attend, Decoder
@@ -48,10 +48,9 @@ Pages = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages) [P, page_s
 # shared(layer, qs, ids) -> ([(o, lse)] per part, new ids of part 0 or None); qs: each part's
 # q[B_p, T_p, Hq, D]; ids: the layer's reused chunk selections of part 0 (or None)
 SharedPart = Callable[[int, list, jax.Array | None], tuple[list, jax.Array | None]]
-# unique(part, q, k, v, pages) -> ((o, lse), pages): `unique_partial` with the part's tables and
-# lengths
-UniquePart = Callable[[int, jax.Array, jax.Array, jax.Array, Pages],
-                      tuple[tuple[jax.Array, jax.Array], Pages]]
+# unique(qs, ks, vs, pages) -> ([(o, lse)] per part, pages): every part's new K/V appended to its
+# requests' pages, then each part's paged attention
+UniquePart = Callable[[list, list, list, Pages], tuple[list, Pages]]
 
 # zero_padding and merge_halves are jitted so that the eager path on device groups runs each as
 # one program on the unique group; inside a jitted step they are inlined.
@@ -158,7 +157,7 @@ def moska_attend(shared: SharedPart, unique: UniquePart, shapes: Sequence[tuple[
   Args:
     shared: the shared half over every part (`local_shared` on one device; the cross-group step
       on groups).
-    unique: the unique half of one part (`unique_partial` bound to its tables and lengths).
+    unique: the unique half of every part (`local_unique`; `unique_partial` on groups).
     shapes: each part's (B_p, T_p); q, k, v come packed when there are several parts.
     fed: per part [B_p] real tokens per request (the rest of the T_p rows is padding), or None
       (all real).
@@ -167,10 +166,8 @@ def moska_attend(shared: SharedPart, unique: UniquePart, shapes: Sequence[tuple[
     pages, ids = state
     qs = [qp if f is None else zero_padding(qp, f) for qp, f in zip(_split(q, shapes), fed)]
     shared_out, ids = shared(i, qs, ids)  # issued first: on groups it runs beside the unique half
-    out = []
-    for j, (qj, kj, vj) in enumerate(zip(qs, _split(k, shapes), _split(v, shapes))):
-      (o_u, lse_u), pages = unique(j, qj, kj, vj, pages)
-      out.append(merge_halves(o_u, lse_u, *shared_out[j]))
+    unique_out, pages = unique(qs, _split(k, shapes), _split(v, shapes), pages)
+    out = [merge_halves(*u, *s) for u, s in zip(unique_out, shared_out)]
     return _join(out), (pages, ids)
 
   return attend
@@ -185,6 +182,20 @@ def step_positions(shared_lengths, lengths, T: int):
 
 def _pad_ids(ids: jax.Array, K: int) -> jax.Array:
   return jnp.pad(ids, ((0, 0), (0, 0), (0, K - ids.shape[2])), constant_values=-1)
+
+
+def local_unique(parts: Sequence[Part], mcfg: MoskaConfig) -> UniquePart:
+  """The unique half of a one-device step: every part's K/V written first, then each part's
+  paged attention, so the pools see no reader between the writes (updated in place, never
+  copied)."""
+  def unique(qs, ks, vs, pages):
+    for p, k, v in zip(parts, ks, vs):
+      pages = pk.write_pages(*pages, p.tables, p.lengths, k, v)
+    return [pk.unique_attention(q, *pages, p.tables, p.lengths + q.shape[1],
+                                backend=mcfg.backend, interpret=mcfg.interpret)
+            for p, q in zip(parts, qs)], pages
+
+  return unique
 
 
 def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg: MoskaConfig,
@@ -291,11 +302,9 @@ def moska_step(model: Decoder, contexts: Sequence[SharedContext], pools: Sequenc
   shared_lengths = jnp.stack([c.layers[0].length for c in contexts])
   positions = [step_positions(shared_lengths[p.context], p.lengths, p.tokens.shape[1])
                for p in parts]
-  unique = lambda j, q, k, v, pages: unique_partial(q, k, v, pages, parts[j].tables,
-                                                    parts[j].lengths, mcfg)
   attend = moska_attend(local_shared(contexts, parts, mcfg,
                                      None if routes is None else routes.reroute),
-                        unique, shapes, [p.fed for p in parts])
+                        local_unique(parts, mcfg), shapes, [p.fed for p in parts])
   ids = (None,) * len(pools) if routes is None else routes.ids
   logits, state = model.forward(_join([p.tokens for p in parts]), _join(positions), attend,
                                 list(zip(pools, ids)))

@@ -97,7 +97,7 @@ def _fail_on_call(engine, n, make_error, lose_pools=False):
     calls[0] += 1
     if calls[0] != n:
       return run(plan)
-    out = run(plan)
+    run(plan)
     if lose_pools:
       for x in jax.tree.leaves(engine.cache.pools):
         x.delete()
