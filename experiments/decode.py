@@ -22,7 +22,7 @@ from moska_jax import routing
 from moska_jax.attention import SharedLayer
 from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
 from moska_jax.model import Decoder
-from moska_jax.step import moska_step
+from moska_jax.step import Part, SharedContext, moska_step
 
 flags.DEFINE_enum("decode_model", "llama3_1_8b", ["llama3_1_8b", "tiny"], "decode: shapes.")
 flags.DEFINE_integer("decode_layers", 1, "decode: decoder layers built (per-layer times reported).")
@@ -70,7 +70,11 @@ def main() -> None:
     tokens = jax.random.randint(key, (B, 1), 0, cfg.vocab)
 
     def step(state, pools, shared, mcfg):
-      return moska_step(nnx.merge(graphdef, state), shared, pools, tables, lengths, tokens, mcfg)
+      top_k = mcfg.chunks_kept(-(-S // C)) if mcfg.mode == "sparse" else None
+      part = Part(tokens, tables, lengths, jnp.ones((B,), jnp.int32), jnp.zeros((B,), jnp.int32))
+      (logits,), pools, _ = moska_step(nnx.merge(graphdef, state),
+                                       (SharedContext(tuple(shared), top_k),), pools, (part,), mcfg)
+      return logits, pools
 
     # Baseline pools: [shared pages | unique pages] in one pool per layer; a request's table lists
     # the shared pages (the same ids for everyone) then its own.

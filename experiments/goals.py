@@ -81,6 +81,14 @@ GOALS: dict[str, tuple[Goal, ...]] = {
         Goal("MoSKA dense speedup over per-request paged decode at B=64", "x_baseline", ">=", 20,
              where={"impl": "moska_dense", "B": 64}),
     ),
+    "serving": (
+        Goal("decoding ITL beside a 4K-token prefill over ITL without, at a prefill budget "
+             "measured (the budget trades it for the long prompt's TTFT)", "itl_growth", "<=",
+             1.3, where={"scenario": "prefill beside decode", "long_prompt": (">=", 4096)},
+             over="any"),
+        Goal("streaming clients' tokens/s over generate's on the same requests, every transport",
+             "x_generate", ">=", 0.8, where={"scenario": "load"}),
+    ),
     "disaggregation": (
         Goal("transfers (q hand-off, (o, lse) merge) as a share of the step at B=64, split",
              "transfer_frac", "<", 0.05, where={"layout": "split", "B": 64}),

@@ -33,6 +33,7 @@ EXPERIMENTS = {
     "roofline": "experiments.roofline",
     "train_retrieval": "experiments.train_retrieval",
     "accuracy": "experiments.accuracy",
+    "serving": "experiments.serving",
 }
 # Logs written from these packages are shown at INFO; other libraries' at WARNING and above.
 OWN_PACKAGES = ("experiments", "moska_jax", "pallas_kernels")

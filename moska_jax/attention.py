@@ -137,16 +137,25 @@ def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Ar
   return (o_u, lse_u), (k_pages, v_pages)
 
 
-def shared_partial(q: jax.Array, shared: SharedLayer,
-                   mcfg: MoskaConfig) -> tuple[jax.Array, jax.Array]:
-  """(o, lse) of q[B, T, Hq, D] over the shared KV: the whole store (dense) or routed chunks."""
+def shared_partial(q: jax.Array, shared: SharedLayer, mcfg: MoskaConfig, *,
+                   top_k: int | None = None,
+                   chunk_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(o, lse) of q[B, T, Hq, D] over the shared KV: the whole store (dense) or routed chunks.
+
+  Sparse: over `chunk_ids` [B, Hkv, K] when given, else over the top_k chunks `routing.route`
+  picks (default top_k: `mcfg.chunks_kept` of the summaries' chunk slots; pass the store's real
+  chunk count's K, as the engine does, when the store is padded past its last chunk), routed with
+  the kernel settings of `mcfg` (int8 scorer, backend, interpret); then `routed_attention`.
+  """
   if mcfg.mode == "dense":
     return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
                                backend=mcfg.backend, interpret=mcfg.interpret)
-  top_k = mcfg.chunks_kept(shared.summaries.num_chunks)
-  ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include,
-                      int8=mcfg.int8_scorer, backend=mcfg.backend, interpret=mcfg.interpret)
-  return routed_attention(q, shared, ids, mcfg)
+  if chunk_ids is None:
+    top_k = top_k or mcfg.chunks_kept(shared.summaries.num_chunks)
+    chunk_ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include,
+                              int8=mcfg.int8_scorer, backend=mcfg.backend,
+                              interpret=mcfg.interpret)
+  return routed_attention(q, shared, chunk_ids, mcfg)
 
 
 def routed_attention(q: jax.Array, shared: SharedLayer, ids: jax.Array,

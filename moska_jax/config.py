@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import BACKENDS
 
@@ -54,6 +55,22 @@ class ModelConfig:
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
+  def check_tokens(self, tokens, what: str) -> np.ndarray:
+    """tokens as an int32 array [n], every id in [0, vocab).
+
+    Raises:
+      ValueError: naming `what`, the first offending id, its position and the allowed range.
+    """
+    arr = np.asarray(tokens)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+      raise ValueError(f"{what}: token ids must be a flat sequence of ints, got an array of "
+                       f"shape {arr.shape} and dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < 0) | (arr >= self.vocab))
+    if bad.size:
+      raise ValueError(f"{what}: token id {int(arr[bad[0]])} at position {int(bad[0])} is "
+                       f"outside the vocabulary [0, {self.vocab})")
+    return arr.astype(np.int32)
+
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
@@ -92,9 +109,13 @@ class MoskaConfig:
   mode: "dense" (every request attends to the whole shared KV, one batched GEMM) or "sparse"
     (a router keeps top_k chunks per (request, kv head); `sparsity` sets top_k as a fraction).
   chunk_size: C, tokens per routed chunk (also the granularity of chunk summaries).
-  top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks, N the store's
-    chunk slots (static: a store padded past its tokens counts its empty tail chunks too).
+  top_k / sparsity: give at most one; sparsity s keeps ceil((1 - s) * N) chunks, N = ceil(S / C)
+    the chunks that hold shared tokens (never the store's empty padding chunks), so K depends on
+    the store: the engine fixes it when a store is loaded (`chunks_kept`).
   always_include: chunk ids always kept (e.g. (0,), an attention sink).
+  reroute_every: r >= 1 (sparse only): a decoding request runs the router on every r-th of its
+    decode steps and keeps its chunk selection (per layer) in between; its first decode step
+    after its prompt, and every prefill step, always route. 1 routes every step.
   summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4"; the keys of
     `moska_jax.routing.SUMMARIES`); the store's summaries must be of this kind.
   int8_scorer: score "int4" sketches with int8 query rows on the int8 matrix units (twice the
@@ -116,6 +137,7 @@ class MoskaConfig:
   batch_aware: int = 0
   backend: str = "auto"
   interpret: bool = False
+  reroute_every: int = 1
 
   def __post_init__(self):
     if self.mode not in ("dense", "sparse"):
@@ -130,6 +152,10 @@ class MoskaConfig:
       raise ValueError(f"MoskaConfig.sparsity must be in [0, 1), got {self.sparsity}")
     if self.mode == "sparse" and self.top_k is None and self.sparsity is None:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
+    if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or (
+        self.reroute_every < 1):
+      raise ValueError(f"MoskaConfig.reroute_every must be an int >= 1, got "
+                       f"{self.reroute_every!r}")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
     if not isinstance(self.int8_scorer, bool):
@@ -143,7 +169,8 @@ class MoskaConfig:
                        f"{self.summary!r}")
 
   def chunks_kept(self, num_chunks: int) -> int:
-    """K for a store of num_chunks chunks (at least len(always_include), at most N)."""
+    """K for a store whose tokens fill num_chunks = ceil(S / C) chunks (at least
+    len(always_include), at most num_chunks)."""
     if self.top_k is not None:
       k = self.top_k
     else:  # the epsilon keeps exact products (0.25 * 64) from rounding up

@@ -1,37 +1,67 @@
-"""Batched generation against a shared store: the step executor and `generate`.
+"""Continuous batching against shared contexts: the step executor, its loop, and `generate`.
 
-`MoskaEngine` holds the weights, the shared store as the step reads it, the unique cache's page
-pools and the compiled step; its `Scheduler` (moska_jax.scheduler) holds the host-side request
-state: queue, slots, admission, retirement. Each step has one of two fixed shapes, a prefill
-step of `prefill_chunk` prompt tokens per slot or a decode step of one token per slot, and runs
-`moska_step` (moska_jax.step) in one jitted program, so all active requests attend to the shared
-KV together (the batched GEMM). Results come back in request order.
+`MoskaEngine` holds the weights, the resident shared contexts (named stores; each request reads
+one), the unique cache's page pools and the compiled step; its `Scheduler` (moska_jax.scheduler)
+holds the host-side request state: queue, slots, admission, each step's plan, retirement. Every
+step feeds one token to every decoding slot and, while prompts are read, one chunk of
+`prefill_chunk` tokens to each of at most `prefill_lanes` prefilling requests, in one jitted
+program (`moska_step`, moska_jax.step): the weights and every context's shared K/V are read once
+per step for all of them, and a long prompt never stops the decoding requests' tokens.
 
-On `DeviceGroups` (disaggregated serving, moska_jax.sharding) a step is ONE jitted program over
-the span of the groups (`GroupsExecutor`): `Decoder.forward` runs as a `shard_map` body in which
-every device holds its role's blocks (`sharding.placement`). Per layer the unique devices write
-the new K/V to their pages, hand q to the shared devices with a collective, attend to their
-pages while the shared devices attend to their store rows (dense or routed there), and one
-collective merge brings (o, lse) back; there is no host step between layers or groups. Each
-device keeps one K/V memory per layer (`cache.pools`): page pools on the unique devices, the
+Requests come in at any time (`submit`, thread-safe) and join at the next step; `cancel` frees
+a request's slot and pages before the next step. `start()` runs the steps on a background thread
+(the asynchronous engine an HTTP server sits on: `stream` bridges a request's tokens to asyncio);
+without it, `generate` (and `step`) run them on the caller's thread. `generate` is the simple
+synchronous API either way.
+
+Sampling: a request's tokens are a function of its prompt, its context, its `Sampling`
+(temperature, top_p, seed) and nothing else: alone or beside others, in any slot, at any
+max_batch, in any queue order (moska_jax.sampling).
+
+Failures: the engine is exception-safe. An exception inside a step (a device error, an
+out-of-memory error, a KeyboardInterrupt) ends the requests of that step with
+finish_reason "error" (all active ones when the donated page pools were lost, which are then
+re-created) and frees their slots; `generate` also ends its other requests ("cancelled") before
+re-raising. No request is ever left without a finish_reason, and the next call gives the tokens a
+fresh engine would.
+
+On `DeviceGroups` (disaggregated serving, moska_jax.sharding) each part of a step (the decode
+part, the prefill part) is ONE jitted program over the span of the groups (`GroupsExecutor`):
+`Decoder.forward` runs as a `shard_map` body in which every device holds its role's blocks
+(`sharding.placement`). Per layer the unique devices write the new K/V to their pages, hand q to
+the shared devices with a collective, attend to their pages while the shared devices attend to
+their store rows (dense or routed there), and one collective merge brings (o, lse) back; there is
+no host step between layers or groups. The last logits are sampled inside the same program.
+Each device keeps one K/V memory per layer (`cache.pools`): page pools on the unique devices, the
 store's rows (whole chunks) on the shared devices, so neither group holds a copy of the other's
 KV; the weights are replicated on the shared devices too (the program has one block of every
 argument per device; they run their copy of the dense layers on filler rows while they wait for
-q). Under `jax.distributed` the groups may live in different processes: every process runs
-`generate` with the same arguments, and the logits are replicated so each reads them. The logits
-equal the one-device engine's to f32 tolerance, and `stats` counts the bytes handed between the
-groups ("bytes_to_shared", "bytes_to_unique", `sharding.TransferStats`). A single-device
-`DeviceGroups` runs the one-device step on that device (0 bytes).
+q). A mixed step runs its parts one after the other (their requests' pages are disjoint, so the
+tokens are those of one packed step), a part without a live row not at all. Under
+`jax.distributed` the groups may live in different processes: every process runs the engine with
+the same arguments, and the sampled tokens and logits are replicated so each reads them. The
+logits equal the one-device engine's to f32 tolerance, and `stats` counts the bytes handed
+between the groups ("bytes_to_shared", "bytes_to_unique", `sharding.TransferStats`). Refused on
+disaggregated groups, with a ValueError at construction: several shared contexts (the shared
+devices' memory holds one store; `set_store` replaces it), `MoskaConfig.reroute_every` > 1 and
+`MoskaConfig.batch_aware` (the shared devices route and attend per (request, chunk) pair). A
+single-device `DeviceGroups` runs the one-device step on that device (every feature, 0 bytes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import logging
 import math
+import queue
+import secrets
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,16 +71,23 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from moska_jax.config import ModelConfig, MoskaConfig
-from moska_jax.kv_cache import SharedKVStore, UniqueKVCache
+from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, zero_kv
 from moska_jax.model import Decoder
-from moska_jax.scheduler import Request, Scheduler, StepBatch
+from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, sample
+from moska_jax.scheduler import Request, Scheduler, StepPlan
 from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
                                 place_replicated, place_requests, place_shared_kv,
                                 shared_rows_per_device)
 from moska_jax.sharding.groups import SPAN
 from moska_jax.sharding.shared_step import (hand_off, merge_with_unique, own_rows,
                                             shared_partial, span_context, span_map)
-from moska_jax.step import moska_step, step_positions, zero_padding
+from moska_jax.step import (Routes, SharedContext, host_parts, last_logits, moska_step,
+                            store_top_k, zero_padding)
+
+__all__ = ["ByteTokenizer", "MoskaEngine", "Request", "Result", "Sampling", "TokenStream",
+           "sample"]
+
+log = logging.getLogger(__name__)
 
 
 class ByteTokenizer:
@@ -65,91 +102,108 @@ class ByteTokenizer:
     return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="replace")
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to top_p mass."""
-
-  temperature: float = 0.0
-  top_p: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"Sampling: need temperature >= 0 and 0 < top_p <= 1, got {self}")
-
-
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-  """Next tokens [B] from logits [B, V]."""
-  if sampling.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / sampling.temperature
-  order = jnp.argsort(-logits, axis=-1)
-  sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p  # always keeps the top token
-  choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-  return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def _sampler(sampling: Sampling):
-  """One compiled sampler per Sampling (it is frozen, so hashable)."""
-  return jax.jit(functools.partial(sample, sampling=sampling))
-
-
 @dataclasses.dataclass
 class Result:
-  """One finished request: its tokens, text (None when the tokenizer cannot decode), and (if
-  asked) the logits of every sampled token."""
+  """One finished request: its tokens, text (None when the tokenizer cannot decode), why it
+  ended ("stop": eos_id, "length": max_new_tokens), and (if asked) the logits of every sampled
+  token."""
 
   prompt: list[int]
   tokens: list[int]
   text: str | None
   logits: list[np.ndarray] | None = None
+  finish_reason: str = "length"
+
+
+_TRACES = [0]  # traces of `_engine_step`, all engines together
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mcfg"), donate_argnums=(2, 3))
+def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, *, graphdef, mcfg):
+  """One engine step on one device: `moska_step`, each row's last logits, sampling. Module-level,
+  so engines of the same model and MoskaConfig share its compilations."""
+  _TRACES[0] += 1
+  routes = None if ids is None else Routes(ids, reroute)
+  logits, pools, ids = moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg,
+                                  routes=routes)
+  last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
+  return sample(last, sampling), last, pools, ids
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"MoskaEngine: {name} must be an int >= {minimum}, got {value!r}")
+  return int(value)
+
+
+@dataclasses.dataclass
+class _Resident:
+  """A loaded context: its store, token count, K, and the form the step reads."""
+
+  store: SharedKVStore
+  length: int
+  top_k: int | None
+  view: SharedContext | None  # None on disaggregated groups: the store is in the K/V memory
 
 
 class MoskaEngine:
-  """Serves many prompts against a SharedKVStore with MoSKA attention.
+  """Serves many requests against named shared contexts with MoSKA attention.
 
   Args:
-    model: the Decoder whose weights were used to build `shared_store`.
-    shared_store: the prefilled shared context (swap it later with `set_store`).
-    moska_config: dense / sparse routing and the kernel backend.
-    max_batch: concurrent requests (the fixed batch of the compiled steps).
+    model: the Decoder whose weights built the shared stores.
+    shared_store: the shared context, a `SharedKVStore` (named `default_context`) or a mapping
+      name -> store (the first is the default); more can be loaded later (`load_context`).
+    moska_config: dense / sparse routing, reuse of routes, and the kernel backend.
+    max_batch: concurrent requests (the decode part of every step).
     num_pages, page_size: the unique-cache page budget (page 0 is scratch).
     max_request_tokens: prompt + new tokens one request may hold (default: the whole budget).
-    prefill_chunk: prompt tokens fed per prefill step.
+    prefill_chunk: prompt tokens a prefilling request feeds per step.
+    prefill_lanes: prefilling requests fed per step (default min(max_batch, 4)); the per-step
+      prefill budget is prefill_chunk x prefill_lanes tokens.
     tokenizer: an object with encode(str) -> list[int] and decode(list[int]) -> str, or a plain
       callable str -> list[int] (results then carry no text); default: UTF-8 bytes.
-    groups: run disaggregated on these device groups (see the module docstring); None: one jitted
-      step on the default device. The requests are split over the unique devices
-      (`ShardingRules.requests`) when max_batch is a multiple of their number of shards, else
-      every unique device serves all of them.
+    groups: run disaggregated on these device groups (see the module docstring: one context,
+      reroute_every 1, batch_aware 0); None: one jitted step on the default device. A part's
+      requests are split over the unique devices (`ShardingRules.requests`) when its batch is a
+      multiple of their number of shards, else every unique device serves all of them.
+    default_context: the name of `shared_store` when it is one store.
 
   Attributes:
     cache: the `UniqueKVCache` (page pools, block tables, lengths); on disaggregated groups its
       pools are per layer the span K/V memory (pages on the unique devices, the store's rows on
       the shared devices).
     scheduler: the `Scheduler` of the requests.
-    shared_kv: per layer the shared store as the step reads it: `attention.SharedLayer` on one
-      device, `sharding.PlacedSharedKV` (views of the K/V memory) on disaggregated groups.
-    stats: counters "steps_prefill", "steps_decode", "tokens", "seconds" (+ on groups
-      "bytes_to_shared", "bytes_to_unique").
+    stats: counters "steps_prefill" (steps with a prefill part), "steps_decode", "tokens"
+      (sampled), "prefill_tokens", "seconds" (in steps), "requests_<finish reason>" (+ on
+      groups "bytes_to_shared", "bytes_to_unique").
+    last_step_seconds: wall time of the latest step.
   """
 
-  def __init__(self, model: Decoder, shared_store: SharedKVStore, moska_config: MoskaConfig, *,
-               max_batch: int, num_pages: int, page_size: int = 16,
-               max_request_tokens: int | None = None, prefill_chunk: int = 32, tokenizer=None,
-               groups: DeviceGroups | None = None):
+  def __init__(self, model: Decoder, shared_store: SharedKVStore | Mapping[str, SharedKVStore],
+               moska_config: MoskaConfig, *, max_batch: int, num_pages: int, page_size: int = 16,
+               max_request_tokens: int | None = None, prefill_chunk: int = 32,
+               prefill_lanes: int | None = None, tokenizer=None,
+               groups: DeviceGroups | None = None, default_context: str = "default"):
     self.model_config, self.mcfg, self.groups = model.cfg, moska_config, groups
-    max_request_tokens = max_request_tokens or (num_pages - 1) * page_size
+    max_batch = _check_int("max_batch", max_batch, 1)
+    num_pages = _check_int("num_pages", num_pages, 2)
+    page_size = _check_int("page_size", page_size, 1)
+    prefill_chunk = _check_int("prefill_chunk", prefill_chunk, 1)
+    prefill_lanes = _check_int("prefill_lanes", prefill_lanes or min(max_batch, 4), 1)
+    budget = (num_pages - 1) * page_size
+    max_request_tokens = _check_int("max_request_tokens", budget if max_request_tokens is None
+                                    else max_request_tokens, 2)
+    if groups is not None and not groups.colocated:
+      GroupsExecutor.check_config(moska_config)
     # A prefill step writes prefill_chunk tokens from a request's length on, past its last page
     # when the prompt ends inside the chunk: spare table entries (the scratch page) take those
     # padding writes, so no kernel ever sees a length beyond its table.
     self.cache = UniqueKVCache(
         model.cfg, max_batch=max_batch, num_pages=num_pages, page_size=page_size,
         max_pages_per_request=-(-(max_request_tokens + prefill_chunk - 1) // page_size))
-    self.scheduler = Scheduler(self.cache, max_batch, prefill_chunk)
+    self.scheduler = Scheduler(self.cache, max_batch, prefill_chunk, prefill_lanes)
     self.max_batch, self.max_request_tokens = max_batch, max_request_tokens
+    self.prefill_chunk, self.prefill_lanes = prefill_chunk, prefill_lanes
     tokenizer = tokenizer or ByteTokenizer()
     if hasattr(tokenizer, "encode"):
       self._encode, self._decode = tokenizer.encode, getattr(tokenizer, "decode", None)
@@ -159,35 +213,113 @@ class MoskaEngine:
       raise ValueError(f"MoskaEngine: tokenizer must have encode() or be callable, got "
                        f"{type(tokenizer).__name__}")
     self.graphdef, self.state = nnx.split(model)
-    self.stats = collections.Counter()
+    self.stats: collections.Counter = collections.Counter()
+    self.last_step_seconds = 0.0
     self._traces = 0
-    self._groups = None
+    self._ids = None  # reused chunk selections per layer [B, Hkv, K] (sparse, reroute_every > 1)
+    self._reroute_all = True
+    self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+    self._wake = threading.Event()
+    self._drive = threading.RLock()  # held by whoever runs steps
+    self._thread: threading.Thread | None = None
+    self._stopping = False
+    self._contexts: dict[str, _Resident] = {}
+    stores = dict(shared_store) if isinstance(shared_store, Mapping) else {
+        default_context: shared_store}
+    if not stores:
+      raise ValueError("MoskaEngine: shared_store must hold at least one context")
+    self._groups: GroupsExecutor | None = None
     if groups is not None and not groups.colocated:
+      if len(stores) > 1:
+        raise ValueError(f"MoskaEngine: shared_store holds {len(stores)} contexts "
+                         f"({sorted(stores)}); disaggregated DeviceGroups serve one (the shared "
+                         f"devices' K/V memory holds one store): give one store, or run on one "
+                         f"device (groups=None)")
       self._groups = GroupsExecutor(model.cfg, self.graphdef, self.state, groups, moska_config,
                                     self.cache, self._counted)
       self.state = self._groups.state
-    else:
-      if groups is not None:  # both groups are one device: the one-device step, on it
-        self.state, self.cache.pools = jax.device_put((self.state, self.cache.pools),
-                                                     groups.unique_devices[0])
-      self._step = jax.jit(self._counted(self._local_step), donate_argnums=(2,))
-    self.set_store(shared_store)
+    elif groups is not None:  # both groups are one device: the one-device step, on it
+      self.state, self.cache.pools = jax.device_put((self.state, self.cache.pools),
+                                                   groups.unique_devices[0])
+    self.default_context = next(iter(stores))
+    for name, store in stores.items():
+      self._load(name, store)
+
+  # ---- contexts -------------------------------------------------------------------------------
+
+  @property
+  def contexts(self) -> tuple[str, ...]:
+    """The resident contexts' names (the default first among equals: see default_context)."""
+    return tuple(self._contexts)
+
+  def context_tokens(self, name: str) -> int:
+    """S, the shared tokens of context `name`."""
+    return self._resident(name).length
+
+  def context_top_k(self, name: str) -> int | None:
+    """K, the chunks a request of context `name` attends per kv head (sparse), else None."""
+    return self._resident(name).top_k
 
   @property
   def store(self) -> SharedKVStore:
-    """The shared store being served."""
-    return self._store
+    """The default context's store."""
+    return self._contexts[self.default_context].store
+
+  @property
+  def shared_kv(self) -> tuple:
+    """Per layer the default context's store as the step reads it: `attention.SharedLayer` on
+    one device, `sharding.PlacedSharedKV` (views of the K/V memory) on disaggregated groups."""
+    if self._groups is not None:
+      return self._groups.layers(self.cache.pools)
+    return self._contexts[self.default_context].view.layers
 
   def set_store(self, store: SharedKVStore) -> None:
-    """Serves `store` from the next step on; on groups it is placed on the shared group first.
+    """Serves `store` as the default context from the next step on (`load_context`)."""
+    self.load_context(self.default_context, store)
 
-    A store of the same shapes as the one before reuses the compiled step.
+  def load_context(self, name: str, store: SharedKVStore) -> None:
+    """Makes `store` resident as context `name` (replacing one of that name) from the next step
+    on; on disaggregated groups it is placed on the shared devices first (the running requests
+    keep their pages). Requests of other contexts keep running; a set of contexts the step has
+    not seen compiles once.
 
     Raises:
-      ValueError: the store was built for another model, or (sparse) its chunk size or summary
-        kind differs from the engine's MoskaConfig.
+      ValueError: an empty name, or the store was built for another model, or (sparse) its chunk
+        size or summary kind differs from the engine's MoskaConfig, or a second context on
+        disaggregated groups.
     """
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"load_context: name must be a non-empty str, got {name!r}")
+    if self._groups is not None and name not in self._contexts:
+      raise ValueError(f"load_context: disaggregated DeviceGroups serve one context "
+                       f"({self.default_context!r}; the shared devices' K/V memory holds one "
+                       f"store), got a second one, {name!r}; replace the store with "
+                       f"set_store, or run on one device (groups=None)")
+    self._check_store(store)
+    self._in_loop(functools.partial(self._load, name, store))
+
+  def unload_context(self, name: str) -> None:
+    """Drops context `name`; its queued and active requests end ("cancelled") at once.
+
+    Raises:
+      ValueError: an unknown context, or the default one.
+    """
+    self._resident(name)
+    if name == self.default_context:
+      raise ValueError(f"unload_context: {name!r} is the default context (requests naming none "
+                       f"read it); it cannot be unloaded")
+    self._in_loop(functools.partial(self._unload, name))
+
+  def _resident(self, name: str) -> _Resident:
+    if name not in self._contexts:
+      raise ValueError(f"unknown context {name!r}; resident contexts: {sorted(self._contexts)}")
+    return self._contexts[name]
+
+  def _check_store(self, store: SharedKVStore) -> None:
     mcfg = self.mcfg
+    if not isinstance(store, SharedKVStore):
+      raise ValueError(f"MoskaEngine: a shared store must be a SharedKVStore, got "
+                       f"{type(store).__name__}")
     if store.model_config != self.model_config:
       raise ValueError("MoskaEngine: the shared store was built for a different model config")
     if mcfg.mode == "sparse" and mcfg.chunk_size != store.chunk_size:
@@ -197,17 +329,297 @@ class MoskaEngine:
       raise ValueError(f"MoskaEngine: moska_config.summary={mcfg.summary!r} must match the "
                        f"store's summaries ({store.summaries[0].kind!r}); see "
                        f"SharedKVStore.with_summaries")
-    self._store = store
+
+  def _load(self, name: str, store: SharedKVStore) -> None:
+    self._check_store(store)
+    length, top_k = int(store.length), store_top_k(store, self.mcfg)
     if self._groups is not None:
-      self._groups.set_store(store, self.cache)
-      self.shared_kv = self._groups.layers(self.cache.pools)
-    elif self.groups is not None:
-      self.shared_kv = jax.device_put(store.layers, self.groups.unique_devices[0])
+      self._groups.set_store(store, top_k, self.cache)
+      view = None
+    elif self.groups is not None:  # one device
+      view = SharedContext(jax.device_put(store.layers, self.groups.unique_devices[0]), top_k)
     else:
-      self.shared_kv = store.layers
+      view = SharedContext(store.layers, top_k)
+    self._contexts[name] = _Resident(store, length, top_k, view)
+    self._contexts_changed()
+
+  def _unload(self, name: str) -> None:
+    if name not in self._contexts:
+      return
+    doomed = [r for r in list(self.scheduler.queue) + list(self.scheduler.active.values())
+              if r.context == name]
+    for r in doomed:
+      self._finish(r, "cancelled", f"context {name!r} was unloaded")
+    del self._contexts[name]
+    self._contexts_changed()
+
+  def _contexts_changed(self) -> None:
+    self._context_index = {n: i for i, n in enumerate(self._contexts)}
+    self._step_contexts = tuple(r.view for r in self._contexts.values())
+    self._ids, self._reroute_all = None, True  # K may have changed: every request re-routes
+
+  # ---- requests -------------------------------------------------------------------------------
+
+  def encode(self, prompt, what: str = "prompt") -> list[int]:
+    """A prompt (str, or a sequence of token ids) as validated token ids.
+
+    Raises:
+      ValueError: not a str or a sequence of ints, empty, or an id outside [0, vocab).
+    """
+    if isinstance(prompt, str):
+      ids = self._encode(prompt)
+    elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
+      ids = prompt
+    else:
+      raise ValueError(f"{what} must be a str or a sequence of token ids, got "
+                       f"{type(prompt).__name__}")
+    if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+      raise ValueError(f"{what}: token ids must be ints, got {list(ids)[:8]!r}...")
+    ids = self.model_config.check_tokens(np.asarray(ids, np.int64), what).tolist()
+    if not ids:
+      raise ValueError(f"{what} is empty")
+    return ids
+
+  def check_request(self, tokens: Sequence[int], max_new_tokens: int, *,
+                    context: str | None = None, what: str = "request") -> str:
+    """Validates a request of encoded `tokens`; returns its context's name.
+
+    Raises:
+      ValueError: max_new_tokens < 1, a request over the page budget, an unknown context.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
+        max_new_tokens < 1):
+      raise ValueError(f"{what}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    need = len(tokens) + int(max_new_tokens)
+    if need > self.max_request_tokens or not self.cache.fits(need):
+      raise ValueError(f"{what} needs {need} tokens of unique cache ({len(tokens)} prompt + "
+                       f"{max_new_tokens} new); the page budget allows "
+                       f"{self._request_limit()} per request")
+    context = self.default_context if context is None else context
+    self._resident(context)
+    return context
+
+  def _request_limit(self) -> int:
+    """The most tokens (prompt + new) one request may hold."""
+    c = self.cache
+    return min(self.max_request_tokens,
+               c.page_size * min(c.num_pages - 1, c.block_tables.shape[1]))
+
+  def submit(self, prompt: str | Sequence[int], max_new_tokens: int,
+             sampling: Sampling = Sampling(), *, eos_id: int | None = None,
+             context: str | None = None, return_logits: bool = False,
+             on_event: Callable[[Request, int | None], None] | None = None) -> Request:
+    """Queues one request (thread-safe); it joins the batch at the next step.
+
+    Args:
+      prompt: text (encoded by the tokenizer) or token ids.
+      max_new_tokens: tokens to generate at most (>= 1).
+      sampling: temperature, top_p, seed (drawn here when None and temperature > 0).
+      eos_id: a token that ends the request (kept as its last token).
+      context: the resident context it reads (default: `default_context`).
+      return_logits: keep the logits of every sampled token.
+      on_event: called on the stepping thread with (request, token) per token and
+        (request, None) when it finished; it must not block (an exception cancels the request).
+
+    Returns:
+      the `Request`; `request.finished_event` is set once it finished.
+
+    Raises:
+      ValueError: a bad prompt, max_new_tokens, sampling, eos_id or context.
+    """
+    tokens = self.encode(prompt)
+    context = self.check_request(tokens, max_new_tokens, context=context)
+    return self._submit(tokens, max_new_tokens, sampling, eos_id, context, return_logits,
+                        on_event)
+
+  def _submit(self, tokens, max_new_tokens, sampling, eos_id, context, return_logits,
+              on_event) -> Request:
+    if not isinstance(sampling, Sampling):
+      raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    if eos_id is not None:
+      self.model_config.check_tokens([eos_id], "eos_id")
+    if sampling.temperature > 0 and sampling.seed is None:
+      sampling = dataclasses.replace(sampling, seed=secrets.randbelow(SEED_RANGE))
+    r = self.scheduler.new_request(tokens, int(max_new_tokens), eos_id, context=context,
+                                   sampling=sampling, keep_logits=return_logits,
+                                   on_event=on_event)
+    self._post(functools.partial(self._enqueue, r))
+    return r
+
+  def _enqueue(self, r: Request) -> None:
+    if r.context not in self._contexts:  # unloaded since it was submitted
+      self._finish(r, "cancelled", f"context {r.context!r} was unloaded")
+    else:
+      self.scheduler.enqueue(r)
+
+  def cancel(self, request: Request) -> None:
+    """Ends `request` ("cancelled"; thread-safe): its slot and pages are free before the next
+    step. A finished request is left as it is."""
+    self._post(functools.partial(self._cancel, request))
+
+  def _cancel(self, r: Request) -> None:
+    if not r.done and (r in self.scheduler.queue or r in self.scheduler.active.values()):
+      self._finish(r, "cancelled")
+
+  def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+    self.scheduler.finish(r, reason, error)
+    self._notify_done(r)
+
+  def _notify_done(self, r: Request) -> None:
+    self.stats[f"requests_{r.finish_reason}"] += 1
+    if r.on_event is not None:
+      try:
+        r.on_event(r, None)
+      except Exception:  # a client's callback must not stop the engine
+        log.exception("on_event of request %d failed", r.id)
+    r.finished_event.set()
+
+  @property
+  def queue_length(self) -> int:
+    """Requests submitted and not admitted yet (approximate while steps run)."""
+    return len(self.scheduler.queue) + self._inbox.qsize()
+
+  @property
+  def active_requests(self) -> int:
+    return len(self.scheduler.active)
+
+  # ---- the loop -------------------------------------------------------------------------------
+
+  def _post(self, command: Callable[[], None]) -> None:
+    """Runs `command` on the stepping thread before the next step."""
+    self._inbox.put(command)
+    self._wake.set()
+
+  def _in_loop(self, fn: Callable[[], None]) -> None:
+    """Runs fn on the stepping thread and waits for it (at once when no loop runs)."""
+    if not self.running or threading.current_thread() is self._thread:
+      with self._drive:
+        fn()
+      return
+    done = concurrent.futures.Future()
+
+    def command():
+      try:
+        done.set_result(fn())
+      except Exception as e:  # handed back to the caller
+        done.set_exception(e)
+
+    self._post(command)
+    done.result()
+
+  def _apply_inbox(self) -> bool:
+    worked = False
+    while True:
+      try:
+        command = self._inbox.get_nowait()
+      except queue.Empty:
+        return worked
+      command()
+      worked = True
+
+  @property
+  def running(self) -> bool:
+    """Whether a background thread runs the steps (`start`)."""
+    return self._thread is not None and self._thread.is_alive()
+
+  def start(self) -> None:
+    """Runs the steps on a background thread until `stop`: submitted requests join at the
+    next step, whoever submitted them."""
+    if self.running:
+      return
+    self._stopping = False
+    self._thread = threading.Thread(target=self._serve_forever, name="moska-engine", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    """Stops the background thread (requests in flight stay; a later start resumes them)."""
+    if self._thread is None:
+      return
+    self._stopping = True
+    self._wake.set()
+    self._thread.join()
+    self._thread = None
+
+  def _serve_forever(self) -> None:
+    while not self._stopping:
+      self._wake.clear()
+      try:
+        with self._drive:
+          worked = self.step()
+      except Exception:  # the step's requests got their error; keep serving the others
+        log.exception("engine step failed")
+        worked = True
+      if not worked:
+        self._wake.wait()
+
+  def step(self) -> bool:
+    """Applies pending submissions and cancellations, admits queued requests and runs one step
+    over the active ones. Returns whether anything was done. One thread at a time (the loop's,
+    or the caller's when no loop runs).
+
+    Raises:
+      whatever the step raised, after ending its requests (see the module docstring).
+    """
+    with self._drive:
+      worked = self._apply_inbox()
+      self.scheduler.admit()
+      plan = self.scheduler.plan(self._context_index, self.mcfg.reroute_every,
+                                 self._reroute_all)
+      if plan is None:
+        return worked
+      t0 = time.perf_counter()
+      try:
+        tokens, logits = self._run(plan)
+        self._reroute_all = False
+        took = self.scheduler.advance(plan, tokens, logits)
+      except BaseException as e:
+        self._abort(plan, e)
+        raise
+      self.last_step_seconds = time.perf_counter() - t0
+      self.stats["seconds"] += self.last_step_seconds
+      self.stats["steps_prefill" if plan.prefill else "steps_decode"] += 1
+      self.stats["tokens"] += len(took)
+      if plan.prefill:
+        self.stats["prefill_tokens"] += int(plan.lanes.fed.sum())
+      for r in took:
+        if r.on_event is not None:
+          try:
+            r.on_event(r, r.tokens[-1])
+          except Exception:
+            log.exception("on_event of request %d failed; cancelling it", r.id)
+            if not r.done:
+              self._finish(r, "cancelled", "its on_event callback raised")
+        if r.done:
+          self._notify_done(r)
+      return True
+
+  def _abort(self, plan: StepPlan, error: BaseException) -> None:
+    """After a failed step: ends its requests (all active ones when the donated pools were
+    lost, which are re-created) and frees their slots."""
+    message = f"{type(error).__name__}: {error}"
+    pools_lost = any(x.is_deleted() for x in jax.tree.leaves(self.cache.pools))
+    slots = (list(self.scheduler.active) if pools_lost
+             else [s for s in plan.decode_slots + plan.lane_slots if s in self.scheduler.active])
+    for s in slots:
+      self._finish(self.scheduler.active[s], "error", message)
+    if pools_lost:
+      if self._groups is not None:  # the K/V memory anew: zero pages, the store's rows
+        self._groups.set_store(self.store, self.context_top_k(self.default_context), self.cache,
+                               keep_pages=False)
+      else:
+        pools = zero_kv(self.model_config, (self.cache.num_pages, self.cache.page_size))
+        self.cache.pools = pools if self.groups is None else jax.device_put(
+            pools, self.groups.unique_devices[0])
+    self._ids, self._reroute_all = None, True
+
+  # ---- running a step -------------------------------------------------------------------------
 
   def compilations(self) -> int:
-    """Traces of the compiled step so far (2 at most: the prefill and the decode shape)."""
+    """Compilations this engine's steps caused: one per step shape (the decode-only step, and a
+    mixed step per prefill lane count used: powers of two up to prefill_lanes) and per set of
+    contexts, none for shapes an engine of the same model and MoskaConfig compiled before; on
+    disaggregated groups, traces of this engine's span program (one per part shape: the decode
+    part and a prefill part per lane count)."""
     return self._traces
 
   def _counted(self, fn):
@@ -218,114 +630,224 @@ class MoskaEngine:
       return fn(*args, **kwargs)
     return traced
 
-  def _local_step(self, state, shared, pools, tables, lengths, tokens, fed):
-    return moska_step(nnx.merge(self.graphdef, state), shared, pools, tables, lengths, tokens,
-                      self.mcfg, fed=fed)
+  def _route_ids(self):
+    """The reused chunk selections (created at the first step that needs them), or None."""
+    if self.mcfg.mode != "sparse" or self.mcfg.reroute_every == 1:
+      return None
+    if self._ids is None:
+      K = max(r.top_k for r in self._contexts.values())
+      shape = (self.max_batch, self.model_config.num_kv_heads, K)
+      self._ids = tuple(jnp.full(shape, -1, jnp.int32) for _ in range(self.model_config.layers))
+    return self._ids
 
-  def _run(self, batch: StepBatch) -> jax.Array:
-    """Runs one step over every slot; updates the page pools and returns logits[B, T, V]."""
-    c = self.cache
+  def route_ids(self) -> tuple[np.ndarray, ...] | None:
+    """The chunk selections decoding requests reuse (per layer [max_batch, Hkv, K], row = slot),
+    when `MoskaConfig.reroute_every` > 1; else None."""
+    return None if self._ids is None else tuple(np.asarray(x) for x in self._ids)
+
+  def _run(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """Runs one step; returns the sampled tokens [max_batch + lanes] and, when a request keeps
+    them, their logits."""
     if self._groups is not None:
-      logits, c.pools = self._groups.run(batch, c, self.stats)
-      self.shared_kv = self._groups.layers(c.pools)
-      return logits
-    logits, c.pools = self._step(self.state, self.shared_kv, c.pools, jnp.asarray(c.block_tables),
-                                 jnp.asarray(c.lengths), jnp.asarray(batch.tokens),
-                                 jnp.asarray(batch.fed))
-    return logits
+      return self._groups.run(plan, self.cache, self.stats)
+    rows = SamplingRows(*(jnp.asarray(a) for a in plan.sampling))
+    traces = _TRACES[0]
+    tokens, last, self.cache.pools, self._ids = _engine_step(
+        self.state, self._step_contexts, self.cache.pools, self._route_ids(),
+        host_parts(plan.parts), jnp.asarray(plan.reroute), rows, graphdef=self.graphdef,
+        mcfg=self.mcfg)
+    self._traces += _TRACES[0] - traces
+    return np.asarray(tokens), (np.asarray(last) if plan.keep_logits else None)
+
+  # ---- the synchronous API --------------------------------------------------------------------
 
   def generate(self, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
-               sampling: Sampling = Sampling(), *, key: jax.Array | None = None,
-               eos_id: int | None = None, return_logits: bool = False) -> list[Result]:
+               sampling: Sampling | Sequence[Sampling] = Sampling(), *,
+               eos_id: int | None = None, return_logits: bool = False,
+               context: str | Sequence[str] | None = None) -> list[Result]:
     """Generates up to max_new_tokens for every prompt; results in prompt order.
 
     A request ends after max_new_tokens or once it samples `eos_id` (kept as its last token);
-    its slot and pages go to the next queued request at once.
+    its slot and pages go to the next queued request at once. Runs the steps on this thread, or
+    waits for the background loop when it runs (`start`); other requests in flight are served
+    alongside.
+
+    Args:
+      prompts: a list of prompts, each a str or a sequence of token ids.
+      sampling: one `Sampling` for all, or one per prompt.
+      context: the context every prompt reads, or one per prompt (default: default_context).
 
     Raises:
-      ValueError: an empty prompt, max_new_tokens < 1, or a request longer than the page budget.
+      ValueError: prompts given as one str, a bad prompt (empty, not tokens, an id outside the
+        vocabulary), max_new_tokens < 1, a request over the page budget, an unknown context.
+      RuntimeError: a request ended with an error.
     """
-    if max_new_tokens < 1:
-      raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    encoded = [list(self._encode(p)) if isinstance(p, str) else [int(t) for t in p]
-               for p in prompts]
-    for i, p in enumerate(encoded):
-      if not p:
-        raise ValueError(f"generate: prompt {i} is empty")
-      need = len(p) + max_new_tokens
-      if need > self.max_request_tokens or not self.cache.fits(need):
-        raise ValueError(f"generate: prompt {i} needs {need} tokens of unique cache; the page "
-                         f"budget allows {self.max_request_tokens} per request")
-    if sampling.temperature > 0 and key is None:
-      raise ValueError("generate: sampling with temperature > 0 needs an explicit PRNG key")
-    key = jax.random.key(0) if key is None else key  # greedy: the key is never used
-    sample_fn = _sampler(sampling)
-    order = {self.scheduler.submit(p, max_new_tokens, eos_id).id: i
-             for i, p in enumerate(encoded)}
-    results: list[Result | None] = [None] * len(encoded)
-    t0 = time.perf_counter()
-    while self.scheduler.busy:
-      self.scheduler.admit()
-      batch = self.scheduler.batch()
-      logits = self._run(batch)
-      last = logits[jnp.arange(self.max_batch), jnp.maximum(jnp.asarray(batch.fed) - 1, 0)]
-      key, sub = jax.random.split(key)
-      nxt = np.asarray(sample_fn(last, sub))
-      self.stats["steps_prefill" if batch.prefill else "steps_decode"] += 1
-      for r in self.scheduler.advance(batch, nxt, np.asarray(last) if return_logits else None):
-        self.stats["tokens"] += 1
-        if r.done and r.id in order:
-          results[order[r.id]] = self._result(r, return_logits)
-    self.stats["seconds"] += time.perf_counter() - t0
-    return results
+    if isinstance(prompts, (str, bytes)):
+      raise ValueError("generate: prompts must be a list of prompts, got one str; pass "
+                       "[prompt]")
+    prompts = list(prompts)
+    n = len(prompts)
+    samplings = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
+    contexts = [context] * n if context is None or isinstance(context, str) else list(context)
+    if len(samplings) != n or len(contexts) != n:
+      raise ValueError(f"generate: give one sampling and one context, or one per prompt "
+                       f"({n}); got {len(samplings)} and {len(contexts)}")
+    encoded = [self.encode(p, f"generate: prompt {i}") for i, p in enumerate(prompts)]
+    contexts = [self.check_request(p, max_new_tokens, context=c, what=f"generate: prompt {i}")
+                for i, (p, c) in enumerate(zip(encoded, contexts))]
+    requests = [self._submit(p, max_new_tokens, s, eos_id, c, return_logits, None)
+                for p, s, c in zip(encoded, samplings, contexts)]
+    try:
+      if self.running:
+        for r in requests:
+          r.finished_event.wait()
+      else:
+        with self._drive:
+          while not all(r.done for r in requests):
+            if not self.step():
+              raise RuntimeError("generate: the engine has requests it cannot admit")
+    except BaseException:
+      for r in requests:
+        self.cancel(r)
+      if not self.running:
+        with self._drive:
+          self._apply_inbox()
+      raise
+    for i, r in enumerate(requests):
+      if r.finish_reason in ("error", "cancelled"):
+        raise RuntimeError(f"generate: prompt {i} ended with {r.finish_reason}: {r.error}")
+    return [self._result(r) for r in requests]
 
-  def _result(self, r: Request, return_logits: bool) -> Result:
+  def warmup(self) -> None:
+    """Compiles every step shape now (the decode step, a mixed step per prefill lane count)
+    with throw-away requests on the default context, then clears `stats`."""
+    lanes = sorted({self.scheduler.lane_bucket(n) for n in range(1, self.prefill_lanes + 1)})
+    for n in lanes:
+      self.generate([[0]] * n, 2)
+    self.stats.clear()
+
+  def _result(self, r: Request) -> Result:
     text = self._decode(r.tokens) if self._decode else None
-    return Result(r.prompt, r.tokens, text, r.logits if return_logits else None)
+    return Result(r.prompt, r.tokens, text, r.logits if r.keep_logits else None,
+                  r.finish_reason)
+
+  def decode(self, tokens: Sequence[int]) -> str | None:
+    """Text of tokens (None without a decoding tokenizer)."""
+    return self._decode(tokens) if self._decode else None
+
+  def stream(self, prompt: str | Sequence[int], max_new_tokens: int,
+             sampling: Sampling = Sampling(), *, eos_id: int | None = None,
+             context: str | None = None) -> TokenStream:
+    """Submits a request whose tokens arrive in the running asyncio loop: `async for token in
+    engine.stream(...)`. Leaving the iteration early (a client gone) cancels it. Needs the
+    background loop (`start`).
+
+    Raises:
+      RuntimeError: no background loop runs, or no asyncio loop runs in this thread.
+      ValueError: as for `submit`.
+    """
+    if not self.running:
+      raise RuntimeError("stream: start() the engine's loop first")
+    loop = asyncio.get_running_loop()
+    tokens: asyncio.Queue = asyncio.Queue()
+    on_event = lambda r, token: loop.call_soon_threadsafe(tokens.put_nowait, token)
+    request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id, context=context,
+                          on_event=on_event)
+    return TokenStream(self, request, tokens)
+
+
+class TokenStream:
+  """A request's tokens as an async iterator (from `MoskaEngine.stream`); `request` is the
+  engine's `Request` (finish_reason, tokens, times). Closing it early cancels the request."""
+
+  def __init__(self, engine: MoskaEngine, request: Request, tokens: asyncio.Queue):
+    self.engine, self.request, self._tokens = engine, request, tokens
+
+  def __aiter__(self) -> TokenStream:
+    return self
+
+  async def __anext__(self) -> int:
+    token = await self._tokens.get()
+    if token is None:
+      if self.request.finish_reason == "error":
+        raise RuntimeError(f"request {self.request.id} failed: {self.request.error}")
+      raise StopAsyncIteration
+    return token
+
+  def cancel(self) -> None:
+    """Ends the request now (its slot and pages free before the next step)."""
+    self.engine.cancel(self.request)
+
+  async def __aenter__(self) -> TokenStream:
+    return self
+
+  async def __aexit__(self, *exc) -> None:
+    if not self.request.done:
+      self.cancel()
 
 
 class GroupsExecutor:
-  """The engine's step on disaggregated `DeviceGroups`: one jitted program over their span.
+  """The engine's step on disaggregated `DeviceGroups`: per part, one jitted program over their
+  span.
 
-  See the module docstring for the data flow. The engine owns one: `set_store` places a store in
-  the K/V memory (keeping the unique devices' pages), `run` runs a step.
+  See the module docstring for the data flow. The engine owns one: `set_store` places the store
+  in the K/V memory (keeping the unique devices' pages), `run` runs a step part by part.
 
   Args:
     model_config: the decoder's config.
     graphdef, state: the split decoder (`nnx.split`); the state is replicated over the span.
     groups: disjoint device groups.
-    mcfg: dense or sparse shared attention ("sparse" is routed on the shared devices), the kernel
-      backend and interpret mode.
-    cache: the engine's `UniqueKVCache` (its page size, pages and batch size the memory must hold).
+    mcfg: dense or sparse shared attention ("sparse" is routed on the shared devices), the
+      int8 scorer, the kernel backend and interpret mode (see `check_config`).
+    cache: the engine's `UniqueKVCache` (its page size and pages the memory must hold).
     counted: wraps the step function to count its traces.
   """
 
   def __init__(self, model_config: ModelConfig, graphdef, state, groups: DeviceGroups,
                mcfg: MoskaConfig, cache: UniqueKVCache, counted):
-    if mcfg.batch_aware:  # each shared device attends to its own chunks, per (request, chunk)
-      raise ValueError(f"MoskaEngine: MoskaConfig.batch_aware={mcfg.batch_aware} is not supported "
-                       "on device groups; use batch_aware=0 there")
+    self.check_config(mcfg)
     self.model_config, self.graphdef, self.groups, self.mcfg = model_config, graphdef, groups, mcfg
     # Host values (the same in every process) -> every span device: no cross-process copy.
     self.state = place_replicated(groups, jax.tree.map(np.asarray, state))
-    self.batch, self.page_size = cache.block_tables.shape[0], cache.page_size
+    self.page_size = cache.page_size
     self.pool_rows = cache.num_pages * cache.page_size
     self.rows = 0  # R, each device's K/V rows per layer; set by set_store
-    self._step = jax.jit(counted(self._program), static_argnums=0, donate_argnums=2)
+    self._step = jax.jit(counted(self._program), static_argnums=(0, 1), donate_argnums=3)
 
-  def set_store(self, store: SharedKVStore, cache: UniqueKVCache) -> None:
-    """Puts `store` on the shared devices; cache.pools becomes the K/V memory.
+  @staticmethod
+  def check_config(mcfg: MoskaConfig) -> None:
+    """Refuses the MoskaConfig options the span program does not run.
+
+    Raises:
+      ValueError: reroute_every > 1 (reused chunk selections would be state kept per request on
+        the shared devices) or batch_aware > 0 (each shared device attends to its own chunks,
+        per (request, chunk) pair).
+    """
+    if mcfg.reroute_every > 1:
+      raise ValueError(f"MoskaEngine: MoskaConfig.reroute_every={mcfg.reroute_every} (reusing "
+                       f"chunk selections) is not supported on disaggregated DeviceGroups; use "
+                       f"reroute_every=1 there")
+    if mcfg.batch_aware:
+      raise ValueError(f"MoskaEngine: MoskaConfig.batch_aware={mcfg.batch_aware} is not "
+                       f"supported on disaggregated DeviceGroups; use batch_aware=0 there")
+
+  def set_store(self, store: SharedKVStore, top_k: int | None, cache: UniqueKVCache, *,
+                keep_pages: bool = True) -> None:
+    """Puts `store` (routed with K = top_k when sparse) on the shared devices; cache.pools
+    becomes the K/V memory.
 
     R, the rows per device, holds the store's rows over the shared devices (whole chunks) and the
-    unique pools (whole pages); it only grows, and the pages already written stay. When the pools
-    need more rows than a shared device's part of the store, the shared blocks are padded, and the
-    shared kernels, which split a device's R rows statically, find no keys in part of their
-    splits: num_pages * page_size <= S / num_shared keeps the shared attention at full speed.
+    unique pools (whole pages); it only grows, and the pages already written stay (zero pages
+    instead with keep_pages=False, after the memory was lost). When the pools need more rows
+    than a shared device's part of the store, the shared blocks are padded, and the shared
+    kernels, which split a device's R rows statically, find no keys in part of their splits:
+    num_pages * page_size <= S / num_shared keeps the shared attention at full speed.
     """
     C, page, sparse = store.chunk_size, self.page_size, self.mcfg.mode == "sparse"
     whole = math.lcm(C, page)
     R = max(self.rows, shared_rows_per_device(self.groups, store.k[0].shape[0], C, page),
             -(-self.pool_rows // whole) * whole)
+    keep = keep_pages and self.rows > 0
 
     def kept(x):
       """The unique devices' blocks of x (span memory of self.rows rows), padded to R rows."""
@@ -337,18 +859,16 @@ class GroupsExecutor:
     placed = tuple(
         place_shared_kv(self.groups, k, v, s if sparse else None, chunk_size=C,
                         kv_length=int(store.length), rows_per_device=R,
-                        unique_blocks=(kept(pool[0]), kept(pool[1])) if self.rows else None)
+                        unique_blocks=(kept(pool[0]), kept(pool[1])) if keep else None)
         for k, v, s, pool in zip(store.k, store.v, store.summaries, cache.pools))
     cache.pools = tuple((p.k, p.v) for p in placed)
     self.rows, self.chunk_size = R, C
     self.summaries = tuple(p.summaries for p in placed) if sparse else ()
     self.kv_length, self.shared_length = placed[0].kv_length, int(store.length)
     mcfg = self.mcfg
-    self.cfg = SharedConfig(
-        "routed" if sparse else "dense",
-        mcfg.chunks_kept(store.summaries[0].num_chunks) if sparse else None,
-        tuple(mcfg.always_include) if sparse else (), C if sparse else None, None,
-        mcfg.backend, mcfg.interpret, mcfg.int8_scorer)
+    self.cfg = SharedConfig("routed" if sparse else "dense", top_k,
+                            tuple(mcfg.always_include) if sparse else (), C if sparse else None,
+                            None, mcfg.backend, mcfg.interpret, mcfg.int8_scorer)
 
   def layers(self, pools) -> tuple[PlacedSharedKV, ...]:
     """Per layer the shared store as the step reads it (views of the K/V memory `pools`)."""
@@ -356,29 +876,46 @@ class GroupsExecutor:
     return tuple(PlacedSharedKV(k, v, s, self.kv_length, self.chunk_size)
                  for (k, v), s in zip(pools, summaries))
 
-  def run(self, batch: StepBatch, cache: UniqueKVCache, stats: collections.Counter):
-    """One step over every slot -> (this process's copy of logits[B, T, V], new pools); adds the
-    bytes handed between the groups to `stats`."""
-    c, T = cache, batch.tokens.shape[1]
-    requests = place_requests(
-        self.groups, (batch.tokens, step_positions(self.shared_length, c.lengths, T),
-                      c.block_tables, c.lengths, batch.fed), self.batch)
-    logits, pools = self._step(self.cfg, self.state, c.pools, self.summaries, self.kv_length,
-                               *requests)
-    m = self.model_config
-    moved = TransferStats.of_step(self.groups, (self.batch, T, m.num_heads, m.head_dim),
-                                  m.jnp_dtype)
-    stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
-    stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
-    return logits.addressable_data(0), pools
+  def run(self, plan: StepPlan, cache: UniqueKVCache, stats: collections.Counter
+          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One step, one span program per part with a live row (the rows of a part without any are
+    never read: zero tokens and logits); updates cache.pools and adds the bytes handed between
+    the groups to `stats`. Returns the sampled tokens [max_batch + lanes] and, when a request
+    keeps them, the last logits [max_batch + lanes, V] (this process's copy)."""
+    m, groups = self.model_config, self.groups
+    tokens, lasts, start = [], [], 0
+    for part in plan.parts:
+      B, T = part.tokens.shape
+      rows = SamplingRows(*(np.asarray(a[start:start + B]) for a in plan.sampling))
+      start += B
+      if not np.any(part.fed):
+        tokens.append(np.zeros((B,), np.int32))
+        if plan.keep_logits:
+          lasts.append(np.zeros((B, m.vocab), np.float32))
+        continue
+      positions = (self.shared_length + part.lengths)[:, None] + np.arange(T, dtype=np.int32)
+      requests = place_requests(groups, (part.tokens, part.tables, part.lengths, part.fed,
+                                         positions), B)
+      sampled, last, cache.pools = self._step(self.cfg, B, self.state, cache.pools,
+                                              self.summaries, self.kv_length, requests,
+                                              place_replicated(groups, rows))
+      moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype)
+      stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
+      stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
+      tokens.append(np.asarray(sampled.addressable_data(0)))
+      if plan.keep_logits:
+        lasts.append(np.asarray(last.addressable_data(0)))
+    return np.concatenate(tokens), (np.concatenate(lasts) if plan.keep_logits else None)
 
-  def _program(self, cfg: SharedConfig, state, pools, summaries, kv_length, tokens, positions,
-               tables, lengths, fed):
-    groups, page, B = self.groups, self.page_size, self.batch
-    mcfg = self.mcfg
+  def _program(self, cfg: SharedConfig, batch: int, state, pools, summaries, kv_length,
+               requests: tuple, sampling: SamplingRows):
+    """One part of `batch` requests on the span -> (sampled tokens [B], last logits [B, V], new
+    pools); requests: the part's (tokens, tables, lengths, fed, positions) span arrays."""
+    groups, page, mcfg = self.groups, self.page_size, self.mcfg
 
-    def body(state, pools, summaries, kv_length, tokens, positions, tables, lengths, fed):
-      ctx = span_context(groups, B)
+    def body(state, pools, summaries, kv_length, requests, sampling):
+      tokens, tables, lengths, fed, positions = requests
+      ctx = span_context(groups, batch)
       T = tokens.shape[1]
       # Shared devices write past every table (dropped) and see no unique keys; their copy of
       # the dense layers runs on the filler rows of shard 0 while they wait for q.
@@ -400,9 +937,10 @@ class GroupsExecutor:
         return own_rows(ctx, o).astype(q.dtype), memory
 
       logits, pools = nnx.merge(self.graphdef, state).forward(tokens, positions, attend, pools)
-      return hand_off(ctx, logits), pools
+      last = hand_off(ctx, last_logits(logits, fed))
+      return sample(last, sampling), last, pools
 
     rows = jax.tree.map(lambda x: P() if x.ndim == 0 else P(SPAN), summaries)
-    in_specs = (P(), P(SPAN), rows, P()) + (P(SPAN),) * 5
-    return span_map(body, groups, in_specs, (P(), P(SPAN)))(
-        state, pools, summaries, kv_length, tokens, positions, tables, lengths, fed)
+    in_specs = (P(), P(SPAN), rows, P(), P(SPAN), P())
+    return span_map(body, groups, in_specs, (P(), P(), P(SPAN)))(
+        state, pools, summaries, kv_length, requests, sampling)

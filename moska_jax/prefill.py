@@ -2,14 +2,16 @@
 
 Each prefill chunk attends to the store built so far (`shared_attention` with kv_length) merged
 with causal attention inside the chunk, so memory stays bounded by chunk x S, never S x S. Keys
-are stored after RoPE at positions 0..S-1, padded to a multiple of the prefill chunk, the routing
-chunk and 128 (the Hopper kernel's tile); the padding is masked by the store's `length`.
+are stored after RoPE at positions 0..S-1 and padded to whole routing chunks C, or to 128-row
+tiles when C and 128 divide one another (C = 64: the Hopper kernel's 128-key tiles), so the
+padding is less than one chunk or one tile; it is masked by the store's `length`. A chunk size
+that is not a multiple of the tile (C = 100) leaves S unaligned: the Hopper kernel's plan refuses
+that store and the Triton kernel runs it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -28,25 +30,30 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
 
   Args:
     model: the decoder whose keys and values are stored.
-    tokens: [S] shared token ids, S >= 1.
+    tokens: [S] shared token ids in [0, vocab), S >= 1.
     chunk_size: C, the routing chunk the summaries are built for.
     summary: the summary kind (a key of `routing.SUMMARIES`).
     prefill_chunk: tokens run per prefill step.
     backend: kernel backend of the prefill's shared attention.
   """
   cfg = model.cfg
-  tokens = np.asarray(tokens, np.int32).reshape(-1)
+  for name, value in (("chunk_size", chunk_size), ("prefill_chunk", prefill_chunk)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"build_shared_store: {name} must be an int >= 1, got {value!r}")
+  tokens = np.asarray(tokens).reshape(-1)
+  if tokens.size == 0:
+    raise ValueError("build_shared_store: tokens must hold at least one token (the shared "
+                     "corpus is empty)")
+  tokens = cfg.check_tokens(tokens, "build_shared_store: the shared corpus")
   S = tokens.shape[0]
-  if S == 0:
-    raise ValueError("build_shared_store: tokens must hold at least one token")
-  if chunk_size < 1 or prefill_chunk < 1:
-    raise ValueError(f"build_shared_store: chunk_size and prefill_chunk must be >= 1, got "
-                     f"{chunk_size}, {prefill_chunk}")
-  align = math.lcm(prefill_chunk, chunk_size, 128)
+  tile = 128
+  align = max(chunk_size, tile) if max(chunk_size, tile) % min(chunk_size, tile) == 0 else (
+      chunk_size)
   S_pad = -(-S // align) * align
-  padded = np.zeros((S_pad,), np.int32)
+  rows = max(S_pad, -(-S // prefill_chunk) * prefill_chunk)  # the last prefill chunk's writes
+  padded = np.zeros((rows,), np.int32)
   padded[:S] = tokens
-  kv = zero_kv(cfg, (S_pad,))  # per layer (K, V): the state the forward fills in
+  kv = zero_kv(cfg, (rows,))  # per layer (K, V): the state the forward fills in
   graphdef, state = nnx.split(model)
 
   @functools.partial(jax.jit, donate_argnums=(1,))
@@ -65,7 +72,7 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
   for start in range(0, S, prefill_chunk):
     tok = jnp.asarray(padded[start:start + prefill_chunk])[None]
     kv = prefill_chunk_step(state, kv, tok, jnp.int32(start))
-  K, V = (tuple(layer[j] for layer in kv) for j in (0, 1))
+  K, V = (tuple(layer[j][:S_pad] for layer in kv) for j in (0, 1))
   length = jnp.int32(S)
   summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
                     for Ki in K)

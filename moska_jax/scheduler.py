@@ -1,41 +1,68 @@
-"""Host-side request bookkeeping of the engine: queue, slots, admission, each step's batch,
-retirement. No device work here: the engine runs the step this describes and reports back.
+"""Host-side request bookkeeping of the engine: queue, slots, admission, each step's plan,
+retirement. No device work here: the engine runs the step this plans and reports back.
 
 Every request owns a slot of the fixed batch (`max_batch`) and pages of the unique cache from
 admission to retirement. Admission is in arrival order, as soon as a slot and the request's page
-budget (prompt + new tokens) are free (continuous batching). While any slot is still reading its
-prompt, steps are prefill steps of `prefill_chunk` tokens and the decoding slots wait (no mixed
-prefill/decode batches); otherwise every active slot decodes one token.
+budget (prompt + new tokens) are free (continuous batching). Every step has a decode part, one
+token for each slot whose prompt is read (all of them, so a prompt being read never delays their
+tokens), and, while prompts are being read, a prefill part: `prefill_chunk` prompt tokens for
+each of at most `prefill_lanes` prefilling requests, oldest first (the per-step prefill budget is
+prefill_chunk x prefill_lanes tokens). The prefill part's lane count is rounded up to a power of
+two (capped at prefill_lanes), so a step has one of a few fixed shapes.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Sequence
-from typing import NamedTuple
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from moska_jax.kv_cache import UniqueKVCache
+from moska_jax.sampling import Sampling, SamplingRows
+from moska_jax.step import Part
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Request:
   """One request: what it asked for, where it stands, what it produced.
 
   id: the scheduler's number for it, unique for the scheduler's lifetime.
+  context: the name of the shared context it reads.
+  sampling: its `Sampling`, the seed resolved when it samples.
+  keep_logits: keep the logits of every sampled token in `logits`.
+  on_event: called by the thread running the steps with (request, token) for each new token and
+    (request, None) once it finished; it must not block.
   fed: prompt tokens already in the unique cache.
-  tokens / logits: sampled tokens, and their logits when the caller keeps them.
+  tokens / logits: sampled tokens, and their logits when kept.
+  decode_steps: decode steps it ran (it re-routes on multiples of `MoskaConfig.reroute_every`).
+  finish_reason: None while it runs, then one of FINISH_REASONS ("stop": it sampled eos_id, kept
+    as its last token; "length": max_new tokens; "cancelled"; "error": see `error`).
+  times: perf_counter seconds of "submitted", "admitted", "first_token", "finished".
   """
 
   id: int
   prompt: list[int]
   max_new: int
   eos_id: int | None = None
+  context: str = "default"
+  sampling: Sampling = Sampling()
+  keep_logits: bool = False
+  on_event: Callable[[Request, int | None], None] | None = None
   fed: int = 0
   tokens: list[int] = dataclasses.field(default_factory=list)
   logits: list[np.ndarray] = dataclasses.field(default_factory=list)
+  decode_steps: int = 0
+  finish_reason: str | None = None
+  error: str | None = None
+  times: dict[str, float] = dataclasses.field(default_factory=dict)
+  finished_event: threading.Event = dataclasses.field(default_factory=threading.Event,
+                                                      repr=False)
 
   @property
   def budget(self) -> int:
@@ -48,18 +75,36 @@ class Request:
 
   @property
   def done(self) -> bool:
-    """It has max_new tokens or has just sampled eos_id (kept as its last token)."""
-    if not self.tokens:
-      return False
-    return len(self.tokens) == self.max_new or self.tokens[-1] == self.eos_id
+    """It finished (see finish_reason)."""
+    return self.finish_reason is not None
+
+  def _end_reason(self) -> str | None:
+    if self.tokens and self.tokens[-1] == self.eos_id:
+      return "stop"
+    return "length" if len(self.tokens) == self.max_new else None
 
 
-class StepBatch(NamedTuple):
-  """What one step feeds: tokens[max_batch, T] of which the first fed[slot] are real."""
+@dataclasses.dataclass
+class StepPlan:
+  """One step: the decode part (every slot, one token; rows of slots not decoding are padding
+  whose writes land in the scratch page) and, while prompts are read, the prefill part (one lane
+  per prefilling request). `sampling` has one row per decode slot, then one per lane."""
 
-  tokens: np.ndarray
-  fed: np.ndarray
-  prefill: bool
+  decode_slots: list[int]
+  lane_slots: list[int]
+  decode: Part
+  lanes: Part | None
+  reroute: np.ndarray  # [max_batch] bool
+  sampling: SamplingRows
+  keep_logits: bool
+
+  @property
+  def prefill(self) -> bool:
+    return self.lanes is not None
+
+  @property
+  def parts(self) -> tuple[Part, ...]:
+    return (self.decode,) if self.lanes is None else (self.decode, self.lanes)
 
 
 class Scheduler:
@@ -67,71 +112,161 @@ class Scheduler:
 
   Args:
     cache: the unique cache whose pages and host-side tables/lengths this manages.
-    max_batch: slots (the fixed batch of the compiled steps).
-    prefill_chunk: prompt tokens fed per prefill step.
+    max_batch: slots (the decode part of every step).
+    prefill_chunk: prompt tokens a prefilling request feeds per step.
+    prefill_lanes: prefilling requests fed per step at most (default: max_batch).
   """
 
-  def __init__(self, cache: UniqueKVCache, max_batch: int, prefill_chunk: int):
+  def __init__(self, cache: UniqueKVCache, max_batch: int, prefill_chunk: int,
+               prefill_lanes: int | None = None):
     self.cache, self.max_batch, self.prefill_chunk = cache, max_batch, prefill_chunk
+    self.prefill_lanes = prefill_lanes or max_batch
     self.queue: collections.deque[Request] = collections.deque()
     self.active: dict[int, Request] = {}  # slot -> request
     self._next_id = 0
+    self._id_lock = threading.Lock()
 
   @property
   def busy(self) -> bool:
     return bool(self.queue or self.active)
 
-  def submit(self, prompt: Sequence[int], max_new: int, eos_id: int | None = None) -> Request:
+  def new_request(self, prompt: Sequence[int], max_new: int, eos_id: int | None = None,
+                  **fields) -> Request:
+    """A request with the next id (thread-safe), not queued yet (see `enqueue`)."""
+    with self._id_lock:
+      rid, self._next_id = self._next_id, self._next_id + 1
+    request = Request(rid, list(prompt), max_new, eos_id, **fields)
+    request.times["submitted"] = time.perf_counter()
+    return request
+
+  def enqueue(self, request: Request) -> Request:
     """Queues a request (validated by the caller: non-empty, within the page budget)."""
-    request = Request(self._next_id, list(prompt), max_new, eos_id)
-    self._next_id += 1
     self.queue.append(request)
     return request
 
-  def admit(self) -> None:
+  def submit(self, prompt: Sequence[int], max_new: int, eos_id: int | None = None,
+             **fields) -> Request:
+    """`new_request` + `enqueue`."""
+    return self.enqueue(self.new_request(prompt, max_new, eos_id, **fields))
+
+  def admit(self) -> list[Request]:
     """Gives free slots to queued requests, in order, while the cache has their pages."""
+    admitted = []
     for slot in range(self.max_batch):
       if (self.queue and slot not in self.active
           and self.cache.can_allocate(self.queue[0].budget)):
         request = self.queue.popleft()
         self.cache.allocate(slot, request.budget)
         self.active[slot] = request
+        request.times["admitted"] = time.perf_counter()
+        admitted.append(request)
+    return admitted
 
-  def batch(self) -> StepBatch:
-    """The next step: a prompt chunk for every prefilling slot, else a token for every slot."""
-    prefilling = {s: r for s, r in self.active.items() if r.prefilling}
-    T = self.prefill_chunk if prefilling else 1
-    tokens = np.zeros((self.max_batch, T), np.int32)
-    fed = np.zeros((self.max_batch,), np.int32)
-    for s, r in (prefilling or self.active).items():
-      chunk = r.prompt[r.fed:r.fed + T] if prefilling else r.tokens[-1:]
-      tokens[s, :len(chunk)] = chunk
-      fed[s] = len(chunk)
-    return StepBatch(tokens, fed, bool(prefilling))
+  def lane_bucket(self, n: int) -> int:
+    """Lanes of a prefill part feeding n requests: the next power of two, at most
+    prefill_lanes."""
+    return min(1 << max(n - 1, 0).bit_length(), self.prefill_lanes)
 
-  def advance(self, batch: StepBatch, next_tokens: np.ndarray,
+  def plan(self, context_index: Mapping[str, int], reroute_every: int = 1,
+           reroute_all: bool = False) -> StepPlan | None:
+    """The next step over the active requests (None when there is none).
+
+    context_index: context name -> the index the step's contexts have.
+    reroute_every: decode steps between a request's routings; reroute_all forces every row.
+    """
+    if not self.active:
+      return None
+    B, T, c = self.max_batch, self.prefill_chunk, self.cache
+    decode = {s: r for s, r in self.active.items() if not r.prefilling}
+    prefilling = sorted((r.id, s) for s, r in self.active.items() if r.prefilling)
+    lane_slots = [s for _, s in prefilling[:self.prefill_lanes]]
+    dec = _part(B, 1, c.block_tables.shape[1])
+    for s, r in decode.items():
+      dec.tokens[s, 0], dec.fed[s] = r.tokens[-1], 1
+      dec.tables[s], dec.lengths[s] = c.block_tables[s], c.lengths[s]
+      dec.context[s] = context_index[r.context]
+    rows = [decode.get(s) for s in range(B)]
+    lanes = None
+    if lane_slots:
+      lanes = _part(self.lane_bucket(len(lane_slots)), T, c.block_tables.shape[1])
+      for lane, s in enumerate(lane_slots):
+        r = self.active[s]
+        chunk = r.prompt[r.fed:r.fed + T]
+        lanes.tokens[lane, :len(chunk)], lanes.fed[lane] = chunk, len(chunk)
+        lanes.tables[lane], lanes.lengths[lane] = c.block_tables[s], c.lengths[s]
+        lanes.context[lane] = context_index[r.context]
+      rows += [self.active[s] for s in lane_slots]
+      rows += [None] * (lanes.tokens.shape[0] - len(lane_slots))
+    reroute = np.array([reroute_all or (r is not None and r.decode_steps % reroute_every == 0)
+                        for r in rows[:B]], bool)
+    return StepPlan(list(decode), lane_slots, dec, lanes, reroute, _sampling_rows(rows),
+                    any(r is not None and r.keep_logits for r in rows))
+
+  def advance(self, plan: StepPlan, next_tokens: np.ndarray,
               logits: np.ndarray | None = None) -> list[Request]:
-    """Records a step that ran: the caches grew by `fed`; every slot whose logits predict its
-    next token takes next_tokens[slot] (and logits[slot] when given). Requests that are then
-    done are retired. Returns the requests that took a token."""
-    self.cache.lengths += batch.fed
+    """Records a step that ran: the caches grew by what each slot fed; every request whose
+    logits predict its next token takes next_tokens[row] (and logits[row] when kept), row = its
+    decode slot or max_batch + its lane. Requests that are then done are retired (their
+    `finish_reason` set). Returns the requests that took a token."""
     took = []
-    for s, r in list(self.active.items()):
-      if not batch.fed[s]:
-        continue  # a decoding slot waiting out a prefill step
-      if batch.prefill:
-        r.fed += int(batch.fed[s])
+    rows = [(s, s, 1) for s in plan.decode_slots]
+    rows += [(s, self.max_batch + lane, int(plan.lanes.fed[lane]))
+             for lane, s in enumerate(plan.lane_slots)]
+    for slot, row, fed in rows:
+      r = self.active[slot]
+      self.cache.lengths[slot] += fed
+      if r.prefilling:
+        r.fed += fed
         if r.prefilling:
           continue  # more prompt to feed: these logits are not a prediction yet
-      r.tokens.append(int(next_tokens[s]))
-      if logits is not None:
-        r.logits.append(logits[s])
+      else:
+        r.decode_steps += 1
+      r.tokens.append(int(next_tokens[row]))
+      if r.keep_logits and logits is not None:
+        r.logits.append(logits[row])
+      if len(r.tokens) == 1:
+        r.times["first_token"] = time.perf_counter()
       took.append(r)
-      if r.done:
-        self.retire(s)
+      reason = r._end_reason()
+      if reason:
+        self.finish(r, reason)
     return took
 
+  def slot_of(self, request: Request) -> int | None:
+    for s, r in self.active.items():
+      if r is request:
+        return s
+    return None
+
+  def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+    """Ends a request, queued or active: its slot and pages are free at once. The caller
+    notifies it (`Request.on_event`, `finished_event`)."""
+    if reason not in FINISH_REASONS:
+      raise ValueError(f"finish: reason must be one of {FINISH_REASONS}, got {reason!r}")
+    slot = self.slot_of(request)
+    if slot is not None:
+      self.retire(slot)
+    elif request in self.queue:
+      self.queue.remove(request)
+    request.finish_reason, request.error = reason, error
+    request.times["finished"] = time.perf_counter()
+
   def retire(self, slot: int) -> Request:
-    """Ends the request in `slot`: its pages return to the cache and the slot is free."""
+    """Frees `slot`: its pages return to the cache."""
     self.cache.free(slot)
     return self.active.pop(slot)
+
+
+def _part(B: int, T: int, max_pages: int) -> Part:
+  """A host part of B rows of padding (tables: the scratch page; context 0)."""
+  return Part(np.zeros((B, T), np.int32), np.zeros((B, max_pages), np.int32),
+              np.zeros((B,), np.int32), np.zeros((B,), np.int32), np.zeros((B,), np.int32))
+
+
+def _sampling_rows(rows: Sequence[Request | None]) -> SamplingRows:
+  """Each row's sampling parameters; padding rows are greedy."""
+  s = [r.sampling if r is not None else Sampling() for r in rows]
+  return SamplingRows(np.array([x.temperature for x in s], np.float32),
+                      np.array([x.top_p for x in s], np.float32),
+                      np.array([x.seed or 0 for x in s], np.uint32),
+                      np.array([len(r.tokens) if r is not None else 0 for r in rows], np.int32))

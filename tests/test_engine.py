@@ -1,7 +1,11 @@
-"""The engine: queueing beyond max_batch, page freeing, no recompilation, sampling, validation,
-swapping the shared store."""
+"""The engine: queueing beyond max_batch, page freeing, few compilations, per-request sampling
+streams, prefill beside decoding, several shared contexts, the background loop, cancellation,
+validation, swapping the shared store."""
 
+import asyncio
 import dataclasses
+import threading
+import time
 
 import jax
 import numpy as np
@@ -13,6 +17,7 @@ from moska_jax.engine import ByteTokenizer, MoskaEngine, Sampling, sample
 from moska_jax.kv_cache import UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
+from moska_jax.sampling import SamplingRows
 from moska_jax.scheduler import Scheduler
 
 
@@ -37,8 +42,12 @@ def test_more_prompts_than_slots_all_complete_in_order(setup):
                      page_size=8, prefill_chunk=8)
   assert [r.tokens for r in results] == [solo.generate([p], 3)[0].tokens for p in prompts]
   assert len(engine.cache.free_pages) == 15 and not engine.cache.owned  # every page returned
-  # The decode step compiled once and the prefill step once, whatever the number of steps.
-  assert engine.compilations() == 2 and engine.stats["steps_decode"] > 2
+  # At most one compilation per step shape (decode only; mixed with 1 or 2 prefill lanes),
+  # whatever the number of steps; engines of one model and config share them.
+  assert engine.compilations() <= 3 and engine.stats["steps_decode"] > 2
+  compiled = engine.compilations()
+  engine.generate(prompts[::-1], 4)
+  assert engine.compilations() == compiled and solo.compilations() <= 2
 
 
 def test_finished_request_frees_pages_for_queued_ones(setup):
@@ -78,16 +87,215 @@ def test_callable_tokenizer(setup):
     MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=8, tokenizer=3)
 
 
-def test_sampling_is_reproducible_and_respects_top_p():
+def _rows(n, temperature, top_p, seed, index):
+  full = lambda x, dt: np.full((n,), x, dt)
+  return SamplingRows(full(temperature, np.float32), full(top_p, np.float32),
+                      full(seed, np.uint32), full(index, np.int32))
+
+
+def test_sampling_is_per_row_reproducible_and_respects_top_p():
+  sample_jit = jax.jit(sample)
   logits = jax.numpy.asarray(np.random.default_rng(0).standard_normal((4, 50)), "float32")
-  key = jax.random.key(7)
-  a = sample(logits, key, Sampling(temperature=0.8, top_p=0.9))
-  b = sample(logits, key, Sampling(temperature=0.8, top_p=0.9))
-  assert np.array_equal(a, b)
-  top1 = sample(logits, key, Sampling(temperature=1.0, top_p=1e-6))  # only the top token left
+  a = sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3))
+  assert np.array_equal(a, sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3)))
+  top1 = sample_jit(logits, _rows(4, 1.0, 1e-6, 7, 3))  # only the top token left
   assert np.array_equal(top1, np.argmax(logits, axis=-1))
-  with pytest.raises(ValueError, match="temperature >= 0"):
+  # A row's token depends on its own logits, parameters, seed and index only: alone, or in a
+  # batch whose other rows are greedy, nucleus-sampled or seeded differently.
+  rows = SamplingRows(np.asarray([0.8, 0.0, 1.3, 0.8], np.float32),
+                      np.asarray([1.0, 1.0, 0.5, 1.0], np.float32),
+                      np.asarray([7, 1, 2, 8], np.uint32), np.asarray([3, 0, 5, 3], np.int32))
+  mixed = np.asarray(sample_jit(logits, rows))
+  for i in range(4):
+    alone = sample_jit(logits[i:i + 1], SamplingRows(*(x[i:i + 1] for x in rows)))
+    assert mixed[i] == int(alone[0])
+  assert mixed[1] == int(np.argmax(logits[1]))
+  draws = {int(sample_jit(logits[:1], _rows(1, 2.0, 1.0, 7, j))[0]) for j in range(40)}
+  assert len(draws) > 5  # the token index moves the stream
+  with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
     Sampling(temperature=-1.0)
+
+
+def test_a_sampled_request_is_a_function_of_its_prompt_sampling_and_seed(setup):
+  """The same seeded request gives the same tokens alone, beside other requests, in another
+  slot, at another max_batch and later in the queue (issue: one key per step made each
+  request's noise depend on its slot and the global step count)."""
+  model, store = setup
+  mcfg = MoskaConfig(backend="xla")
+  make = lambda B: MoskaEngine(model, store, mcfg, max_batch=B, num_pages=40, page_size=8,
+                               prefill_chunk=8, prefill_lanes=2)
+  mine = Sampling(temperature=1.5, top_p=0.95, seed=1234)
+  others = [Sampling(temperature=0.7, seed=5), Sampling(), Sampling(temperature=2.0, seed=6)]
+  alone = make(1).generate(["the question"], 12, mine)[0].tokens
+  engine = make(3)
+  got = engine.generate(["x", "the question", "yz" * 5], 12, [others[0], mine, others[2]])
+  assert got[1].tokens == alone  # slot 1, beside two sampled requests
+  late = engine.generate(["a" * 9, "b", "c", "the question"], 12, others + [mine])
+  assert late[3].tokens == alone  # fourth in the queue, another slot, another step count
+  assert got[0].tokens != alone and late[0].tokens != got[0].tokens
+  with pytest.raises(ValueError, match=r"seed must be None or an int in \[0, 2\*\*32\)"):
+    Sampling(temperature=1.0, seed=-1)
+  drawn = engine.submit("hi", 2, Sampling(temperature=1.0))  # seed drawn and kept
+  assert drawn.sampling.seed is not None
+
+
+def test_scheduler_admits_plans_mixed_steps_and_retires_on_the_host():
+  cache = UniqueKVCache(tiny(), max_batch=2, num_pages=5, page_size=4, max_pages_per_request=4)
+  sched = Scheduler(cache, max_batch=2, prefill_chunk=4, prefill_lanes=2)
+  index = {"default": 0, "other": 1}
+  a = sched.submit([1, 2, 3, 4, 5], 2)  # 7 tokens: 2 pages
+  b = sched.submit([6], 3, eos_id=9, context="other")  # 1 page
+  c = sched.submit([7, 8], 5)  # 2 pages: waits until b returns its page
+  sched.admit()
+  assert sched.active == {0: a, 1: b} and list(sched.queue) == [c]
+  plan = sched.plan(index)  # nobody decodes yet: two prefill lanes, a's first 4 tokens, b's one
+  assert plan.decode_slots == [] and plan.lane_slots == [0, 1] and not plan.decode.fed.any()
+  assert plan.lanes.tokens.tolist() == [[1, 2, 3, 4], [6, 0, 0, 0]]
+  assert plan.lanes.context.tolist() == [0, 1] and plan.lanes.lengths.tolist() == [0, 0]
+  assert sched.advance(plan, np.array([0, 0, 11, 9])) == [b]  # a is still reading its prompt
+  assert b.tokens == [9] and b.done and b.finish_reason == "stop" and 1 not in sched.active
+  assert cache.lengths.tolist() == [4, 0] and len(cache.free_pages) == 2
+  sched.admit()
+  assert sched.active == {0: a, 1: c}
+  plan = sched.plan(index)
+  assert plan.lanes.fed.tolist() == [1, 2] and plan.lanes.tables[0].tolist() == [1, 2, 0, 0]
+  assert sched.advance(plan, np.array([0, 0, 12, 13])) == [a, c]
+  plan = sched.plan(index, reroute_every=2)  # every slot decodes its last token
+  assert not plan.prefill and plan.decode.tokens.tolist() == [[12], [13]]
+  assert plan.decode.lengths.tolist() == [5, 2] and plan.reroute.tolist() == [True, True]
+  assert plan.sampling.index.tolist() == [1, 1]
+  assert sched.advance(plan, np.array([14, 15]), np.eye(2)) == [a, c]
+  assert a.done and a.finish_reason == "length" and a.tokens == [12, 14] and a.logits == []
+  assert sched.active == {1: c} and sched.busy and len(cache.free_pages) == 2
+  assert sched.plan(index, reroute_every=2).reroute.tolist() == [False, False]
+  assert sched.lane_bucket(1) == 1 and sched.lane_bucket(2) == 2 and sched.lane_bucket(3) == 2
+
+
+def _slow_step(engine, seconds):
+  """Makes every step of `engine` take at least `seconds` (to catch the loop mid-request)."""
+  step = engine._run
+
+  def run(plan):
+    time.sleep(seconds)
+    return step(plan)
+  engine._run = run
+
+
+def test_a_long_prompt_never_stops_the_decoding_requests(setup):
+  """While a 200-token prompt is read in chunks of 8, the decoding request gets a token every
+  step, and both requests' tokens equal those of engines serving them alone."""
+  model, store = setup
+  mcfg = MoskaConfig(backend="xla")
+  make = lambda: MoskaEngine(model, store, mcfg, max_batch=2, num_pages=40, page_size=8,
+                             prefill_chunk=8, prefill_lanes=1)
+  long = list(np.random.default_rng(1).integers(0, 256, 200))
+  engine = make()
+  short = engine.submit("decode me", 40)
+  while not short.tokens:
+    engine.step()
+  reader = engine.submit(long, 3)
+  steps = 0
+  while reader.prefilling:
+    before = len(short.tokens)
+    engine.step()
+    steps += 1
+    assert len(short.tokens) == before + 1  # a token every step, prompt or not
+  assert steps == 200 // 8
+  while not (short.done and reader.done):
+    engine.step()
+  assert short.tokens == make().generate(["decode me"], 40)[0].tokens
+  assert reader.tokens == make().generate([long], 3)[0].tokens
+
+
+def test_several_contexts_serve_one_step_like_single_context_engines(setup):
+  """Two resident contexts (one step serves requests of both): tokens and logits equal two
+  single-context engines', dense and sparse; loading a third and unloading it while serving;
+  an unknown context is a clear error."""
+  model, store = setup
+  other = build_shared_store(model, np.random.default_rng(5).integers(0, 256, 300),
+                             chunk_size=64, prefill_chunk=128, backend="xla")
+  prompts = ["one", "two two", "three", "four four four"]
+  names = ["manual", "code", "code", "manual"]
+  for mcfg in (MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, backend="xla"),
+               MoskaConfig(backend="xla")):  # the dense engine stays for loading / unloading
+    make = lambda stores: MoskaEngine(model, stores, mcfg, max_batch=4, num_pages=40,
+                                      page_size=8, prefill_chunk=8)
+    both = make({"manual": store, "code": other})
+    assert both.contexts == ("manual", "code") and both.default_context == "manual"
+    got = both.generate(prompts, 4, context=names, return_logits=True)
+    solo = {n: make({n: s}) for n, s in (("manual", store), ("code", other))}
+    for n in solo:
+      mine = [i for i, m in enumerate(names) if m == n]
+      want = solo[n].generate([prompts[i] for i in mine], 4, return_logits=True)
+      for i, w in zip(mine, want):
+        assert got[i].tokens == w.tokens
+        np.testing.assert_allclose(np.stack(got[i].logits), np.stack(w.logits), atol=2e-5)
+  with pytest.raises(ValueError, match=r"unknown context 'nope'; resident contexts: \['code', "
+                     r"'manual'\]"):
+    both.generate(["x"], 2, context="nope")
+  both.start()
+  try:
+    _slow_step(both, 0.02)
+    running = both.submit("keeps running", 30, context="code")
+    both.load_context("third", store)
+    doomed = both.submit("on the third", 30, context="third")
+    while not doomed.tokens:
+      time.sleep(0.01)
+    both.unload_context("third")
+    assert doomed.done and doomed.finish_reason == "cancelled" and "unloaded" in doomed.error
+    assert running.finished_event.wait(60) and running.finish_reason == "length"
+    assert running.tokens == solo["code"].generate(["keeps running", "x"], 30)[0].tokens
+  finally:
+    both.stop()
+  with pytest.raises(ValueError, match="'manual' is the default context"):
+    both.unload_context("manual")
+
+
+def test_background_loop_joins_requests_cancels_and_streams(setup):
+  """Requests submitted from several threads join the running batch; a cancelled request's slot
+  and pages come back before the next step; generate works on top of the loop; `stream` gives
+  the tokens to asyncio."""
+  model, store = setup
+  mcfg = MoskaConfig(backend="xla")
+  engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8,
+                       prefill_chunk=8)
+  want = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8,
+                     prefill_chunk=8).generate(["alpha", "beta", "gamma"], 6)
+  engine.start()
+  try:
+    got = {}
+    threads = [threading.Thread(target=lambda p=p: got.update({p: engine.generate([p], 6)[0]}))
+               for p in ("alpha", "beta", "gamma")]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    assert [got[p].tokens for p in ("alpha", "beta", "gamma")] == [w.tokens for w in want]
+
+    _slow_step(engine, 0.05)
+    victim = engine.submit("cancel me", 50)
+    while len(victim.tokens) < 2:
+      time.sleep(0.01)
+    steps = engine.stats["steps_decode"]
+    engine.cancel(victim)
+    assert victim.finished_event.wait(5) and victim.finish_reason == "cancelled"
+    assert engine.stats["steps_decode"] <= steps + 1  # freed before the next step
+    assert not engine.scheduler.active and len(engine.cache.free_pages) == 19
+
+    async def consume():
+      tokens = [t async for t in engine.stream("alpha", 6)]
+      async with engine.stream("beta", 50) as early:  # left after 2 tokens: cancelled
+        async for _ in early:
+          if len(early.request.tokens) >= 2:
+            break
+      return tokens, early.request
+
+    tokens, early = asyncio.run(consume())
+    assert tokens == want[0].tokens
+    assert early.finished_event.wait(5) and early.finish_reason == "cancelled"
+  finally:
+    engine.stop()
+  assert not engine.running and not engine.scheduler.busy
 
 
 def test_validation_errors(setup):
@@ -98,7 +306,7 @@ def test_validation_errors(setup):
     engine.generate(["ok", ""], 2)
   with pytest.raises(ValueError, match="needs 12 tokens of unique cache"):
     engine.generate(["x" * 10], 2)  # 2 usable pages of 4 tokens
-  with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+  with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
     engine.generate(["ok"], 0)
   with pytest.raises(ValueError, match=r"MoskaConfig.summary must be one of \['envelope', "
                      r"'int4', 'mean'\], got 'median'"):
@@ -109,6 +317,8 @@ def test_validation_errors(setup):
   other = Decoder(tiny(layers=1), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="different model config"):
     MoskaEngine(other, store, MoskaConfig(), max_batch=1, num_pages=3)
+  with pytest.raises(ValueError, match="reroute_every must be an int >= 1, got 0"):
+    MoskaConfig(mode="sparse", top_k=1, reroute_every=0)
 
 
 def test_set_store_swaps_the_shared_context(setup):
@@ -119,6 +329,7 @@ def test_set_store_swaps_the_shared_context(setup):
   prompts = ["one", "three"]
   engine = make(store)
   before = engine.generate(prompts, 3, return_logits=True)
+  compiled = engine.compilations()
   engine.set_store(other)
   assert engine.store is other
   after = engine.generate(prompts, 3, return_logits=True)
@@ -126,7 +337,7 @@ def test_set_store_swaps_the_shared_context(setup):
     assert got.tokens == want.tokens
     np.testing.assert_array_equal(np.stack(got.logits), np.stack(want.logits))
     assert not np.allclose(np.stack(got.logits), np.stack(old.logits))
-  assert engine.compilations() == 2  # the same shapes: the steps compiled for `store` serve it
+  assert engine.compilations() == compiled  # the same shapes: `store`'s steps serve it
   with pytest.raises(ValueError, match="different model config"):
     engine.set_store(dataclasses.replace(store, model_config=tiny(layers=1)))
   sparse = MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=1, chunk_size=64,
@@ -136,28 +347,3 @@ def test_set_store_swaps_the_shared_context(setup):
   with pytest.raises(ValueError, match="chunk_size=64 must match the store's chunk_size=32"):
     sparse.set_store(store.with_summaries(32))
   assert sparse.store is store  # a rejected store changes nothing
-
-
-def test_scheduler_admits_batches_and_retires_on_the_host():
-  cache = UniqueKVCache(tiny(), max_batch=2, num_pages=5, page_size=4, max_pages_per_request=3)
-  sched = Scheduler(cache, max_batch=2, prefill_chunk=4)
-  a = sched.submit([1, 2, 3, 4, 5], 2)  # 7 tokens: 2 pages
-  b = sched.submit([6], 3, eos_id=9)  # 1 page
-  c = sched.submit([7, 8], 5)  # 2 pages: waits until b returns its page
-  sched.admit()
-  assert sched.active == {0: a, 1: b} and list(sched.queue) == [c]
-  batch = sched.batch()  # prefill: a's first 4 prompt tokens, b's only one
-  assert batch.prefill and batch.tokens.tolist() == [[1, 2, 3, 4], [6, 0, 0, 0]]
-  assert sched.advance(batch, np.array([11, 9])) == [b]  # a is still reading its prompt
-  assert b.tokens == [9] and b.done and 1 not in sched.active  # eos: retired at once
-  assert cache.lengths.tolist() == [4, 0] and len(cache.free_pages) == 2
-  sched.admit()
-  assert sched.active == {0: a, 1: c}
-  batch = sched.batch()
-  assert batch.prefill and batch.fed.tolist() == [1, 2]
-  assert sched.advance(batch, np.array([12, 13])) == [a, c]
-  batch = sched.batch()  # every slot decodes its last token
-  assert not batch.prefill and batch.tokens.tolist() == [[12], [13]]
-  assert sched.advance(batch, np.array([14, 15]), np.eye(2)) == [a, c]
-  assert a.done and a.tokens == [12, 14] and [x.tolist() for x in a.logits] == [[1.0, 0.0]]
-  assert sched.active == {1: c} and sched.busy and len(cache.free_pages) == 2

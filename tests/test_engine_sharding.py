@@ -3,8 +3,10 @@
 For every split (one device, 1+1, 2+6, 4+4), dense and sparse, greedy generation gives the same
 tokens and the same logits (f32 tolerance) as the engine without groups, the shared store is
 really split in whole chunks over the shared devices of the span (the unique devices' rows hold
-the pages), a step is one program that moves nothing between devices outside it, and the
-cross-group bytes are counted. TPU interpret mode runs on a 2-device unique group with requests
+the pages), a step is one program per part that moves nothing between devices outside it, and
+the cross-group bytes are counted. Mixed prefill + decode steps, sampling streams and recovery
+from a lost K/V memory run there too; several contexts, reroute_every > 1 and batch-aware tiles
+are refused on disaggregated groups (one device runs them). TPU interpret mode runs on a 2-device unique group with requests
 split over it (it aborted when the step was partitioned by GSPMD).
 """
 
@@ -16,7 +18,7 @@ import pytest
 from flax import nnx
 
 from moska_jax.config import ModelConfig, MoskaConfig
-from moska_jax.engine import MoskaEngine
+from moska_jax.engine import MoskaEngine, Sampling
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
 from moska_jax.sharding import make_device_groups, span_sharding
@@ -94,7 +96,9 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
     for arr in jax.tree.leaves(eng.state):
       assert arr.sharding.is_fully_replicated and arr.sharding.device_set == set(
           groups.span_devices)
-  assert eng.compilations() == 2  # the step: prefill and decode
+  # The span step: a prefill part (2 lanes x 8 tokens) and the decode part. One device runs the
+  # one-device step, shared by engines of one model and MoskaConfig: the reference compiled it.
+  assert eng.compilations() == (0 if groups.colocated else 2)
 
   # Per layer and step, q [B, T, Hq, D] lands on every shared device and the merged (o, lse)
   # (float32) on every unique device. Nothing moves on one device.
@@ -158,3 +162,77 @@ def test_set_store_places_the_new_store_on_the_groups(setup):
         want = np.asarray(v)[r * R:(r + 1) * R]
         np.testing.assert_array_equal(np.asarray(shard.data)[:len(want)], want)
   assert eng.compilations() == 2
+
+
+def test_mixed_steps_sampling_and_recovery_on_groups(setup):
+  """The engine's steps on 2+2 groups: a request decodes while another's prompt is read (the
+  step's parts run one span program each), per-request sampling streams, the int8 scorer; the
+  tokens and logits equal the one-device engine's. A step that lost its donated K/V memory ends
+  its requests, and the memory is rebuilt (zero pages, the store's rows) for the next call."""
+  model, stores, _, _ = setup
+  groups = make_device_groups(jax.devices()[:4], num_shared=2)
+  mcfg = dataclasses.replace(MODES["sparse-int4"], int8_scorer=True)
+  store = stores["sparse-int4"]
+  rng = np.random.default_rng(1)
+  prompts = [list(rng.integers(0, 256, n)) for n in (21, 3, 12)]
+  sampling = [Sampling(temperature=0.8, seed=s) for s in (5, 6, 7)]
+
+  def make(groups=None):
+    return MoskaEngine(model, store, mcfg, max_batch=2, num_pages=8, page_size=8,
+                       prefill_chunk=8, prefill_lanes=1, groups=groups)
+
+  ref = make().generate(prompts, NEW_TOKENS, sampling, return_logits=True)
+  eng = make(groups)
+  seen = []
+  run = eng._run
+  eng._run = lambda plan: (seen.append(bool(plan.decode_slots and plan.lane_slots)), run(plan))[1]
+  got = eng.generate(prompts, NEW_TOKENS, sampling, return_logits=True)
+  assert any(seen)  # some step decoded beside a prefill
+  for a, b in zip(got, ref):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), rtol=1e-5, atol=1e-5)
+
+  calls = [0]
+
+  def failing(plan):
+    calls[0] += 1
+    out = run(plan)
+    if calls[0] == 2:
+      for x in jax.tree.leaves(eng.cache.pools):
+        x.delete()
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return out
+
+  eng._run = failing
+  with pytest.raises(RuntimeError, match="out of memory"):
+    eng.generate(prompts, NEW_TOKENS, sampling)
+  eng._run = run
+  assert not eng.scheduler.busy and not any(x.is_deleted()
+                                            for x in jax.tree.leaves(eng.cache.pools))
+  assert [r.tokens for r in eng.generate(prompts, NEW_TOKENS, sampling)] == [r.tokens
+                                                                             for r in ref]
+
+
+def test_what_disaggregated_groups_refuse(setup):
+  model, stores, _, _ = setup
+  groups = make_device_groups(jax.devices()[:2], num_shared=1)
+  store, sparse = stores["sparse"], MODES["sparse"]
+  with pytest.raises(ValueError, match=r"MoskaConfig.reroute_every=2 .* not supported on "
+                     r"disaggregated DeviceGroups"):
+    engine(model, store, dataclasses.replace(sparse, reroute_every=2), groups)
+  with pytest.raises(ValueError, match=r"MoskaConfig.batch_aware=2 is not supported on "
+                     r"disaggregated DeviceGroups"):
+    engine(model, store, dataclasses.replace(sparse, batch_aware=2), groups)
+  with pytest.raises(ValueError, match=r"shared_store holds 2 contexts \(\['a', 'b'\]\); "
+                     r"disaggregated DeviceGroups serve one"):
+    engine(model, {"a": store, "b": store}, sparse, groups)
+  eng = engine(model, store, sparse, groups)
+  with pytest.raises(ValueError, match=r"disaggregated DeviceGroups serve one context "
+                     r"\('default'.*a second one, 'other'"):
+    eng.load_context("other", store)
+  assert eng.contexts == ("default",)
+  # One device runs the one-device step: every option, several contexts.
+  single = make_device_groups(jax.devices()[:1])
+  eng = engine(model, {"a": store, "b": store}, dataclasses.replace(sparse, reroute_every=2),
+               single)
+  assert eng.contexts == ("a", "b")

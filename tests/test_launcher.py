@@ -36,6 +36,10 @@ TINY = {
                        "--disagg_chunk=256", "--disagg_unique_length=256",
                        "--disagg_page_size=16", "--disagg_processes=1,2"],
     "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
+    "serving": ["--backend=xla", "--dtype=float32", "--serving_layers=1", "--serving_shared=256",
+                "--serving_clients=4", "--serving_new_tokens=4", "--serving_decoders=2",
+                "--serving_long_prompt=256", "--serving_prefill_chunks=128",
+                "--serving_base_steps=3", "--serving_load_lanes=2"],
 }
 CHECKED = {"shared_attention", "unique_attention", "sparse_attention", "disaggregation"}
 NOT_ON_HARNESS = {"demo"}  # it still writes its results by hand

@@ -12,7 +12,7 @@ from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b,
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder, stateless
 from moska_jax.prefill import build_shared_store
-from moska_jax.step import moska_step
+from moska_jax.step import Part, SharedContext, host_parts, moska_step
 
 
 def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
@@ -80,8 +80,9 @@ def _routed_reference(model, shared, prompt, generated, mcfg, top_k):
   """Logits [L, vocab] of the plain decoder over shared + prompt + generated in which every
   unique token sees, besides its own causal context, only the shared chunks that the router
   (`routing.route` on this forward's own queries and keys) picks for its engine step: the prompt
-  as one prefill step, then each generated token alone. Dense masked attention in float32,
-  independent of the engine's paging, kernels and merge."""
+  as one prefill step, then each generated token alone, the j-th of them routing when
+  j % mcfg.reroute_every == 0 and reusing the latest routing's chunks otherwise. Dense masked
+  attention in float32, independent of the engine's paging, kernels and merge."""
   S, C = len(shared), mcfg.chunk_size
   L = S + len(prompt) + len(generated)
   steps = [np.arange(S, S + len(prompt))] + [np.array([r]) for r in range(S + len(prompt), L)]
@@ -91,9 +92,10 @@ def _routed_reference(model, shared, prompt, generated, mcfg, top_k):
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
     summaries = routing.chunk_summaries(k[:S], C, summary=mcfg.summary)
     mask = np.repeat(np.tril(np.ones((L, L), bool))[:, None], Hkv, axis=1)  # [row, Hkv, key]
-    for rows in steps:
-      ids = np.asarray(routing.route(q[rows][None], summaries, top_k,
-                                     always_include=mcfg.always_include))[0]
+    for j, rows in enumerate(steps):
+      if j <= 1 or (j - 1) % mcfg.reroute_every == 0:  # the prompt, then decode step j - 1
+        ids = np.asarray(routing.route(q[rows][None], summaries, top_k,
+                                       always_include=mcfg.always_include))[0]
       chosen = np.zeros((Hkv, S), bool)
       for h, c in zip(*np.nonzero(ids >= 0)):
         chosen[h, ids[h, c] * C:(ids[h, c] + 1) * C] = True
@@ -124,41 +126,169 @@ def test_sparse_engine_equals_decoder_masked_to_the_routed_chunks(summary):
   assert np.all(np.isfinite(np.stack(sparse.logits)))
   assert not np.allclose(np.stack(dense.logits), np.stack(sparse.logits))  # it did drop chunks
   ref = _routed_reference(model, shared, prompt, sparse.tokens[:-1], mcfg,
-                          mcfg.chunks_kept(store.summaries[0].num_chunks))
+                          mcfg.chunks_kept(-(-len(shared) // 64)))
   start = len(shared) + len(prompt) - 1
   np.testing.assert_allclose(np.stack(sparse.logits), ref[start:start + 3], rtol=2e-5, atol=2e-5)
 
 
 def test_moska_step_is_pure_and_equals_plain_decoder():
-  """The jitted step: a ragged prefill step, then a decode step, from fresh pools; the logits
-  are the plain decoder's, the pools come back written and the pools passed in are untouched."""
+  """The jitted step: a ragged prefill step, then a mixed step (the two requests decode while a
+  third reads its prompt beside them, packed into one forward), from fresh pools; the logits are
+  the plain decoder's, the pools come back written and the pools passed in are untouched."""
   cfg, model, rng, shared, store = _setup()
   graphdef, state = nnx.split(model)
   mcfg = MoskaConfig(backend="xla")
-  shape = (7, 8, cfg.num_kv_heads, cfg.head_dim)
+  contexts = (SharedContext.of(store, mcfg),)
+  shape = (10, 8, cfg.num_kv_heads, cfg.head_dim)
   pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
-  tables = jnp.asarray([[1, 2, 3], [4, 5, 6]], jnp.int32)
-  prompts = [list(rng.integers(0, 256, n)) for n in (5, 3)]
+  tables = np.asarray([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.int32)
+  prompts = [list(rng.integers(0, 256, n)) for n in (5, 3, 4)]
   tokens = np.zeros((2, 5), np.int32)
-  for b, p in enumerate(prompts):
+  for b, p in enumerate(prompts[:2]):
     tokens[b, :len(p)] = p
-  fed = jnp.asarray([5, 3], jnp.int32)
+  zeros = np.zeros(2, np.int32)
 
   @jax.jit
-  def step(state, pools, lengths, tokens, fed=None):
-    return moska_step(nnx.merge(graphdef, state), store.layers, pools, tables, lengths, tokens,
-                      mcfg, fed=fed)
+  def step(state, pools, parts):
+    return moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg)
 
-  logits, new_pools = step(state, pools, jnp.zeros(2, jnp.int32), jnp.asarray(tokens), fed)
+  (logits,), new_pools, ids = step(state, pools, host_parts(
+      [Part(tokens, tables[:2], zeros, np.asarray([5, 3]), zeros)]))
+  assert ids is None
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(pools))
   assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(new_pools))
-  nxt = jnp.asarray([[7], [9]], jnp.int32)
-  logits2, _ = step(state, new_pools, fed, nxt)  # fed=None: every row real
-  for b, p in enumerate(prompts):
+  nxt = np.asarray([[7], [9]], np.int32)
+  third = np.asarray([prompts[2] + [0]], np.int32)  # a lane of 5 with 4 real tokens
+  decode = Part(nxt, tables[:2], np.asarray([5, 3]), np.ones(2, np.int32), zeros)
+  lane = Part(third, tables[2:], np.zeros(1, np.int32), np.asarray([4]), np.zeros(1, np.int32))
+  (logits2, logits3), _, _ = step(state, new_pools, host_parts([decode, lane]))
+  assert logits2.shape == (2, 1, cfg.vocab) and logits3.shape == (1, 5, cfg.vocab)
+  S = len(shared)
+  for b, p in enumerate(prompts[:2]):
     ref = np.asarray(model(jnp.asarray(list(shared) + p + [int(nxt[b, 0])])[None])[0])
-    S = len(shared)
     np.testing.assert_allclose(logits[b, :len(p)], ref[S:S + len(p)], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(logits2[b, 0], ref[S + len(p)], rtol=2e-5, atol=2e-5)
+  ref = np.asarray(model(jnp.asarray(list(shared) + prompts[2])[None])[0])
+  np.testing.assert_allclose(logits3[0, :4], ref[S:S + 4], rtol=2e-5, atol=2e-5)
+
+
+def _reroute_engine(model, store, reroute_every, top_k=None, sparsity=0.5):
+  mcfg = MoskaConfig(mode="sparse", top_k=top_k, sparsity=None if top_k else sparsity,
+                     chunk_size=64, reroute_every=reroute_every, backend="xla")
+  return MoskaEngine(model, store, mcfg, max_batch=2, num_pages=12, page_size=8), mcfg
+
+
+def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
+  """reroute_every=3: decode steps 0, 3, 6 route and the others attend the chunks of the latest
+  routing (the masked reference reuses them the same way); the ids state stays fixed between
+  re-routes; the steps that route are bit-identical to reroute_every=1."""
+  cfg, model, rng, shared, store = _setup()
+  prompt = list(rng.integers(0, 256, 6))
+  every, mcfg = _reroute_engine(model, store, 1)
+  base = every.generate([prompt], 7, return_logits=True)[0]
+  assert every.route_ids() is None  # r = 1 keeps no selections: every step routes
+  engine, mcfg = _reroute_engine(model, store, 3)
+  request = engine.submit(prompt, 7, return_logits=True)
+  seen = []
+  while not request.done:
+    engine.step()
+    if request.tokens:
+      seen.append((request.decode_steps, engine.route_ids()[1][0].copy()))  # layer 1, slot 0
+  for (steps, ids), (_, before) in zip(seen[1:], seen):
+    if (steps - 1) % 3:  # a step that reused the selection
+      np.testing.assert_array_equal(ids, before)
+  assert seen[-1][1].shape == (cfg.num_kv_heads, mcfg.chunks_kept(5))
+  got = np.stack(request.logits)
+  ref = _routed_reference(model, shared, prompt, request.tokens[:-1], mcfg, mcfg.chunks_kept(5))
+  start = len(shared) + len(prompt) - 1
+  np.testing.assert_allclose(got, ref[start:start + 7], rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(got[:2], np.stack(base.logits[:2]))  # prefill + first decode
+  assert not np.allclose(got, np.stack(base.logits))  # reuse did change later steps
+
+
+@pytest.mark.parametrize("reroute_every", [1, 4])
+def test_sparse_with_every_chunk_equals_dense_for_any_reroute(reroute_every):
+  _, model, rng, _, store = _setup()
+  prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
+  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=12,
+                      page_size=8).generate(prompts, 6, return_logits=True)
+  engine, _ = _reroute_engine(model, store, reroute_every, top_k=5)  # N = ceil(300 / 64) = 5
+  for d, s in zip(dense, engine.generate(prompts, 6, return_logits=True)):
+    assert d.tokens == s.tokens
+    np.testing.assert_allclose(np.stack(d.logits), np.stack(s.logits), atol=2e-5)
+
+
+def test_batch_aware_tiles_of_one_request_equal_per_pair_routing():
+  """batch_aware=1: every tile is one request and attends to the union of its own chunks, so
+  the engine's step (two requests of two contexts, routes reused every other step) gives the
+  logits of per-(request, chunk) routing; the other context's rows select nothing in a tile."""
+  _, model, rng, _, store = _setup()
+  other = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
+                             backend="xla")
+  prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
+  outs = []
+  for batch_aware in (0, 1):
+    mcfg = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, reroute_every=2,
+                       batch_aware=batch_aware, backend="xla")
+    engine = MoskaEngine(model, {"a": store, "b": other}, mcfg, max_batch=2, num_pages=12,
+                         page_size=8)
+    outs.append(engine.generate(prompts, 5, context=["a", "b"], return_logits=True))
+  for per_pair, tiled in zip(*outs):
+    assert per_pair.tokens == tiled.tokens
+    np.testing.assert_allclose(np.stack(tiled.logits), np.stack(per_pair.logits), rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_the_step_routes_with_the_kernel_settings(monkeypatch):
+  """The step's router runs as MoskaConfig says: the int8 scorer, the backend, interpret."""
+  cfg, model, rng, _, _ = _setup(S=200)
+  store = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
+                             backend="xla", summary="int4")
+  mcfg = MoskaConfig(mode="sparse", top_k=2, chunk_size=64, summary="int4", int8_scorer=True,
+                     backend="xla")
+  seen, route = [], routing.route
+  monkeypatch.setattr(routing, "route", lambda *a, **kw: (seen.append(kw), route(*a, **kw))[1])
+  shape = (4, 8, cfg.num_kv_heads, cfg.head_dim)
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  part = Part(*(np.asarray(a, np.int32) for a in ([[5, 6]], [[1, 2]], [0], [2], [0])))
+  moska_step(model, (SharedContext.of(store, mcfg),), pools, host_parts([part]), mcfg)
+  assert len(seen) == cfg.layers
+  assert all(kw["int8"] is True and kw["backend"] == "xla" and kw["interpret"] is False
+             for kw in seen)
+
+
+def test_sparsity_counts_the_chunks_that_hold_tokens():
+  """S=1000, C=100: the store holds 10 chunks and no padding past one chunk; sparsity 0.75
+  attends ceil(0.25 * 10) = 3 chunks per (request, kv head), as the masked reference with K = 3,
+  and differs from dense."""
+  cfg = ModelConfig(vocab=256, layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                    mlp_hidden=96, rope_theta=10000.0)
+  model = Decoder(cfg, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(3)
+  shared = rng.integers(0, 256, 1000)
+  store = build_shared_store(model, shared, chunk_size=100, prefill_chunk=256, backend="xla")
+  assert 1000 <= store.k[0].shape[0] < 1000 + 100 and store.summaries[0].num_chunks == 10
+  mcfg = MoskaConfig(mode="sparse", sparsity=0.75, chunk_size=100, backend="xla")
+  engine = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=6, page_size=8)
+  assert engine.context_top_k("default") == 3
+  prompt = list(rng.integers(0, 256, 5))
+  sparse = engine.generate([prompt], 3, return_logits=True)[0]
+  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=6,
+                      page_size=8).generate([prompt], 3, return_logits=True)[0]
+  assert not np.allclose(np.stack(sparse.logits), np.stack(dense.logits))
+  ref = _routed_reference(model, shared, prompt, sparse.tokens[:-1], mcfg, 3)
+  start = len(shared) + len(prompt) - 1
+  np.testing.assert_allclose(np.stack(sparse.logits), ref[start:start + 3], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("S,C,rows", [(150, 64, 256), (1000, 100, 1000), (300, 256, 512),
+                                      (129, 128, 256), (40, 32, 128)])
+def test_store_padding_is_less_than_a_chunk_or_a_tile(S, C, rows):
+  model = Decoder(tiny(layers=1), rngs=nnx.Rngs(0))
+  tokens = np.random.default_rng(0).integers(0, 256, S)
+  store = build_shared_store(model, tokens, chunk_size=C, prefill_chunk=96, backend="xla")
+  assert store.k[0].shape[0] == rows and rows - S < max(C, 128)
+  assert int(store.summaries[0].num_valid_chunks) == -(-S // C)
 
 
 def test_forward_threads_one_state_per_layer():

@@ -1,0 +1,266 @@
+"""serving: the engine as a server: decoding latency beside a long prefill, and a load test.
+
+Two scenarios, one table:
+- "prefill beside decode": `--serving_decoders` requests decode while one prompt of
+  `--serving_long_prompt` tokens arrives and is read in chunks of each `--serving_prefill_chunks`
+  (one prefill lane). Reported: the decoding requests' inter-token latency (ITL) before and while
+  the prompt is read (the steps' wall times: every decoding request takes one token per step),
+  their ratio (goal <= 1.3), the long prompt's time to first token, and `blocked_ms`: that
+  prompt's whole prefill time, what each decoding request would wait if prefill stopped decoding.
+  The chunk is the per-step prefill budget: it trades the decoding requests' ITL for the long
+  prompt's TTFT. On a CPU every step is compute-bound and the XLA reference's paged attention
+  reads each request's whole block table (sized for the long prompt), so a mixed step costs
+  several decode steps; on a GPU decode steps are bound by memory and the Pallas kernels read
+  only each request's own tokens.
+- "load": `--serving_clients` streaming clients at once over `--serving_contexts` contexts, each
+  `--serving_prompt` prompt tokens and `--serving_new_tokens` new ones, against `generate` on the
+  same requests. Transports: "generate" (the synchronous batch call), "in-process" (the async API:
+  `MoskaEngine.start` + `stream`, tokens timed as the asyncio consumer receives them) and, when
+  FastAPI, uvicorn and httpx are installed, "http" (the OpenAI server on localhost, SSE streams; an
+  event may carry several byte tokens that end in one character, so its ITL is per event).
+  Reported: tokens/s over the wall time from the first request to the last token, its ratio to
+  generate's (goal >= 0.8), p50/p99 time to first token and ITL.
+
+The model is the tiny decoder or Llama-3.1-8B shapes with `--serving_layers` layers (random
+weights) in `--dtype`; contexts are random tokens of `--serving_shared` each.
+
+CPU: python -m experiments.run --experiment=serving --dtype=float32 --backend=xla
+GPU: python -m experiments.run --experiment=serving --serving_model=llama3_1_8b \
+       --serving_layers=4 --serving_shared=32768 --serving_clients=256 --serving_new_tokens=64 \
+       --serving_prefill_chunks=256,1024
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+import time
+
+import numpy as np
+from absl import flags, logging
+from flax import nnx
+
+from experiments import harness
+from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
+from moska_jax.engine import MoskaEngine
+from moska_jax.model import Decoder
+from moska_jax.prefill import build_shared_store
+
+flags.DEFINE_enum("serving_model", "tiny", ["tiny", "llama3_1_8b"], "serving: model shapes.")
+flags.DEFINE_integer("serving_layers", 2, "serving: decoder layers.")
+flags.DEFINE_integer("serving_shared", 2048, "serving: shared tokens per context.")
+flags.DEFINE_integer("serving_contexts", 2, "serving: contexts of the load test.")
+flags.DEFINE_integer("serving_clients", 32, "serving: concurrent streaming clients.")
+flags.DEFINE_integer("serving_prompt", 32, "serving: prompt tokens per client.")
+flags.DEFINE_integer("serving_new_tokens", 32, "serving: new tokens per client.")
+flags.DEFINE_integer("serving_load_chunk", 64, "serving: prefill chunk of the load test.")
+flags.DEFINE_integer("serving_load_lanes", 8, "serving: prefill lanes of the load test.")
+flags.DEFINE_integer("serving_decoders", 32, "serving: decoding requests beside the long prompt.")
+flags.DEFINE_integer("serving_long_prompt", 4096, "serving: tokens of the long prompt.")
+flags.DEFINE_list("serving_prefill_chunks", ["8", "32", "128"],
+                  "serving: prefill chunks of the long prompt (the per-step prefill budget).")
+flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.")
+flags.DEFINE_integer("serving_page", 16, "serving: page size.")
+flags.DEFINE_boolean("serving_http", True, "serving: also load-test over HTTP (if installed).")
+FLAGS = flags.FLAGS
+
+PREFILL, LOAD = "prefill beside decode", "load"
+
+
+def _ms(x) -> float:
+  return float(x) * 1e3
+
+
+def _pct(values, q) -> float:
+  return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def _model():
+  make = llama3_1_8b if FLAGS.serving_model == "llama3_1_8b" else tiny
+  return Decoder(make(dtype=FLAGS.dtype, layers=FLAGS.serving_layers), rngs=nnx.Rngs(FLAGS.seed))
+
+
+def _engine(model, stores, mcfg, *, batch, tokens_per_request, chunk, lanes):
+  ps = FLAGS.serving_page
+  pages = batch * -(-(tokens_per_request + chunk) // ps) + 2
+  return MoskaEngine(model, stores, mcfg, max_batch=batch, num_pages=pages, page_size=ps,
+                     prefill_chunk=chunk, prefill_lanes=lanes,
+                     max_request_tokens=tokens_per_request)
+
+
+def prefill_beside_decode(model, store, mcfg, rng, table) -> None:
+  """ITL of decoding requests before and while a long prompt is read beside them."""
+  D, L, base = FLAGS.serving_decoders, FLAGS.serving_long_prompt, FLAGS.serving_base_steps
+  vocab = model.cfg.vocab
+  for chunk in map(int, FLAGS.serving_prefill_chunks):
+    new = base + 2 * (-(-L // chunk)) + 8  # decoding outlasts the whole prefill
+    engine = _engine(model, {"ctx0": store}, mcfg, batch=D + 1,
+                     tokens_per_request=max(L + 2, 16 + new), chunk=chunk, lanes=1)
+    engine.warmup()
+    decoders = [engine.submit(list(rng.integers(0, vocab, 16)), new) for _ in range(D)]
+    while not all(r.tokens for r in decoders):
+      engine.step()
+
+    def timed_step() -> float:
+      t0 = time.perf_counter()
+      engine.step()
+      return time.perf_counter() - t0
+
+    before = [timed_step() for _ in range(base)]
+    t0 = time.perf_counter()
+    long = engine.submit(list(rng.integers(0, vocab, L)), 2)
+    during = []
+    while not long.tokens:
+      counts = [len(r.tokens) for r in decoders]
+      during.append(timed_step())
+      assert all(len(r.tokens) == c + 1 for r, c in zip(decoders, counts))  # never stalled
+    ttft = time.perf_counter() - t0
+    table.add(scenario=PREFILL, prefill_chunk=chunk, decoders=D, long_prompt=L,
+              prefill_steps=len(during), itl_ms_before=_ms(np.median(before)),
+              itl_ms_during=_ms(np.median(during)), itl_p99_ms_during=_ms(_pct(during, 99)),
+              itl_growth=float(np.mean(during) / np.mean(before)), long_ttft_s=ttft,
+              blocked_ms=_ms(sum(during)))
+
+
+def _requests(rng, vocab, names):
+  n, p = FLAGS.serving_clients, FLAGS.serving_prompt
+  return [(list(map(int, rng.integers(0, vocab, p))), names[i % len(names)]) for i in range(n)]
+
+
+def _load_row(table, transport, t0, submits, times, tokens, gen_rate=None):
+  """A load row from per-request submit times and token arrival times."""
+  end = max(t[-1] for t in times)
+  ttft = [t[0] - s for s, t in zip(submits, times)]
+  itl = np.concatenate([np.diff(t) for t in times if len(t) > 1])
+  rate = tokens / (end - t0)
+  return table.add(scenario=LOAD, transport=transport, clients=len(times),
+                   contexts=FLAGS.serving_contexts, tokens=tokens, tokens_per_s=rate,
+                   x_generate=rate / gen_rate if gen_rate else 1.0,
+                   ttft_p50_ms=_ms(_pct(ttft, 50)), ttft_p99_ms=_ms(_pct(ttft, 99)),
+                   itl_p50_ms=_ms(_pct(itl, 50)), itl_p99_ms=_ms(_pct(itl, 99)))
+
+
+def _in_process(engine, requests, new):
+  async def client(prompt, context, submits, times):
+    stamps = []
+    submits.append(time.perf_counter())
+    async for _ in engine.stream(prompt, new, context=context):
+      stamps.append(time.perf_counter())
+    times.append(stamps)
+
+  async def run():
+    submits, times = [], []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(p, c, submits, times) for p, c in requests))
+    return t0, submits, times
+
+  engine.start()
+  try:
+    return asyncio.run(run())
+  finally:
+    engine.stop()
+
+
+def _over_http(engine, requests, new):
+  """The load over the OpenAI server on localhost (None when the serve extra is missing)."""
+  if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx")):
+    logging.info("serving: fastapi / uvicorn / httpx missing: no HTTP load test")
+    return None
+  import logging as std_logging
+
+  import httpx
+  import uvicorn
+
+  from moska_jax.serve_api import create_app
+
+  std_logging.getLogger("httpx").setLevel(std_logging.WARNING)  # a line per request otherwise
+  server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="m", max_waiting=1 << 20),
+                                         host="127.0.0.1", port=0, log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.05)
+  url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/completions"
+
+  async def client(http, prompt, context, submits, times):
+    stamps = []
+    submits.append(time.perf_counter())
+    body = dict(model="m", prompt=prompt, max_tokens=new, temperature=0, stream=True,
+                context=context)
+    async with http.stream("POST", url, json=body) as r:
+      async for line in r.aiter_lines():
+        if line.startswith("data: {") and '"text": ""' not in line:
+          stamps.append(time.perf_counter())
+    times.append(stamps)
+
+  async def run():
+    limits = httpx.Limits(max_connections=len(requests) + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+      submits, times = [], []
+      t0 = time.perf_counter()
+      await asyncio.gather(*(client(http, p, c, submits, times) for p, c in requests))
+      return t0, submits, times
+
+  try:
+    return asyncio.run(run())
+  finally:
+    server.should_exit = True
+    thread.join()
+
+
+def load(model, stores, mcfg, rng, table) -> None:
+  """N streaming clients over the contexts vs generate on the same requests."""
+  new, n = FLAGS.serving_new_tokens, FLAGS.serving_clients
+  engine = _engine(model, stores, mcfg, batch=n,
+                   tokens_per_request=FLAGS.serving_prompt + new,
+                   chunk=FLAGS.serving_load_chunk, lanes=min(n, FLAGS.serving_load_lanes))
+  engine.warmup()
+  requests = _requests(rng, model.cfg.vocab, list(stores))
+  t0 = time.perf_counter()
+  results = engine.generate([p for p, _ in requests], new, context=[c for _, c in requests])
+  gen_rate = sum(len(r.tokens) for r in results) / (time.perf_counter() - t0)
+  table.add(scenario=LOAD, transport="generate", clients=n, contexts=len(stores),
+            tokens=n * new, tokens_per_s=gen_rate, x_generate=1.0)
+  t0, submits, times = _in_process(engine, requests, new)
+  _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), gen_rate)
+  if FLAGS.serving_http:
+    out = _over_http(engine, requests, new)
+    if out is not None:
+      _load_row(table, "http", *out, n * new, gen_rate)
+
+
+def _plot(plt, rows):
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  pre = [r for r in rows if r["scenario"] == PREFILL]
+  x = np.arange(len(pre))
+  a.bar(x - 0.2, [r["itl_ms_before"] for r in pre], 0.4, label="ITL, decode only")
+  a.bar(x + 0.2, [r["itl_ms_during"] for r in pre], 0.4, label="ITL, beside the long prefill")
+  a.set_xticks(x, [f"chunk {r['prefill_chunk']}" for r in pre])
+  a.set_ylabel("ms")
+  a.set_title(f"decoding beside a {FLAGS.serving_long_prompt}-token prefill")
+  a.legend()
+  lo = [r for r in rows if r["scenario"] == LOAD]
+  b.bar([r["transport"] for r in lo], [r["tokens_per_s"] for r in lo])
+  b.set_ylabel("tokens/s")
+  b.set_title(f"{FLAGS.serving_clients} clients over {FLAGS.serving_contexts} contexts")
+  return fig
+
+
+def main() -> None:
+  bench = harness.Bench(ceilings=False, shape=False)
+  model = _model()
+  rng = np.random.default_rng(FLAGS.seed)
+  mcfg = MoskaConfig(backend=FLAGS.backend)
+  stores = {f"ctx{i}": build_shared_store(model, rng.integers(0, model.cfg.vocab,
+                                                              FLAGS.serving_shared),
+                                          chunk_size=128, backend=FLAGS.backend)
+            for i in range(FLAGS.serving_contexts)}
+  table = bench.table("serving", "serving: decoding beside a long prefill, and a load test of "
+                      "streaming clients over several contexts", keys=("scenario", "transport",
+                                                                        "prefill_chunk"))
+  prefill_beside_decode(model, stores["ctx0"], mcfg, rng, table)
+  load(model, stores, mcfg, rng, table)
+  columns = list(dict.fromkeys(c for row in table.rows for c in row))
+  table.rows = [{c: row.get(c, "") for c in columns} for row in table.rows]  # one CSV header
+  table.write(notes=__doc__.split("\n\n", 1)[1].split("\nCPU:")[0], plot=_plot, show=True)

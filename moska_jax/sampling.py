@@ -1,0 +1,88 @@
+"""Per-request sampling: each request draws its tokens from its own random stream.
+
+The noise of a request's j-th sampled token comes from `fold_in(key(seed), j)`, its seed and
+the token's index alone, and is drawn per row (`vmap`), so a request's tokens are a function of
+its prompt, its `Sampling` (temperature, top_p, seed) and its context only: the same alone or
+beside other requests, in any slot, at any max_batch and in any queue order (vLLM's per-request
+seed). Greedy rows (temperature 0) take the argmax and use no noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SEED_RANGE = 1 << 32  # seeds are uint32: jax.random.key's range
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How one request picks its tokens.
+
+  temperature: 0 = greedy (argmax); > 0 samples softmax(logits / temperature).
+  top_p: keep the smallest set of most likely tokens whose probability reaches top_p (1: all).
+  seed: the request's random stream, an int in [0, 2**32); None with temperature > 0 lets the
+    engine draw one (kept in `Request.sampling`, so the request can be replayed).
+  """
+
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int | None = None
+
+  def __post_init__(self):
+    t, p = self.temperature, self.top_p
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"Sampling.temperature must be a finite number >= 0, got {t!r}")
+    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+      raise ValueError(f"Sampling.top_p must be a number in (0, 1], got {p!r}")
+    s = self.seed
+    if s is not None and (isinstance(s, bool) or not isinstance(s, int)
+                          or not 0 <= s < SEED_RANGE):
+      raise ValueError(f"Sampling.seed must be None or an int in [0, 2**32), got {s!r}")
+
+
+class SamplingRows(NamedTuple):
+  """Each row's sampling parameters, [R] each: temperature, top_p (float32), seed (uint32) and
+  index (int32, which of its request's tokens the row samples)."""
+
+  temperature: jax.Array
+  top_p: jax.Array
+  seed: jax.Array
+  index: jax.Array
+
+
+def _nucleus(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
+  """[R, V] mask of the tokens inside each row's top_p mass (the most likely token always)."""
+  ranked = -jnp.sort(-scaled, axis=-1)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p[:, None], axis=-1)  # >= 1
+  cutoff = jnp.take_along_axis(ranked, (kept - 1)[:, None], axis=-1)
+  return scaled >= cutoff
+
+
+def sample(logits: jax.Array, rows: SamplingRows) -> jax.Array:
+  """Next tokens [R] int32 from logits [R, V], each row with its own parameters and stream.
+
+  Noise is drawn in vocabulary order and top_p masks tokens in place, so a row's token never
+  depends on which branch the batch takes (whether any row samples, whether any row has
+  top_p < 1).
+  """
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  hot = rows.temperature > 0
+
+  def draw():
+    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows.seed, rows.index)
+    scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
+    all_kept = jnp.ones(scaled.shape, bool)
+    keep = jax.lax.cond(jnp.any(hot & (rows.top_p < 1)),
+                        lambda: _nucleus(scaled, rows.top_p), lambda: all_kept)
+    keep = keep | (rows.top_p >= 1)[:, None]
+    masked = jnp.where(keep, scaled, -jnp.inf)
+    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+
+  drawn = jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
+  return jnp.where(hot, drawn, greedy)

@@ -1,0 +1,167 @@
+"""`python -m moska_jax.serve`: an OpenAI-compatible HTTP server over MoskaEngine.
+
+    python -m moska_jax.serve --model=tiny --port=8000
+    python -m moska_jax.serve --checkpoint=ckpt --context=manual=stores/manual \
+        --context=code=code.txt --max_batch=64 --num_pages=4096
+
+`--context NAME=PATH` (repeatable) loads a store saved by `save_shared_store` (a directory) or
+builds one from a UTF-8 text file (tokenized by the server's tokenizer); the first is the
+default context, read by requests that name none. Without `--context` a small built-in text is
+the default context, so `--model=tiny` alone runs on a fresh CPU machine. `--model` is a preset
+with random weights (`tiny`, `llama3_1_8b`); `--checkpoint` loads weights saved by
+`moska_jax.checkpoint.save_params`. Needs the `serve` extra (FastAPI, uvicorn; `tokenizers` for
+`--tokenizer=tokenizer.json`, else UTF-8 bytes). The API: moska_jax.serve_api.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+flags.DEFINE_string("model", "tiny", "Model preset with random weights: tiny or llama3_1_8b.")
+flags.DEFINE_string("checkpoint", None, "Weights saved by save_params (overrides --model).")
+flags.DEFINE_string("model_name", None, "The model id the API serves (default: --model or the "
+                    "checkpoint's directory name).")
+flags.DEFINE_multi_string("context", [], "NAME=PATH: a saved store directory or a UTF-8 text "
+                          "file; the first is the default context.")
+flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+flags.DEFINE_integer("port", 8000, "Port to listen on.")
+flags.DEFINE_integer("max_batch", 8, "Concurrent requests (slots).")
+flags.DEFINE_integer("num_pages", 256, "Unique-cache pages (page 0 is scratch).")
+flags.DEFINE_integer("page_size", 16, "Tokens per page.")
+flags.DEFINE_integer("prefill_chunk", 32, "Prompt tokens a prefilling request feeds per step.")
+flags.DEFINE_integer("prefill_lanes", None, "Prefilling requests fed per step (default "
+                     "min(max_batch, 4)).")
+flags.DEFINE_enum("mode", "dense", ["dense", "sparse"], "Shared attention: dense or routed.")
+flags.DEFINE_float("sparsity", 0.75, "Sparse mode: fraction of the chunks skipped.")
+flags.DEFINE_integer("chunk_size", 128, "Routing chunk of stores built from text.")
+flags.DEFINE_string("backend", "auto", "Kernel backend (auto, gpu, tpu, xla).")
+flags.DEFINE_string("tokenizer", None, "A tokenizer.json (the tokenizers package); default "
+                    "UTF-8 bytes.")
+flags.DEFINE_integer("max_waiting", 256, "Queued requests beyond the batch before 429.")
+flags.DEFINE_integer("eos_id", None, "Token that ends a request.")
+flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
+FLAGS = flags.FLAGS
+
+DEFAULT_CONTEXT = (
+    "MoSKA, Mixture of Shared KV Attention, serves many concurrent requests that share one "
+    "large context. Every request's queries attend to the same shared keys and values, so the "
+    "engine stacks the queries of all requests into one matrix and reads the shared KV once per "
+    "step: the shared part of attention becomes one compute-bound matrix product instead of a "
+    "memory-bound product per request. Each request keeps a short unique context of its own in "
+    "a paged cache, and the two partial attentions are merged exactly by their log-sum-exp. "
+    "The shared KV is cut into chunks, like experts of a mixture: a router keeps the chunks a "
+    "request needs and skips the rest. This server answers OpenAI-style completion requests; "
+    "a request may name the shared context it reads with the context field.\n")
+
+
+class TokenizerJson:
+  """A Hugging Face `tokenizers` tokenizer.json as the engine's encode / decode pair."""
+
+  def __init__(self, path: str):
+    from tokenizers import Tokenizer  # the serve extra
+
+    self._tok = Tokenizer.from_file(path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, tokens: Sequence[int]) -> str:
+    return self._tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+
+def parse_contexts(specs: Sequence[str]) -> dict[str, str]:
+  """NAME=PATH pairs -> {name: path}, in order.
+
+  Raises:
+    ValueError: a pair without '=', an empty name, or a name given twice.
+  """
+  out = {}
+  for spec in specs:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+      raise ValueError(f"--context must be NAME=PATH, got {spec!r}")
+    if name in out:
+      raise ValueError(f"--context: the name {name!r} is given twice")
+    out[name] = path
+  return out
+
+
+def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
+                 contexts: dict[str, str] | None = None, max_batch: int = 8,
+                 num_pages: int = 256, page_size: int = 16, prefill_chunk: int = 32,
+                 prefill_lanes: int | None = None, mode: str = "dense", sparsity: float = 0.75,
+                 chunk_size: int = 128, backend: str = "auto", tokenizer: str | None = None,
+                 seed: int = 0):
+  """The engine `python -m moska_jax.serve` serves (see the flags for the arguments)."""
+  from flax import nnx
+
+  from moska_jax import checkpoint as ckpt
+  from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
+  from moska_jax.engine import ByteTokenizer, MoskaEngine
+  from moska_jax.kv_cache import load_shared_store
+  from moska_jax.model import Decoder
+  from moska_jax.prefill import build_shared_store
+
+  presets = {"tiny": tiny, "llama3_1_8b": llama3_1_8b}
+  if checkpoint:
+    decoder = ckpt.load_params(checkpoint)
+  elif model in presets:
+    decoder = Decoder(presets[model](), rngs=nnx.Rngs(seed))
+  else:
+    raise ValueError(f"--model must be one of {sorted(presets)} (or give --checkpoint), got "
+                     f"{model!r}")
+  tok = TokenizerJson(tokenizer) if tokenizer else ByteTokenizer()
+  mcfg = MoskaConfig(mode=mode, chunk_size=chunk_size, backend=backend,
+                     sparsity=sparsity if mode == "sparse" else None)
+  stores = {}
+  for name, path in (contexts or {"default": None}).items():
+    if path is not None and os.path.isdir(path):
+      store = load_shared_store(path, decoder.cfg)
+      if mode == "sparse" and store.chunk_size != chunk_size:
+        store = store.with_summaries(chunk_size, mcfg.summary)
+    else:
+      if path is None:
+        text = DEFAULT_CONTEXT
+      else:
+        with open(path, encoding="utf-8") as f:
+          text = f.read()
+      store = build_shared_store(decoder, np.asarray(tok.encode(text), np.int32),
+                                 chunk_size=chunk_size, summary=mcfg.summary, backend=backend)
+    stores[name] = store
+    logging.info("context %r: %d shared tokens", name, int(store.length))
+  return MoskaEngine(decoder, stores, mcfg, max_batch=max_batch, num_pages=num_pages,
+                     page_size=page_size, prefill_chunk=prefill_chunk,
+                     prefill_lanes=prefill_lanes, tokenizer=tok)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import uvicorn
+
+  from moska_jax.serve_api import create_app
+
+  try:
+    contexts = parse_contexts(FLAGS.context)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  engine = build_engine(model=FLAGS.model, checkpoint=FLAGS.checkpoint, contexts=contexts or None,
+                        max_batch=FLAGS.max_batch, num_pages=FLAGS.num_pages,
+                        page_size=FLAGS.page_size, prefill_chunk=FLAGS.prefill_chunk,
+                        prefill_lanes=FLAGS.prefill_lanes, mode=FLAGS.mode,
+                        sparsity=FLAGS.sparsity, chunk_size=FLAGS.chunk_size,
+                        backend=FLAGS.backend, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed)
+  name = FLAGS.model_name or (os.path.basename(os.path.normpath(FLAGS.checkpoint))
+                              if FLAGS.checkpoint else FLAGS.model)
+  api = create_app(engine, model_name=name, max_waiting=FLAGS.max_waiting, eos_id=FLAGS.eos_id)
+  print(f"moska-jax serving {name!r} with contexts {list(engine.contexts)} on "
+        f"http://{FLAGS.host}:{FLAGS.port}", flush=True)
+  uvicorn.run(api, host=FLAGS.host, port=FLAGS.port, log_level="warning")
+
+
+if __name__ == "__main__":
+  app.run(main)

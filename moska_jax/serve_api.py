@@ -1,0 +1,401 @@
+"""The OpenAI-compatible HTTP API over a `MoskaEngine` (FastAPI; the optional `serve` extra).
+
+Endpoints: POST /v1/completions and /v1/chat/completions (a `context` field names the shared
+context a request reads, default the engine's default context; `stream: true` sends the tokens
+as server-sent events, `data: {chunk}` lines closed by `data: [DONE]`), GET /v1/models (the
+model and its resident contexts), /health, /metrics (Prometheus text).
+
+Every request is submitted to the engine's background loop (`MoskaEngine.start`) and joins the
+running batch at its next step; a client that disconnects cancels its request, whose slot and
+pages come back before the next step. Errors are OpenAI-shaped JSON, `{"error": {"message",
+"type", "param", "code"}}`: 400 malformed JSON or a bad field, 404 an unknown model, context or
+route, 413 a prompt over the per-request token budget, 429 too many requests waiting; an
+internal failure is a 500 with a message and never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from moska_jax.engine import MoskaEngine
+from moska_jax.sampling import SEED_RANGE, Sampling
+from moska_jax.scheduler import FINISH_REASONS
+
+log = logging.getLogger(__name__)
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+# Fields of the OpenAI API this server does not implement, with the values that ask for nothing.
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None,),
+               "top_logprobs": (None,), "stop": (None, [], ""), "suffix": (None,),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "logit_bias": (None, {}), "tools": (None, []), "response_format": (None,)}
+
+
+class ApiError(Exception):
+  """An error answered as OpenAI-shaped JSON with `status`."""
+
+  def __init__(self, status: int, message: str, *, param: str | None = None,
+               code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+  return JSONResponse(status_code=status, content={"error": {
+      "message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+      "param": param, "code": code}})
+
+
+class _Detokenizer:
+  """Text deltas of a growing token list; characters still incomplete (a trailing U+FFFD of a
+  partial UTF-8 sequence) are held back, so the deltas concatenate to the final text."""
+
+  def __init__(self, engine: MoskaEngine):
+    self.engine, self.tokens, self.sent = engine, [], 0
+
+  def add(self, token: int) -> str:
+    self.tokens.append(token)
+    text = self.engine.decode(self.tokens).rstrip("\ufffd")
+    delta, self.sent = text[self.sent:], max(self.sent, len(text))
+    return delta
+
+  def flush(self) -> str:
+    return self.engine.decode(self.tokens)[self.sent:]
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
+  value = body.get(name, default)
+  if value is None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+      math.isfinite(value) and low <= value <= high):
+    raise ApiError(400, f"{name} must be a number in [{low}, {high}], got {value!r}", param=name)
+  return float(value)
+
+
+class Server:
+  """The API's state: the engine, the served model's name, the waiting limit, HTTP counters."""
+
+  def __init__(self, engine: MoskaEngine, model_name: str, max_waiting: int,
+               eos_id: int | None):
+    if engine.decode([0]) is None:
+      raise ValueError("serve: the engine's tokenizer must decode (text responses)")
+    self.engine, self.model_name, self.max_waiting, self.eos_id = (engine, model_name,
+                                                                   max_waiting, eos_id)
+    self.created = int(time.time())
+    self.http = {}  # (path, status) -> count
+
+  # ---- parsing --------------------------------------------------------------------------------
+
+  async def body(self, request: HttpRequest) -> dict:
+    raw = await request.body()
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+      raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if model is not None and model != self.model_name:
+      raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                     f"{self.model_name!r}", param="model", code="model_not_found")
+    for name, allowed in UNSUPPORTED.items():
+      if name in body and body[name] not in allowed:
+        raise ApiError(400, f"{name}={body[name]!r} is not supported by this server",
+                       param=name)
+    return body
+
+  def submit_args(self, body: dict, prompt: str | list[int]) -> dict:
+    """Validates the common fields; returns the engine's submit arguments."""
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+      raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}",
+                     param="max_tokens")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < SEED_RANGE):
+      raise ApiError(400, f"seed must be an integer in [0, 2**32), got {seed!r}", param="seed")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    sampling = Sampling(temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                        top_p=max(top_p, 1e-9), seed=seed)  # top_p 0: the top token only
+    context = body.get("context")
+    engine = self.engine
+    if context is not None and not isinstance(context, str):
+      raise ApiError(400, f"context must be a string, got {context!r}", param="context")
+    if context is not None and context not in engine.contexts:
+      raise ApiError(404, f"unknown context {context!r}; resident contexts: "
+                     f"{sorted(engine.contexts)}", param="context", code="context_not_found")
+    if not isinstance(body.get("stream", False), bool):
+      raise ApiError(400, "stream must be true or false", param="stream")
+    try:
+      tokens = engine.encode(prompt)
+    except ValueError as e:
+      raise ApiError(400, str(e), param="prompt") from None
+    limit = engine._request_limit()
+    if len(tokens) + max_tokens > limit:
+      raise ApiError(413, f"the prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) "
+                     f"exceeds this server's per-request budget of {limit} tokens",
+                     param="prompt", code="context_length_exceeded")
+    if engine.queue_length >= self.max_waiting:
+      raise ApiError(429, f"{engine.queue_length} requests are waiting (the limit is "
+                     f"{self.max_waiting}); retry later", code="rate_limit_exceeded")
+    return dict(prompt=tokens, max_new_tokens=max_tokens, sampling=sampling,
+                eos_id=self.eos_id, context=context)
+
+  # ---- running --------------------------------------------------------------------------------
+
+  async def complete(self, request: HttpRequest, args: dict):
+    """Runs one request to its end; None when the client left (the request is cancelled)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def on_event(r, token):
+      if token is None:
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+
+    r = self._submit(args, on_event)
+    try:
+      while not done.done():
+        await asyncio.wait([done], timeout=0.1)
+        if not done.done() and await request.is_disconnected():
+          self.engine.cancel(r)
+          return None
+    except asyncio.CancelledError:
+      self.engine.cancel(r)
+      raise
+    if r.finish_reason not in ("stop", "length"):
+      raise ApiError(500, f"the request ended with {r.finish_reason}: {r.error}")
+    return r
+
+  def _submit(self, args: dict, on_event=None):
+    try:
+      return self.engine.submit(**args, on_event=on_event)
+    except ValueError as e:
+      raise ApiError(400, str(e)) from None
+
+  def stream(self, args: dict, chunk) -> StreamingResponse:
+    """The request's tokens as server-sent events; chunk(text, finish_reason) -> JSON dict."""
+    try:
+      tokens = self.engine.stream(**args)
+    except ValueError as e:
+      raise ApiError(400, str(e)) from None
+
+    async def events():
+      detok = _Detokenizer(self.engine)
+      async with tokens:
+        yield _sse(chunk(None, None))  # the first event: a role / empty text
+        try:
+          async for token in tokens:
+            delta = detok.add(token)
+            if delta:
+              yield _sse(chunk(delta, None))
+        except RuntimeError as e:
+          yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
+                                "code": None}})
+          return
+        yield _sse(chunk(detok.flush(), tokens.request.finish_reason))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+  async def answer(self, request: HttpRequest, body: dict, args: dict, chunk, final):
+    """The response to a completion request: an SSE stream of chunk(text, finish_reason) when
+    body asks for one, else final(request) once it ended."""
+    if body.get("stream", False):
+      return self.stream(args, chunk)
+    r = await self.complete(request, args)
+    if r is None:
+      return error_response(400, "the client disconnected")
+    return final(r)
+
+  def usage(self, r) -> dict:
+    return dict(prompt_tokens=len(r.prompt), completion_tokens=len(r.tokens),
+                total_tokens=len(r.prompt) + len(r.tokens))
+
+  # ---- metrics --------------------------------------------------------------------------------
+
+  def metrics(self) -> str:
+    e = self.engine
+    s = e.stats
+    lines = []
+
+    def metric(name, kind, help_, samples):
+      lines.append(f"# HELP moska_{name} {help_}")
+      lines.append(f"# TYPE moska_{name} {kind}")
+      for labels, value in samples:
+        lines.append(f"moska_{name}{labels} {value}")
+
+    metric("requests_total", "counter", "Requests finished, by finish reason.",
+           [(f'{{reason="{r}"}}', s[f"requests_{r}"]) for r in FINISH_REASONS])
+    metric("http_requests_total", "counter", "HTTP requests answered, by path and status.",
+           [(f'{{path="{p}",status="{c}"}}', n) for (p, c), n in sorted(self.http.items())])
+    metric("generated_tokens_total", "counter", "Tokens sampled.", [("", s["tokens"])])
+    metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.",
+           [("", s["prefill_tokens"])])
+    metric("steps_total", "counter", "Engine steps, by kind.",
+           [('{kind="decode"}', s["steps_decode"]), ('{kind="mixed"}', s["steps_prefill"])])
+    metric("step_seconds_total", "counter", "Seconds spent in steps.", [("", s["seconds"])])
+    metric("step_seconds", "gauge", "Wall time of the latest step.",
+           [("", e.last_step_seconds)])
+    metric("tokens_per_second", "gauge", "Sampled tokens per second of stepping.",
+           [("", s["tokens"] / s["seconds"] if s["seconds"] else 0.0)])
+    metric("queue_length", "gauge", "Requests waiting for a slot.", [("", e.queue_length)])
+    metric("active_requests", "gauge", "Requests holding a slot.", [("", e.active_requests)])
+    metric("batch_occupancy", "gauge", "Fraction of the batch's slots in use.",
+           [("", e.active_requests / e.max_batch)])
+    metric("contexts", "gauge", "Resident shared contexts.", [("", len(e.contexts))])
+    return "\n".join(lines) + "\n"
+
+
+def _sse(payload: dict) -> str:
+  return f"data: {json.dumps(payload)}\n\n"
+
+
+def _chat_prompt(body: dict) -> str:
+  messages = body.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise ApiError(400, "messages must be a non-empty list", param="messages")
+  lines = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or (
+        not isinstance(m.get("content"), str)):
+      raise ApiError(400, f"messages[{i}] must be an object with a role (system, user, "
+                     f"assistant) and a string content", param="messages")
+    lines.append(f"{m['role']}: {m['content']}\n")
+  return "".join(lines) + "assistant:"
+
+
+def _completion_prompt(body: dict) -> str | list[int]:
+  prompt = body.get("prompt")
+  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+    prompt = prompt[0]  # a batch of one
+  if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(
+      isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    return prompt
+  raise ApiError(400, "prompt must be one string or one list of token ids (one prompt per "
+                 "request)", param="prompt")
+
+
+def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: int = 256,
+               eos_id: int | None = None) -> FastAPI:
+  """The FastAPI app serving `engine` as `model_name`; on startup it compiles the engine's steps
+  (`MoskaEngine.warmup`) and starts its loop, on shutdown it stops the loop.
+
+  Args:
+    engine: the engine (its tokenizer must decode).
+    model_name: the model id the API reports and accepts.
+    max_waiting: requests queued beyond the running batch before new ones get 429.
+    eos_id: the token that ends a request (kept as its last token), or None.
+  """
+  server = Server(engine, model_name, max_waiting, eos_id)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    engine.warmup()  # compile every step shape before the first request
+    engine.start()
+    try:
+      yield
+    finally:
+      engine.stop()
+
+  app = FastAPI(title="moska-jax", lifespan=lifespan)
+  app.state.server = server
+
+  @app.middleware("http")
+  async def count(request: HttpRequest, call_next):
+    response = await call_next(request)
+    key = (request.url.path, response.status_code)
+    server.http[key] = server.http.get(key, 0) + 1
+    return response
+
+  @app.exception_handler(ApiError)
+  async def api_error(request, e: ApiError):
+    return error_response(e.status, e.message, e.param, e.code)
+
+  @app.exception_handler(RequestValidationError)
+  async def invalid(request, e):
+    return error_response(400, f"invalid request: {e.errors()}")
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request, e: HTTPException):
+    return error_response(e.status_code, str(e.detail))
+
+  @app.exception_handler(Exception)
+  async def internal(request, e: Exception):
+    log.exception("internal error answering %s", request.url.path)
+    return error_response(500, f"internal server error ({type(e).__name__})")
+
+  async def begin(request: HttpRequest, prompt_of, kind: str):
+    """A completion request's body, submit arguments, id ("{kind}-...") and creation time."""
+    body = await server.body(request)
+    return (body, server.submit_args(body, prompt_of(body)), f"{kind}-{uuid.uuid4().hex[:24]}",
+            int(time.time()))
+
+  @app.post("/v1/completions")
+  async def completions(request: HttpRequest):
+    body, args, cid, created = await begin(request, _completion_prompt, "cmpl")
+
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+      return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+              "choices": [{"text": text or "", "index": 0, "logprobs": None,
+                           "finish_reason": finish}]}
+
+    def final(r) -> dict[str, Any]:
+      return chunk(engine.decode(r.tokens), r.finish_reason) | {"usage": server.usage(r)}
+
+    return await server.answer(request, body, args, chunk, final)
+
+  @app.post("/v1/chat/completions")
+  async def chat(request: HttpRequest):
+    body, args, cid, created = await begin(request, _chat_prompt, "chatcmpl")
+
+    def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+      delta = {"role": "assistant", "content": ""} if text is None and finish is None else (
+          {"content": text} if text else {})
+      return {"id": cid, "object": "chat.completion.chunk", "created": created,
+              "model": model_name,
+              "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                           "finish_reason": finish}]}
+
+    def final(r) -> dict[str, Any]:
+      return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
+              "choices": [{"index": 0, "message": {"role": "assistant",
+                                                    "content": engine.decode(r.tokens)},
+                           "logprobs": None, "finish_reason": r.finish_reason}],
+              "usage": server.usage(r)}
+
+    return await server.answer(request, body, args, chunk, final)
+
+  @app.get("/v1/models")
+  async def models():
+    contexts = [{"id": name, "tokens": engine.context_tokens(name),
+                 "default": name == engine.default_context} for name in engine.contexts]
+    return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                        "created": server.created, "owned_by": "moska-jax",
+                                        "contexts": contexts}]}
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok" if engine.running else "stopped", "model": model_name,
+            "contexts": list(engine.contexts)}
+
+  @app.get("/metrics")
+  async def metrics():
+    return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+
+  return app

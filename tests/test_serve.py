@@ -1,0 +1,213 @@
+"""The OpenAI-compatible server on localhost with the tiny model: the `openai` client's
+completions and streams, two contexts in one server equal to two single-context engines, 32
+concurrent clients, a disconnecting client freeing its slot, OpenAI-shaped errors (the server
+keeps serving), /v1/models, /health, /metrics, and `python -m moska_jax.serve` alone."""
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+from flax import nnx  # noqa: E402
+
+from moska_jax.config import MoskaConfig, tiny  # noqa: E402
+from moska_jax.engine import MoskaEngine  # noqa: E402
+from moska_jax.model import Decoder  # noqa: E402
+from moska_jax.prefill import build_shared_store  # noqa: E402
+from moska_jax.serve_api import create_app  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [f"question {i}: " + "xyz"[i % 3] * (i % 5) for i in range(32)]
+NEW = 6
+ENGINE = dict(max_batch=8, num_pages=96, page_size=16, prefill_chunk=16, prefill_lanes=2,
+              max_request_tokens=200)
+
+
+class Running:
+  """A uvicorn server on a free localhost port, in a background thread."""
+
+  def __init__(self, app):
+    self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+                                                log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 120
+    while not self.server.started:
+      assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
+      time.sleep(0.05)
+    port = self.server.servers[0].sockets[0].getsockname()[1]
+    self.url = f"http://127.0.0.1:{port}"
+
+  def close(self):
+    self.server.should_exit = True
+    self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served():
+  model = Decoder(tiny(), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  stores = {name: build_shared_store(model, rng.integers(0, 256, 150), chunk_size=64,
+                                     prefill_chunk=128, backend="xla")
+            for name in ("manual", "code")}
+  mcfg = MoskaConfig(backend="xla")
+  engine = MoskaEngine(model, stores, mcfg, **ENGINE)
+  # Greedy references: one single-context engine per context.
+  refs = {name: [r.text for r in MoskaEngine(model, {name: s}, mcfg, **ENGINE).generate(
+      PROMPTS, NEW)] for name, s in stores.items()}
+  app = create_app(engine, model_name="tiny", max_waiting=64)
+  running = Running(app)
+  client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
+  yield running.url, engine, client, refs, app.state.server
+  running.close()
+  assert not engine.running
+
+
+def _error(response, status, fragment):
+  assert response.status_code == status, response.text
+  err = response.json()["error"]
+  assert set(err) == {"message", "type", "param", "code"} and fragment in err["message"]
+  return err
+
+
+def test_openai_client_completions_and_streams(served):
+  url, engine, client, refs, api = served
+  done = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=NEW,
+                                   temperature=0)
+  assert done.choices[0].text == refs["manual"][3]  # the default context is the first
+  assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == NEW
+  pieces = [c.choices[0].text for c in client.completions.create(
+      model="tiny", prompt=PROMPTS[3], max_tokens=NEW, temperature=0, stream=True)]
+  assert "".join(pieces) == done.choices[0].text and len(pieces) > 2
+  chat = client.chat.completions.create(model="tiny", max_tokens=NEW, temperature=0,
+                                        messages=[{"role": "user", "content": "hello"}])
+  streamed = client.chat.completions.create(model="tiny", max_tokens=NEW, temperature=0,
+                                            messages=[{"role": "user", "content": "hello"}],
+                                            stream=True)
+  assert "".join(c.choices[0].delta.content or "" for c in streamed) == (
+      chat.choices[0].message.content)
+  seeded = [client.completions.create(model="tiny", prompt="roll", max_tokens=NEW,
+                                      temperature=1.0, seed=42).choices[0].text for _ in "ab"]
+  assert seeded[0] == seeded[1]  # a seeded request is reproducible
+
+
+def test_two_contexts_and_32_concurrent_clients(served):
+  url, engine, client, refs, api = served
+
+  def ask(i):
+    context = ("manual", "code")[i % 2]
+    r = httpx.post(url + "/v1/completions", timeout=120, json=dict(
+        model="tiny", prompt=PROMPTS[i], max_tokens=NEW, temperature=0, context=context))
+    return r.json()["choices"][0]["text"] == refs[context][i]
+
+  with concurrent.futures.ThreadPoolExecutor(32) as pool:
+    assert all(pool.map(ask, range(32)))
+
+
+def test_a_disconnecting_client_frees_its_slot(served):
+  url, engine, client, refs, api = served
+  cancelled = engine.stats["requests_cancelled"]
+  free = len(engine.cache.free_pages)
+  with httpx.stream("POST", url + "/v1/completions", timeout=60, json=dict(
+      model="tiny", prompt="a long answer", max_tokens=150, temperature=0, stream=True)) as r:
+    lines = r.iter_lines()
+    while json.loads(next(l for l in lines if l.startswith("data:"))[5:])["choices"][0][
+        "text"] == "":
+      pass  # until a token arrived: the request holds a slot
+  deadline = time.time() + 30
+  while engine.stats["requests_cancelled"] == cancelled:
+    assert time.time() < deadline, "the disconnect did not cancel the request"
+    time.sleep(0.05)
+  assert engine.active_requests == 0 and len(engine.cache.free_pages) == free
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
+  url, engine, client, refs, api = served
+  post = lambda body, path="/v1/completions", **kw: httpx.post(url + path, timeout=60,
+                                                                content=body, **kw)
+  body = lambda **kw: json.dumps(dict(model="tiny", prompt="hi", max_tokens=4) | kw)
+  _error(post("{not json"), 400, "malformed JSON")
+  _error(post(body(context="nope")), 404, "unknown context 'nope'")
+  err = _error(post(body(prompt="x" * 300)), 413, "exceeds this server's per-request budget")
+  assert err["code"] == "context_length_exceeded"
+  _error(post(body(max_tokens=0)), 400, "max_tokens must be an integer >= 1")
+  _error(post(body(max_tokens=-3)), 400, "max_tokens must be an integer >= 1")
+  _error(post(body(model="gpt-9")), 404, "the model 'gpt-9' does not exist")
+  _error(post(body(temperature="hot")), 400, "temperature must be a number")
+  _error(post(body(n=3)), 400, "n=3 is not supported")
+  _error(post(body(prompt=[1, 2, 999])), 400, "token id 999 at position 2")
+  _error(post(json.dumps({"messages": []}), "/v1/chat/completions"), 400, "messages must be")
+  _error(httpx.get(url + "/v1/nothing"), 404, "Not Found")
+  limit, api.max_waiting = api.max_waiting, 0  # 429: nobody may wait
+  try:
+    _error(post(body()), 429, "requests are waiting")
+  finally:
+    api.max_waiting = limit
+  ok = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=NEW, temperature=0)
+  assert ok.choices[0].text == refs["manual"][0] and engine.running
+
+
+def test_models_health_and_metrics(served):
+  url, engine, client, refs, api = served
+  models = client.models.list()
+  assert [m.id for m in models.data] == ["tiny"]
+  contexts = httpx.get(url + "/v1/models").json()["data"][0]["contexts"]
+  assert [(c["id"], c["default"]) for c in contexts] == [("manual", True), ("code", False)]
+  assert httpx.get(url + "/health").json()["status"] == "ok"
+  text = httpx.get(url + "/metrics").text
+  for name in ("moska_requests_total{reason=\"length\"}", "moska_tokens_per_second",
+               "moska_queue_length", "moska_batch_occupancy", "moska_step_seconds",
+               "moska_generated_tokens_total"):
+    assert name in text
+  tokens = float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith("moska_generated_tokens_total")))
+  assert tokens >= NEW
+
+
+def test_serve_command_starts_on_the_tiny_model_alone():
+  with socket_port() as port:
+    pass
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, "-m", "moska_jax.serve", "--model=tiny",
+                           f"--port={port}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  try:
+    deadline = time.time() + 240
+    while True:
+      assert proc.poll() is None, proc.stdout.read()
+      assert time.time() < deadline, "the server did not come up"
+      try:
+        if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+          break
+      except httpx.TransportError:
+        time.sleep(0.5)
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                   json=dict(model="tiny", prompt="What is MoSKA?", max_tokens=4))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+  finally:
+    proc.terminate()
+    proc.wait(30)
+
+
+class socket_port:
+  """A free localhost port (closed again on exit)."""
+
+  def __enter__(self):
+    import socket
+    self.sock = socket.socket()
+    self.sock.bind(("127.0.0.1", 0))
+    return self.sock.getsockname()[1]
+
+  def __exit__(self, *exc):
+    self.sock.close()
