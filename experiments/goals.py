@@ -77,9 +77,21 @@ GOALS: dict[str, tuple[Goal, ...]] = {
         Goal("accuracy over dense of the operating points measured on the trained model",
              "acc_over_dense", ">=", 0.99, where={"sparsity": 0.75}, over="any"),
     ),
+    "fp8": (
+        Goal("shared attention with FP8 K/V over its floor, every B", "fp8_x_floor", "<=", 1.25,
+             where={"op": "shared_attention"}),
+        Goal("shared attention: bf16 K/V time over FP8 K/V time at B <= 32", "fp8_speedup",
+             ">=", 1.8, where={"op": "shared_attention", "B": ("<=", 32)}),
+    ),
     "decode": (
         Goal("MoSKA dense speedup over per-request paged decode at B=64", "x_baseline", ">=", 20,
              where={"impl": "moska_dense", "B": 64}),
+    ),
+    "paper_scale": (
+        Goal("MoSKA dense over per-request paged decode, B=256, U=1K", "x_baseline", ">=", 20,
+             where={"impl": "moska_dense", "B": 256, "U": 1024}),
+        Goal("MoSKA sparse over per-request paged decode, B=256, U=1K", "x_baseline", ">=", 60,
+             where={"impl": "moska_sparse", "B": 256, "U": 1024}),
     ),
     "serving": (
         Goal("decoding ITL beside a 4K-token prefill over ITL without, at a prefill budget "

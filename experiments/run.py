@@ -34,6 +34,7 @@ EXPERIMENTS = {
     "train_retrieval": "experiments.train_retrieval",
     "accuracy": "experiments.accuracy",
     "serving": "experiments.serving",
+    "fp8": "experiments.fp8",
 }
 # Logs written from these packages are shown at INFO; other libraries' at WARNING and above.
 OWN_PACKAGES = ("experiments", "moska_jax", "pallas_kernels")

@@ -40,6 +40,8 @@ TINY = {
                 "--serving_clients=4", "--serving_new_tokens=4", "--serving_decoders=2",
                 "--serving_long_prompt=256", "--serving_prefill_chunks=128",
                 "--serving_base_steps=3", "--serving_load_lanes=2"],
+    "fp8": ["--backend=xla", "--shape=tiny", "--fp8_batches=2", "--fp8_shared=1024",
+            "--fp8_unique=64", "--fp8_page=16"],
 }
 CHECKED = {"shared_attention", "unique_attention", "sparse_attention", "disaggregation"}
 NOT_ON_HARNESS = {"demo"}  # it still writes its results by hand
