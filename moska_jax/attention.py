@@ -104,16 +104,26 @@ def shared_prefix_attention(q, k, v, store_k, store_v, start, backend: str) -> j
 
 
 class SharedLayer(NamedTuple):
-  """One layer of the shared store as the attention sees it."""
+  """One layer of the shared store as the attention sees it.
 
-  k: jax.Array  # [S, Hkv, D]
+  k, v: [S, Hkv, D] in the model dtype, or float8 (`pallas_kernels.quant.FP8_DTYPES`) with
+    k_scale, v_scale: [Hkv] float32 dequantization scales (k = k_scale[h] * k_stored); None for
+    unscaled K/V. The kernels read the float8 tiles and fold the scales into q and o.
+  summaries: the routing summaries (built from the full-precision or dequantized keys).
+  length: valid tokens (int32 scalar).
+  """
+
+  k: jax.Array
   v: jax.Array
   summaries: routing.ChunkSummaries
-  length: jax.Array  # valid tokens (int32 scalar)
+  length: jax.Array
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
 
 
 def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Array, jax.Array],
-                   tables: jax.Array, lengths: jax.Array, mcfg: MoskaConfig
+                   tables: jax.Array, lengths: jax.Array, mcfg: MoskaConfig, *,
+                   k_scale: jax.Array | None = None, v_scale: jax.Array | None = None
                    ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
   """The unique half of a MoSKA step for one layer.
 
@@ -126,13 +136,16 @@ def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Ar
     tables: [B, max_pages] each request's page ids.
     lengths: [B] tokens each request had cached before this step.
     mcfg: the kernel backend and interpret mode.
+    k_scale, v_scale: [Hkv] float32 scales of float8 pools (the new K/V are written as
+      k / k_scale, saturated; `pk.write_pages`), None for pools in the model dtype.
 
   Returns:
     ((o, lse), updated (k_pages, v_pages)).
   """
   T = q.shape[1]
-  k_pages, v_pages = pk.write_pages(*pages, tables, lengths, k, v)
-  o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, tables, lengths + T,
+  scales = dict(k_scale=k_scale, v_scale=v_scale)
+  k_pages, v_pages = pk.write_pages(*pages, tables, lengths, k, v, **scales)
+  o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, tables, lengths + T, **scales,
                                    backend=mcfg.backend, interpret=mcfg.interpret)
   return (o_u, lse_u), (k_pages, v_pages)
 
@@ -149,6 +162,7 @@ def shared_partial(q: jax.Array, shared: SharedLayer, mcfg: MoskaConfig, *,
   """
   if mcfg.mode == "dense":
     return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
+                               k_scale=shared.k_scale, v_scale=shared.v_scale,
                                backend=mcfg.backend, interpret=mcfg.interpret)
   if chunk_ids is None:
     top_k = top_k or mcfg.chunks_kept(shared.summaries.num_chunks)
@@ -163,8 +177,8 @@ def routed_attention(q: jax.Array, shared: SharedLayer, ids: jax.Array,
   """(o, lse) of q[B, T, Hq, D] over the routed chunks ids[B, Hkv, K] of the shared KV: per
   (request, chunk) pair (`chunk_attention`), or per tile of alike requests over the union of
   their chunks when `mcfg.batch_aware` is set (`routing.batch_aware`, `tile_chunk_attention`)."""
-  kernel = dict(chunk_size=mcfg.chunk_size, kv_length=shared.length, backend=mcfg.backend,
-                interpret=mcfg.interpret)
+  kernel = dict(chunk_size=mcfg.chunk_size, kv_length=shared.length, k_scale=shared.k_scale,
+                v_scale=shared.v_scale, backend=mcfg.backend, interpret=mcfg.interpret)
   if not mcfg.batch_aware:
     return pk.chunk_attention(q, shared.k, shared.v, ids, **kernel)
   B = q.shape[0]

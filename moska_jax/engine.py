@@ -43,8 +43,15 @@ the same arguments, and the sampled tokens and logits are replicated so each rea
 logits equal the one-device engine's to f32 tolerance, and `stats` counts the bytes handed
 between the groups ("bytes_to_shared", "bytes_to_unique", `sharding.TransferStats`). Refused on
 disaggregated groups, with a ValueError at construction: several shared contexts (the shared
-devices' memory holds one store; `set_store` replaces it), `MoskaConfig.reroute_every` > 1 and
-`MoskaConfig.batch_aware` (the shared devices route and attend per (request, chunk) pair). A
+devices' memory holds one store; `set_store` replaces it), `MoskaConfig.reroute_every` > 1,
+`MoskaConfig.batch_aware` (the shared devices route and attend per (request, chunk) pair), and
+float8 K/V (a float8 shared store or `unique_kv_dtype`: each device's K/V memory holds store rows
+and pages in one array per layer in the model's dtype).
+
+FP8 K/V (one device, any number of contexts): the shared stores may hold float8 K/V with per-head
+scales (`SharedKVStore.quantized`); every store of an engine has its first store's kv dtype (one
+compiled step). `unique_kv_dtype` stores the unique pages in float8 too, with per-layer per-kv-head
+scales fixed when the engine is made (`kv_cache.unique_kv_scales` of the first store). A
 single-device `DeviceGroups` runs the one-device step on that device (every feature, 0 bytes).
 """
 
@@ -71,7 +78,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
 from moska_jax.config import ModelConfig, MoskaConfig
-from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, zero_kv
+from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, check_kv_dtype, unique_kv_scales
 from moska_jax.model import Decoder
 from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, sample
 from moska_jax.scheduler import Request, Scheduler, StepPlan
@@ -119,13 +126,14 @@ _TRACES = [0]  # traces of `_engine_step`, all engines together
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mcfg"), donate_argnums=(2, 3))
-def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, *, graphdef, mcfg):
+def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, unique_scales, *,
+                 graphdef, mcfg):
   """One engine step on one device: `moska_step`, each row's last logits, sampling. Module-level,
   so engines of the same model and MoskaConfig share its compilations."""
   _TRACES[0] += 1
   routes = None if ids is None else Routes(ids, reroute)
   logits, pools, ids = moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg,
-                                  routes=routes)
+                                  routes=routes, unique_scales=unique_scales)
   last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
   return sample(last, sampling), last, pools, ids
 
@@ -167,6 +175,11 @@ class MoskaEngine:
       requests are split over the unique devices (`ShardingRules.requests`) when its batch is a
       multiple of their number of shards, else every unique device serves all of them.
     default_context: the name of `shared_store` when it is one store.
+    unique_kv_dtype: the unique pages' format: None (the model's dtype) or "float8_e4m3fn" /
+      "float8_e5m2", with per-layer per-kv-head scales fixed now from the first store's
+      (`kv_cache.unique_kv_scales`: the same projections make both; 2x headroom; larger values
+      saturate). An engine option beside the page budget, not a MoskaConfig field: it shapes the
+      cache's memory, not how the shared KV is attended.
 
   Attributes:
     cache: the `UniqueKVCache` (page pools, block tables, lengths); on disaggregated groups its
@@ -183,8 +196,10 @@ class MoskaEngine:
                moska_config: MoskaConfig, *, max_batch: int, num_pages: int, page_size: int = 16,
                max_request_tokens: int | None = None, prefill_chunk: int = 32,
                prefill_lanes: int | None = None, tokenizer=None,
-               groups: DeviceGroups | None = None, default_context: str = "default"):
+               groups: DeviceGroups | None = None, default_context: str = "default",
+               unique_kv_dtype: str | None = None):
     self.model_config, self.mcfg, self.groups = model.cfg, moska_config, groups
+    self._disaggregated = groups is not None and not groups.colocated
     max_batch = _check_int("max_batch", max_batch, 1)
     num_pages = _check_int("num_pages", num_pages, 2)
     page_size = _check_int("page_size", page_size, 1)
@@ -193,14 +208,30 @@ class MoskaEngine:
     budget = (num_pages - 1) * page_size
     max_request_tokens = _check_int("max_request_tokens", budget if max_request_tokens is None
                                     else max_request_tokens, 2)
-    if groups is not None and not groups.colocated:
+    if self._disaggregated:
       GroupsExecutor.check_config(moska_config)
+    stores = dict(shared_store) if isinstance(shared_store, Mapping) else {
+        default_context: shared_store}
+    if not stores:
+      raise ValueError("MoskaEngine: shared_store must hold at least one context")
+    first = next(iter(stores.values()))
+    # Every store of the engine has the first one's K/V format (`_check_store`).
+    self.shared_kv_dtype = first.kv_dtype if isinstance(first, SharedKVStore) else None
+    self._check_store(first)
+    unique_dtype = check_kv_dtype(unique_kv_dtype, "MoskaEngine", "unique_kv_dtype")
+    if unique_dtype is not None and self._disaggregated:
+      raise ValueError(f"MoskaEngine: unique_kv_dtype={unique_kv_dtype!r} is not supported on "
+                       f"disaggregated DeviceGroups (their K/V memory holds store rows and pages "
+                       f"in one array per layer, in the model's dtype); use unique_kv_dtype=None "
+                       f"there, or run on one device (groups=None)")
     # A prefill step writes prefill_chunk tokens from a request's length on, past its last page
     # when the prompt ends inside the chunk: spare table entries (the scratch page) take those
     # padding writes, so no kernel ever sees a length beyond its table.
     self.cache = UniqueKVCache(
         model.cfg, max_batch=max_batch, num_pages=num_pages, page_size=page_size,
-        max_pages_per_request=-(-(max_request_tokens + prefill_chunk - 1) // page_size))
+        max_pages_per_request=-(-(max_request_tokens + prefill_chunk - 1) // page_size),
+        kv_dtype=unique_dtype,
+        scales=None if unique_dtype is None else unique_kv_scales(first, unique_dtype))
     self.scheduler = Scheduler(self.cache, max_batch, prefill_chunk, prefill_lanes)
     self.max_batch, self.max_request_tokens = max_batch, max_request_tokens
     self.prefill_chunk, self.prefill_lanes = prefill_chunk, prefill_lanes
@@ -224,12 +255,8 @@ class MoskaEngine:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self._contexts: dict[str, _Resident] = {}
-    stores = dict(shared_store) if isinstance(shared_store, Mapping) else {
-        default_context: shared_store}
-    if not stores:
-      raise ValueError("MoskaEngine: shared_store must hold at least one context")
     self._groups: GroupsExecutor | None = None
-    if groups is not None and not groups.colocated:
+    if self._disaggregated:
       if len(stores) > 1:
         raise ValueError(f"MoskaEngine: shared_store holds {len(stores)} contexts "
                          f"({sorted(stores)}); disaggregated DeviceGroups serve one (the shared "
@@ -239,8 +266,8 @@ class MoskaEngine:
                                     self.cache, self._counted)
       self.state = self._groups.state
     elif groups is not None:  # both groups are one device: the one-device step, on it
-      self.state, self.cache.pools = jax.device_put((self.state, self.cache.pools),
-                                                   groups.unique_devices[0])
+      self.state, self.cache.pools, self.cache.scales = jax.device_put(
+          (self.state, self.cache.pools, self.cache.scales), groups.unique_devices[0])
     self.default_context = next(iter(stores))
     for name, store in stores.items():
       self._load(name, store)
@@ -285,8 +312,9 @@ class MoskaEngine:
 
     Raises:
       ValueError: an empty name, or the store was built for another model, or (sparse) its chunk
-        size or summary kind differs from the engine's MoskaConfig, or a second context on
-        disaggregated groups.
+        size or summary kind differs from the engine's MoskaConfig, or its K/V format
+        (`SharedKVStore.kv_dtype`) from the engine's first store's, or a second context (or a
+        float8 store) on disaggregated groups.
     """
     if not isinstance(name, str) or not name:
       raise ValueError(f"load_context: name must be a non-empty str, got {name!r}")
@@ -322,6 +350,20 @@ class MoskaEngine:
                        f"{type(store).__name__}")
     if store.model_config != self.model_config:
       raise ValueError("MoskaEngine: the shared store was built for a different model config")
+    fmt = lambda kv_dtype: kv_dtype or f"unscaled {self.model_config.dtype}"
+    if store.kv_dtype != self.shared_kv_dtype:
+      raise ValueError(f"MoskaEngine: the shared store's K/V are {fmt(store.kv_dtype)}; this "
+                       f"engine serves {fmt(self.shared_kv_dtype)} stores (its first store's "
+                       f"kv_dtype, which its compiled step reads)")
+    want = jnp.dtype(store.kv_dtype or self.model_config.jnp_dtype)
+    if any(x.dtype != want for x in store.k + store.v):
+      raise ValueError(f"MoskaEngine: a {fmt(store.kv_dtype)} store must hold K, V in {want.name}, "
+                       f"got {sorted({x.dtype.name for x in store.k + store.v})}")
+    if store.kv_dtype is not None and self._disaggregated:
+      raise ValueError(f"MoskaEngine: float8 shared stores (kv_dtype {store.kv_dtype!r}) are not "
+                       f"supported on disaggregated DeviceGroups (each device's K/V memory holds "
+                       f"store rows and pages in one array per layer, in the model's dtype); give "
+                       f"a store in the model's dtype, or run on one device (groups=None)")
     if mcfg.mode == "sparse" and mcfg.chunk_size != store.chunk_size:
       raise ValueError(f"MoskaEngine: moska_config.chunk_size={mcfg.chunk_size} must match the "
                        f"store's chunk_size={store.chunk_size}")
@@ -607,7 +649,7 @@ class MoskaEngine:
         self._groups.set_store(self.store, self.context_top_k(self.default_context), self.cache,
                                keep_pages=False)
       else:
-        pools = zero_kv(self.model_config, (self.cache.num_pages, self.cache.page_size))
+        pools = self.cache.zero_pools()
         self.cache.pools = pools if self.groups is None else jax.device_put(
             pools, self.groups.unique_devices[0])
     self._ids, self._reroute_all = None, True
@@ -654,8 +696,8 @@ class MoskaEngine:
     traces = _TRACES[0]
     tokens, last, self.cache.pools, self._ids = _engine_step(
         self.state, self._step_contexts, self.cache.pools, self._route_ids(),
-        host_parts(plan.parts), jnp.asarray(plan.reroute), rows, graphdef=self.graphdef,
-        mcfg=self.mcfg)
+        host_parts(plan.parts), jnp.asarray(plan.reroute), rows, self.cache.scales,
+        graphdef=self.graphdef, mcfg=self.mcfg)
     self._traces += _TRACES[0] - traces
     return np.asarray(tokens), (np.asarray(last) if plan.keep_logits else None)
 

@@ -19,11 +19,37 @@ import orbax.checkpoint as ocp
 from moska_jax import checkpoint, routing
 from moska_jax.attention import SharedLayer
 from moska_jax.config import ModelConfig
+from pallas_kernels import quant
+
+KV_DTYPES = (None, "float8_e4m3fn", "float8_e5m2")  # None: the model's dtype, unscaled
+# A float8 unique cache's scales leave this much room above the largest magnitude of the shared
+# store's keys (values) of the same layer and kv head; see `unique_kv_scales`.
+UNIQUE_HEADROOM = 2.0
 
 
-def zero_kv(cfg: ModelConfig, rows: tuple[int, ...]) -> tuple[tuple[jax.Array, jax.Array], ...]:
-  """Per layer a zero (k, v) pair of shape [*rows, Hkv, D] in the model's dtype."""
-  zeros = lambda: jnp.zeros((*rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+def check_kv_dtype(kv_dtype, what: str, name: str = "kv_dtype"):
+  """kv_dtype as a float8 jnp.dtype, or None (the model's dtype).
+
+  Raises:
+    ValueError: kv_dtype (the argument `name` of `what`) is not one of `KV_DTYPES` (names or the
+      dtypes themselves).
+  """
+  if kv_dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(kv_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not quant.is_fp8(dtype):
+    raise ValueError(f"{what}: {name} must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
+  return dtype
+
+
+def zero_kv(cfg: ModelConfig, rows: tuple[int, ...],
+            dtype=None) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """Per layer a zero (k, v) pair of shape [*rows, Hkv, D] in `dtype` (default the model's)."""
+  dtype = cfg.jnp_dtype if dtype is None else dtype
+  zeros = lambda: jnp.zeros((*rows, cfg.num_kv_heads, cfg.head_dim), dtype)
   return tuple((zeros(), zeros()) for _ in range(cfg.layers))
 
 
@@ -33,7 +59,10 @@ class SharedKVStore:
   """Per-layer shared K, V [S_pad, Hkv, D] (RoPE applied), chunk summaries, token count.
 
   Keys sit at positions 0..S-1; S_pad rounds S up (to the routing chunk and the kernels' tiles)
-  and the padding is masked by `length`.
+  and the padding is masked by `length`. K, V are in the model's dtype (k_scale = v_scale =
+  None) or float8 with per-layer [Hkv] float32 dequantization scales (k = k_scale[h] * stored;
+  `quantized`, `prefill.build_shared_store(kv_dtype=...)`); the summaries are always those of
+  the full-precision (or dequantized) keys.
   """
 
   k: tuple[jax.Array, ...]
@@ -42,31 +71,76 @@ class SharedKVStore:
   length: jax.Array  # int32 scalar: valid shared tokens S
   model_config: ModelConfig = dataclasses.field(metadata=dict(static=True))
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
+  k_scale: tuple[jax.Array, ...] | None = None  # per layer [Hkv] float32, float8 K only
+  v_scale: tuple[jax.Array, ...] | None = None
+
+  @property
+  def kv_dtype(self) -> str | None:
+    """The K/V storage format: a float8 dtype's name, or None (the model's dtype, unscaled)."""
+    return None if self.k_scale is None else jnp.dtype(self.k[0].dtype).name
+
+  def _scales(self) -> list:
+    """Per layer (k_scale, v_scale), (None, None) when unscaled."""
+    if self.k_scale is None:
+      return [(None, None)] * len(self.k)
+    return list(zip(self.k_scale, self.v_scale, strict=True))
 
   @property
   def layers(self) -> tuple[SharedLayer, ...]:
-    """Each layer's K, V, summaries and length as the attention reads them."""
-    return tuple(SharedLayer(k, v, s, self.length)
-                 for k, v, s in zip(self.k, self.v, self.summaries, strict=True))
+    """Each layer's K, V, summaries, length (and float8 scales) as the attention reads them."""
+    return tuple(SharedLayer(k, v, s, self.length, ks, vs)
+                 for k, v, s, (ks, vs) in zip(self.k, self.v, self.summaries, self._scales(),
+                                              strict=True))
+
+  def dequantized(self, kv: str) -> tuple[jax.Array, ...]:
+    """Per layer the keys (kv="k") or values (kv="v") in the model's dtype, dequantized when
+    stored in float8."""
+    x, scales = (self.k, self.k_scale) if kv == "k" else (self.v, self.v_scale)
+    if scales is None:
+      return x
+    return tuple(quant.dequantize(a, s, self.model_config.jnp_dtype) for a, s in zip(x, scales))
 
   def with_summaries(self, chunk_size: int, summary: str = "mean") -> SharedKVStore:
-    """The same K/V routed at another chunk size or summary kind (summaries recomputed)."""
+    """The same K/V routed at another chunk size or summary kind (summaries recomputed from the
+    dequantized keys of a float8 store)."""
     summaries = tuple(routing.chunk_summaries(k, chunk_size, kv_length=self.length,
-                                              summary=summary) for k in self.k)
+                                              summary=summary) for k in self.dequantized("k"))
     return dataclasses.replace(self, summaries=summaries, chunk_size=chunk_size)
+
+  def quantized(self, kv_dtype) -> SharedKVStore:
+    """This store with K, V in float8 `kv_dtype`, one scale per layer and kv head (the largest
+    magnitude of the head's valid rows to the format's largest finite value,
+    `pallas_kernels.quant.quantize`); the padding rows past `length` are stored as zeros. The
+    summaries stay those of the full-precision keys.
+
+    Raises:
+      ValueError: kv_dtype is not a float8 name of `KV_DTYPES`, or the store is float8 already.
+    """
+    dtype = check_kv_dtype(kv_dtype, "SharedKVStore.quantized")
+    if dtype is None or self.k_scale is not None:
+      raise ValueError(f"SharedKVStore.quantized: needs a store in the model's dtype and a "
+                       f"float8 kv_dtype ({list(KV_DTYPES[1:])}); got a store in "
+                       f"{self.kv_dtype or 'the model dtype'} and kv_dtype {kv_dtype!r}")
+    valid = lambda x: jnp.where((jnp.arange(x.shape[0]) < self.length)[:, None, None], x, 0)
+    k, ks = zip(*(quant.quantize(valid(x), dtype) for x in self.k))
+    v, vs = zip(*(quant.quantize(valid(x), dtype) for x in self.v))
+    return dataclasses.replace(self, k=k, v=v, k_scale=ks, v_scale=vs)
 
 
 def _arrays(store: SharedKVStore) -> dict:
   """The tree of arrays a store is saved as (orbax)."""
+  scales = {} if store.k_scale is None else dict(k_scale=list(store.k_scale),
+                                                 v_scale=list(store.v_scale))
   return dict(k=list(store.k), v=list(store.v), length=store.length,
               summaries=[list(s.arrays) for s in store.summaries],
-              num_valid_chunks=[s.num_valid_chunks for s in store.summaries])
+              num_valid_chunks=[s.num_valid_chunks for s in store.summaries], **scales)
 
 
 def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = False) -> None:
   """Saves the store under directory `path`, atomically and with a checksum per file.
 
-  Layout: `path/store.json` (the config, chunk size, summary kind, rows), `path/arrays` (orbax)
+  Layout: `path/store.json` (the config, chunk size, summary kind, rows, kv_dtype),
+  `path/arrays` (orbax; float8 K/V as they are, bit-exact, with their float32 scales)
   and `path/checksums.json` (the size and sha256 of every file). The directory is written beside
   `path` and renamed into place once complete and durable (`checkpoint.atomic_directory`): a save
   that fails or is killed leaves the old store (or none) loadable, never a half-written one.
@@ -84,7 +158,8 @@ def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = Fals
     raise TypeError(f"save_shared_store: store must be a SharedKVStore, got "
                     f"{type(store).__name__}")
   meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
-              summary=store.summaries[0].kind, rows=store.k[0].shape[0])
+              summary=store.summaries[0].kind, rows=store.k[0].shape[0],
+              kv_dtype=store.kv_dtype)
   arrays = _arrays(store)
   with checkpoint.atomic_directory(path, overwrite=overwrite, marker="store.json",
                                    what="save_shared_store") as tmp:
@@ -125,6 +200,7 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
     C, summary, rows = meta["chunk_size"], meta["summary"], meta["rows"]
     if summary not in routing.SUMMARIES or not isinstance(C, int) or not isinstance(rows, int):
       raise ValueError(f"summary {summary!r}, chunk_size {C!r}, rows {rows!r}")
+    kv_dtype = check_kv_dtype(meta.get("kv_dtype"), "store.json")  # absent: saved unscaled
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{what}: {os.path.join(path, 'store.json')} is damaged: "
                      f"{type(e).__name__}: {e}") from None
@@ -132,43 +208,111 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
     raise ValueError(f"{what}: the store at {path} was built for {built_for}, not for "
                      f"{model_config}")
   cfg = built_for
-  kv = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  full = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
+  kv = full if kv_dtype is None else jax.ShapeDtypeStruct(full.shape, kv_dtype)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   summary_shapes = jax.eval_shape(
-      lambda k: list(routing.chunk_summaries(k, C, summary=summary).arrays), kv)
+      lambda k: list(routing.chunk_summaries(k, C, summary=summary).arrays), full)
+  scale = [jax.ShapeDtypeStruct((cfg.num_kv_heads,), jnp.float32)] * cfg.layers
+  scales = {} if kv_dtype is None else dict(k_scale=scale, v_scale=scale)
   a = checkpoint.restore_arrays(os.path.join(path, "arrays"),
                                 dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
                                      summaries=[summary_shapes] * cfg.layers,
-                                     num_valid_chunks=[scalar] * cfg.layers), what)
+                                     num_valid_chunks=[scalar] * cfg.layers, **scales), what)
   summaries = tuple(routing.ChunkSummaries(tuple(arr), n, summary, C)
                     for arr, n in zip(a["summaries"], a["num_valid_chunks"]))
-  return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C)
+  scales = {} if kv_dtype is None else dict(k_scale=tuple(a["k_scale"]),
+                                            v_scale=tuple(a["v_scale"]))
+  return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C,
+                       **scales)
+
+
+def unique_kv_scales(store: SharedKVStore, kv_dtype,
+                     headroom: float = UNIQUE_HEADROOM) -> tuple[tuple[jax.Array, jax.Array], ...]:
+  """Default per-layer (k_scale, v_scale) [Hkv] float32 of a float8 unique cache, from `store`.
+
+  A page pool's scales are fixed when the cache is made (tokens are quantized as they are
+  written), so they come from the best estimate at hand of the range of the new K/V: the shared
+  store's, of the same layer and kv head, since the same k/v projections (and RoPE) produce both.
+  The headroom (default 2) keeps a unique token up to twice the store's largest magnitude of its
+  head exact to float8 rounding; it costs one binade at the bottom of the format (values below
+  2^-6 * scale of e4m3 lose relative precision as subnormals, a negligible share of attention),
+  and larger values saturate to the format's largest (a bounded error, never inf or NaN).
+
+  Args:
+    store: the shared store (float8 or the model's dtype).
+    kv_dtype: the unique cache's float8 format (a float8 name of `KV_DTYPES`).
+    headroom: the factor > 0 above the store's per-head largest magnitude.
+  """
+  dtype = check_kv_dtype(kv_dtype, "unique_kv_scales")
+  if dtype is None:
+    raise ValueError(f"unique_kv_scales: kv_dtype must be a float8 name of {list(KV_DTYPES[1:])}, "
+                     f"got None")
+  if not headroom > 0:
+    raise ValueError(f"unique_kv_scales: headroom must be > 0, got {headroom!r}")
+  top = float(jnp.finfo(dtype).max)
+
+  def scale(x, s):  # the head's largest magnitude (of the valid rows) -> the new format
+    if s is not None:  # quantize mapped it to the stored format's largest finite value
+      amax = s * float(jnp.finfo(x.dtype).max)
+    else:
+      valid = (jnp.arange(x.shape[0]) < store.length)[:, None, None]
+      amax = jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0.0), axis=(0, 2))
+    return jnp.where(amax > 0, amax * headroom / top, 1.0).astype(jnp.float32)
+
+  return tuple((scale(k, ks), scale(v, vs))
+               for k, v, (ks, vs) in zip(store.k, store.v, store._scales()))
 
 
 class UniqueKVCache:
   """The paged unique KV of up to `max_batch` requests: one page pool per layer.
 
   pools: per layer (k_pages, v_pages) [num_pages, page_size, Hkv, D], the state a MoSKA step
-  takes and returns (`moska_jax.step`). block_tables [max_batch, max_pages_per_request] and
-  lengths [max_batch] (tokens cached per slot) are host arrays.
+  takes and returns (`moska_jax.step`), in the model's dtype or in float8 (`kv_dtype`) with the
+  fixed per-layer scales `scales` (k = k_scale[h] * stored; new tokens are quantized as they are
+  written). block_tables [max_batch, max_pages_per_request] and lengths [max_batch] (tokens
+  cached per slot) are host arrays.
 
   Page 0 is a scratch page no request owns: unused block-table entries point at it, so the fixed-
   shape step can write padding tokens anywhere without touching another request's pages.
   Allocation is host-side (a free list); the pools live on the device.
+
+  Args:
+    cfg: the model's config.
+    max_batch, num_pages, page_size, max_pages_per_request: the slots and the page budget.
+    kv_dtype: None (the model's dtype) or a float8 name of `KV_DTYPES`.
+    scales: float8 only (then required): per layer (k_scale, v_scale) [Hkv] float32, e.g.
+      `unique_kv_scales(store, kv_dtype)`.
   """
 
   def __init__(self, cfg: ModelConfig, *, max_batch: int, num_pages: int, page_size: int,
-               max_pages_per_request: int):
+               max_pages_per_request: int, kv_dtype=None, scales=None):
     if num_pages < 2 or page_size < 1 or max_batch < 1 or max_pages_per_request < 1:
       raise ValueError("UniqueKVCache: need num_pages >= 2 (page 0 is scratch), page_size, "
                        f"max_batch and max_pages_per_request >= 1; got {num_pages}, {page_size}, "
                        f"{max_batch}, {max_pages_per_request}")
-    self.pools = zero_kv(cfg, (num_pages, page_size))
+    dtype = check_kv_dtype(kv_dtype, "UniqueKVCache")
+    if dtype is not None:
+      want = (cfg.num_kv_heads,)
+      if scales is None or len(scales) != cfg.layers or any(
+          len(pair) != 2 or any(jnp.shape(s) != want for s in pair) for pair in scales):
+        raise ValueError(f"UniqueKVCache: a {dtype.name} cache needs scales, per layer "
+                         f"({cfg.layers}) a (k_scale, v_scale) pair of shape {want}")
+      scales = tuple(tuple(jnp.asarray(s, jnp.float32) for s in pair) for pair in scales)
+    elif scales is not None:
+      raise ValueError("UniqueKVCache: scales are for a float8 kv_dtype; got kv_dtype None")
+    self.kv_dtype, self.scales = dtype, scales
     self.page_size, self.num_pages = page_size, num_pages
+    self._cfg = cfg
+    self.pools = self.zero_pools()
     self.block_tables = np.zeros((max_batch, max_pages_per_request), np.int32)
     self.lengths = np.zeros((max_batch,), np.int32)
     self.free_pages = list(range(num_pages - 1, 0, -1))
     self.owned: dict[int, list[int]] = {}
+
+  def zero_pools(self) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per layer fresh zero (k_pages, v_pages) in the cache's dtype."""
+    return zero_kv(self._cfg, (self.num_pages, self.page_size), self.kv_dtype)
 
   def pages_for(self, tokens: int) -> int:
     return -(-tokens // self.page_size)

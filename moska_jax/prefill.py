@@ -20,12 +20,13 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
-from moska_jax.kv_cache import SharedKVStore, zero_kv
+from moska_jax.kv_cache import SharedKVStore, check_kv_dtype, zero_kv
 from moska_jax.model import Decoder
 
 
 def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str = "mean",
-                       prefill_chunk: int = 256, backend: str = "auto") -> SharedKVStore:
+                       prefill_chunk: int = 256, backend: str = "auto",
+                       kv_dtype: str | None = None) -> SharedKVStore:
   """Prefills the shared tokens [S] chunk by chunk into a SharedKVStore.
 
   Args:
@@ -35,8 +36,16 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
     summary: the summary kind (a key of `routing.SUMMARIES`).
     prefill_chunk: tokens run per prefill step.
     backend: kernel backend of the prefill's shared attention.
+    kv_dtype: the stored K/V format: None (the model's dtype) or "float8_e4m3fn" /
+      "float8_e5m2". The prefill always runs in the model's dtype (its attention reads the full-
+      precision store) and the summaries are built from the full-precision keys; then each
+      layer is quantized with one scale per kv head (`SharedKVStore.quantized`).
+
+  Raises:
+    ValueError: a bad chunk_size, prefill_chunk, kv_dtype or token.
   """
   cfg = model.cfg
+  check_kv_dtype(kv_dtype, "build_shared_store")
   for name, value in (("chunk_size", chunk_size), ("prefill_chunk", prefill_chunk)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"build_shared_store: {name} must be an int >= 1, got {value!r}")
@@ -76,4 +85,5 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
   length = jnp.int32(S)
   summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
                     for Ki in K)
-  return SharedKVStore(K, V, summaries, length, cfg, chunk_size)
+  store = SharedKVStore(K, V, summaries, length, cfg, chunk_size)
+  return store if kv_dtype is None else store.quantized(kv_dtype)

@@ -46,12 +46,14 @@ from moska_jax.kv_cache import SharedKVStore
 from moska_jax.model import Attend, Decoder
 
 Pages = tuple[jax.Array, jax.Array]  # one layer's (k_pages, v_pages) [P, page_size, Hkv, D]
+# one layer's (k_scale, v_scale) [Hkv] float32 of float8 page pools
+Scales = tuple[jax.Array, jax.Array]
 # shared(layer, qs, ids) -> ([(o, lse)] per part, new ids of part 0 or None); qs: each part's
 # q[B_p, T_p, Hq, D]; ids: the layer's reused chunk selections of part 0 (or None)
 SharedPart = Callable[[int, list, jax.Array | None], tuple[list, jax.Array | None]]
-# unique(qs, ks, vs, pages) -> ([(o, lse)] per part, pages): every part's new K/V appended to its
-# requests' pages, then each part's paged attention
-UniquePart = Callable[[list, list, list, Pages], tuple[list, Pages]]
+# unique(layer, qs, ks, vs, pages) -> ([(o, lse)] per part, pages): every part's new K/V appended
+# to its requests' pages, then each part's paged attention
+UniquePart = Callable[[int, list, list, list, Pages], tuple[list, Pages]]
 
 # zero_padding and merge_halves are jitted so that an eager caller runs each as one program;
 # inside a jitted step they are inlined.
@@ -166,7 +168,7 @@ def moska_attend(shared: SharedPart, unique: UniquePart, shapes: Sequence[tuple[
     pages, ids = state
     qs = [qp if f is None else zero_padding(qp, f) for qp, f in zip(_split(q, shapes), fed)]
     shared_out, ids = shared(i, qs, ids)  # issued first: on groups it runs beside the unique half
-    unique_out, pages = unique(qs, _split(k, shapes), _split(v, shapes), pages)
+    unique_out, pages = unique(i, qs, _split(k, shapes), _split(v, shapes), pages)
     out = [merge_halves(*u, *s) for u, s in zip(unique_out, shared_out)]
     return _join(out), (pages, ids)
 
@@ -184,14 +186,16 @@ def _pad_ids(ids: jax.Array, K: int) -> jax.Array:
   return jnp.pad(ids, ((0, 0), (0, 0), (0, K - ids.shape[2])), constant_values=-1)
 
 
-def local_unique(parts: Sequence[Part], mcfg: MoskaConfig) -> UniquePart:
+def local_unique(parts: Sequence[Part], mcfg: MoskaConfig,
+                 scales: Sequence[Scales] | None = None) -> UniquePart:
   """The unique half of a one-device step: every part's K/V written first, then each part's
   paged attention, so the pools see no reader between the writes (updated in place, never
-  copied)."""
-  def unique(qs, ks, vs, pages):
+  copied). scales: per layer the float8 pools' (k_scale, v_scale), or None."""
+  def unique(i, qs, ks, vs, pages):
+    kv_scales = {} if scales is None else dict(zip(("k_scale", "v_scale"), scales[i]))
     for p, k, v in zip(parts, ks, vs):
-      pages = pk.write_pages(*pages, p.tables, p.lengths, k, v)
-    return [pk.unique_attention(q, *pages, p.tables, p.lengths + q.shape[1],
+      pages = pk.write_pages(*pages, p.tables, p.lengths, k, v, **kv_scales)
+    return [pk.unique_attention(q, *pages, p.tables, p.lengths + q.shape[1], **kv_scales,
                                 backend=mcfg.backend, interpret=mcfg.interpret)
             for p, q in zip(parts, qs)], pages
 
@@ -280,19 +284,23 @@ def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg:
 
 
 def moska_step(model: Decoder, contexts: Sequence[SharedContext], pools: Sequence[Pages],
-               parts: Sequence[Part], mcfg: MoskaConfig, *, routes: Routes | None = None
+               parts: Sequence[Part], mcfg: MoskaConfig, *, routes: Routes | None = None,
+               unique_scales: Sequence[Scales] | None = None
                ) -> tuple[list[jax.Array], tuple[Pages, ...], tuple[jax.Array, ...] | None]:
   """Feeds every part's tokens; pure, so it can be jitted (donate `pools` and `routes.ids`).
 
   Args:
     model: the decoder (inside jit: `nnx.merge(graphdef, state)`).
     contexts: the resident shared contexts (`SharedContext.of(store, mcfg)`); parts name them by
-      index.
-    pools: per layer the unique cache's `Pages`.
+      index. A context's layers may hold float8 K/V with their scales (`SharedLayer`).
+    pools: per layer the unique cache's `Pages`, in the model dtype or float8.
     parts: the requests fed in this step (see `Part`); their requests' pages are disjoint.
     mcfg: dense or sparse shared attention, kernel backend.
     routes: sparse only, the chunk selections part 0 reuses (see `Routes`); None routes every
       row.
+    unique_scales: float8 pools only (then required): per layer (k_scale, v_scale) [Hkv] float32,
+      the fixed dequantization scales of the pages (new K/V are written as k / k_scale,
+      saturated; `UniqueKVCache.scales`).
 
   Returns:
     per part logits [B_p, T_p, vocab] float32, the updated pools (each part's T_p tokens
@@ -300,13 +308,20 @@ def moska_step(model: Decoder, contexts: Sequence[SharedContext], pools: Sequenc
   """
   if routes is not None and mcfg.mode != "sparse":
     raise ValueError("moska_step: routes are chunk selections; they need mcfg.mode='sparse'")
+  fp8_pools = pk.quant.is_fp8(pools[0][0].dtype)
+  if fp8_pools != (unique_scales is not None) or (fp8_pools and len(unique_scales) != len(pools)):
+    raise ValueError(f"moska_step: unique_scales must be given, one (k_scale, v_scale) per layer "
+                     f"({len(pools)}), exactly when the pools are float8; pools "
+                     f"{pools[0][0].dtype}, unique_scales "
+                     f"{None if unique_scales is None else len(unique_scales)}")
   shapes = [p.tokens.shape for p in parts]
   shared_lengths = jnp.stack([c.layers[0].length for c in contexts])
   positions = [step_positions(shared_lengths[p.context], p.lengths, p.tokens.shape[1])
                for p in parts]
   attend = moska_attend(local_shared(contexts, parts, mcfg,
                                      None if routes is None else routes.reroute),
-                        local_unique(parts, mcfg), shapes, [p.fed for p in parts])
+                        local_unique(parts, mcfg, unique_scales), shapes,
+                        [p.fed for p in parts])
   ids = (None,) * len(pools) if routes is None else routes.ids
   logits, state = model.forward(_join([p.tokens for p in parts]), _join(positions), attend,
                                 list(zip(pools, ids)))

@@ -38,17 +38,32 @@ def quantize(x: jax.Array, dtype="float8_e4m3fn", axis: int = -2) -> tuple[jax.A
   One scale per kv head (the axis `axis`), the largest magnitude of that head over all other
   axes mapped to the format's largest finite value; an all-zero head gets scale 1.
   """
-  dtype = jnp.dtype(dtype)
-  if dtype not in FP8_DTYPES:
-    raise ValueError(f"quantize: dtype must be one of {[d.name for d in FP8_DTYPES]}, got "
-                     f"{dtype.name}")
+  dtype = _check_fp8(dtype, "quantize")
   axis = axis % x.ndim
   others = tuple(i for i in range(x.ndim) if i != axis)
   amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=others)
   scale = jnp.where(amax > 0, amax / _FP8_MAX[dtype], 1.0)
+  return quantize_with(x, scale, dtype, axis), scale
+
+
+def quantize_with(x: jax.Array, scale: jax.Array, dtype, axis: int = -2) -> jax.Array:
+  """x / scale (scale[Hkv] along kv-head axis `axis`) in float8 `dtype`, saturated to the
+  format's finite range: with a scale fixed in advance (new tokens written to a float8 page
+  pool) a value past scale * max becomes +-max, never inf or NaN (float8_e4m3fn has no inf)."""
+  dtype = _check_fp8(dtype, "quantize_with")
   shape = [1] * x.ndim
-  shape[axis] = -1
-  return (x.astype(jnp.float32) / scale.reshape(shape)).astype(dtype), scale
+  shape[axis % x.ndim] = -1
+  top = _FP8_MAX[dtype]
+  scaled = x.astype(jnp.float32) / scale.astype(jnp.float32).reshape(shape)
+  return jnp.clip(scaled, -top, top).astype(dtype)
+
+
+def _check_fp8(dtype, where: str):
+  dtype = jnp.dtype(dtype)
+  if dtype not in FP8_DTYPES:
+    raise ValueError(f"{where}: dtype must be one of {[d.name for d in FP8_DTYPES]}, got "
+                     f"{dtype.name}")
+  return dtype
 
 
 def dequantize(x: jax.Array, scale: jax.Array, dtype=jnp.float32, axis: int = -2) -> jax.Array:

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import checks, dispatch, layout, targets
+from pallas_kernels import checks, dispatch, layout, quant, targets
 from pallas_kernels.dispatch import Implementation, Partials
 from pallas_kernels.gpu import triton_unique
 from pallas_kernels.gpu import tuning as gpu_tuning
@@ -152,8 +152,8 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
 
 def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
-                lengths_before: jax.Array, k_new: jax.Array,
-                v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+                lengths_before: jax.Array, k_new: jax.Array, v_new: jax.Array, *,
+                k_scale=None, v_scale=None) -> tuple[jax.Array, jax.Array]:
   """Writes the T new tokens of each request into its pages; returns the updated pools.
 
   Token t of request b goes to position lengths_before[b] + t, i.e. page
@@ -173,6 +173,9 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
     block_tables: [B, max_pages] int page ids of each request.
     lengths_before: [B] int tokens already in each request's cache.
     k_new, v_new: [B, T, Hkv, D] the new keys and values (cast to the pools' dtype).
+    k_scale, v_scale: optional [Hkv] float32 dequantization scales of float8 pools (give both or
+      neither; `unique_attention` takes the same): k_new / k_scale[h] is written, saturated to
+      the format's finite range (`quant.quantize_with`).
 
   Concrete lengths_before must lie in [0, max_pages * page_size] and the table ids of the pages
   they and the new tokens cover in [0, P) (ValueError otherwise). Under jit nothing is checked:
@@ -204,6 +207,14 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                      f"got {lengths_before.shape} {lengths_before.dtype}")
   checks.check_live_pages(block_tables, lengths_before, num_pages=P, page_size=page_size,
                           op=where, lengths_name="lengths_before", new_tokens=k_new.shape[1])
+  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, Hkv, op=where)
+  if k_scale is not None:
+    if not (quant.is_fp8(k_pages.dtype) and quant.is_fp8(v_pages.dtype)):
+      raise ValueError(f"{where}: k_scale and v_scale need float8 pools "
+                       f"({[d.name for d in quant.FP8_DTYPES]}), got {k_pages.dtype} and "
+                       f"{v_pages.dtype}")
+    k_new = quant.quantize_with(k_new, k_scale, k_pages.dtype)
+    v_new = quant.quantize_with(v_new, v_scale, v_pages.dtype)
   pos = lengths_before.astype(jnp.int32)[:, None] + jnp.arange(k_new.shape[1])  # [B, T]
   slot = pos // page_size
   page = jnp.take_along_axis(block_tables.astype(jnp.int32), jnp.clip(slot, 0, max_pages - 1),
