@@ -18,7 +18,9 @@ Every part of a step costs max(bytes / HBM bandwidth, FLOPs / matmul rate) on th
 
 The unique part (B x U, always bandwidth-bound) and a weight read per step are in every config.
 `check_rows` sets the model against measured shared-attention times (the shared_attention
-experiment's CSV). The experiment around it is `experiments.roofline`; the tests call this module.
+experiment's CSV), `decode_rows` against measured end-to-end decode steps (the decode experiment's
+CSV) at their own configurations, with the sparse router priced by `router_s`. The experiment
+around it is `experiments.roofline`; the tests call this module.
 """
 
 from __future__ import annotations
@@ -344,22 +346,30 @@ def read_measured(path: str) -> tuple[list[dict], dict[str, str]]:
   return list(csv.DictReader(lines)), header
 
 
+def measured_hardware(header: dict[str, str], hw: Hardware) -> Hardware | None:
+  """hw with the ceilings a results header recorded (None if it recorded none): its read
+  bandwidth and its bf16 matmul rate, also for 8-bit operands, since our kernels dequantize FP8
+  K/V to bf16 in registers and run bf16 MMAs. Capacity and interconnect stay hw's."""
+  ceilings = header.get("ceilings", "")
+  matmul = re.search(r"bf16 matmul ([\d.]+) TFLOP/s", ceilings)
+  # The streaming read rate where the run measured one; older runs recorded only a copy rate.
+  bandwidth = (re.search(r"streaming read ([\d.]+) TB/s", ceilings)
+               or re.search(r"copy ([\d.]+) TB/s", ceilings))
+  if not (matmul and bandwidth):
+    return None
+  return dataclasses.replace(hw, name="ceilings of the measured run",
+                             matmul_flops_bf16=float(matmul[1]) * 1e12,
+                             matmul_flops_fp8=float(matmul[1]) * 1e12,
+                             hbm_bytes_per_s=float(bandwidth[1]) * 1e12)
+
+
 def check_rows(rows: list[dict], header: dict[str, str], hw: Hardware,
                column: str) -> tuple[list[dict], str]:
   """Model vs measured for one layer of shared attention (our GEMM kernel and, if timed, the
   per-request paged baseline = prefix_gemv's shared part). Uses the ceilings measured in the
   same run when the CSV's header has them, else `hw`."""
   m = ModelShape(layers=1, kv_bytes=4 if "--dtype=float32" in header.get("command", "") else 2)
-  ceilings = header.get("ceilings", "")
-  matmul = re.search(r"bf16 matmul ([\d.]+) TFLOP/s", ceilings)
-  # The streaming read rate where the run measured one; older runs recorded only a copy rate.
-  bandwidth = (re.search(r"streaming read ([\d.]+) TB/s", ceilings)
-               or re.search(r"copy ([\d.]+) TB/s", ceilings))
-  if matmul and bandwidth:
-    hw = dataclasses.replace(hw, name="ceilings of the measured run",
-                             matmul_flops_bf16=float(matmul[1]) * 1e12,
-                             matmul_flops_fp8=float(matmul[1]) * 1e12,
-                             hbm_bytes_per_s=float(bandwidth[1]) * 1e12)
+  hw = measured_hardware(header, hw) or hw
   chip = Cluster(hw, 1)
   out = []
   for r in rows:
@@ -376,3 +386,92 @@ def check_rows(rows: list[dict], header: dict[str, str], hw: Hardware,
                  rel_err_gemv=(paged - pred_p) / pred_p)
     out.append(row)
   return out, hw.name
+
+
+# Model vs a measured end-to-end decode step (the decode experiment's CSV, e.g. paper_scale.csv).
+
+DECODE_CONFIGS = {"moska_dense": "moska_dense", "moska_sparse": "moska_sparse",
+                  "baseline_paged": "prefix_gemv"}  # measured impl -> the config that models it
+_WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+def router_s(m: ModelShape, w: Workload, batch: float, c: Cluster, reroute_every: int) -> float:
+  """The int4 sketch router per step: every shared key's sketch (D/2 bytes of codes and an f32
+  scale per kv head) is read once per routing, and every query row is scored against every key
+  (q.k only: half the attention FLOPs) on the 8-bit units; one routing serves reroute_every
+  steps. (`step` leaves the router out; the headline assumes a per-chunk summary.)"""
+  n_bytes = w.shared * m.layers * m.kv_heads * (m.head_dim / 2 + 4)
+  flops = batch * w.shared * m.attn_flops_per_key / 2
+  return roofline_s(n_bytes, flops, c, 1) / reroute_every
+
+
+def _decode_flags(header: dict[str, str]) -> dict[str, str]:
+  """The --name=value flags of a decode results header; ValueError if the model cannot price it."""
+  got = dict(re.findall(r"--(\w+)=(\S+)", header.get("flags", "")))
+  need = ("decode_model", "dtype", "decode_sparsity", "decode_reroute", "decode_summary")
+  missing = [k for k in need if k not in got]
+  if missing:
+    raise ValueError(f"decode header: flags {missing} missing from {header.get('flags')!r}")
+  if got["decode_model"] != "llama3_1_8b":
+    raise ValueError(f"decode header: decode_model must be llama3_1_8b (ModelShape's shape), got "
+                     f"{got['decode_model']!r}")
+  if got["decode_summary"] != "int4":
+    raise ValueError(f"decode header: decode_summary must be int4 (what router_s prices), got "
+                     f"{got['decode_summary']!r}")
+  if got["dtype"] not in _WIDTHS:
+    raise ValueError(f"decode header: dtype must be one of {sorted(_WIDTHS)}, got {got['dtype']!r}")
+  return got
+
+
+def decode_step(impl: str, row: dict, header: dict[str, str],
+                hw: Hardware) -> tuple[Step, float]:
+  """The model of one measured decode row on one chip: its step and the router's share (s).
+
+  The workload is the row's (S, U, B, layers, K/V width) and the header's (weights width,
+  sparsity, re-routing); routing is "uniform" (each request routes itself, so the chunks read are
+  the union over the batch). The modelled step time is step.step_s + router.
+  """
+  if impl not in DECODE_CONFIGS:
+    raise ValueError(f"decode_step: impl must be one of {sorted(DECODE_CONFIGS)}, got {impl!r}")
+  f = _decode_flags(header)
+  if row["kv_dtype"] not in _WIDTHS:
+    raise ValueError(f"decode_step: kv_dtype must be one of {sorted(_WIDTHS)}, got "
+                     f"{row['kv_dtype']!r}")
+  m = ModelShape(layers=int(row["layers"]), weight_bytes=_WIDTHS[f["dtype"]],
+                 kv_bytes=_WIDTHS[row["kv_dtype"]])
+  w = Workload(int(row["S"]), int(row["U"]), float(f["decode_sparsity"]), routing="uniform")
+  chip = Cluster(hw, 1)
+  B, config = int(row["B"]), DECODE_CONFIGS[impl]
+  st = step(config, m, w, System(chip, chip, chip), B)
+  router = router_s(m, w, B, chip, int(f["decode_reroute"])) if config == "moska_sparse" else 0.0
+  return st, router
+
+
+def decode_rows(rows: list[dict], header: dict[str, str], hw: Hardware,
+                prefix: str = "model") -> list[dict]:
+  """Model vs measured for each measured (impl, U, B) row (rows of other impls, e.g. a "does not
+  fit" row, are skipped): the modelled step and its parts in ms, measured / model, the
+  modelled x_baseline (the baseline_paged config at the same U and B over this one) and the
+  measured router share of a sparse step ((route_ms - reuse_ms) / decode_reroute; nan else)."""
+  out = []
+  for r in rows:
+    if r["impl"] not in DECODE_CONFIGS:
+      continue
+    st, router = decode_step(r["impl"], r, header, hw)
+    base, _ = decode_step("baseline_paged", r, header, hw)
+    model_s = st.step_s + router
+    # A routing step minus a reuse step, spread over the steps one routing serves.
+    every = int(_decode_flags(header)["decode_reroute"])
+    routed = (float(r.get("route_ms") or "nan") - float(r.get("reuse_ms") or "nan")) / every
+    out.append({
+        "impl": r["impl"], "U": int(r["U"]), "B": int(r["B"]),
+        "measured_ms": float(r["step_ms"]), "measured_router_ms": routed,
+        f"{prefix}_ms": model_s * 1e3,
+        f"measured_over_{prefix}": float(r["step_ms"]) / (model_s * 1e3),
+        "measured_x_baseline": float(r["x_baseline"]),
+        f"{prefix}_x_baseline": base.step_s / model_s,
+        f"{prefix}_fits": st.fits,
+        **{f"{prefix}_{part}_ms": t * 1e3 for part, t in (
+            ("weights", st.weights_s), ("shared", st.shared_s), ("unique", st.unique_s),
+            ("router", router))}})
+  return out

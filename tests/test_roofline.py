@@ -138,3 +138,71 @@ def test_main_writes_results(tmp_path):
   assert "Headline comparison (S = 16777216" in md and "moska_sparse" in md
   check = (tmp_path / "roofline_check.csv").read_text()
   assert "131072,512,1.66" in check  # model: 4 * 512 * 32 * 131072 * 128 / 660e12 = 1.666 ms
+
+
+def test_paper_scale_mode_equals_the_model(tmp_path):
+  # A decode CSV shaped like results/paper_scale.csv (header flags, one row per impl, a "does not
+  # fit" row) and a ceilings CSV shaped like results/fp8.csv.
+  measured = tmp_path / "paper_scale.csv"
+  measured.write_text(
+      "# device: gpu:NVIDIA H200 x1\n"
+      "# flags: --decode_model=llama3_1_8b --dtype=bfloat16 --decode_sparsity=0.75 "
+      "--decode_reroute=8 --decode_summary=int4 --decode_chunk=2048\n"
+      "impl,U,B,S,kv_dtype,layers,step_ms,x_baseline,route_ms,reuse_ms,note\n"
+      "moska_dense,1024,64,1048576,float8_e4m3fn,32,150.0,12.0,nan,nan,\n"
+      "moska_sparse,1024,64,1048576,float8_e4m3fn,32,90.0,20.0,150.0,80.0,\n"
+      "baseline_paged,1024,64,1048576,float8_e4m3fn,32,1800.0,1.0,nan,nan,\n"
+      "all,4096,256,1048576,float8_e4m3fn,32,nan,nan,nan,nan,does not fit\n")
+  ceilings = tmp_path / "fp8.csv"
+  ceilings.write_text("# ceilings: bf16 matmul 600 TFLOP/s, FP8 matmul 800 TFLOP/s, streaming read "
+                      "4.4 TB/s, copy 3.2 TB/s (read + write)\n"
+                      "op,B,fp8_x_floor\nshared_attention,8,2.5\nunique_attention,128,2.0\n")
+  with flagsaver.flagsaver():
+    flags.FLAGS(["prog", "--experiment=roofline", f"--out_dir={tmp_path}",
+                 "--roofline_shared_lengths=1048576,16777216", "--roofline_batches=1,16",
+                 f"--roofline_measured_csv={tmp_path / 'absent.csv'}",
+                 f"--roofline_paper_scale_csv={measured}",
+                 f"--roofline_paper_scale_ceilings_csv={ceilings}"])
+    roofline.main()
+  rows, _ = rl.read_measured(str(tmp_path / "roofline_paper_scale.csv"))
+  assert [r["impl"] for r in rows] == ["moska_dense", "moska_sparse", "baseline_paged"]
+  sparse = rows[1]
+  # The model called directly: one H200 (the preset: the CSV recorded no ceilings), bf16 weights,
+  # FP8 K/V, per-request routing; the router once per 8 steps.
+  m = rl.ModelShape(weight_bytes=2, kv_bytes=1)
+  w = rl.Workload(2**20, 1024, 0.75, routing="uniform")
+  chip = rl.Cluster(hardware.PRESETS["h200"], 1)
+  sys = rl.System(chip, chip, chip)
+  st = rl.step("moska_sparse", m, w, sys, 64)
+  router = rl.router_s(m, w, 64, chip, 8)
+  base = rl.step("prefix_gemv", m, w, sys, 64)
+  assert router > 0
+  assert float(sparse["model_ms"]) == pytest.approx((st.step_s + router) * 1e3, rel=1e-6)
+  assert float(sparse["model_shared_ms"]) == pytest.approx(st.shared_s * 1e3, rel=1e-6)
+  assert float(sparse["model_router_ms"]) == pytest.approx(router * 1e3, rel=1e-6)
+  assert float(sparse["model_x_baseline"]) == pytest.approx(base.step_s / (st.step_s + router),
+                                                            rel=1e-6)
+  assert float(sparse["measured_over_model"]) == pytest.approx(90.0 / ((st.step_s + router) * 1e3),
+                                                               rel=1e-6)
+  assert float(sparse["measured_router_ms"]) == pytest.approx((150.0 - 80.0) / 8)
+  # The second model: the recorded ceilings, every matmul at the bf16 rate.
+  cal = rl.Cluster(dataclasses.replace(hardware.PRESETS["h200"], hbm_bytes_per_s=4.4e12,
+                                       matmul_flops_bf16=600e12, matmul_flops_fp8=600e12), 1)
+  st_c = rl.step("moska_sparse", m, w, rl.System(cal, cal, cal), 64)
+  assert float(sparse["cal_ms"]) == pytest.approx(
+      (st_c.step_s + rl.router_s(m, w, 64, cal, 8)) * 1e3, rel=1e-6)
+  md = (tmp_path / "roofline_paper_scale.md").read_text()
+  assert "H200 SXM preset" in md and "538.7x" in md and "2.5x its floor" in md
+
+
+def test_decode_step_rejects_what_it_cannot_price():
+  row = dict(impl="moska_dense", U="1024", B="8", S="4096", kv_dtype="float8_e4m3fn", layers="2")
+  header = {"flags": "--decode_model=llama3_1_8b --dtype=bfloat16 --decode_sparsity=0.75 "
+                     "--decode_reroute=4 --decode_summary=mean"}
+  with pytest.raises(ValueError, match="decode_summary must be int4"):
+    rl.decode_step("moska_dense", row, header, hardware.PRESETS["h200"])
+  with pytest.raises(ValueError, match=r"flags \['decode_reroute'\] missing"):
+    rl.decode_step("moska_dense", row, {"flags": header["flags"].replace("--decode_reroute=4", "")},
+                   hardware.PRESETS["h200"])
+  with pytest.raises(ValueError, match="impl must be one of"):
+    rl.decode_step("all", row, header, hardware.PRESETS["h200"])
