@@ -32,6 +32,7 @@ _EXPORTS = {
     # shared store and unique cache
     "SharedKVStore": "moska_jax.kv_cache",
     "UniqueKVCache": "moska_jax.kv_cache",
+    "unique_kv_scales": "moska_jax.kv_cache",
     "save_shared_store": "moska_jax.kv_cache",
     "load_shared_store": "moska_jax.kv_cache",
     "build_shared_store": "moska_jax.prefill",

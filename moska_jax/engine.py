@@ -46,13 +46,13 @@ disaggregated groups, with a ValueError at construction: several shared contexts
 devices' memory holds one store; `set_store` replaces it), `MoskaConfig.reroute_every` > 1,
 `MoskaConfig.batch_aware` (the shared devices route and attend per (request, chunk) pair), and
 float8 K/V (a float8 shared store or `unique_kv_dtype`: each device's K/V memory holds store rows
-and pages in one array per layer in the model's dtype).
+and pages in one array per layer in the model's dtype). A single-device `DeviceGroups` runs the
+one-device step on that device (every feature, 0 bytes).
 
 FP8 K/V (one device, any number of contexts): the shared stores may hold float8 K/V with per-head
 scales (`SharedKVStore.quantized`); every store of an engine has its first store's kv dtype (one
 compiled step). `unique_kv_dtype` stores the unique pages in float8 too, with per-layer per-kv-head
-scales fixed when the engine is made (`kv_cache.unique_kv_scales` of the first store). A
-single-device `DeviceGroups` runs the one-device step on that device (every feature, 0 bytes).
+scales fixed when the engine is made (`kv_cache.unique_kv_scales` of the first store).
 """
 
 from __future__ import annotations
