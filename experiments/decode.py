@@ -3,8 +3,8 @@
 Llama-3.1-8B shapes with RANDOM weights (throughput does not depend on them), a shared store of S
 tokens and a unique context of U tokens per request, B requests decoding together. K/V are stored
 in the model dtype or in float8 (`--decode_kv_dtype`) with one scale per layer and kv head: the
-shared store's, which the unique pages reuse (as the library's unique cache does by default), so
-the baseline's one pool per layer has one scale too. The store is random K/V generated on the
+shared store's, which the unique pages reuse (the library's default unique scales are these with
+2x headroom, `kv_cache.unique_kv_scales`), so the baseline's one pool per layer has one scale too. The store is random K/V generated on the
 device, not a prefill (prefilling S tokens through the layers is not what this measures); its
 routing summaries are built from the full-precision keys.
 The baseline is what a prefix-caching server runs: every request attends over its own
