@@ -10,6 +10,8 @@ ops are called with `backend=` only, so the same command times any checkout of `
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 from absl import flags
@@ -76,7 +78,7 @@ def main() -> None:
   import pallas_kernels as pk  # whichever checkout is first on sys.path
 
   bench = harness.Bench(shape=not FLAGS.kernels_shapes)
-  bench.env["pallas_kernels"] = pk.__file__
+  bench.env["pallas_kernels"] = os.path.relpath(pk.__file__)  # which checkout ran
   bench.env["sizes"] = (f"S={FLAGS.kernels_shared}, U={FLAGS.kernels_unique} (page "
                         f"{FLAGS.kernels_page}), C={FLAGS.kernels_chunk} at sparsity "
                         f"{FLAGS.kernels_sparsity} (random ids)")

@@ -42,6 +42,7 @@ CASES = [
     (4, 1, 1, 1, 128, 640, 128, 1, 600, jnp.bfloat16, "random"),  # kv_length cuts the last chunk
     (2, 2, 8, 1, 64, 512, 128, None, 300, jnp.float32, "random"),  # all chunks, 2 past kv_length
     (5, 1, 4, 2, 64, 768, 128, 3, None, jnp.bfloat16, "shaped"),  # many / one / no request
+    (3, 1, 2, 2, 80, 700, 128, 2, 650, jnp.bfloat16, "random"),  # head dim 80: padded tiles
 ]
 
 

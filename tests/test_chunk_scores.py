@@ -45,6 +45,7 @@ def _inputs(seed, B, T, G, Hkv, D, S, dtype):
 # GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses.
 CASES = [
     (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32),
+    (3, 1, 2, 2, 80, 640, 128, 600, jnp.bfloat16),  # head dim 80: 40-byte sketch rows, padded
     (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32),
     (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16),
     (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16),

@@ -24,6 +24,7 @@ CASES = [
     (3, 5, 4, 1, 64, 1000, 37, jnp.float32),  # kv_length inside the first block
     (1, 5, 8, 1, 128, 4097, 4000, jnp.bfloat16),
     (17, 5, 1, 2, 64, 1000, 999, jnp.bfloat16),
+    (5, 2, 2, 2, 80, 1000, 901, jnp.bfloat16),  # head dim 80: Triton tiles padded to 128 lanes
 ]
 # Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 64), row tiles
 # that cut a request, a key mask inside a tile, and empty splits.

@@ -11,7 +11,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import checks, targets
-from pallas_kernels.gpu import mosaic_attention
+from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu import tuning as gpu_tuning
 from pallas_kernels.tpu import tuning as tpu_tuning
 
@@ -138,3 +138,20 @@ def test_current_target_off_platform_is_the_default_preset():
     targets.target("h300")
   with pytest.raises(ValueError, match="platform must be 'gpu' or 'tpu'"):
     targets.current("cpu")
+
+
+def test_triton_smem_model_covers_what_the_compiler_asked_for():
+  # (block_m, block_k, D, itemsize, num_stages, bytes requested on an H200): tilings the previous
+  # model under-counted, which then failed with RESOURCE_EXHAUSTED on the GPU.
+  for bm, bk, D, itemsize, stages, requested in ((128, 64, 128, 4, 2, 262144),
+                                                  (128, 64, 256, 2, 3, 262144),
+                                                  (32, 128, 128, 4, 2, 262144)):
+    assert gpu_tuning.triton_smem_bytes(bm, bk, D, itemsize, stages) >= requested
+
+
+def test_triton_tiles_pad_the_head_dim_to_a_power_of_two():
+  assert [softmax.padded(d) for d in (1, 16, 64, 80, 96, 128, 192, 256)] == [
+      1, 16, 64, 128, 128, 128, 256, 256]
+  # the model counts the padded tiles: D=80 costs what D=128 does
+  assert gpu_tuning.triton_smem_bytes(16, 128, 80, 2, 3) == gpu_tuning.triton_smem_bytes(
+      16, 128, 128, 2, 3)

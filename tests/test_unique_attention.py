@@ -33,6 +33,7 @@ CASES = [
     (4, 1, 1, 128, 32, (0, 32, 100), jnp.float32),
     (1, 4, 2, 128, 16, (16, 257, 1), jnp.float32),
     (4, 8, 2, 64, 16, (5, 48, 0), jnp.float32),
+    (2, 2, 2, 96, 16, (3, 70, 18), jnp.bfloat16),  # head dim 96: padded Triton tiles
 ]
 
 

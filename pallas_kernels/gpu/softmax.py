@@ -28,6 +28,33 @@ def dot_precision(dtype, interpret: bool):
   return matmul_precision(dtype)
 
 
+def padded(d: int) -> int:
+  """The head dim of a Triton tile: Triton's arrays have power-of-two sizes, so a head dim of
+  80, 96 or 192 is read as the next power of two with the lanes past it masked (the BlockSpecs
+  take the padded size; the arrays keep theirs)."""
+  return 1 << max(d - 1, 0).bit_length()
+
+
+def lanes(d: int, d_pad: int):
+  """The [1, d_pad] mask of a tile's real lanes, or None when no lane is padding."""
+  return None if d == d_pad else (jnp.arange(d_pad) < d)[None, :]
+
+
+def load_rows(ref, head_dim: int):
+  """A [rows, d_pad] tile of a ref whose block is padded past head_dim: padding lanes read 0."""
+  mask = lanes(head_dim, ref.shape[-1])
+  return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=0.0)
+
+
+def store_rows(ref, x: jax.Array, head_dim: int) -> None:
+  """Writes x[rows, d_pad] into a ref whose block is padded past head_dim (real lanes only)."""
+  mask = lanes(head_dim, ref.shape[-1])
+  if mask is None:
+    ref[...] = x
+  else:
+    pltriton.store(ref, x, mask=jnp.broadcast_to(mask, x.shape))
+
+
 def initial_state(rows: int, d: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The empty state: acc = 0, m = -inf, l = 0."""
   return (jnp.zeros((rows, d), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
@@ -60,18 +87,21 @@ def finish(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.A
 
 
 def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: float,
-                block_k: int, precision):
-  """Folds keys [start, end) of the [S, D] refs k_ref / v_ref into the state of q[block_m, D]
-  (Triton): block_k-row tiles with masked loads (rows past `end` read as zero and score -inf)."""
+                block_k: int, precision, head_dim: int):
+  """Folds keys [start, end) of the [S, D_pad] refs k_ref / v_ref into the state of
+  q[block_m, D_pad] (Triton): block_k-row tiles with masked loads (rows past `end` and lanes past
+  head_dim read as zero; rows past `end` score -inf)."""
+  lane = lanes(head_dim, q.shape[-1])
 
   def body(i, carry):
     s0 = start + i * block_k
     valid = s0 + jnp.arange(block_k) < end
-    k = quant.widen(pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None],
+    mask = valid[:, None] if lane is None else valid[:, None] & lane
+    k = quant.widen(pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=mask,
                                   other=0.0), q.dtype)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
     p, (acc, m, l) = step(carry, jnp.where(valid[None, :], s, -jnp.inf), scale_log2=scale_log2)
-    v = quant.widen(pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None],
+    v = quant.widen(pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=mask,
                                   other=0.0), q.dtype)
     acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                         precision=precision)
@@ -81,12 +111,13 @@ def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: fl
 
 
 def attend_range(q: jax.Array, k_ref, v_ref, start, end, *, scale: float, block_k: int,
-                 precision) -> tuple[jax.Array, jax.Array]:
+                 precision, head_dim: int) -> tuple[jax.Array, jax.Array]:
   """Attention of q[block_m, D] over rows [start, end) of the [S, D] refs k_ref / v_ref (Triton).
 
   Returns o [block_m, D] float32 normalized, and lse [block_m] float32 natural log; an empty
   range gives o = 0, lse = -inf.
   """
   carry = attend_keys(q, k_ref, v_ref, start, end, initial_state(*q.shape),
-                      scale_log2=scale * LOG2E, block_k=block_k, precision=precision)
+                      scale_log2=scale * LOG2E, block_k=block_k, precision=precision,
+                      head_dim=head_dim)
   return finish(*carry)

@@ -22,26 +22,27 @@ from pallas_kernels.gpu import softmax
 
 def _kernel(len_ref, chunk_ref, rows_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float,
             chunk_size: int, block_k: int, rows_per_pair: int, pairs_per_request: int,
-            precision):
+            precision, head_dim: int):
   rows = rows_ref[...]  # [block_m] pair rows (b*K + k)*R + r, -1 = padding slot
   live = rows >= 0
   rows = jnp.where(live, rows, 0)
   R = rows_per_pair
   q_idx = (rows // (pairs_per_request * R)) * R + rows % R  # request b's row r in q_rows
   # Both axes as index arrays: a gather in interpret mode, row*D + col pointers on GPU.
-  cols = jnp.arange(q_ref.shape[-1])[None, :]
-  q = pltriton.load(q_ref.at[q_idx[:, None], cols], mask=live[:, None], other=0.0)
+  cols = jnp.arange(q_ref.shape[-1])[None, :]  # the padded head dim, lanes >= head_dim masked
+  real = live[:, None] & (cols < head_dim)
+  q = pltriton.load(q_ref.at[q_idx[:, None], cols], mask=real, other=0.0)
   chunk = chunk_ref[0]
   start = chunk * chunk_size
   # Padding tiles (chunk -1) get an empty key range.
   end = jnp.where(chunk >= 0, jnp.minimum(start + chunk_size, len_ref[0]), start)
   o, lse = softmax.attend_range(q, k_ref, v_ref, start, end, scale=scale, block_k=block_k,
-                              precision=precision)
+                              precision=precision, head_dim=head_dim)
   # Masked slots point one past the end: interpret mode drops out-of-bounds scatter updates
   # (an in-bounds dummy row could clobber a live row); the GPU never dereferences them.
   out = jnp.where(live, rows, o_ref.shape[0])
   pltriton.store(o_ref.at[out[:, None], cols], o.astype(o_ref.dtype),
-                 mask=jnp.broadcast_to(live[:, None], o.shape))
+                 mask=jnp.broadcast_to(real, o.shape))
   pltriton.store(lse_ref.at[out], lse, mask=live)
 
 
@@ -73,8 +74,10 @@ def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   precision = softmax.dot_precision(q_rows.dtype, interpret)
   kernel = functools.partial(_kernel, scale=scale, chunk_size=chunk_size, block_k=block_k,
                              rows_per_pair=rows_per_pair,
-                             pairs_per_request=pairs_per_request, precision=precision)
-  kv_spec = pl.BlockSpec((S, None, D), lambda t, h: (0, h, 0))
+                             pairs_per_request=pairs_per_request, precision=precision,
+                             head_dim=D)
+  Dp = softmax.padded(D)
+  kv_spec = pl.BlockSpec((S, None, Dp), lambda t, h: (0, h, 0))
   return pl.pallas_call(
       kernel,
       grid=(NT, Hkv),
@@ -82,12 +85,12 @@ def chunk_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
           pl.BlockSpec((1,), lambda t, h: (0,)),
           pl.BlockSpec((None, 1), lambda t, h: (h, t)),
           pl.BlockSpec((None, block_m), lambda t, h: (h, t)),
-          pl.BlockSpec((None, BR, D), lambda t, h: (h, 0, 0)),
+          pl.BlockSpec((None, BR, Dp), lambda t, h: (h, 0, 0)),
           kv_spec,
           kv_spec,
       ],
       out_specs=[
-          pl.BlockSpec((None, P, D), lambda t, h: (h, 0, 0)),
+          pl.BlockSpec((None, P, Dp), lambda t, h: (h, 0, 0)),
           pl.BlockSpec((None, P), lambda t, h: (h, 0)),
       ],
       out_shape=[

@@ -21,11 +21,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import sketch
+from pallas_kernels.gpu import softmax
 
 
 def _kernel(len_ref, q_lo_ref, q_hi_ref, codes_ref, scale_ref, out_ref, *, chunk_size: int,
-            block_k: int, chunks_per_program: int, precision):
-  q_lo, q_hi = q_lo_ref[...], q_hi_ref[...]  # [block_m, D/2] each
+            block_k: int, chunks_per_program: int, precision, half_dim: int):
+  # [block_m, D/2 padded] each (padding lanes 0, so they add nothing to the dots)
+  q_lo, q_hi = softmax.load_rows(q_lo_ref, half_dim), softmax.load_rows(q_hi_ref, half_dim)
+  real_lanes = softmax.lanes(half_dim, q_lo.shape[-1])
   block_m = q_lo.shape[0]
   first = pl.program_id(2) * chunks_per_program
   length = len_ref[0]
@@ -40,7 +43,8 @@ def _kernel(len_ref, q_lo_ref, q_hi_ref, codes_ref, scale_ref, out_ref, *, chunk
     def keys(i, best):
       s0 = start + i * block_k
       valid = s0 + jnp.arange(block_k) < end
-      packed = pltriton.load(codes_ref.at[pl.ds(s0, block_k), :], mask=valid[:, None], other=0)
+      mask = valid[:, None] if real_lanes is None else valid[:, None] & real_lanes
+      packed = pltriton.load(codes_ref.at[pl.ds(s0, block_k), :], mask=mask, other=0)
       lo, hi = sketch.unpack(packed)
       s = (jnp.dot(q_lo, lo.astype(operand).T, preferred_element_type=acc, precision=precision)
            + jnp.dot(q_hi, hi.astype(operand).T, preferred_element_type=acc,
@@ -77,8 +81,10 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale: jax.
   S = codes.shape[0]
   n_blocks = pl.cdiv(pl.cdiv(S, chunk_size), chunks_per_program)
   kernel = functools.partial(_kernel, chunk_size=chunk_size, block_k=block_k,
-                             chunks_per_program=chunks_per_program, precision=precision)
-  q_spec = pl.BlockSpec((None, block_m, Dh), lambda h, i, j: (h, i, 0))
+                             chunks_per_program=chunks_per_program, precision=precision,
+                             half_dim=Dh)
+  Dp = softmax.padded(Dh)  # blocks span the padded width (`softmax.padded`)
+  q_spec = pl.BlockSpec((None, block_m, Dp), lambda h, i, j: (h, i, 0))
   return pl.pallas_call(
       kernel,
       grid=(Hkv, M // block_m, n_blocks),
@@ -86,7 +92,7 @@ def chunk_scores(q_lo: jax.Array, q_hi: jax.Array, codes: jax.Array, scale: jax.
           pl.BlockSpec((1,), lambda h, i, j: (0,)),
           q_spec,
           q_spec,
-          pl.BlockSpec((S, None, Dh), lambda h, i, j: (0, h, 0)),
+          pl.BlockSpec((S, None, Dp), lambda h, i, j: (0, h, 0)),
           pl.BlockSpec((S, None), lambda h, i, j: (0, h)),
       ],
       out_specs=pl.BlockSpec((None, block_m, chunks_per_program), lambda h, i, j: (h, i, j)),

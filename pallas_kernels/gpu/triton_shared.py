@@ -21,11 +21,13 @@ from pallas_kernels.numerics import LOG2E
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, block_k: int,
-            split_len: int, precision):
+            split_len: int, precision, head_dim: int):
   start = pl.program_id(2) * split_len
   end = jnp.minimum(start + split_len, len_ref[0])
-  o_ref[...], lse_ref[...] = softmax.attend_range(q_ref[...], k_ref, v_ref, start, end, scale=scale,
-                                               block_k=block_k, precision=precision)
+  o, lse_ref[...] = softmax.attend_range(softmax.load_rows(q_ref, head_dim), k_ref, v_ref, start,
+                                         end, scale=scale, block_k=block_k, precision=precision,
+                                         head_dim=head_dim)
+  softmax.store_rows(o_ref, o, head_dim)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
@@ -40,7 +42,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
   precision = softmax.dot_precision(q_rows.dtype, interpret)
   kernel = functools.partial(_kernel, scale=scale, block_k=block_k, split_len=split_len,
-                             precision=precision)
+                             precision=precision, head_dim=q_rows.shape[-1])
   return _partials_call(kernel, [], q_rows, k, v, kv_length, block_m=block_m,
                         num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
                         interpret=interpret, name="moska_shared_attention")
@@ -50,21 +52,23 @@ def _partials_call(kernel, tables: list, q_rows: jax.Array, k: jax.Array, v: jax
                    kv_length: jax.Array, *, block_m: int, num_splits: int, num_warps: int,
                    num_stages: int, interpret: bool, name: str) -> tuple[jax.Array, jax.Array]:
   """The pallas_call both kernels share: grid (Hkv, row blocks, splits), kernel(len, *tables,
-  q, k, v, o, lse); `tables` are (array, BlockSpec) pairs read per (kv head, row block)."""
+  q, k, v, o, lse); `tables` are (array, BlockSpec) pairs read per (kv head, row block). Blocks
+  span the padded head dim (`softmax.padded`)."""
   Hkv, M, D = q_rows.shape
-  kv_spec = pl.BlockSpec((k.shape[0], None, D), lambda h, i, j: (0, h, 0))
+  Dp = softmax.padded(D)
+  kv_spec = pl.BlockSpec((k.shape[0], None, Dp), lambda h, i, j: (0, h, 0))
   return pl.pallas_call(
       kernel,
       grid=(Hkv, M // block_m, num_splits),
       in_specs=[
           pl.BlockSpec((1,), lambda h, i, j: (0,)),
           *(spec for _, spec in tables),
-          pl.BlockSpec((None, block_m, D), lambda h, i, j: (h, i, 0)),
+          pl.BlockSpec((None, block_m, Dp), lambda h, i, j: (h, i, 0)),
           kv_spec,
           kv_spec,
       ],
       out_specs=[
-          pl.BlockSpec((None, None, block_m, D), lambda h, i, j: (j, h, i, 0)),
+          pl.BlockSpec((None, None, block_m, Dp), lambda h, i, j: (j, h, i, 0)),
           pl.BlockSpec((None, None, block_m), lambda h, i, j: (j, h, i)),
       ],
       out_shape=[
@@ -78,21 +82,23 @@ def _partials_call(kernel, tables: list, q_rows: jax.Array, k: jax.Array, v: jax
 
 
 def _list_kernel(len_ref, count_ref, ids_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                 scale: float, block_k: int, chunk_size: int, num_splits: int, precision):
+                 scale: float, block_k: int, chunk_size: int, num_splits: int, precision,
+                 head_dim: int):
   n, count = len_ref[0], count_ref[0]
   per_split = pl.cdiv(count, num_splits)
   first = pl.program_id(2) * per_split
-  q = q_ref[...]
+  q = softmax.load_rows(q_ref, head_dim)
 
   def chunk(j, carry):
     start = ids_ref[j] * chunk_size
     return softmax.attend_keys(q, k_ref, v_ref, start, jnp.minimum(start + chunk_size, n), carry,
                                scale_log2=scale * LOG2E, block_k=block_k,
-                               precision=precision)
+                               precision=precision, head_dim=head_dim)
 
   carry = jax.lax.fori_loop(first, jnp.minimum(first + per_split, count), chunk,
                             softmax.initial_state(*q.shape))
-  o_ref[...], lse_ref[...] = softmax.finish(*carry)
+  o, lse_ref[...] = softmax.finish(*carry)
+  softmax.store_rows(o_ref, o, head_dim)
 
 
 def chunk_list_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, kv_length: jax.Array,
@@ -117,7 +123,7 @@ def chunk_list_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, kv_length
   U = tile_ids.shape[-1]
   blocks_per_tile = rows_per_tile // block_m
   kernel = functools.partial(_list_kernel, scale=scale, block_k=block_k, chunk_size=chunk_size,
-                             num_splits=num_splits,
+                             num_splits=num_splits, head_dim=q_rows.shape[-1],
                              precision=softmax.dot_precision(q_rows.dtype, interpret))
   tables = [(tile_counts, pl.BlockSpec((None, 1), lambda h, i, j: (h, i // blocks_per_tile))),
             (tile_ids, pl.BlockSpec((None, None, U), lambda h, i, j: (h, i // blocks_per_tile, 0)))]

@@ -27,9 +27,10 @@ from pallas_kernels.numerics import LOG2E
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
-            G: int, page_size: int, pages_per_block: int, num_splits: int, precision):
+            G: int, page_size: int, pages_per_block: int, num_splits: int, precision,
+            head_dim: int):
   b, split = pl.program_id(0), pl.program_id(2)
-  q = q_ref[...]  # [R, D]
+  q = softmax.load_rows(q_ref, head_dim)  # [R, D_pad]
   R, d = q.shape
   block_k = pages_per_block * page_size
   length = len_ref[b]
@@ -41,7 +42,8 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
   scale_log2 = scale * LOG2E
   key = jnp.arange(block_k)
-  lanes = jnp.arange(d)[None, :]
+  lanes = jnp.arange(d)[None, :]  # the padded head dim
+  real_lanes = softmax.lanes(head_dim, d)  # None: no padding lane
 
   def page_ids(i):
     """The page id of every key of block i (repeated reads of one entry hit L1); 0 past the end."""
@@ -52,6 +54,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
     *state, ids = carry
     pos = i * block_k + key  # positions of the block's keys in the request
     valid = (pos < length)[:, None]
+    valid = valid if real_lanes is None else valid & real_lanes
     # Index both axes with arrays (a gather of [block_k, D]): interpret mode cannot mix an array
     # index with a slice. K and V are issued together so both are in flight at once.
     rows = (ids * page_size + jax.lax.rem(pos, page_size))[:, None]
@@ -72,7 +75,8 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
                                    (*softmax.initial_state(R, d), page_ids(first)))
   o, lse = softmax.finish(acc, m, l)
   real = jnp.arange(R) < T * G  # padded rows are never read: skip their stores
-  pltriton.store(o_ref, o, mask=real[:, None])
+  pltriton.store(o_ref, o, mask=real[:, None] if real_lanes is None else
+                 real[:, None] & real_lanes)
   pltriton.store(lse_ref, lse, mask=real)
 
 
@@ -96,10 +100,11 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   P, page_size = k_pages.shape[:2]
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
-      num_splits=num_splits,
+      num_splits=num_splits, head_dim=D,
       precision=softmax.dot_precision(q_rows.dtype, interpret))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
-  kv_spec = pl.BlockSpec((P * page_size, None, D), lambda b, h, s: (0, h, 0))
+  Dp = softmax.padded(D)
+  kv_spec = pl.BlockSpec((P * page_size, None, Dp), lambda b, h, s: (0, h, 0))
   max_pages = block_tables.shape[1]
   return pl.pallas_call(
       kernel,
@@ -107,12 +112,12 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
       in_specs=[
           pl.BlockSpec((B,), lambda b, h, s: (0,)),
           pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),
-          pl.BlockSpec((None, None, R, D), lambda b, h, s: (h, b, 0, 0)),
+          pl.BlockSpec((None, None, R, Dp), lambda b, h, s: (h, b, 0, 0)),
           kv_spec,
           kv_spec,
       ],
       out_specs=[
-          pl.BlockSpec((None, None, None, R, D), lambda b, h, s: (s, h, b, 0, 0)),
+          pl.BlockSpec((None, None, None, R, Dp), lambda b, h, s: (s, h, b, 0, 0)),
           pl.BlockSpec((None, None, None, R), lambda b, h, s: (s, h, b, 0)),
       ],
       out_shape=[

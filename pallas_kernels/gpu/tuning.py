@@ -12,7 +12,7 @@ import math
 
 import jax.numpy as jnp
 
-from pallas_kernels.gpu import mosaic_attention
+from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
                                         TritonChunkConfig, TritonScoresConfig, TritonSharedConfig,
                                         TritonUniqueConfig)
@@ -36,14 +36,22 @@ def _pow2_at_least(x: float, minimum: int = 16) -> int:
 
 
 def triton_smem_bytes(block_m: int, block_k: int, D: int, itemsize: int, num_stages: int) -> int:
-  """Shared memory one Triton attention program asks for: the software pipeline keeps
-  num_stages - 1 tiles each of K and V in flight (at least one), and the two dots stage their
-  first operands, q [block_m, D] and p [block_m, block_k] -- twice over for float32, whose 3xTF32
-  dots split each operand in a high and a low part. What the compiler asked for on an H200:
-  262,144 bytes for float32 (3xTF32), block_m=128, block_k=64, 2 stages (this, exactly); 278,528
-  for float32 with IEEE dots (one operand copy), block_m=16, block_k=128, 3 stages."""
+  """Shared memory one Triton attention program asks for, at the padded head dim
+  (`softmax.padded`). (a) num_stages - 1 tiles each of K and V in flight (at least one) plus the
+  two dots' first operands, q [block_m, D] and p [block_m, block_k] -- twice over for float32,
+  whose 3xTF32 dots split each operand in a high and a low part; (b) for row blocks of 64 or
+  more (Hopper's wgmma reads its operands from shared memory while the next tiles land) and for
+  float32, num_stages tiles each of K and V plus q, when that is larger. What the compiler asked
+  for on an H200: 262,144 bytes for float32, block_m=128, block_k=64, 2 stages (a, exactly);
+  262,144 for bf16 D=256, block_m=128, block_k=64, 3 stages (b, exactly); 262,144 for float32
+  D=128, block_m=32, block_k=128, 2 stages (b gives 16 KiB more); bf16 D=256, block_m=16,
+  block_k=128, 2 stages compiled (a: 140 KiB; b would be 264 KiB)."""
+  D = softmax.padded(D)
   operands = (2 if itemsize == 4 else 1) * block_m * (D + block_k)
-  return (2 * max(num_stages - 1, 1) * block_k * D + operands) * itemsize
+  need = 2 * max(num_stages - 1, 1) * block_k * D + operands
+  if block_m >= 64 or itemsize == 4:
+    need = max(need, 2 * num_stages * block_k * D + block_m * D)
+  return need * itemsize
 
 
 # The share of a block's shared memory a default tiling may plan for: the model counts the
@@ -196,14 +204,14 @@ def triton_unique(dims: AttentionDims, page_size: int, dtype,
   splits are worth having."""
   rows = unique_rows(dims.T, dims.G)
   keys = max(UNIQUE_BLOCK_KEYS, _pow2_at_least(page_size))
-  _, keys, _ = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target)
+  _, keys, stages = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target)
   pages_per_block = max(1, keys // page_size)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
   splits = min(math.ceil(4 * target.num_cores / (dims.B * dims.Hkv)),
                max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
   warps = 8 if unique_rows(dims.T, dims.G) >= 128 else 4
   return TritonUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
-                            num_warps=warps, num_stages=2)
+                            num_warps=warps, num_stages=stages)
 
 
 def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
