@@ -236,15 +236,15 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
   both.start()
   try:
     _slow_step(both, 0.02)
-    running = both.submit("keeps running", 30, context="code")
+    running = both.submit("keeps running", 12, context="code")
     both.load_context("third", store)
-    doomed = both.submit("on the third", 30, context="third")
+    doomed = both.submit("on the third", 12, context="third")
     while not doomed.tokens:
       time.sleep(0.01)
     both.unload_context("third")
     assert doomed.done and doomed.finish_reason == "cancelled" and "unloaded" in doomed.error
     assert running.finished_event.wait(60) and running.finish_reason == "length"
-    assert running.tokens == solo["code"].generate(["keeps running", "x"], 30)[0].tokens
+    assert running.tokens == solo["code"].generate(["keeps running", "x"], 12)[0].tokens
   finally:
     both.stop()
   with pytest.raises(ValueError, match="'manual' is the default context"):

@@ -34,7 +34,7 @@ TINY = {
     "disaggregation": ["--backend=xla", "--shape=tiny", "--dtype=float32", "--disagg_length=2048",
                        "--disagg_batches=2", "--disagg_shared_counts=1,2",
                        "--disagg_chunk=256", "--disagg_unique_length=256",
-                       "--disagg_page_size=16", "--disagg_processes=1,2"],
+                       "--disagg_page_size=16", "--disagg_processes=1"],
     "roofline": ["--roofline_shared_lengths=1048576", "--roofline_batches=1,64"],
     "serving": ["--backend=xla", "--dtype=float32", "--serving_layers=1", "--serving_shared=256",
                 "--serving_clients=4", "--serving_new_tokens=4", "--serving_decoders=2",

@@ -37,12 +37,12 @@ def test_train_then_accuracy(tmp_path):
              "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
              "--accuracy_questions=16", "--accuracy_batch=16", "--accuracy_chunks=32",
              "--accuracy_summaries=mean,int4", "--accuracy_sparsities=0,0.75",
-             "--accuracy_int8_scorer=0,1")
+             "--accuracy_int8_scorer=0,1", "--accuracy_always_include=-")
   assert res.returncode == 0, res.stderr[-3000:]
   _written(tmp_path, "accuracy")
   rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy.csv") if not l.startswith("#")))
-  # dense + scorers (mean, int4, int4-int8) x always_include x sparsities + oracle x sparsities
-  assert len(rows) == 1 + 3 * 2 * 2 + 2
+  # dense + scorers (mean, int4, int4-int8) x sparsities + oracle x sparsities
+  assert len(rows) == 1 + 3 * 2 + 2
   assert {r["scorer"] for r in rows if r["mode"] == "sparse"} == {"mean", "int4", "int4-int8"}
   dense = rows[0]
   assert dense["mode"] == "dense" and [r["mode"] for r in rows[-2:]] == ["oracle"] * 2
