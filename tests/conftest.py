@@ -1,7 +1,7 @@
 """Test-session setup that must happen before jax is imported.
 
 Multi-device tests need 8 devices; on CPU, XLA emulates them. Setting the flag here (unless the
-caller chose a count) makes the README's plain `python -m pytest -q tests` run them too.
+caller chose a count) makes a plain `python -m pytest tests` run them too.
 """
 
 import os
