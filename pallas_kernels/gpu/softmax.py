@@ -43,7 +43,7 @@ def lanes(d: int, d_pad: int):
 def load_rows(ref, head_dim: int):
   """A [rows, d_pad] tile of a ref whose block is padded past head_dim: padding lanes read 0."""
   mask = lanes(head_dim, ref.shape[-1])
-  return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=0.0)
+  return ref[...] if mask is None else pltriton.load(ref, mask=mask, other=0)
 
 
 def store_rows(ref, x: jax.Array, head_dim: int) -> None:
