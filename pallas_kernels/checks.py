@@ -154,6 +154,14 @@ def check_kv_scales(k_scale, v_scale, Hkv: int, *, op: str):
   return tuple(out)
 
 
+def check_scales(dims, sm_scale, k_scale, v_scale, *, op: str) -> dict:
+  """The scale fields of every op's `dispatch.Problem`, checked: sm_scale (`check_sm_scale`) and
+  the K/V dequantization scales (`check_kv_scales`)."""
+  check_sm_scale(sm_scale, op=op)
+  k_scale, v_scale = check_kv_scales(k_scale, v_scale, dims.Hkv, op=op)
+  return dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale)
+
+
 def _check_gqa(op: str, Hq: int, Hkv: int, k_name: str) -> None:
   if Hkv == 0 or Hq % Hkv:
     raise ValueError(f"{op}: Hq={Hq} of q must be a multiple of Hkv={Hkv} of {k_name} (GQA)")

@@ -42,10 +42,8 @@ class SharedProblem(dispatch.Problem):
 def _problem(q, k, v, *, sm_scale=None, kv_length=None, k_scale=None,
              v_scale=None) -> SharedProblem:
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
-  checks.check_sm_scale(sm_scale, op=OP_NAME)
-  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
-  return SharedProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale, k_scale=k_scale,
-                       v_scale=v_scale,
+  return SharedProblem(q=q, k=k, v=v, dims=dims,
+                       **checks.check_scales(dims, sm_scale, k_scale, v_scale, op=OP_NAME),
                        kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME))
 
 

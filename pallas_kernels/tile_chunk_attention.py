@@ -43,7 +43,7 @@ class TileProblem(ChunkedProblem):
 def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=None,
              k_scale=None, v_scale=None):
   dims = checks.check_shared_kv_inputs(q, k, v, op=OP_NAME)
-  checks.check_sm_scale(sm_scale, op=OP_NAME)
+  scales = checks.check_scales(dims, sm_scale, k_scale, v_scale, op=OP_NAME)
   checks.check_array("tile_chunk_ids", tile_chunk_ids, OP_NAME)
   if (tile_chunk_ids.ndim != 3 or tile_chunk_ids.shape[0] < 1
       or dims.B % tile_chunk_ids.shape[0] or tile_chunk_ids.shape[1] != dims.Hkv
@@ -53,9 +53,7 @@ def _problem(q, k, v, tile_chunk_ids, *, chunk_size, sm_scale=None, kv_length=No
                      f"{tile_chunk_ids.shape} {tile_chunk_ids.dtype}")
   n_chunks = checks.check_chunk_ids(tile_chunk_ids, dims._replace(B=tile_chunk_ids.shape[0]),
                                     chunk_size, op=OP_NAME, name="tile_chunk_ids", row="tile")
-  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
-  return TileProblem(q=q, k=k, v=v, dims=dims, sm_scale=sm_scale, k_scale=k_scale,
-                     v_scale=v_scale,
+  return TileProblem(q=q, k=k, v=v, dims=dims, **scales,
                      kv_length=checks.check_kv_length(kv_length, dims.S, op=OP_NAME),
                      tile_ids=tile_chunk_ids, chunk_size=chunk_size, num_chunks=n_chunks)
 

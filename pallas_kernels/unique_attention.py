@@ -46,11 +46,9 @@ def _problem(q, k_pages, v_pages, block_tables, lengths, *, sm_scale=None, k_sca
              v_scale=None) -> UniqueProblem:
   dims, page_size = checks.check_paged_inputs(q, k_pages, v_pages, block_tables, lengths,
                                               op=OP_NAME)
-  checks.check_sm_scale(sm_scale, op=OP_NAME)
-  k_scale, v_scale = checks.check_kv_scales(k_scale, v_scale, dims.Hkv, op=OP_NAME)
   return UniqueProblem(q=q, k_pages=k_pages, v_pages=v_pages, block_tables=block_tables,
-                       lengths=lengths, sm_scale=sm_scale, dims=dims, page_size=page_size,
-                       k_scale=k_scale, v_scale=v_scale)
+                       lengths=lengths, dims=dims, page_size=page_size,
+                       **checks.check_scales(dims, sm_scale, k_scale, v_scale, op=OP_NAME))
 
 
 def _kernel_args(p: UniqueProblem, rows: int) -> tuple:
