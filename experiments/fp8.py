@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def _op(op: str):
-  """fn(q, k, v, *extra, k_scale=, v_scale=) -> (o, lse) of the default plan, and its plan."""
+  """fn(q, k, v, *extra, k_scale=, v_scale=) -> (o, lse) of the op's default plan."""
   fn = getattr(pk, op)
   return lambda q, k, v, *extra, **scales: fn(q, k, v, *extra, backend=FLAGS.backend, **scales)
 
