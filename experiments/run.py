@@ -35,6 +35,7 @@ EXPERIMENTS = {
     "accuracy": "experiments.accuracy",
     "serving": "experiments.serving",
     "fp8": "experiments.fp8",
+    "tune": "experiments.tune",
 }
 # Logs written from these packages are shown at INFO; other libraries' at WARNING and above.
 OWN_PACKAGES = ("experiments", "moska_jax", "pallas_kernels")

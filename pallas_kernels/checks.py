@@ -55,6 +55,13 @@ def at_least(value, minimum: int, *, name: str, where: str) -> int:
   return value
 
 
+def one_of(value, choices: tuple[int, ...], *, name: str, where: str) -> int:
+  """`value` as one of the ints `choices`."""
+  if isinstance(value, bool) or value not in choices:
+    raise ValueError(f"{where}: {name} must be one of {choices}, got {value!r}")
+  return value
+
+
 def boolean(value, *, name: str, where: str) -> bool:
   """`value` as a bool (no truthy stand-ins)."""
   if not isinstance(value, bool):

@@ -35,6 +35,9 @@ from pallas_kernels.tpu import tuning as tpu_tuning
 from pallas_kernels.tpu.configs import MosaicTpuChunkConfig
 
 OP_NAME = "chunk_attention"
+# Mosaic GPU tiles of grouped rows: a ping-pong pair of consumers (128 rows), since a chunk goes
+# to Mosaic GPU only when many rows chose it (`gpu.tuning.chunk_implementation`).
+CHUNK_CONSUMERS = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,7 +80,7 @@ def _pallas(kernel):
     K, R = p.top_k, T * p.dims.G
     if K == 0:
       return jnp.zeros(p.q.shape, p.dtype), jnp.full(p.q.shape[:3], -jnp.inf, jnp.float32)
-    block_m = getattr(config, "block_m", mosaic_attention.ROWS_PER_CTA)
+    block_m = getattr(config, "block_m", mosaic_attention.rows_per_cta(CHUNK_CONSUMERS))
     groups = grouping.group_by_chunk(p.chunk_ids, num_chunks=p.num_chunks, rows_per_pair=R,
                                      block_m=block_m)
     n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
@@ -109,7 +112,7 @@ def _mosaic_gpu(p, groups, q_rows, n, scale, c: MosaicGpuChunkConfig, interpret)
   ranges = jnp.stack([jnp.maximum(start, 0), end], axis=-1)[:, :, None, :]
   o_t, lse_t = mosaic_attention.attention_over_ranges(
       _tile_rows(p, groups, q_rows), p.k, p.v, ranges, scale=scale, block_k=c.block_k,
-      num_stages=c.num_stages)
+      num_stages=c.num_stages, consumers=CHUNK_CONSUMERS)
   return grouping.scatter_to_pairs(o_t[0], lse_t[0], groups)
 
 
@@ -141,7 +144,7 @@ def _mosaic_gpu_unsupported(p: ChunkProblem, c: MosaicGpuChunkConfig, target, in
     return (f"chunk_size must be a multiple of config.block_k, got chunk_size={p.chunk_size}, "
             f"block_k={c.block_k}")
   return gpu_tuning.mosaic_unsupported(p.dims, p.dtype, c.block_k, c.num_stages, target,
-                                       interpret, kv_dtype=p.k.dtype)
+                                       interpret, kv_dtype=p.k.dtype, consumers=CHUNK_CONSUMERS)
 
 
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {

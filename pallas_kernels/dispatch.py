@@ -8,8 +8,9 @@ partial states, merges them by log-sum-exp and unfolds the query rows back to [B
 
 "auto" picks the family of the platform JAX runs on (the GPU implementations on a GPU, Mosaic TPU
 on a TPU, XLA elsewhere; with `interpret=True` on a CPU, the GPU family in interpret mode, whose
-semantics are the Triton lowering's) and, within the family, the implementation its tuning module
-prefers for the shape. The plan each call used is logged once (logger `pallas_kernels`, INFO)
+semantics are the Triton lowering's) and, within the family, the plan the chip's measured tuning
+table gives for the shape (`tuning_table`; compiled calls without a config), else the
+implementation its tuning module prefers. The plan each call used is logged once (logger `pallas_kernels`, INFO)
 and kept in `plans_used()`.
 """
 
@@ -23,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import layout, quant, targets
+from pallas_kernels import layout, quant, targets, tuning_table
 from pallas_kernels.merge import merge_partials
 
 BACKENDS = ("auto", "gpu", "tpu", "xla")
@@ -181,8 +182,14 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
                      f"{implementation!r}")
   if family is not None:
     platform = _platform(family, interpret, op.name)
-    implementation = "xla" if platform == "xla" else op.choose(
-        problem, platform, _target(platform, target), interpret)
+    tuned = None
+    if platform != "xla" and config is None and not interpret:
+      tuned = tuning_table.lookup(op, problem, _target(platform, target))
+    if tuned is not None:
+      implementation, config = tuned
+    else:
+      implementation = "xla" if platform == "xla" else op.choose(
+          problem, platform, _target(platform, target), interpret)
   impl = op.implementations[implementation]
   if interpret and not impl.interpretable:
     raise ValueError(f"{op.name}: implementation {impl.name!r} has no interpret mode")

@@ -71,10 +71,10 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
   del interpret
-  q_rows, n, scale = _rows(p, mosaic_attention.ROWS_PER_CTA)
+  q_rows, n, scale = _rows(p, mosaic_attention.rows_per_cta(c.consumers))
   o, lse = mosaic_attention.shared_attention_partials(
       q_rows, p.k, p.v, n, scale=scale, block_k=c.block_k, num_splits=c.num_splits,
-      num_stages=c.num_stages)
+      num_stages=c.num_stages, consumers=c.consumers)
   return Partials(o, lse, 0)
 
 
@@ -107,7 +107,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t),
         candidates=lambda p, t: gpu_tuning.mosaic_shared_candidates(p.dims, p.dtype, t),
         unsupported=lambda p, c, t, i: gpu_tuning.mosaic_unsupported(
-            p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k.dtype),
+            p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k.dtype,
+            consumers=c.consumers),
         interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuSharedConfig,

@@ -78,6 +78,9 @@ CONFIGS = [
     pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(block_k=64, num_splits=3,
                                                                num_stages=4),
                  marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
+    pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(block_k=128, num_splits=3,
+                                                               num_stages=3, consumers=1),
+                 marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
 ]
 
 

@@ -1,6 +1,7 @@
 """The default tilings, tested for invariants on every preset chip (not for exact values):
 every plan is one its implementation accepts, and the grid fills the chip without a second wave
-it does not need."""
+it does not need. The heuristics alone: measured tuning tables are tested in
+test_tuning_table.py."""
 
 import itertools
 import math
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import checks, targets
+from pallas_kernels import checks, targets, tuning_table
 from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu import tuning as gpu_tuning
 from pallas_kernels.tpu import tuning as tpu_tuning
@@ -21,6 +22,12 @@ SHAPES = list(itertools.product((1, 7, 64, 512), (1, 4), (1, 4, 16), (64, 80, 12
                                 (1000, 131072), (jnp.bfloat16, jnp.float32)))
 
 
+@pytest.fixture(autouse=True)
+def _heuristics_only():
+  with tuning_table.ignored():
+    yield
+
+
 def _sds(shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
@@ -29,8 +36,9 @@ def _fits(plan, D, dtype, tgt) -> bool:
   """The plan's computed shared-memory use fits the chip (GPU implementations)."""
   c = plan.config
   if plan.implementation == "mosaic_gpu":
-    return mosaic_attention.smem_bytes_used(D, c.block_k, jnp.dtype(dtype).itemsize,
-                                            num_stages=c.num_stages) <= tgt.smem_per_block
+    return mosaic_attention.smem_bytes_used(
+        D, c.block_k, jnp.dtype(dtype).itemsize, num_stages=c.num_stages,
+        consumers=getattr(c, "consumers", 2)) <= tgt.smem_per_block
   if plan.implementation == "triton" and hasattr(c, "block_m"):
     return gpu_tuning.triton_smem_bytes(c.block_m, c.block_k, D, jnp.dtype(dtype).itemsize,
                                         c.num_stages) <= tgt.smem_per_block
@@ -49,7 +57,7 @@ def test_shared_plans_are_valid_and_fill_the_chip(name):
     assert _fits(plan, D, dtype, tgt)
     if plan.implementation == "mosaic_gpu":
       assert tgt.is_hopper and M >= 256
-      rows, block_k = mosaic_attention.ROWS_PER_CTA, c.block_k
+      rows, block_k = mosaic_attention.rows_per_cta(c.consumers), c.block_k
     else:
       rows, block_k = c.block_m, c.block_k
     programs = Hkv * math.ceil(M / rows)
@@ -155,3 +163,20 @@ def test_triton_tiles_pad_the_head_dim_to_a_power_of_two():
   # the model counts the padded tiles: D=80 costs what D=128 does
   assert gpu_tuning.triton_smem_bytes(16, 128, 80, 2, 3) == gpu_tuning.triton_smem_bytes(
       16, 128, 128, 2, 3)
+
+
+@pytest.mark.parametrize("name", [n for n in GPUS if targets.target(n).is_hopper])
+def test_mosaic_gpu_consumers_follow_m_and_every_candidate_fits(name):
+  """One consumer warpgroup while M <= 64 (split-S), a ping-pong pair above; every Mosaic GPU
+  candidate of the sweep, of either consumer count, fits the chip's shared memory."""
+  tgt = targets.target(name)
+  for B, T, G, D, S, dtype in SHAPES:
+    if dtype != jnp.bfloat16 or D % 64 or S % 128:  # what the kernel accepts
+      continue
+    q, k = _sds((B, T, G * 8, D), dtype), _sds((S, 8, D), dtype)
+    plan = pk.plan("shared_attention", q, k, k, implementation="mosaic_gpu", target=tgt)
+    assert plan.config.consumers == (1 if B * T * G <= 64 else 2)
+    mosaic = [p for p in pk.sweep("shared_attention", q, k, k, backend="gpu", target=tgt)
+              if p.implementation == "mosaic_gpu"]
+    assert {p.config.consumers for p in mosaic} == {1, 2}
+    assert all(_fits(p, D, dtype, tgt) for p in mosaic)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels.checks import Config, at_least, knob, multiple_of, positive_int, power_of_two
+from pallas_kernels.checks import (Config, at_least, knob, multiple_of, one_of, positive_int,
+                                   power_of_two)
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
@@ -59,19 +60,21 @@ class TritonUniqueConfig(Config):
 
 @_frozen
 class MosaicGpuSharedConfig(Config):
-  """shared_attention on Mosaic GPU (Hopper): each CTA owns 128 query rows (two 64-row wgmma
-  consumers); block_k keys per TMA copy (a multiple of 64: the (8, 64) shared-memory tiling),
-  num_stages K/V slots in the shared-memory ring (>= 2), num_splits CTAs along S per row tile."""
+  """shared_attention on Mosaic GPU (Hopper): each CTA owns consumers x 64 query rows (one 64-row
+  wgmma consumer warpgroup for small M, a ping-pong pair for large M); block_k keys per TMA copy
+  (a multiple of 64: the (8, 64) shared-memory tiling), num_stages K/V slots in the
+  shared-memory ring (>= 2), num_splits CTAs along S per row tile."""
 
   block_k: int = knob(multiple_of, 128, step=64)
   num_stages: int = knob(at_least, 2, minimum=2)
   num_splits: int = knob(positive_int, 1)
+  consumers: int = knob(one_of, 2, choices=(1, 2))
 
 
 @_frozen
 class MosaicGpuChunkConfig(Config):
-  """chunk_attention on Mosaic GPU (Hopper): one CTA per (128-row tile, chunk); block_k and
-  num_stages as for shared_attention."""
+  """chunk_attention on Mosaic GPU (Hopper): one CTA per (128-row tile, chunk: a ping-pong pair
+  of consumers); block_k and num_stages as for shared_attention."""
 
   block_k: int = knob(multiple_of, 128, step=64)
   num_stages: int = knob(at_least, 4, minimum=2)

@@ -1,12 +1,13 @@
 """Shared-KV attention for Hopper with Pallas Mosaic GPU: TMA loads, wgmma, warp specialization.
 
-The Triton-lowered kernel streams KV at full bandwidth but leaves tensor-core rate unused at large
-M (compute-bound: many requests; experiments/results/shared_attention.md), which runs here. Each CTA
-owns 2 x 64 folded query rows of one kv head and one split of S, and runs three warpgroups: a
-producer that TMA-copies K/V tiles into a ring of shared-memory slots, and two consumers that each
-multiply their 64 rows by every tile with wgmma and keep an online softmax. The consumers take
-turns on the tensor cores (one does its softmax while the other multiplies), the FlashAttention-3
-"ping-pong" schedule. Writes normalized partials (o in the input dtype, lse float32) per split.
+Each CTA owns `consumers` x 64 folded query rows of one kv head and one split of S, and runs
+consumers + 1 warpgroups: a producer that TMA-copies K/V tiles into a ring of shared-memory slots,
+and consumers that each multiply their 64 rows by every tile with wgmma and keep an online
+softmax. Two consumers (large M, compute-bound) take turns on the tensor cores (one does its
+softmax while the other multiplies), the FlashAttention-3 "ping-pong" schedule; one consumer
+(small M, bandwidth-bound: the split-S regime of flash decoding) multiplies half the padding rows
+two would and leaves more shared memory to the ring. Writes normalized partials (o in the input
+dtype, lse float32) per split.
 
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
 (`shared_attention_partials`) and the routed chunks of chunk_attention (`attention_over_ranges`:
@@ -27,24 +28,33 @@ from pallas_kernels.gpu import softmax
 from pallas_kernels.numerics import LOG2E
 
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile)
-ROWS_PER_CTA = 2 * BLOCK_Q
+CONSUMERS = (1, 2)  # consumer warpgroups per CTA: one (small M) or a ping-pong pair (large M)
 
 
-def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int) -> int:
-  """Most K/V ring slots that fit next to the two q/o tiles in `smem_bytes` (with slack)."""
-  free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0)
+def rows_per_cta(consumers: int) -> int:
+  return consumers * BLOCK_Q
+
+
+def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int) -> int:
+  """Most K/V ring slots that fit next to the consumers' q/o tiles in `smem_bytes` (with slack)."""
+  free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0, consumers=consumers)
   return max(0, free // (2 * block_k * D * itemsize))
 
 
-def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int) -> int:
-  """Shared memory of one CTA: two q/o tiles, the K and V rings, lse rows, barriers (slack)."""
-  return 2 * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * itemsize + 4096
+def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int,
+                    consumers: int) -> int:
+  """Shared memory of one CTA: a q/o tile per consumer, the K and V rings, lse rows, barriers
+  (slack)."""
+  return (consumers * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * itemsize
+          + 4096)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                               kv_length: jax.Array, *, scale: float, block_k: int,
-                              num_splits: int, num_stages: int) -> tuple[jax.Array, jax.Array]:
-  """Partial attention of q_rows[Hkv, M, D] (M a multiple of 128) over k, v[S, Hkv, D].
+                              num_splits: int, num_stages: int,
+                              consumers: int) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of q_rows[Hkv, M, D] (M a multiple of rows_per_cta(consumers)) over
+  k, v[S, Hkv, D].
 
   Returns o[num_splits, Hkv, M, D] in q's dtype and lse[num_splits, Hkv, M] float32 (natural
   log), a split with no valid key giving o = 0, lse = -inf.
@@ -53,21 +63,24 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
   start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
   ranges = jnp.stack([start, jnp.minimum(start + split_len, kv_length)], axis=-1)
-  ranges = jnp.broadcast_to(ranges, (M // ROWS_PER_CTA, Hkv, num_splits, 2))
+  ranges = jnp.broadcast_to(ranges, (M // rows_per_cta(consumers), Hkv, num_splits, 2))
   return attention_over_ranges(q_rows, k, v, ranges, scale=scale, block_k=block_k,
-                               num_stages=min(num_stages, split_len // block_k))
+                               num_stages=min(num_stages, split_len // block_k),
+                               consumers=consumers)
 
 
 def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
-                          scale: float, block_k: int,
-                          num_stages: int) -> tuple[jax.Array, jax.Array]:
-  """Attention of each 128-row tile of q_rows[Hkv, M, D] over its own key ranges.
+                          scale: float, block_k: int, num_stages: int,
+                          consumers: int) -> tuple[jax.Array, jax.Array]:
+  """Attention of each tile of rows_per_cta(consumers) rows of q_rows[Hkv, M, D] over its own key
+  ranges.
 
   Args:
-    q_rows: [Hkv, M, D], M a multiple of 128.
+    q_rows: [Hkv, M, D], M a multiple of R = rows_per_cta(consumers).
     k, v: [S, Hkv, D], S a multiple of block_k.
-    ranges: [M // 128, Hkv, P, 2] int32: tile m of kv head h attends to keys
+    ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
+    consumers: consumer warpgroups per CTA (CONSUMERS).
 
   Returns:
     o[P, Hkv, M, D] in q's dtype and lse[P, Hkv, M] float32; an empty range gives o = 0,
@@ -75,6 +88,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   """
   Hkv, M, D = q_rows.shape
   m_tiles, _, num_parts, _ = ranges.shape
+  if consumers not in CONSUMERS:
+    raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
+  rows, pair = rows_per_cta(consumers), consumers == 2
   dtype = q_rows.dtype
   stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
   scale_log2 = scale * LOG2E
@@ -91,15 +107,16 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     steps = lax.div(n_keys + (block_k - 1), jnp.int32(block_k))
     full_steps = lax.div(n_keys, jnp.int32(block_k))
 
-    def take_turn():  # the two consumers alternate on the tensor cores
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+    def take_turn():  # a ping-pong pair alternates on the tensor cores
+      if pair:
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
 
-    @pl.when(wg < 2)
+    @pl.when(wg < consumers)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
       my_q = q_smem.at[wg]
-      row0 = mt * ROWS_PER_CTA + wg * BLOCK_Q
+      row0 = mt * rows + wg * BLOCK_Q
       plgpu.copy_gmem_to_smem(q_gmem.at[h, pl.ds(row0, BLOCK_Q)], my_q, q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
       carry = (
@@ -113,7 +130,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       def _():
         plgpu.barrier_wait(k_full.at[0])
 
-      pl.when(wg == 1)(take_turn)
+      if pair:  # the second consumer waits for the first one's first QK^T
+        pl.when(wg == 1)(take_turn)
 
       def step(i, carry, masked: bool):
         slot = lax.rem(i, jnp.int32(stages))
@@ -135,9 +153,11 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         p, (acc, m, l) = softmax.step(carry, qk, scale_log2=scale_log2)
         p_in = p.astype(dtype)
         acc, m, l, p_in = lax.optimization_barrier((acc, m, l, p_in))
-        plgpu.barrier_arrive(turn)
+        if pair:
+          plgpu.barrier_arrive(turn)
         plgpu.barrier_wait(v_full.at[slot])
-        plgpu.barrier_wait(turn)
+        if pair:
+          plgpu.barrier_wait(turn)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p_in, v_smem.at[slot])
@@ -152,7 +172,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
       carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
       acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
-      pl.when(wg == 0)(take_turn)
+      if pair:
+        pl.when(wg == 0)(take_turn)
 
       o, lse = softmax.finish(acc, m, l)
       my_q[...] = o.astype(dtype)  # the q tile is dead: reuse its slot for o
@@ -162,7 +183,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[sp, h, pl.ds(row0, BLOCK_Q)])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == consumers)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
 
@@ -184,18 +205,18 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   def entry(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     smem = [
-        plgpu.SMEM((2, BLOCK_Q, D), dtype, transforms=transforms),
+        plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_k, D), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_k, D), dtype, transforms=transforms),
-        plgpu.SMEM((2, BLOCK_Q), jnp.float32),
+        plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
     ]
     pl.run_scoped(
         lambda *scoped: body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
         smem,
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=2)),
-        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-        plgpu.Barrier(num_arrivals=2),
+         plgpu.Barrier(num_barriers=consumers)),
+        (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=consumers),
         collective_axes="wg",
     )
 
@@ -205,7 +226,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
                 jax.ShapeDtypeStruct((num_parts, Hkv, M), jnp.float32)],
       grid=(m_tiles, Hkv, num_parts),
       grid_names=("m", "h", "split"),
-      num_threads=3,
+      num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(ranges.astype(jnp.int32).reshape(-1), q_rows, k, v)

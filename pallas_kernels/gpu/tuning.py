@@ -95,9 +95,10 @@ def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
 
 
 def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
-                       target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
+                       target: GpuTarget, interpret: bool, *, kv_dtype,
+                       consumers: int) -> str | None:
   """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`)
-  with this tiling, or None."""
+  with this tiling and this many consumer warpgroups, or None."""
   if interpret:
     return "it has no interpret mode"
   if not target.is_hopper:
@@ -112,20 +113,21 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   if dims.S % block_k:
     return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
-                                          num_stages=num_stages)
+                                          num_stages=num_stages, consumers=consumers)
   if smem > target.smem_per_block:
     return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
             f"{target.smem_per_block}")
   return None
 
 
-def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int,
-                   target: GpuTarget) -> tuple[int, int]:
+def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTarget, *,
+                   consumers: int) -> tuple[int, int]:
   """(block_k, num_stages) of the Mosaic GPU kernel: 128-key tiles, or 64 where two slots of
   128 keys do not fit (D=256), with up to `wanted_stages` ring slots."""
   itemsize = jnp.dtype(dtype).itemsize
   for block_k in (128, 64):
-    fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block)
+    fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block,
+                                      consumers=consumers)
     if fit >= 2:
       return block_k, min(wanted_stages, fit)
   return 64, 2  # refused by mosaic_unsupported
@@ -138,9 +140,9 @@ def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpr
                           kv_dtype) -> str:
   """"mosaic_gpu" for large M on Hopper (compute-bound: wgmma), else "triton"."""
   if dims.M >= MOSAIC_MIN_ROWS:
-    block_k, stages = _mosaic_tiling(dims, dtype, 2, target)
-    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret,
-                          kv_dtype=kv_dtype) is None:
+    c = mosaic_shared(dims, dtype, target)
+    if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
+                          kv_dtype=kv_dtype, consumers=c.consumers) is None:
       return "mosaic_gpu"
   return "triton"
 
@@ -160,12 +162,15 @@ def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonShared
 
 
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuSharedConfig:
-  """128-row CTAs, two ring slots of 128-key tiles (64 where they do not fit); S split to fill
-  the chip."""
-  block_k, stages = _mosaic_tiling(dims, dtype, 2, target)
-  programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.ROWS_PER_CTA)
+  """One 64-row consumer per CTA while M <= 64 (split-S: bandwidth-bound, a second consumer would
+  multiply padding), else 128-row CTAs of a ping-pong pair; two ring slots of 128-key tiles (64
+  where they do not fit); S split to fill the chip."""
+  consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q else 2
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers)
+  programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
-  return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages)
+  return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages,
+                               consumers=consumers)
 
 
 def _with_splits(base, factors=(0.5, 2.0)) -> list:
@@ -185,7 +190,11 @@ def mosaic_shared_candidates(dims: AttentionDims, dtype,
                              target: GpuTarget) -> list[MosaicGpuSharedConfig]:
   base = mosaic_shared(dims, dtype, target)
   out = [dataclasses.replace(base, block_k=64, num_stages=st) for st in (2, 3, 4)]
-  return [base, *out, *_with_splits(base)]
+  other = 3 - base.consumers  # the other consumer count, its splits refitted to the chip
+  programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(other))
+  swap = dataclasses.replace(base, consumers=other, num_splits=splits_to_fill(
+      target, programs, math.ceil(dims.S / base.block_k)))
+  return [base, *out, *_with_splits(base), swap, dataclasses.replace(swap, num_stages=3)]
 
 
 # ------------------------------------------------------------------ unique_attention
@@ -248,9 +257,9 @@ def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int
   """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
   if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
       and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK):
-    block_k, stages = _mosaic_tiling(dims, dtype, 4, target)
-    if mosaic_unsupported(dims, dtype, block_k, stages, target, interpret,
-                          kv_dtype=kv_dtype) is None:
+    c = mosaic_chunk(dims, dtype, target)
+    if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
+                          kv_dtype=kv_dtype, consumers=2) is None:
       return "mosaic_gpu"
   return "triton"
 
@@ -269,7 +278,8 @@ def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
 
 
 def mosaic_chunk(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuChunkConfig:
-  block_k, stages = _mosaic_tiling(dims, dtype, 4, target)
+  """Ring of up to 4 slots for the 128-row tiles of a chunk (a ping-pong pair per CTA)."""
+  block_k, stages = _mosaic_tiling(dims, dtype, 4, target, consumers=2)
   return MosaicGpuChunkConfig(block_k=block_k, num_stages=stages)
 
 
