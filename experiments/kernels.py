@@ -4,7 +4,7 @@ One process times `shared_attention` (S shared keys), `unique_attention` (each r
 tokens in pages) and `chunk_attention` (S shared keys, chunks of C, each request keeping a random
 (1 - sparsity) share per kv head) for every shape (heads, T, dtype) and B: the plan
 `implementation="auto"` picks and, with --kernels_implementations, the default plan of each named
-implementation (a row per implementation, so the table says where each wins); for
+implementation the op has (a row per implementation, so the table says where each wins); for
 shared_attention also cuDNN's flash attention over the stacked queries (`cudnn_ms`, GPU only). A
 case that fails to plan, compile or run is a row with its error.
 """
@@ -128,6 +128,8 @@ def main() -> None:
         floor = bench.ceilings.floor_s(c.flops, c.nbytes)
         cudnn_ms = _cudnn_ms(c) if op == "shared_attention" else math.nan
         for implementation in FLAGS.kernels_implementations:
+          if implementation not in ("auto", *pk.implementations(op)):
+            continue  # e.g. mosaic_gpu, which unique_attention does not have
           try:
             plan = _plan(pk, op, c, implementation)
           except ValueError as e:
