@@ -19,7 +19,10 @@ Two scenarios, one table:
   FastAPI, uvicorn and httpx are installed, "http" (the OpenAI server on localhost, SSE streams; an
   event may carry several byte tokens that end in one character, so its ITL is per event).
   Reported: tokens/s over the wall time from the first request to the last token, its ratio to
-  generate's (goal >= 0.8), p50/p99 time to first token and ITL.
+  generate's (goal >= 0.8), p50/p99 time to first token and ITL, and the engine's steps: their
+  count, mean wall time (`step_ms`) and mean host time (`host_ms`: the stepping thread's work
+  the device does not compute under: taking submissions, planning, dispatch, bookkeeping,
+  handing the tokens over; `stats["host_seconds"]`).
 
 The model is the tiny decoder or Llama-3.1-8B shapes with `--serving_layers` layers (random
 weights) in `--dtype`; contexts are random tokens of `--serving_shared` each.
@@ -128,8 +131,18 @@ def _requests(rng, vocab, names):
   return [(list(map(int, rng.integers(0, vocab, p))), names[i % len(names)]) for i in range(n)]
 
 
-def _load_row(table, transport, t0, submits, times, tokens, gen_rate=None):
-  """A load row from per-request submit times and token arrival times."""
+def _steps(engine) -> dict:
+  """The engine's steps since its stats were cleared: count, mean wall and host ms; clears the
+  stats for the next transport."""
+  s = engine.stats
+  n = s["steps_decode"] + s["steps_prefill"]
+  row = dict(steps=n, step_ms=_ms(s["seconds"] / n), host_ms=_ms(s["host_seconds"] / n))
+  s.clear()
+  return row
+
+
+def _load_row(table, transport, t0, submits, times, tokens, steps, gen_rate=None):
+  """A load row from per-request submit times and token arrival times, and `_steps`."""
   end = max(t[-1] for t in times)
   ttft = [t[0] - s for s, t in zip(submits, times)]
   itl = np.concatenate([np.diff(t) for t in times if len(t) > 1])
@@ -138,7 +151,7 @@ def _load_row(table, transport, t0, submits, times, tokens, gen_rate=None):
                    contexts=FLAGS.serving_contexts, tokens=tokens, tokens_per_s=rate,
                    x_generate=rate / gen_rate if gen_rate else 1.0,
                    ttft_p50_ms=_ms(_pct(ttft, 50)), ttft_p99_ms=_ms(_pct(ttft, 99)),
-                   itl_p50_ms=_ms(_pct(itl, 50)), itl_p99_ms=_ms(_pct(itl, 99)))
+                   itl_p50_ms=_ms(_pct(itl, 50)), itl_p99_ms=_ms(_pct(itl, 99)), **steps)
 
 
 def _in_process(engine, requests, new):
@@ -215,19 +228,20 @@ def load(model, stores, mcfg, rng, table) -> None:
   engine = _engine(model, stores, mcfg, batch=n,
                    tokens_per_request=FLAGS.serving_prompt + new,
                    chunk=FLAGS.serving_load_chunk, lanes=min(n, FLAGS.serving_load_lanes))
-  engine.warmup()
+  engine.warmup()  # clears the stats
   requests = _requests(rng, model.cfg.vocab, list(stores))
   t0 = time.perf_counter()
   results = engine.generate([p for p, _ in requests], new, context=[c for _, c in requests])
   gen_rate = sum(len(r.tokens) for r in results) / (time.perf_counter() - t0)
   table.add(scenario=LOAD, transport="generate", clients=n, contexts=len(stores),
-            tokens=n * new, tokens_per_s=gen_rate, x_generate=1.0)
+            tokens=n * new, tokens_per_s=gen_rate, x_generate=1.0, **_steps(engine))
   t0, submits, times = _in_process(engine, requests, new)
-  _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), gen_rate)
+  _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), _steps(engine),
+            gen_rate)
   if FLAGS.serving_http:
     out = _over_http(engine, requests, new)
     if out is not None:
-      _load_row(table, "http", *out, n * new, gen_rate)
+      _load_row(table, "http", *out, n * new, _steps(engine), gen_rate)
 
 
 def _plot(plt, rows):

@@ -12,7 +12,11 @@ Requests come in at any time (`submit`, thread-safe) and join at the next step; 
 a request's slot and pages before the next step. `start()` runs the steps on a background thread
 (the asynchronous engine an HTTP server sits on: `stream` bridges a request's tokens to asyncio);
 without it, `generate` (and `step`) run them on the caller's thread. `generate` is the simple
-synchronous API either way.
+synchronous API either way. The host work of a step is vectorized over its requests (the
+scheduler's plan and bookkeeping), and a step's tokens reach the streams of one asyncio loop in
+one hand-over (one call_soon_threadsafe, not one per token), made once the next step is
+dispatched: the loop's thread takes them while the device computes, and the two threads do not
+trade the GIL per token.
 
 Sampling: a request's tokens are a function of its prompt, its context, its `Sampling`
 (temperature, top_p, seed) and nothing else: alone or beside others, in any slot, at any
@@ -60,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -88,8 +93,8 @@ from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, Tran
 from moska_jax.sharding.groups import SPAN
 from moska_jax.sharding.shared_step import (hand_off, merge_with_unique, own_rows,
                                             shared_partial, span_context, span_map)
-from moska_jax.step import (Routes, SharedContext, host_parts, last_logits, moska_step,
-                            store_top_k, zero_padding)
+from moska_jax.step import (Routes, SharedContext, last_logits, moska_step, store_top_k,
+                            zero_padding)
 
 __all__ = ["ByteTokenizer", "MoskaEngine", "Request", "Result", "Sampling", "TokenStream",
            "sample"]
@@ -187,7 +192,10 @@ class MoskaEngine:
       the shared devices).
     scheduler: the `Scheduler` of the requests.
     stats: counters "steps_prefill" (steps with a prefill part), "steps_decode", "tokens"
-      (sampled), "prefill_tokens", "seconds" (in steps), "requests_<finish reason>" (+ on
+      (sampled), "prefill_tokens", "seconds" (in steps), "host_seconds" (the stepping thread's
+      work in steps, from taking commands to the callbacks, less the wait for the sampled tokens:
+      the host time the device is not computing under; on disaggregated groups, whose parts are
+      fetched one by one, it holds their device time too), "requests_<finish reason>" (+ on
       groups "bytes_to_shared", "bytes_to_unique").
     last_step_seconds: wall time of the latest step.
   """
@@ -250,6 +258,7 @@ class MoskaEngine:
     self._ids = None  # reused chunk selections per layer [B, Hkv, K] (sparse, reroute_every > 1)
     self._reroute_all = True
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+    self._events: list[tuple[TokenStream, int | None]] = []  # streams' events not handed over
     self._wake = threading.Event()
     self._drive = threading.RLock()  # held by whoever runs steps
     self._thread: threading.Thread | None = None
@@ -535,7 +544,7 @@ class MoskaEngine:
   def _in_loop(self, fn: Callable[[], None]) -> None:
     """Runs fn on the stepping thread and waits for it (at once when no loop runs)."""
     if not self.running or threading.current_thread() is self._thread:
-      with self._drive:
+      with self._driving():
         fn()
       return
     done = concurrent.futures.Future()
@@ -548,6 +557,30 @@ class MoskaEngine:
 
     self._post(command)
     done.result()
+
+  @contextlib.contextmanager
+  def _driving(self):
+    """Holds `_drive`; the streams' events of the work done are handed over on leaving."""
+    with self._drive:
+      try:
+        yield
+      finally:
+        self._flush_events()
+
+  def _flush_events(self) -> None:
+    """Hands the streams' pending events to their asyncio loops: one call_soon_threadsafe per
+    loop (one wake-up of its thread per step, not one per token), in order."""
+    if not self._events:
+      return
+    by_loop = collections.defaultdict(list)
+    for event in self._events:
+      by_loop[event[0].loop].append(event)
+    self._events.clear()
+    for loop, events in by_loop.items():
+      try:
+        loop.call_soon_threadsafe(_deliver, events)
+      except RuntimeError:  # the loop closed: nobody iterates its streams any more
+        pass
 
   def _apply_inbox(self) -> bool:
     worked = False
@@ -587,12 +620,16 @@ class MoskaEngine:
       self._wake.clear()
       try:
         with self._drive:
-          worked = self.step()
+          worked = self._step()
+          if not worked:
+            self._flush_events()
       except Exception:  # the step's requests got their error; keep serving the others
         log.exception("engine step failed")
         worked = True
       if not worked:
-        self._wake.wait()
+        self._wake.wait()  # idle: blocks until a command arrives (no polling)
+    with self._drive:
+      self._flush_events()
 
   def step(self) -> bool:
     """Applies pending submissions and cancellations, admits queued requests and runs one step
@@ -602,38 +639,49 @@ class MoskaEngine:
     Raises:
       whatever the step raised, after ending its requests (see the module docstring).
     """
-    with self._drive:
-      worked = self._apply_inbox()
-      self.scheduler.admit()
-      plan = self.scheduler.plan(self._context_index, self.mcfg.reroute_every,
-                                 self._reroute_all)
-      if plan is None:
-        return worked
-      t0 = time.perf_counter()
-      try:
-        tokens, logits = self._run(plan)
-        self._reroute_all = False
-        took = self.scheduler.advance(plan, tokens, logits)
-      except BaseException as e:
-        self._abort(plan, e)
-        raise
-      self.last_step_seconds = time.perf_counter() - t0
-      self.stats["seconds"] += self.last_step_seconds
-      self.stats["steps_prefill" if plan.prefill else "steps_decode"] += 1
-      self.stats["tokens"] += len(took)
-      if plan.prefill:
-        self.stats["prefill_tokens"] += int(plan.lanes.fed.sum())
-      for r in took:
-        if r.on_event is not None:
-          try:
-            r.on_event(r, r.tokens[-1])
-          except Exception:
-            log.exception("on_event of request %d failed; cancelling it", r.id)
-            if not r.done:
-              self._finish(r, "cancelled", "its on_event callback raised")
-        if r.done:
-          self._notify_done(r)
-      return True
+    with self._driving():
+      return self._step()
+
+  def _step(self) -> bool:
+    """`step`, leaving the streams' events of its tokens pending: the background loop hands
+    them over once the next step is dispatched (or when it goes idle), so the asyncio threads
+    take them while the device computes, not while this thread plans."""
+    start = time.perf_counter()
+    worked = self._apply_inbox()
+    self.scheduler.admit()
+    plan = self.scheduler.plan(self._context_index, self.mcfg.reroute_every, self._reroute_all)
+    if plan is None:
+      return worked
+    t0 = time.perf_counter()
+    try:
+      tokens, logits = self._run(plan)
+      self._flush_events()
+      waited = time.perf_counter()
+      tokens, logits = np.asarray(tokens), None if logits is None else np.asarray(logits)
+      waited = time.perf_counter() - waited
+      self._reroute_all = False
+      took = self.scheduler.advance(plan, tokens, logits)
+    except BaseException as e:
+      self._abort(plan, e)
+      raise
+    self.last_step_seconds = time.perf_counter() - t0
+    self.stats["seconds"] += self.last_step_seconds
+    self.stats["steps_prefill" if plan.prefill else "steps_decode"] += 1
+    self.stats["tokens"] += len(took)
+    if plan.prefill:
+      self.stats["prefill_tokens"] += int(plan.lanes.fed.sum())
+    for r in took:
+      if r.on_event is not None:
+        try:
+          r.on_event(r, r.tokens[-1])
+        except Exception:
+          log.exception("on_event of request %d failed; cancelling it", r.id)
+          if not r.done:
+            self._finish(r, "cancelled", "its on_event callback raised")
+      if r.done:
+        self._notify_done(r)
+    self.stats["host_seconds"] += time.perf_counter() - start - waited
+    return True
 
   def _abort(self, plan: StepPlan, error: BaseException) -> None:
     """After a failed step: ends its requests (all active ones when the donated pools were
@@ -687,19 +735,19 @@ class MoskaEngine:
     when `MoskaConfig.reroute_every` > 1; else None."""
     return None if self._ids is None else tuple(np.asarray(x) for x in self._ids)
 
-  def _run(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray | None]:
+  def _run(self, plan: StepPlan) -> tuple[jax.Array | np.ndarray, jax.Array | np.ndarray | None]:
     """Runs one step; returns the sampled tokens [max_batch + lanes] and, when a request keeps
-    them, their logits."""
+    them, their logits: on one device, arrays still being computed (the step is dispatched)."""
     if self._groups is not None:
       return self._groups.run(plan, self.cache, self.stats)
-    rows = SamplingRows(*(jnp.asarray(a) for a in plan.sampling))
     traces = _TRACES[0]
+    # The plan's NumPy arrays go to the jitted step as they are: its C++ dispatch copies them
+    # to the device, cheaper than a jnp.asarray each.
     tokens, last, self.cache.pools, self._ids = _engine_step(
-        self.state, self._step_contexts, self.cache.pools, self._route_ids(),
-        host_parts(plan.parts), jnp.asarray(plan.reroute), rows, self.cache.scales,
-        graphdef=self.graphdef, mcfg=self.mcfg)
+        self.state, self._step_contexts, self.cache.pools, self._route_ids(), plan.parts,
+        plan.reroute, plan.sampling, self.cache.scales, graphdef=self.graphdef, mcfg=self.mcfg)
     self._traces += _TRACES[0] - traces
-    return np.asarray(tokens), (np.asarray(last) if plan.keep_logits else None)
+    return tokens, (last if plan.keep_logits else None)
 
   # ---- the synchronous API --------------------------------------------------------------------
 
@@ -752,7 +800,7 @@ class MoskaEngine:
       for r in requests:
         self.cancel(r)
       if not self.running:
-        with self._drive:
+        with self._driving():
           self._apply_inbox()
       raise
     for i, r in enumerate(requests):
@@ -790,30 +838,54 @@ class MoskaEngine:
     """
     if not self.running:
       raise RuntimeError("stream: start() the engine's loop first")
-    loop = asyncio.get_running_loop()
-    tokens: asyncio.Queue = asyncio.Queue()
-    on_event = lambda r, token: loop.call_soon_threadsafe(tokens.put_nowait, token)
-    request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id, context=context,
-                          on_event=on_event)
-    return TokenStream(self, request, tokens)
+    stream = TokenStream(self, asyncio.get_running_loop())
+    stream.request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id,
+                                 context=context,
+                                 on_event=lambda r, token: self._events.append((stream, token)))
+    return stream
+
+
+def _deliver(events: Sequence[tuple[TokenStream, int | None]]) -> None:
+  """On an asyncio loop: its streams' events of a step, in order."""
+  for stream, token in events:
+    stream._put(token)
 
 
 class TokenStream:
   """A request's tokens as an async iterator (from `MoskaEngine.stream`); `request` is the
-  engine's `Request` (finish_reason, tokens, times). Closing it early cancels the request."""
+  engine's `Request` (finish_reason, tokens, times). Closing it early cancels the request.
 
-  def __init__(self, engine: MoskaEngine, request: Request, tokens: asyncio.Queue):
-    self.engine, self.request, self._tokens = engine, request, tokens
+  The engine hands each step's tokens of all streams of one asyncio loop over in one
+  call_soon_threadsafe; a stream buffers its own in a deque, so a consumer that fell behind reads
+  them without suspending."""
+
+  def __init__(self, engine: MoskaEngine, loop: asyncio.AbstractEventLoop):
+    self.engine, self.loop = engine, loop
+    self.request: Request | None = None  # set by `MoskaEngine.stream` once submitted
+    self._tokens: collections.deque[int | None] = collections.deque()  # None: the end
+    self._waiter: asyncio.Future | None = None
+
+  def _put(self, token: int | None) -> None:
+    self._tokens.append(token)
+    if self._waiter is not None and not self._waiter.done():
+      self._waiter.set_result(None)
 
   def __aiter__(self) -> TokenStream:
     return self
 
   async def __anext__(self) -> int:
-    token = await self._tokens.get()
-    if token is None:
+    while not self._tokens:
+      self._waiter = self.loop.create_future()
+      try:
+        await self._waiter
+      finally:
+        self._waiter = None
+    token = self._tokens[0]
+    if token is None:  # kept: iterating again ends again
       if self.request.finish_reason == "error":
         raise RuntimeError(f"request {self.request.id} failed: {self.request.error}")
       raise StopAsyncIteration
+    self._tokens.popleft()
     return token
 
   def cancel(self) -> None:

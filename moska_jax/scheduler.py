@@ -123,6 +123,10 @@ class Scheduler:
     self.prefill_lanes = prefill_lanes or max_batch
     self.queue: collections.deque[Request] = collections.deque()
     self.active: dict[int, Request] = {}  # slot -> request
+    # Per slot its request's temperature, top_p and seed (written at admission), so a step's
+    # sampling rows are gathered, not rebuilt from every request.
+    self._sampling = (np.zeros((max_batch,), np.float32), np.ones((max_batch,), np.float32),
+                      np.zeros((max_batch,), np.uint32))
     self._next_id = 0
     self._id_lock = threading.Lock()
 
@@ -150,16 +154,26 @@ class Scheduler:
     return self.enqueue(self.new_request(prompt, max_new, eos_id, **fields))
 
   def admit(self) -> list[Request]:
-    """Gives free slots to queued requests, in order, while the cache has their pages."""
+    """Gives free slots to queued requests, in order, while the cache has their pages: every
+    request that fits joins in one pass."""
     admitted = []
+    if not self.queue:
+      return admitted
+    now = time.perf_counter()
     for slot in range(self.max_batch):
-      if (self.queue and slot not in self.active
-          and self.cache.can_allocate(self.queue[0].budget)):
-        request = self.queue.popleft()
-        self.cache.allocate(slot, request.budget)
-        self.active[slot] = request
-        request.times["admitted"] = time.perf_counter()
-        admitted.append(request)
+      if not self.queue or not self.cache.can_allocate(self.queue[0].budget):
+        break
+      if slot in self.active:
+        continue
+      request = self.queue.popleft()
+      self.cache.allocate(slot, request.budget)
+      self.active[slot] = request
+      sampling = request.sampling
+      for column, value in zip(self._sampling, (sampling.temperature, sampling.top_p,
+                                                sampling.seed or 0)):
+        column[slot] = value
+      request.times["admitted"] = now
+      admitted.append(request)
     return admitted
 
   def lane_bucket(self, n: int) -> int:
@@ -177,15 +191,25 @@ class Scheduler:
     if not self.active:
       return None
     B, T, c = self.max_batch, self.prefill_chunk, self.cache
-    decode = {s: r for s, r in self.active.items() if not r.prefilling}
-    prefilling = sorted((r.id, s) for s, r in self.active.items() if r.prefilling)
-    lane_slots = [s for _, s in prefilling[:self.prefill_lanes]]
+    # Per-request Python only to gather fields; the rows are written with fancy indexing.
+    decode, prefilling = [], []
+    for s, r in self.active.items():
+      if r.fed < len(r.prompt):
+        prefilling.append((r.id, s))
+      else:
+        decode.append((s, r))
+    lane_slots = [s for _, s in sorted(prefilling)[:self.prefill_lanes]]
+    decode_slots = [s for s, _ in decode]
     dec = _part(B, 1, c.block_tables.shape[1])
-    for s, r in decode.items():
-      dec.tokens[s, 0], dec.fed[s] = r.tokens[-1], 1
-      dec.tables[s], dec.lengths[s] = c.block_tables[s], c.lengths[s]
-      dec.context[s] = context_index[r.context]
-    rows = [decode.get(s) for s in range(B)]
+    d = np.array(decode_slots, np.intp)
+    dec.tokens[d, 0] = [r.tokens[-1] for _, r in decode]
+    dec.fed[d] = 1
+    dec.tables[d], dec.lengths[d] = c.block_tables[d], c.lengths[d]
+    dec.context[d] = [context_index[r.context] for _, r in decode]
+    rows, live = decode_slots[:], [r for _, r in decode]  # the step's rows that hold a request
+    reroute = np.full((B,), reroute_all)
+    if not reroute_all:
+      reroute[d] = [r.decode_steps % reroute_every == 0 for _, r in decode]
     lanes = None
     if lane_slots:
       lanes = _part(self.lane_bucket(len(lane_slots)), T, c.block_tables.shape[1])
@@ -193,14 +217,20 @@ class Scheduler:
         r = self.active[s]
         chunk = r.prompt[r.fed:r.fed + T]
         lanes.tokens[lane, :len(chunk)], lanes.fed[lane] = chunk, len(chunk)
-        lanes.tables[lane], lanes.lengths[lane] = c.block_tables[s], c.lengths[s]
         lanes.context[lane] = context_index[r.context]
-      rows += [self.active[s] for s in lane_slots]
-      rows += [None] * (lanes.tokens.shape[0] - len(lane_slots))
-    reroute = np.array([reroute_all or (r is not None and r.decode_steps % reroute_every == 0)
-                        for r in rows[:B]], bool)
-    return StepPlan(list(decode), lane_slots, dec, lanes, reroute, _sampling_rows(rows),
-                    any(r is not None and r.keep_logits for r in rows))
+        rows.append(B + lane)
+        live.append(r)
+      lanes.tables[:len(lane_slots)] = c.block_tables[lane_slots]
+      lanes.lengths[:len(lane_slots)] = c.lengths[lane_slots]
+    # Sampling rows: padding rows are greedy; index = which of its tokens a row samples.
+    n = B + (0 if lanes is None else lanes.tokens.shape[0])
+    sampling = SamplingRows(np.zeros((n,), np.float32), np.ones((n,), np.float32),
+                            np.zeros((n,), np.uint32), np.zeros((n,), np.int32))
+    for column, per_slot in zip(sampling, self._sampling):
+      column[rows] = per_slot[decode_slots + lane_slots]
+    sampling.index[rows] = [len(r.tokens) for r in live]
+    return StepPlan(decode_slots, lane_slots, dec, lanes, reroute, sampling,
+                    any([r.keep_logits for r in live]))
 
   def advance(self, plan: StepPlan, next_tokens: np.ndarray,
               logits: np.ndarray | None = None) -> list[Request]:
@@ -208,29 +238,30 @@ class Scheduler:
     logits predict its next token takes next_tokens[row] (and logits[row] when kept), row = its
     decode slot or max_batch + its lane. Requests that are then done are retired (their
     `finish_reason` set). Returns the requests that took a token."""
-    took = []
-    rows = [(s, s, 1) for s in plan.decode_slots]
-    rows += [(s, self.max_batch + lane, int(plan.lanes.fed[lane]))
-             for lane, s in enumerate(plan.lane_slots)]
-    for slot, row, fed in rows:
-      r = self.active[slot]
-      self.cache.lengths[slot] += fed
-      if r.prefilling:
-        r.fed += fed
-        if r.prefilling:
-          continue  # more prompt to feed: these logits are not a prediction yet
-      else:
-        r.decode_steps += 1
-      r.tokens.append(int(next_tokens[row]))
+    lengths, now = self.cache.lengths, time.perf_counter()
+    lengths[plan.decode_slots] += 1
+    sampled = next_tokens.tolist()
+    took = []  # (slot, request, row)
+    for s in plan.decode_slots:
+      r = self.active[s]
+      r.decode_steps += 1
+      took.append((s, r, s))
+    for lane, s in enumerate(plan.lane_slots):
+      r, fed = self.active[s], int(plan.lanes.fed[lane])
+      lengths[s] += fed
+      r.fed += fed
+      if not r.prefilling:  # else more prompt to feed: these logits are not a prediction yet
+        took.append((s, r, self.max_batch + lane))
+    for s, r, row in took:
+      r.tokens.append(sampled[row])
       if r.keep_logits and logits is not None:
         r.logits.append(logits[row])
       if len(r.tokens) == 1:
-        r.times["first_token"] = time.perf_counter()
-      took.append(r)
+        r.times["first_token"] = now
       reason = r._end_reason()
       if reason:
-        self.finish(r, reason)
-    return took
+        self._end(r, reason, None, s)
+    return [r for _, r, _ in took]
 
   def slot_of(self, request: Request) -> int | None:
     for s, r in self.active.items():
@@ -244,10 +275,13 @@ class Scheduler:
     if reason not in FINISH_REASONS:
       raise ValueError(f"finish: reason must be one of {FINISH_REASONS}, got {reason!r}")
     slot = self.slot_of(request)
+    if slot is None and request in self.queue:
+      self.queue.remove(request)
+    self._end(request, reason, error, slot)
+
+  def _end(self, request: Request, reason: str, error: str | None, slot: int | None) -> None:
     if slot is not None:
       self.retire(slot)
-    elif request in self.queue:
-      self.queue.remove(request)
     request.finish_reason, request.error = reason, error
     request.times["finished"] = time.perf_counter()
 
@@ -261,12 +295,3 @@ def _part(B: int, T: int, max_pages: int) -> Part:
   """A host part of B rows of padding (tables: the scratch page; context 0)."""
   return Part(np.zeros((B, T), np.int32), np.zeros((B, max_pages), np.int32),
               np.zeros((B,), np.int32), np.zeros((B,), np.int32), np.zeros((B,), np.int32))
-
-
-def _sampling_rows(rows: Sequence[Request | None]) -> SamplingRows:
-  """Each row's sampling parameters; padding rows are greedy."""
-  s = [r.sampling if r is not None else Sampling() for r in rows]
-  return SamplingRows(np.array([x.temperature for x in s], np.float32),
-                      np.array([x.top_p for x in s], np.float32),
-                      np.array([x.seed or 0 for x in s], np.uint32),
-                      np.array([len(r.tokens) if r is not None else 0 for r in rows], np.int32))

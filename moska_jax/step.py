@@ -333,8 +333,3 @@ def last_logits(logits: jax.Array, fed: jax.Array) -> jax.Array:
   """logits[B, T, V] of a part -> [B, V] at each request's last real token (row 0 when none)."""
   at = jnp.maximum(fed - 1, 0)[:, None, None]
   return jnp.take_along_axis(logits, at, axis=1)[:, 0]
-
-
-def host_parts(parts: Sequence[Part]) -> tuple[Part, ...]:
-  """Parts of host (NumPy) arrays as int32 device arrays."""
-  return tuple(Part(*(jnp.asarray(np.asarray(a, np.int32)) for a in p)) for p in parts)

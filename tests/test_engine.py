@@ -298,6 +298,64 @@ def test_background_loop_joins_requests_cancels_and_streams(setup):
   assert not engine.running and not engine.scheduler.busy
 
 
+def test_many_streams_get_generates_tokens_in_order(setup):
+  """12 concurrent streams (3x max_batch: they queue) each get generate's tokens, in order,
+  greedy and sampled; one left early is cancelled; each step's tokens of all streams reach the
+  asyncio loop in one call_soon_threadsafe; a failed step raises in its stream."""
+  model, store = setup
+  make = lambda: MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=4,
+                             num_pages=40, page_size=8, prefill_chunk=8)
+  prompts = [f"stream {i} " * (1 + i % 3) for i in range(12)]
+  samplings = [Sampling(0.9, seed=i) if i % 4 == 1 else Sampling() for i in range(12)]
+  want = [r.tokens for r in make().generate(prompts, 6, samplings)]
+  engine = make()
+
+  async def consume():
+    loop, calls = asyncio.get_running_loop(), [0]
+    hand_over = loop.call_soon_threadsafe
+
+    def counted(*args):
+      calls[0] += 1
+      return hand_over(*args)
+    loop.call_soon_threadsafe = counted
+
+    async def client(i, stream):
+      async with stream:
+        tokens = []
+        async for token in stream:
+          tokens.append(token)
+          if i == 5 and len(tokens) == 2:
+            break
+      return tokens, stream.request
+
+    with engine._drive:  # all queued before the first step: the steps do not depend on timing
+      streams = [engine.stream(p, 6, s) for p, s in zip(prompts, samplings)]
+    return await asyncio.gather(*map(client, range(12), streams)), calls[0]
+
+  engine.start()
+  try:
+    got, calls = asyncio.run(consume())
+    steps = engine.stats["steps_decode"] + engine.stats["steps_prefill"]
+    for i, (tokens, request) in enumerate(got):
+      if i == 5:
+        assert tokens == want[5][:2] and request.finished_event.wait(5)
+        assert request.finish_reason == "cancelled"
+      else:
+        assert tokens == want[i] and request.finish_reason == "length"
+    assert calls <= steps + 2 < sum(map(len, want))  # a hand-over per step, not per token
+
+    def failing(plan):
+      raise RuntimeError("device lost")
+    engine._run = failing
+
+    async def doomed():
+      return [t async for t in engine.stream("x", 4)]
+    with pytest.raises(RuntimeError, match=r"failed: RuntimeError: device lost"):
+      asyncio.run(doomed())
+  finally:
+    engine.stop()
+  assert not engine.scheduler.busy
+
 def test_validation_errors(setup):
   model, store = setup
   engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=3,
