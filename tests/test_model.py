@@ -12,7 +12,12 @@ from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b,
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder, stateless
 from moska_jax.prefill import build_shared_store
-from moska_jax.step import Part, SharedContext, host_parts, moska_step
+from moska_jax.step import Part, SharedContext, moska_step
+
+
+def _int32_parts(parts):
+  """Parts of int32 NumPy arrays, as the engine hands them to the step."""
+  return tuple(Part(*(np.asarray(a, np.int32) for a in p)) for p in parts)
 
 
 def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
@@ -152,7 +157,7 @@ def test_moska_step_is_pure_and_equals_plain_decoder():
   def step(state, pools, parts):
     return moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg)
 
-  (logits,), new_pools, ids = step(state, pools, host_parts(
+  (logits,), new_pools, ids = step(state, pools, _int32_parts(
       [Part(tokens, tables[:2], zeros, np.asarray([5, 3]), zeros)]))
   assert ids is None
   assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(pools))
@@ -161,7 +166,7 @@ def test_moska_step_is_pure_and_equals_plain_decoder():
   third = np.asarray([prompts[2] + [0]], np.int32)  # a lane of 5 with 4 real tokens
   decode = Part(nxt, tables[:2], np.asarray([5, 3]), np.ones(2, np.int32), zeros)
   lane = Part(third, tables[2:], np.zeros(1, np.int32), np.asarray([4]), np.zeros(1, np.int32))
-  (logits2, logits3), _, _ = step(state, new_pools, host_parts([decode, lane]))
+  (logits2, logits3), _, _ = step(state, new_pools, _int32_parts([decode, lane]))
   assert logits2.shape == (2, 1, cfg.vocab) and logits3.shape == (1, 5, cfg.vocab)
   S = len(shared)
   for b, p in enumerate(prompts[:2]):
@@ -251,7 +256,7 @@ def test_the_step_routes_with_the_kernel_settings(monkeypatch):
   shape = (4, 8, cfg.num_kv_heads, cfg.head_dim)
   pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
   part = Part(*(np.asarray(a, np.int32) for a in ([[5, 6]], [[1, 2]], [0], [2], [0])))
-  moska_step(model, (SharedContext.of(store, mcfg),), pools, host_parts([part]), mcfg)
+  moska_step(model, (SharedContext.of(store, mcfg),), pools, _int32_parts([part]), mcfg)
   assert len(seen) == cfg.layers
   assert all(kw["int8"] is True and kw["backend"] == "xla" and kw["interpret"] is False
              for kw in seen)
