@@ -8,9 +8,9 @@ partial states, merges them by log-sum-exp and unfolds the query rows back to [B
 
 "auto" picks the family of the platform JAX runs on (the GPU implementations on a GPU, Mosaic TPU
 on a TPU, XLA elsewhere; with `interpret=True` on a CPU, the GPU family in interpret mode, whose
-semantics are the Triton lowering's) and, within the family, the plan the chip's measured tuning
-table gives for the shape (`tuning_table`; compiled calls without a config), else the
-implementation its tuning module prefers. The plan each call used is logged once (logger `pallas_kernels`, INFO)
+semantics are the Triton lowering's) and, within the family, the implementation whose config
+type a given `config=` is, else the plan the chip's measured tuning table gives for the shape
+(`tuning_table`; compiled calls), else the implementation its tuning module prefers. The plan each call used is logged once (logger `pallas_kernels`, INFO)
 and kept in `plans_used()`.
 """
 
@@ -163,6 +163,17 @@ def _target(platform: str | None, target) -> targets.Target | None:
   return tgt
 
 
+def _implementation_of(op: Op, config, platform: str) -> str:
+  """The implementation of `platform` whose config type `config` is."""
+  for impl in op.implementations.values():
+    if impl.platform == platform and impl.config_type and isinstance(config, impl.config_type):
+      return impl.name
+  types = sorted(i.config_type.__name__ for i in op.implementations.values()
+                 if i.platform == platform and i.config_type)
+  raise ValueError(f"{op.name}: config must be one of {types} on {platform.upper()}, got "
+                   f"{type(config).__name__}")
+
+
 def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | None = None,
             config: Any = None, interpret: bool = False, target=None) -> Plan:
   """The plan a call would run (see the module docstring); raises ValueError if it cannot run."""
@@ -187,6 +198,8 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
       tuned = tuning_table.lookup(op, problem, _target(platform, target))
     if tuned is not None:
       implementation, config = tuned
+    elif platform != "xla" and config is not None:  # the config names its implementation
+      implementation = _implementation_of(op, config, platform)
     else:
       implementation = "xla" if platform == "xla" else op.choose(
           problem, platform, _target(platform, target), interpret)

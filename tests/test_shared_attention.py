@@ -139,15 +139,24 @@ def test_backend_alias_and_auto():
 
 
 def test_plan_targets_and_refusals():
-  """Plans for named chips; Mosaic GPU chosen for large M on Hopper only, refused where it
-  cannot run; the config must be the implementation's own."""
+  """Plans for named chips; Mosaic GPU chosen on Hopper only, for large M or a long K/V stream
+  (one consumer warpgroup at small M), refused where it cannot run; the config must be the
+  implementation's own."""
   q = jax.ShapeDtypeStruct((512, 1, 32, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((131072, 8, 128), jnp.bfloat16)
   big = pk.plan(OP, q, k, k, backend="gpu", target="h200")
-  assert big.implementation == "mosaic_gpu"
+  assert big.implementation == "mosaic_gpu" and big.config.consumers == 2
   assert pk.plan(OP, q, k, k, backend="gpu", target="a100").implementation == "triton"
   small = jax.ShapeDtypeStruct((1, 1, 32, 128), jnp.bfloat16)
-  assert pk.plan(OP, small, k, k, backend="gpu", target="h200").implementation == "triton"
+  long_kv = pk.plan(OP, small, k, k, backend="gpu", target="h100")
+  assert long_kv.implementation == "mosaic_gpu" and long_kv.config.consumers == 1
+  short = jax.ShapeDtypeStruct((8192, 8, 128), jnp.bfloat16)  # 32 MiB of K/V: launch-bound
+  assert pk.plan(OP, small, short, short, backend="gpu", target="h100").implementation == "triton"
+  given = pk.TritonSharedConfig(block_m=16, block_k=64)  # a config names its implementation
+  assert pk.plan(OP, small, k, k, backend="gpu", target="h100", config=given) == pk.Plan(
+      OP, "triton", given)
+  with pytest.raises(ValueError, match="config must be one of.*on GPU, got MosaicTpuSharedConfig"):
+    pk.plan(OP, small, k, k, backend="gpu", target="h100", config=pk.MosaicTpuSharedConfig())
   with pytest.raises(ValueError, match="mosaic_gpu.*cannot run.*bfloat16 or float16"):
     pk.plan(OP, q.update(dtype=jnp.float32), k.update(dtype=jnp.float32),
             k.update(dtype=jnp.float32), implementation="mosaic_gpu", target="h100")

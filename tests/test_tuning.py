@@ -56,7 +56,8 @@ def test_shared_plans_are_valid_and_fill_the_chip(name):
     M = B * T * G
     assert _fits(plan, D, dtype, tgt)
     if plan.implementation == "mosaic_gpu":
-      assert tgt.is_hopper and M >= 256
+      kv_bytes = 2 * S * Hkv * D * jnp.dtype(dtype).itemsize
+      assert tgt.is_hopper and (M >= 256 or kv_bytes >= gpu_tuning.MOSAIC_MIN_KV_BYTES)
       rows, block_k = mosaic_attention.rows_per_cta(c.consumers), c.block_k
     else:
       rows, block_k = c.block_m, c.block_k

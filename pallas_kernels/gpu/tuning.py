@@ -19,9 +19,14 @@ from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedCon
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import GpuTarget
 
-# Rows (B*T*G) from which the Mosaic GPU (wgmma) kernel beats the Triton kernel: below it the
-# problem is bandwidth-bound and the Triton kernel's finer row blocks stream KV at full speed.
+# shared_attention on Hopper goes to Mosaic GPU (wgmma, TMA; a single consumer warpgroup for
+# M <= 64) when it can run the call: at M >= MOSAIC_MIN_ROWS it is 1.4-1.8x faster than the
+# Triton kernel, below it the two were within 2% wherever the K/V stream is long, and Mosaic GPU
+# was up to 3x faster for head dims Triton pads (192). Under MOSAIC_MIN_KV_BYTES of K/V a small-M
+# call is bound by launch and merge latency, where the Triton kernel measured 25-40% faster (67
+# MB: D=64, two kv heads). (H200, kernel_coverage.md.)
 MOSAIC_MIN_ROWS = 256
+MOSAIC_MIN_KV_BYTES = 128 * 2**20
 # Chunk attention goes to Mosaic GPU for chunks of at least this many keys chosen by at least
 # MOSAIC_MIN_ROWS / 2 rows each: shorter chunks spend their time filling its pipeline.
 MOSAIC_MIN_CHUNK = 1024
@@ -138,8 +143,10 @@ def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTa
 
 def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool, *,
                           kv_dtype) -> str:
-  """"mosaic_gpu" for large M on Hopper (compute-bound: wgmma), else "triton"."""
-  if dims.M >= MOSAIC_MIN_ROWS:
+  """"mosaic_gpu" on Hopper where it can run the call, unless both M and the K/V stream are small
+  (launch-bound); else "triton"."""
+  kv_bytes = 2 * dims.S * dims.Hkv * dims.D * jnp.dtype(kv_dtype).itemsize
+  if dims.M >= MOSAIC_MIN_ROWS or kv_bytes >= MOSAIC_MIN_KV_BYTES:
     c = mosaic_shared(dims, dtype, target)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                           kv_dtype=kv_dtype, consumers=c.consumers) is None:
