@@ -127,23 +127,25 @@ def main() -> None:
         c = flag_case(op, sub, B, shape, T, dtype)
         floor = bench.ceilings.floor_s(c.flops, c.nbytes)
         cudnn_ms = _cudnn_ms(c) if op == "shared_attention" else math.nan
+        place = dict(device=jax.devices()[0].device_kind, S=FLAGS.kernels_unique if op ==
+                      "unique_attention" else FLAGS.kernels_shared)
         for implementation in FLAGS.kernels_implementations:
           if implementation not in ("auto", *pk.implementations(op)):
             continue  # e.g. mosaic_gpu, which unique_attention does not have
           try:
             plan = _plan(pk, op, c, implementation)
           except ValueError as e:
-            table.add(op=op, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
+            table.add(op=op, **place, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
                       dtype=dtype.name, B=B, ms=math.nan, floor_ms=floor * 1e3, x_floor=math.nan,
                       cudnn_ms=cudnn_ms, plan="", error=str(e)[:200])
             continue
           seconds, error = harness.time_or_error(harness.jit_plan(plan, **c.static), *c.args)
-          table.add(op=op, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
+          table.add(op=op, **place, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
                     dtype=dtype.name, B=B, ms=seconds * 1e3, floor_ms=floor * 1e3,
                     x_floor=seconds / floor, cudnn_ms=cudnn_ms, plan=plan_note(plan),
                     error=error)
   table.write(notes="floor = max(bytes / read BW, FLOPs / matmul rate), from the ceilings of "
-                    "this run; unique bytes = the K/V of every request. cudnn_ms: "
+                    "this run; unique bytes = the K/V of every request (S: its U). cudnn_ms: "
                     "jax.nn.dot_product_attention(implementation='cudnn') over the B*T queries "
                     "stacked as one sequence (shared_attention only).", plot=_plot)
 
