@@ -4,10 +4,11 @@ the chunk scorer of the router.
 Every op returns (o, lse) so partial attentions over disjoint key sets combine exactly with
 `merge_attention_states`, and takes `implementation=` ("auto" or a name from
 `implementations(op)`) with that implementation's own `config=`; `plan` shows what a call would
-run and `sweep` what to time. Each op has a pure-jnp reference in `pallas_kernels.reference`.
+run and `sweep` what to time; `tuning_table` holds the measured plans "auto" prefers on a chip. Each
+op has a pure-jnp reference in `pallas_kernels.reference`.
 """
 
-from pallas_kernels import quant, reference, targets
+from pallas_kernels import quant, reference, targets, tuning_table
 from pallas_kernels.chunk_attention import chunk_attention
 from pallas_kernels.chunk_scores import chunk_scores
 from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep
@@ -46,6 +47,7 @@ __all__ = [
     "sweep",
     "targets",
     "tile_chunk_attention",
+    "tuning_table",
     "unique_attention",
     "write_pages",
 ]

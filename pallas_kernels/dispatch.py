@@ -10,8 +10,8 @@ partial states, merges them by log-sum-exp and unfolds the query rows back to [B
 on a TPU, XLA elsewhere; with `interpret=True` on a CPU, the GPU family in interpret mode, whose
 semantics are the Triton lowering's) and, within the family, the implementation whose config
 type a given `config=` is, else the plan the chip's measured tuning table gives for the shape
-(`tuning_table`; compiled calls), else the implementation its tuning module prefers. The plan each call used is logged once (logger `pallas_kernels`, INFO)
-and kept in `plans_used()`.
+(`tuning_table`; compiled calls), else the implementation its tuning module prefers. The plan
+each call used is logged once (logger `pallas_kernels`, INFO) and kept in `plans_used()`.
 """
 
 from __future__ import annotations

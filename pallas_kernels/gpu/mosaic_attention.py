@@ -32,6 +32,7 @@ CONSUMERS = (1, 2)  # consumer warpgroups per CTA: one (small M) or a ping-pong 
 
 
 def rows_per_cta(consumers: int) -> int:
+  """Query rows one CTA owns: BLOCK_Q per consumer warpgroup."""
   return consumers * BLOCK_Q
 
 
