@@ -125,7 +125,7 @@ def main() -> None:
       for op in FLAGS.kernels_ops:
         key, sub = jax.random.split(key)
         c = flag_case(op, sub, B, shape, T, dtype)
-        floor = bench.ceilings.floor_s(c.flops, c.nbytes)
+        floor = bench.ceilings.floor_s(c.flops, c.nbytes, f32=dtype == jnp.float32)
         cudnn_ms = _cudnn_ms(c) if op == "shared_attention" else math.nan
         place = dict(device=jax.devices()[0].device_kind, S=FLAGS.kernels_unique if op ==
                       "unique_attention" else FLAGS.kernels_shared)
@@ -144,8 +144,9 @@ def main() -> None:
                     dtype=dtype.name, B=B, ms=seconds * 1e3, floor_ms=floor * 1e3,
                     x_floor=seconds / floor, cudnn_ms=cudnn_ms, plan=plan_note(plan),
                     error=error)
-  table.write(notes="floor = max(bytes / read BW, FLOPs / matmul rate), from the ceilings of "
-                    "this run; unique bytes = the K/V of every request (S: its U). cudnn_ms: "
+  table.write(notes="floor = max(bytes / read BW, FLOPs / matmul rate of the dtype: bf16 / f16, "
+                    "float32 at IEEE precision), from the ceilings of this run; unique bytes = "
+                    "the K/V of every request (S: its U). cudnn_ms: "
                     "jax.nn.dot_product_attention(implementation='cudnn') over the B*T queries "
                     "stacked as one sequence (shared_attention only).", plot=_plot)
 

@@ -43,35 +43,41 @@ def time_fn(fn: Callable, *args, warmup: int = 3, inner: int = 10, samples: int 
 
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
-  """Measured in the same run: matmul rates (FLOP/s, bf16 and FP8 operands), the streaming read
-  bandwidth the kernels' floors use (they read K/V and write little), and the copy bandwidth
+  """Measured in the same run: matmul rates (FLOP/s, bf16 and FP8 operands, and float32 at IEEE
+  precision, what the kernels run for float32 inputs: `pallas_kernels.numerics`), the streaming
+  read bandwidth the kernels' floors use (they read K/V and write little), and the copy bandwidth
   (read + write) for the ops that write as much as they read."""
 
   matmul_flops: float
   read_bytes_per_s: float
   copy_bytes_per_s: float
   fp8_matmul_flops: float = float("nan")
+  f32_matmul_flops: float = float("nan")
 
-  def floor_s(self, flops: float, bytes_read: float, *, fp8: bool = False) -> float:
-    """Roofline floor: max(bytes read / read bandwidth, FLOPs / matmul rate)."""
-    rate = self.fp8_matmul_flops if fp8 else self.matmul_flops
+  def floor_s(self, flops: float, bytes_read: float, *, fp8: bool = False,
+              f32: bool = False) -> float:
+    """Roofline floor: max(bytes read / read bandwidth, FLOPs / the matmul rate of the operands:
+    bf16 / f16, FP8 with fp8, float32 IEEE with f32)."""
+    rate = self.fp8_matmul_flops if fp8 else self.f32_matmul_flops if f32 else self.matmul_flops
     return max(bytes_read / self.read_bytes_per_s, flops / rate)
 
   def describe(self) -> str:
     """One line for result headers."""
     return (f"bf16 matmul {self.matmul_flops / 1e12:.0f} TFLOP/s, FP8 matmul "
-            f"{self.fp8_matmul_flops / 1e12:.0f} TFLOP/s, streaming read "
+            f"{self.fp8_matmul_flops / 1e12:.0f} TFLOP/s, float32 (IEEE) matmul "
+            f"{self.f32_matmul_flops / 1e12:.0f} TFLOP/s, streaming read "
             f"{self.read_bytes_per_s / 1e12:.2f} TB/s, copy {self.copy_bytes_per_s / 1e12:.2f} "
             "TB/s (read + write), measured in this run")
 
 
-def _matmul_rate(n: int, dtype) -> float:
+def _matmul_rate(n: int, dtype, precision=None) -> float:
   """FLOP/s of an n^3 matmul with `dtype` operands (float32 accumulation) on random data; NaN
   where the platform has no such matmul."""
   key_a, key_b = jax.random.split(jax.random.key(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  mm = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+  mm = jax.jit(lambda a, b: jnp.dot(a, b, precision=precision,
+                                    preferred_element_type=jnp.float32).astype(jnp.bfloat16))
   try:
     return 2.0 * n**3 / time_fn(mm, a, b)
   except Exception:  # noqa: BLE001  (e.g. no FP8 GEMM on this platform)
@@ -79,8 +85,8 @@ def _matmul_rate(n: int, dtype) -> float:
 
 
 def measure_ceilings(matmul_n: int | None = None, read_bytes: int | None = None) -> Ceilings:
-  """Times n^3 bf16 and FP8 matmuls, a streaming read (a sum) of `read_bytes` of bf16, and an
-  elementwise pass over half as much (read + write).
+  """Times n^3 bf16, FP8 and float32 (IEEE) matmuls, a streaming read (a sum) of `read_bytes`
+  of bf16, and an elementwise pass over half as much (read + write).
 
   Defaults: 8192^3 and 4 GiB on accelerators; small sizes on CPU (smoke runs only).
   """
@@ -94,4 +100,5 @@ def measure_ceilings(matmul_n: int | None = None, read_bytes: int | None = None)
   del x
   return Ceilings(_matmul_rate(matmul_n, jnp.bfloat16), read_bytes / t_read,
                   2.0 * half.nbytes / t_copy,
-                  _matmul_rate(matmul_n, jnp.float8_e4m3fn) if not on_cpu else float("nan"))
+                  _matmul_rate(matmul_n, jnp.float8_e4m3fn) if not on_cpu else float("nan"),
+                  _matmul_rate(matmul_n, jnp.float32, jax.lax.Precision.HIGHEST))
