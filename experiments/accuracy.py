@@ -10,6 +10,14 @@ whose queries choose the chunks. Beside accuracy it reports how far routing move
 output: for the key token, in every layer, ||o - o_dense|| / ||o_dense|| with o_dense the
 model-dtype dense output and both computed from the same model-dtype dense hidden state (errors
 do not compound across layers).
+
+`--accuracy_reuse=1,4,16` measures routing reuse instead (`MoskaConfig.reroute_every`: a decoding
+request routes on every r-th decode step and keeps its selection in between): each request is a
+stream of questions `QUERY k1 v1 QUERY k2 v2 ...` whose first token is the prompt and whose
+other tokens decode steps feed, teacher-forced (`forced_decode`), so every answer is predicted
+by a decode step whose route may be up to r - 1 steps old, chosen by another token's queries.
+Dense and the oracle router run on the same streams; every engine row is checked against a
+step-free reference that applies the same reuse in one forward (`stream_reference`).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +37,15 @@ from absl import flags, logging
 import pallas_kernels as pk
 from pallas_kernels import quant
 from experiments import common, harness
-from experiments.retrieval import RetrievalTask
+from experiments.retrieval import QUERY, RetrievalTask
 from moska_jax import checkpoint, routing
-from moska_jax.attention import causal_attention, shared_partial
+from moska_jax.attention import causal_attention, routed_attention, shared_partial
 from moska_jax.config import MoskaConfig
 from moska_jax.engine import MoskaEngine
 from moska_jax.kv_cache import check_kv_dtype
 from moska_jax.model import stateless
 from moska_jax.prefill import build_shared_store
+from moska_jax.step import store_top_k
 
 flags.DEFINE_string("accuracy_checkpoint", common.package_path("checkpoints", "retrieval"),
                     "accuracy: directory written by train_retrieval.")
@@ -63,6 +73,14 @@ flags.DEFINE_list("accuracy_kv_dtype", ["model"],
 flags.DEFINE_bool("accuracy_fp8_unique", True,
                   "accuracy: a float8 kv dtype stores the unique pages in it too (the engine's "
                   "unique_kv_dtype); false: the shared store only.")
+flags.DEFINE_list("accuracy_reuse", [],
+                  "accuracy: re-routing intervals r (MoskaConfig.reroute_every) to measure on "
+                  "teacher-forced question streams instead of single questions (empty: single "
+                  "questions, each answered by a step that routes afresh).")
+flags.DEFINE_integer("accuracy_stream_questions", 16,
+                     "accuracy (--accuracy_reuse): questions per stream (train_retrieval trains "
+                     "on 16); --accuracy_questions per document is a multiple of it, and a "
+                     "document's streams run together (engine slots: one per stream).")
 FLAGS = flags.FLAGS
 
 
@@ -168,8 +186,106 @@ def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chun
   return [int(np.sum(np.asarray(run(store, tokens, k)) == answers)) for k in kept]
 
 
-def main() -> None:
-  bench = harness.Bench(ceilings=False, shape=False)
+def question_streams(keys: np.ndarray, values: np.ndarray, rng: np.random.Generator,
+                     streams: int, questions: int) -> tuple[np.ndarray, np.ndarray]:
+  """`streams` streams of `questions` questions about distinct records of one document, each
+  `QUERY k1 v1 QUERY k2 v2 ...` (train_retrieval's question format) -> (tokens [n, 3 Q] int32,
+  answers [n, Q]: the value following each key)."""
+  if streams * questions > keys.shape[0]:
+    raise ValueError(f"accuracy: {streams} streams x {questions} questions ask more than the "
+                     f"document's {keys.shape[0]} records; ask fewer (--accuracy_questions) or "
+                     f"give a longer document (--accuracy_length)")
+  idx = rng.choice(keys.shape[0], size=streams * questions, replace=False)
+  qk, qv = keys[idx].reshape(streams, questions), values[idx].reshape(streams, questions)
+  tokens = np.stack([np.full_like(qk, QUERY), qk, qv], axis=2).reshape(streams, -1)
+  return tokens.astype(np.int32), qv
+
+
+def route_sources(length: int, prompt: int, reroute_every: int) -> np.ndarray:
+  """[length] the position whose step computed the route that position t's step attends with:
+  prompt tokens are prefilled, each routing for itself; the decode step feeding position
+  t >= prompt is its request's (t - prompt)-th and keeps the route of its last re-routing step
+  (`MoskaConfig.reroute_every`: steps 0, r, 2r, ...)."""
+  t = np.arange(length)
+  return np.where(t < prompt, t, prompt + (t - prompt) // reroute_every * reroute_every)
+
+
+def forced_decode(engine: MoskaEngine, streams: np.ndarray, prompt: int, *,
+                  return_logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+  """Teacher-forced decoding of token streams [n, L] through `engine`: each stream's first
+  `prompt` tokens are its request's prompt, the rest are fed by decode steps, always the true
+  next token (the engine feeds a decoding request's last token at its next step,
+  `Scheduler.plan`, so the token callback swaps the sampled one for it). The requests run
+  together (give the engine n slots) and route, or reuse routes, as the engine's MoskaConfig says.
+
+  Returns:
+    the greedy predictions [n, L - prompt] (column t: after the step feeding position
+    prompt - 1 + t) and, with return_logits, their logits [n, L - prompt, vocab] float32.
+  """
+  n, L = streams.shape
+  predicted = np.full((n, L - prompt), -1, np.int64)
+
+  def forcing(i):
+    def on_event(request, token):
+      if token is not None:
+        t = len(request.tokens) - 1
+        predicted[i, t] = token
+        request.tokens[-1] = int(streams[i, prompt + t])
+    return on_event
+
+  requests = [engine.submit(s[:prompt].tolist(), L - prompt, on_event=forcing(i),
+                            return_logits=return_logits) for i, s in enumerate(streams)]
+  while not all(r.done for r in requests):
+    engine.step()
+  failed = [r for r in requests if r.finish_reason != "length"]
+  if failed:
+    raise RuntimeError(f"forced_decode: {len(failed)} of {n} streams ended early "
+                       f"({failed[0].finish_reason}: {failed[0].error})")
+  logits = np.stack([np.stack(r.logits) for r in requests]) if return_logits else None
+  return predicted, logits
+
+
+def stream_reference(model, mcfg: MoskaConfig, top_k: int | None, sources: np.ndarray, *,
+                     oracle: bool = False):
+  """The step-free reference of `forced_decode`: a jitted fn(store, streams [n, L]) -> logits
+  [n, L, vocab] of ONE forward over the whole streams. Per layer, causal attention over the
+  stream merged with its shared half: dense, or (sparse) each position's own chunk selection of
+  top_k chunks (`routing.route` with mcfg's router, as a decode row routes alone; or, with
+  `oracle`, `routing.oracle_route`), of which position t attends with position sources[t]'s
+  (`route_sources`): what a step reusing that route attends with, since every layer's queries
+  are the ones its steps computed."""
+  sparse = mcfg.mode == "sparse"
+
+  @jax.jit
+  def run(store, streams):
+    def attention(i, q, k, v):
+      o_u, lse_u = causal_attention(q, k, v)
+      layer = store.layers[i]
+      if not sparse:
+        return pk.merge_attention_states(o_u, lse_u, *shared_partial(q, layer, mcfg))[0]
+      B, T, Hq, D = q.shape
+      rows = q.reshape(B * T, 1, Hq, D)  # one request per position: each routes alone
+      if oracle:
+        ids = routing.oracle_route(rows, layer.k, top_k, chunk_size=mcfg.chunk_size,
+                                   kv_length=layer.length, always_include=mcfg.always_include)
+      else:
+        ids = routing.route(rows, layer.summaries, top_k, always_include=mcfg.always_include,
+                            int8=mcfg.int8_scorer, backend=mcfg.backend,
+                            interpret=mcfg.interpret)
+      ids = ids.reshape(B, T, *ids.shape[1:])[:, sources].reshape(ids.shape)
+      o_s, lse_s = routed_attention(rows, layer, ids, mcfg)
+      return pk.merge_attention_states(o_u, lse_u, o_s.reshape(q.shape),
+                                       lse_s.reshape(B, T, Hq))[0]
+
+    positions = store.length + jnp.broadcast_to(jnp.arange(streams.shape[1]), streams.shape)
+    return model.forward(streams, positions, stateless(attention))[0]
+
+  return lambda store, streams: np.asarray(run(store, jnp.asarray(streams, jnp.int32)))
+
+
+def load_checkpoint():
+  """(meta, task, document length, saved model config, model in --dtype) of
+  --accuracy_checkpoint."""
   path = FLAGS.accuracy_checkpoint
   with open(os.path.join(path, "retrieval.json")) as f:
     meta = json.load(f)
@@ -177,6 +293,14 @@ def main() -> None:
   length = FLAGS.accuracy_length or meta["trained_length"]
   cfg = checkpoint.saved_config(path)
   model = checkpoint.load_params(path, dataclasses.replace(cfg, dtype=FLAGS.dtype))
+  return meta, task, length, cfg, model
+
+
+def main() -> None:
+  if FLAGS.accuracy_reuse:
+    return reuse_main()
+  bench = harness.Bench(ceilings=False, shape=False)
+  meta, task, length, cfg, model = load_checkpoint()
   backend = FLAGS.backend
   dense = MoskaConfig(backend=backend)
   sparsities = [float(x) for x in FLAGS.accuracy_sparsities]
@@ -285,6 +409,158 @@ def main() -> None:
               plot=_plot, show=("kv_dtype", "unique_kv_dtype", "mode", "chunk", "scorer",
                                 "batch_aware", "always_include", "sparsity", "accuracy",
                                 "acc_over_dense"))
+
+
+PROMPT = 1  # a stream's prompt is its first QUERY token: decode steps predict every answer
+
+
+def reuse_intervals() -> list[int]:
+  """The re-routing intervals r of `--accuracy_reuse`."""
+  try:
+    intervals = [int(x) for x in FLAGS.accuracy_reuse]
+  except ValueError:
+    intervals = []
+  if not intervals or min(intervals) < 1 or len(set(intervals)) != len(intervals):
+    raise ValueError(f"--accuracy_reuse must list distinct ints >= 1, got {FLAGS.accuracy_reuse}")
+  return intervals
+
+
+def reuse_main() -> None:
+  """--accuracy_reuse: accuracy when decode steps that may reuse a route predict the answers,
+  on teacher-forced question streams (see the module docstring)."""
+  intervals = reuse_intervals()
+  Q = FLAGS.accuracy_stream_questions
+  if Q < 1 or FLAGS.accuracy_questions % Q:
+    raise ValueError(f"--accuracy_questions={FLAGS.accuracy_questions} must be a multiple of "
+                     f"--accuracy_stream_questions={Q} (>= 1) with --accuracy_reuse")
+  if FLAGS.accuracy_kv_dtype != ["model"] or any(int(x) for x in FLAGS.accuracy_batch_aware):
+    raise ValueError(f"--accuracy_reuse measures per-request routing in the model's dtype: "
+                     f"--accuracy_kv_dtype must be model and --accuracy_batch_aware 0, got "
+                     f"{FLAGS.accuracy_kv_dtype} and {FLAGS.accuracy_batch_aware}")
+  bench = harness.Bench(ceilings=False, shape=False)
+  meta, task, length, cfg, model = load_checkpoint()
+  backend = FLAGS.backend
+  sparsities = [float(x) for x in FLAGS.accuracy_sparsities]
+  sparse = sparse_configs(backend, sparsities)
+  runs = [MoskaConfig(backend=backend)] + [dataclasses.replace(m, reroute_every=r)
+                                           for m in sparse for r in intervals]
+  oracles = [dataclasses.replace(m, reroute_every=r) for m in dict.fromkeys(
+      MoskaConfig(mode="sparse", chunk_size=m.chunk_size, sparsity=m.sparsity,
+                  summary=FLAGS.accuracy_summaries[0], backend=backend) for m in sparse)
+             for r in intervals]
+  chunk_sizes = sorted({m.chunk_size for m in sparse})
+  n, L = FLAGS.accuracy_questions // Q, 3 * Q  # streams per document, tokens per stream
+  at = 3 * np.arange(Q) + 1  # the positions of the keys, whose steps predict the answers
+  ages = lambda r: (at - PROMPT) % r  # decode steps since the route in use was computed
+  rng = np.random.default_rng(FLAGS.seed)
+  correct = [[] for _ in runs + oracles]  # per document [n, Q] bool
+  agree = [[] for _ in runs]
+  engines: dict[int, MoskaEngine] = {}
+  references: dict[int, Callable] = {}
+  for d in range(FLAGS.accuracy_docs):
+    tokens, keys, values = task.documents(rng, 1, length)
+    base = build_shared_store(model, tokens[0], chunk_size=chunk_sizes[0], backend=backend)
+    streams, answers = question_streams(keys[0], values[0], rng, n, Q)
+    summarized = {(c, kind): base.with_summaries(c, kind)
+                  for c in chunk_sizes for kind in FLAGS.accuracy_summaries}
+    for j, m in enumerate(runs + oracles):
+      oracle = j >= len(runs)
+      store = base if m.mode == "dense" else summarized[m.chunk_size, m.summary]
+      if j not in references:
+        references[j] = stream_reference(model, m, store_top_k(store, m),
+                                         route_sources(L, PROMPT, m.reroute_every),
+                                         oracle=oracle)
+      ref = references[j](store, streams)[:, at].argmax(-1)
+      if oracle:
+        correct[j].append(ref == answers)
+        continue
+      if j not in engines:
+        engines[j] = MoskaEngine(model, store, m, max_batch=n, num_pages=n * -(-L // 16) + 1,
+                                 page_size=16, prefill_chunk=1, prefill_lanes=n)
+      engines[j].set_store(store)
+      got = forced_decode(engines[j], streams, PROMPT)[0][:, at - (PROMPT - 1)]
+      correct[j].append(got == answers)
+      agree[j].append(got == ref)
+    logging.info("document %d/%d: %d streams of %d questions, dense accuracy so far %.3f",
+                 d + 1, FLAGS.accuracy_docs, n, Q, np.mean(correct[0]))
+  asked = FLAGS.accuracy_docs * n * Q
+  dense_acc = float(np.mean(correct[0]))
+  table = bench.table(FLAGS.accuracy_name,
+                      "accuracy: routing reuse (re-route every r decode steps) vs dense on the "
+                      "trained retrieval decoder, teacher-forced question streams",
+                      keys=("mode", "chunk", "scorer", "always_include", "sparsity", "reuse"),
+                      goals="accuracy_reuse")
+  by_age = []
+  for j, m in enumerate(runs + oracles):
+    hit = np.concatenate(correct[j])
+    mode = "dense" if m.mode == "dense" else "oracle" if j >= len(runs) else "sparse"
+    age = np.broadcast_to(ages(m.reroute_every), hit.shape)
+    routed = mode != "dense"
+    share = lambda sel: float(hit[sel].mean()) if routed and sel.any() else float("nan")
+    table.add(mode=mode, chunk=m.chunk_size if routed else 0,
+              scorer=("exact max logit" if mode == "oracle" else scorer_name(m)) if routed
+              else "-", batch_aware=0, always_include="0" if m.always_include else "-",
+              sparsity=m.sparsity if routed else 0.0, reuse=m.reroute_every,
+              top_k=m.chunks_kept(-(-length // m.chunk_size)) if routed else 0,
+              answers=hit.size, accuracy=float(hit.mean()),
+              acc_over_dense=float(hit.mean()) / max(dense_acc, 1e-9),
+              accuracy_fresh=share(age == 0), accuracy_stale=share(age > 0),
+              route_age_mean=float(age.mean()) if routed else float("nan"),
+              agree_ref=float(np.concatenate(agree[j]).mean()) if j < len(runs)
+              else float("nan"))
+    if routed and m.reroute_every > 1:
+      router = scorer_name(m) if mode == "sparse" else "oracle"
+      by_age.append(f"{router} C={m.chunk_size} sparsity {m.sparsity} r={m.reroute_every}: "
+                    + ", ".join(f"{a}: {hit[age == a].mean():.3f}"
+                                for a in range(m.reroute_every)))
+  counts = "; ".join(f"r={r}: {np.bincount(ages(r), minlength=r).tolist()} per stream"
+                     for r in intervals)
+  model_dtype = jnp.dtype(model.cfg.jnp_dtype).name
+  table.write(notes=(
+      f"Checkpoint: {common.shown(FLAGS.accuracy_checkpoint)} ({cfg}; trained to "
+      f"{meta['trained_length']} tokens, held-out dense accuracy {meta['eval_accuracy']:.3f} at "
+      f"training), run in {model_dtype}. Documents: {FLAGS.accuracy_docs} x {length} tokens, "
+      f"each read by {n} streams of {Q} questions about distinct records (`QUERY k1 v1 QUERY k2 "
+      f"v2 ...`, the training format), {asked} answers in all; chance "
+      f"{1 / meta['num_values']:.4f}. A stream's prompt is its first QUERY token (prefilled); "
+      f"every later token is fed by a decode step of MoskaEngine, teacher-forced (the true "
+      f"token, not the sampled one, is fed next), and every answer is the greedy token after "
+      f"its key's step. reuse: MoskaConfig.reroute_every = r, the engine routes a request on "
+      f"its decode steps 0, r, 2r, ... and the steps between attend with that route, so the "
+      f"answer at the step feeding the key of question i (decode step 3i) attends with a route "
+      f"3i mod r steps old (route_age_mean), chosen by another token's queries when that is "
+      f"> 0. Route ages of the answers, by age 0..r-1: {counts}. accuracy_fresh / "
+      f"accuracy_stale: over the answers whose route is 0 / > 0 steps old; acc_over_dense: / "
+      f"the dense accuracy on the same streams; top_k: chunks kept per (request, kv head, "
+      f"layer). agree_ref: the share of answers equal to a step-free reference's (one forward "
+      f"over each stream, each position routing alone and attending with the route of the step "
+      f"that computed its route: `stream_reference`); oracle rows are that reference with "
+      f"routing by each chunk's exact largest logit (reads every key at full precision: the "
+      f"reference int4 approximates) and the same reuse. Accuracy by route age: "
+      + ("; ".join(by_age) or "-") + "."),
+              plot=_plot_reuse, show=("mode", "chunk", "scorer", "sparsity", "reuse",
+                                      "accuracy", "acc_over_dense", "accuracy_fresh",
+                                      "accuracy_stale", "agree_ref"))
+
+
+def _plot_reuse(plt, rows: list[dict]):
+  """Accuracy against the re-routing interval r, one line per router and sparsity, dense for
+  reference."""
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for line in dict.fromkeys((r["mode"], r["scorer"], r["chunk"], r["always_include"],
+                             r["sparsity"]) for r in rows if r["mode"] != "dense"):
+    mode, scorer, c, ai, sp = line
+    pts = sorted((r["reuse"], r["accuracy"]) for r in rows
+                 if (r["mode"], r["scorer"], r["chunk"], r["always_include"], r["sparsity"])
+                 == line)
+    ax.plot(*zip(*pts), "k:" if mode == "oracle" else "o-",
+            label=f"{scorer}, C={c}, sparsity {sp}" + (", sink" if ai == "0" else ""))
+  ax.axhline(next(r["accuracy"] for r in rows if r["mode"] == "dense"), color="gray", lw=0.8,
+             label="dense")
+  ax.set(xscale="log", xlabel="re-route every r decode steps", ylabel="exact-match accuracy",
+         ylim=(0, 1.02))
+  ax.legend(fontsize=7)
+  return fig
 
 
 def _plot(plt, rows: list[dict]):

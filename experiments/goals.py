@@ -119,4 +119,11 @@ GOALS: dict[str, tuple[Goal, ...]] = {
         Goal("accuracy over dense at 75% sparsity, best routing", "acc_over_dense", ">=", 0.99,
              where={"mode": "sparse", "sparsity": 0.75}, over="any"),
     ),
+    # accuracy --accuracy_reuse: answers by decode steps that re-route every r steps.
+    "accuracy_reuse": tuple(
+        Goal(f"accuracy over dense at 75% sparsity, int4 router, re-routing every {r} decode "
+             f"steps, best routing", "acc_over_dense", ">=", 0.99,
+             where={"mode": "sparse", "scorer": "int4", "sparsity": 0.75, "reuse": r},
+             over="any")
+        for r in (1, 4, 16)),
 }

@@ -53,6 +53,26 @@ def test_train_then_accuracy(tmp_path):
     else:
       assert float(r["attn_rel_err"]) > 1e-4, r  # routing really dropped chunks
 
+  # --accuracy_reuse: teacher-forced question streams, answers by decode steps re-routing every
+  # r steps; every engine answer equals the step-free reference's (r = 1: routing afresh).
+  res = _run("--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
+             "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
+             "--accuracy_questions=8", "--accuracy_stream_questions=4", "--accuracy_chunks=32",
+             "--accuracy_summaries=int4", "--accuracy_sparsities=0.75",
+             "--accuracy_always_include=-", "--accuracy_reuse=1,2",
+             "--accuracy_name=accuracy_reuse")
+  assert res.returncode == 0, res.stderr[-3000:]
+  _written(tmp_path, "accuracy_reuse")
+  rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy_reuse.csv")
+                             if not l.startswith("#")))
+  assert [(r["mode"], r["reuse"]) for r in rows] == [
+      ("dense", "1"), ("sparse", "1"), ("sparse", "2"), ("oracle", "1"), ("oracle", "2")]
+  assert all(r["answers"] == "8" for r in rows)
+  assert all(float(r["agree_ref"]) == 1.0 for r in rows[:3]), rows
+  fresh, reused = rows[1], rows[2]
+  assert float(fresh["route_age_mean"]) == 0 and fresh["accuracy_fresh"] == fresh["accuracy"]
+  assert float(reused["route_age_mean"]) == 0.5  # keys at decode steps 0, 3, 6, 9
+
 
 @pytest.mark.parametrize("summary", ["mean", "int4"])
 def test_routed_training_attention_keeps_every_chunk_when_top_k_is_all(summary):
@@ -82,3 +102,38 @@ def test_routed_training_attention_keeps_every_chunk_when_top_k_is_all(summary):
   want = jax.nn.dot_product_attention(q[1:2, doc + t:doc + t + 1, :2], k[1:2, rows, :1],
                                       v[1:2, rows, :1], implementation="xla")
   np.testing.assert_allclose(one[1, doc + t, :2], np.asarray(want)[0, 0], atol=1e-5)
+
+
+def test_forced_decode_through_the_engine_equals_the_step_free_reference():
+  """Teacher-forced streams through MoskaEngine: with routes reused every r decode steps the
+  logits are those of one forward in which each position attends with the route computed r-wise
+  (`stream_reference`); r = 1 is routing afresh, and reuse really changes them."""
+  import numpy as np
+  from flax import nnx
+
+  from experiments import accuracy
+  from moska_jax.config import MoskaConfig, tiny
+  from moska_jax.engine import MoskaEngine
+  from moska_jax.model import Decoder
+  from moska_jax.prefill import build_shared_store
+  from moska_jax.step import store_top_k
+
+  cfg = tiny()
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  store = build_shared_store(model, rng.integers(0, cfg.vocab, 200), chunk_size=16,
+                             summary="int4", backend="xla")
+  streams = rng.integers(0, cfg.vocab, (3, 13)).astype(np.int32)
+  np.testing.assert_array_equal(accuracy.route_sources(9, 1, 3), [0, 1, 1, 1, 4, 4, 4, 7, 7])
+  refs = {}
+  for r in (1, 3):
+    mcfg = MoskaConfig(mode="sparse", chunk_size=16, sparsity=0.75, summary="int4",
+                       reroute_every=r, backend="xla")
+    engine = MoskaEngine(model, store, mcfg, max_batch=3, num_pages=4, page_size=16,
+                         prefill_chunk=1, prefill_lanes=3)
+    predicted, logits = accuracy.forced_decode(engine, streams, 1, return_logits=True)
+    refs[r] = accuracy.stream_reference(model, mcfg, store_top_k(store, mcfg),
+                                        accuracy.route_sources(13, 1, r))(store, streams)[:, :-1]
+    np.testing.assert_allclose(logits, refs[r], atol=1e-4)
+    np.testing.assert_array_equal(predicted, logits.argmax(-1))
+  assert np.abs(refs[3] - refs[1]).max() > 0.1
