@@ -159,7 +159,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _pallas(_mosaic_gpu), MosaicGpuChunkConfig,
-        default_config=lambda p, t: gpu_tuning.mosaic_chunk(p.dims, p.dtype, t),
+        default_config=lambda p, t: gpu_tuning.mosaic_chunk(p.dims, p.dtype, t,
+                                                            kv_dtype=p.k.dtype),
         unsupported=_mosaic_gpu_unsupported, interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _pallas(_mosaic_tpu), MosaicTpuChunkConfig,

@@ -104,8 +104,10 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuSharedConfig,
-        default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t),
-        candidates=lambda p, t: gpu_tuning.mosaic_shared_candidates(p.dims, p.dtype, t),
+        default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t,
+                                                             kv_dtype=p.k.dtype),
+        candidates=lambda p, t: gpu_tuning.mosaic_shared_candidates(p.dims, p.dtype, t,
+                                                                    kv_dtype=p.k.dtype),
         unsupported=lambda p, c, t, i: gpu_tuning.mosaic_unsupported(
             p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k.dtype,
             consumers=c.consumers),

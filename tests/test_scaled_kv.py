@@ -138,14 +138,37 @@ def test_scale_validation():
     pk.shared_attention(q, k8, v8.astype(jnp.float8_e5m2), k_scale=ks, v_scale=vs)
 
 
-def test_mosaic_gpu_refuses_float8_kv():
-  """Its wgmma reads K/V tiles as stored: float8 K/V go to the Triton kernels on Hopper."""
+def test_mosaic_gpu_takes_float8_kv_with_128_byte_rows():
+  """Mosaic GPU copies float8 tiles as stored and widens them per consumer: head dims that fill
+  128-byte rows (128, 256); other K/V dtypes than the query's or float8 are refused."""
   dims = AttentionDims(B=64, T=1, Hq=32, Hkv=8, D=128, S=4096)
   h100 = targets.target("h100")
+  for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    assert gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 128, 4, h100, False, kv_dtype=fp8,
+                                         consumers=1) is None
+    assert gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 64, 4, h100, False, kv_dtype=fp8,
+                                         consumers=2) is None
+  why = gpu_tuning.mosaic_unsupported(dims._replace(D=64), jnp.bfloat16, 128, 2, h100, False,
+                                      kv_dtype=jnp.float8_e4m3fn, consumers=1)
+  assert "multiple of 128" in why
   why = gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 128, 2, h100, False,
-                                      kv_dtype=jnp.float8_e4m3fn)
-  assert why and "float8" in why
-  assert gpu_tuning.mosaic_unsupported(dims, jnp.bfloat16, 128, 2, h100, False,
-                                       kv_dtype=jnp.bfloat16) is None
+                                      kv_dtype=jnp.float16, consumers=1)
+  assert "query dtype or float8" in why
   assert gpu_tuning.shared_implementation(dims, jnp.bfloat16, h100, False,
-                                          kv_dtype=jnp.float8_e4m3fn) == "triton"
+                                          kv_dtype=jnp.float8_e4m3fn) == "mosaic_gpu"
+
+
+@pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("B", [3, 40])  # one consumer warpgroup (M=24), a ping-pong pair (320)
+def test_mosaic_gpu_float8_kv_compiled(B, fp8):
+  rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, 128, 1024, jnp.float32)
+  gains = 1.0 + 3.0 * np.arange(2)
+  k8, ks, kd = _fp8(k, fp8, gains)
+  v8, vs, vd = _fp8(v, fp8, gains[::-1])
+  n = 700  # a cut inside a key tile; keys past it poisoned
+  k8, v8 = (kc.poison_outside(x, np.arange(x.shape[0])[:, None] < n) for x in (k8, v8))
+  q = q.astype(jnp.bfloat16)
+  o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs, kv_length=jnp.int32(n),
+                  implementation="mosaic_gpu", interpret=False)
+  _check(o, lse, *shared_attention_f64(q, kd, vd, kv_length=n), q)

@@ -9,6 +9,12 @@ softmax while the other multiplies), the FlashAttention-3 "ping-pong" schedule; 
 two would and leaves more shared memory to the ring. Writes normalized partials (o in the input
 dtype, lse float32) per split.
 
+Float8 K/V (one scale per kv head, folded in by the caller: `pallas_kernels.quant`) is copied by
+TMA as stored, half the bytes of bf16; each consumer widens a tile in registers to float16 (the
+conversion the hardware has: e4m3 / e5m2 -> f16x2) into its own staging tile, which wgmma reads,
+and frees the ring slot at once. The queries and P are float16 too (wgmma's operands share one
+type); o is returned in the queries' dtype.
+
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
 (`shared_attention_partials`) and the routed chunks of chunk_attention (`attention_over_ranges`:
 one CTA per (tile of grouped query rows, chunk)).
@@ -24,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import quant
 from pallas_kernels.gpu import softmax
 from pallas_kernels.numerics import LOG2E
 
@@ -36,18 +43,24 @@ def rows_per_cta(consumers: int) -> int:
   return consumers * BLOCK_Q
 
 
-def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int) -> int:
-  """Most K/V ring slots that fit next to the consumers' q/o tiles in `smem_bytes` (with slack)."""
-  free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0, consumers=consumers)
-  return max(0, free // (2 * block_k * D * itemsize))
+def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
+               kv_itemsize: int | None = None) -> int:
+  """Most K/V ring slots that fit next to the consumers' q/o (and staging) tiles in
+  `smem_bytes` (with slack)."""
+  kv_itemsize = kv_itemsize or itemsize
+  free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0, consumers=consumers,
+                                      kv_itemsize=kv_itemsize)
+  return max(0, free // (2 * block_k * D * kv_itemsize))
 
 
-def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int,
-                    consumers: int) -> int:
-  """Shared memory of one CTA: a q/o tile per consumer, the K and V rings, lse rows, barriers
-  (slack)."""
-  return (consumers * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * itemsize
-          + 4096)
+def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, consumers: int,
+                    kv_itemsize: int | None = None) -> int:
+  """Shared memory of one CTA: a q/o tile per consumer, the K and V rings (K/V as stored), a
+  float16 K and V staging tile per consumer when K/V are float8, lse rows, barriers (slack)."""
+  kv_itemsize = kv_itemsize or itemsize
+  staging = 2 * consumers * block_k * D * 2 if kv_itemsize != itemsize else 0
+  return (consumers * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * kv_itemsize
+          + staging + 4096)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
@@ -92,12 +105,16 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   if consumers not in CONSUMERS:
     raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
   rows, pair = rows_per_cta(consumers), consumers == 2
+  out_dtype, fp8 = q_rows.dtype, quant.is_fp8(k.dtype)
+  if fp8:  # wgmma's operands share one type: float16, what float8 widens to in hardware
+    q_rows = q_rows.astype(jnp.float16)
   dtype = q_rows.dtype
   stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
   scale_log2 = scale * LOG2E
 
   def body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
-    (q_smem, k_smem, v_smem, lse_smem), (k_full, v_full, q_full), (k_free, v_free), turn = scoped
+    (q_smem, k_smem, v_smem, lse_smem, *staging), (k_full, v_full, q_full), (k_free, v_free), \
+        turn = scoped
     mt, h, sp = lax.axis_index("m"), lax.axis_index("h"), lax.axis_index("split")
     wg = lax.axis_index("wg")
     at = ((mt * Hkv + h) * num_parts + sp) * 2
@@ -118,6 +135,18 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       plgpu.set_max_registers(232, action="increase")
       my_q = q_smem.at[wg]
       row0 = mt * rows + wg * BLOCK_Q
+
+      def tile(ring, slot, free):
+        """The tile wgmma reads: the ring slot, or (float8) its float16 copy in this consumer's
+        staging tile, the slot freed once read into registers."""
+        if not fp8:
+          return ring.at[slot]
+        stage = staging[0 if ring is k_smem else 1].at[wg]
+        wide = ring.at[slot][...].astype(dtype)
+        plgpu.barrier_arrive(free.at[slot])
+        stage[...] = wide
+        plgpu.commit_smem()  # generic-proxy stores, then wgmma (async proxy) reads them
+        return stage
       plgpu.copy_gmem_to_smem(q_gmem.at[h, pl.ds(row0, BLOCK_Q)], my_q, q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
       carry = (
@@ -137,13 +166,16 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       def step(i, carry, masked: bool):
         slot = lax.rem(i, jnp.int32(stages))
 
+        k_tile = tile(k_smem, slot, k_free)
+
         def qk_scope(acc_ref):
-          plgpu.wgmma(acc_ref, my_q, k_smem.at[slot].transpose((1, 0)))
+          plgpu.wgmma(acc_ref, my_q, k_tile.transpose((1, 0)))
           take_turn()
           return acc_ref[...]
 
         qk = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK_Q, block_k), jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
+        if not fp8:
+          plgpu.barrier_arrive(k_free.at[slot])
         mask = None
         if masked:  # only the last, partial tile of a split needs a key mask
           cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_k), 1,
@@ -160,15 +192,18 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         if pair:
           plgpu.barrier_wait(turn)
 
+        v_tile = tile(v_smem, slot, v_free)
+
         def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_in, v_smem.at[slot])
+          plgpu.wgmma(acc_ref, p_in, v_tile)
 
           @pl.when(i + 1 < steps)
           def _():
             plgpu.barrier_wait(k_full.at[lax.rem(i + 1, jnp.int32(stages))])
 
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(v_free.at[slot])
+        if not fp8:
+          plgpu.barrier_arrive(v_free.at[slot])
         return acc, m, l
 
       carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
@@ -205,12 +240,17 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
   def entry(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    # 128-byte swizzled rows: 64 elements of 2 bytes, 128 of float8
+    kv_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128)) if fp8 else (
+        transforms)
     smem = [
         plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms),
-        plgpu.SMEM((stages, block_k, D), dtype, transforms=transforms),
-        plgpu.SMEM((stages, block_k, D), dtype, transforms=transforms),
+        plgpu.SMEM((stages, block_k, D), k.dtype, transforms=kv_transforms),
+        plgpu.SMEM((stages, block_k, D), v.dtype, transforms=kv_transforms),
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
     ]
+    if fp8:  # the float16 K and V tiles of each consumer
+      smem += [plgpu.SMEM((consumers, block_k, D), dtype, transforms=transforms)] * 2
     pl.run_scoped(
         lambda *scoped: body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
         smem,
@@ -231,4 +271,4 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(ranges.astype(jnp.int32).reshape(-1), q_rows, k, v)
-  return o, lse
+  return o.astype(out_dtype), lse

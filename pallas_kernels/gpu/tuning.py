@@ -12,6 +12,7 @@ import math
 
 import jax.numpy as jnp
 
+from pallas_kernels import quant
 from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
                                         TritonChunkConfig, TritonScoresConfig, TritonSharedConfig,
@@ -111,14 +112,17 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
             f"sm_{target.compute_capability[0]}{target.compute_capability[1]}")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"it needs bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}"
-  if jnp.dtype(kv_dtype) != jnp.dtype(dtype):  # its wgmma reads K/V tiles as stored
-    return f"it needs K/V in the query dtype (no scaled float8 K/V), got {jnp.dtype(kv_dtype).name}"
-  if dims.D % 64 or dims.D > 256:
-    return f"it needs head_dim D a multiple of 64 up to 256, got D={dims.D}"
+  fp8 = quant.is_fp8(kv_dtype)
+  if jnp.dtype(kv_dtype) != jnp.dtype(dtype) and not fp8:
+    return f"it needs K/V in the query dtype or float8, got {jnp.dtype(kv_dtype).name}"
+  if dims.D % (128 if fp8 else 64) or dims.D > 256:
+    return (f"it needs head_dim D a multiple of {128 if fp8 else 64} up to 256"
+            f"{' with float8 K/V (128-byte rows)' if fp8 else ''}, got D={dims.D}")
   if dims.S % block_k:
     return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
-                                          num_stages=num_stages, consumers=consumers)
+                                          num_stages=num_stages, consumers=consumers,
+                                          kv_itemsize=jnp.dtype(kv_dtype).itemsize)
   if smem > target.smem_per_block:
     return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
             f"{target.smem_per_block}")
@@ -126,13 +130,15 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
 
 
 def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTarget, *,
-                   consumers: int) -> tuple[int, int]:
+                   consumers: int, kv_dtype) -> tuple[int, int]:
   """(block_k, num_stages) of the Mosaic GPU kernel: 128-key tiles, or 64 where two slots of
-  128 keys do not fit (D=256), with up to `wanted_stages` ring slots."""
-  itemsize = jnp.dtype(dtype).itemsize
+  128 keys do not fit (D=256), with up to `wanted_stages` ring slots (twice as many for float8
+  K/V: a slot holds half the bytes)."""
+  itemsize, kv_itemsize = jnp.dtype(dtype).itemsize, jnp.dtype(kv_dtype).itemsize
+  wanted_stages *= itemsize // kv_itemsize
   for block_k in (128, 64):
     fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block,
-                                      consumers=consumers)
+                                      consumers=consumers, kv_itemsize=kv_itemsize)
     if fit >= 2:
       return block_k, min(wanted_stages, fit)
   return 64, 2  # refused by mosaic_unsupported
@@ -147,7 +153,7 @@ def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpr
   (launch-bound); else "triton"."""
   kv_bytes = 2 * dims.S * dims.Hkv * dims.D * jnp.dtype(kv_dtype).itemsize
   if dims.M >= MOSAIC_MIN_ROWS or kv_bytes >= MOSAIC_MIN_KV_BYTES:
-    c = mosaic_shared(dims, dtype, target)
+    c = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                           kv_dtype=kv_dtype, consumers=c.consumers) is None:
       return "mosaic_gpu"
@@ -168,12 +174,14 @@ def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonShared
                             num_warps=warps, num_stages=stages)
 
 
-def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuSharedConfig:
+def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *,
+                  kv_dtype) -> MosaicGpuSharedConfig:
   """One 64-row consumer per CTA while M <= 64 (split-S: bandwidth-bound, a second consumer would
   multiply padding), else 128-row CTAs of a ping-pong pair; two ring slots of 128-key tiles (64
   where they do not fit); S split to fill the chip."""
   consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q else 2
-  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers)
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
+                                   kv_dtype=kv_dtype)
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages,
@@ -193,9 +201,9 @@ def triton_shared_candidates(dims: AttentionDims, dtype,
   return [base, *out, *_with_splits(base)]
 
 
-def mosaic_shared_candidates(dims: AttentionDims, dtype,
-                             target: GpuTarget) -> list[MosaicGpuSharedConfig]:
-  base = mosaic_shared(dims, dtype, target)
+def mosaic_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
+                             kv_dtype) -> list[MosaicGpuSharedConfig]:
+  base = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
   out = [dataclasses.replace(base, block_k=64, num_stages=st) for st in (2, 3, 4)]
   other = 3 - base.consumers  # the other consumer count, its splits refitted to the chip
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(other))
@@ -264,7 +272,7 @@ def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int
   """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
   if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
       and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK):
-    c = mosaic_chunk(dims, dtype, target)
+    c = mosaic_chunk(dims, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                           kv_dtype=kv_dtype, consumers=2) is None:
       return "mosaic_gpu"
@@ -284,9 +292,10 @@ def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
                            num_warps=8 if block_m >= 128 else 4, num_stages=stages)
 
 
-def mosaic_chunk(dims: AttentionDims, dtype, target: GpuTarget) -> MosaicGpuChunkConfig:
+def mosaic_chunk(dims: AttentionDims, dtype, target: GpuTarget, *,
+                 kv_dtype) -> MosaicGpuChunkConfig:
   """Ring of up to 4 slots for the 128-row tiles of a chunk (a ping-pong pair per CTA)."""
-  block_k, stages = _mosaic_tiling(dims, dtype, 4, target, consumers=2)
+  block_k, stages = _mosaic_tiling(dims, dtype, 4, target, consumers=2, kv_dtype=kv_dtype)
   return MosaicGpuChunkConfig(block_k=block_k, num_stages=stages)
 
 
