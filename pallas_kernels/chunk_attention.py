@@ -196,7 +196,8 @@ def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk_ids: jax.Arr
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32; rows with no valid key give o = 0,
     lse = -inf. With every chunk selected it equals `shared_attention`. Keys of unselected
-    chunks and past kv_length are never read: NaN or inf there reaches no output.
+    chunks are never read; keys past kv_length reach no output, except that "mosaic_gpu" reads
+    the key tile holding kv_length whole (as `shared_attention` says): they must be finite there.
   """
   return dispatch.call(OP, (q, k, v, chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length,

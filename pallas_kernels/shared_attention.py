@@ -137,8 +137,10 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key
-    give o = 0, lse = -inf. Keys past kv_length are never read: NaN or inf there reaches no
-    output.
+    give o = 0, lse = -inf. Keys past kv_length reach no output, with one exception:
+    "mosaic_gpu" reads the whole key tile (64 or 128 keys) that holds kv_length and weighs the
+    keys past it by 0, so they must be finite there (NaN or inf would reach o); the other
+    implementations never read them.
   """
   return dispatch.call(OP, (q, k, v), dict(sm_scale=sm_scale, kv_length=kv_length,
                                            k_scale=k_scale, v_scale=v_scale),
