@@ -16,13 +16,18 @@ Two scenarios, one table:
   `--serving_prompt` prompt tokens and `--serving_new_tokens` new ones, against `generate` on the
   same requests. Transports: "generate" (the synchronous batch call), "in-process" (the async API:
   `MoskaEngine.start` + `stream`, tokens timed as the asyncio consumer receives them) and, when
-  FastAPI, uvicorn and httpx are installed, "http" (the OpenAI server on localhost, SSE streams; an
-  event may carry several byte tokens that end in one character, so its ITL is per event).
+  FastAPI, uvicorn and httpx are installed, "http" (the OpenAI server on localhost, SSE streams,
+  its clients in `--serving_client_processes` other processes, `experiments.serving_client`, so
+  they do not share the server's GIL; an event carries the tokens that arrived since the last
+  one, several when the server fell behind or byte tokens end in one character, so its ITL is
+  per event).
   Reported: tokens/s over the wall time from the first request to the last token, its ratio to
   generate's (goal >= 0.8), p50/p99 time to first token and ITL, and the engine's steps: their
   count, mean wall time (`step_ms`) and mean host time (`host_ms`: the stepping thread's work
   the device does not compute under: taking submissions, planning, dispatch, bookkeeping,
-  handing the tokens over; `stats["host_seconds"]`).
+  handing the tokens over; `stats["host_seconds"]`); over HTTP also `client_busy`, the busiest
+  client process's CPU time over the run's wall time (near 1: the clients, not the server,
+  limited the rate; raise `--serving_client_processes`).
 
 The model is the tiny decoder or Llama-3.1-8B shapes with `--serving_layers` layers (random
 weights) in `--dtype`; contexts are random tokens of `--serving_shared` each.
@@ -37,6 +42,10 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -66,9 +75,12 @@ flags.DEFINE_list("serving_prefill_chunks", ["8", "32", "128"],
 flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.")
 flags.DEFINE_integer("serving_page", 16, "serving: page size.")
 flags.DEFINE_boolean("serving_http", True, "serving: also load-test over HTTP (if installed).")
+flags.DEFINE_integer("serving_client_processes", 4, "serving: processes the HTTP load test's "
+                     "clients run in (the requests split evenly among them).")
 FLAGS = flags.FLAGS
 
 PREFILL, LOAD = "prefill beside decode", "load"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the client processes' path
 
 
 def _ms(x) -> float:
@@ -141,8 +153,9 @@ def _steps(engine) -> dict:
   return row
 
 
-def _load_row(table, transport, t0, submits, times, tokens, steps, gen_rate=None):
-  """A load row from per-request submit times and token arrival times, and `_steps`."""
+def _load_row(table, transport, t0, submits, times, tokens, steps, gen_rate=None, **extra):
+  """A load row from per-request submit times and token arrival times, `_steps` and `extra`
+  columns."""
   end = max(t[-1] for t in times)
   ttft = [t[0] - s for s, t in zip(submits, times)]
   itl = np.concatenate([np.diff(t) for t in times if len(t) > 1])
@@ -151,7 +164,8 @@ def _load_row(table, transport, t0, submits, times, tokens, steps, gen_rate=None
                    contexts=FLAGS.serving_contexts, tokens=tokens, tokens_per_s=rate,
                    x_generate=rate / gen_rate if gen_rate else 1.0,
                    ttft_p50_ms=_ms(_pct(ttft, 50)), ttft_p99_ms=_ms(_pct(ttft, 99)),
-                   itl_p50_ms=_ms(_pct(itl, 50)), itl_p99_ms=_ms(_pct(itl, 99)), **steps)
+                   itl_p50_ms=_ms(_pct(itl, 50)), itl_p99_ms=_ms(_pct(itl, 99)), **steps,
+                   **extra)
 
 
 def _in_process(engine, requests, new):
@@ -176,18 +190,18 @@ def _in_process(engine, requests, new):
 
 
 def _over_http(engine, requests, new):
-  """The load over the OpenAI server on localhost (None when the serve extra is missing)."""
+  """The load over the OpenAI server on localhost: uvicorn + the engine in this process, the
+  clients in `--serving_client_processes` processes (`experiments.serving_client`), as a
+  deployment's clients are. Returns t0, submits, times (wall-clock seconds) and the busiest
+  client process's CPU time over the run's (near 1: the clients limited the rate), or None when
+  the serve extra is missing."""
   if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx")):
     logging.info("serving: fastapi / uvicorn / httpx missing: no HTTP load test")
     return None
-  import logging as std_logging
-
-  import httpx
   import uvicorn
 
   from moska_jax.serve_api import create_app
 
-  std_logging.getLogger("httpx").setLevel(std_logging.WARNING)  # a line per request otherwise
   server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="m", max_waiting=1 << 20),
                                          host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=server.run, daemon=True)
@@ -195,29 +209,39 @@ def _over_http(engine, requests, new):
   while not server.started:
     time.sleep(0.05)
   url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/completions"
-
-  async def client(http, prompt, context, submits, times):
-    stamps = []
-    submits.append(time.perf_counter())
-    body = dict(model="m", prompt=prompt, max_tokens=new, temperature=0, stream=True,
-                context=context)
-    async with http.stream("POST", url, json=body) as r:
-      async for line in r.aiter_lines():
-        if line.startswith("data: {") and '"text": ""' not in line:
-          stamps.append(time.perf_counter())
-    times.append(stamps)
-
-  async def run():
-    limits = httpx.Limits(max_connections=len(requests) + 8)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-      submits, times = [], []
-      t0 = time.perf_counter()
-      await asyncio.gather(*(client(http, p, c, submits, times) for p, c in requests))
-      return t0, submits, times
-
+  n = min(FLAGS.serving_client_processes, len(requests))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+  procs = [subprocess.Popen([sys.executable, "-m", "experiments.serving_client"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+           for _ in range(n)]
   try:
-    return asyncio.run(run())
+    for i, proc in enumerate(procs):
+      proc.stdin.write(json.dumps(dict(url=url, model="m", new=new,
+                                       requests=requests[i::n])) + "\n")
+      proc.stdin.flush()
+    for proc in procs:
+      if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"serving: a client process failed to start (exit {proc.wait(60)})")
+    engine.stats.clear()  # the clients' warm-up requests were answered: idle
+    t0 = time.time()
+    for proc in procs:
+      proc.stdin.write("go\n")
+      proc.stdin.flush()
+    submits, times, cpu = [], [], []
+    for proc in procs:
+      out, _ = proc.communicate()
+      if proc.returncode:
+        raise RuntimeError(f"serving: a client process failed (exit {proc.returncode})")
+      got = json.loads(out)
+      submits += got["submits"]
+      times += [[s + t for t in ts] for s, ts in zip(got["submits"], got["times"])]
+      cpu.append(got["cpu_s"])
+    return t0, submits, times, max(cpu) / (max(t[-1] for t in times) - t0)
   finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
     server.should_exit = True
     thread.join()
 
@@ -241,7 +265,8 @@ def load(model, stores, mcfg, rng, table) -> None:
   if FLAGS.serving_http:
     out = _over_http(engine, requests, new)
     if out is not None:
-      _load_row(table, "http", *out, n * new, _steps(engine), gen_rate)
+      *timing, busy = out
+      _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy)
 
 
 def _plot(plt, rows):

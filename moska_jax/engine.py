@@ -888,6 +888,14 @@ class TokenStream:
     self._tokens.popleft()
     return token
 
+  def drain(self) -> list[int]:
+    """The tokens that arrived and were not read yet, taken without waiting (the end stays for
+    the iteration to report): a consumer that fell behind handles them in one go."""
+    out = []
+    while self._tokens and self._tokens[0] is not None:
+      out.append(self._tokens.popleft())
+    return out
+
   def cancel(self) -> None:
     """Ends the request now (its slot and pages free before the next step)."""
     self.engine.cancel(self.request)

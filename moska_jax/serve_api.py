@@ -2,8 +2,9 @@
 
 Endpoints: POST /v1/completions and /v1/chat/completions (a `context` field names the shared
 context a request reads, default the engine's default context; `stream: true` sends the tokens
-as server-sent events, `data: {chunk}` lines closed by `data: [DONE]`), GET /v1/models (the
-model and its resident contexts), /health, /metrics (Prometheus text).
+as server-sent events, `data: {chunk}` lines closed by `data: [DONE]`; an event carries every
+token that arrived since the last one), GET /v1/models (the model and its resident contexts),
+/health, /metrics (Prometheus text).
 
 Every request is submitted to the engine's background loop (`MoskaEngine.start`) and joins the
 running batch at its next step; a client that disconnects cancels its request, whose slot and
@@ -20,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 from typing import Any
@@ -61,20 +63,35 @@ def error_response(status: int, message: str, param: str | None = None,
 
 
 class _Detokenizer:
-  """Text deltas of a growing token list; characters still incomplete (a trailing U+FFFD of a
-  partial UTF-8 sequence) are held back, so the deltas concatenate to the final text."""
+  """Text deltas of a growing token list, so that they concatenate to the final text.
+
+  Each call decodes a short window, not the whole list: the tokens of the previous delta and
+  those since, and cuts the former's text off (both decodes start at the same token, so a
+  tokenizer that decodes the first token of a text differently, e.g. without its leading space,
+  does so in both). A delta whose text ends in an incomplete character (U+FFFD, a partial UTF-8
+  sequence) is held back until the character completes or the request ends.
+  """
 
   def __init__(self, engine: MoskaEngine):
-    self.engine, self.tokens, self.sent = engine, [], 0
+    self.decode, self.tokens = engine.decode, []
+    self.prefix = self.sent = 0  # window start; end of the tokens sent (tokens[:sent])
 
-  def add(self, token: int) -> str:
-    self.tokens.append(token)
-    text = self.engine.decode(self.tokens).rstrip("\ufffd")
-    delta, self.sent = text[self.sent:], max(self.sent, len(text))
-    return delta
+  def add(self, tokens: list[int]) -> str:
+    self.tokens += tokens
+    return self._delta(final=False)
 
   def flush(self) -> str:
-    return self.engine.decode(self.tokens)[self.sent:]
+    return self._delta(final=True)
+
+  def _delta(self, final: bool) -> str:
+    if self.sent == len(self.tokens):
+      return ""
+    text = self.decode(self.tokens[self.prefix:])
+    if not final and text.endswith("\ufffd"):
+      return ""
+    head = len(self.decode(self.tokens[self.prefix:self.sent]))
+    self.prefix, self.sent = self.sent, len(self.tokens)
+    return text[head:]
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -194,21 +211,26 @@ class Server:
     except ValueError as e:
       raise ApiError(400, str(e)) from None
 
+    # A text event is the chunk's JSON with the text put in: one json.dumps of a short string
+    # per event, not of the whole chunk.
+    marker = "\0text\0"
+    head, tail = _sse(chunk(marker, None)).split(json.dumps(marker))
+
     async def events():
       detok = _Detokenizer(self.engine)
       async with tokens:
         yield _sse(chunk(None, None))  # the first event: a role / empty text
         try:
           async for token in tokens:
-            delta = detok.add(token)
+            # The tokens that arrived meanwhile too (one event, one write for all of them).
+            delta = detok.add([token, *tokens.drain()])
             if delta:
-              yield _sse(chunk(delta, None))
+              yield f"{head}{json.dumps(delta)}{tail}"
         except RuntimeError as e:
           yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": None}})
           return
-        yield _sse(chunk(detok.flush(), tokens.request.finish_reason))
-        yield "data: [DONE]\n\n"
+        yield _sse(chunk(detok.flush(), tokens.request.finish_reason)) + "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -262,6 +284,27 @@ class Server:
     return "\n".join(lines) + "\n"
 
 
+class _CountResponses:
+  """Counts the responses by (path, status) into `counts`. A plain ASGI middleware: Starlette's
+  `BaseHTTPMiddleware` (`@app.middleware`) would pass every chunk of a stream through a task and
+  a memory stream of its own."""
+
+  def __init__(self, app, counts: dict):
+    self.app, self.counts = app, counts
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+
+    async def counted(message):
+      if message["type"] == "http.response.start":
+        key = (scope["path"], message["status"])
+        self.counts[key] = self.counts.get(key, 0) + 1
+      await send(message)
+
+    await self.app(scope, receive, counted)
+
+
 def _sse(payload: dict) -> str:
   return f"data: {json.dumps(payload)}\n\n"
 
@@ -292,7 +335,7 @@ def _completion_prompt(body: dict) -> str | list[int]:
 
 
 def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: int = 256,
-               eos_id: int | None = None) -> FastAPI:
+               eos_id: int | None = None, switch_interval: float | None = 2e-4) -> FastAPI:
   """The FastAPI app serving `engine` as `model_name`; on startup it compiles the engine's steps
   (`MoskaEngine.warmup`) and starts its loop, on shutdown it stops the loop.
 
@@ -301,27 +344,37 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
     model_name: the model id the API reports and accepts.
     max_waiting: requests queued beyond the running batch before new ones get 429.
     eos_id: the token that ends a request (kept as its last token), or None.
+    switch_interval: the interpreter's thread switch interval while the app runs, in seconds
+      (`sys.setswitchinterval`, restored on shutdown), or None to leave it. The engine's
+      stepping thread, back from the device, waits up to this long for the GIL while the event
+      loop's thread runs Python (answering many streams): CPython's default 5 ms would stretch
+      a step of a few ms several times over.
+
+  Raises:
+    ValueError: switch_interval not None and not > 0.
   """
+  if switch_interval is not None and not switch_interval > 0:
+    raise ValueError(f"create_app: switch_interval must be > 0 seconds or None, got "
+                     f"{switch_interval!r}")
   server = Server(engine, model_name, max_waiting, eos_id)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     engine.warmup()  # compile every step shape before the first request
+    interval = sys.getswitchinterval()
+    if switch_interval is not None:
+      sys.setswitchinterval(switch_interval)
     engine.start()
     try:
       yield
     finally:
       engine.stop()
+      sys.setswitchinterval(interval)
 
   app = FastAPI(title="moska-jax", lifespan=lifespan)
   app.state.server = server
 
-  @app.middleware("http")
-  async def count(request: HttpRequest, call_next):
-    response = await call_next(request)
-    key = (request.url.path, response.status_code)
-    server.http[key] = server.http.get(key, 0) + 1
-    return response
+  app.add_middleware(_CountResponses, counts=server.http)
 
   @app.exception_handler(ApiError)
   async def api_error(request, e: ApiError):

@@ -1,8 +1,10 @@
 """The OpenAI-compatible server on localhost with the tiny model: the `openai` client's
 completions and streams, two contexts in one server equal to two single-context engines, 32
 concurrent clients, a disconnecting client freeing its slot, OpenAI-shaped errors (the server
-keeps serving), /v1/models, /health, /metrics, and `python -m moska_jax.serve` alone."""
+keeps serving), /v1/models, /health, /metrics, and `python -m moska_jax.serve` alone; the
+streams' detokenizer and a stream that fell behind taking its tokens in one go."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -22,10 +24,11 @@ openai = pytest.importorskip("openai")
 from flax import nnx  # noqa: E402
 
 from moska_jax.config import MoskaConfig, tiny  # noqa: E402
-from moska_jax.engine import MoskaEngine  # noqa: E402
+from moska_jax.engine import ByteTokenizer, MoskaEngine  # noqa: E402
 from moska_jax.model import Decoder  # noqa: E402
 from moska_jax.prefill import build_shared_store  # noqa: E402
-from moska_jax.serve_api import create_app  # noqa: E402
+from moska_jax.sampling import Sampling  # noqa: E402
+from moska_jax.serve_api import _Detokenizer, create_app  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [f"question {i}: " + "xyz"[i % 3] * (i % 5) for i in range(32)]
@@ -67,11 +70,13 @@ def served():
   refs = {name: [r.text for r in MoskaEngine(model, {name: s}, mcfg, **ENGINE).generate(
       PROMPTS, NEW)] for name, s in stores.items()}
   app = create_app(engine, model_name="tiny", max_waiting=64)
+  interval = sys.getswitchinterval()
   running = Running(app)
+  assert sys.getswitchinterval() == pytest.approx(2e-4)  # while serving
   client = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0)
   yield running.url, engine, client, refs, app.state.server
   running.close()
-  assert not engine.running
+  assert not engine.running and sys.getswitchinterval() == interval
 
 
 def _error(response, status, fragment):
@@ -173,6 +178,49 @@ def test_models_health_and_metrics(served):
   tokens = float(next(line.split()[-1] for line in text.splitlines()
                       if line.startswith("moska_generated_tokens_total")))
   assert tokens >= NEW
+  # Responses by path and status, streams included.
+  count = lambda path, status: int(next((line.split()[-1] for line in httpx.get(
+      url + "/metrics").text.splitlines() if line.startswith(
+          f'moska_http_requests_total{{path="{path}",status="{status}"}}')), 0))
+  before = count("/v1/completions", 200), count("/v1/nothing", 404)
+  list(client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True))
+  httpx.get(url + "/v1/nothing")
+  assert (count("/v1/completions", 200), count("/v1/nothing", 404)) == (before[0] + 1,
+                                                                       before[1] + 1)
+  with pytest.raises(ValueError, match="switch_interval must be > 0 seconds or None, got 0"):
+    create_app(engine, switch_interval=0)
+
+
+def test_stream_deltas_concatenate_to_the_text():
+  tok, rng = ByteTokenizer(), np.random.default_rng(0)
+  valid = list("naïve € 𝄞 ok, ".encode() * 4)  # 1- to 4-byte characters
+  for tokens in (valid, [int(t) for t in rng.integers(0, 256, 80)]):  # random: invalid UTF-8
+    for _ in range(4):
+      detok, deltas, i = _Detokenizer(tok), [], 0
+      while i < len(tokens):
+        k = int(rng.integers(1, 5))  # the tokens that arrived together
+        deltas.append(detok.add(tokens[i:i + k]))
+        i += k
+      deltas.append(detok.flush())
+      assert "".join(deltas) == tok.decode(tokens)
+      if tokens is valid:  # a character split over tokens is never sent in part
+        assert not any("\ufffd" in d for d in deltas) and sum(map(bool, deltas)) > 10
+
+
+def test_a_stream_that_fell_behind_takes_its_tokens_in_one_go(served):
+  url, engine, client, refs, api = served
+
+  async def late():
+    stream = engine.stream(PROMPTS[5], NEW, Sampling(temperature=0.0))
+    while not stream.request.done:  # not reading meanwhile
+      await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    taken = stream.drain()
+    return taken, [t async for t in stream], stream.drain()
+
+  taken, rest, after = asyncio.run(late())
+  assert len(taken) >= 2 and after == []
+  assert engine.decode(taken + rest) == refs["manual"][5]
 
 
 def test_serve_command_starts_on_the_tiny_model_alone():
