@@ -13,11 +13,13 @@ one command and one environment variable away from tuned.
 A compiled "auto" call (not interpret mode, no config given) looks up its key: the op, Hkv, G,
 D, T, the query and K/V dtypes and the op's static extras (page size), in the table of the chip
 it plans for (the table's chip name, normalized, is a prefix of the target's). Among the entries
-of that key it takes the one whose M = B*T*G is nearest in log2, then whose S is; an entry more
-than a factor of 2 away in M is not used (the heuristic plans instead: the sweep's batch sizes
-are powers of two, so every M between the smallest and largest measured has one). The entry's
-config is refitted to the call (num_splits at most the call's key blocks) and checked like any
-config; one that cannot run is logged and the heuristic plans instead.
+of that key measured at an S within a factor of 2 of the call's, it takes the one whose
+M = B*T*G is nearest in log2; an entry more than a factor of 2 away in M is not used (the
+heuristic plans instead: the sweep's batch sizes are powers of two, so every M between the
+smallest and largest measured has one), nor one whose row tiles would read K/V more times at
+the call's M than at its own. The entry's config is refitted to the call (num_splits at most the
+call's key blocks) and checked like any config; one that cannot run is logged and the
+heuristic plans instead.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ VERSION = 1
 # which chunks the router picks, which a sweep over random ids would not represent.
 OPS = ("shared_attention", "unique_attention")
 MAX_M_RATIO = 2.0
+# Splits and tiles measured at one S do not carry to a much longer or shorter one (H200: a table
+# from S=128K, used at S=1M, cost 9-19%).
+MAX_S_RATIO = 2.0
 
 
 def chip_slug(name: str) -> str:
@@ -121,14 +126,25 @@ def table_for(target) -> dict[str, Any] | None:
   return max(found, key=lambda t: len(chip_slug(t["chip"]))) if found else None
 
 
+def _ratio(a: float, b: float) -> float:
+  return max(a / b, b / a)
+
+
 def nearest(entries: list[dict[str, Any]], key: dict[str, Any], M: int,
             S: int) -> dict[str, Any] | None:
-  """The entry of `key` nearest to (M, S) (M first, in log2), or None past MAX_M_RATIO."""
-  same = [e for e in entries if e.get("key") == key]
+  """The entry of `key` measured within MAX_S_RATIO of S whose M is nearest (in log2, then S),
+  or None when there is none within MAX_M_RATIO of M."""
+  same = [e for e in entries if e.get("key") == key and _ratio(e["S"], S) <= MAX_S_RATIO]
   if not same:
     return None
   best = min(same, key=lambda e: (abs(math.log2(e["M"] / M)), abs(math.log2(e["S"] / S))))
-  return best if max(best["M"] / M, M / best["M"]) <= MAX_M_RATIO else None
+  return best if _ratio(best["M"], M) <= MAX_M_RATIO else None
+
+
+def _row_tiles(config, M: int) -> int | None:
+  """Row tiles of M rows under `config` (each reads all of K/V), or None if it has no row tile."""
+  rows = getattr(config, "block_m", None) or 64 * getattr(config, "consumers", 0)
+  return math.ceil(M / rows) if rows else None
 
 
 _ignored: contextvars.ContextVar[bool] = contextvars.ContextVar("tuning_table_ignored",
@@ -173,6 +189,10 @@ def lookup(op, problem, target) -> tuple[str, Any] | None:
     logger.warning("%s has a config this version refuses (%s): using the heuristic", where, e)
     return None
   config = _refit(config, problem)
+  if (tiles := _row_tiles(config, problem.dims.M)) and tiles > _row_tiles(config, hit["M"]):
+    logger.info("%s: its plan for M=%d would read K/V %d times at M=%d: using the heuristic",
+                where, hit["M"], tiles, problem.dims.M)
+    return None
   reason = impl.unsupported(problem, config, target, False)
   if reason:
     logger.info("%s: its %s plan cannot run this call (%s): using the heuristic", where,

@@ -13,7 +13,7 @@ from pallas_kernels import dispatch, targets, tuning_table
 
 OP = "shared_attention"
 KEY = dict(op=OP, Hkv=8, G=4, D=128, T=1, dtype="bfloat16", kv_dtype="bfloat16")
-TRITON = pk.TritonSharedConfig(block_m=16, block_k=32, num_splits=7, num_warps=4, num_stages=2)
+TRITON = pk.TritonSharedConfig(block_m=64, block_k=32, num_splits=7, num_warps=4, num_stages=2)
 MOSAIC = pk.MosaicGpuSharedConfig(block_k=128, num_splits=9, num_stages=3, consumers=1)
 
 
@@ -71,8 +71,21 @@ def test_other_keys_chips_and_modes_use_the_heuristic(table):
   assert _plan(*_args(8), target="h200").config != TRITON  # "NVIDIA H200 SXM"
 
 
+def test_entries_hold_near_their_s_and_row_tiles(table):
+  """An entry measured at S=65536 plans S in [32K, 128K] only, and never where its row blocks
+  would read K/V more often than when it was measured."""
+  narrow = dataclasses.replace(TRITON, block_m=16)
+  table([_entry(32, "triton", narrow), _entry(128, "mosaic_gpu", MOSAIC)])
+  assert _plan(*_args(8, S=131072), target="h100").config == narrow
+  assert _plan(*_args(8, S=262144), target="h100").config != narrow  # 4x S
+  with tuning_table.ignored():
+    heuristic = _plan(*_args(12), target="h100")
+  # M=48: the nearest entry, M=32, has 16-row blocks: 3 reads of K/V where it measured 2
+  assert _plan(*_args(12), target="h100") == heuristic
+
+
 def test_splits_refit_to_the_call(table):
-  table([_entry(32, "triton", dataclasses.replace(TRITON, num_splits=64))])
+  table([_entry(32, "triton", dataclasses.replace(TRITON, num_splits=64), S=1024)])
   plan = _plan(*_args(8, S=1000), target="h100")  # 32 tiles of 32 keys
   assert plan.config.num_splits == 32
 
