@@ -1,14 +1,44 @@
 """Test-session setup that must happen before jax is imported.
 
 Multi-device tests need 8 devices; on CPU, XLA emulates them. Setting the flag here (unless the
-caller chose a count) makes a plain `python -m pytest tests` run them too.
+caller chose a count) makes a plain `python -m pytest tests` run them too. Subprocesses the tests
+start (launcher runs, README blocks, the notebook, multi-process jobs) inherit XLA_FLAGS.
 """
 
 import os
 
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+
+def _add_xla_flag(name: str, value) -> None:
+  """Appends --name=value to XLA_FLAGS unless the caller set that flag."""
+  if name not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{name}={value}".strip()
+
+
+def _cpu_only() -> bool:
+  """Whether jax will run on the CPU: JAX_PLATFORMS says so, or no GPU / TPU plugin is installed
+  (decided without importing jax, which must see XLA_FLAGS first)."""
+  import importlib.util
+  import pkgutil
+
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms == "cpu"
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  try:
+    import jax_plugins
+  except ImportError:
+    return True
+  return not any(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+_add_xla_flag("xla_force_host_platform_device_count", 8)
+# On the CPU the suite compiles thousands of small programs and runs most of them a few times, and
+# LLVM's optimization passes took most of the compile time. Level 0 changes how fast the machine
+# code runs, not what it computes: XLA's HLO passes still run, and LLVM keeps IEEE results (XLA's
+# CPU fast math is off by default).
+if _cpu_only():
+  _add_xla_flag("xla_backend_optimization_level", 0)
 
 # One persistent compilation cache for the whole run, shared by the xdist workers and the
 # subprocesses tests start (they inherit the environment): the same small programs are compiled

@@ -9,6 +9,9 @@ read, so a missing write or mask shows.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +40,38 @@ def implementations(op: str, *, compiled: bool = True) -> list:
     if "mosaic_gpu" in names:
       params.append(pytest.param("mosaic_gpu", False, id="mosaic_gpu",
                                  marks=pytest.mark.skipif(not ON_HOPPER, reason="needs Hopper")))
+  return params
+
+
+def pairwise(factors: Mapping[str, Sequence]) -> list[dict]:
+  """Rows of values of `factors` covering every pair of values of any two factors (greedy)."""
+  names = list(factors)
+
+  def pairs(row: dict) -> set:
+    return {(a, row[a], b, row[b]) for a, b in itertools.combinations(names, 2)}
+
+  candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
+  todo = set().union(*map(pairs, candidates))
+  rows = []
+  while todo:
+    row = max(candidates, key=lambda r: len(pairs(r) & todo))
+    rows.append(row)
+    todo -= pairs(row)
+  return rows
+
+
+def implementations_pairwise(op: str, **factors: Mapping[str, object]) -> list:
+  """pytest params (implementation, interpret, *one value per factor) covering every pair of
+  values of any two of (implementation, *factors): each implementation meets every value of every
+  factor, instead of the full product. factors: name -> {id: value}."""
+  impls = implementations(op)
+  rows = pairwise({"impl": range(len(impls)), **{k: list(v) for k, v in factors.items()}})
+  params = []
+  for row in sorted(rows, key=lambda r: r["impl"]):
+    impl = impls[row["impl"]]
+    ids = [row[k] for k in factors]
+    params.append(pytest.param(*impl.values, *(factors[k][i] for k, i in zip(factors, ids)),
+                               marks=impl.marks, id="-".join([impl.id, *ids])))
   return params
 
 

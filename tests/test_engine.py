@@ -79,8 +79,9 @@ def test_eos_ends_a_request_early(setup):
 
 def test_callable_tokenizer(setup):
   model, store = setup
-  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=8,
-                       page_size=8, tokenizer=lambda text: [ord(c) % 256 for c in text])
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
+                       page_size=8, prefill_chunk=8,
+                       tokenizer=lambda text: [ord(c) % 256 for c in text])
   (r,) = engine.generate(["hi"], 2)
   assert r.prompt == [104, 105] and r.text is None and len(r.tokens) == 2
   with pytest.raises(ValueError, match="tokenizer must have encode"):
@@ -218,7 +219,7 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
   names = ["manual", "code", "code", "manual"]
   for mcfg in (MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, backend="xla"),
                MoskaConfig(backend="xla")):  # the dense engine stays for loading / unloading
-    make = lambda stores: MoskaEngine(model, stores, mcfg, max_batch=4, num_pages=40,
+    make = lambda stores: MoskaEngine(model, stores, mcfg, max_batch=2, num_pages=16,
                                       page_size=8, prefill_chunk=8)
     both = make({"manual": store, "code": other})
     assert both.contexts == ("manual", "code") and both.default_context == "manual"
@@ -257,9 +258,9 @@ def test_background_loop_joins_requests_cancels_and_streams(setup):
   the tokens to asyncio."""
   model, store = setup
   mcfg = MoskaConfig(backend="xla")
-  engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8,
+  engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
                        prefill_chunk=8)
-  want = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8,
+  want = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
                      prefill_chunk=8).generate(["alpha", "beta", "gamma"], 6)
   engine.start()
   try:
@@ -280,7 +281,7 @@ def test_background_loop_joins_requests_cancels_and_streams(setup):
     engine.cancel(victim)
     assert victim.finished_event.wait(5) and victim.finish_reason == "cancelled"
     assert engine.stats["steps_decode"] <= steps + 1  # freed before the next step
-    assert not engine.scheduler.active and len(engine.cache.free_pages) == 19
+    assert not engine.scheduler.active and len(engine.cache.free_pages) == 15
 
     async def consume():
       tokens = [t async for t in engine.stream("alpha", 6)]

@@ -1,4 +1,11 @@
-"""The decoder with MoSKA attention equals a plain decoder over [shared + unique]."""
+"""The decoder with MoSKA attention equals a plain decoder over [shared + unique].
+
+The engines run one geometry (`ENGINE`) with `_setup`'s model and store, so engines of one
+MoskaConfig share their compiled steps across tests; the plain decoder runs jitted, once per
+batch of sequences (padded at the end: it is causal).
+"""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +38,30 @@ def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
   return cfg, model, rng, shared, store
 
 
+# Two slots, a prefill chunk that splits the longer prompts, pages that cut every request.
+ENGINE = dict(max_batch=2, num_pages=12, page_size=8, prefill_chunk=8)
+
+
+def _engine(model, store, mcfg):
+  return MoskaEngine(model, store, mcfg, **ENGINE)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _plain(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
+
+
+def _plain_logits(model, sequences):
+  """The plain decoder's logits [n, L, vocab] over n token sequences, each padded at the end to
+  L, the longest rounded up to 64 (fewer shapes to compile)."""
+  L = -(-max(len(x) for x in sequences) // 64) * 64
+  tokens = jnp.asarray([list(x) + [0] * (L - len(x)) for x in sequences], jnp.int32)
+  return np.asarray(_plain(*nnx.split(model), tokens))
+
+
 def _check_against_reference(model, shared, results, tol=2e-5):
-  for r in results:
-    full = jnp.asarray(list(shared) + r.prompt + r.tokens[:-1])[None]
-    ref = np.asarray(model(full)[0])
+  refs = _plain_logits(model, [list(shared) + r.prompt + r.tokens[:-1] for r in results])
+  for r, ref in zip(results, refs):
     start = len(shared) + len(r.prompt) - 1
     for j, lg in enumerate(r.logits):
       np.testing.assert_allclose(lg, ref[start + j], rtol=tol, atol=tol)
@@ -43,8 +70,7 @@ def _check_against_reference(model, shared, results, tol=2e-5):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 1), (4, 4), (8, 1)])
 def test_dense_moska_logits_equal_plain_decoder(num_heads, num_kv_heads):
   _, model, rng, shared, store = _setup(num_heads, num_kv_heads)
-  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=3, num_pages=40,
-                       page_size=8, prefill_chunk=8)
+  engine = _engine(model, store, MoskaConfig(backend="xla"))
   prompts = [list(rng.integers(0, 256, n)) for n in (1, 8, 13)]  # ragged unique lengths
   _check_against_reference(model, shared, engine.generate(prompts, 5, return_logits=True))
 
@@ -74,8 +100,7 @@ def test_sparse_with_every_chunk_equals_dense(summary):
   for mcfg in (MoskaConfig(backend="xla"),
                MoskaConfig(mode="sparse", top_k=n_chunks, chunk_size=64, summary=summary,
                            backend="xla")):
-    engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=20, page_size=8)
-    outs.append(engine.generate(prompts, 4, return_logits=True))
+    outs.append(_engine(model, store, mcfg).generate(prompts, 4, return_logits=True))
   for dense, sparse in zip(*outs):
     assert dense.tokens == sparse.tokens
     np.testing.assert_allclose(np.stack(dense.logits), np.stack(sparse.logits), atol=2e-5)
@@ -122,12 +147,11 @@ def test_sparse_engine_equals_decoder_masked_to_the_routed_chunks(summary):
   store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
                              summary=summary)
   prompt = list(rng.integers(0, 256, 6))
-  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=10,
-                      page_size=8).generate([prompt], 3, return_logits=True)[0]
+  dense = _engine(model, store, MoskaConfig(backend="xla")).generate([prompt], 3,
+                                                                      return_logits=True)[0]
   mcfg = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, always_include=(0,),
                      summary=summary, backend="xla")
-  sparse = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=10, page_size=8,
-                       prefill_chunk=8).generate([prompt], 3, return_logits=True)[0]
+  sparse = _engine(model, store, mcfg).generate([prompt], 3, return_logits=True)[0]
   assert np.all(np.isfinite(np.stack(sparse.logits)))
   assert not np.allclose(np.stack(dense.logits), np.stack(sparse.logits))  # it did drop chunks
   ref = _routed_reference(model, shared, prompt, sparse.tokens[:-1], mcfg,
@@ -169,18 +193,21 @@ def test_moska_step_is_pure_and_equals_plain_decoder():
   (logits2, logits3), _, _ = step(state, new_pools, _int32_parts([decode, lane]))
   assert logits2.shape == (2, 1, cfg.vocab) and logits3.shape == (1, 5, cfg.vocab)
   S = len(shared)
+  refs = _plain_logits(model, [list(shared) + p + [int(nxt[b, 0])]
+                               for b, p in enumerate(prompts[:2])] + [list(shared) + prompts[2]])
   for b, p in enumerate(prompts[:2]):
-    ref = np.asarray(model(jnp.asarray(list(shared) + p + [int(nxt[b, 0])])[None])[0])
-    np.testing.assert_allclose(logits[b, :len(p)], ref[S:S + len(p)], rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(logits2[b, 0], ref[S + len(p)], rtol=2e-5, atol=2e-5)
-  ref = np.asarray(model(jnp.asarray(list(shared) + prompts[2])[None])[0])
-  np.testing.assert_allclose(logits3[0, :4], ref[S:S + 4], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(logits[b, :len(p)], refs[b, S:S + len(p)], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(logits2[b, 0], refs[b, S + len(p)], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(logits3[0, :4], refs[2, S:S + 4], rtol=2e-5, atol=2e-5)
 
 
-def _reroute_engine(model, store, reroute_every, top_k=None, sparsity=0.5):
-  mcfg = MoskaConfig(mode="sparse", top_k=top_k, sparsity=None if top_k else sparsity,
-                     chunk_size=64, reroute_every=reroute_every, backend="xla")
-  return MoskaEngine(model, store, mcfg, max_batch=2, num_pages=12, page_size=8), mcfg
+def _reroute_engine(model, store, reroute_every, top_k=None):
+  """top_k chunks, or sparsity 0.5 with chunk 0 always kept (reroute_every=1: the MoskaConfig of
+  test_sparse_engine_equals_decoder_masked_to_the_routed_chunks[mean], whose steps it reuses)."""
+  mcfg = MoskaConfig(mode="sparse", top_k=top_k, sparsity=None if top_k else 0.5, chunk_size=64,
+                     always_include=() if top_k else (0,), reroute_every=reroute_every,
+                     backend="xla")
+  return _engine(model, store, mcfg), mcfg
 
 
 def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
@@ -215,8 +242,8 @@ def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
 def test_sparse_with_every_chunk_equals_dense_for_any_reroute(reroute_every):
   _, model, rng, _, store = _setup()
   prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
-  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=12,
-                      page_size=8).generate(prompts, 6, return_logits=True)
+  dense = _engine(model, store, MoskaConfig(backend="xla")).generate(prompts, 6,
+                                                                      return_logits=True)
   engine, _ = _reroute_engine(model, store, reroute_every, top_k=5)  # N = ceil(300 / 64) = 5
   for d, s in zip(dense, engine.generate(prompts, 6, return_logits=True)):
     assert d.tokens == s.tokens
@@ -235,8 +262,7 @@ def test_batch_aware_tiles_of_one_request_equal_per_pair_routing():
   for batch_aware in (0, 1):
     mcfg = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, reroute_every=2,
                        batch_aware=batch_aware, backend="xla")
-    engine = MoskaEngine(model, {"a": store, "b": other}, mcfg, max_batch=2, num_pages=12,
-                         page_size=8)
+    engine = _engine(model, {"a": store, "b": other}, mcfg)
     outs.append(engine.generate(prompts, 5, context=["a", "b"], return_logits=True))
   for per_pair, tiled in zip(*outs):
     assert per_pair.tokens == tiled.tokens
@@ -256,7 +282,10 @@ def test_the_step_routes_with_the_kernel_settings(monkeypatch):
   shape = (4, 8, cfg.num_kv_heads, cfg.head_dim)
   pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
   part = Part(*(np.asarray(a, np.int32) for a in ([[5, 6]], [[1, 2]], [0], [2], [0])))
-  moska_step(model, (SharedContext.of(store, mcfg),), pools, _int32_parts([part]), mcfg)
+  graphdef, state = nnx.split(model)
+  contexts = (SharedContext.of(store, mcfg),)
+  jax.jit(lambda state, pools, parts: moska_step(nnx.merge(graphdef, state), contexts, pools,
+                                                 parts, mcfg))(state, pools, _int32_parts([part]))
   assert len(seen) == cfg.layers
   assert all(kw["int8"] is True and kw["backend"] == "xla" and kw["interpret"] is False
              for kw in seen)
@@ -274,12 +303,12 @@ def test_sparsity_counts_the_chunks_that_hold_tokens():
   store = build_shared_store(model, shared, chunk_size=100, prefill_chunk=256, backend="xla")
   assert 1000 <= store.k[0].shape[0] < 1000 + 100 and store.summaries[0].num_chunks == 10
   mcfg = MoskaConfig(mode="sparse", sparsity=0.75, chunk_size=100, backend="xla")
-  engine = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=6, page_size=8)
+  engine = _engine(model, store, mcfg)
   assert engine.context_top_k("default") == 3
   prompt = list(rng.integers(0, 256, 5))
   sparse = engine.generate([prompt], 3, return_logits=True)[0]
-  dense = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=6,
-                      page_size=8).generate([prompt], 3, return_logits=True)[0]
+  dense = _engine(model, store, MoskaConfig(backend="xla")).generate([prompt], 3,
+                                                                      return_logits=True)[0]
   assert not np.allclose(np.stack(sparse.logits), np.stack(dense.logits))
   ref = _routed_reference(model, shared, prompt, sparse.tokens[:-1], mcfg, 3)
   start = len(shared) + len(prompt) - 1

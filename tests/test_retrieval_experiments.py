@@ -11,7 +11,8 @@ from tests.test_launcher import _run
 TRAIN = ["--train_layers=2", "--train_hidden=64", "--train_heads=4", "--train_kv_heads=2",
          "--train_head_dim=16", "--train_mlp=64", "--train_keys=64", "--train_values=16",
          "--train_start_length=33", "--train_length=33", "--train_batch_tokens=2048",
-         "--train_max_steps=300", "--train_eval_every=100", "--train_eval_docs=128"]
+         "--train_lr=3e-3", "--train_max_steps=150", "--train_eval_every=150",
+         "--train_eval_docs=128"]
 
 
 def _written(out_dir, name):
@@ -29,7 +30,8 @@ def test_train_then_accuracy(tmp_path):
   _written(tmp_path, "train_retrieval")
   ckpt = tmp_path / "retrieval_checkpoint"
   meta = json.load(open(ckpt / "retrieval.json"))
-  # Chance is 1/16; after 300 steps the tiny model answers ~20% of 256 held-out questions.
+  # Chance is 1/16; after 150 steps at lr 3e-3 the tiny model answers 17-20% of 256 held-out
+  # questions with seeds 0-3 (300 steps at the default 1e-3: 17-22%).
   assert meta["eval_accuracy"] > 2 / 16, meta
 
   # Sparsity 0 keeps every chunk: it must reproduce dense exactly; 0.75 drops chunks.

@@ -48,9 +48,11 @@ def _shared(seed, dtype, fp8, G=4, Hkv=2, S=300):
   return rng, q.astype(dtype), (k8, ks, kd), (v8, vs, vd)
 
 
-@pytest.mark.parametrize("fp8", FP8)
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-@pytest.mark.parametrize("implementation,interpret", kc.implementations("shared_attention"))
+# Query dtype x float8 format x implementation, pairwise: every implementation meets both query
+# dtypes and both formats, and every (dtype, format) pair runs.
+@pytest.mark.parametrize("implementation,interpret,dtype,fp8", kc.implementations_pairwise(
+    "shared_attention", dtype={"bf16": jnp.bfloat16, "f32": jnp.float32},
+    fp8={"e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}))
 def test_shared_attention(implementation, interpret, dtype, fp8):
   _, q, (k8, ks, kd), (v8, vs, vd) = _shared(0, dtype, fp8)
   kc.plan_or_skip("shared_attention", q, k8, v8, k_scale=ks, v_scale=vs,

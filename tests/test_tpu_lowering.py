@@ -17,7 +17,6 @@ import functools
 import itertools
 import json
 import re
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
 from pallas_kernels import targets
+from tests.kernel_cases import pairwise
 
 FULL_TARGET = "v5p"
 # Name -> (q dtype, K/V dtype).
@@ -55,23 +55,6 @@ OPS = {"shared_attention": pk.shared_attention, "chunk_attention": pk.chunk_atte
        "unique_attention": pk.unique_attention, "chunk_scores": pk.chunk_scores}
 
 
-def _pairwise(factors: dict[str, Sequence]) -> list[dict]:
-  """Rows of values of `factors` covering every pair of values of any two factors (greedy)."""
-  names = list(factors)
-
-  def pairs(row: dict) -> set:
-    return {(a, row[a], b, row[b]) for a, b in itertools.combinations(names, 2)}
-
-  candidates = [dict(zip(names, values)) for values in itertools.product(*factors.values())]
-  todo = set().union(*map(pairs, candidates))
-  rows = []
-  while todo:
-    row = max(candidates, key=lambda r: len(pairs(r) & todo))
-    rows.append(row)
-    todo -= pairs(row)
-  return rows
-
-
 def _cases() -> list:
   rows = []
   for op, shapes in SHAPES.items():
@@ -80,7 +63,7 @@ def _cases() -> list:
       row = {name: FACTORS[name][i] for name, i in zip(FACTORS, index)}
       rows.append(dict(op=op, target=FULL_TARGET, shape=sum(index) % len(shapes), **row))
     others = tuple(t for t in sorted(targets.TPU_PRESETS) if t != FULL_TARGET)
-    rows += [dict(op=op, **row) for row in _pairwise(
+    rows += [dict(op=op, **row) for row in pairwise(
         {"target": others, **FACTORS, "shape": tuple(range(len(shapes)))})]
   return [pytest.param(r, id=_case_id(r)) for r in rows]
 
