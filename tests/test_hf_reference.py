@@ -9,13 +9,13 @@ import dataclasses
 import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moska_jax import MoskaConfig, MoskaEngine, build_shared_store
 from moska_jax.checkpoint import load_hf_llama
 from moska_jax.config import ModelConfig, RopeScaling
+from tests.decoder_cases import plain_logits
 
 pytest.importorskip("safetensors")
 
@@ -55,10 +55,11 @@ def model():
   return load_hf_llama(DATA, model_config(DATA))
 
 
-def _full_logits(model, ref, r: int) -> np.ndarray:
-  """Plain decoder logits over [shared + prompt r + its first NEW - 1 greedy tokens]."""
-  seq = ref["shared"].tolist() + ref["prompts"][r] + ref["tokens"][r, :-1].tolist()
-  return np.asarray(model(jnp.asarray(seq)[None])[0])
+def _full_logits(model, ref, rows) -> list[np.ndarray]:
+  """Plain decoder logits over [shared + prompt r + its first NEW - 1 greedy tokens], for each r
+  of rows (one batch)."""
+  seqs = [ref["shared"].tolist() + ref["prompts"][r] + ref["tokens"][r, :-1].tolist() for r in rows]
+  return [lg[:len(seq)] for lg, seq in zip(plain_logits(model, seqs), seqs)]
 
 
 def test_reference_exercises_llama3_rope_scaling(ref):
@@ -70,8 +71,8 @@ def test_reference_exercises_llama3_rope_scaling(ref):
 
 def test_plain_decoder_matches_transformers(model, ref):
   new = ref["tokens"].shape[1]
-  for r in range(len(ref["prompts"])):
-    logits = _full_logits(model, ref, r)
+  rows = range(len(ref["prompts"]))
+  for r, logits in zip(rows, _full_logits(model, ref, rows)):
     np.testing.assert_allclose(logits[-new:], ref["step_logits"][r], rtol=RTOL, atol=ATOL)
     np.testing.assert_array_equal(logits[-new:].argmax(-1), ref["tokens"][r])
     if r == 0:
@@ -82,7 +83,7 @@ def test_plain_decoder_matches_transformers(model, ref):
 def test_without_rope_scaling_the_logits_differ(model, ref):
   # The reference must be able to catch a wrong RoPE: the same weights, unscaled frequencies.
   unscaled = load_hf_llama(DATA, dataclasses.replace(model.cfg, rope_scaling=None))
-  logits = _full_logits(unscaled, ref, 0)
+  (logits,) = _full_logits(unscaled, ref, [0])
   new = ref["tokens"].shape[1]
   assert np.abs(logits[-new:] - ref["step_logits"][0]).max() > 1000 * ATOL
 

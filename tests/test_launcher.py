@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # --shape=tiny: Hq=4, Hkv=1, D=16). train_retrieval and accuracy run together in
 # test_retrieval_experiments.py.
 TINY = {
-    "demo": ["--demo_shared=400", "--demo_requests=3", "--demo_batch=2", "--demo_new_tokens=3",
-             "--demo_chunk=128"],
+    "demo": ["--demo_shared=400", "--demo_requests=2", "--demo_batch=1", "--demo_new_tokens=2",
+             "--demo_chunk=128"],  # one slot: 2 step shapes to compile per engine, not 3
     "shared_attention": ["--backend=xla", "--shape=tiny", "--shared_lengths=1024",
                          "--shared_batches=2", "--shared_baselines=xla"],
     "unique_attention": ["--backend=xla", "--shape=tiny", "--unique_batches=1",

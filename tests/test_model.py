@@ -1,11 +1,8 @@
 """The decoder with MoSKA attention equals a plain decoder over [shared + unique].
 
 The engines run one geometry (`ENGINE`) with `_setup`'s model and store, so engines of one
-MoskaConfig share their compiled steps across tests; the plain decoder runs jitted, once per
-batch of sequences (padded at the end: it is causal).
+MoskaConfig share their compiled steps across tests.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +17,7 @@ from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder, stateless
 from moska_jax.prefill import build_shared_store
 from moska_jax.step import Part, SharedContext, moska_step
+from tests.decoder_cases import plain_logits
 
 
 def _int32_parts(parts):
@@ -46,21 +44,8 @@ def _engine(model, store, mcfg):
   return MoskaEngine(model, store, mcfg, **ENGINE)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _plain(graphdef, state, tokens):
-  return nnx.merge(graphdef, state)(tokens)
-
-
-def _plain_logits(model, sequences):
-  """The plain decoder's logits [n, L, vocab] over n token sequences, each padded at the end to
-  L, the longest rounded up to 64 (fewer shapes to compile)."""
-  L = -(-max(len(x) for x in sequences) // 64) * 64
-  tokens = jnp.asarray([list(x) + [0] * (L - len(x)) for x in sequences], jnp.int32)
-  return np.asarray(_plain(*nnx.split(model), tokens))
-
-
 def _check_against_reference(model, shared, results, tol=2e-5):
-  refs = _plain_logits(model, [list(shared) + r.prompt + r.tokens[:-1] for r in results])
+  refs = plain_logits(model, [list(shared) + r.prompt + r.tokens[:-1] for r in results])
   for r, ref in zip(results, refs):
     start = len(shared) + len(r.prompt) - 1
     for j, lg in enumerate(r.logits):
@@ -193,7 +178,7 @@ def test_moska_step_is_pure_and_equals_plain_decoder():
   (logits2, logits3), _, _ = step(state, new_pools, _int32_parts([decode, lane]))
   assert logits2.shape == (2, 1, cfg.vocab) and logits3.shape == (1, 5, cfg.vocab)
   S = len(shared)
-  refs = _plain_logits(model, [list(shared) + p + [int(nxt[b, 0])]
+  refs = plain_logits(model, [list(shared) + p + [int(nxt[b, 0])]
                                for b, p in enumerate(prompts[:2])] + [list(shared) + prompts[2]])
   for b, p in enumerate(prompts[:2]):
     np.testing.assert_allclose(logits[b, :len(p)], refs[b, S:S + len(p)], rtol=2e-5, atol=2e-5)
