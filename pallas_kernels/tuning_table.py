@@ -48,7 +48,7 @@ VERSION = 1
 OPS = ("shared_attention", "unique_attention")
 MAX_M_RATIO = 2.0
 # Splits and tiles measured at one S do not carry to a much longer or shorter one (H200: a table
-# from S=128K, used at S=1M, cost 9-19%).
+# from S=128K, used at S=1M, cost 1-19%: fp8.md).
 MAX_S_RATIO = 2.0
 
 
@@ -78,7 +78,7 @@ def _kv(problem):
 
 def entry(op: str, problem, implementation: str, config, **measured) -> dict[str, Any]:
   """A table entry for `problem` (what the tune experiment writes): its key, M and S, the plan,
-  and `measured` (e.g. ms, default_ms)."""
+  and `measured` (e.g. ms, heuristic_ms)."""
   return dict(key=key_of(op, problem), M=problem.dims.M, S=problem.dims.S,
               implementation=implementation,
               config=None if config is None else dataclasses.asdict(config), **measured)

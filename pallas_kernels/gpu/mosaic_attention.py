@@ -136,17 +136,18 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       my_q = q_smem.at[wg]
       row0 = mt * rows + wg * BLOCK_Q
 
-      def tile(ring, slot, free):
+      def tile(ring, slot, free, which: int):
         """The tile wgmma reads: the ring slot, or (float8) its float16 copy in this consumer's
         staging tile, the slot freed once read into registers."""
         if not fp8:
           return ring.at[slot]
-        stage = staging[0 if ring is k_smem else 1].at[wg]
+        stage = staging[which].at[wg]  # 0: K, 1: V
         wide = ring.at[slot][...].astype(dtype)
         plgpu.barrier_arrive(free.at[slot])
         stage[...] = wide
         plgpu.commit_smem()  # generic-proxy stores, then wgmma (async proxy) reads them
         return stage
+
       plgpu.copy_gmem_to_smem(q_gmem.at[h, pl.ds(row0, BLOCK_Q)], my_q, q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
       carry = (
@@ -166,7 +167,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       def step(i, carry, masked: bool):
         slot = lax.rem(i, jnp.int32(stages))
 
-        k_tile = tile(k_smem, slot, k_free)
+        k_tile = tile(k_smem, slot, k_free, 0)
 
         def qk_scope(acc_ref):
           plgpu.wgmma(acc_ref, my_q, k_tile.transpose((1, 0)))
@@ -192,7 +193,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         if pair:
           plgpu.barrier_wait(turn)
 
-        v_tile = tile(v_smem, slot, v_free)
+        v_tile = tile(v_smem, slot, v_free, 1)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p_in, v_tile)
