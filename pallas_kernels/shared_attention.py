@@ -71,10 +71,10 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
   del interpret
-  q_rows, n, scale = _rows(p, mosaic_attention.rows_per_cta(c.consumers))
+  q_rows, n, scale = _rows(p, c.rows_per_cta)
   o, lse = mosaic_attention.shared_attention_partials(
       q_rows, p.k, p.v, n, scale=scale, block_k=c.block_k, num_splits=c.num_splits,
-      num_stages=c.num_stages, consumers=c.consumers)
+      num_stages=c.num_stages, consumers=c.consumers, split_keys=c.split_keys)
   return Partials(o, lse, 0)
 
 

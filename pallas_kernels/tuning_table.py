@@ -143,7 +143,7 @@ def nearest(entries: list[dict[str, Any]], key: dict[str, Any], M: int,
 
 def _row_tiles(config, M: int) -> int | None:
   """Row tiles of M rows under `config` (each reads all of K/V), or None if it has no row tile."""
-  rows = getattr(config, "block_m", None) or 64 * getattr(config, "consumers", 0)
+  rows = getattr(config, "block_m", None) or getattr(config, "rows_per_cta", None)
   return math.ceil(M / rows) if rows else None
 
 

@@ -22,21 +22,36 @@ def _lower(op, args, **kwargs):
   return plan
 
 
-@pytest.mark.parametrize("B,D,dtype,kv_dtype", [
-    (1, 128, "bfloat16", "bfloat16"),  # one consumer warpgroup
-    (64, 128, "float16", "float16"),  # a ping-pong pair
-    (3, 256, "bfloat16", "bfloat16"),
-    (2, 64, "bfloat16", "bfloat16"),
-    (1, 128, "bfloat16", "float8_e4m3fn"),  # float8 K/V widened per consumer
-    (64, 128, "bfloat16", "float8_e5m2"),
+@pytest.mark.parametrize("B,D,dtype,kv_dtype,schedule", [
+    (1, 128, "bfloat16", "bfloat16", (1, False)),  # one consumer warpgroup
+    (64, 128, "float16", "float16", (2, False)),  # a ping-pong pair
+    (3, 256, "bfloat16", "bfloat16", (1, False)),
+    (2, 64, "bfloat16", "bfloat16", (1, False)),
+    (1, 128, "bfloat16", "float8_e4m3fn", (2, True)),  # float8 widened, two consumers' keys
+    (64, 128, "bfloat16", "float8_e5m2", (2, False)),
 ])
-def test_shared_attention_lowers(B, D, dtype, kv_dtype):
+def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule):
   q, kv = _sds((B, 1, 32, D), dtype), _sds((4096, 8, D), kv_dtype)
   scales = {}
   if kv_dtype != dtype:
     scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = _lower("shared_attention", (q, kv, kv), **scales)
-  assert plan.config.consumers == (1 if B * 4 <= 64 else 2)
+  assert (plan.config.consumers, plan.config.split_keys) == schedule
+
+
+@pytest.mark.parametrize("D,consumers,num_stages,kv_dtype", [
+    (128, 2, 2, "bfloat16"), (64, 2, 4, "bfloat16"), (128, 3, 6, "float8_e4m3fn")])
+def test_shared_attention_split_keys_lowers(D, consumers, num_stages, kv_dtype):
+  """Consumers sharing 64 rows and taking turns over the key tiles."""
+  q, kv = _sds((4, 1, 32, D), "bfloat16"), _sds((4096 + 64, 8, D), kv_dtype)
+  scales = {}
+  if kv_dtype != "bfloat16":
+    scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
+  config = pk.MosaicGpuSharedConfig(block_k=64, num_stages=num_stages, num_splits=3,
+                                    consumers=consumers, split_keys=True)
+  fn = jax.jit(lambda *a: pk.shared_attention(*a, implementation="mosaic_gpu", config=config,
+                                              **scales))
+  fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",))
 
 
 def test_chunk_attention_lowers():

@@ -81,6 +81,14 @@ CONFIGS = [
     pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(block_k=128, num_splits=3,
                                                                num_stages=3, consumers=1),
                  marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
+    # consumers taking turns over the key tiles: a consumer with no tile, a masked tile of each
+    *(pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(
+        block_k=bk, num_splits=splits, num_stages=stages, consumers=2, split_keys=True),
+        marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))
+      for bk, splits, stages in ((64, 3, 2), (128, 1, 4))),
+    pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(
+        block_k=64, num_splits=2, num_stages=3, consumers=3, split_keys=True),
+        marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
 ]
 
 

@@ -58,7 +58,7 @@ def test_shared_plans_are_valid_and_fill_the_chip(name):
     if plan.implementation == "mosaic_gpu":
       kv_bytes = 2 * S * Hkv * D * jnp.dtype(dtype).itemsize
       assert tgt.is_hopper and (M >= 256 or kv_bytes >= gpu_tuning.MOSAIC_MIN_KV_BYTES)
-      rows, block_k = mosaic_attention.rows_per_cta(c.consumers), c.block_k
+      rows, block_k = c.rows_per_cta, c.block_k
     else:
       rows, block_k = c.block_m, c.block_k
     programs = Hkv * math.ceil(M / rows)
@@ -169,7 +169,7 @@ def test_triton_tiles_pad_the_head_dim_to_a_power_of_two():
 @pytest.mark.parametrize("name", [n for n in GPUS if targets.target(n).is_hopper])
 def test_mosaic_gpu_consumers_follow_m_and_every_candidate_fits(name):
   """One consumer warpgroup while M <= 64 (split-S), a ping-pong pair above; every Mosaic GPU
-  candidate of the sweep, of either consumer count, fits the chip's shared memory."""
+  candidate of the sweep, of every schedule, fits the chip's shared memory."""
   tgt = targets.target(name)
   for B, T, G, D, S, dtype in SHAPES:
     if dtype != jnp.bfloat16 or D % 64 or S % 128:  # what the kernel accepts
@@ -179,5 +179,33 @@ def test_mosaic_gpu_consumers_follow_m_and_every_candidate_fits(name):
     assert plan.config.consumers == (1 if B * T * G <= 64 else 2)
     mosaic = [p for p in pk.sweep("shared_attention", q, k, k, backend="gpu", target=tgt)
               if p.implementation == "mosaic_gpu"]
-    assert {p.config.consumers for p in mosaic} == {1, 2}
+    schedules = {(p.config.consumers, p.config.split_keys) for p in mosaic}
+    assert schedules - {(3, True)} == {(1, False), (2, False), (2, True)}  # 3: where it fits
     assert all(_fits(p, D, dtype, tgt) for p in mosaic)
+
+
+@pytest.mark.parametrize("B,schedule", [(1, (2, True)), (17, (2, True)), (32, (2, True)),
+                                        (33, (2, False))])
+def test_mosaic_gpu_float8_small_m_splits_the_keys(B, schedule):
+  """Float8 K/V with M <= 128: two consumers on the same 64 rows take alternate key tiles (one
+  consumer alone is limited by its own widening); an even ring, splits filling the chip."""
+  tgt = targets.target("h200")
+  q, k = _sds((B, 1, 32, 128)), _sds((1 << 20, 8, 128), jnp.float8_e4m3fn)
+  scales = dict(k_scale=_sds((8,), jnp.float32), v_scale=_sds((8,), jnp.float32))
+  c = pk.plan("shared_attention", q, k, k, implementation="mosaic_gpu", target=tgt,
+              **scales).config
+  assert (c.consumers, c.split_keys) == schedule
+  assert c.num_stages % 2 == 0 or not c.split_keys
+  assert 8 * math.ceil(B * 4 / c.rows_per_cta) * c.num_splits <= tgt.num_cores
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(consumers=1, split_keys=True, num_stages=2), "split_keys needs consumers 2 or 3"),
+    (dict(consumers=3, split_keys=False, num_stages=3), "consumers=3 needs split_keys"),
+    (dict(consumers=2, split_keys=True, num_stages=3), "a multiple of consumers=2, got 3"),
+    (dict(consumers=3, split_keys=True, num_stages=4), "a multiple of consumers=3, got 4"),
+    (dict(consumers=2, split_keys=1, num_stages=2), "split_keys must be True or False"),
+])
+def test_mosaic_gpu_split_keys_config_is_checked(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    pk.MosaicGpuSharedConfig(block_k=128, num_splits=4, **kwargs)

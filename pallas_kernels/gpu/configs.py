@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pallas_kernels.checks import (Config, at_least, knob, multiple_of, one_of, positive_int,
-                                   power_of_two)
+from pallas_kernels.checks import (Config, at_least, boolean, knob, multiple_of, one_of,
+                                   positive_int, power_of_two)
 
 _frozen = dataclasses.dataclass(frozen=True, kw_only=True)
 
@@ -61,14 +61,35 @@ class TritonUniqueConfig(Config):
 @_frozen
 class MosaicGpuSharedConfig(Config):
   """shared_attention on Mosaic GPU (Hopper): each CTA owns consumers x 64 query rows (one 64-row
-  wgmma consumer warpgroup for small M, a ping-pong pair for large M); block_k keys per TMA copy
-  (a multiple of 64: the (8, 64) shared-memory tiling), num_stages K/V slots in the
-  shared-memory ring (>= 2), num_splits CTAs along S per row tile."""
+  wgmma consumer warpgroup for small M, a ping-pong pair for large M), or, with split_keys, two
+  or three consumers share 64 rows and take turns over the key tiles (small M where one
+  consumer's chain of wgmma, softmax and float8 widening limits the rate, not HBM); block_k keys
+  per TMA copy (a multiple of 64: the (8, 64) shared-memory tiling), num_stages K/V slots in the
+  shared-memory ring (>= 2; a multiple of consumers with split_keys: each consumer owns its
+  slots), num_splits CTAs along S per row tile."""
 
   block_k: int = knob(multiple_of, 128, step=64)
   num_stages: int = knob(at_least, 2, minimum=2)
   num_splits: int = knob(positive_int, 1)
-  consumers: int = knob(one_of, 2, choices=(1, 2))
+  consumers: int = knob(one_of, 2, choices=(1, 2, 3))
+  split_keys: bool = knob(boolean, False)
+
+  def __post_init__(self):
+    super().__post_init__()
+    where = type(self).__name__
+    if (self.consumers == 1 and self.split_keys) or (self.consumers == 3 and not self.split_keys):
+      raise ValueError(f"{where}: split_keys needs consumers 2 or 3, and consumers=3 needs "
+                       f"split_keys; got consumers={self.consumers}, "
+                       f"split_keys={self.split_keys}")
+    if self.split_keys and self.num_stages % self.consumers:
+      raise ValueError(f"{where}: split_keys needs num_stages a multiple of consumers="
+                       f"{self.consumers}, got {self.num_stages}")
+
+  @property
+  def rows_per_cta(self) -> int:
+    """Query rows one CTA owns (`mosaic_attention.rows_per_cta`)."""
+    from pallas_kernels.gpu import mosaic_attention  # the kernel's tile, not a copy of it
+    return mosaic_attention.rows_per_cta(self.consumers, self.split_keys)
 
 
 @_frozen

@@ -1,19 +1,29 @@
 """Shared-KV attention for Hopper with Pallas Mosaic GPU: TMA loads, wgmma, warp specialization.
 
-Each CTA owns `consumers` x 64 folded query rows of one kv head and one split of S, and runs
+Each CTA owns 64 or 128 folded query rows of one kv head and one split of S, and runs
 consumers + 1 warpgroups: a producer that TMA-copies K/V tiles into a ring of shared-memory slots,
-and consumers that each multiply their 64 rows by every tile with wgmma and keep an online
-softmax. Two consumers (large M, compute-bound) take turns on the tensor cores (one does its
-softmax while the other multiplies), the FlashAttention-3 "ping-pong" schedule; one consumer
-(small M, bandwidth-bound: the split-S regime of flash decoding) multiplies half the padding rows
-two would and leaves more shared memory to the ring. Writes normalized partials (o in the input
-dtype, lse float32) per split.
+and consumers that multiply 64 rows by tiles with wgmma and keep an online softmax. Three
+schedules:
+- one consumer, 64 rows (small M, bandwidth-bound: the split-S regime of flash decoding): half
+  the padding rows two would multiply, more shared memory for the ring;
+- two consumers on 128 rows (large M, compute-bound), each multiplying its 64 rows by every tile
+  and taking turns on the tensor cores (one does its softmax while the other multiplies), the
+  FlashAttention-3 "ping-pong" schedule;
+- two or three consumers on the same 64 rows (`split_keys`: small M where one consumer's chain
+  of wgmma, softmax and float8 widening, not HBM, limits the rate), taking turns over the key
+  tiles and each writing its own partial, so that one's softmax and widening run under another's
+  wgmma.
+Writes normalized partials (o in the input dtype, lse float32) per split (per consumer with
+split_keys).
 
 Float8 K/V (one scale per kv head, folded in by the caller: `pallas_kernels.quant`) is copied by
 TMA as stored, half the bytes of bf16; each consumer widens a tile in registers to float16 (the
 conversion the hardware has: e4m3 / e5m2 -> f16x2) into its own staging tile, which wgmma reads,
-and frees the ring slot at once. The queries and P are float16 too (wgmma's operands share one
-type); o is returned in the queries' dtype.
+and frees the ring slot at once. K and V take turns in that one tile (reading QK^T's accumulator
+waits for its wgmma before V overwrites the tile; PV's wgmma is awaited before the next K), so
+staging costs one tile per consumer, which leaves room for a second and third consumer. The
+queries and P are float16 too (wgmma's operands share one type); o is returned in the queries'
+dtype.
 
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
 (`shared_attention_partials`) and the routed chunks of chunk_attention (`attention_over_ranges`:
@@ -35,12 +45,20 @@ from pallas_kernels.gpu import softmax
 from pallas_kernels.numerics import LOG2E
 
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile)
-CONSUMERS = (1, 2)  # consumer warpgroups per CTA: one (small M) or a ping-pong pair (large M)
+CONSUMERS = (1, 2, 3)  # consumer warpgroups per CTA; three only with split_keys
+PRODUCER_REGISTERS = 40  # per thread: the producer only issues TMA copies
 
 
-def rows_per_cta(consumers: int) -> int:
-  """Query rows one CTA owns: BLOCK_Q per consumer warpgroup."""
-  return consumers * BLOCK_Q
+def consumer_registers(consumers: int) -> int:
+  """Registers per consumer thread: what the producer leaves of the SM's 64K 32-bit registers,
+  in multiples of 8 (setmaxnreg), at most 232 (one or two consumers; 152 for three)."""
+  return min(232, (65536 // 128 - PRODUCER_REGISTERS) // consumers // 8 * 8)
+
+
+def rows_per_cta(consumers: int, split_keys: bool = False) -> int:
+  """Query rows one CTA owns: BLOCK_Q per consumer warpgroup, or BLOCK_Q when the consumers
+  split the keys."""
+  return BLOCK_Q if split_keys else consumers * BLOCK_Q
 
 
 def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
@@ -56,65 +74,79 @@ def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumer
 def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, consumers: int,
                     kv_itemsize: int | None = None) -> int:
   """Shared memory of one CTA: a q/o tile per consumer, the K and V rings (K/V as stored), a
-  float16 K and V staging tile per consumer when K/V are float8, lse rows, barriers (slack)."""
+  float16 staging tile per consumer when K/V are float8, lse rows, barriers (slack)."""
   kv_itemsize = kv_itemsize or itemsize
-  staging = 2 * consumers * block_k * D * 2 if kv_itemsize != itemsize else 0
+  staging = consumers * block_k * D * 2 if kv_itemsize != itemsize else 0
   return (consumers * BLOCK_Q * D * itemsize + 2 * num_stages * block_k * D * kv_itemsize
           + staging + 4096)
 
 
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                               kv_length: jax.Array, *, scale: float, block_k: int,
-                              num_splits: int, num_stages: int,
-                              consumers: int) -> tuple[jax.Array, jax.Array]:
-  """Partial attention of q_rows[Hkv, M, D] (M a multiple of rows_per_cta(consumers)) over
-  k, v[S, Hkv, D].
+                              num_splits: int, num_stages: int, consumers: int,
+                              split_keys: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of q_rows[Hkv, M, D] (M a multiple of rows_per_cta(consumers,
+  split_keys)) over k, v[S, Hkv, D].
 
-  Returns o[num_splits, Hkv, M, D] in q's dtype and lse[num_splits, Hkv, M] float32 (natural
-  log), a split with no valid key giving o = 0, lse = -inf.
+  Returns o[P, Hkv, M, D] in q's dtype and lse[P, Hkv, M] float32 (natural log), P = num_splits
+  (consumers * num_splits with split_keys), a partial with no valid key giving o = 0, lse = -inf.
   """
   Hkv, M, _ = q_rows.shape
   split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
   start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
   ranges = jnp.stack([start, jnp.minimum(start + split_len, kv_length)], axis=-1)
-  ranges = jnp.broadcast_to(ranges, (M // rows_per_cta(consumers), Hkv, num_splits, 2))
+  ranges = jnp.broadcast_to(ranges, (M // rows_per_cta(consumers, split_keys), Hkv,
+                                     num_splits, 2))
   return attention_over_ranges(q_rows, k, v, ranges, scale=scale, block_k=block_k,
                                num_stages=min(num_stages, split_len // block_k),
-                               consumers=consumers)
+                               consumers=consumers, split_keys=split_keys)
 
 
 def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
-                          scale: float, block_k: int, num_stages: int,
-                          consumers: int) -> tuple[jax.Array, jax.Array]:
-  """Attention of each tile of rows_per_cta(consumers) rows of q_rows[Hkv, M, D] over its own key
-  ranges.
+                          scale: float, block_k: int, num_stages: int, consumers: int,
+                          split_keys: bool = False) -> tuple[jax.Array, jax.Array]:
+  """Attention of each tile of R = rows_per_cta(consumers, split_keys) rows of q_rows[Hkv, M, D]
+  over its own key ranges.
 
   Args:
-    q_rows: [Hkv, M, D], M a multiple of R = rows_per_cta(consumers).
+    q_rows: [Hkv, M, D], M a multiple of R.
     k, v: [S, Hkv, D], S a multiple of block_k.
     ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
     consumers: consumer warpgroups per CTA (CONSUMERS).
+    split_keys: the consumers (2 or 3) share the CTA's 64 rows and take turns over the key tiles
+      of each range (num_stages is then rounded down to a multiple of `consumers`: each consumer
+      waits on its own ring slots), each writing its own partial.
 
   Returns:
-    o[P, Hkv, M, D] in q's dtype and lse[P, Hkv, M] float32; an empty range gives o = 0,
-    lse = -inf.
+    o[P', Hkv, M, D] in q's dtype and lse[P', Hkv, M] float32, P' = P (consumers * P with
+    split_keys: partial consumers * p + c is consumer c's part of range p); an empty range gives
+    o = 0, lse = -inf.
   """
   Hkv, M, D = q_rows.shape
   m_tiles, _, num_parts, _ = ranges.shape
   if consumers not in CONSUMERS:
     raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
-  rows, pair = rows_per_cta(consumers), consumers == 2
+  if (consumers == 1 and split_keys) or (consumers == 3 and not split_keys):
+    raise ValueError(f"split_keys needs consumers 2 or 3, and consumers=3 needs split_keys; got "
+                     f"consumers={consumers}, split_keys={split_keys}")
+  rows = rows_per_cta(consumers, split_keys)
+  pair = consumers == 2 and not split_keys  # the ping-pong pair
+  # Key tiles from one of a consumer's tiles to its next; the partials each range writes.
+  stride = parts_per_range = consumers if split_keys else 1
   out_dtype, fp8 = q_rows.dtype, quant.is_fp8(k.dtype)
   if fp8:  # wgmma's operands share one type: float16, what float8 widens to in hardware
     q_rows = q_rows.astype(jnp.float16)
   dtype = q_rows.dtype
   stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
+  if split_keys:  # consumer c reads the slots of tiles c, c + stride, ...: the same ones each lap
+    stages = max(stride, stages - stages % stride)
   scale_log2 = scale * LOG2E
 
   def body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
-    (q_smem, k_smem, v_smem, lse_smem, *staging), (k_full, v_full, q_full), (k_free, v_free), \
+    (q_smem, k_smem, v_smem, lse_smem, *fp8_smem), (k_full, v_full, q_full), (k_free, v_free), \
         turn = scoped
+    staging = fp8_smem[0] if fp8 else None
     mt, h, sp = lax.axis_index("m"), lax.axis_index("h"), lax.axis_index("split")
     wg = lax.axis_index("wg")
     at = ((mt * Hkv + h) * num_parts + sp) * 2
@@ -124,6 +156,11 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     n_keys = jnp.maximum(end - start, 0)
     steps = lax.div(n_keys + (block_k - 1), jnp.int32(block_k))
     full_steps = lax.div(n_keys, jnp.int32(block_k))
+    # This consumer's key tiles: first, first + stride, ... below steps (the last maybe partial).
+    first = wg if split_keys else jnp.int32(0)
+
+    def mine(n):  # how many of tiles [0, n) are this consumer's
+      return lax.div(jnp.maximum(n - first, 0) + (stride - 1), jnp.int32(stride))
 
     def take_turn():  # a ping-pong pair alternates on the tensor cores
       if pair:
@@ -132,16 +169,16 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
     @pl.when(wg < consumers)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(consumer_registers(consumers), action="increase")
       my_q = q_smem.at[wg]
-      row0 = mt * rows + wg * BLOCK_Q
+      row0 = mt * rows + (0 if split_keys else wg * BLOCK_Q)
 
-      def tile(ring, slot, free, which: int):
+      def tile(ring, slot, free):
         """The tile wgmma reads: the ring slot, or (float8) its float16 copy in this consumer's
         staging tile, the slot freed once read into registers."""
         if not fp8:
           return ring.at[slot]
-        stage = staging[which].at[wg]  # 0: K, 1: V
+        stage = staging.at[wg]
         wide = ring.at[slot][...].astype(dtype)
         plgpu.barrier_arrive(free.at[slot])
         stage[...] = wide
@@ -157,17 +194,18 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
           plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
       )
 
-      @pl.when(steps > 0)
+      @pl.when(first < steps)
       def _():
-        plgpu.barrier_wait(k_full.at[0])
+        plgpu.barrier_wait(k_full.at[first])
 
       if pair:  # the second consumer waits for the first one's first QK^T
         pl.when(wg == 1)(take_turn)
 
-      def step(i, carry, masked: bool):
+      def step(j, carry, masked: bool):
+        i = first + j * stride
         slot = lax.rem(i, jnp.int32(stages))
 
-        k_tile = tile(k_smem, slot, k_free, 0)
+        k_tile = tile(k_smem, slot, k_free)
 
         def qk_scope(acc_ref):
           plgpu.wgmma(acc_ref, my_q, k_tile.transpose((1, 0)))
@@ -193,22 +231,24 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         if pair:
           plgpu.barrier_wait(turn)
 
-        v_tile = tile(v_smem, slot, v_free, 1)
+        v_tile = tile(v_smem, slot, v_free)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p_in, v_tile)
 
-          @pl.when(i + 1 < steps)
+          @pl.when(i + stride < steps)
           def _():
-            plgpu.barrier_wait(k_full.at[lax.rem(i + 1, jnp.int32(stages))])
+            plgpu.barrier_wait(k_full.at[lax.rem(i + stride, jnp.int32(stages))])
 
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         if not fp8:
           plgpu.barrier_arrive(v_free.at[slot])
         return acc, m, l
 
-      carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), carry)
-      acc, m, l = lax.fori_loop(full_steps, steps, functools.partial(step, masked=True), carry)
+      my_full = mine(full_steps)
+      carry = lax.fori_loop(0, my_full, functools.partial(step, masked=False), carry)
+      acc, m, l = lax.fori_loop(my_full, mine(steps), functools.partial(step, masked=True),
+                                carry)
       if pair:
         pl.when(wg == 0)(take_turn)
 
@@ -216,13 +256,14 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       my_q[...] = o.astype(dtype)  # the q tile is dead: reuse its slot for o
       lse_smem.at[wg][...] = lse
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(my_q, o_gmem.at[sp, h, pl.ds(row0, BLOCK_Q)])
-      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[sp, h, pl.ds(row0, BLOCK_Q)])
+      part = sp * parts_per_range + (wg if split_keys else 0)
+      plgpu.copy_smem_to_gmem(my_q, o_gmem.at[part, h, pl.ds(row0, BLOCK_Q)])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_gmem.at[part, h, pl.ds(row0, BLOCK_Q)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == consumers)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
       def load(i, slot):
         rows = pl.ds(start + i * block_k, block_k)
@@ -250,22 +291,23 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         plgpu.SMEM((stages, block_k, D), v.dtype, transforms=kv_transforms),
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
     ]
-    if fp8:  # the float16 K and V tiles of each consumer
-      smem += [plgpu.SMEM((consumers, block_k, D), dtype, transforms=transforms)] * 2
+    if fp8:  # each consumer's float16 staging tile
+      smem.append(plgpu.SMEM((consumers, block_k, D), dtype, transforms=transforms))
     pl.run_scoped(
         lambda *scoped: body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
         smem,
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
          plgpu.Barrier(num_barriers=consumers)),
-        (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
+        # a slot is free once each consumer that reads it has
+        (plgpu.Barrier(num_arrivals=1 if split_keys else consumers, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=consumers),
         collective_axes="wg",
     )
 
   o, lse = plgpu.kernel(
       entry,
-      out_type=[jax.ShapeDtypeStruct((num_parts, Hkv, M, D), dtype),
-                jax.ShapeDtypeStruct((num_parts, Hkv, M), jnp.float32)],
+      out_type=[jax.ShapeDtypeStruct((num_parts * parts_per_range, Hkv, M, D), dtype),
+                jax.ShapeDtypeStruct((num_parts * parts_per_range, Hkv, M), jnp.float32)],
       grid=(m_tiles, Hkv, num_parts),
       grid_names=("m", "h", "split"),
       num_threads=consumers + 1,
