@@ -29,7 +29,8 @@ flags.DEFINE_integer("fp8_unique", 4096, "fp8: unique tokens U per request (uniq
 flags.DEFINE_integer("fp8_page", 64, "fp8: page size of the unique cache.")
 flags.DEFINE_string("fp8_dtype", "float8_e4m3fn", "fp8: the stored K/V dtype.")
 flags.DEFINE_boolean("fp8_sweep", False, "fp8: also time the FP8 call's sweep candidates and "
-                     "Triton tilings with 128 / 256-key tiles and 3 / 4 stages.")
+                     "Triton tilings with 128 / 256-key tiles and 3 / 4 stages (each one's time "
+                     "in fp8_sweep.md).")
 FLAGS = flags.FLAGS
 
 
@@ -94,6 +95,8 @@ def main() -> None:
   bench = harness.Bench()
   table = bench.table("fp8", "fp8: float8 K/V against bf16 K/V and the roofline floors",
                       keys=("op", "B"))
+  swept = bench.table("fp8_sweep", "fp8: every sweep candidate of the float8 K/V call",
+                      keys=("op", "B", "plan"))
   key = jax.random.key(FLAGS.seed)
   fp8_itemsize = jnp.dtype(FLAGS.fp8_dtype).itemsize
   for op in FLAGS.fp8_ops:
@@ -110,14 +113,16 @@ def main() -> None:
       t8, err8 = harness.time_or_error(lambda *a: fn(*a, k_scale=ks, v_scale=vs), q, k8, v8,
                                        *extra)
       plan8 = pk.plan(op, q, k8, v8, *extra, backend=FLAGS.backend, k_scale=ks, v_scale=vs)
-      best8, best_plan = t8, plan8
-      for p in _sweep(op, (q, k8, v8, *extra), ks, vs) if FLAGS.fp8_sweep else ():
-        t, _ = harness.time_or_error(harness.jit_plan(p, k_scale=ks, v_scale=vs), q, k8, v8,
-                                     *extra)
-        if t < best8:
-          best8, best_plan = t, p
       floor16 = bench.ceilings.floor_s(flops, elements * jnp.dtype(FLAGS.dtype).itemsize)
       floor8 = bench.ceilings.floor_s(flops, elements * fp8_itemsize)
+      best8, best_plan = t8, plan8
+      for p in _sweep(op, (q, k8, v8, *extra), ks, vs) if FLAGS.fp8_sweep else ():
+        t, err = harness.time_or_error(harness.jit_plan(p, k_scale=ks, v_scale=vs), q, k8, v8,
+                                       *extra)
+        swept.add(op=op, B=B, plan=plan_note(p), ms=t * 1e3, x_floor=t / floor8,
+                  x_default=t / t8, note=err)
+        if t < best8:
+          best8, best_plan = t, p
       table.add(op=op, B=B, bf16_ms=t16 * 1e3, fp8_ms=t8 * 1e3, fp8_speedup=t16 / t8,
                 bf16_x_floor=t16 / floor16, fp8_x_floor=t8 / floor8,
                 fp8_floor_ms=floor8 * 1e3, fp8_tbps=elements * fp8_itemsize / t8 / 1e12,
@@ -129,6 +134,10 @@ def main() -> None:
   bench.env["sizes"] = (f"S={FLAGS.fp8_shared} (shared_attention), U={FLAGS.fp8_unique} per "
                         f"request in pages of {FLAGS.fp8_page} (unique_attention), "
                         f"{FLAGS.fp8_dtype} with one scale per kv head")
+  if swept.rows:
+    swept.write(notes="Each candidate of the float8 call's sweep (the default plan is fp8.md's "
+                      "fp8_ms); x_floor as in fp8.md, x_default = time / the default plan's.",
+                show=False)
   table.write(notes="x_floor = time / max(K/V bytes / read BW, FLOPs / bf16 matmul rate), the "
                     "bytes at each run's itemsize. fp8_speedup = bf16 time / fp8 time. "
                     "kernel_rel_err: FP8 kernel vs a float32 reference on the dequantized K/V; "
