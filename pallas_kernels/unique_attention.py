@@ -8,7 +8,8 @@ request's pages across programs (flash decoding) when there are few requests, me
 states by log-sum-exp. `write_pages` appends new tokens to the pages (in place when the caller
 donates the pool).
 
-Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".
+Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper: pages by TMA,
+wgmma; T * G <= 64; asked for by name: "auto" keeps Triton until it is measured), "mosaic_tpu".
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import checks, dispatch, layout, quant, targets
 from pallas_kernels.dispatch import Implementation, Partials
-from pallas_kernels.gpu import triton_unique
+from pallas_kernels.gpu import mosaic_attention, triton_unique
 from pallas_kernels.gpu import tuning as gpu_tuning
-from pallas_kernels.gpu.configs import TritonUniqueConfig
+from pallas_kernels.gpu.configs import MosaicGpuUniqueConfig, TritonUniqueConfig
 from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import unique_attention_ref
 from pallas_kernels.tpu import mosaic_unique
@@ -82,6 +83,16 @@ def _run_triton(p: UniqueProblem, c: TritonUniqueConfig, interpret):
   return _partials(p, o, lse)
 
 
+def _run_mosaic_gpu(p: UniqueProblem, c: MosaicGpuUniqueConfig, interpret):
+  del interpret
+  args = _kernel_args(p, mosaic_attention.BLOCK_Q)
+  o, lse = mosaic_attention.unique_attention_partials(
+      *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
+      block_k=c.block_k, num_splits=c.num_splits, num_stages=c.num_stages,
+      consumers=c.consumers, split_keys=c.split_keys)
+  return _partials(p, o, lse)
+
+
 def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
   args = _kernel_args(p, tpu_tuning.unique_rows(p.dims.T, p.dims.G))
   o, lse = mosaic_unique.unique_attention_partials(
@@ -102,6 +113,16 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
                                                                     p.dtype, t),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(
             p.dims, p.page_size, p.dtype, c, t)),
+    "mosaic_gpu": Implementation(
+        "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuUniqueConfig,
+        default_config=lambda p, t: gpu_tuning.mosaic_unique(p.dims, p.page_size, p.dtype, t,
+                                                             kv_dtype=p.k_pages.dtype),
+        candidates=lambda p, t: gpu_tuning.mosaic_unique_candidates(
+            p.dims, p.page_size, p.dtype, t, kv_dtype=p.k_pages.dtype),
+        unsupported=lambda p, c, t, i: gpu_tuning.mosaic_unsupported(
+            p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k_pages.dtype,
+            consumers=c.consumers, page_size=p.page_size),
+        interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuUniqueConfig,
         default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, t),
@@ -125,7 +146,8 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     k_pages, v_pages: [P, page_size, Hkv, D] one pool of pages shared by all requests.
     block_tables: [B, max_pages] int page ids of each request in order. The first
       ceil(lengths[b] / page_size) entries of row b are its live pages and must lie in [0, P);
-      entries past them are never read and may hold anything. A concrete table with a live id
+      entries past them may hold anything (never read, but by "mosaic_gpu" within the tile
+      holding a request's last token: see Returns). A concrete table with a live id
       out of range is refused; under jit (traced tables or lengths) it is not seen: the XLA and
       Mosaic TPU implementations clamp the id into [0, P) and read that page (possibly another
       request's), the Triton kernel reads outside the pool (undefined values, or a fault).
@@ -141,7 +163,10 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
     (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
-    page, pages it does not own) are never read: NaN or inf there reaches no output.
+    page, pages it does not own) are never read: NaN or inf there reaches no output. Except
+    with "mosaic_gpu": it reads the key tile holding a request's last token whole (the pages
+    its table names there, ids clamped into the pool) and weighs the slots past the
+    length by 0, so they must be finite (0 * NaN is NaN); pools that start as zeros are.
   """
   return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
                        dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale),

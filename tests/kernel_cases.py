@@ -117,10 +117,14 @@ def shared_inputs(seed: int, B, T, G, Hkv, D, S, dtype):
 
 
 def paged_inputs(seed: int, T, G, Hkv, D, page_size, lengths, dtype, poison=True):
-  """Random queries and a shuffled, NaN-poisoned page pool holding each request's `lengths`.
+  """Random queries and a shuffled, poisoned page pool holding each request's `lengths`.
 
-  Every slot no request owns (spare pages, the tail of each request's last page) holds NaN, and
-  block-table entries past each request's pages are junk ids (negative or past the pool).
+  Every slot no request owns (spare pages, the tail of each request's last page) holds NaN
+  (poison=True), or 8: finite, for a kernel that reads the whole tile holding a request's last
+  token and weighs the slots past it by 0 (poison="finite": mosaic_gpu), yet far enough from
+  the random keys and values that any weight on them shows (and small enough not to set a
+  float8 scale); block-table entries past each request's pages are junk ids (negative or past
+  the pool).
   """
   rng = np.random.default_rng(seed)
   B = len(lengths)
@@ -136,7 +140,7 @@ def paged_inputs(seed: int, T, G, Hkv, D, page_size, lengths, dtype, poison=True
       owned[page, :min(page_size, n - i * page_size)] = True
   kv = rng.standard_normal((2, P, page_size, Hkv, D)).astype(np.float32)
   if poison:
-    kv[:, ~owned] = np.nan
+    kv[:, ~owned] = 8.0 if poison == "finite" else np.nan
   q = random_normal(rng, (B, T, G * Hkv, D), dtype)
   k_pages, v_pages = (jnp.asarray(x).astype(dtype) for x in kv)
   return q, k_pages, v_pages, jnp.asarray(tables, jnp.int32), jnp.asarray(lengths, jnp.int32)

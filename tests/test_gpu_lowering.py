@@ -57,3 +57,20 @@ def test_shared_attention_split_keys_lowers(D, consumers, num_stages, kv_dtype):
 def test_chunk_attention_lowers():
   q, kv = _sds((64, 1, 32, 128), "bfloat16"), _sds((8192, 8, 128), "bfloat16")
   _lower("chunk_attention", (q, kv, kv, _sds((64, 8, 2), jnp.int32)), chunk_size=1024)
+
+
+@pytest.mark.parametrize("T,G,page_size,kv_dtype", [
+    (1, 4, 16, "bfloat16"),  # four pages per 64-key tile
+    (4, 8, 128, "bfloat16"),  # one tile = part of a page; causal over the 4 newest tokens
+    (1, 8, 64, "float8_e4m3fn"),  # two consumers taking turns over the tiles
+])
+def test_unique_attention_lowers(T, G, page_size, kv_dtype):
+  B, Hkv, D, pages = 3, 2, 128, 5
+  q = _sds((B, T, G * Hkv, D), "bfloat16")
+  pool = _sds((B * pages + 1, page_size, Hkv, D), kv_dtype)
+  args = (q, pool, pool, _sds((B, pages), jnp.int32), _sds((B,), jnp.int32))
+  scales = {}
+  if kv_dtype != "bfloat16":
+    scales = dict(k_scale=jnp.full((Hkv,), 0.01), v_scale=jnp.full((Hkv,), 0.02))
+  plan = _lower("unique_attention", args, **scales)
+  assert plan.config.split_keys == (kv_dtype != "bfloat16")

@@ -209,3 +209,37 @@ def test_mosaic_gpu_float8_small_m_splits_the_keys(B, schedule):
 def test_mosaic_gpu_split_keys_config_is_checked(kwargs, match):
   with pytest.raises(ValueError, match=match):
     pk.MosaicGpuSharedConfig(block_k=128, num_splits=4, **kwargs)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 64, 256])
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
+def test_mosaic_gpu_unique_plans_fit_and_refuse_what_they_cannot_run(page_size, kv_dtype):
+  """Mosaic GPU unique attention on Hopper: the default and every candidate fit shared memory
+  and tile whole pages or one page's part; more than 64 rows per request, or pages of 24 keys,
+  are refused with the reason."""
+  tgt = targets.target("h200")
+  B, Hkv, D, pages = 64, 8, 128, 4096 // page_size
+  pool = _sds((B * pages, page_size, Hkv, D), kv_dtype)
+  tables, lengths = _sds((B, pages), jnp.int32), _sds((B,), jnp.int32)
+  scales = {}
+  if kv_dtype != jnp.bfloat16:
+    scales = dict(k_scale=_sds((Hkv,), jnp.float32), v_scale=_sds((Hkv,), jnp.float32))
+  args = (_sds((B, 1, 4 * Hkv, D)), pool, pool, tables, lengths)
+  plan = pk.plan("unique_attention", *args, implementation="mosaic_gpu", target=tgt, **scales)
+  assert plan.config.split_keys == (kv_dtype != jnp.bfloat16)
+  plans = [p for p in pk.sweep("unique_attention", *args, backend="gpu", target=tgt, **scales)
+           if p.implementation == "mosaic_gpu"]
+  assert plan in plans and len(plans) > 4
+  for p in plans:
+    c = p.config
+    assert c.block_k % page_size == 0 or page_size % c.block_k == 0
+    assert mosaic_attention.smem_bytes_used(
+        D, c.block_k, 2, num_stages=c.num_stages, consumers=c.consumers,
+        kv_itemsize=jnp.dtype(kv_dtype).itemsize) <= tgt.smem_per_block
+  with pytest.raises(ValueError, match="T \\* G query rows to fit one 64-row tile"):
+    pk.plan("unique_attention", _sds((B, 2, 40 * Hkv, D)), *args[1:],
+            implementation="mosaic_gpu", target=tgt, **scales)
+  bad_pool = _sds((B * pages, 24, Hkv, D), kv_dtype)
+  with pytest.raises(ValueError, match="page_size a multiple of 8 that divides"):
+    pk.plan("unique_attention", args[0], bad_pool, bad_pool, tables, lengths,
+            implementation="mosaic_gpu", target=tgt, **scales)

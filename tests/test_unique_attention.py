@@ -49,7 +49,9 @@ def _case_id(c):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_f64(implementation, interpret, case):
   *shape, dtype = case
-  inputs = kc.paged_inputs(CASES.index(case), *shape, dtype)
+  inputs = kc.paged_inputs(CASES.index(case), *shape, dtype,
+                           poison="finite" if implementation == "mosaic_gpu" else True)
+  kc.plan_or_skip(OP, *inputs, implementation=implementation, interpret=interpret)
   o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=interpret)
   _check(o, lse, inputs, dtype)
 
@@ -92,14 +94,35 @@ def test_default_tiling_splits_on_poisoned_pool(implementation, T):
   _check(o, lse, inputs, jnp.float32)
 
 
-@pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("page_size", [16, 64])
+@pytest.mark.parametrize("implementation", [
+    pytest.param("triton", marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
+    pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))])
+@pytest.mark.parametrize("page_size", [16, 64, 256])
 @pytest.mark.parametrize("T", [1, 4])
-def test_compiled_gpu_llama_heads(page_size, T):
-  """The default Triton tiling as compiled, Llama-3.1-8B heads, ragged lengths."""
+def test_compiled_gpu_llama_heads(implementation, page_size, T):
+  """The default tiling as compiled, Llama-3.1-8B heads, ragged lengths (pages of 16 and 64:
+  several per Mosaic GPU tile; of 256: a tile is part of a page)."""
   lengths = (0, 1, page_size, 3000, 4096, 777, 2 * page_size + 5, 4000)
-  inputs = kc.paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16)
-  o, lse = kc.run(unique_attention, *inputs, implementation="triton", interpret=False)
+  inputs = kc.paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16,
+                           poison="finite" if implementation == "mosaic_gpu" else True)
+  o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=False)
+  _check(o, lse, inputs, jnp.bfloat16)
+
+
+@pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
+@pytest.mark.parametrize("config", [
+    pk.MosaicGpuUniqueConfig(block_k=64, num_stages=2, num_splits=5),
+    pk.MosaicGpuUniqueConfig(block_k=128, num_stages=4, num_splits=2, consumers=2,
+                             split_keys=True),
+    pk.MosaicGpuUniqueConfig(block_k=64, num_stages=3, num_splits=1, consumers=3,
+                             split_keys=True)])
+def test_compiled_mosaic_gpu_configs(config):
+  """Explicit Mosaic GPU tilings: more splits than a request has tiles, consumers taking turns
+  over the tiles, T = 4 causal rows, a request of one token."""
+  inputs = kc.paged_inputs(77, 4, 8, 2, 128, 16, (0, 1, 300, 64, 1000), jnp.bfloat16,
+                           poison="finite")
+  o, lse = kc.run(unique_attention, *inputs, implementation="mosaic_gpu", interpret=False,
+                  config=config)
   _check(o, lse, inputs, jnp.bfloat16)
 
 

@@ -59,14 +59,14 @@ class TritonUniqueConfig(Config):
 
 
 @_frozen
-class MosaicGpuSharedConfig(Config):
-  """shared_attention on Mosaic GPU (Hopper): each CTA owns consumers x 64 query rows (one 64-row
-  wgmma consumer warpgroup for small M, a ping-pong pair for large M), or, with split_keys, two
-  or three consumers share 64 rows and take turns over the key tiles (small M where one
-  consumer's chain of wgmma, softmax and float8 widening limits the rate, not HBM); block_k keys
-  per TMA copy (a multiple of 64: the (8, 64) shared-memory tiling), num_stages K/V slots in the
+class _MosaicGpuAttentionConfig(Config):
+  """The knobs of the Mosaic GPU attention kernel (`gpu.mosaic_attention`): block_k keys per TMA
+  tile (a multiple of 64: the (8, 64) shared-memory tiling), num_stages K/V slots in the
   shared-memory ring (>= 2; a multiple of consumers with split_keys: each consumer owns its
-  slots), num_splits CTAs along S per row tile."""
+  slots), num_splits CTAs along the keys per row tile, consumers (1-3 warpgroups) and
+  split_keys (the consumers share 64 rows and take turns over the key tiles, each writing its
+  own partial: small M where one consumer's chain of wgmma, softmax and float8 widening, not
+  HBM, limits the rate)."""
 
   block_k: int = knob(multiple_of, 128, step=64)
   num_stages: int = knob(at_least, 2, minimum=2)
@@ -90,6 +90,30 @@ class MosaicGpuSharedConfig(Config):
     """Query rows one CTA owns (`mosaic_attention.rows_per_cta`)."""
     from pallas_kernels.gpu import mosaic_attention  # the kernel's tile, not a copy of it
     return mosaic_attention.rows_per_cta(self.consumers, self.split_keys)
+
+
+@_frozen
+class MosaicGpuSharedConfig(_MosaicGpuAttentionConfig):
+  """shared_attention on Mosaic GPU (Hopper): each CTA owns consumers x 64 query rows (one 64-row
+  consumer warpgroup for small M, a ping-pong pair for large M), or 64 rows shared by two or
+  three consumers with split_keys; S split in num_splits CTAs per row tile. Knobs:
+  `_MosaicGpuAttentionConfig`."""
+
+
+@_frozen
+class MosaicGpuUniqueConfig(_MosaicGpuAttentionConfig):
+  """unique_attention on Mosaic GPU (Hopper): one CTA per (request, kv head, split of its
+  tokens) owning the request's T * G query rows (at most 64): one consumer, or two / three
+  taking turns over the key tiles (split_keys); a tile is whole pages (or part of one page), by
+  one TMA copy each. Knobs: `_MosaicGpuAttentionConfig` (no ping-pong pair: 64 rows)."""
+
+  consumers: int = knob(one_of, 1, choices=(1, 2, 3))
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.consumers == 2 and not self.split_keys:
+      raise ValueError(f"{type(self).__name__}: two consumers need split_keys (a request's rows "
+                       f"fill one 64-row tile)")
 
 
 @_frozen

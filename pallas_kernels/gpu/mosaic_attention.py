@@ -26,13 +26,16 @@ queries and P are float16 too (wgmma's operands share one type); o is returned i
 dtype.
 
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
-(`shared_attention_partials`) and the routed chunks of chunk_attention (`attention_over_ranges`:
-one CTA per (tile of grouped query rows, chunk)).
+(`shared_attention_partials`), the routed chunks of chunk_attention (`attention_over_ranges`:
+one CTA per (tile of grouped query rows, chunk)) and, with its keys gathered page by page
+(`Paged`: one TMA copy per page of a tile, a request's T * G rows per CTA, causal over its T
+newest tokens), each request's own pages in unique attention (`unique_attention_partials`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +62,20 @@ def rows_per_cta(consumers: int, split_keys: bool = False) -> int:
   """Query rows one CTA owns: BLOCK_Q per consumer warpgroup, or BLOCK_Q when the consumers
   split the keys."""
   return BLOCK_Q if split_keys else consumers * BLOCK_Q
+
+
+class Paged(NamedTuple):
+  """Keys gathered from pages: k, v are pools [P, page_size, Hkv, D], row tile m (64 rows) is
+  request m's T * G query rows (row = t * G + g), and range positions are token positions in its
+  pages. Query t of request b attends causally: to positions < lengths[b] - T + 1 + t. The
+  tile holding a request's last token is read whole, from the pages its table names there:
+  their keys get no weight, but they must be finite (0 * NaN is NaN)."""
+
+  tables: jax.Array  # [B, max_pages] int32 page ids
+  lengths: jax.Array  # [B] int32 tokens of each request
+  page_size: int  # a multiple of 8 (the shared-memory tiling's rows)
+  T: int
+  G: int
 
 
 def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
@@ -102,21 +119,50 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                                consumers=consumers, split_keys=split_keys)
 
 
+def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                              block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
+                              scale: float, block_k: int, num_splits: int, num_stages: int,
+                              consumers: int, split_keys: bool) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of each request's rows q_rows[Hkv, B, 64, D] (T * G rows, then padding)
+  over its own pages of k_pages, v_pages[P, page_size, Hkv, D] (`Paged`), its tokens split in
+  num_splits ranges of whole tiles.
+
+  Returns o[P', Hkv, B, 64, D] in q's dtype and lse[P', Hkv, B, 64] float32 (P' as for
+  `attention_over_ranges`); rows past T * G hold padding.
+  """
+  Hkv, B, rows, D = q_rows.shape
+  page_size, max_pages = k_pages.shape[1], block_tables.shape[1]
+  split_len = pl.cdiv(pl.cdiv(max_pages * page_size, num_splits), block_k) * block_k
+  start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
+  ranges = jnp.stack([jnp.broadcast_to(start, (B, num_splits)),
+                      jnp.minimum(start + split_len, lengths[:, None])], axis=-1)
+  ranges = jnp.broadcast_to(ranges[:, None], (B, Hkv, num_splits, 2))
+  paged = Paged(block_tables, lengths, page_size, T, G)
+  o, lse = attention_over_ranges(q_rows.reshape(Hkv, B * rows, D), k_pages, v_pages, ranges,
+                                 scale=scale, block_k=block_k,
+                                 num_stages=min(num_stages, split_len // block_k),
+                                 consumers=consumers, split_keys=split_keys, paged=paged)
+  return o.reshape(-1, Hkv, B, rows, D), lse.reshape(-1, Hkv, B, rows)
+
+
 def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
                           scale: float, block_k: int, num_stages: int, consumers: int,
-                          split_keys: bool = False) -> tuple[jax.Array, jax.Array]:
+                          split_keys: bool = False,
+                          paged: Paged | None = None) -> tuple[jax.Array, jax.Array]:
   """Attention of each tile of R = rows_per_cta(consumers, split_keys) rows of q_rows[Hkv, M, D]
   over its own key ranges.
 
   Args:
     q_rows: [Hkv, M, D], M a multiple of R.
-    k, v: [S, Hkv, D], S a multiple of block_k.
+    k, v: [S, Hkv, D], S a multiple of block_k; or pools of pages with `paged`.
     ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
     consumers: consumer warpgroups per CTA (CONSUMERS).
     split_keys: the consumers (2 or 3) share the CTA's 64 rows and take turns over the key tiles
       of each range (num_stages is then rounded down to a multiple of `consumers`: each consumer
       waits on its own ring slots), each writing its own partial.
+    paged: the keys come from pages (`Paged`; needs 64-row CTAs: not the ping-pong pair, and
+      block_k a multiple or a divisor of page_size).
 
   Returns:
     o[P', Hkv, M, D] in q's dtype and lse[P', Hkv, M] float32, P' = P (consumers * P with
@@ -132,6 +178,15 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
                      f"consumers={consumers}, split_keys={split_keys}")
   rows = rows_per_cta(consumers, split_keys)
   pair = consumers == 2 and not split_keys  # the ping-pong pair
+  if paged is not None:
+    if rows != BLOCK_Q:
+      raise ValueError("paged keys need 64-row CTAs (one consumer or split_keys)")
+    if paged.page_size % 8 or (block_k % paged.page_size and paged.page_size % block_k):
+      raise ValueError(f"paged keys need page_size a multiple of 8 that divides or is divided "
+                       f"by block_k={block_k}, got page_size={paged.page_size}")
+  # TMA copies per tile: whole pages, or one part of a page
+  copies = 1 if paged is None else max(1, block_k // paged.page_size)
+  causal = paged is not None and paged.T > 1  # rows see different numbers of keys
   # Key tiles from one of a consumer's tiles to its next; the partials each range writes.
   stride = parts_per_range = consumers if split_keys else 1
   out_dtype, fp8 = q_rows.dtype, quant.is_fp8(k.dtype)
@@ -143,7 +198,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     stages = max(stride, stages - stages % stride)
   scale_log2 = scale * LOG2E
 
-  def body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped):
+  def body(gmem, scoped):
+    ranges_gmem, q_gmem, k_gmem, v_gmem, *page_gmem, o_gmem, lse_gmem = gmem
     (q_smem, k_smem, v_smem, lse_smem, *fp8_smem), (k_full, v_full, q_full), (k_free, v_free), \
         turn = scoped
     staging = fp8_smem[0] if fp8 else None
@@ -155,7 +211,11 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     start, end = pl.multiple_of(ranges_gmem[at], block_k), ranges_gmem[at + 1]
     n_keys = jnp.maximum(end - start, 0)
     steps = lax.div(n_keys + (block_k - 1), jnp.int32(block_k))
-    full_steps = lax.div(n_keys, jnp.int32(block_k))
+    if causal:  # tiles wholly before the newest T - 1 positions need no mask
+      limit = page_gmem[1][mt] - (paged.T - 1)  # row t sees positions < limit + t
+      full_steps = lax.div(jnp.maximum(jnp.minimum(end, limit) - start, 0), jnp.int32(block_k))
+    else:
+      full_steps = lax.div(n_keys, jnp.int32(block_k))
     # This consumer's key tiles: first, first + stride, ... below steps (the last maybe partial).
     first = wg if split_keys else jnp.int32(0)
 
@@ -219,10 +279,16 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         if masked:  # only the last, partial tile of a split needs a key mask
           cols = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_k), 1,
                                         layout=plgpu.Layout.WGMMA)
-          mask = cols + (start + i * block_k) < end
+          row_end = end
+          if causal:
+            t = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, block_k), 0,
+                                       layout=plgpu.Layout.WGMMA) // paged.G
+            row_end = jnp.minimum(end, limit + t)
+          mask = cols + (start + i * block_k) < row_end
         if mask is not None:
           qk = jnp.where(mask, qk, -jnp.inf)
-        p, (acc, m, l) = softmax.step(carry, qk, scale_log2=scale_log2)
+        p, (acc, m, l) = softmax.step(carry, qk, scale_log2=scale_log2,
+                                      rows_may_be_empty=causal)
         p_in = p.astype(dtype)
         acc, m, l, p_in = lax.optimization_barrier((acc, m, l, p_in))
         if pair:
@@ -266,9 +332,24 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
       def load(i, slot):
-        rows = pl.ds(start + i * block_k, block_k)
-        plgpu.copy_gmem_to_smem(k_gmem.at[rows, h], k_smem.at[slot], k_full.at[slot])
-        plgpu.copy_gmem_to_smem(v_gmem.at[rows, h], v_smem.at[slot], v_full.at[slot])
+        key0 = start + i * block_k
+        if paged is None:
+          rows = pl.ds(key0, block_k)
+          plgpu.copy_gmem_to_smem(k_gmem.at[rows, h], k_smem.at[slot], k_full.at[slot])
+          plgpu.copy_gmem_to_smem(v_gmem.at[rows, h], v_smem.at[slot], v_full.at[slot])
+          return
+        # Each page of the tile (or the tile's part of one page) by its id in the table. The
+        # last tile may run past a request's live pages (those keys are masked): the entry stays
+        # in its row and the id, junk there, in the pool.
+        size, max_pages = min(block_k, paged.page_size), paged.tables.shape[1]
+        for c in range(copies):
+          pos = key0 + c * size
+          entry = jnp.minimum(lax.div(pos, paged.page_size), max_pages - 1)
+          page = jnp.clip(page_gmem[0][mt * max_pages + entry], 0, k.shape[0] - 1)
+          src = (page, pl.ds(lax.rem(pos, paged.page_size), size), h)
+          dst = pl.ds(c * size, size)
+          plgpu.copy_gmem_to_smem(k_gmem.at[src], k_smem.at[slot, dst], k_full.at[slot])
+          plgpu.copy_gmem_to_smem(v_gmem.at[src], v_smem.at[slot, dst], v_full.at[slot])
 
       for i in range(stages):
         pl.when(i < steps)(functools.partial(load, i, i))
@@ -280,7 +361,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         plgpu.barrier_wait(v_free.at[slot])
         load(i + stages, slot)
 
-  def entry(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem):
+  def entry(*gmem):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     # 128-byte swizzled rows: 64 elements of 2 bytes, 128 of float8
     kv_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128)) if fp8 else (
@@ -294,10 +375,11 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     if fp8:  # each consumer's float16 staging tile
       smem.append(plgpu.SMEM((consumers, block_k, D), dtype, transforms=transforms))
     pl.run_scoped(
-        lambda *scoped: body(ranges_gmem, q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, scoped),
+        lambda *scoped: body(gmem, scoped),
         smem,
-        (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-         plgpu.Barrier(num_barriers=consumers)),
+        # a slot is full once each of its copies has landed
+        (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),) * 2
+        + (plgpu.Barrier(num_barriers=consumers),),
         # a slot is free once each consumer that reads it has
         (plgpu.Barrier(num_arrivals=1 if split_keys else consumers, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=consumers),
@@ -313,5 +395,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
       num_threads=consumers + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(ranges.astype(jnp.int32).reshape(-1), q_rows, k, v)
+  )(ranges.astype(jnp.int32).reshape(-1), q_rows, k, v,
+    *(() if paged is None else (paged.tables.astype(jnp.int32).reshape(-1),
+                                paged.lengths.astype(jnp.int32))))
   return o.astype(out_dtype), lse

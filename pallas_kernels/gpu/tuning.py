@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from pallas_kernels import quant
 from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        TritonChunkConfig, TritonScoresConfig, TritonSharedConfig,
-                                        TritonUniqueConfig)
+                                        MosaicGpuUniqueConfig, TritonChunkConfig,
+                                        TritonScoresConfig, TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import GpuTarget
 
@@ -101,10 +101,11 @@ def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
 
 
 def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
-                       target: GpuTarget, interpret: bool, *, kv_dtype,
-                       consumers: int) -> str | None:
-  """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`)
-  with this tiling and this many consumer warpgroups, or None."""
+                       target: GpuTarget, interpret: bool, *, kv_dtype, consumers: int,
+                       page_size: int | None = None) -> str | None:
+  """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`,
+  in pages of `page_size` for unique attention) with this tiling and this many consumer
+  warpgroups, or None."""
   if interpret:
     return "it has no interpret mode"
   if not target.is_hopper:
@@ -118,8 +119,15 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   if dims.D % (128 if fp8 else 64) or dims.D > 256:
     return (f"it needs head_dim D a multiple of {128 if fp8 else 64} up to 256"
             f"{' with float8 K/V (128-byte rows)' if fp8 else ''}, got D={dims.D}")
-  if dims.S % block_k:
+  if page_size is None and dims.S % block_k:
     return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
+  if page_size is not None:
+    if dims.T * dims.G > mosaic_attention.BLOCK_Q:
+      return (f"it needs a request's T * G query rows to fit one 64-row tile, got "
+              f"T * G = {dims.T * dims.G}")
+    if page_size % 8 or (block_k % page_size and page_size % block_k):
+      return (f"it needs page_size a multiple of 8 that divides or is divided by "
+              f"config.block_k={block_k}, got page_size={page_size}")
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
                                           num_stages=num_stages, consumers=consumers,
                                           kv_itemsize=jnp.dtype(kv_dtype).itemsize)
@@ -266,6 +274,34 @@ def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
             f"{page_size} * {config.pages_per_block}")
   return triton_smem_unsupported(unique_rows(dims.T, dims.G), block_k, dims.D, dtype,
                                  config.num_stages, target)
+
+
+def mosaic_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
+                  kv_dtype) -> MosaicGpuUniqueConfig:
+  """One 64-row CTA per (request, kv head, split): one consumer, two taking turns over the key
+  tiles for float8 K/V (as `mosaic_shared` does at small M; not measured on unique attention
+  yet); tiles and ring as `mosaic_shared`; each request's tokens split to fill the chip."""
+  split_keys = quant.is_fp8(kv_dtype)
+  consumers = 2 if split_keys else 1
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
+                                   kv_dtype=kv_dtype, multiple=2 if split_keys else 1)
+  splits = splits_to_fill(target, dims.B * dims.Hkv, math.ceil(dims.S / block_k))
+  return MosaicGpuUniqueConfig(block_k=block_k, num_splits=splits, num_stages=stages,
+                               consumers=consumers, split_keys=split_keys)
+
+
+def mosaic_unique_candidates(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
+                             kv_dtype) -> list[MosaicGpuUniqueConfig]:
+  """Neighbours of the default: 64-key tiles, 3-4 slots, the other consumer schedules, half /
+  double the splits."""
+  base = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
+  out = [dataclasses.replace(base, block_k=64, num_stages=st)
+         for st in ((2, 4) if base.split_keys else (2, 3, 4))]
+  out += [dataclasses.replace(base, consumers=c, split_keys=c > 1, num_stages=st)
+          for c, st in ((1, 2), (1, 3), (2, 2), (2, 4)) if c != base.consumers]
+  out += [dataclasses.replace(base, block_k=64, consumers=3, split_keys=True, num_stages=st)
+          for st in (3, 6)]
+  return [base, *out, *_with_splits(base)]
 
 
 def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
