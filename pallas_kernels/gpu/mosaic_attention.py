@@ -346,7 +346,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
           pos = key0 + c * size
           entry = jnp.minimum(lax.div(pos, paged.page_size), max_pages - 1)
           page = jnp.clip(page_gmem[0][mt * max_pages + entry], 0, k.shape[0] - 1)
-          src = (page, pl.ds(lax.rem(pos, paged.page_size), size), h)
+          src = (page, pl.ds(pl.multiple_of(lax.rem(pos, paged.page_size), size), size), h)
           dst = pl.ds(c * size, size)
           plgpu.copy_gmem_to_smem(k_gmem.at[src], k_smem.at[slot, dst], k_full.at[slot])
           plgpu.copy_gmem_to_smem(v_gmem.at[src], v_smem.at[slot, dst], v_full.at[slot])
