@@ -25,7 +25,9 @@ Two scenarios, one table:
   generate's (goal >= 0.8), p50/p99 time to first token and ITL, and the engine's steps: their
   count, mean wall time (`step_ms`) and mean host time (`host_ms`: the stepping thread's work
   the device does not compute under: taking submissions, planning, dispatch, bookkeeping,
-  handing the tokens over; `stats["host_seconds"]`); over HTTP also `client_busy`, the busiest
+  handing the tokens over; `stats["host_seconds"]`) and `compiles`, the XLA compilations during
+  the run (a step shape first met there pays its compilation inside the timing); over HTTP
+  also `client_busy`, the busiest
   client process's CPU time over the run's wall time (near 1: the clients, not the server,
   limited the rate; raise `--serving_client_processes`).
 
@@ -49,6 +51,7 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 from absl import flags, logging
 from flax import nnx
@@ -143,13 +146,29 @@ def _requests(rng, vocab, names):
   return [(list(map(int, rng.integers(0, vocab, p))), names[i % len(names)]) for i in range(n)]
 
 
+_compiles = [0, 0]  # XLA compilations: so far, and at the last mark
+
+
+def _count_compile(event: str, duration: float, **_) -> None:
+  del duration
+  if event == "/jax/core/compile/backend_compile_duration":
+    _compiles[0] += 1
+
+
+def _mark(engine) -> None:
+  """Starts a transport's run: clears the engine's stats and the compilation count."""
+  engine.stats.clear()
+  _compiles[1] = _compiles[0]
+
+
 def _steps(engine) -> dict:
-  """The engine's steps since its stats were cleared: count, mean wall and host ms; clears the
-  stats for the next transport."""
+  """The engine's steps since `_mark`: count, mean wall and host ms, compilations; marks again
+  for the next transport."""
   s = engine.stats
   n = s["steps_decode"] + s["steps_prefill"]
-  row = dict(steps=n, step_ms=_ms(s["seconds"] / n), host_ms=_ms(s["host_seconds"] / n))
-  s.clear()
+  row = dict(steps=n, step_ms=_ms(s["seconds"] / n), host_ms=_ms(s["host_seconds"] / n),
+             compiles=_compiles[0] - _compiles[1])
+  _mark(engine)
   return row
 
 
@@ -223,7 +242,7 @@ def _over_http(engine, requests, new):
     for proc in procs:
       if proc.stdout.readline().strip() != "ready":
         raise RuntimeError(f"serving: a client process failed to start (exit {proc.wait(60)})")
-    engine.stats.clear()  # the clients' warm-up requests were answered: idle
+    _mark(engine)  # the clients' warm-up requests were answered: idle
     t0 = time.time()
     for proc in procs:
       proc.stdin.write("go\n")
@@ -248,25 +267,30 @@ def _over_http(engine, requests, new):
 
 def load(model, stores, mcfg, rng, table) -> None:
   """N streaming clients over the contexts vs generate on the same requests."""
-  new, n = FLAGS.serving_new_tokens, FLAGS.serving_clients
-  engine = _engine(model, stores, mcfg, batch=n,
-                   tokens_per_request=FLAGS.serving_prompt + new,
-                   chunk=FLAGS.serving_load_chunk, lanes=min(n, FLAGS.serving_load_lanes))
-  engine.warmup()  # clears the stats
-  requests = _requests(rng, model.cfg.vocab, list(stores))
-  t0 = time.perf_counter()
-  results = engine.generate([p for p, _ in requests], new, context=[c for _, c in requests])
-  gen_rate = sum(len(r.tokens) for r in results) / (time.perf_counter() - t0)
-  table.add(scenario=LOAD, transport="generate", clients=n, contexts=len(stores),
-            tokens=n * new, tokens_per_s=gen_rate, x_generate=1.0, **_steps(engine))
-  t0, submits, times = _in_process(engine, requests, new)
-  _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), _steps(engine),
-            gen_rate)
-  if FLAGS.serving_http:
-    out = _over_http(engine, requests, new)
-    if out is not None:
-      *timing, busy = out
-      _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy)
+  jax.monitoring.register_event_duration_secs_listener(_count_compile)
+  try:
+    new, n = FLAGS.serving_new_tokens, FLAGS.serving_clients
+    engine = _engine(model, stores, mcfg, batch=n,
+                     tokens_per_request=FLAGS.serving_prompt + new,
+                     chunk=FLAGS.serving_load_chunk, lanes=min(n, FLAGS.serving_load_lanes))
+    engine.warmup()
+    _mark(engine)
+    requests = _requests(rng, model.cfg.vocab, list(stores))
+    t0 = time.perf_counter()
+    results = engine.generate([p for p, _ in requests], new, context=[c for _, c in requests])
+    gen_rate = sum(len(r.tokens) for r in results) / (time.perf_counter() - t0)
+    table.add(scenario=LOAD, transport="generate", clients=n, contexts=len(stores),
+              tokens=n * new, tokens_per_s=gen_rate, x_generate=1.0, **_steps(engine))
+    t0, submits, times = _in_process(engine, requests, new)
+    _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), _steps(engine),
+              gen_rate)
+    if FLAGS.serving_http:
+      out = _over_http(engine, requests, new)
+      if out is not None:
+        *timing, busy = out
+        _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(_count_compile)
 
 
 def _plot(plt, rows):
