@@ -78,6 +78,8 @@ flags.DEFINE_list("serving_prefill_chunks", ["8", "32", "128"],
 flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.")
 flags.DEFINE_integer("serving_page", 16, "serving: page size.")
 flags.DEFINE_boolean("serving_http", True, "serving: also load-test over HTTP (if installed).")
+flags.DEFINE_integer("serving_stream_interval", 1, "serving: the HTTP server's tokens per "
+                     "streamed event while a stream keeps up (create_app's stream_interval).")
 flags.DEFINE_integer("serving_client_processes", 4, "serving: processes the HTTP load test's "
                      "clients run in (the requests split evenly among them).")
 FLAGS = flags.FLAGS
@@ -221,8 +223,9 @@ def _over_http(engine, requests, new):
 
   from moska_jax.serve_api import create_app
 
-  server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="m", max_waiting=1 << 20),
-                                         host="127.0.0.1", port=0, log_level="warning"))
+  app = create_app(engine, model_name="m", max_waiting=1 << 20,
+                   stream_interval=FLAGS.serving_stream_interval)
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
   thread = threading.Thread(target=server.run, daemon=True)
   thread.start()
   while not server.started:
@@ -288,7 +291,8 @@ def load(model, stores, mcfg, rng, table) -> None:
       out = _over_http(engine, requests, new)
       if out is not None:
         *timing, busy = out
-        _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy)
+        _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy,
+                  stream_interval=FLAGS.serving_stream_interval)
   finally:
     jax.monitoring.unregister_event_duration_listener(_count_compile)
 

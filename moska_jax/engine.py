@@ -827,18 +827,26 @@ class MoskaEngine:
 
   def stream(self, prompt: str | Sequence[int], max_new_tokens: int,
              sampling: Sampling = Sampling(), *, eos_id: int | None = None,
-             context: str | None = None) -> TokenStream:
+             context: str | None = None, stream_interval: int = 1) -> TokenStream:
     """Submits a request whose tokens arrive in the running asyncio loop: `async for token in
     engine.stream(...)`. Leaving the iteration early (a client gone) cancels it. Needs the
     background loop (`start`).
 
+    stream_interval: a consumer waiting for tokens is woken once this many have arrived (or the
+      request ended), to take them in one go (`TokenStream.drain`): fewer wake-ups and writes
+      per token for a server streaming many requests, at the cost of that many steps between
+      its deliveries (SGLang's --stream-interval).
+
     Raises:
       RuntimeError: no background loop runs, or no asyncio loop runs in this thread.
-      ValueError: as for `submit`.
+      ValueError: as for `submit`; stream_interval not a positive int.
     """
     if not self.running:
       raise RuntimeError("stream: start() the engine's loop first")
-    stream = TokenStream(self, asyncio.get_running_loop())
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or (
+        stream_interval < 1):
+      raise ValueError(f"stream: stream_interval must be an int >= 1, got {stream_interval!r}")
+    stream = TokenStream(self, asyncio.get_running_loop(), stream_interval)
     stream.request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id,
                                  context=context,
                                  on_event=lambda r, token: self._events.append((stream, token)))
@@ -857,17 +865,19 @@ class TokenStream:
 
   The engine hands each step's tokens of all streams of one asyncio loop over in one
   call_soon_threadsafe; a stream buffers its own in a deque, so a consumer that fell behind reads
-  them without suspending."""
+  them without suspending. A waiting consumer is woken once `interval` tokens are buffered (or
+  the request ended)."""
 
-  def __init__(self, engine: MoskaEngine, loop: asyncio.AbstractEventLoop):
-    self.engine, self.loop = engine, loop
+  def __init__(self, engine: MoskaEngine, loop: asyncio.AbstractEventLoop, interval: int = 1):
+    self.engine, self.loop, self.interval = engine, loop, interval
     self.request: Request | None = None  # set by `MoskaEngine.stream` once submitted
     self._tokens: collections.deque[int | None] = collections.deque()  # None: the end
     self._waiter: asyncio.Future | None = None
 
   def _put(self, token: int | None) -> None:
     self._tokens.append(token)
-    if self._waiter is not None and not self._waiter.done():
+    if (self._waiter is not None and not self._waiter.done()
+        and (token is None or len(self._tokens) >= self.interval)):
       self._waiter.set_result(None)
 
   def __aiter__(self) -> TokenStream:

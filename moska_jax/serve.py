@@ -42,6 +42,8 @@ flags.DEFINE_string("backend", "auto", "Kernel backend (auto, gpu, tpu, xla).")
 flags.DEFINE_string("tokenizer", None, "A tokenizer.json (the tokenizers package); default "
                     "UTF-8 bytes.")
 flags.DEFINE_integer("max_waiting", 256, "Queued requests beyond the batch before 429.")
+flags.DEFINE_integer("stream_interval", 1, "Tokens per streamed event while a stream keeps up "
+                     "(larger: less server work per token for many streams).")
 flags.DEFINE_integer("eos_id", None, "Token that ends a request.")
 flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
 FLAGS = flags.FLAGS
@@ -157,7 +159,8 @@ def main(argv: Sequence[str]) -> None:
                         backend=FLAGS.backend, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed)
   name = FLAGS.model_name or (os.path.basename(os.path.normpath(FLAGS.checkpoint))
                               if FLAGS.checkpoint else FLAGS.model)
-  api = create_app(engine, model_name=name, max_waiting=FLAGS.max_waiting, eos_id=FLAGS.eos_id)
+  api = create_app(engine, model_name=name, max_waiting=FLAGS.max_waiting, eos_id=FLAGS.eos_id,
+                   stream_interval=FLAGS.stream_interval)
   print(f"moska-jax serving {name!r} with contexts {list(engine.contexts)} on "
         f"http://{FLAGS.host}:{FLAGS.port}", flush=True)
   uvicorn.run(api, host=FLAGS.host, port=FLAGS.port, log_level="warning")

@@ -108,11 +108,12 @@ class Server:
   """The API's state: the engine, the served model's name, the waiting limit, HTTP counters."""
 
   def __init__(self, engine: MoskaEngine, model_name: str, max_waiting: int,
-               eos_id: int | None):
+               eos_id: int | None, stream_interval: int):
     if engine.decode([0]) is None:
       raise ValueError("serve: the engine's tokenizer must decode (text responses)")
     self.engine, self.model_name, self.max_waiting, self.eos_id = (engine, model_name,
                                                                    max_waiting, eos_id)
+    self.stream_interval = stream_interval
     self.created = int(time.time())
     self.http = {}  # (path, status) -> count
 
@@ -207,7 +208,7 @@ class Server:
   def stream(self, args: dict, chunk) -> StreamingResponse:
     """The request's tokens as server-sent events; chunk(text, finish_reason) -> JSON dict."""
     try:
-      tokens = self.engine.stream(**args)
+      tokens = self.engine.stream(**args, stream_interval=self.stream_interval)
     except ValueError as e:
       raise ApiError(400, str(e)) from None
 
@@ -335,7 +336,8 @@ def _completion_prompt(body: dict) -> str | list[int]:
 
 
 def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: int = 256,
-               eos_id: int | None = None, switch_interval: float | None = 2e-4) -> FastAPI:
+               eos_id: int | None = None, switch_interval: float | None = 2e-4,
+               stream_interval: int = 1) -> FastAPI:
   """The FastAPI app serving `engine` as `model_name`; on startup it compiles the engine's steps
   (`MoskaEngine.warmup`) and starts its loop, on shutdown it stops the loop.
 
@@ -349,14 +351,21 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
       stepping thread, back from the device, waits up to this long for the GIL while the event
       loop's thread runs Python (answering many streams): CPython's default 5 ms would stretch
       a step of a few ms several times over.
+    stream_interval: tokens per server-sent event of a stream while it keeps up (the last event
+      carries the rest; `MoskaEngine.stream`): 1 sends every token as it comes; larger values
+      cut the server's per-token work for many concurrent streams.
 
   Raises:
-    ValueError: switch_interval not None and not > 0.
+    ValueError: switch_interval not None and not > 0; stream_interval not an int >= 1.
   """
   if switch_interval is not None and not switch_interval > 0:
     raise ValueError(f"create_app: switch_interval must be > 0 seconds or None, got "
                      f"{switch_interval!r}")
-  server = Server(engine, model_name, max_waiting, eos_id)
+  if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or (
+      stream_interval < 1):
+    raise ValueError(f"create_app: stream_interval must be an int >= 1, got "
+                     f"{stream_interval!r}")
+  server = Server(engine, model_name, max_waiting, eos_id, stream_interval)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):

@@ -357,6 +357,43 @@ def test_many_streams_get_generates_tokens_in_order(setup):
     engine.stop()
   assert not engine.scheduler.busy
 
+def test_stream_interval_wakes_a_waiting_consumer_per_interval(setup):
+  """With stream_interval=3 a consumer that waits is woken once 3 tokens (or the end) are
+  buffered and takes them in one go: generate's tokens, in at most 6 / 3 + 1 batches; a bad
+  interval is refused."""
+  model, store = setup
+  make = lambda: MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=4,
+                             num_pages=40, page_size=8, prefill_chunk=8)
+  prompts = [f"interval {i} " * (1 + i % 2) for i in range(4)]
+  want = [r.tokens for r in make().generate(prompts, 6)]
+  engine = make()
+
+  async def consume():
+    async def client(stream):
+      batches = []
+      async with stream:
+        async for token in stream:
+          batches.append([token, *stream.drain()])
+      return batches
+
+    with engine._drive:
+      streams = [engine.stream(p, 6, stream_interval=3) for p in prompts]
+    return await asyncio.gather(*map(client, streams))
+
+  engine.start()
+  try:
+    for batches, tokens in zip(asyncio.run(consume()), want):
+      assert sum(batches, []) == tokens and len(batches) <= 3
+    with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
+      asyncio.run(_stream_once(engine, stream_interval=0))
+  finally:
+    engine.stop()
+
+
+async def _stream_once(engine, **kwargs):
+  return [t async for t in engine.stream("x", 2, **kwargs)]
+
+
 def test_validation_errors(setup):
   model, store = setup
   engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=3,

@@ -170,6 +170,7 @@ def test_models_health_and_metrics(served):
   contexts = httpx.get(url + "/v1/models").json()["data"][0]["contexts"]
   assert [(c["id"], c["default"]) for c in contexts] == [("manual", True), ("code", False)]
   assert httpx.get(url + "/health").json()["status"] == "ok"
+  client.completions.create(model="tiny", prompt="count me", max_tokens=NEW)  # run alone too
   text = httpx.get(url + "/metrics").text
   for name in ("moska_requests_total{reason=\"length\"}", "moska_tokens_per_second",
                "moska_queue_length", "moska_batch_occupancy", "moska_step_seconds",
@@ -189,6 +190,24 @@ def test_models_health_and_metrics(served):
                                                                        before[1] + 1)
   with pytest.raises(ValueError, match="switch_interval must be > 0 seconds or None, got 0"):
     create_app(engine, switch_interval=0)
+  with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
+    create_app(engine, stream_interval=0)
+
+
+def test_a_stream_interval_sends_fewer_events_with_the_same_text(served):
+  url, engine, client, refs, api = served
+  pieces = {}
+  try:
+    for interval in (1, 3):  # tokens per event while the stream keeps up
+      api.stream_interval = interval
+      pieces[interval] = [p for c in client.completions.create(
+          model="tiny", prompt=PROMPTS[7], max_tokens=NEW, temperature=0, stream=True)
+          if (p := c.choices[0].text)]
+  finally:
+    api.stream_interval = 1
+  assert "".join(pieces[1]) == "".join(pieces[3]) == refs["manual"][7]
+  # Greedy and seeded: the same tokens; bytes that end no character are held back either way.
+  assert len(pieces[3]) < len(pieces[1])
 
 
 def test_stream_deltas_concatenate_to_the_text():
