@@ -11,6 +11,14 @@ import numpy as np
 
 from pallas_kernels import BACKENDS
 
+def check_int(value, name: str, where: str, minimum: int = 1) -> int:
+  """value as an int >= minimum (numpy ints too, never a bool), else a ValueError naming
+  `where`, `name` and the value."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+  return int(value)
+
+
 # The chunk summary kinds of `moska_jax.routing.SUMMARIES`, named here so that a config validates
 # without importing the router (tests check that the two agree).
 SUMMARY_KINDS = ("mean", "envelope", "int4")
@@ -152,10 +160,7 @@ class MoskaConfig:
       raise ValueError(f"MoskaConfig.sparsity must be in [0, 1), got {self.sparsity}")
     if self.mode == "sparse" and self.top_k is None and self.sparsity is None:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
-    if isinstance(self.reroute_every, bool) or not isinstance(self.reroute_every, int) or (
-        self.reroute_every < 1):
-      raise ValueError(f"MoskaConfig.reroute_every must be an int >= 1, got "
-                       f"{self.reroute_every!r}")
+    check_int(self.reroute_every, "reroute_every", "MoskaConfig")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
     if not isinstance(self.int8_scorer, bool):

@@ -82,7 +82,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from moska_jax.config import ModelConfig, MoskaConfig
+from moska_jax.config import ModelConfig, MoskaConfig, check_int
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, check_kv_dtype, unique_kv_scales
 from moska_jax.model import Decoder
 from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, sample
@@ -142,11 +142,6 @@ def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, unique_s
   last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
   return sample(last, sampling), last, pools, ids
 
-
-def _check_int(name: str, value, minimum: int) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    raise ValueError(f"MoskaEngine: {name} must be an int >= {minimum}, got {value!r}")
-  return int(value)
 
 
 @dataclasses.dataclass
@@ -208,14 +203,14 @@ class MoskaEngine:
                unique_kv_dtype: str | None = None):
     self.model_config, self.mcfg, self.groups = model.cfg, moska_config, groups
     self._disaggregated = groups is not None and not groups.colocated
-    max_batch = _check_int("max_batch", max_batch, 1)
-    num_pages = _check_int("num_pages", num_pages, 2)
-    page_size = _check_int("page_size", page_size, 1)
-    prefill_chunk = _check_int("prefill_chunk", prefill_chunk, 1)
-    prefill_lanes = _check_int("prefill_lanes", prefill_lanes or min(max_batch, 4), 1)
+    max_batch = check_int(max_batch, "max_batch", "MoskaEngine")
+    num_pages = check_int(num_pages, "num_pages", "MoskaEngine", minimum=2)
+    page_size = check_int(page_size, "page_size", "MoskaEngine")
+    prefill_chunk = check_int(prefill_chunk, "prefill_chunk", "MoskaEngine")
+    prefill_lanes = check_int(prefill_lanes or min(max_batch, 4), "prefill_lanes", "MoskaEngine")
     budget = (num_pages - 1) * page_size
-    max_request_tokens = _check_int("max_request_tokens", budget if max_request_tokens is None
-                                    else max_request_tokens, 2)
+    max_request_tokens = check_int(budget if max_request_tokens is None else max_request_tokens,
+                                   "max_request_tokens", "MoskaEngine", minimum=2)
     if self._disaggregated:
       GroupsExecutor.check_config(moska_config)
     stores = dict(shared_store) if isinstance(shared_store, Mapping) else {
@@ -438,9 +433,7 @@ class MoskaEngine:
     Raises:
       ValueError: max_new_tokens < 1, a request over the page budget, an unknown context.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or (
-        max_new_tokens < 1):
-      raise ValueError(f"{what}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_int(max_new_tokens, "max_new_tokens", what)
     need = len(tokens) + int(max_new_tokens)
     if need > self.max_request_tokens or not self.cache.fits(need):
       raise ValueError(f"{what} needs {need} tokens of unique cache ({len(tokens)} prompt + "
@@ -843,9 +836,7 @@ class MoskaEngine:
     """
     if not self.running:
       raise RuntimeError("stream: start() the engine's loop first")
-    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or (
-        stream_interval < 1):
-      raise ValueError(f"stream: stream_interval must be an int >= 1, got {stream_interval!r}")
+    check_int(stream_interval, "stream_interval", "stream")
     stream = TokenStream(self, asyncio.get_running_loop(), stream_interval)
     stream.request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id,
                                  context=context,

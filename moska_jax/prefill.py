@@ -20,6 +20,7 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
+from moska_jax.config import check_int
 from moska_jax.kv_cache import SharedKVStore, check_kv_dtype, zero_kv
 from moska_jax.model import Decoder
 
@@ -47,8 +48,7 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
   cfg = model.cfg
   check_kv_dtype(kv_dtype, "build_shared_store")
   for name, value in (("chunk_size", chunk_size), ("prefill_chunk", prefill_chunk)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"build_shared_store: {name} must be an int >= 1, got {value!r}")
+    check_int(value, name, "build_shared_store")
   tokens = np.asarray(tokens).reshape(-1)
   if tokens.size == 0:
     raise ValueError("build_shared_store: tokens must hold at least one token (the shared "

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from moska_jax.config import check_int
 from moska_jax.engine import MoskaEngine
 from moska_jax.sampling import SEED_RANGE, Sampling
 from moska_jax.scheduler import FINISH_REASONS
@@ -361,10 +362,7 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
   if switch_interval is not None and not switch_interval > 0:
     raise ValueError(f"create_app: switch_interval must be > 0 seconds or None, got "
                      f"{switch_interval!r}")
-  if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or (
-      stream_interval < 1):
-    raise ValueError(f"create_app: stream_interval must be an int >= 1, got "
-                     f"{stream_interval!r}")
+  check_int(stream_interval, "stream_interval", "create_app")
   server = Server(engine, model_name, max_waiting, eos_id, stream_interval)
 
   @contextlib.asynccontextmanager
