@@ -143,7 +143,6 @@ def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, unique_s
   return sample(last, sampling), last, pools, ids
 
 
-
 @dataclasses.dataclass
 class _Resident:
   """A loaded context: its store, token count, K, and the form the step reads."""

@@ -76,11 +76,10 @@ class _MosaicGpuAttentionConfig(Config):
 
   def __post_init__(self):
     super().__post_init__()
+    from pallas_kernels.gpu import mosaic_attention  # the kernel's rule, not a copy of it
     where = type(self).__name__
-    if (self.consumers == 1 and self.split_keys) or (self.consumers == 3 and not self.split_keys):
-      raise ValueError(f"{where}: split_keys needs consumers 2 or 3, and consumers=3 needs "
-                       f"split_keys; got consumers={self.consumers}, "
-                       f"split_keys={self.split_keys}")
+    if problem := mosaic_attention.schedule_problem(self.consumers, self.split_keys):
+      raise ValueError(f"{where}: {problem}")
     if self.split_keys and self.num_stages % self.consumers:
       raise ValueError(f"{where}: split_keys needs num_stages a multiple of consumers="
                        f"{self.consumers}, got {self.num_stages}")

@@ -58,6 +58,23 @@ def consumer_registers(consumers: int) -> int:
   return min(232, (65536 // 128 - PRODUCER_REGISTERS) // consumers // 8 * 8)
 
 
+def schedule_problem(consumers: int, split_keys: bool) -> str | None:
+  """Why `consumers` warpgroups with this `split_keys` are no schedule of the kernel, or None."""
+  if (consumers == 1 and split_keys) or (consumers == 3 and not split_keys):
+    return (f"split_keys needs consumers 2 or 3, and consumers=3 needs split_keys; got "
+            f"consumers={consumers}, split_keys={split_keys}")
+  return None
+
+
+def paging_problem(page_size: int, block_k: int) -> str | None:
+  """What key tiles of block_k keys need of pages of page_size keys to be gathered from them
+  (whole pages or parts of one, rows of the (8, ...) tiling), or None."""
+  if page_size % 8 or (block_k % page_size and page_size % block_k):
+    return (f"page_size a multiple of 8 that divides or is divided by block_k={block_k}, got "
+            f"page_size={page_size}")
+  return None
+
+
 def rows_per_cta(consumers: int, split_keys: bool = False) -> int:
   """Query rows one CTA owns: BLOCK_Q per consumer warpgroup, or BLOCK_Q when the consumers
   split the keys."""
@@ -98,6 +115,16 @@ def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, con
           + staging + 4096)
 
 
+def _key_splits(capacity: int, num_splits: int, block_k: int,
+                ends: jax.Array) -> tuple[jax.Array, int]:
+  """(ranges[..., num_splits, 2], run length): [0, capacity) in num_splits runs of whole
+  block_k-key tiles, each cut at `ends` (the valid keys: a scalar, or [..., 1] per row tile)."""
+  split_len = pl.cdiv(pl.cdiv(capacity, num_splits), block_k) * block_k
+  start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
+  stop = jnp.minimum(start + split_len, ends)
+  return jnp.stack([jnp.broadcast_to(start, stop.shape), stop], axis=-1), split_len
+
+
 def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
                               kv_length: jax.Array, *, scale: float, block_k: int,
                               num_splits: int, num_stages: int, consumers: int,
@@ -109,9 +136,7 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
   (consumers * num_splits with split_keys), a partial with no valid key giving o = 0, lse = -inf.
   """
   Hkv, M, _ = q_rows.shape
-  split_len = pl.cdiv(pl.cdiv(k.shape[0], num_splits), block_k) * block_k
-  start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
-  ranges = jnp.stack([start, jnp.minimum(start + split_len, kv_length)], axis=-1)
+  ranges, split_len = _key_splits(k.shape[0], num_splits, block_k, kv_length)
   ranges = jnp.broadcast_to(ranges, (M // rows_per_cta(consumers, split_keys), Hkv,
                                      num_splits, 2))
   return attention_over_ranges(q_rows, k, v, ranges, scale=scale, block_k=block_k,
@@ -132,10 +157,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   """
   Hkv, B, rows, D = q_rows.shape
   page_size, max_pages = k_pages.shape[1], block_tables.shape[1]
-  split_len = pl.cdiv(pl.cdiv(max_pages * page_size, num_splits), block_k) * block_k
-  start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
-  ranges = jnp.stack([jnp.broadcast_to(start, (B, num_splits)),
-                      jnp.minimum(start + split_len, lengths[:, None])], axis=-1)
+  ranges, split_len = _key_splits(max_pages * page_size, num_splits, block_k, lengths[:, None])
   ranges = jnp.broadcast_to(ranges[:, None], (B, Hkv, num_splits, 2))
   paged = Paged(block_tables, lengths, page_size, T, G)
   o, lse = attention_over_ranges(q_rows.reshape(Hkv, B * rows, D), k_pages, v_pages, ranges,
@@ -173,17 +195,15 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   m_tiles, _, num_parts, _ = ranges.shape
   if consumers not in CONSUMERS:
     raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
-  if (consumers == 1 and split_keys) or (consumers == 3 and not split_keys):
-    raise ValueError(f"split_keys needs consumers 2 or 3, and consumers=3 needs split_keys; got "
-                     f"consumers={consumers}, split_keys={split_keys}")
+  if problem := schedule_problem(consumers, split_keys):
+    raise ValueError(problem)
   rows = rows_per_cta(consumers, split_keys)
   pair = consumers == 2 and not split_keys  # the ping-pong pair
   if paged is not None:
     if rows != BLOCK_Q:
       raise ValueError("paged keys need 64-row CTAs (one consumer or split_keys)")
-    if paged.page_size % 8 or (block_k % paged.page_size and paged.page_size % block_k):
-      raise ValueError(f"paged keys need page_size a multiple of 8 that divides or is divided "
-                       f"by block_k={block_k}, got page_size={paged.page_size}")
+    if problem := paging_problem(paged.page_size, block_k):
+      raise ValueError(f"paged keys need {problem}")
   # TMA copies per tile: whole pages, or one part of a page
   copies = 1 if paged is None else max(1, block_k // paged.page_size)
   causal = paged is not None and paged.T > 1  # rows see different numbers of keys
