@@ -125,9 +125,8 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
     if dims.T * dims.G > mosaic_attention.BLOCK_Q:
       return (f"it needs a request's T * G query rows to fit one 64-row tile, got "
               f"T * G = {dims.T * dims.G}")
-    if page_size % 8 or (block_k % page_size and page_size % block_k):
-      return (f"it needs page_size a multiple of 8 that divides or is divided by "
-              f"config.block_k={block_k}, got page_size={page_size}")
+    if problem := mosaic_attention.paging_problem(page_size, block_k):
+      return f"it needs {problem}"
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
                                           num_stages=num_stages, consumers=consumers,
                                           kv_itemsize=jnp.dtype(kv_dtype).itemsize)
@@ -218,26 +217,40 @@ def triton_shared_candidates(dims: AttentionDims, dtype,
 
 def mosaic_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
                              kv_dtype) -> list[MosaicGpuSharedConfig]:
-  """Neighbours of the default: 64-key tiles with 2-4 slots, half / double the splits, and the
-  other schedules (`MosaicGpuSharedConfig`), their splits refitted to the chip."""
+  """Neighbours of the default (`_mosaic_candidates`) over every schedule of
+  `MosaicGpuSharedConfig`, a CTA per row tile of each kv head."""
   base = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
-  out = [dataclasses.replace(base, block_k=64, num_stages=st)
-         for st in ((2, 4) if base.split_keys else (2, 3, 4))]
+  return _mosaic_candidates(
+      base, dims.S, target, lambda c, k: dims.Hkv * math.ceil(
+          dims.M / mosaic_attention.rows_per_cta(c, k)))
 
-  def schedule(consumers: int, split_keys: bool, block_k: int, stages: int):
-    programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers, split_keys))
-    return dataclasses.replace(base, consumers=consumers, split_keys=split_keys, block_k=block_k,
-                               num_stages=stages, num_splits=splits_to_fill(
-                                   target, programs, math.ceil(dims.S / block_k)))
 
-  # (consumers, split_keys, block_k, stages); three consumers have 152 registers each
-  # (`mosaic_attention.consumer_registers`): 64-key tiles, whose scores take half the registers.
-  others = [(1, False, base.block_k, 2), (1, False, base.block_k, 3),
-            (2, False, base.block_k, 2), (2, False, base.block_k, 3),
-            (2, True, base.block_k, 2), (2, True, base.block_k, 4),
-            (3, True, 64, 3), (3, True, 64, 6)]
-  swaps = [schedule(*o) for o in others if o[:2] != (base.consumers, base.split_keys)]
-  return [base, *out, *_with_splits(base), *swaps]
+# The Mosaic GPU schedules a sweep tries beside the default's, (consumers, split_keys, block_k or
+# None for the default's, ring slots): three consumers have 152 registers each
+# (`mosaic_attention.consumer_registers`): 64-key tiles, whose scores take half the registers.
+_MOSAIC_SCHEDULES = ((1, False, None, 2), (1, False, None, 3), (2, False, None, 2),
+                     (2, False, None, 3), (2, True, None, 2), (2, True, None, 4),
+                     (3, True, 64, 3), (3, True, 64, 6))
+
+
+def _mosaic_candidates(base, S: int, target: GpuTarget, programs, *,
+                       pair: bool = True) -> list:
+  """base, 64-key tiles with 2-4 slots (even with split_keys), half / double the splits, and the
+  other schedules of `_MOSAIC_SCHEDULES` (the ping-pong pair only if `pair`), their splits
+  refitted to the chip for programs(consumers, split_keys) CTAs per split."""
+  tiles = [dataclasses.replace(base, block_k=64, num_stages=st)
+           for st in ((2, 4) if base.split_keys else (2, 3, 4))]
+  swaps = []
+  for consumers, split_keys, block_k, stages in _MOSAIC_SCHEDULES:
+    if (consumers, split_keys) == (base.consumers, base.split_keys) or (
+        (consumers, split_keys) == (2, False) and not pair):
+      continue
+    block_k = block_k or base.block_k
+    swaps.append(dataclasses.replace(
+        base, consumers=consumers, split_keys=split_keys, block_k=block_k, num_stages=stages,
+        num_splits=splits_to_fill(target, programs(consumers, split_keys),
+                                  math.ceil(S / block_k))))
+  return [base, *tiles, *_with_splits(base), *swaps]
 
 
 # ------------------------------------------------------------------ unique_attention
@@ -292,16 +305,11 @@ def mosaic_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
 
 def mosaic_unique_candidates(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
                              kv_dtype) -> list[MosaicGpuUniqueConfig]:
-  """Neighbours of the default: 64-key tiles, 3-4 slots, the other consumer schedules, half /
-  double the splits."""
+  """Neighbours of the default (`_mosaic_candidates`) over the schedules of
+  `MosaicGpuUniqueConfig` (no ping-pong pair: a request's rows fill one 64-row tile), a CTA per
+  request and kv head."""
   base = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
-  out = [dataclasses.replace(base, block_k=64, num_stages=st)
-         for st in ((2, 4) if base.split_keys else (2, 3, 4))]
-  out += [dataclasses.replace(base, consumers=c, split_keys=c > 1, num_stages=st)
-          for c, st in ((1, 2), (1, 3), (2, 2), (2, 4)) if c != base.consumers]
-  out += [dataclasses.replace(base, block_k=64, consumers=3, split_keys=True, num_stages=st)
-          for st in (3, 6)]
-  return [base, *out, *_with_splits(base)]
+  return _mosaic_candidates(base, dims.S, target, lambda c, k: dims.B * dims.Hkv, pair=False)
 
 
 def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
