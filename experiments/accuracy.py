@@ -61,7 +61,7 @@ flags.DEFINE_string("accuracy_name", "accuracy", "accuracy: base name of the CSV
 flags.DEFINE_list("accuracy_summaries", ["mean", "envelope", "int4"],
                   "accuracy: chunk summary kinds.")
 flags.DEFINE_list("accuracy_int8_scorer", ["0"],
-                  "accuracy: int8 query rows in the int4 scorer (0 and/or 1; int4 configs only).")
+                  "accuracy: int8 query rows in the sketch scorer (0 and/or 1; sketch kinds only).")
 flags.DEFINE_list("accuracy_batch_aware", ["0"],
                   "accuracy: requests per batch-aware tile (0: per-request chunks).")
 flags.DEFINE_list("accuracy_always_include", ["-", "0"],
@@ -85,11 +85,12 @@ FLAGS = flags.FLAGS
 
 
 def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
-  """Every (chunk size, summary, sink, sparsity, batch-aware tile) and, for "int4", scorer."""
+  """Every (chunk size, summary, sink, sparsity, batch-aware tile) and, for the sketch kinds,
+  scorer."""
   return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=s, summary=kind,
                       always_include=ai, int8_scorer=i8, batch_aware=int(tile), backend=backend)
           for c in FLAGS.accuracy_chunks for kind in FLAGS.accuracy_summaries
-          for i8 in ({bool(int(x)) for x in FLAGS.accuracy_int8_scorer} if kind == "int4"
+          for i8 in ({bool(int(x)) for x in FLAGS.accuracy_int8_scorer} if kind in routing.SKETCH_KINDS
                      else {False})
           for tile in FLAGS.accuracy_batch_aware
           for ai in always_include() for s in sparsities]

@@ -70,7 +70,9 @@ def environment(fixed: dict[str, str] | None = None) -> dict[str, str]:
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "command": shown(" ".join(["python -m experiments.run", *sys.argv[1:]])),
-      "flags": shown(" ".join(f"--{f.name}={fixed[f.name]}" if f.name in fixed else f.serialize()
+      # (a multi flag serializes as one line per value)
+      "flags": shown(" ".join(f"--{f.name}={fixed[f.name]}" if f.name in fixed
+                              else f.serialize().replace("\n", " ")
                               for f in _experiment_flags() if f.serialize())),
   }
 

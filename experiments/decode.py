@@ -134,7 +134,7 @@ def main() -> None:
   dense = MoskaConfig(backend=FLAGS.backend)
   sparse = MoskaConfig(mode="sparse", sparsity=FLAGS.decode_sparsity, chunk_size=C,
                        summary=FLAGS.decode_summary,
-                       int8_scorer=FLAGS.decode_int8_scorer and FLAGS.decode_summary == "int4",
+                       int8_scorer=FLAGS.decode_int8_scorer and FLAGS.decode_summary in routing.SKETCH_KINDS,
                        backend=FLAGS.backend)
   top_k = sparse.chunks_kept(-(-S // C))
   key = jax.random.key(FLAGS.seed)

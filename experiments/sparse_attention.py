@@ -2,8 +2,8 @@
 
 One layer of --shape heads (default Llama-3.1-8B: Hq=32, Hkv=8, D=128), bf16, T=1, shared length
 S. For each chunk size C, batch B, sparsity (1 - K/N) and routing regime the same process times
-the router (`moska_jax.routing.route` on --sparse_summary summaries; "int4" runs the
-`chunk_scores` kernel, bf16 and int8 query rows), the routed attention on its ids per
+the router (`moska_jax.routing.route` on each of --sparse_summaries; the sketch kinds run the
+`chunk_scores` kernel, with int8 query rows too under --sparse_int8), the routed attention on its ids per
 (request, chunk) pair (`chunk_attention`) and per tile of alike requests over the union of their
 chunks (`--sparse_batch_aware` requests per tile: `routing.batch_aware` + `tile_chunk_attention`,
 what `MoskaConfig.batch_aware` runs), and the dense `shared_attention` over all of S. Each row is
@@ -46,7 +46,11 @@ flags.DEFINE_list("sparse_regimes", ["correlated", "uniform"], "sparse_attention
 flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correlated regime.")
 flags.DEFINE_float("sparse_topic_noise", 0.05,
                    "sparse_attention: query noise around its topic vector (correlated regime).")
-flags.DEFINE_enum("sparse_summary", "int4", list(routing.SUMMARIES), "sparse_attention: summary.")
+flags.DEFINE_multi_enum("sparse_summaries", ["int4", "int4-pca4"], list(routing.SUMMARIES),
+                        "sparse_attention: the routers' summary kinds (the routed attention runs "
+                        "on the first one's choice).")
+flags.DEFINE_bool("sparse_int8", False,
+                  "sparse_attention: also time the sketch kinds with int8 query rows.")
 flags.DEFINE_list("sparse_reuse", ["1", "4", "16"],
                   "sparse_attention: re-route every r decode steps (router cost / r).")
 flags.DEFINE_list("sparse_batch_aware", ["16"],
@@ -113,30 +117,33 @@ def main() -> None:
   table = bench.table(FLAGS.sparse_name, "sparse_attention: the sparse path against dense",
                       keys=("scorer", "reuse", "batch_aware", "chunk", "sparsity", "regime", "B"),
                       goals="sparse_attention")
-  scorers = {"int4": False, "int4-int8": True} if FLAGS.sparse_summary == "int4" else {
-      FLAGS.sparse_summary: False}
+  kinds = FLAGS.sparse_summaries
+  # scorer name (as the accuracy experiment writes it) -> (summary kind, int8 query rows)
+  scorers = {f"{kind}{'-int8' if i8 else ''}": (kind, i8) for kind in kinds
+             for i8 in ((False, True) if FLAGS.sparse_int8 and kind in routing.SKETCH_KINDS
+                        else (False,))}
   tiles = [0, *map(int, FLAGS.sparse_batch_aware)]
   for C in map(int, FLAGS.sparse_chunks):
     N = -(-S // C)
-    summ = jax.block_until_ready(
-        jax.jit(lambda k: routing.chunk_summaries(k, C, summary=FLAGS.sparse_summary))(k))
+    summ = {kind: jax.block_until_ready(jax.jit(
+        lambda k, kind=kind: routing.chunk_summaries(k, C, summary=kind))(k)) for kind in kinds}
     logging.info("C=%d: summaries built", C)
-    shared = SharedLayer(k, v, summ, jnp.int32(S))
+    shared = SharedLayer(k, v, summ[kinds[0]], jnp.int32(S))
     for sparsity in map(float, FLAGS.sparse_sparsities):
       K = max(1, round((1 - sparsity) * N))
       for regime in FLAGS.sparse_regimes:
         for B in batches:
           q = queries[regime, B]
           t_route = {}
-          for scorer, int8 in scorers.items():
+          for scorer, (kind, int8) in scorers.items():
             router = jax.jit(lambda q, s, i8=int8: routing.route(q, s, K, int8=i8,
                                                                  backend=backend))
-            t_route[scorer] = timing.time_fn(router, q, summ)
+            t_route[scorer] = timing.time_fn(router, q, summ[kind])
             logging.info("C=%d B=%d %s router: %.3f ms", C, B, scorer, t_route[scorer] * 1e3)
-          ids = router(q, summ)
+          ids = jax.jit(lambda q, s: routing.route(q, s, K, backend=backend))(q, summ[kinds[0]])
           t_attn = {}
           for R in tiles:
-            mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=FLAGS.sparse_summary,
+            mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=kinds[0],
                                batch_aware=R, backend=backend)
             # The store is an argument, not a closed-over constant (GBs folded into the program).
             fn = jax.jit(lambda q, ids, shared, m=mcfg: routed_attention(q, shared, ids, m)[0])

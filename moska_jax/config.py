@@ -21,7 +21,7 @@ def check_int(value, name: str, where: str, minimum: int = 1) -> int:
 
 # The chunk summary kinds of `moska_jax.routing.SUMMARIES`, named here so that a config validates
 # without importing the router (tests check that the two agree).
-SUMMARY_KINDS = ("mean", "envelope", "int4")
+SUMMARY_KINDS = ("mean", "envelope", "int4", "int4-pca2", "int4-pca4", "int8-pca2", "int8-pca4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +124,10 @@ class MoskaConfig:
   reroute_every: r >= 1 (sparse only): a decoding request runs the router on every r-th of its
     decode steps and keeps its chunk selection (per layer) in between; its first decode step
     after its prompt, and every prefill step, always route. 1 routes every step.
-  summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4"; the keys of
-    `moska_jax.routing.SUMMARIES`); the store's summaries must be of this kind.
+  summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4", and the PCA
+    kinds "int{4,8}-pca{2,4}": 4- or 8-bit sketches of the D/2 or D/4 principal directions of
+    the keys; the keys of `moska_jax.routing.SUMMARIES`); the store's summaries must be of this
+    kind.
   int8_scorer: score "int4" sketches with int8 query rows on the int8 matrix units (twice the
     bf16 rate; a ranking within ~1% of the float one).
   batch_aware: requests per tile of batch-aware routing (0: off): requests routed alike share a

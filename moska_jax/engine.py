@@ -92,7 +92,8 @@ from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, Tran
                                 shared_rows_per_device)
 from moska_jax.sharding.groups import SPAN
 from moska_jax.sharding.shared_step import (hand_off, merge_with_unique, own_rows,
-                                            shared_partial, span_context, span_map)
+                                            shared_partial, span_context, span_map,
+                                            summary_specs)
 from moska_jax.step import (Routes, SharedContext, last_logits, moska_step, store_top_k,
                             zero_padding)
 
@@ -1062,7 +1063,7 @@ class GroupsExecutor:
       last = hand_off(ctx, last_logits(logits, fed))
       return sample(last, sampling), last, pools
 
-    rows = jax.tree.map(lambda x: P() if x.ndim == 0 else P(SPAN), summaries)
+    rows = tuple(summary_specs(s) for s in summaries)
     in_specs = (P(), P(SPAN), rows, P(), P(SPAN), P())
     return span_map(body, groups, in_specs, (P(), P(), P(SPAN)))(
         state, pools, summaries, kv_length, requests, sampling)

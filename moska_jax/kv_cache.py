@@ -131,9 +131,12 @@ def _arrays(store: SharedKVStore) -> dict:
   """The tree of arrays a store is saved as (orbax)."""
   scales = {} if store.k_scale is None else dict(k_scale=list(store.k_scale),
                                                  v_scale=list(store.v_scale))
+  projections = [s.projection for s in store.summaries]
+  projections = {} if projections[0] is None else dict(projections=projections)
   return dict(k=list(store.k), v=list(store.v), length=store.length,
               summaries=[list(s.arrays) for s in store.summaries],
-              num_valid_chunks=[s.num_valid_chunks for s in store.summaries], **scales)
+              num_valid_chunks=[s.num_valid_chunks for s in store.summaries], **scales,
+              **projections)
 
 
 def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = False) -> None:
@@ -211,16 +214,18 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
   full = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
   kv = full if kv_dtype is None else jax.ShapeDtypeStruct(full.shape, kv_dtype)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  summary_shapes = jax.eval_shape(
-      lambda k: list(routing.chunk_summaries(k, C, summary=summary).arrays), full)
+  shapes = jax.eval_shape(lambda k: routing.chunk_summaries(k, C, summary=summary), full)
+  projections = ({} if shapes.projection is None else
+                 dict(projections=[shapes.projection] * cfg.layers))
   scale = [jax.ShapeDtypeStruct((cfg.num_kv_heads,), jnp.float32)] * cfg.layers
   scales = {} if kv_dtype is None else dict(k_scale=scale, v_scale=scale)
   a = checkpoint.restore_arrays(os.path.join(path, "arrays"),
                                 dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
-                                     summaries=[summary_shapes] * cfg.layers,
-                                     num_valid_chunks=[scalar] * cfg.layers, **scales), what)
-  summaries = tuple(routing.ChunkSummaries(tuple(arr), n, summary, C)
-                    for arr, n in zip(a["summaries"], a["num_valid_chunks"]))
+                                     summaries=[list(shapes.arrays)] * cfg.layers,
+                                     num_valid_chunks=[scalar] * cfg.layers, **scales,
+                                     **projections), what)
+  summaries = tuple(routing.ChunkSummaries(tuple(arr), n, summary, C, p) for arr, n, p in zip(
+      a["summaries"], a["num_valid_chunks"], a.get("projections", [None] * cfg.layers)))
   scales = {} if kv_dtype is None else dict(k_scale=tuple(a["k_scale"]),
                                             v_scale=tuple(a["v_scale"]))
   return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C,

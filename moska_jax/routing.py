@@ -23,6 +23,12 @@ times G query heads -- into one score per chunk.
   whole batch's stacked queries and only one float per (query row, chunk) is written. Scoring
   still multiplies the queries with every key (half the FLOPs of dense attention), which is why
   `MoskaConfig.reroute_every` can keep a selection for several decode steps.
+- The PCA kinds "int{bits}-pca{d}" (Loki-style low-rank keys): the same, but each key's residual
+  is first projected on the top W = D / d principal directions of its kv head's residuals (one
+  [W, D] projection per kv head, `ChunkSummaries.projection`, common to all chunks) and sketched
+  there with 4-bit packed or 8-bit codes; the queries are projected likewise before scoring.
+  W / D of the multiplies and (8-bit) of the per-key work the unpacking costs. The retrieval
+  model's keys keep their needles in half the directions (accuracy_pca_c64.md).
 Single-vector summaries cannot find needles: on the trained retrieval model
 (`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
 choice, while "int4" matches routing by the exact logits (`oracle_route`, the reference router).
@@ -53,12 +59,12 @@ _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a request with no live ro
 
 
 class SummaryKind(NamedTuple):
-  """summarize(k[N, C, Hkv, D] f32, valid[N, C]) -> tuple of [N, ...] arrays;
-  score(q[B, T, Hkv, G, D] (its own dtype), arrays, kernel) -> [B, Hkv, N] f32, where `kernel`
-  holds the `backend=` / `interpret=` a kind's kernel runs with."""
+  """summarize(k[N, C, Hkv, D] f32, valid[N, C]) -> (tuple of [N, ...] arrays, projection or
+  None); score(q[B, T, Hkv, G, D] (its own dtype), arrays, projection, kernel) -> [B, Hkv, N]
+  f32, where `kernel` holds the `backend=` / `interpret=` a kind's kernel runs with."""
 
-  summarize: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]]
-  score: Callable[[jax.Array, tuple[jax.Array, ...], dict], jax.Array]
+  summarize: Callable[[jax.Array, jax.Array], tuple[tuple[jax.Array, ...], jax.Array | None]]
+  score: Callable[[jax.Array, tuple[jax.Array, ...], jax.Array | None, dict], jax.Array]
 
 
 def _mean(k: jax.Array, valid: jax.Array) -> jax.Array:
@@ -80,24 +86,55 @@ def _summed(q: jax.Array) -> jax.Array:
   return jnp.sum(q.astype(jnp.float32), axis=(1, 3))
 
 
-def _score_mean(q, arrays, kernel):
-  del kernel  # linear kinds score in XLA
+def _score_mean(q, arrays, projection, kernel):
+  del projection, kernel  # linear kinds score in XLA
   return jnp.einsum("bhd,nhd->bhn", _summed(q), arrays[0], precision=_HI)
 
 
-def _score_envelope(q, arrays, kernel):
-  del kernel
+def _score_envelope(q, arrays, projection, kernel):
+  del projection, kernel
   hi, lo = arrays  # each row's bound is linear in (max(q, 0), min(q, 0)): sum those
   return (jnp.einsum("bhd,nhd->bhn", _summed(jnp.maximum(q, 0)), hi, precision=_HI)
           + jnp.einsum("bhd,nhd->bhn", _summed(jnp.minimum(q, 0)), lo, precision=_HI))
 
 
-def _int4(k: jax.Array, valid: jax.Array):
+def _sketch(r: jax.Array, bits: int = 4) -> tuple[jax.Array, jax.Array]:
+  """r[..., W] -> (a scale per row [...], codes), r ~ scale * code: 4-bit codes packed
+  [..., W/2], or 8-bit codes [..., W] (`pallas_kernels.sketch`)."""
+  levels = sketch.LEVELS if bits == 4 else sketch.LEVELS_8BIT
+  scale = jnp.max(jnp.abs(r), axis=-1) / levels
+  codes = jnp.clip(jnp.round(r / jnp.where(scale > 0, scale, 1.0)[..., None]), -levels, levels)
+  return scale, sketch.pack(codes) if bits == 4 else codes.astype(jnp.int8)
+
+
+def _residuals(k: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each chunk's mean (its center) and its keys minus it (0 for invalid keys)."""
   center = _mean(k, valid)
-  r = jnp.where(valid[:, :, None, None], k - center[:, None], 0.0)
-  scale = jnp.max(jnp.abs(r), axis=-1) / sketch.LEVELS  # [N, C, Hkv]: one per key
-  codes = jnp.round(r / jnp.where(scale > 0, scale, 1.0)[..., None])
-  return center, scale, sketch.pack(jnp.clip(codes, -sketch.LEVELS, sketch.LEVELS)), valid
+  return center, jnp.where(valid[:, :, None, None], k - center[:, None], 0.0)
+
+
+def _int4(k: jax.Array, valid: jax.Array):
+  center, r = _residuals(k, valid)
+  scale, codes = _sketch(r)  # one scale per key
+  return (center, scale, codes, valid), None
+
+
+def _pca_sketch(bits: int, divisor: int):
+  """The "int4" sketch with `bits`-bit codes of each key's residual projected on the top
+  W = D / divisor principal directions of its kv head's residuals (rounded up to an even W):
+  W / D of the scorer's multiplies, exact for the part of the residual in those directions."""
+
+  def summarize(k: jax.Array, valid: jax.Array):
+    center, r = _residuals(k, valid)
+    D = k.shape[-1]
+    width = min(D, 2 * -(-D // (2 * divisor)))
+    cov = jnp.einsum("nchd,nche->hde", r, r, precision=_HI)  # [Hkv, D, D]
+    _, vecs = jnp.linalg.eigh(cov)  # ascending eigenvalues
+    projection = jnp.swapaxes(vecs[..., ::-1][..., :width], 1, 2)  # [Hkv, W, D]
+    scale, codes = _sketch(jnp.einsum("nchd,hwd->nchw", r, projection, precision=_HI), bits)
+    return (center, scale, codes, valid), projection
+
+  return summarize
 
 
 def _chunk_max(q: jax.Array, per_key: tuple[jax.Array, ...], valid: jax.Array,
@@ -130,14 +167,18 @@ def _max_over_live_rows(q: jax.Array, logit: jax.Array) -> jax.Array:
   return jnp.max(jnp.where(live, logit, _MASKED), axis=(1, 3))
 
 
-def _score_int4(q, arrays, kernel):
-  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q . code_nc): the kernel takes the
-  # largest sketched term of each (row, chunk) over the valid keys (a prefix of the store), the
-  # center term is added per chunk.
+def _score_sketch(q, arrays, projection, kernel):
+  # logit(q, key c of chunk n) ~ q . center_n + scale_nc * (q' . code_nc), q' = q projected on
+  # the sketch's directions (q itself without a projection): the kernel takes the largest
+  # sketched term of each (row, chunk) over the valid keys (a prefix of the store), the center
+  # term is added per chunk.
   center, scale, codes, valid = arrays
   B, T, Hkv, G, D = q.shape
   N, C = valid.shape
-  best = pk.chunk_scores(q.reshape(B, T, Hkv * G, D), codes.reshape(N * C, Hkv, D // 2),
+  qs = q if projection is None else jnp.einsum(
+      "bthgd,hwd->bthgw", q.astype(jnp.float32), projection, precision=_HI).astype(q.dtype)
+  W = qs.shape[-1]
+  best = pk.chunk_scores(qs.reshape(B, T, Hkv * G, W), codes.reshape(N * C, Hkv, -1),
                          scale.reshape(N * C, Hkv), chunk_size=C,
                          kv_length=jnp.sum(valid, dtype=jnp.int32), **kernel)
   logit = best.reshape(B, T, Hkv, G, N) + jnp.einsum(
@@ -149,10 +190,14 @@ def _exact_logits(rows, k):
   return jnp.einsum("hrd,nchd->hrnc", rows, k, precision=_HI)
 
 
+# The kinds scored by the `pallas_kernels.chunk_scores` kernel (`MoskaConfig.int8_scorer` applies).
+SKETCH_KINDS = ("int4", "int4-pca2", "int4-pca4", "int8-pca2", "int8-pca4")
 SUMMARIES: dict[str, SummaryKind] = {
-    "mean": SummaryKind(lambda k, valid: (_mean(k, valid),), _score_mean),
-    "envelope": SummaryKind(_envelope, _score_envelope),
-    "int4": SummaryKind(_int4, _score_int4),
+    "mean": SummaryKind(lambda k, valid: ((_mean(k, valid),), None), _score_mean),
+    "envelope": SummaryKind(lambda k, valid: (_envelope(k, valid), None), _score_envelope),
+    "int4": SummaryKind(_int4, _score_sketch),
+    **{f"int{bits}-pca{d}": SummaryKind(_pca_sketch(bits, d), _score_sketch)
+       for bits in (4, 8) for d in (2, 4)},
 }
 
 
@@ -163,21 +208,34 @@ class ChunkSummaries:
 
   arrays: the kind's arrays, each with N rows: "mean" (mean [N, Hkv, D] f32,), "envelope" (max,
     min [N, Hkv, D] f32), "int4" (center [N, Hkv, D] f32, scale [N, C, Hkv] f32, codes
-    [N, C, Hkv, D/2] int8 (`pallas_kernels.sketch` packing), valid [N, C] bool).
+    [N, C, Hkv, D/2] int8 (`pallas_kernels.sketch` packing), valid [N, C] bool), the PCA kinds
+    "int{4,8}-pca{2,4}" (the same with codes of the W projected dimensions: [N, C, Hkv, W/2]
+    packed 4-bit, [N, C, Hkv, W] 8-bit).
   num_valid_chunks: int32 scalar, chunks [0, num_valid_chunks) hold a key before kv_length.
   kind: key of `SUMMARIES` (static).
   chunk_size: C (static).
+  projection: [Hkv, W, D] f32, the principal directions the PCA kinds sketch along (one set per
+    kv head, common to all chunks); None for the other kinds.
   """
 
   arrays: tuple[jax.Array, ...]
   num_valid_chunks: jax.Array
   kind: str = dataclasses.field(metadata=dict(static=True))
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
+  projection: jax.Array | None = None
 
   @property
   def num_chunks(self) -> int:
     """N, the chunk slots (valid or not)."""
     return self.arrays[0].shape[0]
+
+  def map_parts(self, per_chunk: Callable, common: Callable) -> ChunkSummaries:
+    """per_chunk(x) for each array of N rows, common(x) for num_valid_chunks and the projection:
+    how a sharded store splits the first over its devices and replicates the rest."""
+    return dataclasses.replace(
+        self, arrays=tuple(per_chunk(x) for x in self.arrays),
+        num_valid_chunks=common(self.num_valid_chunks),
+        projection=None if self.projection is None else common(self.projection))
 
 
 def _check_kind(summary: str) -> SummaryKind:
@@ -215,14 +273,16 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
     kv_length: optional int scalar: only keys [0, kv_length) are summarized; chunks with no
       valid key get zero summaries and are never routed to. A concrete value must lie in
       [0, S]; a traced one is clamped to it.
-    summary: a key of `SUMMARIES` ("mean", "envelope" or "int4").
+    summary: a key of `SUMMARIES` ("mean", "envelope", "int4" or a PCA kind, "int4-pca2",
+      "int4-pca4", "int8-pca2", "int8-pca4").
 
   Returns:
     `ChunkSummaries` of N = ceil(S / C) chunks.
   """
   kind = _check_kind(summary)
   kc, valid, num_valid = _chunked(k, chunk_size, kv_length, "chunk_summaries")
-  return ChunkSummaries(tuple(kind.summarize(kc, valid)), num_valid, summary, chunk_size)
+  arrays, projection = kind.summarize(kc, valid)
+  return ChunkSummaries(tuple(arrays), num_valid, summary, chunk_size, projection)
 
 
 def _check_route(q: jax.Array, N: int, Hkv: int, D: int, top_k: int,
@@ -286,9 +346,10 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
     chunk_ids [B, Hkv, K] int32, duplicate-free, ordered by decreasing score (forced chunks
     first); when fewer than K chunks are valid the tail is -1 (which chunk_attention ignores).
   """
+  projection = None
   if isinstance(summaries, ChunkSummaries):
     arrays, kind = summaries.arrays, _check_kind(summaries.kind)
-    n_valid = summaries.num_valid_chunks
+    n_valid, projection = summaries.num_valid_chunks, summaries.projection
   else:
     if (not hasattr(summaries, "ndim") or summaries.ndim != 3
         or not jnp.issubdtype(summaries.dtype, jnp.floating)):
@@ -300,7 +361,7 @@ def route(q: jax.Array, summaries: ChunkSummaries | jax.Array, top_k: int, *,
   if num_valid_chunks is not None:
     n_valid = checks.check_kv_length(num_valid_chunks, N, op="route", name="num_valid_chunks",
                                      bound="N")
-  scores = kind.score(_grouped(q, Hkv), arrays,
+  scores = kind.score(_grouped(q, Hkv), arrays, projection,
                       dict(int8=int8, backend=backend, interpret=interpret))
   return _select(scores, top_k, forced, n_valid)
 

@@ -290,17 +290,18 @@ def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str,
 
 
 def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDims, int]:
-  """Validates q[B, T, Hq, D] against packed sketches codes[S, Hkv, D/2] (int8) and scales
-  scale[S, Hkv]; returns (dims, N chunks)."""
+  """Validates q[B, T, Hq, D] against sketches codes[S, Hkv, D/2] (int8, packed 4-bit) or
+  codes[S, Hkv, D] (int8, 8-bit) and scales scale[S, Hkv]; returns (dims, N chunks)."""
   positive_int(chunk_size, name="chunk_size", where=op)
   for name, x in (("q", q), ("codes", codes), ("scale", scale)):
     check_array(name, x, op)
   if q.ndim != 4 or q.shape[-1] % 2:
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D] with D even, got {q.shape}")
   B, T, Hq, D = q.shape
-  if codes.ndim != 3 or codes.shape[-1] != D // 2 or codes.dtype != jnp.int8:
-    raise ValueError(f"{op}: codes must be an int8 array of shape [S, Hkv, D/2={D // 2}], got "
-                     f"{codes.shape} {codes.dtype}")
+  if codes.ndim != 3 or codes.shape[-1] not in (D // 2, D) or codes.dtype != jnp.int8:
+    raise ValueError(f"{op}: codes must be an int8 array of shape [S, Hkv, D/2={D // 2}] "
+                     f"(packed 4-bit) or [S, Hkv, D={D}] (8-bit), got {codes.shape} "
+                     f"{codes.dtype}")
   S, Hkv, _ = codes.shape
   _check_gqa(op, Hq, Hkv, "codes")
   _check_float("q", q, op)
@@ -308,7 +309,7 @@ def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDi
     raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}], got "
                      f"{scale.shape} {scale.dtype}")
   _check_nonempty("q", q, "[B, T, Hq, D]", op)
-  _check_nonempty("codes", codes, "[S, Hkv, D/2]", op)
+  _check_nonempty("codes", codes, "[S, Hkv, D/2 or D]", op)
   return AttentionDims(B, T, Hq, Hkv, D, S), -(-S // chunk_size)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import checks, dispatch, layout
+from pallas_kernels import checks, dispatch, layout, sketch
 from pallas_kernels.dispatch import Implementation
 from pallas_kernels.gpu import softmax, triton_scores
 from pallas_kernels.gpu import tuning as gpu_tuning
@@ -37,7 +37,7 @@ OP_NAME = "chunk_scores"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScoresProblem(dispatch.Problem):
-  codes: Any  # [S, Hkv, D/2] int8
+  codes: Any  # [S, Hkv, D/2] (packed 4-bit) or [S, Hkv, D] (8-bit) int8
   scale: Any  # [S, Hkv]
   chunk_size: int
   num_chunks: int
@@ -60,17 +60,17 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.round(x / scale[..., None]).astype(jnp.int8), scale
 
 
-def _halves(p: ScoresProblem, block_m: int) -> tuple:
-  """The folded query rows' two halves of D (int8 with their row scales when p.int8, else in the
-  query dtype), padded to whole row blocks, and the valid keys."""
+def _query_parts(p: ScoresProblem, block_m: int) -> tuple:
+  """The folded query rows as the parts the codes multiply (`sketch.split`: the two halves of D
+  for packed codes, else all of D), int8 with their row scales when p.int8, else in the query
+  dtype, padded to whole row blocks; and the valid keys."""
   q_rows = layout.fold_queries(p.q, p.dims.Hkv)
   q_rows = jnp.pad(q_rows, ((0, 0), (0, -p.dims.M % block_m), (0, 0)))
   row_scale = None
   if p.int8:
     q_rows, row_scale = quantize_rows(q_rows)
-  half = p.dims.D // 2
   n = jnp.int32(p.dims.S) if p.kv_length is None else jnp.clip(p.kv_length, 0, p.dims.S)
-  return q_rows[..., :half], q_rows[..., half:], row_scale, n
+  return sketch.split(q_rows, sketch.is_packed(p.codes.shape[-1], p.dims.D)), row_scale, n
 
 
 def _unfold(p: ScoresProblem, out: jax.Array, row_scale) -> jax.Array:
@@ -90,9 +90,9 @@ def _run_xla(p: ScoresProblem, config, interpret):
 
 
 def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
-  q_lo, q_hi, row_scale, n = _halves(p, c.block_m)
+  q_parts, row_scale, n = _query_parts(p, c.block_m)
   out = triton_scores.chunk_scores(
-      q_lo, q_hi, p.codes, p.scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
+      q_parts, p.codes, p.scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
       block_k=c.block_k, chunks_per_program=c.chunks_per_program, num_warps=c.num_warps,
       num_stages=c.num_stages, precision=None if p.int8 else softmax.dot_precision(
           p.dtype, interpret), interpret=interpret)
@@ -100,9 +100,9 @@ def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
 
 
 def _run_mosaic_tpu(p: ScoresProblem, c: MosaicTpuScoresConfig, interpret):
-  q_lo, q_hi, row_scale, n = _halves(p, c.block_m)
+  q_parts, row_scale, n = _query_parts(p, c.block_m)
   out = mosaic_scores.chunk_scores(
-      q_lo, q_hi, p.codes, p.scale.T.astype(jnp.float32), n, chunk_size=p.chunk_size,
+      q_parts, p.codes, p.scale.T.astype(jnp.float32), n, chunk_size=p.chunk_size,
       block_m=c.block_m, block_k=c.block_k, chunks_per_block=c.chunks_per_block,
       interpret=dispatch.tpu_interpret(interpret))
   return _unfold(p, out, row_scale)
@@ -129,7 +129,8 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
 
   Args:
     q: [B, T, Hq, D] queries (D even); query head h reads kv head h // G.
-    codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`).
+    codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`), or
+      [S, Hkv, D] int8 8-bit ones (`pallas_kernels.sketch`).
     scale: [S, Hkv] float per-key scales (0 for keys that must never score).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
     kv_length: optional int scalar: keys [0, kv_length) count; in [0, S] (traced: clamped).

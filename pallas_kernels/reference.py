@@ -141,7 +141,8 @@ def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_
 
   Args:
     q: [B, T, Hq, D] queries; query head h reads kv head h // G.
-    codes: [S, Hkv, D/2] int8 packed 4-bit key sketches (`pallas_kernels.sketch`).
+    codes: [S, Hkv, D/2] int8 packed 4-bit or [S, Hkv, D] 8-bit key sketches
+      (`pallas_kernels.sketch`).
     scale: [S, Hkv] float per-key scales: key s is approximated (up to its chunk's center,
       which the caller adds) by scale[s] * code[s].
     chunk_size: C; chunk n is keys [n*C, (n+1)*C).
@@ -154,8 +155,8 @@ def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_
   B, T, Hq, D = q.shape
   S, Hkv, _ = codes.shape
   N = -(-S // chunk_size)
-  lo, hi = sketch.unpack(codes)
-  k = jnp.concatenate([lo, hi], axis=-1).astype(jnp.float32) * scale[..., None]
+  k = jnp.concatenate(sketch.parts(codes, sketch.is_packed(codes.shape[-1], D)), axis=-1)
+  k = k.astype(jnp.float32) * scale[..., None]
   qg = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
   s = jnp.einsum("bthgd,shd->bthgs", qg, k, precision=_HI)
   n = S if kv_length is None else kv_length

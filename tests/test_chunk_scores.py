@@ -14,12 +14,13 @@ OP = "chunk_scores"
 
 
 def scores_f64(q, codes, scale, C, kv_length=None):
-  """max over the valid keys of each chunk of scale * (q . code), float64; codes unpacked by
-  hand (low nibble = dim j, high nibble = dim j + D/2, two's complement)."""
+  """max over the valid keys of each chunk of scale * (q . code), float64; packed codes unpacked
+  by hand (low nibble = dim j, high nibble = dim j + D/2, two's complement), 8-bit codes as is."""
   q, scale = np.asarray(q, np.float64), np.asarray(scale, np.float64)
   b = np.asarray(codes).astype(np.int64)
   lo, hi = b & 15, b >> 4
-  code = np.concatenate([np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)], -1)
+  code = b if b.shape[-1] == q.shape[-1] else np.concatenate(
+      [np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)], -1)
   B, T, Hq, D = q.shape
   S, Hkv, _ = code.shape
   G, n, N = Hq // Hkv, S if kv_length is None else kv_length, -(-S // C)
@@ -33,34 +34,42 @@ def scores_f64(q, codes, scale, C, kv_length=None):
   return out
 
 
-def _inputs(seed, B, T, G, Hkv, D, S, dtype):
+def _inputs(seed, B, T, G, Hkv, D, S, dtype, bits=4):
+  """Random queries, scales and codes: packed 4-bit ([S, Hkv, D/2]) or 8-bit ([S, Hkv, D])."""
   rng = np.random.default_rng(seed)
   q = kc.random_normal(rng, (B, T, G * Hkv, D), dtype)
-  codes = sketch.pack(jnp.asarray(rng.integers(-7, 8, (S, Hkv, D))))
+  if bits == 4:
+    codes = sketch.pack(jnp.asarray(rng.integers(-7, 8, (S, Hkv, D))))
+  else:
+    codes = jnp.asarray(rng.integers(-127, 128, (S, Hkv, D)), jnp.int8)
   scale = jnp.asarray(rng.uniform(0.05, 1.0, (S, Hkv)), jnp.float32)
   return q, codes, scale
 
 
-# (B, T, G, Hkv, D, S, C, kv_length, dtype): partial last chunks, kv_length inside a chunk,
-# GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses.
+# (B, T, G, Hkv, D, S, C, kv_length, dtype, bits): partial last chunks, kv_length inside a chunk,
+# GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses, packed
+# 4-bit and 8-bit codes (the widths of PCA sketches: 32, 64).
 CASES = [
-    (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32),
-    (3, 1, 2, 2, 80, 640, 128, 600, jnp.bfloat16),  # head dim 80: 40-byte sketch rows, padded
-    (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32),
-    (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16),
-    (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16),
+    (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32, 4),
+    (3, 1, 2, 2, 80, 640, 128, 600, jnp.bfloat16, 4),  # head dim 80: 40-byte sketch rows, padded
+    (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32, 4),
+    (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16, 4),
+    (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16, 4),
+    (3, 1, 4, 2, 64, 1000, 128, 900, jnp.float32, 8),
+    (9, 1, 8, 2, 32, 1300, 256, None, jnp.bfloat16, 8),
+    (2, 3, 1, 1, 64, 700, 64, 650, jnp.bfloat16, 8),
 ]
 
 
 def _case_id(c):
-  return "B{}T{}G{}H{}D{}S{}C{}n{}{}".format(*c[:8], jnp.dtype(c[8]).name)
+  return "B{}T{}G{}H{}D{}S{}C{}n{}{}-{}bit".format(*c[:8], jnp.dtype(c[8]).name, c[9])
 
 
 @pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_f64(implementation, interpret, case):
-  *shape, C, kv_length, dtype = case
-  q, codes, scale = _inputs(CASES.index(case), *shape, dtype)
+  *shape, C, kv_length, dtype, bits = case
+  q, codes, scale = _inputs(CASES.index(case), *shape, dtype, bits)
   n = None if kv_length is None else jnp.int32(kv_length)
   kc.plan_or_skip(OP, q, codes, scale, chunk_size=C, kv_length=n, implementation=implementation,
                   interpret=interpret)
@@ -87,12 +96,13 @@ def test_matches_f64(implementation, interpret, case):
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.skipif(
     not kc.ON_GPU, reason="needs a GPU"))])
 @pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic_tpu"])
-def test_int8_matrix_unit_path(implementation, interpret):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_matrix_unit_path(implementation, interpret, bits):
   """int8 query rows score within the quantization error of the float reference, and every
   implementation agrees with the int8 reference (integer dots are exact)."""
   if implementation != "triton" and not interpret:
     pytest.skip("compiled here: the Triton kernel only")
-  q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16)
+  q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16, bits)
   run = lambda impl, i: kc.run(chunk_scores, q, codes, scale, chunk_size=128, int8=True,
                                implementation=impl, interpret=i)
   out = run(implementation, interpret and implementation != "xla")
@@ -107,8 +117,11 @@ def test_empty_and_validation():
   out = kc.run(chunk_scores, q, codes, scale, chunk_size=128, kv_length=jnp.int32(0),
                implementation="triton", interpret=True)
   assert np.all(np.isneginf(np.asarray(out)))
-  with pytest.raises(ValueError, match=r"codes must be an int8 array of shape \[S, Hkv, D/2=32\]"):
+  with pytest.raises(ValueError, match=r"codes must be an int8 array of shape \[S, Hkv, D/2=32\] "
+                                       r"\(packed 4-bit\) or \[S, Hkv, D=64\] \(8-bit\)"):
     chunk_scores(q, codes.astype(jnp.uint8), scale, chunk_size=128)
+  with pytest.raises(ValueError, match=r"codes must be an int8 array"):
+    chunk_scores(q, codes[..., :16], scale, chunk_size=128)
   with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\]"):
     chunk_scores(q, codes, scale[:10], chunk_size=128)
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):

@@ -405,7 +405,8 @@ def test_validation_errors(setup):
   with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
     engine.generate(["ok"], 0)
   with pytest.raises(ValueError, match=r"MoskaConfig.summary must be one of \['envelope', "
-                     r"'int4', 'mean'\], got 'median'"):
+                     r"'int4', 'int4-pca2', 'int4-pca4', 'int8-pca2', 'int8-pca4', 'mean'\], "
+                     r"got 'median'"):
     MoskaConfig(mode="sparse", top_k=1, summary="median")
   with pytest.raises(ValueError, match="chunk_size=32 must match"):
     MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=1, chunk_size=32),

@@ -1,11 +1,11 @@
 """MoskaEngine on DeviceGroups: the disaggregated engine equals the single-device engine.
 
-For every split (one device, 1+1, 2+6, 4+4), dense and sparse (and int4-summary routing on one
-device and on 2+6, the split that pads the store), greedy generation gives the same tokens and the
-same logits (f32 tolerance) as the engine without groups, the shared store is really split in whole
-chunks over the shared devices of the span (the unique devices' rows hold the pages), a step is one
-program per part that moves nothing between devices outside it, and the cross-group bytes are
-counted. Mixed prefill + decode steps, sampling streams and recovery from a lost K/V memory run
+For every split (one device, 1+1, 2+6, 4+4), dense and sparse (and routing by 4-bit sketches of
+principal directions, "int4-pca2", on one device and on 2+6, the split that pads the store),
+greedy generation gives the same tokens and the same logits (f32 tolerance) as the engine
+without groups, the shared store is really split in whole chunks over the shared devices of the
+span (the unique devices' rows hold the pages), a step is one program per part that moves nothing
+between devices outside it, and the cross-group bytes are counted. Mixed prefill + decode steps, sampling streams and recovery from a lost K/V memory run
 there too; several contexts, reroute_every > 1 and batch-aware tiles are refused on disaggregated
 groups (one device runs them). TPU interpret mode runs on a 2-device unique group with requests
 split over it (it aborted when the step was partitioned by GSPMD).
@@ -33,15 +33,16 @@ SPLITS = {"single": (1, None), "1+1": (2, 1), "2+6": (8, 6), "4+4": (8, 4)}
 MODES = {"dense": MoskaConfig(backend="xla"),
          "sparse": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C, always_include=(0,),
                                backend="xla"),
-         "sparse-int4": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C, summary="int4",
-                                    backend="xla")}
+         "sparse-sketch": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C,
+                                      summary="int4-pca2", backend="xla")}
 NEW_TOKENS = 3
-# Every split runs dense and routed (mean summaries); the int4 summaries, whose arrays the spans
-# place like the mean's (whole chunks per shared device), run on one device and on 2+6, the split
-# whose store is padded past its chunks (two shared devices empty); and on 2+2 with the int8
-# scorer in test_mixed_steps_sampling_and_recovery_on_groups.
+# Every split runs dense and routed (mean summaries); the sketch summaries, whose per-chunk arrays
+# the spans place like the mean's (whole chunks per shared device) and whose projection they
+# replicate, run on one device and on 2+6, the split whose store is padded past its chunks (two
+# shared devices empty); and on 2+2 with the int8 scorer in
+# test_mixed_steps_sampling_and_recovery_on_groups.
 CASES = [(split, mode) for split in SPLITS for mode in MODES
-         if mode != "sparse-int4" or split in ("single", "2+6")]
+         if mode != "sparse-sketch" or split in ("single", "2+6")]
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +179,8 @@ def test_mixed_steps_sampling_and_recovery_on_groups(setup):
   its requests, and the memory is rebuilt (zero pages, the store's rows) for the next call."""
   model, stores, _, _ = setup
   groups = make_device_groups(jax.devices()[:4], num_shared=2)
-  mcfg = dataclasses.replace(MODES["sparse-int4"], int8_scorer=True)
-  store = stores["sparse-int4"]
+  mcfg = dataclasses.replace(MODES["sparse-sketch"], int8_scorer=True)
+  store = stores["sparse-sketch"]
   rng = np.random.default_rng(1)
   prompts = [list(rng.integers(0, 256, n)) for n in (21, 3, 12)]
   sampling = [Sampling(temperature=0.8, seed=s) for s in (5, 6, 7)]

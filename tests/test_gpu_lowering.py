@@ -1,6 +1,6 @@
 """The Mosaic GPU kernels lower for CUDA on any machine: their Pallas -> Mosaic GPU lowering
 (layout inference, the float8 -> float16 widening, barriers, TMA transforms) runs here, on CPU,
-for the configs "auto" plans on Hopper. What a GPU adds (PTX compilation, numerics) is in the
+for the configs "auto" plans on Hopper; so does the Triton scorer's Pallas -> Triton step. What a GPU adds (PTX compilation, numerics) is in the
 compiled tests, skipped off Hopper."""
 
 import jax
@@ -62,7 +62,7 @@ def test_chunk_attention_lowers():
 @pytest.mark.parametrize("T,G,page_size,kv_dtype", [
     (1, 4, 16, "bfloat16"),  # four pages per 64-key tile
     (4, 8, 128, "bfloat16"),  # one tile = part of a page; causal over the 4 newest tokens
-    (1, 8, 64, "float8_e4m3fn"),  # two consumers taking turns over the tiles
+    (1, 8, 64, "float8_e4m3fn"),  # float8 pages widened
 ])
 def test_unique_attention_lowers(T, G, page_size, kv_dtype):
   B, Hkv, D, pages = 3, 2, 128, 5
@@ -73,4 +73,15 @@ def test_unique_attention_lowers(T, G, page_size, kv_dtype):
   if kv_dtype != "bfloat16":
     scales = dict(k_scale=jnp.full((Hkv,), 0.01), v_scale=jnp.full((Hkv,), 0.02))
   plan = _lower("unique_attention", args, **scales)
-  assert plan.config.split_keys == (kv_dtype != "bfloat16")
+  assert (plan.config.consumers, plan.config.split_keys) == (1, False)
+
+
+@pytest.mark.parametrize("codes_width,int8", [(64, False), (128, True), (64, True)])
+def test_chunk_scores_triton_lowers(codes_width, int8):
+  """The Triton scorer lowers for CUDA (its Pallas -> Triton IR step runs here) with packed
+  4-bit codes (D/2) and 8-bit codes (D), bf16 or int8 query rows."""
+  q = _sds((8, 1, 32, 128), "bfloat16")
+  codes, scale = _sds((1 << 14, 8, codes_width), jnp.int8), _sds((1 << 14, 8), jnp.float32)
+  fn = jax.jit(lambda *a: pk.chunk_scores(*a, chunk_size=512, int8=int8,
+                                          implementation="triton"))
+  fn.trace(q, codes, scale).lower(lowering_platforms=("cuda",))

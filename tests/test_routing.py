@@ -42,16 +42,20 @@ def unpack_np(packed):
                         -1).astype(np.float64)
 
 
-def scores_np(q, arrays, kind):
+def scores_np(q, arrays, kind, projection=None):
   """Router scores [B, Hkv, N]: mean/envelope summed over the G heads and T rows of a (request,
-  kv head), int4 the largest sketched logit over its live (non-zero) rows and valid keys."""
+  kv head), the sketch kinds the largest sketched logit over its live (non-zero) rows and valid
+  keys (a sketch of projected residuals maps back to D dimensions through the projection)."""
   q = np.asarray(q, np.float64)
   B, T, Hq, D = q.shape
   N, Hkv = arrays[0].shape[:2]
   qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
-  if kind == "int4":
-    center, scale, codes, valid = arrays
-    codes = codes if codes.shape[-1] == q.shape[-1] else unpack_np(codes)
+  if kind in routing.SKETCH_KINDS:
+    center, scale, codes, valid = (np.asarray(x) for x in arrays)
+    width = D if projection is None else projection.shape[1]  # the sketched dimensions
+    codes = unpack_np(codes) if 2 * codes.shape[-1] == width else codes.astype(np.float64)
+    if projection is not None:
+      codes = np.einsum("nchw,hwd->nchd", codes, np.asarray(projection, np.float64))
     keys = center[:, None] + scale[..., None] * codes  # [N, C, Hkv, D]
     logit = np.einsum("bthgd,nchd->bthgnc", qg, keys)
     logit = np.where(valid[None, None, None, None], logit, -np.inf)
@@ -82,10 +86,19 @@ def _assert_top_k(ids, scores, valid_n, forced=()):
         assert np.ptp(scores[b, h, list(diff)]) < 1e-4 * np.abs(scores[b, h]).max(), (got, want)
 
 
-KINDS = ["mean", "envelope", "int4"]
+NP_KINDS = ["mean", "envelope", "int4"]  # summaries_np builds these
+KINDS = NP_KINDS + ["int4-pca2", "int8-pca4"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def reference_arrays(k, C, n, s: routing.ChunkSummaries):
+  """The arrays to score against: summaries_np's, or for the PCA kinds (whose eigenvectors'
+  signs are arbitrary) the router's own, which test_pca_sketches checks."""
+  if s.kind in NP_KINDS:
+    return summaries_np(k, C, n, s.kind)
+  return tuple(np.asarray(x) for x in s.arrays)
+
+
+@pytest.mark.parametrize("kind", NP_KINDS)
 @pytest.mark.parametrize("kv_length", [None, 700, 129])
 def test_chunk_summaries_match_numpy(kind, kv_length):
   rng = np.random.default_rng(1)
@@ -118,6 +131,45 @@ def test_chunk_summaries_match_numpy(kind, kv_length):
     np.testing.assert_allclose(np.asarray(x), y, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,width,bits", [("int4-pca2", 16, 4), ("int4-pca4", 8, 4),
+                                             ("int8-pca2", 16, 8), ("int8-pca4", 8, 8)])
+@pytest.mark.parametrize("kv_length", [None, 700])
+def test_pca_sketches(kind, width, bits, kv_length):
+  """The PCA kinds: W orthonormal directions per kv head spanning the top-W principal subspace
+  of the valid residuals (float64 eigh; keys with a clear gap after W), the codes (4-bit packed
+  or 8-bit) within half a step of the residuals projected on them, the centers the chunk
+  means."""
+  rng = np.random.default_rng(11)
+  S, Hkv, D, C = 1000, 2, 32, 128
+  basis = np.linalg.qr(rng.standard_normal((Hkv, D, D)))[0]  # [Hkv, D, D] orthonormal columns
+  weights = np.where(np.arange(D) < width, 3.0, 0.3)  # a gap after the W-th direction
+  k = np.einsum("shd,hed->she", rng.standard_normal((S, Hkv, D)) * weights, basis)
+  s = jax.jit(lambda k, n: routing.chunk_summaries(k, C, n, summary=kind))(
+      jnp.asarray(k, jnp.float32), kv_length)
+  n = S if kv_length is None else kv_length
+  center, scale, codes, valid = (np.asarray(x) for x in s.arrays)
+  P = np.asarray(s.projection, np.float64)
+  assert P.shape == (Hkv, width, D) and codes.dtype == np.int8
+  assert codes.shape == (8, C, Hkv, width // 2 if bits == 4 else width)
+  np.testing.assert_allclose(np.einsum("hwd,hvd->hwv", P, P), np.broadcast_to(np.eye(width),
+                             (Hkv, width, width)), atol=1e-5)
+  mean = summaries_np(k, C, n, "mean")[0]
+  np.testing.assert_allclose(center, mean, atol=1e-5)
+  kc = np.zeros((8 * C, Hkv, D))
+  kc[:S] = k
+  r = np.where(valid[..., None, None], kc.reshape(8, C, Hkv, D) - mean[:, None], 0.0)
+  cov = np.einsum("nchd,nche->hde", r, r)
+  top = np.linalg.eigh(cov)[1][..., ::-1][..., :width]  # [Hkv, D, W]
+  np.testing.assert_allclose(np.einsum("hwd,hwe->hde", P, P),
+                             np.einsum("hdw,hew->hde", top, top), atol=1e-4)
+  y = np.einsum("nchd,hwd->nchw", r, P)
+  codes = unpack_np(codes) if bits == 4 else codes.astype(np.float64)
+  assert np.abs(codes).max() == (7 if bits == 4 else 127)
+  np.testing.assert_array_equal(codes[~valid], 0)
+  np.testing.assert_array_equal(scale[~valid], 0)
+  assert np.all((np.abs(scale[..., None] * codes - y) <= scale[..., None] / 2 + 1e-4)[valid])
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("top_k", [1, 3, 8])
 def test_route_is_top_k_of_aggregated_scores(kind, top_k):
@@ -128,7 +180,7 @@ def test_route_is_top_k_of_aggregated_scores(kind, top_k):
   s = routing.chunk_summaries(k, C, summary=kind)
   ids = np.asarray(jax.jit(lambda q, s: routing.route(q, s, top_k))(q, s))
   assert ids.shape == (B, Hkv, top_k) and ids.dtype == np.int32
-  _assert_top_k(ids, scores_np(q, summaries_np(k, C, 500, kind), kind), 8)
+  _assert_top_k(ids, scores_np(q, reference_arrays(k, C, 500, s), kind, s.projection), 8)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -138,7 +190,7 @@ def test_route_always_include_and_kv_length(kind):
   k = random_normal(rng, (320, Hkv, D), jnp.float32)
   q = random_normal(rng, (B, 1, Hq, D), jnp.float32)
   s = routing.chunk_summaries(k, C, n, summary=kind)
-  scores = scores_np(q, summaries_np(k, C, n, kind), kind)
+  scores = scores_np(q, reference_arrays(k, C, n, s), kind, s.projection)
   for top_k, forced in ((3, (0,)), (4, (0, 9, 5)), (9, (0,))):
     ids = np.asarray(routing.route(q, s, top_k, always_include=forced))
     for c in forced:  # forced chunks are in every set unless past kv_length (chunk 9 is)

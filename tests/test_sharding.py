@@ -307,8 +307,11 @@ def test_overlapping_groups_raise():
 def test_bad_placement_and_step_args_raise(data):
   q, k, v, ids = data
   groups = groups_for("4+4")
-  with pytest.raises(ValueError, match="every summary leaf must have N=13"):
-    place_shared_kv(groups, k, v, np.zeros((12, Hkv, D)), chunk_size=C)
+  with pytest.raises(ValueError, match="every per-chunk summary array must have N=13"):
+    place_shared_kv(groups, k, v, routing.ChunkSummaries((np.zeros((12, Hkv, D)),), 12, "mean",
+                                                         C), chunk_size=C)
+  with pytest.raises(ValueError, match="summaries must be routing.ChunkSummaries or None"):
+    place_shared_kv(groups, k, v, np.zeros((13, Hkv, D)), chunk_size=C)
   with pytest.raises(ValueError, match="rows_per_device must be a multiple of chunk_size=16 and "
                                        "at least 64"):
     place_shared_kv(groups, k, v, chunk_size=C, rows_per_device=48)

@@ -47,9 +47,10 @@ SHAPES = {
     "unique_attention": ({"B": 1, "Hkv": 2, "page_size": 8, "max_pages": 125, "P": 251},
                          {"B": 3, "Hkv": 2, "page_size": 24, "max_pages": 43, "P": 131},
                          {"B": 2, "Hkv": 1, "page_size": 40, "max_pages": 13, "P": 27}),
-    "chunk_scores": ({"B": 3, "Hkv": 2, "S": 1000, "C": 128, "int8": 0},
-                     {"B": 1, "Hkv": 1, "S": 4097, "C": 512, "int8": 1},
-                     {"B": 2, "Hkv": 2, "S": 40000, "C": 256, "int8": 0}),  # > 128 chunks
+    "chunk_scores": ({"B": 3, "Hkv": 2, "S": 1000, "C": 128, "int8": 0, "bits": 4},
+                     {"B": 1, "Hkv": 1, "S": 4097, "C": 512, "int8": 1, "bits": 8},
+                     {"B": 2, "Hkv": 2, "S": 40000, "C": 256, "int8": 0, "bits": 4},  # > 128 N
+                     {"B": 2, "Hkv": 2, "S": 3000, "C": 256, "int8": 0, "bits": 8}),
 }
 OPS = {"shared_attention": pk.shared_attention, "chunk_attention": pk.chunk_attention,
        "unique_attention": pk.unique_attention, "chunk_scores": pk.chunk_scores}
@@ -84,7 +85,8 @@ def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tupl
     pages = sds((shape["P"], shape["page_size"], Hkv, D), kv_dtype)
     return (q, pages, pages, sds((B, shape["max_pages"]), jnp.int32), sds((B,), jnp.int32)), {}
   if op == "chunk_scores":
-    codes, scale = sds((shape["S"], Hkv, D // 2), jnp.int8), sds((shape["S"], Hkv), jnp.float32)
+    width = D // 2 if shape["bits"] == 4 else D  # packed 4-bit or 8-bit codes
+    codes, scale = sds((shape["S"], Hkv, width), jnp.int8), sds((shape["S"], Hkv), jnp.float32)
     return (q, codes, scale), {"chunk_size": shape["C"], "int8": bool(shape["int8"])}
   kv = sds((shape["S"], Hkv, D), kv_dtype)
   if op == "shared_attention":

@@ -211,6 +211,12 @@ def test_mosaic_gpu_split_keys_config_is_checked(kwargs, match):
     pk.MosaicGpuSharedConfig(block_k=128, num_splits=4, **kwargs)
 
 
+def test_mosaic_gpu_unique_config_has_one_consumer():
+  """Consumers taking turns over paged keys are refused (see mosaic_attention)."""
+  with pytest.raises(ValueError, match="consumers"):
+    pk.MosaicGpuUniqueConfig(block_k=128, num_stages=2, consumers=2, split_keys=True)
+
+
 @pytest.mark.parametrize("page_size", [8, 16, 64, 256])
 @pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.float8_e4m3fn])
 def test_mosaic_gpu_unique_plans_fit_and_refuse_what_they_cannot_run(page_size, kv_dtype):
@@ -226,7 +232,7 @@ def test_mosaic_gpu_unique_plans_fit_and_refuse_what_they_cannot_run(page_size, 
     scales = dict(k_scale=_sds((Hkv,), jnp.float32), v_scale=_sds((Hkv,), jnp.float32))
   args = (_sds((B, 1, 4 * Hkv, D)), pool, pool, tables, lengths)
   plan = pk.plan("unique_attention", *args, implementation="mosaic_gpu", target=tgt, **scales)
-  assert plan.config.split_keys == (kv_dtype != jnp.bfloat16)
+  assert (plan.config.consumers, plan.config.split_keys) == (1, False)
   plans = [p for p in pk.sweep("unique_attention", *args, backend="gpu", target=tgt, **scales)
            if p.implementation == "mosaic_gpu"]
   assert plan in plans and len(plans) > 4

@@ -112,13 +112,10 @@ def test_compiled_gpu_llama_heads(implementation, page_size, T):
 @pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
 @pytest.mark.parametrize("config", [
     pk.MosaicGpuUniqueConfig(block_k=64, num_stages=2, num_splits=5),
-    pk.MosaicGpuUniqueConfig(block_k=128, num_stages=2, num_splits=2, consumers=2,
-                             split_keys=True),
-    pk.MosaicGpuUniqueConfig(block_k=64, num_stages=3, num_splits=1, consumers=3,
-                             split_keys=True)])
+    pk.MosaicGpuUniqueConfig(block_k=128, num_stages=3, num_splits=2)])
 def test_compiled_mosaic_gpu_configs(config):
-  """Explicit Mosaic GPU tilings: more splits than a request has tiles, consumers taking turns
-  over the tiles, T = 4 causal rows, a request of one token."""
+  """Explicit Mosaic GPU tilings: more splits than a request has tiles, a tile of 8 pages,
+  T = 4 causal rows, a request of one token."""
   inputs = kc.paged_inputs(77, 4, 8, 2, 128, 16, (0, 1, 300, 64, 1000), jnp.bfloat16,
                            poison="finite")
   o, lse = kc.run(unique_attention, *inputs, implementation="mosaic_gpu", interpret=False,

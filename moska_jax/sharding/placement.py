@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from moska_jax import routing
 from moska_jax.sharding.groups import SPAN, DeviceGroups
 
 
@@ -90,15 +91,16 @@ class PlacedSharedKV(NamedTuple):
   k, v: [num_span_devices * R, Hkv, D] span arrays: shared device r holds the padded store's rows
     [r R, (r + 1) R), whole chunks; a unique device holds R zero rows (the room of its page pool,
     `PlacedSharedKV.rows_per_device`). Rows past the store are zero and masked by kv_length.
-  summaries: the given pytree with every per-chunk leaf as a span array [num_span * R / C, ...]
-    likewise (zeros on unique devices), scalars replicated; None when none was given.
+  summaries: the given `routing.ChunkSummaries` with every per-chunk array as a span array
+    [num_span * R / C, ...] likewise (zeros on unique devices), the rest replicated; None when
+    none was given.
   kv_length: int32 scalar replicated over the span: the valid rows (default the store's S).
   chunk_size: C.
   """
 
   k: jax.Array
   v: jax.Array
-  summaries: Any
+  summaries: routing.ChunkSummaries | None
   kv_length: jax.Array
   chunk_size: int
 
@@ -117,7 +119,8 @@ def shared_rows_per_device(groups: DeviceGroups, rows: int, chunk_size: int,
   return -(-per_device // step) * step
 
 
-def place_shared_kv(groups: DeviceGroups, k, v, summaries: Any = None, *, chunk_size: int,
+def place_shared_kv(groups: DeviceGroups, k, v,
+                    summaries: routing.ChunkSummaries | None = None, *, chunk_size: int,
                     kv_length: int | None = None, rows_per_device: int | None = None,
                     unique_blocks: tuple[Callable, Callable] | None = None) -> PlacedSharedKV:
   """Puts one layer's shared k, v[S, Hkv, D] (and per-chunk summaries) on the shared devices of
@@ -130,8 +133,8 @@ def place_shared_kv(groups: DeviceGroups, k, v, summaries: Any = None, *, chunk_
     groups: the device groups.
     k, v: [S, Hkv, D] host or single-process arrays (multi-process: the same values in every
       process; each process places its own devices' rows).
-    summaries: optional pytree whose array leaves of ndim >= 1 have N = ceil(S / C) rows (e.g.
-      `routing.ChunkSummaries`); scalar leaves are replicated.
+    summaries: optional `routing.ChunkSummaries` of N = ceil(S / C) chunks: their per-chunk
+      arrays are placed like the rows, the rest replicated.
     chunk_size: C.
     kv_length: the valid rows (default S); past them keys are masked.
     rows_per_device: R, a multiple of C with num_shared * R >= S (default the smallest,
@@ -174,15 +177,17 @@ def place_shared_kv(groups: DeviceGroups, k, v, summaries: Any = None, *, chunk_
 
     return span_blocks(groups, block, (per_device, *x.shape[1:]), x.dtype)
 
-  def place_summary(x):
-    if np.ndim(x) == 0:
-      return place_replicated(groups, x)
+  def per_chunk(x):
     if x.shape[0] != n_chunks:
-      raise ValueError(f"place_shared_kv: every summary leaf must have N={n_chunks} rows "
-                       f"(ceil(S={S} / chunk_size={chunk_size})), got shape {x.shape}")
+      raise ValueError(f"place_shared_kv: every per-chunk summary array must have N={n_chunks} "
+                       f"rows (ceil(S={S} / chunk_size={chunk_size})), got shape {x.shape}")
     return rows_of(x, n_local)
 
-  summaries = None if summaries is None else jax.tree.map(place_summary, summaries)
+  if summaries is not None:
+    if not isinstance(summaries, routing.ChunkSummaries):
+      raise ValueError(f"place_shared_kv: summaries must be routing.ChunkSummaries or None, got "
+                       f"{type(summaries).__name__}")
+    summaries = summaries.map_parts(per_chunk, lambda x: place_replicated(groups, x))
   k_block, v_block = unique_blocks or (None, None)
   return PlacedSharedKV(rows_of(k, R, k_block), rows_of(v, R, v_block), summaries,
                         place_replicated(groups, np.int32(kv_length)), chunk_size)

@@ -117,7 +117,8 @@ def route_on_span(ctx: SpanContext, q: jax.Array, summaries: routing.ChunkSummar
   if Hq % Hkv:
     raise ValueError(f"route_on_span: Hq={Hq} must be a multiple of the summaries' Hkv={Hkv}")
   grouped = q.reshape(B, T, Hkv, Hq // Hkv, D)
-  scores = routing.SUMMARIES[summaries.kind].score(grouped, arrays, kernel)  # [B, Hkv, N_local]
+  scores = routing.SUMMARIES[summaries.kind].score(  # [B, Hkv, N_local]
+      grouped, arrays, summaries.projection, kernel)
   ranks = np.asarray(ctx.shared_positions)
   gathered = jax.lax.all_gather(scores, SPAN)[ranks]  # [n, B, Hkv, N_local]
   scores = gathered.transpose(1, 2, 0, 3).reshape(B, Hkv, len(ranks) * n_local)
@@ -201,8 +202,10 @@ def _check_store(groups: DeviceGroups, name: str, x: jax.Array, cfg: SharedConfi
                      f"device (whole chunks per device), got {cfg.chunk_size!r}")
 
 
-def _summary_specs(summaries: Any) -> Any:
-  return jax.tree.map(lambda x: P() if x.ndim == 0 else P(SPAN), summaries)
+def summary_specs(summaries: routing.ChunkSummaries) -> routing.ChunkSummaries:
+  """The span specs of placed summaries: per-chunk arrays split over "span", the rest
+  replicated (`PlacedSharedKV.summaries`)."""
+  return summaries.map_parts(lambda x: P(SPAN), lambda x: P())
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,7 +231,7 @@ def shared_attention_program(groups: DeviceGroups, batch: int, cfg: SharedConfig
     specs = [P(SPAN), P(SPAN), P(SPAN), P()]
     args = [q, k, v, kv_length]
     if cfg.mode != "dense":
-      specs.append(P(SPAN) if cfg.mode == "sparse" else _summary_specs(extra))
+      specs.append(P(SPAN) if cfg.mode == "sparse" else summary_specs(extra))
       args.append(extra)
     return span_map(body, groups, tuple(specs), (P(), P()))(*args)
 
@@ -269,7 +272,7 @@ def disaggregated_attention_program(groups: DeviceGroups, batch: int, page_size:
     specs = (P(SPAN),) * 7 + (P(),)
     args = (q, k_pages, v_pages, tables, lengths, k, v, kv_length)
     if cfg.mode == "routed":
-      specs, args = specs + (_summary_specs(summaries),), args + (summaries,)
+      specs, args = specs + (summary_specs(summaries),), args + (summaries,)
     return span_map(body, groups, specs, (P(), P()))(*args)
 
   return jax.jit(program)

@@ -102,17 +102,12 @@ class MosaicGpuSharedConfig(_MosaicGpuAttentionConfig):
 @_frozen
 class MosaicGpuUniqueConfig(_MosaicGpuAttentionConfig):
   """unique_attention on Mosaic GPU (Hopper): one CTA per (request, kv head, split of its
-  tokens) owning the request's T * G query rows (at most 64): one consumer, or two / three
-  taking turns over the key tiles (split_keys); a tile is whole pages (or part of one page), by
-  one TMA copy each. Knobs: `_MosaicGpuAttentionConfig` (no ping-pong pair: 64 rows)."""
+  tokens) owning the request's T * G query rows (at most 64) with one consumer warpgroup; a tile
+  is whole pages (or part of one page), by one TMA copy each. Knobs: block_k, num_stages,
+  num_splits of `_MosaicGpuAttentionConfig`; consumers=1, split_keys=False only (see
+  `mosaic_attention.attention_over_ranges`)."""
 
-  consumers: int = knob(one_of, 1, choices=(1, 2, 3))
-
-  def __post_init__(self):
-    super().__post_init__()
-    if self.consumers == 2 and not self.split_keys:
-      raise ValueError(f"{type(self).__name__}: two consumers need split_keys (a request's rows "
-                       f"fill one 64-row tile)")
+  consumers: int = knob(one_of, 1, choices=(1,))
 
 
 @_frozen

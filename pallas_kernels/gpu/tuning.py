@@ -234,16 +234,15 @@ _MOSAIC_SCHEDULES = ((1, False, None, 2), (1, False, None, 3), (2, False, None, 
 
 
 def _mosaic_candidates(base, S: int, target: GpuTarget, programs, *,
-                       pair: bool = True) -> list:
+                       one_consumer: bool = False) -> list:
   """base, 64-key tiles with 2-4 slots (even with split_keys), half / double the splits, and the
-  other schedules of `_MOSAIC_SCHEDULES` (the ping-pong pair only if `pair`), their splits
-  refitted to the chip for programs(consumers, split_keys) CTAs per split."""
+  other schedules of `_MOSAIC_SCHEDULES` (none if `one_consumer`), their splits refitted to the
+  chip for programs(consumers, split_keys) CTAs per split."""
   tiles = [dataclasses.replace(base, block_k=64, num_stages=st)
            for st in ((2, 4) if base.split_keys else (2, 3, 4))]
   swaps = []
   for consumers, split_keys, block_k, stages in _MOSAIC_SCHEDULES:
-    if (consumers, split_keys) == (base.consumers, base.split_keys) or (
-        (consumers, split_keys) == (2, False) and not pair):
+    if (consumers, split_keys) == (base.consumers, base.split_keys) or one_consumer:
       continue
     block_k = block_k or base.block_k
     swaps.append(dataclasses.replace(
@@ -291,25 +290,20 @@ def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
 
 def mosaic_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
                   kv_dtype) -> MosaicGpuUniqueConfig:
-  """One 64-row CTA per (request, kv head, split): one consumer, two taking turns over the key
-  tiles for float8 K/V (as `mosaic_shared` does at small M; not measured on unique attention
-  yet); tiles and ring as `mosaic_shared`; each request's tokens split to fill the chip."""
-  split_keys = quant.is_fp8(kv_dtype)
-  consumers = 2 if split_keys else 1
-  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
-                                   kv_dtype=kv_dtype, multiple=2 if split_keys else 1)
+  """One 64-row CTA per (request, kv head, split) with one consumer (`MosaicGpuUniqueConfig`);
+  tiles and ring as `mosaic_shared`; each request's tokens split to fill the chip."""
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=1, kv_dtype=kv_dtype)
   splits = splits_to_fill(target, dims.B * dims.Hkv, math.ceil(dims.S / block_k))
-  return MosaicGpuUniqueConfig(block_k=block_k, num_splits=splits, num_stages=stages,
-                               consumers=consumers, split_keys=split_keys)
+  return MosaicGpuUniqueConfig(block_k=block_k, num_splits=splits, num_stages=stages)
 
 
 def mosaic_unique_candidates(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
                              kv_dtype) -> list[MosaicGpuUniqueConfig]:
-  """Neighbours of the default (`_mosaic_candidates`) over the schedules of
-  `MosaicGpuUniqueConfig` (no ping-pong pair: a request's rows fill one 64-row tile), a CTA per
-  request and kv head."""
+  """Neighbours of the default (`_mosaic_candidates`: tiles, ring and splits; one consumer, as
+  `MosaicGpuUniqueConfig` allows), a CTA per request and kv head."""
   base = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
-  return _mosaic_candidates(base, dims.S, target, lambda c, k: dims.B * dims.Hkv, pair=False)
+  return _mosaic_candidates(base, dims.S, target, lambda c, k: dims.B * dims.Hkv,
+                            one_consumer=True)
 
 
 def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
