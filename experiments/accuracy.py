@@ -90,8 +90,8 @@ def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
   return [MoskaConfig(mode="sparse", chunk_size=int(c), sparsity=s, summary=kind,
                       always_include=ai, int8_scorer=i8, batch_aware=int(tile), backend=backend)
           for c in FLAGS.accuracy_chunks for kind in FLAGS.accuracy_summaries
-          for i8 in ({bool(int(x)) for x in FLAGS.accuracy_int8_scorer} if kind in routing.SKETCH_KINDS
-                     else {False})
+          for i8 in ({bool(int(x)) for x in FLAGS.accuracy_int8_scorer}
+                     if kind in routing.SKETCH_KINDS else {False})
           for tile in FLAGS.accuracy_batch_aware
           for ai in always_include() for s in sparsities]
 

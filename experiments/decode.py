@@ -43,8 +43,9 @@ flags.DEFINE_enum("decode_kv_dtype", "model", ["model", *(d.name for d in pk.qua
                   "decode: K/V storage ('model': --dtype; float8: one scale per layer, kv head).")
 flags.DEFINE_integer("decode_chunk", 2048, "decode: routing chunk size of the sparse run.")
 flags.DEFINE_float("decode_sparsity", 0.75, "decode: sparsity of the sparse run.")
-flags.DEFINE_enum("decode_summary", "int4", list(SUMMARY_KINDS), "decode: the sparse router.")
-flags.DEFINE_boolean("decode_int8_scorer", True, "decode: int4 sketches scored on int8 units.")
+flags.DEFINE_enum("decode_summary", "int8-pca2", list(SUMMARY_KINDS), "decode: the sparse router.")
+flags.DEFINE_boolean("decode_int8_scorer", True,
+                     "decode: sketches scored with int8 query rows on the int8 units.")
 flags.DEFINE_integer("decode_reroute", 16, "decode: the sparse run re-routes every r steps.",
                      lower_bound=1)
 flags.DEFINE_integer("decode_page", 64, "decode: page size.")
@@ -134,7 +135,8 @@ def main() -> None:
   dense = MoskaConfig(backend=FLAGS.backend)
   sparse = MoskaConfig(mode="sparse", sparsity=FLAGS.decode_sparsity, chunk_size=C,
                        summary=FLAGS.decode_summary,
-                       int8_scorer=FLAGS.decode_int8_scorer and FLAGS.decode_summary in routing.SKETCH_KINDS,
+                       int8_scorer=(FLAGS.decode_int8_scorer
+                                    and FLAGS.decode_summary in routing.SKETCH_KINDS),
                        backend=FLAGS.backend)
   top_k = sparse.chunks_kept(-(-S // C))
   key = jax.random.key(FLAGS.seed)

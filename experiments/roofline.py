@@ -244,7 +244,7 @@ def _paper_scale_notes(table: list[dict], header: dict, path: str, used: str, hw
       f"{hw.hbm_bytes_per_s / 1e12:.2f} TB/s, {hw.matmul_flops_bf16 / 1e12:.0f}/"
       f"{hw.matmul_flops_fp8 / 1e12:.0f} TFLOP/s bf16/8-bit; weights at the run's dtype, K/V at "
       "its kv_dtype, the run's sparsity with per-request routing (the chunks read are the union "
-      "over the batch), baseline_paged = prefix_gemv. `*_router_ms`: the int4 sketch router "
+      "over the batch), baseline_paged = prefix_gemv. `*_router_ms`: the run's sketch router "
       "(`router_s`), once per re-routing; measured_router_ms = (route_ms - reuse_ms) / "
       "re-routing interval. x_baseline = baseline step / this step.",
   ]

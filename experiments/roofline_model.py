@@ -31,6 +31,7 @@ import math
 import re
 
 from experiments.hardware import Hardware
+from moska_jax.config import SKETCHES, sketch_width
 
 GiB = 2**30
 
@@ -395,13 +396,17 @@ DECODE_CONFIGS = {"moska_dense": "moska_dense", "moska_sparse": "moska_sparse",
 _WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
 
 
-def router_s(m: ModelShape, w: Workload, batch: float, c: Cluster, reroute_every: int) -> float:
-  """The int4 sketch router per step: every shared key's sketch (D/2 bytes of codes and an f32
-  scale per kv head) is read once per routing, and every query row is scored against every key
-  (q.k only: half the attention FLOPs) on the 8-bit units; one routing serves reroute_every
-  steps. (`step` leaves the router out; the headline assumes a per-chunk summary.)"""
-  n_bytes = w.shared * m.layers * m.kv_heads * (m.head_dim / 2 + 4)
-  flops = batch * w.shared * m.attn_flops_per_key / 2
+def router_s(m: ModelShape, w: Workload, batch: float, c: Cluster, reroute_every: int,
+             summary: str = "int4") -> float:
+  """The sketch router per step (`summary`, one of `config.SKETCHES`): every shared key's sketch
+  (W codes of its bits and an f32 scale per kv head, W = `config.sketch_width`) is read once per
+  routing, and every query row is scored against every key over W dimensions (q.k over all D
+  is half the attention FLOPs) on the 8-bit units; one routing serves reroute_every steps.
+  (`step` leaves the router out; the headline assumes a per-chunk summary.)"""
+  bits = SKETCHES[summary][0]
+  width = sketch_width(summary, m.head_dim)
+  n_bytes = w.shared * m.layers * m.kv_heads * (width * bits / 8 + 4)
+  flops = batch * w.shared * m.attn_flops_per_key / 2 * width / m.head_dim
   return roofline_s(n_bytes, flops, c, 1) / reroute_every
 
 
@@ -415,9 +420,9 @@ def _decode_flags(header: dict[str, str]) -> dict[str, str]:
   if got["decode_model"] != "llama3_1_8b":
     raise ValueError(f"decode header: decode_model must be llama3_1_8b (ModelShape's shape), got "
                      f"{got['decode_model']!r}")
-  if got["decode_summary"] != "int4":
-    raise ValueError(f"decode header: decode_summary must be int4 (what router_s prices), got "
-                     f"{got['decode_summary']!r}")
+  if got["decode_summary"] not in SKETCHES:
+    raise ValueError(f"decode header: decode_summary must be a sketch kind {sorted(SKETCHES)} "
+                     f"(what router_s prices), got {got['decode_summary']!r}")
   if got["dtype"] not in _WIDTHS:
     raise ValueError(f"decode header: dtype must be one of {sorted(_WIDTHS)}, got {got['dtype']!r}")
   return got
@@ -443,7 +448,8 @@ def decode_step(impl: str, row: dict, header: dict[str, str],
   chip = Cluster(hw, 1)
   B, config = int(row["B"]), DECODE_CONFIGS[impl]
   st = step(config, m, w, System(chip, chip, chip), B)
-  router = router_s(m, w, B, chip, int(f["decode_reroute"])) if config == "moska_sparse" else 0.0
+  router = (router_s(m, w, B, chip, int(f["decode_reroute"]), f["decode_summary"])
+            if config == "moska_sparse" else 0.0)
   return st, router
 
 

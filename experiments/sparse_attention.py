@@ -3,12 +3,13 @@
 One layer of --shape heads (default Llama-3.1-8B: Hq=32, Hkv=8, D=128), bf16, T=1, shared length
 S. For each chunk size C, batch B, sparsity (1 - K/N) and routing regime the same process times
 the router (`moska_jax.routing.route` on each of --sparse_summaries; the sketch kinds run the
-`chunk_scores` kernel, with int8 query rows too under --sparse_int8), the routed attention on its ids per
-(request, chunk) pair (`chunk_attention`) and per tile of alike requests over the union of their
-chunks (`--sparse_batch_aware` requests per tile: `routing.batch_aware` + `tile_chunk_attention`,
-what `MoskaConfig.batch_aware` runs), and the dense `shared_attention` over all of S. Each row is
-one operating point (scorer, reuse r, batch-aware or not): total = router / r (the selection is
-kept r decode steps, `MoskaConfig.reroute_every`) + routed attention. Accuracy comes from the
+`chunk_scores` kernel, with int8 query rows too under --sparse_int8), the routed attention on the
+first one's ids per (request, chunk) pair (`chunk_attention`) and per tile of alike requests over
+the union of their chunks (`--sparse_batch_aware` requests per tile: `routing.batch_aware` +
+`tile_chunk_attention`, what `MoskaConfig.batch_aware` runs), and the dense `shared_attention`
+over all of S. Each row is one operating point (scorer, reuse r, batch-aware or not): total =
+router / r (the selection is kept r decode steps, `MoskaConfig.reroute_every`) + routed
+attention. Accuracy comes from the
 `accuracy` experiment's CSV (--sparse_accuracy_csv), matched by (scorer, reuse, batch_aware,
 sparsity). coverage is the union of chosen (kv head, chunk) tiles over all tiles (the share of the
 shared KV read); chunk_x_floor sets the per-pair path against max(union bytes / read bandwidth,
@@ -46,7 +47,7 @@ flags.DEFINE_list("sparse_regimes", ["correlated", "uniform"], "sparse_attention
 flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correlated regime.")
 flags.DEFINE_float("sparse_topic_noise", 0.05,
                    "sparse_attention: query noise around its topic vector (correlated regime).")
-flags.DEFINE_multi_enum("sparse_summaries", ["int4", "int4-pca4"], list(routing.SUMMARIES),
+flags.DEFINE_multi_enum("sparse_summaries", ["int8-pca2", "int4"], list(routing.SUMMARIES),
                         "sparse_attention: the routers' summary kinds (the routed attention runs "
                         "on the first one's choice).")
 flags.DEFINE_bool("sparse_int8", False,

@@ -22,6 +22,16 @@ def check_int(value, name: str, where: str, minimum: int = 1) -> int:
 # The chunk summary kinds of `moska_jax.routing.SUMMARIES`, named here so that a config validates
 # without importing the router (tests check that the two agree).
 SUMMARY_KINDS = ("mean", "envelope", "int4", "int4-pca2", "int4-pca4", "int8-pca2", "int8-pca4")
+# The kinds that keep a sketch of every key (scored by `pallas_kernels.chunk_scores`): code bits
+# and the share of the key's D dimensions sketched (1 / divisor: the PCA kinds' projection).
+SKETCHES = {"int4": (4, 1), "int4-pca2": (4, 2), "int4-pca4": (4, 4), "int8-pca2": (8, 2),
+            "int8-pca4": (8, 4)}
+
+
+def sketch_width(kind: str, head_dim: int) -> int:
+  """W, the dimensions a sketch kind codes for keys of `head_dim` (D / divisor, rounded up to
+  an even number: packed codes hold two a byte)."""
+  return min(head_dim, 2 * -(-head_dim // (2 * SKETCHES[kind][1])))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moska_jax.config import SKETCHES, sketch_width
 from pallas_kernels import checks
 
 import pallas_kernels as pk
@@ -119,15 +120,15 @@ def _int4(k: jax.Array, valid: jax.Array):
   return (center, scale, codes, valid), None
 
 
-def _pca_sketch(bits: int, divisor: int):
-  """The "int4" sketch with `bits`-bit codes of each key's residual projected on the top
-  W = D / divisor principal directions of its kv head's residuals (rounded up to an even W):
-  W / D of the scorer's multiplies, exact for the part of the residual in those directions."""
+def _pca_sketch(kind: str):
+  """The "int4" sketch with the kind's code bits of each key's residual projected on the top
+  W principal directions of its kv head's residuals (`config.sketch_width`): W / D of the
+  scorer's multiplies, exact for the part of the residual in those directions."""
+  bits = SKETCHES[kind][0]
 
   def summarize(k: jax.Array, valid: jax.Array):
     center, r = _residuals(k, valid)
-    D = k.shape[-1]
-    width = min(D, 2 * -(-D // (2 * divisor)))
+    width = sketch_width(kind, k.shape[-1])
     cov = jnp.einsum("nchd,nche->hde", r, r, precision=_HI)  # [Hkv, D, D]
     _, vecs = jnp.linalg.eigh(cov)  # ascending eigenvalues
     projection = jnp.swapaxes(vecs[..., ::-1][..., :width], 1, 2)  # [Hkv, W, D]
@@ -191,13 +192,12 @@ def _exact_logits(rows, k):
 
 
 # The kinds scored by the `pallas_kernels.chunk_scores` kernel (`MoskaConfig.int8_scorer` applies).
-SKETCH_KINDS = ("int4", "int4-pca2", "int4-pca4", "int8-pca2", "int8-pca4")
+SKETCH_KINDS = tuple(SKETCHES)
 SUMMARIES: dict[str, SummaryKind] = {
     "mean": SummaryKind(lambda k, valid: ((_mean(k, valid),), None), _score_mean),
     "envelope": SummaryKind(lambda k, valid: (_envelope(k, valid), None), _score_envelope),
     "int4": SummaryKind(_int4, _score_sketch),
-    **{f"int{bits}-pca{d}": SummaryKind(_pca_sketch(bits, d), _score_sketch)
-       for bits in (4, 8) for d in (2, 4)},
+    **{kind: SummaryKind(_pca_sketch(kind), _score_sketch) for kind in SKETCHES if kind != "int4"},
 }
 
 

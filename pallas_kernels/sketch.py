@@ -8,8 +8,8 @@ high = b >> 4, both already sign-extended int8), and q . code = q[:D/2] . low + 
 two dots of width D/2, no interleaving.
 
 Unpacked (codes [..., D]): one int8 code in [-127, 127] per dimension, one dot. Half the density
-but no unpacking, which on a GPU costs more than reading the second byte (see the chunk_scores
-results), and 8-bit precision.
+but no unpacking, which on a GPU costs more than reading the second byte (measured on an H200:
+experiments/results/sparse_pareto.md), and 8-bit precision.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Mosaic GPU kernels lower for CUDA on any machine: their Pallas -> Mosaic GPU lowering
 (layout inference, the float8 -> float16 widening, barriers, TMA transforms) runs here, on CPU,
-for the configs "auto" plans on Hopper; so does the Triton scorer's Pallas -> Triton step. What a GPU adds (PTX compilation, numerics) is in the
-compiled tests, skipped off Hopper."""
+for the configs "auto" plans on Hopper; so does the Triton scorer's Pallas -> Triton step. What
+a GPU adds (PTX compilation, numerics) is in the compiled tests, skipped off Hopper."""
 
 import jax
 import jax.numpy as jnp

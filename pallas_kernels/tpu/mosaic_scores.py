@@ -2,11 +2,10 @@
 
 Grid (kv-head groups, M blocks, chunk blocks, key tiles of the block), the last axis sequential.
 Sketches are viewed as [S, Hkv * W] (W = D/2 packed, D for 8-bit codes) so a block
-(block_k, hb * W) is lane-dense; per-key
-scales arrive transposed, [Hkv, S], so a head's scales are one lane-dense row of a (Hkv, block_k)
-block. Key tiles past kv_length are skipped and their index map is clamped to the last valid
-tile (no copy). The running max of every (row, chunk) of the block lives in VMEM scratch and is
-written once, after the block's last key tile.
+(block_k, hb * W) is lane-dense; per-key scales arrive transposed, [Hkv, S], so a head's scales
+are one lane-dense row of a (Hkv, block_k) block. Key tiles past kv_length are skipped and their
+index map is clamped to the last valid tile (no copy). The running max of every (row, chunk) of
+the block lives in VMEM scratch and is written once, after the block's last key tile.
 """
 
 from __future__ import annotations
