@@ -88,8 +88,7 @@ def _run_mosaic_gpu(p: UniqueProblem, c: MosaicGpuUniqueConfig, interpret):
   args = _kernel_args(p, mosaic_attention.BLOCK_Q)
   o, lse = mosaic_attention.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
-      block_k=c.block_k, num_splits=c.num_splits, num_stages=c.num_stages,
-      consumers=c.consumers, split_keys=c.split_keys)
+      block_k=c.block_k, num_splits=c.num_splits, num_stages=c.num_stages)
   return _partials(p, o, lse)
 
 

@@ -146,14 +146,14 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
 
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
-                              scale: float, block_k: int, num_splits: int, num_stages: int,
-                              consumers: int, split_keys: bool) -> tuple[jax.Array, jax.Array]:
+                              scale: float, block_k: int, num_splits: int,
+                              num_stages: int) -> tuple[jax.Array, jax.Array]:
   """Partial attention of each request's rows q_rows[Hkv, B, 64, D] (T * G rows, then padding)
   over its own pages of k_pages, v_pages[P, page_size, Hkv, D] (`Paged`), its tokens split in
-  num_splits ranges of whole tiles.
+  num_splits ranges of whole tiles, by one consumer warpgroup per CTA.
 
-  Returns o[P', Hkv, B, 64, D] in q's dtype and lse[P', Hkv, B, 64] float32 (P' as for
-  `attention_over_ranges`); rows past T * G hold padding.
+  Returns o[num_splits, Hkv, B, 64, D] in q's dtype and lse[num_splits, Hkv, B, 64] float32;
+  rows past T * G hold padding.
   """
   Hkv, B, rows, D = q_rows.shape
   page_size, max_pages = k_pages.shape[1], block_tables.shape[1]
@@ -162,8 +162,8 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   paged = Paged(block_tables, lengths, page_size, T, G)
   o, lse = attention_over_ranges(q_rows.reshape(Hkv, B * rows, D), k_pages, v_pages, ranges,
                                  scale=scale, block_k=block_k,
-                                 num_stages=min(num_stages, split_len // block_k),
-                                 consumers=consumers, split_keys=split_keys, paged=paged)
+                                 num_stages=min(num_stages, split_len // block_k), consumers=1,
+                                 paged=paged)
   return o.reshape(-1, Hkv, B, rows, D), lse.reshape(-1, Hkv, B, rows)
 
 

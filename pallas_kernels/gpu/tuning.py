@@ -241,8 +241,8 @@ def _mosaic_candidates(base, S: int, target: GpuTarget, programs, *,
   tiles = [dataclasses.replace(base, block_k=64, num_stages=st)
            for st in ((2, 4) if base.split_keys else (2, 3, 4))]
   swaps = []
-  for consumers, split_keys, block_k, stages in _MOSAIC_SCHEDULES:
-    if (consumers, split_keys) == (base.consumers, base.split_keys) or one_consumer:
+  for consumers, split_keys, block_k, stages in () if one_consumer else _MOSAIC_SCHEDULES:
+    if (consumers, split_keys) == (base.consumers, base.split_keys):
       continue
     block_k = block_k or base.block_k
     swaps.append(dataclasses.replace(
