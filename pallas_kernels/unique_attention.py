@@ -9,7 +9,8 @@ states by log-sum-exp. `write_pages` appends new tokens to the pages (in place w
 donates the pool).
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper: pages by TMA,
-wgmma; T * G <= 64; by name only: slower than Triton where measured on an H200), "mosaic_tpu".
+wgmma; T * G <= 64; by name only: "auto" keeps Triton until a recorded run shows it faster),
+"mosaic_tpu".
 """
 
 from __future__ import annotations
