@@ -399,13 +399,14 @@ _WIDTHS = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "float
 def router_s(m: ModelShape, w: Workload, batch: float, c: Cluster, reroute_every: int,
              summary: str = "int4") -> float:
   """The sketch router per step (`summary`, one of `config.SKETCHES`): every shared key's sketch
-  (W codes of its bits and an f32 scale per kv head, W = `config.sketch_width`) is read once per
+  (W codes of its bits per kv head, and an f32 scale per key for 4-bit codes, per chunk for
+  8-bit ones -- negligible, W = `config.sketch_width`) is read once per
   routing, and every query row is scored against every key over W dimensions (q.k over all D
   is half the attention FLOPs) on the 8-bit units; one routing serves reroute_every steps.
   (`step` leaves the router out; the headline assumes a per-chunk summary.)"""
   bits = SKETCHES[summary][0]
   width = sketch_width(summary, m.head_dim)
-  n_bytes = w.shared * m.layers * m.kv_heads * (width * bits / 8 + 4)
+  n_bytes = w.shared * m.layers * m.kv_heads * (width * bits / 8 + (4 if bits == 4 else 0))
   flops = batch * w.shared * m.attn_flops_per_key / 2 * width / m.head_dim
   return roofline_s(n_bytes, flops, c, 1) / reroute_every
 

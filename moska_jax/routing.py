@@ -26,9 +26,10 @@ times G query heads -- into one score per chunk.
 - The PCA kinds "int{bits}-pca{d}" (Loki-style low-rank keys): the same, but each key's residual
   is first projected on the top W = D / d principal directions of its kv head's residuals (one
   [W, D] projection per kv head, `ChunkSummaries.projection`, common to all chunks) and sketched
-  there with 4-bit packed or 8-bit codes; the queries are projected likewise before scoring.
-  W / D of the multiplies and (8-bit) of the per-key work the unpacking costs. The retrieval
-  model's keys keep their needles in half the directions (accuracy_pca_c64.md).
+  there with 4-bit packed or 8-bit codes (8-bit: one scale per chunk, which the scorer applies
+  once per chunk instead of once per key); the queries are projected likewise before scoring.
+  W / D of the multiplies and (8-bit) none of the per-key work of unpacking and scaling. The
+  retrieval model's keys keep their needles in half the directions (accuracy_pca_c64.md).
 Single-vector summaries cannot find needles: on the trained retrieval model
 (`experiments/accuracy.py`) mean and envelope routing at 75% sparsity are near random chunk
 choice, while "int4" matches routing by the exact logits (`oracle_route`, the reference router).
@@ -100,11 +101,15 @@ def _score_envelope(q, arrays, projection, kernel):
 
 
 def _sketch(r: jax.Array, bits: int = 4) -> tuple[jax.Array, jax.Array]:
-  """r[..., W] -> (a scale per row [...], codes), r ~ scale * code: 4-bit codes packed
-  [..., W/2], or 8-bit codes [..., W] (`pallas_kernels.sketch`)."""
+  """r[N, C, Hkv, W] -> (scales, codes), r ~ scale * code: 4-bit codes packed [N, C, Hkv, W/2]
+  with a scale per key [N, C, Hkv]; 8-bit codes [N, C, Hkv, W] with one scale per chunk and kv
+  head [N, Hkv] (127 levels are enough to share it, and the scorer then skips a per-key
+  multiply: `pallas_kernels.chunk_scores`)."""
   levels = sketch.LEVELS if bits == 4 else sketch.LEVELS_8BIT
-  scale = jnp.max(jnp.abs(r), axis=-1) / levels
-  codes = jnp.clip(jnp.round(r / jnp.where(scale > 0, scale, 1.0)[..., None]), -levels, levels)
+  scale = jnp.max(jnp.abs(r), axis=-1 if bits == 4 else (1, 3)) / levels
+  per_key = scale if bits == 4 else scale[:, None]
+  codes = jnp.clip(jnp.round(r / jnp.where(per_key > 0, per_key, 1.0)[..., None]), -levels,
+                   levels)
   return scale, sketch.pack(codes) if bits == 4 else codes.astype(jnp.int8)
 
 
@@ -179,8 +184,9 @@ def _score_sketch(q, arrays, projection, kernel):
   qs = q if projection is None else jnp.einsum(
       "bthgd,hwd->bthgw", q.astype(jnp.float32), projection, precision=_HI).astype(q.dtype)
   W = qs.shape[-1]
+  scale = scale if scale.ndim == 2 else scale.reshape(N * C, Hkv)  # per chunk, or per key
   best = pk.chunk_scores(qs.reshape(B, T, Hkv * G, W), codes.reshape(N * C, Hkv, -1),
-                         scale.reshape(N * C, Hkv), chunk_size=C,
+                         scale, chunk_size=C,
                          kv_length=jnp.sum(valid, dtype=jnp.int32), **kernel)
   logit = best.reshape(B, T, Hkv, G, N) + jnp.einsum(
       "bthgd,nhd->bthgn", q.astype(jnp.float32), center, precision=_HI)
@@ -210,7 +216,7 @@ class ChunkSummaries:
     min [N, Hkv, D] f32), "int4" (center [N, Hkv, D] f32, scale [N, C, Hkv] f32, codes
     [N, C, Hkv, D/2] int8 (`pallas_kernels.sketch` packing), valid [N, C] bool), the PCA kinds
     "int{4,8}-pca{2,4}" (the same with codes of the W projected dimensions: [N, C, Hkv, W/2]
-    packed 4-bit, [N, C, Hkv, W] 8-bit).
+    packed 4-bit; [N, C, Hkv, W] 8-bit, whose scale is one per chunk and kv head, [N, Hkv]).
   num_valid_chunks: int32 scalar, chunks [0, num_valid_chunks) hold a key before kv_length.
   kind: key of `SUMMARIES` (static).
   chunk_size: C (static).

@@ -291,7 +291,8 @@ def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str,
 
 def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDims, int]:
   """Validates q[B, T, Hq, D] against sketches codes[S, Hkv, D/2] (int8, packed 4-bit) or
-  codes[S, Hkv, D] (int8, 8-bit) and scales scale[S, Hkv]; returns (dims, N chunks)."""
+  codes[S, Hkv, D] (int8, 8-bit) and scales scale[S, Hkv] (per key) or scale[N, Hkv] (per
+  chunk); returns (dims, N chunks)."""
   positive_int(chunk_size, name="chunk_size", where=op)
   for name, x in (("q", q), ("codes", codes), ("scale", scale)):
     check_array(name, x, op)
@@ -303,14 +304,15 @@ def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDi
                      f"(packed 4-bit) or [S, Hkv, D={D}] (8-bit), got {codes.shape} "
                      f"{codes.dtype}")
   S, Hkv, _ = codes.shape
+  N = -(-S // chunk_size)
   _check_gqa(op, Hq, Hkv, "codes")
   _check_float("q", q, op)
-  if scale.shape != (S, Hkv) or not jnp.issubdtype(scale.dtype, jnp.floating):
-    raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}], got "
-                     f"{scale.shape} {scale.dtype}")
+  if scale.shape not in ((S, Hkv), (N, Hkv)) or not jnp.issubdtype(scale.dtype, jnp.floating):
+    raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}] (per key) "
+                     f"or [N={N}, Hkv={Hkv}] (per chunk), got {scale.shape} {scale.dtype}")
   _check_nonempty("q", q, "[B, T, Hq, D]", op)
   _check_nonempty("codes", codes, "[S, Hkv, D/2 or D]", op)
-  return AttentionDims(B, T, Hq, Hkv, D, S), -(-S // chunk_size)
+  return AttentionDims(B, T, Hq, Hkv, D, S), N
 
 
 def check_kv_length(kv_length, S: int, *, op: str, name: str = "kv_length", bound: str = "S"):

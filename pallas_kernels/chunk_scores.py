@@ -38,11 +38,17 @@ OP_NAME = "chunk_scores"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScoresProblem(dispatch.Problem):
   codes: Any  # [S, Hkv, D/2] (packed 4-bit) or [S, Hkv, D] (8-bit) int8
-  scale: Any  # [S, Hkv]
+  scale: Any  # [S, Hkv] per key or [N, Hkv] per chunk
   chunk_size: int
   num_chunks: int
   kv_length: Any  # int32 scalar or None
   int8: bool
+
+  @property
+  def key_scale(self):
+    """The per-key scales the kernels multiply in, or None for per-chunk scales (`_unfold`
+    applies those: a non-negative scale shared by a chunk's keys factors out of its max)."""
+    return self.scale if self.scale.shape[0] == self.dims.S else None
 
 
 def _problem(q, codes, scale, *, chunk_size, kv_length=None, int8=False) -> ScoresProblem:
@@ -74,8 +80,11 @@ def _query_parts(p: ScoresProblem, block_m: int) -> tuple:
 
 
 def _unfold(p: ScoresProblem, out: jax.Array, row_scale) -> jax.Array:
-  out = out if row_scale is None else out * row_scale[..., None]
-  return layout.unfold_rows(out[:, :p.dims.M, :p.num_chunks], p.dims.B, p.dims.T)
+  out = out[:, :p.dims.M, :p.num_chunks]
+  if p.key_scale is None:  # per-chunk scales [N, Hkv]; -inf (no valid key) must stay -inf
+    out = jnp.where(out > -jnp.inf, out * p.scale.T[:, None, :].astype(jnp.float32), out)
+  out = out if row_scale is None else out * row_scale[:, :p.dims.M, None]
+  return layout.unfold_rows(out, p.dims.B, p.dims.T)
 
 
 def _run_xla(p: ScoresProblem, config, interpret):
@@ -92,7 +101,7 @@ def _run_xla(p: ScoresProblem, config, interpret):
 def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
   q_parts, row_scale, n = _query_parts(p, c.block_m)
   out = triton_scores.chunk_scores(
-      q_parts, p.codes, p.scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
+      q_parts, p.codes, p.key_scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
       block_k=c.block_k, chunks_per_program=c.chunks_per_program, num_warps=c.num_warps,
       num_stages=c.num_stages, precision=None if p.int8 else softmax.dot_precision(
           p.dtype, interpret), interpret=interpret)
@@ -101,9 +110,10 @@ def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
 
 def _run_mosaic_tpu(p: ScoresProblem, c: MosaicTpuScoresConfig, interpret):
   q_parts, row_scale, n = _query_parts(p, c.block_m)
+  scale_t = None if p.key_scale is None else p.key_scale.T.astype(jnp.float32)
   out = mosaic_scores.chunk_scores(
-      q_parts, p.codes, p.scale.T.astype(jnp.float32), n, chunk_size=p.chunk_size,
-      block_m=c.block_m, block_k=c.block_k, chunks_per_block=c.chunks_per_block,
+      q_parts, p.codes, scale_t, n, chunk_size=p.chunk_size, block_m=c.block_m,
+      block_k=c.block_k, chunks_per_block=c.chunks_per_block,
       interpret=dispatch.tpu_interpret(interpret))
   return _unfold(p, out, row_scale)
 
@@ -131,7 +141,10 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     q: [B, T, Hq, D] queries (D even); query head h reads kv head h // G.
     codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`), or
       [S, Hkv, D] int8 8-bit ones (`pallas_kernels.sketch`).
-    scale: [S, Hkv] float per-key scales (0 for keys that must never score).
+    scale: [S, Hkv] float per-key scales (0 for keys that must never score), or [N, Hkv]
+      non-negative per-chunk scales shared by each chunk's keys (the 8-bit sketches' layout:
+      the kernels then take the raw code logits' max and scale once per chunk, no per-key
+      multiply).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
     kv_length: optional int scalar: keys [0, kv_length) count; in [0, S] (traced: clamped).
     int8: quantize each query row to int8 and score on the int8 matrix units (module docstring).
@@ -140,9 +153,9 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
 
   Returns:
     [B, T, Hq, N] float32: for query row (b, t, h) and chunk n, the max over its valid keys s of
-    scale[s] * (q . code[s]); -inf for a chunk with no valid key. Kernels multiply in the query
-    dtype (bf16 queries: bf16 products, float32 sums), or in int8: a ranking, within rounding
-    of the float32 reference.
+    scale[s] * (q . code[s]) (scale[n] for per-chunk scales); -inf for a chunk with no valid
+    key. Kernels multiply in the query dtype (bf16 queries: bf16 products, float32 sums), or in
+    int8: a ranking, within rounding of the float32 reference.
   """
   return dispatch.call(OP, (q, codes, scale), dict(chunk_size=chunk_size, kv_length=kv_length),
                        implementation=implementation, backend=backend, config=config,

@@ -144,7 +144,8 @@ def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_
     codes: [S, Hkv, D/2] int8 packed 4-bit or [S, Hkv, D] 8-bit key sketches
       (`pallas_kernels.sketch`).
     scale: [S, Hkv] float per-key scales: key s is approximated (up to its chunk's center,
-      which the caller adds) by scale[s] * code[s].
+      which the caller adds) by scale[s] * code[s]; or [N, Hkv] non-negative per-chunk scales,
+      shared by the chunk's keys.
     chunk_size: C; chunk n is keys [n*C, (n+1)*C).
     kv_length: optional int scalar (may be traced): only keys [0, kv_length) count.
 
@@ -156,6 +157,8 @@ def chunk_scores_ref(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_
   S, Hkv, _ = codes.shape
   N = -(-S // chunk_size)
   k = jnp.concatenate(sketch.parts(codes, sketch.is_packed(codes.shape[-1], D)), axis=-1)
+  if scale.shape[0] != S:  # per chunk: each key takes its chunk's
+    scale = jnp.repeat(scale, chunk_size, axis=0)[:S]
   k = k.astype(jnp.float32) * scale[..., None]
   qg = q.reshape(B, T, Hkv, Hq // Hkv, D).astype(jnp.float32)
   s = jnp.einsum("bthgd,shd->bthgs", qg, k, precision=_HI)

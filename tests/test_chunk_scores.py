@@ -15,8 +15,11 @@ OP = "chunk_scores"
 
 def scores_f64(q, codes, scale, C, kv_length=None):
   """max over the valid keys of each chunk of scale * (q . code), float64; packed codes unpacked
-  by hand (low nibble = dim j, high nibble = dim j + D/2, two's complement), 8-bit codes as is."""
+  by hand (low nibble = dim j, high nibble = dim j + D/2, two's complement), 8-bit codes as is;
+  per-chunk scales [N, Hkv] given to each of the chunk's keys."""
   q, scale = np.asarray(q, np.float64), np.asarray(scale, np.float64)
+  if scale.shape[0] != codes.shape[0]:
+    scale = np.repeat(scale, C, axis=0)[:codes.shape[0]]
   b = np.asarray(codes).astype(np.int64)
   lo, hi = b & 15, b >> 4
   code = b if b.shape[-1] == q.shape[-1] else np.concatenate(
@@ -34,42 +37,49 @@ def scores_f64(q, codes, scale, C, kv_length=None):
   return out
 
 
-def _inputs(seed, B, T, G, Hkv, D, S, dtype, bits=4):
-  """Random queries, scales and codes: packed 4-bit ([S, Hkv, D/2]) or 8-bit ([S, Hkv, D])."""
+def _inputs(seed, B, T, G, Hkv, D, S, dtype, bits=4, chunk_scale=0):
+  """Random queries, scales and codes: packed 4-bit ([S, Hkv, D/2]) or 8-bit ([S, Hkv, D]);
+  scales per key [S, Hkv], or per chunk [N, Hkv] with chunk_scale = C."""
   rng = np.random.default_rng(seed)
   q = kc.random_normal(rng, (B, T, G * Hkv, D), dtype)
   if bits == 4:
     codes = sketch.pack(jnp.asarray(rng.integers(-7, 8, (S, Hkv, D))))
   else:
     codes = jnp.asarray(rng.integers(-127, 128, (S, Hkv, D)), jnp.int8)
-  scale = jnp.asarray(rng.uniform(0.05, 1.0, (S, Hkv)), jnp.float32)
+  rows = -(-S // chunk_scale) if chunk_scale else S
+  scale = jnp.asarray(rng.uniform(0.05, 1.0, (rows, Hkv)), jnp.float32)
+  if chunk_scale:
+    scale = scale.at[0].set(0.0)  # a chunk whose keys all sketch to 0 scores 0, not NaN
   return q, codes, scale
 
 
-# (B, T, G, Hkv, D, S, C, kv_length, dtype, bits): partial last chunks, kv_length inside a chunk,
-# GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses, packed
-# 4-bit and 8-bit codes (the widths of PCA sketches: 32, 64).
+# (B, T, G, Hkv, D, S, C, kv_length, dtype, bits, scales): partial last chunks, kv_length inside
+# a chunk, GQA 1/4/8, chunk sizes the TPU kernel takes (multiples of 128) and ones it refuses,
+# packed 4-bit and 8-bit codes (the widths of PCA sketches: 32, 64), scales per key or per chunk
+# (the 8-bit sketches' layout).
 CASES = [
-    (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32, 4),
-    (3, 1, 2, 2, 80, 640, 128, 600, jnp.bfloat16, 4),  # head dim 80: 40-byte sketch rows, padded
-    (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32, 4),
-    (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16, 4),
-    (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16, 4),
-    (3, 1, 4, 2, 64, 1000, 128, 900, jnp.float32, 8),
-    (9, 1, 8, 2, 32, 1300, 256, None, jnp.bfloat16, 8),
-    (2, 3, 1, 1, 64, 700, 64, 650, jnp.bfloat16, 8),
+    (3, 1, 4, 2, 64, 1000, 128, None, jnp.float32, 4, "key"),
+    (3, 1, 2, 2, 80, 640, 128, 600, jnp.bfloat16, 4, "key"),  # head dim 80: 40-byte rows, padded
+    (2, 2, 8, 1, 128, 1280, 256, 1100, jnp.float32, 4, "key"),
+    (5, 1, 1, 2, 64, 777, 64, 700, jnp.bfloat16, 4, "chunk"),
+    (17, 1, 4, 1, 128, 2048, 512, 2000, jnp.bfloat16, 4, "key"),
+    (3, 1, 4, 2, 64, 1000, 128, 900, jnp.float32, 8, "chunk"),
+    (9, 1, 8, 2, 32, 1300, 256, None, jnp.bfloat16, 8, "chunk"),
+    (2, 3, 1, 1, 64, 700, 64, 650, jnp.bfloat16, 8, "key"),
+    (4, 1, 4, 2, 80, 1111, 128, 1111, jnp.bfloat16, 8, "chunk"),  # 80-wide 8-bit rows, padded
 ]
 
 
 def _case_id(c):
-  return "B{}T{}G{}H{}D{}S{}C{}n{}{}-{}bit".format(*c[:8], jnp.dtype(c[8]).name, c[9])
+  return "B{}T{}G{}H{}D{}S{}C{}n{}{}-{}bit-per-{}".format(*c[:8], jnp.dtype(c[8]).name, *c[9:])
 
 
 @pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_f64(implementation, interpret, case):
-  *shape, C, kv_length, dtype, bits = case
-  q, codes, scale = _inputs(CASES.index(case), *shape, dtype, bits)
+  *shape, C, kv_length, dtype, bits, scales = case
+  q, codes, scale = _inputs(CASES.index(case), *shape, dtype, bits,
+                            chunk_scale=C if scales == "chunk" else 0)
   n = None if kv_length is None else jnp.int32(kv_length)
   kc.plan_or_skip(OP, q, codes, scale, chunk_size=C, kv_length=n, implementation=implementation,
                   interpret=interpret)
@@ -99,14 +109,17 @@ def test_matches_f64(implementation, interpret, case):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_int8_matrix_unit_path(implementation, interpret, bits):
   """int8 query rows score within the quantization error of the float reference, and every
-  implementation agrees with the int8 reference (integer dots are exact)."""
+  implementation agrees with the int8 reference (integer dots are exact). 8-bit codes with
+  per-chunk scales (their layout): integer maxima, and kv_length inside a key tile."""
   if implementation != "triton" and not interpret:
     pytest.skip("compiled here: the Triton kernel only")
-  q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16, bits)
+  q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16, bits,
+                            chunk_scale=128 if bits == 8 else 0)
+  n = jnp.int32(1000)
   run = lambda impl, i: kc.run(chunk_scores, q, codes, scale, chunk_size=128, int8=True,
-                               implementation=impl, interpret=i)
+                               kv_length=n, implementation=impl, interpret=i)
   out = run(implementation, interpret and implementation != "xla")
-  ref = scores_f64(q, codes, scale, 128)
+  ref = scores_f64(q, codes, scale, 128, 1000)
   assert np.abs(np.asarray(out) - ref).max() <= 0.02 * np.abs(ref).max()
   np.testing.assert_allclose(np.asarray(out), np.asarray(run("xla", False)), rtol=1e-5,
                              atol=1e-5 * np.abs(ref).max())
@@ -122,7 +135,8 @@ def test_empty_and_validation():
     chunk_scores(q, codes.astype(jnp.uint8), scale, chunk_size=128)
   with pytest.raises(ValueError, match=r"codes must be an int8 array"):
     chunk_scores(q, codes[..., :16], scale, chunk_size=128)
-  with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\]"):
+  with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\] "
+                                       r"\(per key\) or \[N=3, Hkv=2\] \(per chunk\)"):
     chunk_scores(q, codes, scale[:10], chunk_size=128)
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     chunk_scores(q, codes, scale, chunk_size=0)

@@ -76,12 +76,14 @@ def test_unique_attention_lowers(T, G, page_size, kv_dtype):
   assert (plan.config.consumers, plan.config.split_keys) == (1, False)
 
 
-@pytest.mark.parametrize("codes_width,int8", [(64, False), (128, True), (64, True)])
-def test_chunk_scores_triton_lowers(codes_width, int8):
+@pytest.mark.parametrize("codes_width,int8,scale_rows", [
+    (64, False, 1 << 14), (128, True, 1 << 14), (64, True, 1 << 14), (128, False, 32),
+    (128, True, 32)])
+def test_chunk_scores_triton_lowers(codes_width, int8, scale_rows):
   """The Triton scorer lowers for CUDA (its Pallas -> Triton IR step runs here) with packed
-  4-bit codes (D/2) and 8-bit codes (D), bf16 or int8 query rows."""
+  4-bit codes (D/2) and 8-bit codes (D), bf16 or int8 query rows, per-key or per-chunk scales."""
   q = _sds((8, 1, 32, 128), "bfloat16")
-  codes, scale = _sds((1 << 14, 8, codes_width), jnp.int8), _sds((1 << 14, 8), jnp.float32)
+  codes, scale = _sds((1 << 14, 8, codes_width), jnp.int8), _sds((scale_rows, 8), jnp.float32)
   fn = jax.jit(lambda *a: pk.chunk_scores(*a, chunk_size=512, int8=int8,
                                           implementation="triton"))
   fn.trace(q, codes, scale).lower(lowering_platforms=("cuda",))

@@ -56,6 +56,7 @@ def scores_np(q, arrays, kind, projection=None):
     codes = unpack_np(codes) if 2 * codes.shape[-1] == width else codes.astype(np.float64)
     if projection is not None:
       codes = np.einsum("nchw,hwd->nchd", codes, np.asarray(projection, np.float64))
+    scale = scale[:, None] if scale.ndim == 2 else scale  # 8-bit: one per (chunk, kv head)
     keys = center[:, None] + scale[..., None] * codes  # [N, C, Hkv, D]
     logit = np.einsum("bthgd,nchd->bthgnc", qg, keys)
     logit = np.where(valid[None, None, None, None], logit, -np.inf)
@@ -137,8 +138,9 @@ def test_chunk_summaries_match_numpy(kind, kv_length):
 def test_pca_sketches(kind, width, bits, kv_length):
   """The PCA kinds: W orthonormal directions per kv head spanning the top-W principal subspace
   of the valid residuals (float64 eigh; keys with a clear gap after W), the codes (4-bit packed
-  or 8-bit) within half a step of the residuals projected on them, the centers the chunk
-  means."""
+  or 8-bit) within half a step of the residuals projected on them (a scale per key for 4-bit
+  codes, per chunk and kv head for 8-bit ones: the largest projected residual over 127), the
+  centers the chunk means."""
   rng = np.random.default_rng(11)
   S, Hkv, D, C = 1000, 2, 32, 128
   basis = np.linalg.qr(rng.standard_normal((Hkv, D, D)))[0]  # [Hkv, D, D] orthonormal columns
@@ -166,7 +168,12 @@ def test_pca_sketches(kind, width, bits, kv_length):
   codes = unpack_np(codes) if bits == 4 else codes.astype(np.float64)
   assert np.abs(codes).max() == (7 if bits == 4 else 127)
   np.testing.assert_array_equal(codes[~valid], 0)
-  np.testing.assert_array_equal(scale[~valid], 0)
+  if bits == 8:
+    assert scale.shape == (8, Hkv)
+    np.testing.assert_allclose(scale, np.abs(y).max(axis=(1, 3)) / 127, rtol=1e-5, atol=1e-7)
+    scale = np.broadcast_to(scale[:, None], (8, C, Hkv))
+  else:
+    np.testing.assert_array_equal(scale[~valid], 0)
   assert np.all((np.abs(scale[..., None] * codes - y) <= scale[..., None] / 2 + 1e-4)[valid])
 
 

@@ -23,8 +23,11 @@ from pallas_kernels.tpu.tuning import heads_per_block
 
 
 def _kernel(len_ref, *refs, chunk_size: int, block_k: int, chunks_per_block: int, hb: int,
-            precision, packed: bool):
-  *q_refs, codes_ref, scale_ref, out_ref, best_sc = refs
+            precision, packed: bool, per_key_scale: bool):
+  if per_key_scale:
+    *q_refs, codes_ref, scale_ref, out_ref, best_sc = refs
+  else:
+    (*q_refs, codes_ref, out_ref, best_sc), scale_ref = refs, None
   hg, nb, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   w = q_refs[0].shape[-1]
   length = len_ref[0]
@@ -46,7 +49,9 @@ def _kernel(len_ref, *refs, chunk_size: int, block_k: int, chunks_per_block: int
           jax.lax.dot_general(r[jj], c.astype(r.dtype), dims, precision=precision,
                               preferred_element_type=acc).astype(jnp.float32)
           for r, c in zip(q_refs, sketch.parts(codes_ref[:, jj * w:(jj + 1) * w], packed))])
-      s = jnp.where(valid, s * scale_ref[pl.ds(hg * hb + jj, 1), :], -jnp.inf)
+      if scale_ref is not None:
+        s = s * scale_ref[pl.ds(hg * hb + jj, 1), :]
+      s = jnp.where(valid, s, -jnp.inf)
       best = best_sc[jj]
       best_sc[jj] = jnp.where(col == j, jnp.maximum(best, s.max(axis=1, keepdims=True)), best)
 
@@ -55,7 +60,7 @@ def _kernel(len_ref, *refs, chunk_size: int, block_k: int, chunks_per_block: int
     out_ref[...] = best_sc[...]
 
 
-def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.Array,
+def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.Array | None,
                  kv_length: jax.Array, *, chunk_size: int, block_m: int, block_k: int,
                  chunks_per_block: int, interpret=False) -> jax.Array:
   """Largest sketched logit of each folded query row in each chunk (the GPU kernel's contract).
@@ -63,7 +68,8 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
   Args:
     q_parts: the folded query rows [Hkv, M, W] (M a multiple of block_m) as `sketch.split`
       makes them: two halves of D (W = D/2) for packed codes, all of D (W = D) for 8-bit ones.
-    codes: [S, Hkv, W] int8 sketches; scale_t: [Hkv, S] per-key scales (transposed).
+    codes: [S, Hkv, W] int8 sketches; scale_t: [Hkv, S] per-key scales (transposed), or None:
+      the raw code logits (per-chunk scales are applied by the caller).
     kv_length: int32 scalar.
     block_k: divides chunk_size, a multiple of 128; chunks_per_block: a multiple of 128 or all N.
 
@@ -76,6 +82,7 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
   n_blocks = pl.cdiv(pl.cdiv(S, chunk_size), chunks_per_block)
   tiles = chunks_per_block * chunk_size // block_k
   codes2 = codes.reshape(S, Hkv * W)
+  scales = () if scale_t is None else (scale_t,)
 
   def key_tile(hg, i, nb, t, len_ref):
     del i
@@ -84,6 +91,7 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
 
   kernel = functools.partial(_kernel, chunk_size=chunk_size, block_k=block_k,
                              chunks_per_block=chunks_per_block, hb=hb, packed=len(q_parts) == 2,
+                             per_key_scale=scale_t is not None,
                              precision=None if q_parts[0].dtype == jnp.int8 else
                              matmul_precision(q_parts[0].dtype))
   q_spec = pl.BlockSpec((hb, block_m, W), lambda hg, i, nb, t, n: (hg, i, 0))
@@ -93,7 +101,8 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
       in_specs=[
           *[q_spec] * len(q_parts),
           pl.BlockSpec((block_k, hb * W), key_tile),
-          pl.BlockSpec((Hkv, block_k), lambda hg, i, nb, t, n: (0, key_tile(hg, i, nb, t, n)[0])),
+          *[pl.BlockSpec((Hkv, block_k),
+                         lambda hg, i, nb, t, n: (0, key_tile(hg, i, nb, t, n)[0]))] * len(scales),
       ],
       out_specs=pl.BlockSpec((hb, block_m, chunks_per_block),
                              lambda hg, i, nb, t, n: (hg, i, nb)),
@@ -107,4 +116,4 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
       name="moska_chunk_scores",
-  )(kv_length.reshape(1), *q_parts, codes2, scale_t)
+  )(kv_length.reshape(1), *q_parts, codes2, *scales)
