@@ -221,12 +221,13 @@ def test_tpu_default_block_k():
   assert got == {128: 128, 256: 256, 384: 384, 512: 512, 1536: 512, 2048: 512}
 
 
-def test_group_by_chunk_reads_each_chunk_once_per_tile():
+@pytest.mark.parametrize("B,N,K,bm", [(9, 7, 3, 16), (3, 40, 4, 64)])  # most chunks unchosen
+def test_group_by_chunk_reads_each_chunk_once_per_tile(B, N, K, bm):
   """Each pair row sits in exactly one slot, tiles hold one chunk, and a chunk gets exactly
   ceil(rows that chose it / block_m) tiles: K/V are read per tile of stacked rows, not per
   request."""
-  rng = np.random.default_rng(0)
-  B, Hkv, N, K, R, bm = 9, 2, 7, 3, 4, 16
+  rng = np.random.default_rng(N)
+  Hkv, R = 2, 4
   ids = np.asarray(random_ids(rng, B, Hkv, N, K, "shaped"))
   g = jax.jit(lambda i: group_by_chunk(i, num_chunks=N, rows_per_pair=R, block_m=bm))(ids)
   NT = max_tiles(B * K, N, R, bm)
