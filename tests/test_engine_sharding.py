@@ -1,9 +1,9 @@
 """MoskaEngine on DeviceGroups: the disaggregated engine equals the single-device engine.
 
-For every split (one device, 1+1, 2+6, 4+4), dense and sparse (and routing by 4-bit sketches of
-principal directions, "int4-pca2", on one device and on 2+6, the split that pads the store),
-greedy generation gives the same tokens and the same logits (f32 tolerance) as the engine
-without groups, the shared store is really split in whole chunks over the shared devices of the
+For every split (one device, 1+1, 2+6, 4+4), dense and sparse (and routing by 8-bit sketches of
+principal directions with one scale per chunk, "int8-pca2", on one device and on 2+6, the split
+that pads the store), greedy generation gives the same tokens and the same logits (f32
+tolerance) as the engine without groups, the shared store is really split in whole chunks over the shared devices of the
 span (the unique devices' rows hold the pages), a step is one program per part that moves nothing
 between devices outside it, and the cross-group bytes are counted. Mixed prefill + decode steps,
 sampling streams and recovery from a lost K/V memory run there too; several contexts,
@@ -35,7 +35,7 @@ MODES = {"dense": MoskaConfig(backend="xla"),
          "sparse": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C, always_include=(0,),
                                backend="xla"),
          "sparse-sketch": MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=C,
-                                      summary="int4-pca2", backend="xla")}
+                                      summary="int8-pca2", backend="xla")}
 NEW_TOKENS = 3
 # Every split runs dense and routed (mean summaries); the sketch summaries, whose per-chunk arrays
 # the spans place like the mean's (whole chunks per shared device) and whose projection they

@@ -45,7 +45,7 @@ def test_chunked_prefill_equals_one_shot(model):
   # in test_model; here their keys must at least agree between the two chunkings (above).
 
 
-@pytest.mark.parametrize("kind", ["envelope", "int4", "int4-pca4"])
+@pytest.mark.parametrize("kind", ["envelope", "int4", "int8-pca2"])
 def test_save_restore_is_bit_exact_and_checks_config(model, tmp_path, kind):
   tokens = np.random.default_rng(2).integers(0, 256, 200)
   store = build_shared_store(model, tokens, chunk_size=64, prefill_chunk=128, backend="xla",
