@@ -1,15 +1,18 @@
-"""`chunk_scores`: how strongly each query row could attend to each chunk, from 4-bit key sketches.
+"""`chunk_scores`: how strongly each query row could attend to each chunk, from key sketches.
 
-The router's scorer (MoSKA's MoE-style routing): every shared key is kept as a 4-bit sketch
-(`pallas_kernels.sketch`: codes in [-7, 7] and a per-key scale, around its chunk's center, which
-the caller adds), and a chunk's score for a query row is its largest sketched logit. Like
-shared_attention, the query rows of all requests are stacked, so the sketches (1/8 of the bf16
-K/V bytes) are read once for the whole batch, and only one float per (row, chunk) is written: no
-[rows, keys] logits reach HBM.
+The router's scorer (MoSKA's MoE-style routing): every shared key is kept as a sketch
+(`pallas_kernels.sketch`) around its chunk's center, which the caller adds: 4-bit codes in
+[-7, 7] with a scale per key, or 8-bit codes in [-127, 127] with a scale per key or one per
+chunk (then the kernels take the max of the raw code logits and scale once per chunk). A
+chunk's score for a query row is its largest sketched logit. Like shared_attention, the query
+rows of all requests are stacked, so the sketches (1/16 to 1/8 of the bf16 K/V bytes) are read
+once for the whole batch, and only one float per (row, chunk) is written: no [rows, keys]
+logits reach HBM.
 
 With `int8=True` each query row is quantized to int8 (a per-row scale, multiplied back into its
-scores) and the dots run on the int8 tensor cores / MXU, twice the bf16 rate: a ranking within
-about 1% of the float one.
+scores) and the dots run on the int8 tensor cores / MXU: a ranking within about 1% of the float
+one. (On an H200 the Triton kernel measured no faster with int8 rows than with bf16 ones:
+sparse_pareto.md.)
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".
 """
