@@ -122,10 +122,11 @@ class MosaicGpuChunkConfig(Config):
 @_frozen
 class TritonScoresConfig(Config):
   """chunk_scores on the Triton lowering: block_m query rows x block_k sketched keys per step,
-  chunks_per_program chunks per program (powers of two)."""
+  chunks_per_program chunks per program (powers of two). Three pipeline stages measured 9-17%
+  faster than two at every B from 1 to 512 on an H200 (S=1M, 64-wide 8-bit codes)."""
 
   block_m: int = knob(power_of_two, minimum=16)
   block_k: int = knob(power_of_two, minimum=16)
   chunks_per_program: int = knob(power_of_two, 16)
   num_warps: int = knob(_warps, 4)
-  num_stages: int = knob(positive_int, 2)
+  num_stages: int = knob(positive_int, 3)

@@ -389,7 +389,7 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
                              target: GpuTarget) -> list[TritonScoresConfig]:
   base = triton_scores(dims, chunk_size, target)
   return [base, *(dataclasses.replace(base, num_warps=w, num_stages=st)
-                  for w, st in ((8, 2), (4, 3), (8, 3))),
+                  for w, st in ((4, 2), (8, 2), (8, 3), (4, 4))),
           *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32, 64)
             if c != base.chunks_per_program)]
 
