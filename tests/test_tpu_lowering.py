@@ -85,8 +85,10 @@ def _inputs(op: str, shape: dict, *, D: int, G: int, T: int, dtype: str) -> tupl
     pages = sds((shape["P"], shape["page_size"], Hkv, D), kv_dtype)
     return (q, pages, pages, sds((B, shape["max_pages"]), jnp.int32), sds((B,), jnp.int32)), {}
   if op == "chunk_scores":
-    width = D // 2 if shape["bits"] == 4 else D  # packed 4-bit or 8-bit codes
-    codes, scale = sds((shape["S"], Hkv, width), jnp.int8), sds((shape["S"], Hkv), jnp.float32)
+    # Packed 4-bit codes with per-key scales, or 8-bit codes with per-chunk scales (routing's
+    # layouts: the kernel multiplies per key only in the first).
+    width, rows = (D // 2, shape["S"]) if shape["bits"] == 4 else (D, -(-shape["S"] // shape["C"]))
+    codes, scale = sds((shape["S"], Hkv, width), jnp.int8), sds((rows, Hkv), jnp.float32)
     return (q, codes, scale), {"chunk_size": shape["C"], "int8": bool(shape["int8"])}
   kv = sds((shape["S"], Hkv, D), kv_dtype)
   if op == "shared_attention":
