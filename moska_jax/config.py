@@ -26,6 +26,10 @@ SUMMARY_KINDS = ("mean", "envelope", "int4", "int4-pca2", "int4-pca4", "int8-pca
 # and the share of the key's D dimensions sketched (1 / divisor: the PCA kinds' projection).
 SKETCHES = {"int4": (4, 1), "int4-pca2": (4, 2), "int4-pca4": (4, 4), "int8-pca2": (8, 2),
             "int8-pca4": (8, 4)}
+# What stores are summarized with and sparse configs route by unless told: the accurate router
+# (0.994 of dense answers at 75% sparsity on the trained retrieval model, where "mean" and
+# "envelope" choose like random chunks: experiments/results/accuracy_pca_c64.md, accuracy.md).
+DEFAULT_SUMMARY = "int8-pca2"
 
 
 def sketch_width(kind: str, head_dim: int) -> int:
@@ -137,9 +141,10 @@ class MoskaConfig:
   summary: chunk summary kind, one of `SUMMARY_KINDS` ("mean", "envelope", "int4", and the PCA
     kinds "int{4,8}-pca{2,4}": 4- or 8-bit sketches of the D/2 or D/4 principal directions of
     the keys; the keys of `moska_jax.routing.SUMMARIES`); the store's summaries must be of this
-    kind.
-  int8_scorer: score "int4" sketches with int8 query rows on the int8 matrix units (twice the
-    bf16 rate; a ranking within ~1% of the float one).
+    kind. Default `DEFAULT_SUMMARY` ("int8-pca2"); "mean" and "envelope" are cheaper but route
+    like random chunks when a request needs one key of a chunk.
+  int8_scorer: score sketches with int8 query rows on the int8 matrix units (a ranking within
+    ~1% of the float one; on an H200 no faster than bf16 rows).
   batch_aware: requests per tile of batch-aware routing (0: off): requests routed alike share a
     tile, which attends to the union of their chunks (`moska_jax.routing.batch_aware`); a
     request then sees at least its own chunks.
@@ -152,7 +157,7 @@ class MoskaConfig:
   top_k: int | None = None
   sparsity: float | None = None
   always_include: tuple[int, ...] = ()
-  summary: str = "mean"
+  summary: str = DEFAULT_SUMMARY
   int8_scorer: bool = False
   batch_aware: int = 0
   backend: str = "auto"

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from moska_jax import checkpoint, routing
 from moska_jax.attention import SharedLayer
-from moska_jax.config import ModelConfig
+from moska_jax.config import DEFAULT_SUMMARY, ModelConfig
 from pallas_kernels import quant
 
 KV_DTYPES = (None, "float8_e4m3fn", "float8_e5m2")  # None: the model's dtype, unscaled
@@ -100,7 +100,7 @@ class SharedKVStore:
       return x
     return tuple(quant.dequantize(a, s, self.model_config.jnp_dtype) for a, s in zip(x, scales))
 
-  def with_summaries(self, chunk_size: int, summary: str = "mean") -> SharedKVStore:
+  def with_summaries(self, chunk_size: int, summary: str = DEFAULT_SUMMARY) -> SharedKVStore:
     """The same K/V routed at another chunk size or summary kind (summaries recomputed from the
     dequantized keys of a float8 store)."""
     summaries = tuple(routing.chunk_summaries(k, chunk_size, kv_length=self.length,

@@ -20,13 +20,14 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
-from moska_jax.config import check_int
+from moska_jax.config import DEFAULT_SUMMARY, check_int
 from moska_jax.kv_cache import SharedKVStore, check_kv_dtype, zero_kv
 from moska_jax.model import Decoder
 
 
-def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str = "mean",
-                       prefill_chunk: int = 256, backend: str = "auto",
+def build_shared_store(model: Decoder, tokens, *, chunk_size: int,
+                       summary: str = DEFAULT_SUMMARY, prefill_chunk: int = 256,
+                       backend: str = "auto",
                        kv_dtype: str | None = None) -> SharedKVStore:
   """Prefills the shared tokens [S] chunk by chunk into a SharedKVStore.
 
@@ -34,7 +35,8 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int, summary: str 
     model: the decoder whose keys and values are stored.
     tokens: [S] shared token ids in [0, vocab), S >= 1.
     chunk_size: C, the routing chunk the summaries are built for.
-    summary: the summary kind (a key of `routing.SUMMARIES`).
+    summary: the summary kind (a key of `routing.SUMMARIES`; default `config.DEFAULT_SUMMARY`,
+      the router that keeps the answers: `MoskaConfig.summary`).
     prefill_chunk: tokens run per prefill step.
     backend: kernel backend of the prefill's shared attention.
     kv_dtype: the stored K/V format: None (the model's dtype) or "float8_e4m3fn" /

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moska_jax.config import SKETCHES, sketch_width
+from moska_jax.config import DEFAULT_SUMMARY, SKETCHES, sketch_width
 from pallas_kernels import checks
 
 import pallas_kernels as pk
@@ -270,7 +270,7 @@ def _chunked(k: jax.Array, chunk_size: int, kv_length, op: str):
 
 
 def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
-                    summary: str = "mean") -> ChunkSummaries:
+                    summary: str = DEFAULT_SUMMARY) -> ChunkSummaries:
   """Summarizes each chunk of the shared keys (once, when the shared store is built).
 
   Args:
@@ -280,7 +280,7 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
       valid key get zero summaries and are never routed to. A concrete value must lie in
       [0, S]; a traced one is clamped to it.
     summary: a key of `SUMMARIES` ("mean", "envelope", "int4" or a PCA kind, "int4-pca2",
-      "int4-pca4", "int8-pca2", "int8-pca4").
+      "int4-pca4", "int8-pca2", "int8-pca4"); default `config.DEFAULT_SUMMARY`.
 
   Returns:
     `ChunkSummaries` of N = ceil(S / C) chunks.

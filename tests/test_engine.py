@@ -439,7 +439,7 @@ def test_set_store_swaps_the_shared_context(setup):
     engine.set_store(dataclasses.replace(store, model_config=tiny(layers=1)))
   sparse = MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=1, chunk_size=64,
                                                  backend="xla"), max_batch=1, num_pages=3)
-  with pytest.raises(ValueError, match="summary='mean' must match the store's summaries"):
+  with pytest.raises(ValueError, match="summary='int8-pca2' must match the store's summaries"):
     sparse.set_store(store.with_summaries(64, "int4"))
   with pytest.raises(ValueError, match="chunk_size=64 must match the store's chunk_size=32"):
     sparse.set_store(store.with_summaries(32))
