@@ -91,7 +91,7 @@ def group_by_chunk(chunk_ids: jax.Array, *, num_chunks: int, rows_per_pair: int,
     # The chunk of each tile: mark each chunk's first tile with its id and carry the largest
     # mark forward (a chunk with no tile shares its start with the next chunk, whose larger id
     # wins). One scan: jnp.searchsorted here, a loop of log2(N) steps, made the work list 3.7x
-    # slower on an H200 (0.28 vs 0.075 ms at B=8, N=2048).
+    # slower on an H200 (0.28 vs 0.075 ms at B=8, N=2048: results/sparse_probes.md).
     first = jnp.zeros((NT,), jnp.int32).at[tile_start].max(jnp.arange(N, dtype=jnp.int32),
                                                           mode="drop")
     c = jax.lax.cummax(first)

@@ -123,7 +123,8 @@ class MosaicGpuChunkConfig(Config):
 class TritonScoresConfig(Config):
   """chunk_scores on the Triton lowering: block_m query rows x block_k sketched keys per step,
   chunks_per_program chunks per program (powers of two). Three pipeline stages measured 9-17%
-  faster than two at every B from 1 to 512 on an H200 (S=1M, 64-wide 8-bit codes)."""
+  faster than two at every B from 1 to 512 on an H200 (S=1M, 64-wide 8-bit codes;
+  experiments/results/sparse_probes.md)."""
 
   block_m: int = knob(power_of_two, minimum=16)
   block_k: int = knob(power_of_two, minimum=16)

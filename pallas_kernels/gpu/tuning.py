@@ -343,7 +343,7 @@ def triton_chunk(dims: AttentionDims, top_k: int, chunk_size: int, dtype,
   shrunk until the tiling fits the target's shared memory (the work list, not the chip, sets
   the grid: one program per tile of a chunk). On an H200 (S=1M, C=512, uniform ids) this beat
   the previous 128-row / 128-key tilings by 13% at B=8 and 9-32% at B=128 and 512; tiles of
-  128 rows pad a chunk's binomial row count to a second, mostly empty tile."""
+  128 rows pad a chunk's binomial row count to a second, mostly empty tile (sparse_probes.md)."""
   block_m = min(64, _pow2_at_least(rows_per_chunk(dims, top_k, chunk_size)))
   block_m, block_k, stages = _fit_triton(block_m, min(64, _pow2_at_least(chunk_size)), 3, dims.D,
                                          jnp.dtype(dtype).itemsize, target)
