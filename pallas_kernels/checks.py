@@ -310,6 +310,11 @@ def check_sketches(q, codes, scale, chunk_size, *, op: str) -> tuple[AttentionDi
   if scale.shape not in ((S, Hkv), (N, Hkv)) or not jnp.issubdtype(scale.dtype, jnp.floating):
     raise ValueError(f"{op}: scale must be a float array of shape [S={S}, Hkv={Hkv}] (per key) "
                      f"or [N={N}, Hkv={Hkv}] (per chunk), got {scale.shape} {scale.dtype}")
+  if scale.shape[0] != S:  # a per-chunk scale factors out of the chunk's max only if >= 0
+    values = host_values(scale)
+    if values is not None and np.any(values < 0):
+      raise ValueError(f"{op}: per-chunk scales must be >= 0 (a chunk's max is taken before "
+                       f"scaling), got a minimum of {float(values.min())}")
   _check_nonempty("q", q, "[B, T, Hq, D]", op)
   _check_nonempty("codes", codes, "[S, Hkv, D/2 or D]", op)
   return AttentionDims(B, T, Hq, Hkv, D, S), N

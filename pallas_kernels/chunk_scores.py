@@ -147,7 +147,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     scale: [S, Hkv] float per-key scales (0 for keys that must never score), or [N, Hkv]
       non-negative per-chunk scales shared by each chunk's keys (the 8-bit sketches' layout:
       the kernels then take the raw code logits' max and scale once per chunk, no per-key
-      multiply).
+      multiply; a concrete negative one is refused, a traced one cannot be checked).
     chunk_size: C; chunk n is keys [n*C, (n+1)*C), the last one may be partial.
     kv_length: optional int scalar: keys [0, kv_length) count; in [0, S] (traced: clamped).
     int8: quantize each query row to int8 and score on the int8 matrix units (module docstring).

@@ -135,6 +135,8 @@ def test_empty_and_validation():
     chunk_scores(q, codes.astype(jnp.uint8), scale, chunk_size=128)
   with pytest.raises(ValueError, match=r"codes must be an int8 array"):
     chunk_scores(q, codes[..., :16], scale, chunk_size=128)
+  with pytest.raises(ValueError, match=r"per-chunk scales must be >= 0 .* got a minimum of -1.0"):
+    chunk_scores(q, codes, -jnp.ones((3, 2), jnp.float32), chunk_size=128)
   with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\] "
                                        r"\(per key\) or \[N=3, Hkv=2\] \(per chunk\)"):
     chunk_scores(q, codes, scale[:10], chunk_size=128)
