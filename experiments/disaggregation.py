@@ -323,7 +323,8 @@ def main() -> None:
       "transfer_frac = transfer_ms / step_ms (split only). unique / shared: each half alone on "
       "its group (one process; not measured over several processes). x_colocated: the "
       "colocated step at the same B over this row's step. bytes_*: `TransferStats` (q landing "
-      "on every shared device; the merged (o, lse), float32, on every unique device)."),
+      "on every shared device; every other span device's partial (o, lse), float32, gathered by "
+      "every unique device)."),
       plot=_plot)
   if scaling.rows:
     scaling.write(notes=(

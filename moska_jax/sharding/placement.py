@@ -199,8 +199,8 @@ class TransferStats:
   land (every receiving device counted).
 
   bytes_to_shared: the queries (and chunk ids) handed to each shared device.
-  bytes_to_unique: the merged (o, lse) each unique device receives (float32, all B rows: the
-    merge is an all-reduce over the span).
+  bytes_to_unique: the partial (o, lse) of every other span device that each unique device
+    receives (float32, all B rows: the merge is one all_gather over the span).
   Both are 0 when the groups are one device (`colocated`): nothing moves.
   """
 
@@ -222,4 +222,5 @@ class TransferStats:
     to_shared = math.prod(q_shape) * jnp.dtype(q_dtype).itemsize
     if chunk_ids_shape is not None:
       to_shared += math.prod(chunk_ids_shape) * 4
-    return cls(groups.num_shared * to_shared, groups.num_unique * out)
+    others = len(groups.span_devices) - 1
+    return cls(groups.num_shared * to_shared, groups.num_unique * others * out)

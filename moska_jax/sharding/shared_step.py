@@ -11,7 +11,7 @@ collectives inside the program:
       (shared devices: 0 keys)                      dense, or routed (each device scores its
                                                     chunks, scores all-gathered, one top-k)
                                                     (unique devices: 0 rows)
-    merge_over_span: merge_partials over "span" (pmax, then psum) -> (o, lse) [B] on every device
+    merge_over_span: all_gather over "span", local merge -> (o, lse) [B] on every device
     own_rows: each unique device keeps its requests' rows
 
 Roles are data (lengths and masks from `DeviceGroups.span_roles`), not control flow: every device
@@ -98,8 +98,17 @@ def own_rows(ctx: SpanContext, x: jax.Array) -> jax.Array:
 
 
 def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """One partial per span device -> their exact merge on every device (pmax, then psum)."""
-  return merge_partials(o, lse, axis_name=SPAN)
+  """One partial per span device -> their exact merge on every device.
+
+  One all_gather of the partials packed as [..., D + 1] float32 (o, then lse), then the local
+  stacked merge: a single collective round. At decode sizes each round costs its latency, not
+  its bytes, and the collective form of `merge_partials` (a pmax, then psums of counts, weights
+  and outputs) takes several dependent rounds.
+  """
+  packed = jnp.concatenate([o.astype(jnp.float32), lse.astype(jnp.float32)[..., None]], axis=-1)
+  every = jax.lax.all_gather(packed, SPAN)  # [span, ..., D + 1]
+  out, out_lse = merge_partials(every[..., :-1], every[..., -1], axis=0)
+  return out.astype(o.dtype), out_lse
 
 
 def route_on_span(ctx: SpanContext, q: jax.Array, summaries: routing.ChunkSummaries, top_k: int,
