@@ -70,17 +70,19 @@ def _halvings(x: int, minimum: int = 16) -> list[int]:
 
 
 def _fit_triton(block_m: int, block_k: int, num_stages: int, D: int, itemsize: int,
-                target: GpuTarget, min_block_m: int = 16,
-                min_block_k: int = 16) -> tuple[int, int, int]:
+                target: GpuTarget, min_block_m: int = 16, min_block_k: int = 16,
+                min_stages: int = 2) -> tuple[int, int, int]:
   """The largest tiling at most (block_m, block_k, num_stages) whose shared memory fits the
-  target: fewer pipeline stages first, then fewer keys per tile, then fewer rows; one stage (no
-  load in flight during the dots) only where no tiling of two fits. On an H200 (float32, D=128,
-  16 rows, S=128K) 64 keys x 3 stages ran 1.3x (B=1) and 1.7x (B=8) faster than 128 keys x 1
-  stage (results/tiling_probes.md)."""
-  for min_stages in sorted({min(2, num_stages), 1}, reverse=True):
+  target: fewer pipeline stages first, then fewer keys per tile, then fewer rows; fewer than
+  `min_stages` stages only where nothing else fits. Keeping two stages (a load in flight during
+  the dots) over a larger key tile pays for contiguous K/V: on an H200 (float32, D=128, 16 rows,
+  S=128K) shared attention ran 1.3x (B=1) and 1.7x (B=8) faster as 64 keys x 3 stages than as
+  128 keys x 1 stage; paged unique attention, whose pages are gathered, ran 1.2-1.5x slower as
+  64 keys x 2 stages than 128 x 1 (results/tiling_probes.md), so it passes min_stages=1."""
+  for floor in sorted({min(min_stages, num_stages), 1}, reverse=True):
     for bm in _halvings(block_m, min_block_m):
       for bk in _halvings(block_k, min_block_k):
-        for st in range(num_stages, min_stages - 1, -1):
+        for st in range(num_stages, floor - 1, -1):
           if triton_smem_bytes(bm, bk, D, itemsize, st) <= SMEM_USE * target.smem_per_block:
             return bm, bk, st
   return 16, 16, 1
@@ -275,7 +277,8 @@ def triton_unique(dims: AttentionDims, page_size: int, dtype,
   keys = max(UNIQUE_BLOCK_KEYS, _pow2_at_least(page_size))
   # A program holds all its rows and whole pages.
   _, keys, stages = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target,
-                                min_block_m=rows, min_block_k=_pow2_at_least(page_size))
+                                min_block_m=rows, min_block_k=_pow2_at_least(page_size),
+                                min_stages=1)
   pages_per_block = max(1, keys // page_size)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
   splits = min(math.ceil(4 * target.num_cores / (dims.B * dims.Hkv)),
