@@ -383,16 +383,17 @@ def _rows_block(M: int) -> int:
 
 
 def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> TritonScoresConfig:
-  """Row blocks as in shared_attention; chunks per program halved (down to 16) until the grid
-  fills the chip about twice; key tiles up to 128 keys, no wider than a chunk needs."""
-  block_m = _rows_block(dims.M)
+  """Row blocks as in shared_attention; key tiles up to 128 keys, no wider than a chunk needs;
+  8 chunks per program. A program carries its [block_m, chunks_per_program] maxima in registers:
+  at 64 chunks the kernel took all 255 registers a thread may have (12.5% occupancy in Nsight
+  Compute, issue slots 32% busy) and 8 chunks ran 7-16% faster at every B (H200, S=1M, C=512,
+  64-wide codes: B=8 0.244 -> 0.227 ms, B=128 1.63 -> 1.39, B=512 6.34 -> 5.33;
+  results/sparse_probes.md)."""
+  del target
   n_chunks = math.ceil(dims.S / chunk_size)
-  programs = dims.Hkv * math.ceil(dims.M / block_m)
-  cpp = 64
-  while cpp > 16 and programs * math.ceil(n_chunks / cpp) < 2 * target.num_cores:
-    cpp //= 2
-  return TritonScoresConfig(block_m=block_m, block_k=min(128, _pow2_at_least(chunk_size)),
-                            chunks_per_program=min(cpp, _pow2_at_least(n_chunks)))
+  return TritonScoresConfig(block_m=_rows_block(dims.M),
+                            block_k=min(128, _pow2_at_least(chunk_size)),
+                            chunks_per_program=min(8, _pow2_at_least(n_chunks)))
 
 
 def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
@@ -400,7 +401,7 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
   base = triton_scores(dims, chunk_size, target)
   return [base, *(dataclasses.replace(base, num_warps=w, num_stages=st)
                   for w, st in ((4, 2), (8, 2), (8, 3), (4, 4))),
-          *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32, 64)
+          *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32)
             if c != base.chunks_per_program)]
 
 
