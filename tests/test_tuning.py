@@ -158,6 +158,27 @@ def test_triton_smem_model_covers_what_the_compiler_asked_for():
     assert gpu_tuning.triton_smem_bytes(bm, bk, D, itemsize, stages) >= requested
 
 
+@pytest.mark.parametrize("name", GPUS)
+def test_triton_tilings_keep_a_load_in_flight_where_one_fits(name):
+  """Contiguous K/V tiles keep two pipeline stages when a smaller key tile allows it; one stage
+  only where no tiling of two fits. Paged unique attention may keep one stage (min_stages=1)."""
+  tgt = targets.target(name)
+  budget = gpu_tuning.SMEM_USE * tgt.smem_per_block
+  for block_m, D, itemsize in itertools.product((16, 32, 64, 128), (64, 128, 256), (2, 4)):
+    bm, bk, st = gpu_tuning._fit_triton(block_m, 128, 3, D, itemsize, tgt)  # noqa: SLF001
+    assert gpu_tuning.triton_smem_bytes(bm, bk, D, itemsize, st) <= budget
+    two_fit = any(gpu_tuning.triton_smem_bytes(m, k, D, itemsize, 2) <= budget
+                  for m in (16, 32, 64, 128) if m <= block_m for k in (16, 32, 64, 128))
+    assert st >= 2 or not two_fit, (block_m, D, itemsize, (bm, bk, st))
+  # float32, D=128, 16 rows: 64 keys x 3 stages rather than 128 keys x 1 (tiling_probes.md)
+  if tgt.smem_per_block >= 224 * 1024:
+    assert gpu_tuning._fit_triton(16, 128, 3, 128, 4, tgt) == (16, 64, 3)  # noqa: SLF001
+  # rows and whole pages are kept for unique attention, one stage allowed
+  if gpu_tuning.triton_smem_bytes(16, 128, 128, 4, 1) <= budget:
+    assert gpu_tuning._fit_triton(16, 128, 2, 128, 4, tgt, min_block_m=16,  # noqa: SLF001
+                                  min_block_k=128, min_stages=1)[:2] == (16, 128)
+
+
 def test_triton_tiles_pad_the_head_dim_to_a_power_of_two():
   assert [softmax.padded(d) for d in (1, 16, 64, 80, 96, 128, 192, 256)] == [
       1, 16, 64, 128, 128, 128, 256, 256]
