@@ -40,7 +40,8 @@ class Request:
     (request, None) once it finished; it must not block.
   fed: prompt tokens already in the unique cache.
   tokens / logits: sampled tokens, and their logits when kept.
-  decode_steps: decode steps it ran (it re-routes on multiples of `MoskaConfig.reroute_every`).
+  decode_steps: decode steps it ran, one per token after its first (it re-routes on multiples
+    of `MoskaConfig.reroute_every`).
   finish_reason: None while it runs, then one of FINISH_REASONS ("stop": it sampled eos_id, kept
     as its last token; "length": max_new tokens; "cancelled"; "error": see `error`).
   times: perf_counter seconds of "submitted", "admitted", "first_token", "finished".
@@ -57,7 +58,6 @@ class Request:
   fed: int = 0
   tokens: list[int] = dataclasses.field(default_factory=list)
   logits: list[np.ndarray] = dataclasses.field(default_factory=list)
-  decode_steps: int = 0
   finish_reason: str | None = None
   error: str | None = None
   times: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -70,6 +70,10 @@ class Request:
     return len(self.prompt) + self.max_new
 
   @property
+  def decode_steps(self) -> int:
+    return max(len(self.tokens) - 1, 0)
+
+  @property
   def prefilling(self) -> bool:
     return self.fed < len(self.prompt)
 
@@ -77,11 +81,6 @@ class Request:
   def done(self) -> bool:
     """It finished (see finish_reason)."""
     return self.finish_reason is not None
-
-  def _end_reason(self) -> str | None:
-    if self.tokens and self.tokens[-1] == self.eos_id:
-      return "stop"
-    return "length" if len(self.tokens) == self.max_new else None
 
 
 @dataclasses.dataclass
@@ -110,6 +109,11 @@ class StepPlan:
 class Scheduler:
   """Requests waiting, requests holding slots, and the cache pages they hold.
 
+  What a step needs of its requests is also kept per slot in NumPy columns (written at
+  admission and by `advance`), so planning and recording a step of many requests is vectorized;
+  Python runs per request only to append its token and for requests that start, finish or read
+  their prompt.
+
   Args:
     cache: the unique cache whose pages and host-side tables/lengths this manages.
     max_batch: slots (the decode part of every step).
@@ -123,10 +127,17 @@ class Scheduler:
     self.prefill_lanes = prefill_lanes or max_batch
     self.queue: collections.deque[Request] = collections.deque()
     self.active: dict[int, Request] = {}  # slot -> request
-    # Per slot its request's temperature, top_p and seed (written at admission), so a step's
-    # sampling rows are gathered, not rebuilt from every request.
-    self._sampling = (np.zeros((max_batch,), np.float32), np.ones((max_batch,), np.float32),
-                      np.zeros((max_batch,), np.uint32))
+    B = max_batch
+    # Per slot: its request's temperature, top_p, seed; whether it holds a request and whether
+    # that one decodes (its prompt is read); its last token, token count, eos_id (-1: none),
+    # max_new, keep_logits, and its context's index under `_indexed` (-1: not looked up yet).
+    self._sampling = (np.zeros((B,), np.float32), np.ones((B,), np.float32),
+                      np.zeros((B,), np.uint32))
+    self._held, self._decoding = np.zeros((B,), bool), np.zeros((B,), bool)
+    self._last, self._count = np.zeros((B,), np.int32), np.zeros((B,), np.int32)
+    self._eos, self._max_new = np.full((B,), -1, np.int64), np.zeros((B,), np.int32)
+    self._keep = np.zeros((B,), bool)
+    self._context, self._indexed = np.zeros((B,), np.int32), None
     self._next_id = 0
     self._id_lock = threading.Lock()
 
@@ -172,6 +183,9 @@ class Scheduler:
       for column, value in zip(self._sampling, (sampling.temperature, sampling.top_p,
                                                 sampling.seed or 0)):
         column[slot] = value
+      self._held[slot], self._count[slot], self._context[slot] = True, 0, -1
+      self._eos[slot] = -1 if request.eos_id is None else request.eos_id
+      self._max_new[slot], self._keep[slot] = request.max_new, request.keep_logits
       request.times["admitted"] = now
       admitted.append(request)
     return admitted
@@ -185,52 +199,49 @@ class Scheduler:
            reroute_all: bool = False) -> StepPlan | None:
     """The next step over the active requests (None when there is none).
 
-    context_index: context name -> the index the step's contexts have.
+    context_index: context name -> the index the step's contexts have; a new mapping whenever
+      the contexts change (a slot's index is looked up once per mapping).
     reroute_every: decode steps between a request's routings; reroute_all forces every row.
     """
     if not self.active:
       return None
     B, T, c = self.max_batch, self.prefill_chunk, self.cache
-    # Per-request Python only to gather fields; the rows are written with fancy indexing.
-    decode, prefilling = [], []
-    for s, r in self.active.items():
-      if r.fed < len(r.prompt):
-        prefilling.append((r.id, s))
-      else:
-        decode.append((s, r))
-    lane_slots = [s for _, s in sorted(prefilling)[:self.prefill_lanes]]
-    decode_slots = [s for s, _ in decode]
-    dec = _part(B, 1, c.block_tables.shape[1])
-    d = np.array(decode_slots, np.intp)
-    dec.tokens[d, 0] = [r.tokens[-1] for _, r in decode]
-    dec.fed[d] = 1
-    dec.tables[d], dec.lengths[d] = c.block_tables[d], c.lengths[d]
-    dec.context[d] = [context_index[r.context] for _, r in decode]
-    rows, live = decode_slots[:], [r for _, r in decode]  # the step's rows that hold a request
+    if context_index is not self._indexed:
+      self._context[self._held], self._indexed = -1, context_index
+    for s in np.flatnonzero(self._context < 0).tolist():
+      self._context[s] = context_index[self.active[s].context]
+    decoding = self._decoding
+    d = np.flatnonzero(decoding)
+    lane_slots = sorted(np.flatnonzero(self._held & ~decoding).tolist(),
+                        key=lambda s: self.active[s].id)[:self.prefill_lanes]
+    # The decode part: every slot a row; rows of slots not decoding are padding.
+    dec = Part(np.where(decoding, self._last, 0)[:, None],
+               np.where(decoding[:, None], c.block_tables, 0),
+               np.where(decoding, c.lengths, 0), decoding.astype(np.int32),
+               np.where(decoding, self._context, 0))
     reroute = np.full((B,), reroute_all)
     if not reroute_all:
-      reroute[d] = [r.decode_steps % reroute_every == 0 for _, r in decode]
-    lanes = None
+      reroute = decoding & ((self._count - 1) % reroute_every == 0)
+    lanes, lane = None, np.array(lane_slots, np.intp)
     if lane_slots:
       lanes = _part(self.lane_bucket(len(lane_slots)), T, c.block_tables.shape[1])
-      for lane, s in enumerate(lane_slots):
+      for i, s in enumerate(lane_slots):
         r = self.active[s]
         chunk = r.prompt[r.fed:r.fed + T]
-        lanes.tokens[lane, :len(chunk)], lanes.fed[lane] = chunk, len(chunk)
-        lanes.context[lane] = context_index[r.context]
-        rows.append(B + lane)
-        live.append(r)
-      lanes.tables[:len(lane_slots)] = c.block_tables[lane_slots]
-      lanes.lengths[:len(lane_slots)] = c.lengths[lane_slots]
-    # Sampling rows: padding rows are greedy; index = which of its tokens a row samples.
+        lanes.tokens[i, :len(chunk)], lanes.fed[i] = chunk, len(chunk)
+      n = len(lane_slots)
+      lanes.tables[:n], lanes.lengths[:n] = c.block_tables[lane], c.lengths[lane]
+      lanes.context[:n] = self._context[lane]
+    # Sampling rows: a decode slot's row is its slot, a lane's max_batch + its lane; padding
+    # rows are greedy; index = which of its tokens a row samples.
     n = B + (0 if lanes is None else lanes.tokens.shape[0])
+    rows, slots = np.concatenate([d, B + np.arange(len(lane))]), np.concatenate([d, lane])
     sampling = SamplingRows(np.zeros((n,), np.float32), np.ones((n,), np.float32),
                             np.zeros((n,), np.uint32), np.zeros((n,), np.int32))
-    for column, per_slot in zip(sampling, self._sampling):
-      column[rows] = per_slot[decode_slots + lane_slots]
-    sampling.index[rows] = [len(r.tokens) for r in live]
-    return StepPlan(decode_slots, lane_slots, dec, lanes, reroute, sampling,
-                    any([r.keep_logits for r in live]))
+    for column, per_slot in zip(sampling, self._sampling + (self._count,)):
+      column[rows] = per_slot[slots]
+    return StepPlan(d.tolist(), lane_slots, dec, lanes, reroute, sampling,
+                    bool(self._keep[slots].any()))
 
   def advance(self, plan: StepPlan, next_tokens: np.ndarray,
               logits: np.ndarray | None = None) -> list[Request]:
@@ -239,29 +250,33 @@ class Scheduler:
     decode slot or max_batch + its lane. Requests that are then done are retired (their
     `finish_reason` set). Returns the requests that took a token."""
     lengths, now = self.cache.lengths, time.perf_counter()
-    lengths[plan.decode_slots] += 1
-    sampled = next_tokens.tolist()
-    took = []  # (slot, request, row)
-    for s in plan.decode_slots:
-      r = self.active[s]
-      r.decode_steps += 1
-      took.append((s, r, s))
+    slots = plan.decode_slots[:]
+    rows = slots[:]
+    lengths[slots] += 1
     for lane, s in enumerate(plan.lane_slots):
       r, fed = self.active[s], int(plan.lanes.fed[lane])
       lengths[s] += fed
       r.fed += fed
       if not r.prefilling:  # else more prompt to feed: these logits are not a prediction yet
-        took.append((s, r, self.max_batch + lane))
-    for s, r, row in took:
-      r.tokens.append(sampled[row])
-      if r.keep_logits and logits is not None:
-        r.logits.append(logits[row])
-      if len(r.tokens) == 1:
-        r.times["first_token"] = now
-      reason = r._end_reason()
-      if reason:
-        self._end(r, reason, None, s)
-    return [r for _, r, _ in took]
+        self._decoding[s] = True
+        slots.append(s)
+        rows.append(self.max_batch + lane)
+    tokens = np.asarray(next_tokens)[rows].astype(np.int32)
+    self._last[slots] = tokens
+    self._count[slots] += 1
+    took = [self.active[s] for s in slots]
+    for r, token in zip(took, tokens.tolist()):
+      r.tokens.append(token)
+    count = self._count[slots]
+    for i in np.flatnonzero(count == 1).tolist():
+      took[i].times["first_token"] = now
+    if logits is not None:
+      for i in np.flatnonzero(self._keep[slots]).tolist():
+        took[i].logits.append(logits[rows[i]])
+    stop = tokens == self._eos[slots]
+    for i in np.flatnonzero(stop | (count == self._max_new[slots])).tolist():
+      self._end(took[i], "stop" if stop[i] else "length", None, slots[i])
+    return took
 
   def slot_of(self, request: Request) -> int | None:
     for s, r in self.active.items():
@@ -288,6 +303,8 @@ class Scheduler:
   def retire(self, slot: int) -> Request:
     """Frees `slot`: its pages return to the cache."""
     self.cache.free(slot)
+    self._held[slot] = self._decoding[slot] = False
+    self._context[slot] = 0
     return self.active.pop(slot)
 
 
