@@ -71,6 +71,7 @@ import logging
 import math
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -268,11 +269,14 @@ class MoskaEngine:
     self._ids = None  # reused chunk selections per layer [B, Hkv, K] (sparse, reroute_every > 1)
     self._reroute_all = True
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-    self._events: list[tuple[TokenStream, int | None]] = []  # streams' events not handed over
+    # The streams' events not handed over yet, per asyncio loop.
+    self._events: dict[asyncio.AbstractEventLoop, list[tuple[TokenStream, int | None]]] = (
+        collections.defaultdict(list))
     self._wake = threading.Event()
     self._drive = threading.RLock()  # held by whoever runs steps
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self._switch_interval: float | None = None  # the interpreter's, restored by stop()
     self._contexts: dict[str, _Resident] = {}
     self._groups: GroupsExecutor | None = None
     if self._disaggregated:
@@ -580,11 +584,8 @@ class MoskaEngine:
     loop (one wake-up of its thread per step, not one per token), in order."""
     if not self._events:
       return
-    by_loop = collections.defaultdict(list)
-    for event in self._events:
-      by_loop[event[0].loop].append(event)
-    self._events.clear()
-    for loop, events in by_loop.items():
+    pending, self._events = self._events, collections.defaultdict(list)
+    for loop, events in pending.items():
       try:
         loop.call_soon_threadsafe(_deliver, events)
       except RuntimeError:  # the loop closed: nobody iterates its streams any more
@@ -605,11 +606,28 @@ class MoskaEngine:
     """Whether a background thread runs the steps (`start`)."""
     return self._thread is not None and self._thread.is_alive()
 
-  def start(self) -> None:
+  def start(self, switch_interval: float | None = 2e-4) -> None:
     """Runs the steps on a background thread until `stop`: submitted requests join at the
-    next step, whoever submitted them."""
+    next step, whoever submitted them.
+
+    Args:
+      switch_interval: the interpreter's thread switch interval while the loop runs, in seconds
+        (`sys.setswitchinterval`, restored by `stop`), or None to leave it. The stepping thread,
+        back from the device, waits up to this long for the GIL while another thread runs
+        Python (an asyncio loop answering many streams): CPython's default 5 ms would stretch
+        a step of a few ms several times over.
+
+    Raises:
+      ValueError: switch_interval not None and not > 0.
+    """
+    if switch_interval is not None and not switch_interval > 0:
+      raise ValueError(f"start: switch_interval must be > 0 seconds or None, got "
+                       f"{switch_interval!r}")
     if self.running:
       return
+    if switch_interval is not None:
+      self._switch_interval = sys.getswitchinterval()
+      sys.setswitchinterval(switch_interval)
     self._stopping = False
     self._thread = threading.Thread(target=self._serve_forever, name="moska-engine", daemon=True)
     self._thread.start()
@@ -622,6 +640,9 @@ class MoskaEngine:
     self._wake.set()
     self._thread.join()
     self._thread = None
+    if self._switch_interval is not None:
+      sys.setswitchinterval(self._switch_interval)
+      self._switch_interval = None
 
   def _serve_forever(self) -> None:
     while not self._stopping:
@@ -855,7 +876,8 @@ class MoskaEngine:
     stream = TokenStream(self, asyncio.get_running_loop(), stream_interval)
     stream.request = self.submit(prompt, max_new_tokens, sampling, eos_id=eos_id,
                                  context=context,
-                                 on_event=lambda r, token: self._events.append((stream, token)))
+                                 on_event=lambda r, token: self._events[stream.loop].append(
+                                     (stream, token)))
     return stream
 
 

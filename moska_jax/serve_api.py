@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import math
-import sys
 import time
 import uuid
 from typing import Any
@@ -347,11 +346,8 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
     model_name: the model id the API reports and accepts.
     max_waiting: requests queued beyond the running batch before new ones get 429.
     eos_id: the token that ends a request (kept as its last token), or None.
-    switch_interval: the interpreter's thread switch interval while the app runs, in seconds
-      (`sys.setswitchinterval`, restored on shutdown), or None to leave it. The engine's
-      stepping thread, back from the device, waits up to this long for the GIL while the event
-      loop's thread runs Python (answering many streams): CPython's default 5 ms would stretch
-      a step of a few ms several times over.
+    switch_interval: the interpreter's thread switch interval while the app runs
+      (`MoskaEngine.start`), or None to leave it.
     stream_interval: tokens per server-sent event of a stream while it keeps up (the last event
       carries the rest; `MoskaEngine.stream`): 1 sends every token as it comes; larger values
       cut the server's per-token work for many concurrent streams.
@@ -359,7 +355,7 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
   Raises:
     ValueError: switch_interval not None and not > 0; stream_interval not an int >= 1.
   """
-  if switch_interval is not None and not switch_interval > 0:
+  if switch_interval is not None and not switch_interval > 0:  # before the app starts
     raise ValueError(f"create_app: switch_interval must be > 0 seconds or None, got "
                      f"{switch_interval!r}")
   check_int(stream_interval, "stream_interval", "create_app")
@@ -368,15 +364,11 @@ def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: i
   @contextlib.asynccontextmanager
   async def lifespan(app):
     engine.warmup()  # compile every step shape before the first request
-    interval = sys.getswitchinterval()
-    if switch_interval is not None:
-      sys.setswitchinterval(switch_interval)
-    engine.start()
+    engine.start(switch_interval)
     try:
       yield
     finally:
       engine.stop()
-      sys.setswitchinterval(interval)
 
   app = FastAPI(title="moska-jax", lifespan=lifespan)
   app.state.server = server

@@ -4,6 +4,7 @@ validation, swapping the shared store."""
 
 import asyncio
 import dataclasses
+import sys
 import threading
 import time
 
@@ -255,15 +256,19 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
 def test_background_loop_joins_requests_cancels_and_streams(setup):
   """Requests submitted from several threads join the running batch; a cancelled request's slot
   and pages come back before the next step; generate works on top of the loop; `stream` gives
-  the tokens to asyncio."""
+  the tokens to asyncio; the interpreter's switch interval is the loop's while it runs."""
   model, store = setup
   mcfg = MoskaConfig(backend="xla")
   engine = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
                        prefill_chunk=8)
   want = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
                      prefill_chunk=8).generate(["alpha", "beta", "gamma"], 6)
-  engine.start()
+  with pytest.raises(ValueError, match="start: switch_interval must be > 0 seconds or None"):
+    engine.start(switch_interval=-1.0)
+  interval = sys.getswitchinterval()
+  engine.start(switch_interval=1e-3)
   try:
+    assert sys.getswitchinterval() == pytest.approx(1e-3)
     got = {}
     threads = [threading.Thread(target=lambda p=p: got.update({p: engine.generate([p], 6)[0]}))
                for p in ("alpha", "beta", "gamma")]
@@ -297,6 +302,7 @@ def test_background_loop_joins_requests_cancels_and_streams(setup):
   finally:
     engine.stop()
   assert not engine.running and not engine.scheduler.busy
+  assert sys.getswitchinterval() == interval
 
 
 def test_many_streams_get_generates_tokens_in_order(setup):
