@@ -111,8 +111,9 @@ class Scheduler:
 
   What a step needs of its requests is also kept per slot in NumPy columns (written at
   admission and by `advance`), so planning and recording a step of many requests is vectorized;
-  Python runs per request only to append its token and for requests that start, finish or read
-  their prompt.
+  Python runs per request only to take its last token (`Request.tokens` stays the truth: a
+  token callback may replace the last one, which the next step then feeds), to append its new
+  one, and for requests that start, finish or read their prompt.
 
   Args:
     cache: the unique cache whose pages and host-side tables/lengths this manages.
@@ -129,12 +130,12 @@ class Scheduler:
     self.active: dict[int, Request] = {}  # slot -> request
     B = max_batch
     # Per slot: its request's temperature, top_p, seed; whether it holds a request and whether
-    # that one decodes (its prompt is read); its last token, token count, eos_id (-1: none),
-    # max_new, keep_logits, and its context's index under `_indexed` (-1: not looked up yet).
+    # that one decodes (its prompt is read); its token count, eos_id (-1: none), max_new,
+    # keep_logits, and its context's index under `_indexed` (-1: not looked up yet).
     self._sampling = (np.zeros((B,), np.float32), np.ones((B,), np.float32),
                       np.zeros((B,), np.uint32))
     self._held, self._decoding = np.zeros((B,), bool), np.zeros((B,), bool)
-    self._last, self._count = np.zeros((B,), np.int32), np.zeros((B,), np.int32)
+    self._count = np.zeros((B,), np.int32)
     self._eos, self._max_new = np.full((B,), -1, np.int64), np.zeros((B,), np.int32)
     self._keep = np.zeros((B,), bool)
     self._context, self._indexed = np.zeros((B,), np.int32), None
@@ -212,10 +213,13 @@ class Scheduler:
       self._context[s] = context_index[self.active[s].context]
     decoding = self._decoding
     d = np.flatnonzero(decoding)
+    decode_slots = d.tolist()
+    last = np.zeros((B,), np.int32)
+    last[d] = [self.active[s].tokens[-1] for s in decode_slots]
     lane_slots = sorted(np.flatnonzero(self._held & ~decoding).tolist(),
                         key=lambda s: self.active[s].id)[:self.prefill_lanes]
     # The decode part: every slot a row; rows of slots not decoding are padding.
-    dec = Part(np.where(decoding, self._last, 0)[:, None],
+    dec = Part(last[:, None],
                np.where(decoding[:, None], c.block_tables, 0),
                np.where(decoding, c.lengths, 0), decoding.astype(np.int32),
                np.where(decoding, self._context, 0))
@@ -240,7 +244,7 @@ class Scheduler:
                             np.zeros((n,), np.uint32), np.zeros((n,), np.int32))
     for column, per_slot in zip(sampling, self._sampling + (self._count,)):
       column[rows] = per_slot[slots]
-    return StepPlan(d.tolist(), lane_slots, dec, lanes, reroute, sampling,
+    return StepPlan(decode_slots, lane_slots, dec, lanes, reroute, sampling,
                     bool(self._keep[slots].any()))
 
   def advance(self, plan: StepPlan, next_tokens: np.ndarray,
@@ -261,8 +265,7 @@ class Scheduler:
         self._decoding[s] = True
         slots.append(s)
         rows.append(self.max_batch + lane)
-    tokens = np.asarray(next_tokens)[rows].astype(np.int32)
-    self._last[slots] = tokens
+    tokens = np.asarray(next_tokens)[rows]
     self._count[slots] += 1
     took = [self.active[s] for s in slots]
     for r, token in zip(took, tokens.tolist()):
