@@ -132,6 +132,33 @@ class Result:
 _TRACES = [0]  # traces of `_engine_step`, all engines together
 
 
+class _SwitchIntervalHolds:
+  """The interpreter's thread switch interval, shared by the engines running their loops: each
+  start that sets one holds it, the first saving the interpreter's value, which the last
+  release restores."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._holders = 0
+    self._saved = 0.0
+
+  def hold(self, seconds: float) -> None:
+    with self._lock:
+      if self._holders == 0:
+        self._saved = sys.getswitchinterval()
+      self._holders += 1
+      sys.setswitchinterval(seconds)
+
+  def release(self) -> None:
+    with self._lock:
+      self._holders -= 1
+      if self._holders == 0:
+        sys.setswitchinterval(self._saved)
+
+
+_SWITCH_INTERVAL = _SwitchIntervalHolds()
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Graph:
   """A GraphDef as a static jit argument, hashed and compared by identity: one instance per
@@ -276,7 +303,7 @@ class MoskaEngine:
     self._drive = threading.RLock()  # held by whoever runs steps
     self._thread: threading.Thread | None = None
     self._stopping = False
-    self._switch_interval: float | None = None  # the interpreter's, restored by stop()
+    self._holds_switch_interval = False  # it set the interpreter's (start), stop() releases
     self._contexts: dict[str, _Resident] = {}
     self._groups: GroupsExecutor | None = None
     if self._disaggregated:
@@ -612,10 +639,11 @@ class MoskaEngine:
 
     Args:
       switch_interval: the interpreter's thread switch interval while the loop runs, in seconds
-        (`sys.setswitchinterval`, restored by `stop`), or None to leave it. The stepping thread,
-        back from the device, waits up to this long for the GIL while another thread runs
-        Python (an asyncio loop answering many streams): CPython's default 5 ms would stretch
-        a step of a few ms several times over.
+        (`sys.setswitchinterval`), or None to leave it. The stepping thread, back from the
+        device, waits up to this long for the GIL while another thread runs Python (an asyncio
+        loop answering many streams): CPython's default 5 ms would stretch a step of a few ms
+        several times over. The interpreter's own value comes back when the last engine that
+        set one stops. An engine already running ignores the call, its interval included.
 
     Raises:
       ValueError: switch_interval not None and not > 0.
@@ -626,8 +654,8 @@ class MoskaEngine:
     if self.running:
       return
     if switch_interval is not None:
-      self._switch_interval = sys.getswitchinterval()
-      sys.setswitchinterval(switch_interval)
+      _SWITCH_INTERVAL.hold(switch_interval)
+      self._holds_switch_interval = True
     self._stopping = False
     self._thread = threading.Thread(target=self._serve_forever, name="moska-engine", daemon=True)
     self._thread.start()
@@ -640,9 +668,9 @@ class MoskaEngine:
     self._wake.set()
     self._thread.join()
     self._thread = None
-    if self._switch_interval is not None:
-      sys.setswitchinterval(self._switch_interval)
-      self._switch_interval = None
+    if self._holds_switch_interval:
+      _SWITCH_INTERVAL.release()
+      self._holds_switch_interval = False
 
   def _serve_forever(self) -> None:
     while not self._stopping:

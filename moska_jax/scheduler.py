@@ -71,6 +71,7 @@ class Request:
 
   @property
   def decode_steps(self) -> int:
+    """Decode steps it ran: one per token after its first (the prefill's)."""
     return max(len(self.tokens) - 1, 0)
 
   @property
@@ -200,15 +201,15 @@ class Scheduler:
            reroute_all: bool = False) -> StepPlan | None:
     """The next step over the active requests (None when there is none).
 
-    context_index: context name -> the index the step's contexts have; a new mapping whenever
-      the contexts change (a slot's index is looked up once per mapping).
+    context_index: context name -> the index the step's contexts have (a slot's index is
+      looked up again whenever the mapping changes).
     reroute_every: decode steps between a request's routings; reroute_all forces every row.
     """
     if not self.active:
       return None
     B, T, c = self.max_batch, self.prefill_chunk, self.cache
-    if context_index is not self._indexed:
-      self._context[self._held], self._indexed = -1, context_index
+    if context_index != self._indexed:  # a few names: cheaper than a lookup per request
+      self._context[self._held], self._indexed = -1, dict(context_index)
     for s in np.flatnonzero(self._context < 0).tolist():
       self._context[s] = context_index[self.active[s].context]
     decoding = self._decoding

@@ -303,6 +303,15 @@ def test_background_loop_joins_requests_cancels_and_streams(setup):
     engine.stop()
   assert not engine.running and not engine.scheduler.busy
   assert sys.getswitchinterval() == interval
+  # Two loops at once: the interpreter's interval comes back when the last one stops.
+  other = MoskaEngine(model, store, mcfg, max_batch=2, num_pages=16, page_size=8,
+                      prefill_chunk=8)
+  engine.start(switch_interval=1e-3)
+  other.start(switch_interval=2e-3)
+  engine.stop()
+  assert sys.getswitchinterval() == pytest.approx(2e-3)
+  other.stop()
+  assert sys.getswitchinterval() == interval
 
 
 def test_many_streams_get_generates_tokens_in_order(setup):

@@ -18,9 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moska_jax import routing
 from moska_jax.sharding import (DeviceGroups, SharedConfig, ShardingRules,
                                 disaggregated_attention_program, make_device_groups,
-                                place_requests, place_shared_kv, shared_attention_program,
-                                shared_attention_step, shared_rows_per_device, span_blocks,
-                                span_sharding)
+                                place_requests, place_shared_kv, placement,
+                                shared_attention_program, shared_attention_step,
+                                shared_rows_per_device, span_blocks, span_sharding)
+from moska_jax.sharding.groups import SPAN
+from moska_jax.sharding.shared_step import merge_over_span, span_map
 from pallas_kernels import (chunk_attention, merge_attention_states, merge_partials,
                             shared_attention, unique_attention)
 from tests.np_reference import rel_err
@@ -52,6 +54,12 @@ def data():
   ids = np.stack([rng.permutation(N)[:K] for _ in range(B * Hkv)]).reshape(B, Hkv, K)
   ids[-1, :, -1] = -1  # router padding
   return q, k, v, ids.astype(np.int32)
+
+
+def _collectives(hlo: str) -> list[str]:
+  """The collective ops of compiled HLO text, sorted (async pairs counted once, by -start)."""
+  return sorted(re.findall(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|"
+                           r"all-to-all)(?:-start)?\(", hlo))
 
 
 def assert_close(o, lse, o_ref, lse_ref):
@@ -199,12 +207,31 @@ def test_disaggregated_layer_is_one_program(split, mode, data):
     o_s, lse_s = chunk_attention(q, k, v, ids, chunk_size=C, kv_length=150, backend="xla")
   assert_close(o, lse, *merge_attention_states(o_u, lse_u, o_s, lse_s))
   hlo = program.lower(*args).compile().as_text()
-  collectives = sorted(re.findall(r"(all-reduce|all-gather|collective-permute|all-to-all)\(",
-                                  hlo))
   # The hand-off (an all-reduce) and the merge (one all-gather), and in routed mode the scores'
   # all-gather: one collective round each way.
   routed = ["all-gather"] if mode == "routed" else []
-  assert groups.colocated or collectives == sorted(["all-reduce", "all-gather", *routed])
+  assert groups.colocated or _collectives(hlo) == sorted(["all-reduce", "all-gather", *routed])
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_merge_over_span_gathers_small_partials_and_reduces_large_ones(gather, monkeypatch):
+  """Both forms of the (o, lse) return equal the stacked merge of every device's partial, an
+  empty partial included; the decode-size form is one all_gather (and no all-reduce)."""
+  if not gather:
+    monkeypatch.setattr(placement, "GATHER_MAX_BYTES", 0)
+  groups = groups_for("2+6")
+  n = len(groups.span_devices)
+  rng = np.random.default_rng(3)
+  o = rng.standard_normal((n, 3, 4, D)).astype(np.float32)
+  lse = rng.standard_normal((n, 3, 4)).astype(np.float32)
+  lse[1, 0, 0] = -np.inf
+  fn = jax.jit(span_map(lambda o, lse: merge_over_span(o[0], lse[0]), groups,
+                        (P(SPAN), P(SPAN)), (P(), P())))
+  out, out_lse = fn(o, lse)
+  assert_close(out, out_lse, *merge_partials(jnp.asarray(o), jnp.asarray(lse), axis=0))
+  hlo = fn.lower(o, lse).compile().as_text()
+  assert (_collectives(hlo) == ["all-gather"]) == gather
+  assert ("all-reduce" in _collectives(hlo)) != gather
 
 
 @pytest.mark.parametrize("split", list(SPLITS))

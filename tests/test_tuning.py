@@ -160,15 +160,21 @@ def test_triton_smem_model_covers_what_the_compiler_asked_for():
 
 @pytest.mark.parametrize("name", GPUS)
 def test_triton_tilings_keep_a_load_in_flight_where_one_fits(name):
-  """Contiguous K/V tiles keep two pipeline stages when a smaller key tile allows it; one stage
-  only where no tiling of two fits. Paged unique attention may keep one stage (min_stages=1)."""
+  """Contiguous K/V tiles keep two pipeline stages when a smaller key tile (>= 32 keys) allows
+  it; rows are never traded for stages. Paged unique attention may keep one stage
+  (min_stages=1)."""
   tgt = targets.target(name)
   budget = gpu_tuning.SMEM_USE * tgt.smem_per_block
+  fits = lambda m, k, D, itemsize, st: gpu_tuning.triton_smem_bytes(m, k, D, itemsize,
+                                                                     st) <= budget
   for block_m, D, itemsize in itertools.product((16, 32, 64, 128), (64, 128, 256), (2, 4)):
     bm, bk, st = gpu_tuning._fit_triton(block_m, 128, 3, D, itemsize, tgt)  # noqa: SLF001
-    assert gpu_tuning.triton_smem_bytes(bm, bk, D, itemsize, st) <= budget
-    two_fit = any(gpu_tuning.triton_smem_bytes(m, k, D, itemsize, 2) <= budget
-                  for m in (16, 32, 64, 128) if m <= block_m for k in (16, 32, 64, 128))
+    assert fits(bm, bk, D, itemsize, st)
+    # the first row count (halving) where anything fits, and stages as soon as 32+ keys allow
+    first = next(m for m in (128, 64, 32, 16) if m <= block_m
+                 and any(fits(m, k, D, itemsize, 1) for k in (16, 32, 64, 128)))
+    assert bm == first, (block_m, D, itemsize, (bm, bk, st))
+    two_fit = any(fits(bm, k, D, itemsize, 2) for k in (32, 64, 128))
     assert st >= 2 or not two_fit, (block_m, D, itemsize, (bm, bk, st))
   # float32, D=128, 16 rows: 64 keys x 3 stages rather than 128 keys x 1 (tiling_probes.md)
   if tgt.smem_per_block >= 224 * 1024:

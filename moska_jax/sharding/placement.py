@@ -193,14 +193,28 @@ def place_shared_kv(groups: DeviceGroups, k, v,
                         place_replicated(groups, np.int32(kv_length)), chunk_size)
 
 
+# The (o, lse) return gathers every span device's partial when what each device receives is at
+# most this many bytes (decode steps): one collective round, whose ~75 us latency on NVLink
+# (2x H200, disaggregation.md) is what the return costs at those sizes. Above it (prefill parts,
+# wide spans) the reduction's collective form moves fewer bytes than span - 1 partials.
+GATHER_MAX_BYTES = 16 * 1024 * 1024
+
+
+def merges_by_gather(span: int, partial_bytes: int) -> bool:
+  """Whether the (o, lse) return over `span` devices is one all_gather (else a pmax, then
+  psums): partial_bytes is one device's float32 (o, lse)."""
+  return (span - 1) * partial_bytes <= GATHER_MAX_BYTES
+
+
 @dataclasses.dataclass(frozen=True)
 class TransferStats:
   """Bytes that one step moves between the groups, counted from the program's shapes where they
   land (every receiving device counted).
 
   bytes_to_shared: the queries (and chunk ids) handed to each shared device.
-  bytes_to_unique: the partial (o, lse) of every other span device that each unique device
-    receives (float32, all B rows: the merge is one all_gather over the span).
+  bytes_to_unique: what each unique device receives of the (o, lse) return (float32, all B
+    rows): every other span device's partial when the merge is one all_gather
+    (`merges_by_gather`), else the merged (o, lse) of the all-reduce.
   Both are 0 when the groups are one device (`colocated`): nothing moves.
   """
 
@@ -222,5 +236,6 @@ class TransferStats:
     to_shared = math.prod(q_shape) * jnp.dtype(q_dtype).itemsize
     if chunk_ids_shape is not None:
       to_shared += math.prod(chunk_ids_shape) * 4
-    others = len(groups.span_devices) - 1
-    return cls(groups.num_shared * to_shared, groups.num_unique * others * out)
+    span = len(groups.span_devices)
+    received = (span - 1) * out if merges_by_gather(span, out) else out
+    return cls(groups.num_shared * to_shared, groups.num_unique * received)

@@ -11,7 +11,7 @@ collectives inside the program:
       (shared devices: 0 keys)                      dense, or routed (each device scores its
                                                     chunks, scores all-gathered, one top-k)
                                                     (unique devices: 0 rows)
-    merge_over_span: all_gather over "span", local merge -> (o, lse) [B] on every device
+    merge_over_span: all_gather over "span" + local merge (or pmax, psum) -> (o, lse) [B] everywhere
     own_rows: each unique device keeps its requests' rows
 
 Roles are data (lengths and masks from `DeviceGroups.span_roles`), not control flow: every device
@@ -19,8 +19,9 @@ runs the same kernels, the other role's over zero keys (the kernels' loops stop 
 A device-dependent `lax.cond` would make each GPU step wait on the host for its predicate, and a
 collective inside one branch would never be met by the devices that took the other.
 
-Only q (and chunk ids) go out and only (o, lse) come back, B*T*Hq*(D+1) numbers per layer; the
-shared KV never moves. `TransferStats.of_step` counts them from the shapes.
+Only q (and chunk ids) go out and only (o, lse) come back, B*T*Hq*(D+1) numbers per layer and
+span device (`merge_over_span`); the shared KV never moves. `TransferStats.of_step` counts them
+from the shapes.
 
 Here: the body-level parts (`SpanContext`, `hand_off`, `own_rows`, `shared_partial`,
 `merge_over_span`), two programs built from them (`shared_attention_program`: the shared half;
@@ -41,8 +42,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moska_jax import routing
 from moska_jax.sharding.groups import SPAN, DeviceGroups
-from moska_jax.sharding.placement import (TransferStats, place_replicated, place_requests,
-                                          span_sharding)
+from moska_jax.sharding.placement import (TransferStats, merges_by_gather, place_replicated,
+                                          place_requests, span_sharding)
 from pallas_kernels import chunk_attention, merge_partials, shared_attention, unique_attention
 
 
@@ -100,11 +101,16 @@ def own_rows(ctx: SpanContext, x: jax.Array) -> jax.Array:
 def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One partial per span device -> their exact merge on every device.
 
-  One all_gather of the partials packed as [..., D + 1] float32 (o, then lse), then the local
-  stacked merge: a single collective round. At decode sizes each round costs its latency, not
-  its bytes, and the collective form of `merge_partials` (a pmax, then psums of counts, weights
-  and outputs) takes several dependent rounds.
+  At decode sizes (`placement.merges_by_gather`): one all_gather of the partials packed as
+  [..., D + 1] float32 (o, then lse), then the local stacked merge, a single collective round;
+  there each round costs its latency, not its bytes, and the collective form of `merge_partials`
+  (a pmax, then psums of counts, weights and outputs) takes several dependent rounds (on 2x H200
+  the exchange fell from 0.27 to 0.16 ms at B=64: disaggregation.md). Larger partials take the
+  collective form, which moves fewer bytes than span - 1 partials.
   """
+  span = jax.lax.axis_size(SPAN)
+  if not merges_by_gather(span, o.size // o.shape[-1] * (o.shape[-1] + 1) * 4):
+    return merge_partials(o, lse, axis_name=SPAN)
   packed = jnp.concatenate([o.astype(jnp.float32), lse.astype(jnp.float32)[..., None]], axis=-1)
   every = jax.lax.all_gather(packed, SPAN)  # [span, ..., D + 1]
   out, out_lse = merge_partials(every[..., :-1], every[..., -1], axis=0)

@@ -128,6 +128,6 @@ class TritonScoresConfig(Config):
 
   block_m: int = knob(power_of_two, minimum=16)
   block_k: int = knob(power_of_two, minimum=16)
-  chunks_per_program: int = knob(power_of_two, 16)
+  chunks_per_program: int = knob(power_of_two, 8)
   num_warps: int = knob(_warps, 4)
   num_stages: int = knob(positive_int, 3)

@@ -73,19 +73,24 @@ def _fit_triton(block_m: int, block_k: int, num_stages: int, D: int, itemsize: i
                 target: GpuTarget, min_block_m: int = 16, min_block_k: int = 16,
                 min_stages: int = 2) -> tuple[int, int, int]:
   """The largest tiling at most (block_m, block_k, num_stages) whose shared memory fits the
-  target: fewer pipeline stages first, then fewer keys per tile, then fewer rows; fewer than
-  `min_stages` stages only where nothing else fits. Keeping two stages (a load in flight during
-  the dots) over a larger key tile pays for contiguous K/V: on an H200 (float32, D=128, 16 rows,
-  S=128K) shared attention ran 1.3x (B=1) and 1.7x (B=8) faster as 64 keys x 3 stages than as
-  128 keys x 1 stage; paged unique attention, whose pages are gathered, ran 1.2-1.5x slower as
-  64 keys x 2 stages than 128 x 1 (results/tiling_probes.md), so it passes min_stages=1."""
-  for floor in sorted({min(min_stages, num_stages), 1}, reverse=True):
-    for bm in _halvings(block_m, min_block_m):
-      for bk in _halvings(block_k, min_block_k):
+  target: fewer pipeline stages first, then fewer keys per tile, then fewer rows. At each row
+  count, fewer than `min_stages` stages only where no key tile of >= 32 keys allows them: a
+  load in flight during the dots pays over a larger key tile for contiguous K/V (on an H200,
+  float32, D=128, 16 rows, S=128K, shared attention ran 1.3x (B=1) and 1.7x (B=8) faster as 64
+  keys x 3 stages than as 128 keys x 1); paged unique attention, whose pages are gathered, ran
+  1.2-1.5x slower as 64 keys x 2 stages than 128 x 1 (results/tiling_probes.md), so it passes
+  min_stages=1. Rows are never traded for stages. Measured only there (H200, float32); the rule
+  also moves wide heads (D=192, 256) and smaller-memory chips (A100, L4) from one stage to two
+  or three over half the keys, unmeasured."""
+  budget = SMEM_USE * target.smem_per_block
+  pipelined = min(block_k, max(32, min_block_k))
+  for bm in _halvings(block_m, min_block_m):
+    for floor, keys in ((min(min_stages, num_stages), pipelined), (1, min_block_k)):
+      for bk in _halvings(block_k, keys):
         for st in range(num_stages, floor - 1, -1):
-          if triton_smem_bytes(bm, bk, D, itemsize, st) <= SMEM_USE * target.smem_per_block:
+          if triton_smem_bytes(bm, bk, D, itemsize, st) <= budget:
             return bm, bk, st
-  return 16, 16, 1
+  return min_block_m, min_block_k, 1
 
 
 def triton_smem_unsupported(block_m: int, block_k: int, D: int, dtype, num_stages: int,
