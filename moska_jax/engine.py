@@ -612,11 +612,7 @@ class MoskaEngine:
     if not self._events:
       return
     pending, self._events = self._events, collections.defaultdict(list)
-    for loop, events in pending.items():
-      try:
-        loop.call_soon_threadsafe(_deliver, events)
-      except RuntimeError:  # the loop closed: nobody iterates its streams any more
-        pass
+    hand_over(pending)
 
   def _apply_inbox(self) -> bool:
     worked = False
@@ -907,6 +903,16 @@ class MoskaEngine:
                                  on_event=lambda r, token: self._events[stream.loop].append(
                                      (stream, token)))
     return stream
+
+
+def hand_over(pending: Mapping[asyncio.AbstractEventLoop, Sequence[tuple[TokenStream,
+                                                                          int | None]]]) -> None:
+  """Hands the streams' events to their asyncio loops: one call_soon_threadsafe per loop."""
+  for loop, events in pending.items():
+    try:
+      loop.call_soon_threadsafe(_deliver, events)
+    except RuntimeError:  # the loop closed: nobody iterates its streams any more
+      pass
 
 
 def _deliver(events: Sequence[tuple[TokenStream, int | None]]) -> None:

@@ -10,7 +10,9 @@ default context, read by requests that name none. Without `--context` a small bu
 the default context, so `--model=tiny` alone runs on a fresh CPU machine. `--model` is a preset
 with random weights (`tiny`, `llama3_1_8b`); `--checkpoint` loads weights saved by
 `moska_jax.checkpoint.save_params`. Needs the `serve` extra (FastAPI, uvicorn; `tokenizers` for
-`--tokenizer=tokenizer.json`, else UTF-8 bytes). The API: moska_jax.serve_api.
+`--tokenizer=tokenizer.json`, else UTF-8 bytes). `--engine_process` steps the engine in a child
+process (the engine core) and keeps HTTP, tokenization and the streams in this one
+(moska_jax.serve_core). The API: moska_jax.serve_api.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ flags.DEFINE_integer("stream_interval", 1, "Tokens per streamed event while a st
                      "(larger: less server work per token for many streams).")
 flags.DEFINE_integer("eos_id", None, "Token that ends a request.")
 flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
+flags.DEFINE_boolean("engine_process", False, "Step the engine in a process of its own "
+                     "(moska_jax.serve_core.EngineProcess): the HTTP event loop and the steps "
+                     "then share no GIL.")
 FLAGS = flags.FLAGS
 
 DEFAULT_CONTEXT = (
@@ -73,6 +78,13 @@ class TokenizerJson:
 
   def decode(self, tokens: Sequence[int]) -> str:
     return self._tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+
+def build_tokenizer(path: str | None):
+  """A tokenizer.json's tokenizer, or UTF-8 bytes when path is None."""
+  from moska_jax.engine import ByteTokenizer
+
+  return TokenizerJson(path) if path else ByteTokenizer()
 
 
 def parse_contexts(specs: Sequence[str]) -> dict[str, str]:
@@ -103,7 +115,7 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
 
   from moska_jax import checkpoint as ckpt
   from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
-  from moska_jax.engine import ByteTokenizer, MoskaEngine
+  from moska_jax.engine import MoskaEngine
   from moska_jax.kv_cache import load_shared_store
   from moska_jax.model import Decoder
   from moska_jax.prefill import build_shared_store
@@ -116,7 +128,7 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
   else:
     raise ValueError(f"--model must be one of {sorted(presets)} (or give --checkpoint), got "
                      f"{model!r}")
-  tok = TokenizerJson(tokenizer) if tokenizer else ByteTokenizer()
+  tok = build_tokenizer(tokenizer)
   mcfg = MoskaConfig(mode=mode, chunk_size=chunk_size, backend=backend,
                      sparsity=sparsity if mode == "sparse" else None)
   stores = {}
@@ -151,12 +163,17 @@ def main(argv: Sequence[str]) -> None:
     contexts = parse_contexts(FLAGS.context)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  engine = build_engine(model=FLAGS.model, checkpoint=FLAGS.checkpoint, contexts=contexts or None,
-                        max_batch=FLAGS.max_batch, num_pages=FLAGS.num_pages,
-                        page_size=FLAGS.page_size, prefill_chunk=FLAGS.prefill_chunk,
-                        prefill_lanes=FLAGS.prefill_lanes, mode=FLAGS.mode,
-                        sparsity=FLAGS.sparsity, chunk_size=FLAGS.chunk_size,
-                        backend=FLAGS.backend, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed)
+  spec = dict(model=FLAGS.model, checkpoint=FLAGS.checkpoint, contexts=contexts or None,
+              max_batch=FLAGS.max_batch, num_pages=FLAGS.num_pages, page_size=FLAGS.page_size,
+              prefill_chunk=FLAGS.prefill_chunk, prefill_lanes=FLAGS.prefill_lanes,
+              mode=FLAGS.mode, sparsity=FLAGS.sparsity, chunk_size=FLAGS.chunk_size,
+              backend=FLAGS.backend, tokenizer=FLAGS.tokenizer, seed=FLAGS.seed)
+  if FLAGS.engine_process:
+    from moska_jax.serve_core import EngineProcess
+
+    engine = EngineProcess(build_engine, spec, tokenizer=build_tokenizer(FLAGS.tokenizer))
+  else:
+    engine = build_engine(**spec)
   name = FLAGS.model_name or (os.path.basename(os.path.normpath(FLAGS.checkpoint))
                               if FLAGS.checkpoint else FLAGS.model)
   api = create_app(engine, model_name=name, max_waiting=FLAGS.max_waiting, eos_id=FLAGS.eos_id,

@@ -10,8 +10,12 @@ Every request is submitted to the engine's background loop (`MoskaEngine.start`)
 running batch at its next step; a client that disconnects cancels its request, whose slot and
 pages come back before the next step. Errors are OpenAI-shaped JSON, `{"error": {"message",
 "type", "param", "code"}}`: 400 malformed JSON or a bad field, 404 an unknown model, context or
-route, 413 a prompt over the per-request token budget, 429 too many requests waiting; an
-internal failure is a 500 with a message and never a traceback.
+route, 413 a prompt over the per-request token budget, 429 too many requests waiting, 503 the engine
+does not run (an engine process that died: `moska_jax.serve_core.EngineProcess`); an internal
+failure is a 500 with a message and never a traceback.
+
+The engine is a `MoskaEngine` stepping on a thread of this process, or an `EngineProcess`
+stepping in a process of its own (no GIL shared with the event loop).
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from moska_jax.config import check_int
 from moska_jax.engine import MoskaEngine
 from moska_jax.sampling import SEED_RANGE, Sampling
 from moska_jax.scheduler import FINISH_REASONS
+from moska_jax.serve_core import EngineProcess
 
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+               503: "server_error"}
 # Fields of the OpenAI API this server does not implement, with the values that ask for nothing.
 UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None,),
                "top_logprobs": (None,), "stop": (None, [], ""), "suffix": (None,),
@@ -72,7 +78,7 @@ class _Detokenizer:
   sequence) is held back until the character completes or the request ends.
   """
 
-  def __init__(self, engine: MoskaEngine):
+  def __init__(self, engine: MoskaEngine | EngineProcess):
     self.decode, self.tokens = engine.decode, []
     self.prefix = self.sent = 0  # window start; end of the tokens sent (tokens[:sent])
 
@@ -107,7 +113,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
 class Server:
   """The API's state: the engine, the served model's name, the waiting limit, HTTP counters."""
 
-  def __init__(self, engine: MoskaEngine, model_name: str, max_waiting: int,
+  def __init__(self, engine: MoskaEngine | EngineProcess, model_name: str, max_waiting: int,
                eos_id: int | None, stream_interval: int):
     if engine.decode([0]) is None:
       raise ValueError("serve: the engine's tokenizer must decode (text responses)")
@@ -196,7 +202,8 @@ class Server:
       self.engine.cancel(r)
       raise
     if r.finish_reason not in ("stop", "length"):
-      raise ApiError(500, f"the request ended with {r.finish_reason}: {r.error}")
+      raise ApiError(500 if self.engine.running else 503,
+                     f"the request ended with {r.finish_reason}: {r.error}")
     return r
 
   def _submit(self, args: dict, on_event=None):
@@ -204,6 +211,8 @@ class Server:
       return self.engine.submit(**args, on_event=on_event)
     except ValueError as e:
       raise ApiError(400, str(e)) from None
+    except RuntimeError as e:  # the engine does not run
+      raise ApiError(503, str(e)) from None
 
   def stream(self, args: dict, chunk) -> StreamingResponse:
     """The request's tokens as server-sent events; chunk(text, finish_reason) -> JSON dict."""
@@ -211,6 +220,8 @@ class Server:
       tokens = self.engine.stream(**args, stream_interval=self.stream_interval)
     except ValueError as e:
       raise ApiError(400, str(e)) from None
+    except RuntimeError as e:  # the engine does not run
+      raise ApiError(503, str(e)) from None
 
     # A text event is the chunk's JSON with the text put in: one json.dumps of a short string
     # per event, not of the whole chunk.
@@ -335,14 +346,14 @@ def _completion_prompt(body: dict) -> str | list[int]:
                  "request)", param="prompt")
 
 
-def create_app(engine: MoskaEngine, *, model_name: str = "moska", max_waiting: int = 256,
-               eos_id: int | None = None, switch_interval: float | None = 2e-4,
-               stream_interval: int = 1) -> FastAPI:
+def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska",
+               max_waiting: int = 256, eos_id: int | None = None,
+               switch_interval: float | None = 2e-4, stream_interval: int = 1) -> FastAPI:
   """The FastAPI app serving `engine` as `model_name`; on startup it compiles the engine's steps
   (`MoskaEngine.warmup`) and starts its loop, on shutdown it stops the loop.
 
   Args:
-    engine: the engine (its tokenizer must decode).
+    engine: the engine, a `MoskaEngine` or an `EngineProcess` (its tokenizer must decode).
     model_name: the model id the API reports and accepts.
     max_waiting: requests queued beyond the running batch before new ones get 429.
     eos_id: the token that ends a request (kept as its last token), or None.

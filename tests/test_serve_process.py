@@ -1,0 +1,165 @@
+"""`python -m moska_jax.serve --engine_process` (the engine stepping in a child process,
+`moska_jax.serve_core.EngineProcess`) against the in-process server, both on the tiny model on
+localhost: the same greedy text completed and streamed, the same OpenAI-shaped errors, a
+disconnecting client freeing its slot in the core, a dead core answered with 503, and a shutdown
+that leaves no child process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from tests.test_serve import socket_port  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["What is MoSKA?", "héllo wörld"]
+NEW = 8
+
+
+class Served:
+  """`python -m moska_jax.serve` on a free port, as a subprocess."""
+
+  def __init__(self, *flags):
+    with socket_port() as port:
+      pass
+    self.url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "moska_jax.serve", "--model=tiny", f"--port={port}",
+         "--num_pages=32", "--max_batch=4", "--prefill_lanes=1", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+
+  def wait_up(self):
+    deadline = time.time() + 240
+    while True:
+      assert self.proc.poll() is None, self.proc.stdout.read()
+      assert time.time() < deadline, "the server did not come up"
+      try:
+        if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+          return self
+      except httpx.TransportError:
+        time.sleep(0.3)
+
+  def post(self, **body):
+    return httpx.post(self.url + "/v1/completions", timeout=60,
+                      json=dict(model="tiny", max_tokens=NEW, temperature=0) | body)
+
+  def metric(self, name):
+    return float(next(line.split()[-1] for line in httpx.get(self.url + "/metrics").text
+                      .splitlines() if line.startswith(name)))
+
+  def children(self) -> list[int]:
+    """The pids whose parent is the server (the engine core, multiprocessing's tracker)."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+      try:
+        with open(f"/proc/{pid}/stat") as f:
+          if int(f.read().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+            out.append(int(pid))
+      except (OSError, IndexError):
+        pass
+    return out
+
+  def close(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait(30)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.fixture(scope="module")
+def servers():
+  started = [Served(), Served("--engine_process"), Served("--engine_process")]
+  try:
+    yield [s.wait_up() for s in started]  # in-process, core, a core to kill
+  finally:
+    for s in started:
+      s.close()
+
+
+def _stream_text(server, prompt):
+  pieces = []
+  with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json=dict(
+      model="tiny", prompt=prompt, max_tokens=NEW, temperature=0, stream=True)) as r:
+    assert r.status_code == 200
+    for line in r.iter_lines():
+      if line.startswith("data: {"):
+        pieces.append(json.loads(line[6:])["choices"][0]["text"])
+  return pieces
+
+
+def test_the_core_completes_and_streams_the_in_process_servers_text(servers):
+  inproc, core, _ = servers
+  for prompt in PROMPTS:
+    ref = inproc.post(prompt=prompt).json()["choices"][0]
+    got = core.post(prompt=prompt).json()
+    assert got["choices"][0]["text"] == ref["text"] and got["choices"][0]["finish_reason"] == (
+        "length") and got["usage"]["completion_tokens"] == NEW
+    pieces = _stream_text(core, prompt)
+    assert "".join(pieces) == ref["text"] and len(pieces) > 2
+  assert core.metric('moska_requests_total{reason="length"}') >= 2 * len(PROMPTS)
+
+
+def test_errors_are_the_in_process_servers(servers):
+  inproc, core, _ = servers
+  for body in (dict(prompt="hi", context="nope"), dict(prompt="x" * 600),
+               dict(prompt=[1, 2, 999]), dict(prompt="hi", max_tokens=0)):
+    want, got = inproc.post(**body), core.post(**body)
+    assert got.status_code == want.status_code >= 400 and got.json() == want.json()
+  assert core.post(prompt="still serving").status_code == 200
+
+
+def test_a_disconnecting_client_frees_its_slot_in_the_core(servers):
+  _, core, _ = servers
+  cancelled = core.metric('moska_requests_total{reason="cancelled"}')
+  with httpx.stream("POST", core.url + "/v1/completions", timeout=60, json=dict(
+      model="tiny", prompt="a long answer", max_tokens=400, temperature=0, stream=True)) as r:
+    lines = r.iter_lines()
+    while json.loads(next(l for l in lines if l.startswith("data:"))[5:])["choices"][0][
+        "text"] == "":
+      pass  # until a token arrived: the request holds a slot
+  deadline = time.time() + 30
+  while core.metric('moska_requests_total{reason="cancelled"}') == cancelled:
+    assert time.time() < deadline, "the disconnect did not cancel the request"
+    time.sleep(0.05)
+  assert core.metric("moska_active_requests") == 0
+  # Its pages came back: a request of the whole budget fits again.
+  assert core.post(prompt="x", max_tokens=400).json()["usage"]["completion_tokens"] == 400
+
+
+def test_a_dead_core_answers_503_and_shutdown_leaves_no_child(servers):
+  _, core, doomed = servers
+  children = core.children()
+  assert children  # the core (and multiprocessing's resource tracker)
+  core.proc.send_signal(signal.SIGTERM)  # uvicorn's graceful shutdown stops the core
+  assert core.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it caught
+  deadline = time.time() + 10
+  while any(map(_alive, children)):
+    assert time.time() < deadline, f"children left: {[p for p in children if _alive(p)]}"
+    time.sleep(0.05)
+  # A core that died: requests fail at once with 503, the front end keeps answering.
+  spawned = [p for p in doomed.children() if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+  assert len(spawned) == 1
+  os.kill(spawned[0], signal.SIGKILL)
+  deadline = time.time() + 10
+  while httpx.get(doomed.url + "/health").json()["status"] == "ok":
+    assert time.time() < deadline, "the front end did not notice the dead core"
+    time.sleep(0.05)
+  for stream in (False, True):
+    r = doomed.post(prompt="hi", stream=stream)
+    assert r.status_code == 503 and "the engine process exited" in r.json()["error"]["message"]
