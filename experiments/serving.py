@@ -29,7 +29,10 @@ Two scenarios, one table:
   the run (a step shape first met there pays its compilation inside the timing); over HTTP
   also `client_busy`, the busiest
   client process's CPU time over the run's wall time (near 1: the clients, not the server,
-  limited the rate; raise `--serving_client_processes`).
+  limited the rate; raise `--serving_client_processes`). With `--serving_engine_process` the HTTP
+  load runs again with the engine stepping in a process of its own ("http, engine process":
+  `moska_jax.serve_core.EngineProcess`, built there from the same model and contexts; its
+  `compiles` are the core's step compilations).
 
 The model is the tiny decoder or Llama-3.1-8B shapes with `--serving_layers` layers (random
 weights) in `--dtype`; contexts are random tokens of `--serving_shared` each.
@@ -43,6 +46,7 @@ GPU: python -m experiments.run --experiment=serving --serving_model=llama3_1_8b 
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib.util
 import json
 import os
@@ -61,6 +65,7 @@ from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
+from moska_jax.serve_core import EngineProcess
 
 flags.DEFINE_enum("serving_model", "tiny", ["tiny", "llama3_1_8b"], "serving: model shapes.")
 flags.DEFINE_integer("serving_layers", 2, "serving: decoder layers.")
@@ -80,6 +85,9 @@ flags.DEFINE_integer("serving_page", 16, "serving: page size.")
 flags.DEFINE_boolean("serving_http", True, "serving: also load-test over HTTP (if installed).")
 flags.DEFINE_integer("serving_stream_interval", 1, "serving: the HTTP server's tokens per "
                      "streamed event while a stream keeps up (create_app's stream_interval).")
+flags.DEFINE_boolean("serving_engine_process", False, "serving: also load-test over HTTP with "
+                     "the engine in a process of its own (python -m moska_jax.serve "
+                     "--engine_process).")
 flags.DEFINE_integer("serving_client_processes", 4, "serving: processes the HTTP load test's "
                      "clients run in (the requests split evenly among them).")
 FLAGS = flags.FLAGS
@@ -96,17 +104,33 @@ def _pct(values, q) -> float:
   return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def _model():
-  make = llama3_1_8b if FLAGS.serving_model == "llama3_1_8b" else tiny
-  return Decoder(make(dtype=FLAGS.dtype, layers=FLAGS.serving_layers), rngs=nnx.Rngs(FLAGS.seed))
+def _model(name: str, dtype: str, layers: int, seed: int) -> Decoder:
+  make = llama3_1_8b if name == "llama3_1_8b" else tiny
+  return Decoder(make(dtype=dtype, layers=layers), rngs=nnx.Rngs(seed))
 
 
-def _engine(model, stores, mcfg, *, batch, tokens_per_request, chunk, lanes):
-  ps = FLAGS.serving_page
+def _stores(model, rng, count: int, shared: int, backend: str) -> dict:
+  """`count` contexts of `shared` random tokens each, drawn from rng in order."""
+  return {f"ctx{i}": build_shared_store(model, rng.integers(0, model.cfg.vocab, shared),
+                                        chunk_size=128, backend=backend) for i in range(count)}
+
+
+def _engine(model, stores, mcfg, *, batch, tokens_per_request, chunk, lanes, page=None):
+  ps = page or FLAGS.serving_page
   pages = batch * -(-(tokens_per_request + chunk) // ps) + 2
   return MoskaEngine(model, stores, mcfg, max_batch=batch, num_pages=pages, page_size=ps,
                      prefill_chunk=chunk, prefill_lanes=lanes,
                      max_request_tokens=tokens_per_request)
+
+
+def core_engine(*, model: str, dtype: str, layers: int, seed: int, contexts: int, shared: int,
+                backend: str, **engine) -> MoskaEngine:
+  """The load test's engine as `main` and `load` build it (the same weights and contexts: the
+  same seed, the stores drawn first), in an engine-core process (`EngineProcess`), where no flag
+  is parsed."""
+  decoder = _model(model, dtype, layers, seed)
+  stores = _stores(decoder, np.random.default_rng(seed), contexts, shared, backend)
+  return _engine(decoder, stores, MoskaConfig(backend=backend), **engine)
 
 
 def prefill_beside_decode(model, store, mcfg, rng, table) -> None:
@@ -148,7 +172,8 @@ def _requests(rng, vocab, names):
   return [(list(map(int, rng.integers(0, vocab, p))), names[i % len(names)]) for i in range(n)]
 
 
-_compiles = [0, 0]  # XLA compilations: so far, and at the last mark
+_compiles = [0]  # XLA compilations of this process so far
+_marked = {}  # the stats and compilations at the last mark
 
 
 def _count_compile(event: str, duration: float, **_) -> None:
@@ -157,19 +182,24 @@ def _count_compile(event: str, duration: float, **_) -> None:
     _compiles[0] += 1
 
 
+def _compilations(engine) -> int:
+  """This process's XLA compilations, or an engine process's step compilations."""
+  return engine.compilations() if isinstance(engine, EngineProcess) else _compiles[0]
+
+
 def _mark(engine) -> None:
-  """Starts a transport's run: clears the engine's stats and the compilation count."""
-  engine.stats.clear()
-  _compiles[1] = _compiles[0]
+  """Starts a transport's run: notes the engine's stats and the compilation count."""
+  _marked.update(stats=collections.Counter(engine.stats), compiles=_compilations(engine))
 
 
 def _steps(engine) -> dict:
   """The engine's steps since `_mark`: count, mean wall and host ms, compilations; marks again
   for the next transport."""
-  s = engine.stats
+  s = collections.Counter(engine.stats)
+  s.subtract(_marked["stats"])
   n = s["steps_decode"] + s["steps_prefill"]
   row = dict(steps=n, step_ms=_ms(s["seconds"] / n), host_ms=_ms(s["host_seconds"] / n),
-             compiles=_compiles[0] - _compiles[1])
+             compiles=_compilations(engine) - _marked["compiles"])
   _mark(engine)
   return row
 
@@ -211,14 +241,11 @@ def _in_process(engine, requests, new):
 
 
 def _over_http(engine, requests, new):
-  """The load over the OpenAI server on localhost: uvicorn + the engine in this process, the
-  clients in `--serving_client_processes` processes (`experiments.serving_client`), as a
-  deployment's clients are. Returns t0, submits, times (wall-clock seconds) and the busiest
-  client process's CPU time over the run's (near 1: the clients limited the rate), or None when
-  the serve extra is missing."""
-  if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx")):
-    logging.info("serving: fastapi / uvicorn / httpx missing: no HTTP load test")
-    return None
+  """The load over the OpenAI server on localhost: uvicorn in this process, the engine in this
+  process too or an `EngineProcess`, the clients in `--serving_client_processes` processes
+  (`experiments.serving_client`), as a deployment's clients are. Returns t0, submits, times
+  (wall-clock seconds) and the busiest client process's CPU time over the run's (near 1: the
+  clients limited the rate)."""
   import uvicorn
 
   from moska_jax.serve_api import create_app
@@ -287,12 +314,26 @@ def load(model, stores, mcfg, rng, table) -> None:
     t0, submits, times = _in_process(engine, requests, new)
     _load_row(table, "in-process", t0, submits, times, sum(map(len, times)), _steps(engine),
               gen_rate)
-    if FLAGS.serving_http:
-      out = _over_http(engine, requests, new)
-      if out is not None:
-        *timing, busy = out
-        _load_row(table, "http", *timing, n * new, _steps(engine), gen_rate, client_busy=busy,
-                  stream_interval=FLAGS.serving_stream_interval)
+    if not FLAGS.serving_http:
+      return
+    if not all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "httpx")):
+      logging.info("serving: fastapi / uvicorn / httpx missing: no HTTP load test")
+      return
+    servers = [("http", engine)]
+    if FLAGS.serving_engine_process:
+      # This process holds the accelerator's preallocated memory: the core allocates on demand.
+      servers.append(("http, engine process", EngineProcess(
+          core_engine, dict(model=FLAGS.serving_model, dtype=FLAGS.dtype,
+                            layers=FLAGS.serving_layers, seed=FLAGS.seed, contexts=len(stores),
+                            shared=FLAGS.serving_shared, backend=FLAGS.backend, batch=n,
+                            tokens_per_request=FLAGS.serving_prompt + new,
+                            chunk=FLAGS.serving_load_chunk,
+                            lanes=min(n, FLAGS.serving_load_lanes), page=FLAGS.serving_page),
+          env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})))
+    for transport, server in servers:
+      *timing, busy = _over_http(server, requests, new)
+      _load_row(table, transport, *timing, n * new, _steps(server), gen_rate, client_busy=busy,
+                stream_interval=FLAGS.serving_stream_interval)
   finally:
     jax.monitoring.unregister_event_duration_listener(_count_compile)
 
@@ -316,13 +357,10 @@ def _plot(plt, rows):
 
 def main() -> None:
   bench = harness.Bench(ceilings=False, shape=False)
-  model = _model()
+  model = _model(FLAGS.serving_model, FLAGS.dtype, FLAGS.serving_layers, FLAGS.seed)
   rng = np.random.default_rng(FLAGS.seed)
   mcfg = MoskaConfig(backend=FLAGS.backend)
-  stores = {f"ctx{i}": build_shared_store(model, rng.integers(0, model.cfg.vocab,
-                                                              FLAGS.serving_shared),
-                                          chunk_size=128, backend=FLAGS.backend)
-            for i in range(FLAGS.serving_contexts)}
+  stores = _stores(model, rng, FLAGS.serving_contexts, FLAGS.serving_shared, FLAGS.backend)
   table = bench.table("serving", "serving: decoding beside a long prefill, and a load test of "
                       "streaming clients over several contexts", keys=("scenario", "transport",
                                                                         "prefill_chunk"))

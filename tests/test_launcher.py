@@ -39,7 +39,8 @@ TINY = {
     "serving": ["--backend=xla", "--dtype=float32", "--serving_layers=1", "--serving_shared=256",
                 "--serving_clients=4", "--serving_new_tokens=4", "--serving_decoders=2",
                 "--serving_long_prompt=256", "--serving_prefill_chunks=128",
-                "--serving_base_steps=3", "--serving_load_lanes=2", "--serving_stream_interval=2"],
+                "--serving_base_steps=3", "--serving_load_lanes=2", "--serving_stream_interval=2",
+                "--serving_engine_process"],
     "fp8": ["--backend=xla", "--shape=tiny", "--fp8_batches=2", "--fp8_shared=1024",
             "--fp8_unique=64", "--fp8_page=16"],
 }
