@@ -95,12 +95,10 @@ class EngineProcess:
                                 daemon=True)
     self._process.start()
     child.close()  # the core's end lives in the core: its exit closes the pipe here
-    if not self._conn.poll(timeout):
-      self._process.kill()
-      raise RuntimeError(f"EngineProcess: the engine was not built within {timeout} s")
-    kind, info = self._recv_first()
+    kind, info = self._recv_first(timeout)
     if kind == "failed":
       self._process.join(30)
+      self._conn.close()
       raise RuntimeError(f"EngineProcess: the core failed to build the engine:\n{info}")
     self._contexts: dict[str, int] = info["contexts"]
     self.default_context: str = info["default_context"]
@@ -119,13 +117,20 @@ class EngineProcess:
     self._reader = threading.Thread(target=self._read, name="moska-engine-reader", daemon=True)
     self._reader.start()
 
-  def _recv_first(self):
+  def _recv_first(self, timeout: float | None) -> tuple:
+    """The core's first message ("ready" or "failed")."""
     try:
+      if not self._conn.poll(timeout):
+        self._process.kill()
+        raise RuntimeError(f"EngineProcess: the engine was not built within {timeout} s")
       return self._conn.recv()
     except (EOFError, OSError):
       self._process.join(30)
       raise RuntimeError(f"EngineProcess: the core exited (code {self._process.exitcode}) "
                          f"before the engine was built") from None
+    finally:
+      if self._process.exitcode is not None:
+        self._conn.close()
 
   # ---- the engine's surface -------------------------------------------------------------------
 
