@@ -342,7 +342,11 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
       while conn.poll():
         if not command(conn.recv()):
           return
-      idle = not engine.step()
+      try:
+        idle = not engine.step()
+      except Exception:  # the step's requests got their error; keep serving the others
+        log.exception("engine step failed")
+        idle = False
       if tokens or ends or not idle:
         conn.send(("step", tokens, ends, dict(
             stats=dict(engine.stats), last_step_seconds=engine.last_step_seconds,

@@ -92,15 +92,18 @@ def servers():
       s.close()
 
 
-def _stream_text(server, prompt):
-  pieces = []
+def _stream(server, prompt) -> list[dict]:
+  """The choices of a completion stream's events, up to its [DONE]."""
+  choices = []
   with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json=dict(
       model="tiny", prompt=prompt, max_tokens=NEW, temperature=0, stream=True)) as r:
     assert r.status_code == 200
     for line in r.iter_lines():
       if line.startswith("data: {"):
-        pieces.append(json.loads(line[6:])["choices"][0]["text"])
-  return pieces
+        choices.append(json.loads(line[6:])["choices"][0])
+      elif line == "data: [DONE]":
+        return choices
+  raise AssertionError("the stream ended without [DONE]")
 
 
 def test_the_core_completes_and_streams_the_in_process_servers_text(servers):
@@ -110,8 +113,10 @@ def test_the_core_completes_and_streams_the_in_process_servers_text(servers):
     got = core.post(prompt=prompt).json()
     assert got["choices"][0]["text"] == ref["text"] and got["choices"][0]["finish_reason"] == (
         "length") and got["usage"]["completion_tokens"] == NEW
-    pieces = _stream_text(core, prompt)
-    assert "".join(pieces) == ref["text"] and len(pieces) > 2
+    events = _stream(core, prompt)
+    assert "".join(e["text"] for e in events) == ref["text"]
+    assert events[0]["text"] == "" and [e["finish_reason"] for e in events][-2:] == [None,
+                                                                                    "length"]
   assert core.metric('moska_requests_total{reason="length"}') >= 2 * len(PROMPTS)
 
 
