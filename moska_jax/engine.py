@@ -74,7 +74,7 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -390,7 +390,7 @@ class MoskaEngine:
 
   def _resident(self, name: str) -> _Resident:
     if name not in self._contexts:
-      raise ValueError(f"unknown context {name!r}; resident contexts: {sorted(self._contexts)}")
+      raise unknown_context(name, self._contexts)
     return self._contexts[name]
 
   def _check_store(self, store: SharedKVStore) -> None:
@@ -482,9 +482,7 @@ class MoskaEngine:
     check_int(max_new_tokens, "max_new_tokens", what)
     need = len(tokens) + int(max_new_tokens)
     if need > self.max_request_tokens or not self.cache.fits(need):
-      raise ValueError(f"{what} needs {need} tokens of unique cache ({len(tokens)} prompt + "
-                       f"{max_new_tokens} new); the page budget allows "
-                       f"{self._request_limit()} per request")
+      raise over_budget(what, len(tokens), max_new_tokens, self._request_limit())
     context = self.default_context if context is None else context
     self._resident(context)
     return context
@@ -903,6 +901,18 @@ class MoskaEngine:
                                  on_event=lambda r, token: self._events[stream.loop].append(
                                      (stream, token)))
     return stream
+
+
+def over_budget(what: str, prompt_tokens: int, max_new_tokens: int, limit: int) -> ValueError:
+  """The error of a request whose prompt + new tokens exceed the per-request page budget."""
+  return ValueError(f"{what} needs {prompt_tokens + max_new_tokens} tokens of unique cache "
+                    f"({prompt_tokens} prompt + {max_new_tokens} new); the page budget allows "
+                    f"{limit} per request")
+
+
+def unknown_context(name: str, resident: Collection[str]) -> ValueError:
+  """The error of a request naming a context that is not resident."""
+  return ValueError(f"unknown context {name!r}; resident contexts: {sorted(resident)}")
 
 
 def hand_over(pending: Mapping[asyncio.AbstractEventLoop, Sequence[tuple[TokenStream,

@@ -43,7 +43,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 
 from moska_jax.config import check_int
-from moska_jax.engine import ByteTokenizer, MoskaEngine, TokenStream, hand_over
+from moska_jax.engine import (ByteTokenizer, MoskaEngine, TokenStream, hand_over, over_budget,
+                              unknown_context)
 from moska_jax.sampling import Sampling
 from moska_jax.scheduler import Request
 
@@ -170,13 +171,10 @@ class EngineProcess:
     tokens = self.encode(prompt)
     check_int(max_new_tokens, "max_new_tokens", "request")
     if len(tokens) + max_new_tokens > self._limit:
-      raise ValueError(f"request needs {len(tokens) + max_new_tokens} tokens of unique cache "
-                       f"({len(tokens)} prompt + {max_new_tokens} new); the page budget allows "
-                       f"{self._limit} per request")
+      raise over_budget("request", len(tokens), max_new_tokens, self._limit)
     context = self.default_context if context is None else context
     if context not in self._contexts:
-      raise ValueError(f"unknown context {context!r}; resident contexts: "
-                       f"{sorted(self._contexts)}")
+      raise unknown_context(context, self._contexts)
     r = Request(id=next(self._ids), prompt=tokens, max_new=max_new_tokens, eos_id=eos_id,
                 context=context, sampling=sampling, on_event=on_event)
     self._open[r.id] = r  # before the core can answer

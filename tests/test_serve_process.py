@@ -34,8 +34,8 @@ class Served:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "moska_jax.serve", "--model=tiny", f"--port={port}",
-         "--num_pages=32", "--max_batch=4", "--prefill_lanes=1", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+         "--num_pages=32", "--max_batch=4", "--prefill_lanes=1", *flags], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
   def wait_up(self):
     deadline = time.time() + 240
