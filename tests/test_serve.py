@@ -57,6 +57,17 @@ class Running:
     self.thread.join(30)
 
 
+def disconnect_after_first_token(url: str, max_tokens: int) -> None:
+  """Streams a long greedy completion and disconnects once text arrived (it holds a slot)."""
+  with httpx.stream("POST", url + "/v1/completions", timeout=60, json=dict(
+      model="tiny", prompt="a long answer", max_tokens=max_tokens, temperature=0,
+      stream=True)) as r:
+    lines = r.iter_lines()
+    while json.loads(next(l for l in lines if l.startswith("data:"))[5:])["choices"][0][
+        "text"] == "":
+      pass
+
+
 @pytest.fixture(scope="module")
 def served():
   model = Decoder(tiny(), rngs=nnx.Rngs(0))
@@ -124,12 +135,7 @@ def test_a_disconnecting_client_frees_its_slot(served):
   url, engine, client, refs, api = served
   cancelled = engine.stats["requests_cancelled"]
   free = len(engine.cache.free_pages)
-  with httpx.stream("POST", url + "/v1/completions", timeout=60, json=dict(
-      model="tiny", prompt="a long answer", max_tokens=150, temperature=0, stream=True)) as r:
-    lines = r.iter_lines()
-    while json.loads(next(l for l in lines if l.startswith("data:"))[5:])["choices"][0][
-        "text"] == "":
-      pass  # until a token arrived: the request holds a slot
+  disconnect_after_first_token(url, 150)
   deadline = time.time() + 30
   while engine.stats["requests_cancelled"] == cancelled:
     assert time.time() < deadline, "the disconnect did not cancel the request"

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from tests.test_serve import socket_port  # noqa: E402
+from tests.test_serve import disconnect_after_first_token, socket_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["What is MoSKA?", "héllo wörld"]
@@ -132,12 +132,7 @@ def test_errors_are_the_in_process_servers(servers):
 def test_a_disconnecting_client_frees_its_slot_in_the_core(servers):
   _, core, _ = servers
   cancelled = core.metric('moska_requests_total{reason="cancelled"}')
-  with httpx.stream("POST", core.url + "/v1/completions", timeout=60, json=dict(
-      model="tiny", prompt="a long answer", max_tokens=400, temperature=0, stream=True)) as r:
-    lines = r.iter_lines()
-    while json.loads(next(l for l in lines if l.startswith("data:"))[5:])["choices"][0][
-        "text"] == "":
-      pass  # until a token arrived: the request holds a slot
+  disconnect_after_first_token(core.url, 400)
   deadline = time.time() + 30
   while core.metric('moska_requests_total{reason="cancelled"}') == cancelled:
     assert time.time() < deadline, "the disconnect did not cancel the request"
