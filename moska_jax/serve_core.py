@@ -177,12 +177,17 @@ class EngineProcess:
       raise unknown_context(context, self._contexts)
     r = Request(id=next(self._ids), prompt=tokens, max_new=max_new_tokens, eos_id=eos_id,
                 context=context, sampling=sampling, on_event=on_event)
-    self._open[r.id] = r  # before the core can answer
-    try:
-      self._send(("submit", r.id, tokens, max_new_tokens, sampling, eos_id, context))
-    except RuntimeError:
-      self._open.pop(r.id, None)
-      raise
+    # Under the lock the reader takes to declare the core gone: a request is either refused
+    # here or open when the reader ends the open ones.
+    with self._send_lock:
+      if self._error is not None:
+        raise RuntimeError(self._error)
+      self._open[r.id] = r  # before the core can answer
+      try:
+        self._conn.send(("submit", r.id, tokens, max_new_tokens, sampling, eos_id, context))
+      except OSError:
+        del self._open[r.id]
+        raise RuntimeError("the engine process is gone") from None
     return r
 
   def stream(self, *args, **kwargs) -> TokenStream:
@@ -258,10 +263,12 @@ class EngineProcess:
       elif message[0] == "warmed":
         self._warmed.set_result(None)
     self._process.join(30)
-    self._error = f"the engine process exited (code {self._process.exitcode})"
+    with self._send_lock:  # no submit opens a request after this (`submit`)
+      self._error = f"the engine process exited (code {self._process.exitcode})"
+      doomed = list(self._open)
     if self._warmed is not None and not self._warmed.done():
       self._warmed.set_exception(RuntimeError(self._error))
-    self._apply([], [(rid, "error", self._error) for rid in list(self._open)], None)
+    self._apply([], [(rid, "error", self._error) for rid in doomed], None)
 
   def _apply(self, tokens: list, ends: list, status: dict | None) -> None:
     """One step's message: the requests' tokens and ends, then the streams' hand-over."""
