@@ -177,17 +177,7 @@ class EngineProcess:
       raise unknown_context(context, self._contexts)
     r = Request(id=next(self._ids), prompt=tokens, max_new=max_new_tokens, eos_id=eos_id,
                 context=context, sampling=sampling, on_event=on_event)
-    # Under the lock the reader takes to declare the core gone: a request is either refused
-    # here or open when the reader ends the open ones.
-    with self._send_lock:
-      if self._error is not None:
-        raise RuntimeError(self._error)
-      self._open[r.id] = r  # before the core can answer
-      try:
-        self._conn.send(("submit", r.id, tokens, max_new_tokens, sampling, eos_id, context))
-      except OSError:
-        del self._open[r.id]
-        raise RuntimeError("the engine process is gone") from None
+    self._send(("submit", r.id, tokens, max_new_tokens, sampling, eos_id, context), opens=r)
     return r
 
   def stream(self, *args, **kwargs) -> TokenStream:
@@ -202,11 +192,8 @@ class EngineProcess:
   def cancel(self, request: Request) -> None:
     """Ends `request` in the core ("cancelled"); a finished one is left as it is."""
     if not request.done and self.running:
-      with self._send_lock:  # a core gone meanwhile ended it already
-        try:
-          self._conn.send(("cancel", request.id))
-        except OSError:
-          pass
+      with contextlib.suppress(RuntimeError):  # a core gone meanwhile ended it already
+        self._send(("cancel", request.id))
 
   def warmup(self) -> None:
     """Compiles every step shape in the core (`MoskaEngine.warmup`) and waits for it."""
@@ -228,8 +215,8 @@ class EngineProcess:
   def stop(self, timeout: float = 30.0) -> None:
     """Ends the core (its open requests end with "error") and waits for it to exit."""
     if self._process.is_alive():
-      with contextlib.suppress(OSError):  # the core exited meanwhile
-        self._send_raw(("stop",))
+      with contextlib.suppress(RuntimeError):  # the core exited meanwhile
+        self._send(("stop",))
       self._process.join(timeout)
       if self._process.is_alive():
         self._process.kill()
@@ -239,17 +226,25 @@ class EngineProcess:
 
   # ---- the pipe -------------------------------------------------------------------------------
 
-  def _send(self, message: tuple) -> None:
-    if self._error is not None:
-      raise RuntimeError(self._error)
-    try:
-      self._send_raw(message)
-    except OSError:
-      raise RuntimeError(self._error or "the engine process is gone") from None
+  def _send(self, message: tuple, opens: Request | None = None) -> None:
+    """Sends a command to the core; `opens`: the request it submits, made open under the lock
+    the reader takes to declare the core gone, so a request is either refused here or open
+    when the reader ends the open ones.
 
-  def _send_raw(self, message: tuple) -> None:
+    Raises:
+      RuntimeError: the core is gone.
+    """
     with self._send_lock:
-      self._conn.send(message)
+      if self._error is not None:
+        raise RuntimeError(self._error)
+      if opens is not None:
+        self._open[opens.id] = opens  # before the core can answer
+      try:
+        self._conn.send(message)
+      except OSError:
+        if opens is not None:
+          del self._open[opens.id]
+        raise RuntimeError("the engine process is gone") from None
 
   def _read(self) -> None:
     """The reader thread: applies the core's messages until the pipe closes."""
@@ -263,7 +258,7 @@ class EngineProcess:
       elif message[0] == "warmed":
         self._warmed.set_result(None)
     self._process.join(30)
-    with self._send_lock:  # no submit opens a request after this (`submit`)
+    with self._send_lock:  # no command opens a request after this (`_send`)
       self._error = f"the engine process exited (code {self._process.exitcode})"
       doomed = list(self._open)
     if self._warmed is not None and not self._warmed.done():
