@@ -76,11 +76,12 @@ def _run_xla(p: UniqueProblem, config, interpret):
 
 
 def _run_triton(p: UniqueProblem, c: TritonUniqueConfig, interpret):
-  args = _kernel_args(p, gpu_tuning.unique_rows(p.dims.T, p.dims.G))
+  block_m = gpu_tuning.unique_block_m(p.dims.T, p.dims.G, c)
+  args = _kernel_args(p, block_m * -(-p.dims.T * p.dims.G // block_m))
   o, lse = triton_unique.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
-      pages_per_block=c.pages_per_block, num_splits=c.num_splits, num_warps=c.num_warps,
-      num_stages=c.num_stages, interpret=interpret)
+      pages_per_block=c.pages_per_block, num_splits=c.num_splits, block_m=block_m,
+      num_warps=c.num_warps, num_stages=c.num_stages, interpret=interpret)
   return _partials(p, o, lse)
 
 

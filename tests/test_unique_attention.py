@@ -17,6 +17,7 @@ import pallas_kernels as pk
 from pallas_kernels import merge_attention_states, shared_attention, unique_attention, write_pages
 from pallas_kernels import layout
 from pallas_kernels.gpu import triton_unique as gpu_kernel
+from pallas_kernels.gpu import tuning as gpu_tuning
 from pallas_kernels.reference import unique_attention_ref
 from pallas_kernels.tpu import mosaic_unique as tpu_kernel
 from tests import kernel_cases as kc
@@ -77,6 +78,38 @@ def test_explicit_configs_and_traced_lengths(implementation, interpret, config):
     _check(o, lse, (q, k, v, tables, n), jnp.float32)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("T,G,num_splits", [(9, 4, 1), (5, 8, 2), (16, 1, 3)])
+def test_triton_row_tiles(T, G, num_splits, dtype):
+  """A prefill chunk's T*G rows cut into programs of block_m=16 rows (36 rows: three tiles, the
+  last mostly padding; 40 over 2 splits; 16: one tile), causal inside the new tokens, on the
+  poisoned pool."""
+  lengths = (T, 70, 3 * T + 5, 40)
+  inputs = kc.paged_inputs(60 + T, T, G, 2, 64, 16, lengths, dtype)
+  config = pk.TritonUniqueConfig(pages_per_block=2, num_splits=num_splits, block_m=16)
+  o, lse = kc.run(unique_attention, *inputs, implementation="triton", interpret=True,
+                  config=config)
+  _check(o, lse, inputs, dtype)
+
+
+@pytest.mark.parametrize("name", ["h100", "h200", "a100"])
+@pytest.mark.parametrize("T,D,dtype", [(256, 128, jnp.bfloat16), (512, 256, jnp.bfloat16),
+                                       (128, 128, jnp.float32)])
+def test_prefill_chunks_plan_row_tiles_that_fit(name, T, D, dtype):
+  """A prefill chunk of T tokens with Llama-3.1-8B's G=4 (T*G rows: more than one program holds
+  in shared memory at D=128 from T=256 on) plans row tiles that fit the chip and still fill it."""
+  Hkv, page_size, max_pages = 8, 16, 256
+  pool = jax.ShapeDtypeStruct((64, page_size, Hkv, D), dtype)
+  plan = pk.plan(OP, jax.ShapeDtypeStruct((2, T, 4 * Hkv, D), dtype), pool, pool,
+                 jax.ShapeDtypeStruct((2, max_pages), jnp.int32),
+                 jax.ShapeDtypeStruct((2,), jnp.int32), implementation="triton",
+                 target=name)
+  c, tgt = plan.config, pk.targets.target(name)
+  assert c.block_m < T * 4
+  assert gpu_tuning.triton_smem_bytes(c.block_m, c.pages_per_block * page_size, D,
+                                      jnp.dtype(dtype).itemsize, c.num_stages) <= tgt.smem_per_block
+
+
 @pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("T", [1, 4])
 def test_default_tiling_splits_on_poisoned_pool(implementation, T):
@@ -98,13 +131,15 @@ def test_default_tiling_splits_on_poisoned_pool(implementation, T):
     pytest.param("triton", marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
     pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))])
 @pytest.mark.parametrize("page_size", [16, 64, 256])
-@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("T", [1, 4, 80])
 def test_compiled_gpu_llama_heads(implementation, page_size, T):
   """The default tiling as compiled, Llama-3.1-8B heads, ragged lengths (pages of 16 and 64:
-  several per Mosaic GPU tile; of 256: a tile is part of a page)."""
+  several per Mosaic GPU tile; of 256: a tile is part of a page); T=80, a prefill chunk: 320
+  rows in three Triton row tiles."""
   lengths = (0, 1, page_size, 3000, 4096, 777, 2 * page_size + 5, 4000)
   inputs = kc.paged_inputs(page_size + T, T, 4, 8, 128, page_size, lengths, jnp.bfloat16,
                            poison="finite" if implementation == "mosaic_gpu" else True)
+  kc.plan_or_skip(OP, *inputs, implementation=implementation, interpret=False)
   o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=False)
   _check(o, lse, inputs, jnp.bfloat16)
 
@@ -133,8 +168,9 @@ def test_partials_written_and_empty_splits(implementation):
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, 16 - T * G), (0, 0)))
   common = dict(T=T, G=G, scale=D**-0.5, pages_per_block=1, num_splits=4)
   if implementation == "triton":
-    o, lse = gpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths, num_warps=4,
-                                                  num_stages=2, interpret=True, **common)
+    o, lse = gpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths, block_m=16,
+                                                  num_warps=4, num_stages=2, interpret=True,
+                                                  **common)
   else:
     from jax.experimental.pallas import tpu as pltpu
     o, lse = tpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths,

@@ -50,9 +50,12 @@ class TritonChunkConfig(Config):
 class TritonUniqueConfig(Config):
   """unique_attention on the Triton lowering: pages_per_block pages per compute block
   (pages_per_block * page_size must be a power of two >= 16), num_splits programs per
-  (request, kv head) along its pages; num_warps, num_stages as for shared_attention."""
+  (request, kv head) along its pages; block_m query rows per program at most (a request's T*G
+  rows of a kv head, padded to a power of two >= 16, are cut into tiles of block_m: prefill
+  chunks of many tokens); num_warps, num_stages as for shared_attention."""
 
   pages_per_block: int = knob(positive_int)
+  block_m: int = knob(power_of_two, 128, minimum=16)
   num_splits: int = knob(positive_int, 1)
   num_warps: int = knob(_warps, 4)
   num_stages: int = knob(positive_int, 2)

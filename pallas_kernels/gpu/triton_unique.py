@@ -1,10 +1,12 @@
-"""Unique-KV (paged, ragged) decode attention on GPU (Triton): one program per (request, kv head, split).
+"""Unique-KV (paged, ragged) decode attention on GPU (Triton): one program per (request, kv head,
+row tile, split).
 
-A program holds the R = T*G query rows of one request and one kv head (the G query heads of the kv
-head x the T new tokens, padded to a power of two >= 16 for the tensor cores) and streams the
-request's pages in compute blocks of `pages_per_block` pages with an online softmax. Page ids are
-read from the block table inside the kernel and turned into row offsets of the pool viewed as
-[P * page_size, Hkv, D], so one block is a single gather of block_k rows of D contiguous elements.
+A program holds block_m of the T*G query rows of one request and one kv head (the G query heads
+of the kv head x the T new tokens, padded to a power of two >= 16 for the tensor cores; decode
+has one tile, a prefill chunk of many tokens several) and streams the request's pages in compute
+blocks of `pages_per_block` pages with an online softmax. Page ids are read from the block table
+inside the kernel and turned into row offsets of the pool viewed as [P * page_size, Hkv, D], so
+one block is a single gather of block_k rows of D contiguous elements.
 
 Each request's pages are cut into `num_splits` equal runs of whole blocks (flash decoding): the
 runs follow each request's own length, so a short request costs its pages, not the padded
@@ -27,11 +29,12 @@ from pallas_kernels.numerics import LOG2E
 
 
 def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: float, T: int,
-            G: int, page_size: int, pages_per_block: int, num_splits: int, precision,
-            head_dim: int):
+            G: int, page_size: int, pages_per_block: int, num_splits: int, row_tiles: int,
+            precision, head_dim: int):
   b, split = pl.program_id(0), pl.program_id(2)
-  q = softmax.load_rows(q_ref, head_dim)  # [R, D_pad]
+  q = softmax.load_rows(q_ref, head_dim)  # [block_m, D_pad]
   R, d = q.shape
+  row = jax.lax.rem(pl.program_id(1), row_tiles) * R + jnp.arange(R)  # rows of the request
   block_k = pages_per_block * page_size
   length = len_ref[b]
   first, end, num_pages = layout.split_range(length, split, page_size=page_size,
@@ -39,7 +42,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
                                              num_splits=num_splits)
   last = jnp.maximum(end, first)  # an empty split runs no block
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
-  row_hi = jnp.minimum(length - T + jnp.arange(R) // G, length - 1)
+  row_hi = jnp.minimum(length - T + row // G, length - 1)
   scale_log2 = scale * LOG2E
   key = jnp.arange(block_k)
   lanes = jnp.arange(d)[None, :]  # the padded head dim
@@ -74,7 +77,7 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   acc, m, l, _ = jax.lax.fori_loop(first, last, body,
                                    (*softmax.initial_state(R, d), page_ids(first)))
   o, lse = softmax.finish(acc, m, l)
-  real = jnp.arange(R) < T * G  # padded rows are never read: skip their stores
+  real = row < T * G  # padded rows are never read: skip their stores
   pltriton.store(o_ref, o, mask=real[:, None] if real_lanes is None else
                  real[:, None] & real_lanes)
   pltriton.store(lse_ref, lse, mask=real)
@@ -82,15 +85,15 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
 
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
-                              scale: float, pages_per_block: int, num_splits: int, num_warps: int,
-                              num_stages: int, interpret: bool = False
+                              scale: float, pages_per_block: int, num_splits: int, block_m: int,
+                              num_warps: int, num_stages: int, interpret: bool = False
                               ) -> tuple[jax.Array, jax.Array]:
   """Partial attention of q_rows[Hkv, B, R, D] over each request's pages.
 
-  Row r of request b is query token r // G of that request (G = Hq / Hkv); R is a power of two
-  >= 16 and >= T*G (rows past T*G are padding). k_pages, v_pages: [P, page_size, Hkv, D] with
-  page_size * pages_per_block a power of two >= 16; block_tables [B, max_pages] int32; lengths [B]
-  int32.
+  Row r of request b is query token r // G of that request (G = Hq / Hkv); R >= T*G is a multiple
+  of block_m, a power of two >= 16 (rows past T*G are padding); a program holds block_m rows.
+  k_pages, v_pages: [P, page_size, Hkv, D] with page_size * pages_per_block a power of two >= 16;
+  block_tables [B, max_pages] int32; lengths [B] int32.
 
   Returns o[num_splits, Hkv, B, R, D] float32 (normalized per split) and lse[num_splits, Hkv, B, R]
   float32; only rows < T*G are written. A split with no valid key for a row has o = 0,
@@ -100,25 +103,29 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   P, page_size = k_pages.shape[:2]
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
-      num_splits=num_splits, head_dim=D,
+      num_splits=num_splits, row_tiles=R // block_m, head_dim=D,
       precision=softmax.dot_precision(q_rows.dtype, interpret))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
   Dp = softmax.padded(D)
-  kv_spec = pl.BlockSpec((P * page_size, None, Dp), lambda b, h, s: (0, h, 0))
+  # Grid axis 1 walks (kv head, row tile) pairs: Triton grids have three axes.
+  tiles = R // block_m
+  kv_spec = pl.BlockSpec((P * page_size, None, Dp), lambda b, hr, s: (0, hr // tiles, 0))
   max_pages = block_tables.shape[1]
   return pl.pallas_call(
       kernel,
-      grid=(B, Hkv, num_splits),
+      grid=(B, Hkv * tiles, num_splits),
       in_specs=[
-          pl.BlockSpec((B,), lambda b, h, s: (0,)),
-          pl.BlockSpec((None, max_pages), lambda b, h, s: (b, 0)),
-          pl.BlockSpec((None, None, R, Dp), lambda b, h, s: (h, b, 0, 0)),
+          pl.BlockSpec((B,), lambda b, hr, s: (0,)),
+          pl.BlockSpec((None, max_pages), lambda b, hr, s: (b, 0)),
+          pl.BlockSpec((None, None, block_m, Dp), lambda b, hr, s: (hr // tiles, b, hr % tiles, 0)),
           kv_spec,
           kv_spec,
       ],
       out_specs=[
-          pl.BlockSpec((None, None, None, R, Dp), lambda b, h, s: (s, h, b, 0, 0)),
-          pl.BlockSpec((None, None, None, R), lambda b, h, s: (s, h, b, 0)),
+          pl.BlockSpec((None, None, None, block_m, Dp),
+                       lambda b, hr, s: (s, hr // tiles, b, hr % tiles, 0)),
+          pl.BlockSpec((None, None, None, block_m),
+                       lambda b, hr, s: (s, hr // tiles, b, hr % tiles)),
       ],
       out_shape=[
           jax.ShapeDtypeStruct((num_splits, Hkv, B, R, D), jnp.float32),

@@ -35,6 +35,10 @@ MOSAIC_MIN_CHUNK = 1024
 # stage), and the fewest blocks per split (below it the partials cost more than the split gains).
 UNIQUE_BLOCK_KEYS = 128
 UNIQUE_MIN_BLOCKS_PER_SPLIT = 4
+# Rows per unique-attention program at most: decode's T*G (<= 128 for T <= 8, G <= 16) stays one
+# tile; a prefill chunk's T*G rows are cut into tiles of this many (each reads the request's pages;
+# 128 rows over a 128-key tile keep the tensor cores, not HBM, the limit).
+UNIQUE_MAX_ROWS = 128
 
 
 def _pow2_at_least(x: float, minimum: int = 16) -> int:
@@ -272,25 +276,29 @@ def unique_rows(T: int, G: int) -> int:
   return _pow2_at_least(T * G)
 
 
+def unique_block_m(T: int, G: int, config: TritonUniqueConfig) -> int:
+  """Rows per program: config.block_m, or fewer where a request has fewer (padded) rows."""
+  return min(config.block_m, unique_rows(T, G))
+
+
 def triton_unique(dims: AttentionDims, page_size: int, dtype,
                   target: GpuTarget) -> TritonUniqueConfig:
   """~UNIQUE_BLOCK_KEYS keys per block (fewer where shared memory is short), then split each
   request's pages until ~4 programs per SM. dims.S is the padded capacity max_pages * page_size;
   the splits follow each request's own length at run time, so the padded size only caps how many
   splits are worth having."""
-  rows = unique_rows(dims.T, dims.G)
+  rows = min(unique_rows(dims.T, dims.G), UNIQUE_MAX_ROWS)
   keys = max(UNIQUE_BLOCK_KEYS, _pow2_at_least(page_size))
-  # A program holds all its rows and whole pages.
-  _, keys, stages = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target,
-                                min_block_m=rows, min_block_k=_pow2_at_least(page_size),
-                                min_stages=1)
+  # A program holds whole pages; rows go only where no tiling of them fits.
+  rows, keys, stages = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target,
+                                   min_block_k=_pow2_at_least(page_size), min_stages=1)
   pages_per_block = max(1, keys // page_size)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
-  splits = min(math.ceil(4 * target.num_cores / (dims.B * dims.Hkv)),
+  programs = dims.B * dims.Hkv * math.ceil(dims.T * dims.G / rows)
+  splits = min(math.ceil(4 * target.num_cores / programs),
                max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
-  warps = 8 if unique_rows(dims.T, dims.G) >= 128 else 4
   return TritonUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
-                            num_warps=warps, num_stages=stages)
+                            block_m=rows, num_warps=8 if rows >= 128 else 4, num_stages=stages)
 
 
 def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
@@ -299,7 +307,7 @@ def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
   if block_k < 16 or block_k & (block_k - 1):
     return (f"page_size * config.pages_per_block must be a power of two >= 16, got "
             f"{page_size} * {config.pages_per_block}")
-  return triton_smem_unsupported(unique_rows(dims.T, dims.G), block_k, dims.D, dtype,
+  return triton_smem_unsupported(unique_block_m(dims.T, dims.G, config), block_k, dims.D, dtype,
                                  config.num_stages, target)
 
 
