@@ -62,7 +62,7 @@ from flax import nnx
 
 from experiments import harness
 from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
-from moska_jax.engine import MoskaEngine
+from moska_jax.engine import ByteTokenizer, MoskaEngine
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
 from moska_jax.serve_core import EngineProcess
@@ -115,12 +115,32 @@ def _stores(model, rng, count: int, shared: int, backend: str) -> dict:
                                         chunk_size=128, backend=backend) for i in range(count)}
 
 
+class CharTokenizer:
+  """One CJK character per token id, for vocabularies past bytes: a random-weight model's tokens
+  then each stream as their own text. Under the byte tokenizer, ids >= 256 (taken mod 256) form
+  mostly invalid UTF-8 that the server holds back until a character completes, so the HTTP
+  timings would measure that, not the server."""
+
+  base, size = 0x4E00, 0x5200  # CJK Unified Ideographs
+
+  def encode(self, text: str) -> list[int]:
+    return [ord(c) - self.base for c in text]
+
+  def decode(self, tokens) -> str:
+    return "".join(chr(self.base + int(t) % self.size) for t in tokens)
+
+
+def tokenizer(vocab: int):
+  """The load test's tokenizer: bytes for the tiny model, `CharTokenizer` past 256 ids."""
+  return ByteTokenizer() if vocab <= ByteTokenizer.vocab else CharTokenizer()
+
+
 def _engine(model, stores, mcfg, *, batch, tokens_per_request, chunk, lanes, page=None):
   ps = page or FLAGS.serving_page
   pages = batch * -(-(tokens_per_request + chunk) // ps) + 2
   return MoskaEngine(model, stores, mcfg, max_batch=batch, num_pages=pages, page_size=ps,
                      prefill_chunk=chunk, prefill_lanes=lanes,
-                     max_request_tokens=tokens_per_request)
+                     max_request_tokens=tokens_per_request, tokenizer=tokenizer(model.cfg.vocab))
 
 
 def core_engine(*, model: str, dtype: str, layers: int, seed: int, contexts: int, shared: int,
@@ -138,7 +158,9 @@ def prefill_beside_decode(model, store, mcfg, rng, table) -> None:
   D, L, base = FLAGS.serving_decoders, FLAGS.serving_long_prompt, FLAGS.serving_base_steps
   vocab = model.cfg.vocab
   for chunk in map(int, FLAGS.serving_prefill_chunks):
-    new = base + 2 * (-(-L // chunk)) + 8  # decoding outlasts the whole prefill
+    # Decoding outlasts the whole prefill: the decoders' own prompts are read one per step
+    # (one lane) before the timed steps.
+    new = D + base + 2 * (-(-L // chunk)) + 8
     engine = _engine(model, {"ctx0": store}, mcfg, batch=D + 1,
                      tokens_per_request=max(L + 2, 16 + new), chunk=chunk, lanes=1)
     engine.warmup()
@@ -329,7 +351,7 @@ def load(model, stores, mcfg, rng, table) -> None:
                             tokens_per_request=FLAGS.serving_prompt + new,
                             chunk=FLAGS.serving_load_chunk,
                             lanes=min(n, FLAGS.serving_load_lanes), page=FLAGS.serving_page),
-          env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})))
+          tokenizer=tokenizer(model.cfg.vocab), env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"})))
     for transport, server in servers:
       *timing, busy = _over_http(server, requests, new)
       _load_row(table, transport, *timing, n * new, _steps(server), gen_rate, client_busy=busy,
