@@ -20,7 +20,7 @@ Two scenarios, one table:
   its clients in `--serving_client_processes` other processes, `experiments.serving_client`, so
   they do not share the server's GIL; an event carries the tokens that arrived since the last
   one, several when the server fell behind or byte tokens end in one character, so its ITL is
-  per event).
+  per event; past 256 ids each token is one character, `CharTokenizer`).
   Reported: tokens/s over the wall time from the first request to the last token, its ratio to
   generate's (goal >= 0.8), p50/p99 time to first token and ITL, and the engine's steps: their
   count, mean wall time (`step_ms`) and mean host time (`host_ms`: the stepping thread's work
