@@ -25,7 +25,8 @@ Two scenarios, one table:
   generate's (goal >= 0.8), p50/p99 time to first token and ITL, and the engine's steps: their
   count, mean wall time (`step_ms`) and mean host time (`host_ms`: the stepping thread's work
   the device does not compute under: taking submissions, planning, dispatch, bookkeeping,
-  handing the tokens over; `stats["host_seconds"]`) and `compiles`, the XLA compilations during
+  handing the tokens over; `stats["host_seconds"]`), `dispatch_ms` (of that, the jitted step's
+  call, which on a GPU includes enqueueing its kernels) and `compiles`, the XLA compilations during
   the run (a step shape first met there pays its compilation inside the timing); over HTTP
   also `client_busy`, the busiest
   client process's CPU time over the run's wall time (near 1: the clients, not the server,
@@ -221,6 +222,7 @@ def _steps(engine) -> dict:
   s.subtract(_marked["stats"])
   n = s["steps_decode"] + s["steps_prefill"]
   row = dict(steps=n, step_ms=_ms(s["seconds"] / n), host_ms=_ms(s["host_seconds"] / n),
+             dispatch_ms=_ms(s["dispatch_seconds"] / n),
              compiles=_compilations(engine) - _marked["compiles"])
   _mark(engine)
   return row

@@ -232,7 +232,9 @@ class MoskaEngine:
       (sampled), "prefill_tokens", "seconds" (in steps), "host_seconds" (the stepping thread's
       work in steps, from taking commands to the callbacks, less the wait for the sampled tokens:
       the host time the device is not computing under; on disaggregated groups, whose parts are
-      fetched one by one, it holds their device time too), "requests_<finish reason>" (+ on
+      fetched one by one, it holds their device time too), "dispatch_seconds" (of that, the
+      jitted step's call: where it nears host_seconds, the launch, not the engine's Python,
+      holds the step), "requests_<finish reason>" (+ on
       groups "bytes_to_shared", "bytes_to_unique").
     last_step_seconds: wall time of the latest step.
   """
@@ -706,6 +708,7 @@ class MoskaEngine:
     t0 = time.perf_counter()
     try:
       tokens, logits = self._run(plan)
+      self.stats["dispatch_seconds"] += time.perf_counter() - t0
       self._flush_events()
       waited = time.perf_counter()
       tokens, logits = np.asarray(tokens), None if logits is None else np.asarray(logits)

@@ -46,6 +46,8 @@ def test_more_prompts_than_slots_all_complete_in_order(setup):
   # At most one compilation per step shape (decode only; mixed with 1 or 2 prefill lanes),
   # whatever the number of steps; engines of one model and config share them.
   assert engine.compilations() <= 3 and engine.stats["steps_decode"] > 2
+  s = engine.stats  # the step's call is part of the host time
+  assert 0 < s["dispatch_seconds"] <= s["host_seconds"]
   compiled = engine.compilations()
   engine.generate(prompts[::-1], 4)
   assert engine.compilations() == compiled and solo.compilations() <= 2
