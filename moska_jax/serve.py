@@ -18,7 +18,7 @@ process (the engine core) and keeps HTTP, tokenization and the streams in this o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -104,6 +104,40 @@ def parse_contexts(specs: Sequence[str]) -> dict[str, str]:
   return out
 
 
+def context_store(decoder, path: str | None, encode: Callable[[str], list[int]], mcfg):
+  """The store a --context PATH names: a saved store's directory (`save_shared_store`; its
+  summaries remade at mcfg's chunk size in sparse mode), else a UTF-8 text file encoded by
+  `encode` and prefilled through `decoder` (None: the built-in default text)."""
+  from moska_jax.kv_cache import load_shared_store
+  from moska_jax.prefill import build_shared_store
+
+  if path is not None and os.path.isdir(path):
+    store = load_shared_store(path, decoder.cfg)
+    if mcfg.mode == "sparse" and store.chunk_size != mcfg.chunk_size:
+      store = store.with_summaries(mcfg.chunk_size, mcfg.summary)
+  else:
+    if path is None:
+      text = DEFAULT_CONTEXT
+    else:
+      with open(path, encoding="utf-8") as f:
+        text = f.read()
+    store = build_shared_store(decoder, np.asarray(encode(text), np.int32),
+                               chunk_size=mcfg.chunk_size, summary=mcfg.summary,
+                               backend=mcfg.backend)
+  logging.info("context from %s: %d shared tokens", path or "the default text", int(store.length))
+  return store
+
+
+def engine_context_store(engine, path: str | None):
+  """`context_store` for a built engine: its model, tokenizer and MoskaConfig. As a
+  `functools.partial(engine_context_store, path=PATH)` it is the loader
+  `EngineProcess.load_context` runs in the engine's process."""
+  from flax import nnx
+
+  return context_store(nnx.merge(engine.graphdef, engine.state), path, engine.encode,
+                       engine.mcfg)
+
+
 def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
                  contexts: dict[str, str] | None = None, max_batch: int = 8,
                  num_pages: int = 256, page_size: int = 16, prefill_chunk: int = 32,
@@ -116,9 +150,7 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
   from moska_jax import checkpoint as ckpt
   from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
   from moska_jax.engine import MoskaEngine
-  from moska_jax.kv_cache import load_shared_store
   from moska_jax.model import Decoder
-  from moska_jax.prefill import build_shared_store
 
   presets = {"tiny": tiny, "llama3_1_8b": llama3_1_8b}
   if checkpoint:
@@ -131,22 +163,8 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
   tok = build_tokenizer(tokenizer)
   mcfg = MoskaConfig(mode=mode, chunk_size=chunk_size, backend=backend,
                      sparsity=sparsity if mode == "sparse" else None)
-  stores = {}
-  for name, path in (contexts or {"default": None}).items():
-    if path is not None and os.path.isdir(path):
-      store = load_shared_store(path, decoder.cfg)
-      if mode == "sparse" and store.chunk_size != chunk_size:
-        store = store.with_summaries(chunk_size, mcfg.summary)
-    else:
-      if path is None:
-        text = DEFAULT_CONTEXT
-      else:
-        with open(path, encoding="utf-8") as f:
-          text = f.read()
-      store = build_shared_store(decoder, np.asarray(tok.encode(text), np.int32),
-                                 chunk_size=chunk_size, summary=mcfg.summary, backend=backend)
-    stores[name] = store
-    logging.info("context %r: %d shared tokens", name, int(store.length))
+  stores = {name: context_store(decoder, path, tok.encode, mcfg)
+            for name, path in (contexts or {"default": None}).items()}
   return MoskaEngine(decoder, stores, mcfg, max_batch=max_batch, num_pages=num_pages,
                      page_size=page_size, prefill_chunk=prefill_chunk,
                      prefill_lanes=prefill_lanes, tokenizer=tok)

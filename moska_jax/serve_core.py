@@ -15,7 +15,11 @@ Protocol (a duplex `multiprocessing.Pipe`, pickled tuples; rid: the front end's 
   front end -> core:
     ("submit", rid, tokens, max_new_tokens, sampling, eos_id, context)
     ("cancel", rid)
-    ("warmup",)     compiles every step shape (`MoskaEngine.warmup`); answered by ("warmed",)
+    ("warmup",)     compiles every step shape (`MoskaEngine.warmup`)
+    ("load_context", name, loader)  `MoskaEngine.load_context(name, loader(engine))`
+    ("unload_context", name)        `MoskaEngine.unload_context(name)`
+                    each of these three answered by ("done", contexts, error): the resident
+                    contexts {name: S} after it, and the ValueError's message or None
     ("stop",)       the core exits (it does too when the pipe closes: the front end died)
   core -> front end:
     ("ready", info) once the engine is built: {"contexts": {name: S}, "default_context",
@@ -41,6 +45,7 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from moska_jax.config import check_int
 from moska_jax.engine import (ByteTokenizer, MoskaEngine, TokenStream, hand_over, over_budget,
@@ -57,7 +62,7 @@ class EngineProcess:
   """A `MoskaEngine` stepping in a child process, with the surface the HTTP API uses of one
   (`moska_jax.serve_api.create_app` takes either): submit, stream, cancel, encode, decode,
   contexts, context_tokens, default_context, queue_length, active_requests, stats, warmup,
-  start, stop, running.
+  start, stop, running; and load_context / unload_context, whose stores are made in the core.
 
   The core starts stepping as soon as it is built (`start` only checks it still runs); `stop`
   ends it for good. If the core dies, its open requests end with "error" and new ones raise
@@ -113,7 +118,8 @@ class EngineProcess:
     self._ids = itertools.count()
     self._send_lock = threading.Lock()  # submit / cancel may come from several threads
     self._events: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
-    self._warmed: concurrent.futures.Future | None = None
+    self._call_lock = threading.Lock()  # one call answered by "done" at a time
+    self._reply: concurrent.futures.Future | None = None
     self._error: str | None = None  # why the core is gone (None while it runs)
     self._reader = threading.Thread(target=self._read, name="moska-engine-reader", daemon=True)
     self._reader.start()
@@ -197,9 +203,42 @@ class EngineProcess:
 
   def warmup(self) -> None:
     """Compiles every step shape in the core (`MoskaEngine.warmup`) and waits for it."""
-    self._warmed = concurrent.futures.Future()
-    self._send(("warmup",))
-    self._warmed.result()
+    self._call(("warmup",))
+
+  def load_context(self, name: str, loader: Callable[[MoskaEngine], Any]) -> None:
+    """`MoskaEngine.load_context(name, loader(engine))` in the core, where the store's memory
+    lives: `loader` is a picklable callable that makes the store from the core's engine, e.g.
+    `functools.partial(moska_jax.serve.engine_context_store, path=PATH)`. Returns once the
+    context is resident; requests of other contexts keep running.
+
+    Raises:
+      ValueError: `MoskaEngine.load_context`'s or the loader's error (another type's name and
+        message, e.g. a FileNotFoundError, as a ValueError's message).
+      RuntimeError: the core is gone.
+    """
+    self._call(("load_context", name, loader))
+
+  def unload_context(self, name: str) -> None:
+    """`MoskaEngine.unload_context` in the core: the context's requests end ("cancelled")
+    before this returns.
+
+    Raises:
+      ValueError: an unknown context, or the default one.
+      RuntimeError: the core is gone.
+    """
+    if name not in self._contexts:
+      raise unknown_context(name, self._contexts)
+    self._call(("unload_context", name))
+
+  def _call(self, message: tuple) -> None:
+    """Sends a command the core answers with "done" and waits for the answer."""
+    with self._call_lock:
+      self._reply = concurrent.futures.Future()
+      self._send(message)
+      contexts, error = self._reply.result()
+    self._contexts = contexts
+    if error is not None:
+      raise ValueError(error)
 
   def start(self, switch_interval: float | None = None) -> None:
     """Checks the core runs (it steps from construction on; the front end has no stepping
@@ -255,14 +294,14 @@ class EngineProcess:
         break
       if message[0] == "step":
         self._apply(*message[1:])
-      elif message[0] == "warmed":
-        self._warmed.set_result(None)
+      elif message[0] == "done":
+        self._reply.set_result(message[1:])
     self._process.join(30)
     with self._send_lock:  # no command opens a request after this (`_send`)
       self._error = f"the engine process exited (code {self._process.exitcode})"
       doomed = list(self._open)
-    if self._warmed is not None and not self._warmed.done():
-      self._warmed.set_exception(RuntimeError(self._error))
+    if self._reply is not None and not self._reply.done():
+      self._reply.set_exception(RuntimeError(self._error))
     self._apply([], [(rid, "error", self._error) for rid in doomed], None)
 
   def _apply(self, tokens: list, ends: list, status: dict | None) -> None:
@@ -301,12 +340,24 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
   except Exception:
     conn.send(("failed", traceback.format_exc()))
     return
+  def contexts() -> dict[str, int]:
+    return {name: engine.context_tokens(name) for name in engine.contexts}
+
   conn.send(("ready", dict(
-      contexts={name: engine.context_tokens(name) for name in engine.contexts},
-      default_context=engine.default_context, request_limit=engine._request_limit(),
-      max_batch=engine.max_batch, model_config=engine.model_config)))
+      contexts=contexts(), default_context=engine.default_context,
+      request_limit=engine._request_limit(), max_batch=engine.max_batch,
+      model_config=engine.model_config)))
   requests: dict[int, Request] = {}  # rid -> the engine's request
   tokens, ends = [], []
+
+  def report() -> None:
+    """Sends the tokens and ends since the last report, with the engine's status."""
+    conn.send(("step", tokens[:], ends[:], dict(
+        stats=dict(engine.stats), last_step_seconds=engine.last_step_seconds,
+        queue_length=engine.queue_length, active_requests=engine.active_requests,
+        free_pages=len(engine.cache.free_pages), compilations=engine.compilations())))
+    tokens.clear()
+    ends.clear()
 
   def on_event(rid: int, r: Request, token: int | None) -> None:
     if token is None:
@@ -329,9 +380,19 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
     elif kind == "cancel":
       if message[1] in requests:
         engine.cancel(requests[message[1]])
-    elif kind == "warmup":
-      engine.warmup()
-      conn.send(("warmed",))
+    elif kind in ("warmup", "load_context", "unload_context"):
+      error = None
+      try:
+        if kind == "warmup":
+          engine.warmup()
+        elif kind == "load_context":
+          engine.load_context(message[1], message[2](engine))
+        else:
+          engine.unload_context(message[1])
+      except Exception as e:  # the caller's error (a store path that does not exist, ...)
+        error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+      report()  # the requests an unload ended, before the answer
+      conn.send(("done", contexts(), error))
     return kind != "stop"
 
   idle = True
@@ -348,10 +409,6 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
         log.exception("engine step failed")
         idle = False
       if tokens or ends or not idle:
-        conn.send(("step", tokens, ends, dict(
-            stats=dict(engine.stats), last_step_seconds=engine.last_step_seconds,
-            queue_length=engine.queue_length, active_requests=engine.active_requests,
-            free_pages=len(engine.cache.free_pages), compilations=engine.compilations())))
-        tokens, ends = [], []
+        report()
   except (EOFError, OSError):  # the front end is gone
     return

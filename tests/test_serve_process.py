@@ -163,3 +163,40 @@ def test_a_dead_core_answers_503_and_shutdown_leaves_no_child(servers):
   for stream in (False, True):
     r = doomed.post(prompt="hi", stream=stream)
     assert r.status_code == 503 and "the engine process exited" in r.json()["error"]["message"]
+
+
+def test_contexts_load_and_unload_in_the_core(tmp_path):
+  """`EngineProcess.load_context` makes the store in the core from a path (here a text file):
+  a request on it gives the tokens of an engine built with that context; unloading ends its
+  running request before it returns; a bad path and an unknown name are errors, and the core
+  keeps serving after them."""
+  import functools
+
+  from moska_jax.serve import build_engine, engine_context_store
+  from moska_jax.serve_core import EngineProcess
+
+  doc = tmp_path / "doc.txt"
+  doc.write_text("MoSKA serves many requests that share one long context. " * 4)
+  spec = dict(model="tiny", max_batch=2, num_pages=32, prefill_chunk=16, backend="xla")
+  want = build_engine(**spec, contexts={"default": None, "doc": str(doc)}).generate(
+      ["Who serves?"], NEW, context="doc")[0].tokens
+  core = EngineProcess(build_engine, spec, env={"JAX_PLATFORMS": "cpu"}, timeout=240)
+  try:
+    core.load_context("doc", functools.partial(engine_context_store, path=str(doc)))
+    assert set(core.contexts) == {"default", "doc"}
+    r = core.submit("Who serves?", NEW, context="doc")
+    assert r.finished_event.wait(120) and r.tokens == want
+    long = core.submit("Who serves?", 200, context="doc")
+    while not long.tokens:
+      time.sleep(0.01)
+    core.unload_context("doc")
+    assert long.done and long.finish_reason == "cancelled" and core.contexts == ("default",)
+    with pytest.raises(ValueError, match="FileNotFoundError"):
+      core.load_context("gone", functools.partial(engine_context_store,
+                                                  path=str(tmp_path / "missing.txt")))
+    with pytest.raises(ValueError, match="unknown context"):
+      core.unload_context("doc")
+    r = core.submit("still here?", 2)
+    assert r.finished_event.wait(120) and r.finish_reason == "length"
+  finally:
+    core.stop()
