@@ -125,7 +125,12 @@ class CharTokenizer:
   base, size = 0x4E00, 0x5200  # CJK Unified Ideographs
 
   def encode(self, text: str) -> list[int]:
-    return [ord(c) - self.base for c in text]
+    """Ids of a text of its own characters (the load test sends ids; this is for symmetry)."""
+    ids = [ord(c) - self.base for c in text]
+    if any(not 0 <= i < self.size for i in ids):
+      raise ValueError("CharTokenizer.encode: text must be CJK Unified Ideographs "
+                       f"(U+{self.base:04X}..U+{self.base + self.size - 1:04X})")
+    return ids
 
   def decode(self, tokens) -> str:
     return "".join(chr(self.base + int(t) % self.size) for t in tokens)

@@ -233,8 +233,8 @@ class MoskaEngine:
       work in steps, from taking commands to the callbacks, less the wait for the sampled tokens:
       the host time the device is not computing under; on disaggregated groups, whose parts are
       fetched one by one, it holds their device time too), "dispatch_seconds" (of that, the
-      jitted step's call: where it nears host_seconds, the launch, not the engine's Python,
-      holds the step), "requests_<finish reason>" (+ on
+      jitted step's call: enqueueing its work, and a compilation when a step shape is new; on
+      disaggregated groups also their parts' device time), "requests_<finish reason>" (+ on
       groups "bytes_to_shared", "bytes_to_unique").
     last_step_seconds: wall time of the latest step.
   """

@@ -147,6 +147,11 @@ def _row_tiles(config, M: int) -> int | None:
   return math.ceil(M / rows) if rows else None
 
 
+# Ops whose requests each read K/V of their own (pages): a row tile holds one request's T*G rows,
+# which the table's key fixes, so its reads of K/V do not change with M (= B*T*G).
+_OWN_KV = frozenset({"unique_attention"})
+
+
 _ignored: contextvars.ContextVar[bool] = contextvars.ContextVar("tuning_table_ignored",
                                                                default=False)
 
@@ -189,7 +194,8 @@ def lookup(op, problem, target) -> tuple[str, Any] | None:
     logger.warning("%s has a config this version refuses (%s): using the heuristic", where, e)
     return None
   config = _refit(config, problem)
-  if (tiles := _row_tiles(config, problem.dims.M)) and tiles > _row_tiles(config, hit["M"]):
+  if (op.name not in _OWN_KV and (tiles := _row_tiles(config, problem.dims.M))
+      and tiles > _row_tiles(config, hit["M"])):
     logger.info("%s: its plan for M=%d would read K/V %d times at M=%d: using the heuristic",
                 where, hit["M"], tiles, problem.dims.M)
     return None

@@ -84,6 +84,21 @@ def test_entries_hold_near_their_s_and_row_tiles(table):
   assert _plan(*_args(12), target="h100") == heuristic
 
 
+def test_unique_entries_hold_at_any_batch(table):
+  """Paged unique attention: a request's rows are one tile whatever B is, so an entry plans
+  batches up to its M ratio (not refused as if B's rows shared one K/V)."""
+  key = dict(op="unique_attention", Hkv=8, G=4, D=128, T=1, dtype="bfloat16",
+             kv_dtype="bfloat16", page_size=16)
+  config = pk.TritonUniqueConfig(pages_per_block=4, num_splits=2, num_stages=3)
+  table([_entry(256, "triton", config, key=key, S=4096)])
+  for B in (40, 96):  # M = 160, 384: within 2x of 256
+    pool = jax.ShapeDtypeStruct((B * 256 + 1, 16, 8, 128), jnp.bfloat16)
+    plan = pk.plan("unique_attention", jax.ShapeDtypeStruct((B, 1, 32, 128), jnp.bfloat16),
+                   pool, pool, jax.ShapeDtypeStruct((B, 256), jnp.int32),
+                   jax.ShapeDtypeStruct((B,), jnp.int32), backend="gpu", target="h100")
+    assert plan.config.pages_per_block == 4 and plan.config.num_stages == 3
+
+
 def test_splits_refit_to_the_call(table):
   table([_entry(32, "triton", dataclasses.replace(TRITON, num_splits=64), S=1024)])
   plan = _plan(*_args(8, S=1000), target="h100")  # 32 tiles of 32 keys

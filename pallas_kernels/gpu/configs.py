@@ -51,8 +51,8 @@ class TritonUniqueConfig(Config):
   """unique_attention on the Triton lowering: pages_per_block pages per compute block
   (pages_per_block * page_size must be a power of two >= 16), num_splits programs per
   (request, kv head) along its pages; block_m query rows per program at most (a request's T*G
-  rows of a kv head, padded to a power of two >= 16, are cut into tiles of block_m: prefill
-  chunks of many tokens); num_warps, num_stages as for shared_attention."""
+  rows of a kv head are cut into tiles of min(block_m, T*G rounded up to a power of two >= 16):
+  several for a prefill chunk of many tokens); num_warps, num_stages as for shared_attention."""
 
   pages_per_block: int = knob(positive_int)
   block_m: int = knob(power_of_two, 128, minimum=16)

@@ -1,9 +1,10 @@
 """Unique-KV (paged, ragged) decode attention on GPU (Triton): one program per (request, kv head,
 row tile, split).
 
-A program holds block_m of the T*G query rows of one request and one kv head (the G query heads
-of the kv head x the T new tokens, padded to a power of two >= 16 for the tensor cores; decode
-has one tile, a prefill chunk of many tokens several) and streams the request's pages in compute
+A program holds block_m (a power of two >= 16, for the tensor cores) of the T*G query rows of
+one request and one kv head (the G query heads of the kv head x the T new tokens, padded to whole
+tiles: one tile while T*G <= block_m, as in decode; several for a prefill chunk, each stopping at
+the keys its own last query sees) and streams the request's pages in compute
 blocks of `pages_per_block` pages with an online softmax. Page ids are read from the block table
 inside the kernel and turned into row offsets of the pool viewed as [P * page_size, Hkv, D], so
 one block is a single gather of block_k rows of D contiguous elements.
@@ -34,15 +35,19 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   b, split = pl.program_id(0), pl.program_id(2)
   q = softmax.load_rows(q_ref, head_dim)  # [block_m, D_pad]
   R, d = q.shape
-  row = jax.lax.rem(pl.program_id(1), row_tiles) * R + jnp.arange(R)  # rows of the request
+  row0 = jax.lax.rem(pl.program_id(1), row_tiles) * R
+  row = row0 + jnp.arange(R)  # rows of the request
   block_k = pages_per_block * page_size
   length = len_ref[b]
   first, end, num_pages = layout.split_range(length, split, page_size=page_size,
                                              pages_per_block=pages_per_block,
                                              num_splits=num_splits)
-  last = jnp.maximum(end, first)  # an empty split runs no block
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
   row_hi = jnp.minimum(length - T + row // G, length - 1)
+  # Blocks past the tile's last real query are masked for all its real rows (a prefill chunk's
+  # early tiles): skip them. An empty split, or tile, runs no block.
+  seen = jnp.maximum(length - T + jnp.minimum(row0 + R - 1, T * G - 1) // G + 1, 0)
+  last = jnp.maximum(jnp.minimum(end, pl.cdiv(seen, block_k)), first)
   scale_log2 = scale * LOG2E
   key = jnp.arange(block_k)
   lanes = jnp.arange(d)[None, :]  # the padded head dim
@@ -101,14 +106,15 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   """
   Hkv, B, R, D = q_rows.shape
   P, page_size = k_pages.shape[:2]
+  tiles, rem = divmod(R, block_m)
+  assert not rem, f"q_rows' {R} rows are not whole tiles of block_m={block_m}"
   kernel = functools.partial(
       _kernel, scale=scale, T=T, G=G, page_size=page_size, pages_per_block=pages_per_block,
-      num_splits=num_splits, row_tiles=R // block_m, head_dim=D,
+      num_splits=num_splits, row_tiles=tiles, head_dim=D,
       precision=softmax.dot_precision(q_rows.dtype, interpret))
   # [P * page_size, Hkv, D] is a free view; a block squeezes one kv head (rows strided by Hkv*D).
   Dp = softmax.padded(D)
   # Grid axis 1 walks (kv head, row tile) pairs: Triton grids have three axes.
-  tiles = R // block_m
   kv_spec = pl.BlockSpec((P * page_size, None, Dp), lambda b, hr, s: (0, hr // tiles, 0))
   max_pages = block_tables.shape[1]
   return pl.pallas_call(

@@ -283,8 +283,9 @@ def unique_block_m(T: int, G: int, config: TritonUniqueConfig) -> int:
 
 def triton_unique(dims: AttentionDims, page_size: int, dtype,
                   target: GpuTarget) -> TritonUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block (fewer where shared memory is short), then split each
-  request's pages until ~4 programs per SM. dims.S is the padded capacity max_pages * page_size;
+  """~UNIQUE_BLOCK_KEYS keys per block and row tiles of at most UNIQUE_MAX_ROWS rows (fewer
+  stages, keys, then rows where shared memory is short), then split each request's pages until
+  ~4 programs per SM. dims.S is the padded capacity max_pages * page_size;
   the splits follow each request's own length at run time, so the padded size only caps how many
   splits are worth having."""
   rows = min(unique_rows(dims.T, dims.G), UNIQUE_MAX_ROWS)
@@ -331,12 +332,15 @@ def mosaic_unique_candidates(dims: AttentionDims, page_size: int, dtype, target:
 
 def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
                              target: GpuTarget) -> list[TritonUniqueConfig]:
-  """Neighbours of the default: keys per block, warps, stages, and half / double the splits."""
+  """Neighbours of the default: keys per block, warps, stages, half the rows per tile (where a
+  tile has more than 16), and half / double the splits."""
   base = triton_unique(dims, page_size, dtype, target)
   out = [dataclasses.replace(base, pages_per_block=max(1, keys // page_size), num_warps=w,
                              num_stages=st)
          for keys, w, st in ((64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 3),
                              (128, 4, 4))]
+  if (rows := unique_block_m(dims.T, dims.G, base)) > 16:
+    out.append(dataclasses.replace(base, block_m=rows // 2, num_warps=4))
   return [base, *out, *_with_splits(base)]
 
 

@@ -134,9 +134,16 @@ def unique(dims: AttentionDims, page_size: int, target: TpuTarget) -> MosaicTpuU
   return MosaicTpuUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits))
 
 
-def unique_unsupported(page_size: int) -> str | None:
+def unique_unsupported(dims: AttentionDims, page_size: int, dtype,
+                       config: MosaicTpuUniqueConfig, target: TpuTarget) -> str | None:
+  """Why the Mosaic TPU kernel cannot run this problem with this config, or None."""
   if page_size % 8:
     return f"page_size must be a multiple of 8 (sublane tiling of a page block), got {page_size}"
+  need = unique_vmem(dims, page_size, dtype, config)
+  if need > target.vmem_bytes:  # all T*G rows are one block: a long prefill chunk may not fit
+    return (f"its blocks need ~{need // MIB} MiB of VMEM for T*G = {dims.T * dims.G} query rows "
+            f"and {config.pages_per_block} pages; {target.name} has {target.vmem_bytes // MIB} "
+            f"MiB (fewer tokens per call, T, or fewer pages_per_block fit)")
   return None
 
 
