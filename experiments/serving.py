@@ -238,7 +238,8 @@ def _load_row(table, transport, t0, submits, times, tokens, steps, gen_rate=None
   columns."""
   end = max(t[-1] for t in times)
   ttft = [t[0] - s for s, t in zip(submits, times)]
-  itl = np.concatenate([np.diff(t) for t in times if len(t) > 1])
+  # A stream whose tokens all came in one event has no inter-token gap (nan when none has).
+  itl = np.concatenate([np.diff(t) for t in times] or [np.zeros(0)])
   rate = tokens / (end - t0)
   return table.add(scenario=LOAD, transport=transport, clients=len(times),
                    contexts=FLAGS.serving_contexts, tokens=tokens, tokens_per_s=rate,

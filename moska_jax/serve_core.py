@@ -72,7 +72,7 @@ class EngineProcess:
 
   Args:
     factory: a picklable callable (a module-level function) that builds the engine in the
-      child, e.g. `moska_jax.serve.build_engine`.
+      child, e.g. `moska_jax.serve_setup.build_engine`.
     kwargs: its keyword arguments (picklable).
     tokenizer: the front end's encode / decode pair, the same as the engine's (default: UTF-8
       bytes); the core never sees text.
@@ -208,7 +208,7 @@ class EngineProcess:
   def load_context(self, name: str, loader: Callable[[MoskaEngine], Any]) -> None:
     """`MoskaEngine.load_context(name, loader(engine))` in the core, where the store's memory
     lives: `loader` is a picklable callable that makes the store from the core's engine, e.g.
-    `functools.partial(moska_jax.serve.engine_context_store, path=PATH)`. Returns once the
+    `functools.partial(moska_jax.serve_setup.engine_context_store, path=PATH)`. Returns once the
     context is resident; requests of other contexts keep running.
 
     Raises:

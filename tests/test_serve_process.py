@@ -172,7 +172,7 @@ def test_contexts_load_and_unload_in_the_core(tmp_path):
   keeps serving after them."""
   import functools
 
-  from moska_jax.serve import build_engine, engine_context_store
+  from moska_jax.serve_setup import build_engine, engine_context_store
   from moska_jax.serve_core import EngineProcess
 
   doc = tmp_path / "doc.txt"
