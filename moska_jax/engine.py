@@ -6,7 +6,11 @@ holds the host-side request state: queue, slots, admission, each step's plan, re
 step feeds one token to every decoding slot and, while prompts are read, one chunk of
 `prefill_chunk` tokens to each of at most `prefill_lanes` prefilling requests, in one jitted
 program (`moska_step`, moska_jax.step): the weights and every context's shared K/V are read once
-per step for all of them, and a long prompt never stops the decoding requests' tokens.
+per step for all of them, and a long prompt never stops the decoding requests' tokens. The
+sampling follows as a small program of its own whose branches (does any row sample, does any
+use top_p) the plan decides on the host: no branch in either program waits on the device's
+values (on a GPU such a branch makes the host wait; `step.cond_waits_for_device`), so a step's
+dispatch returns while the device computes.
 
 Requests come in at any time (`submit`, thread-safe) and join at the next step; `cancel` frees
 a request's slot and pages before the next step. `start()` runs the steps on a background thread
@@ -86,7 +90,7 @@ import pallas_kernels as pk
 from moska_jax.config import ModelConfig, MoskaConfig, check_int
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, check_kv_dtype, unique_kv_scales
 from moska_jax.model import Decoder
-from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, sample
+from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, branches, sample
 from moska_jax.scheduler import Request, Scheduler, StepPlan
 from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
                                 place_replicated, place_requests, place_shared_kv,
@@ -174,16 +178,21 @@ def _graph(graphdef: nnx.GraphDef) -> _Graph:
 
 
 @functools.partial(jax.jit, static_argnames=("graph", "mcfg"), donate_argnums=(2, 3))
-def _engine_step(state, contexts, pools, ids, parts, reroute, sampling, unique_scales, *,
-                 graph, mcfg):
-  """One engine step on one device: `moska_step`, each row's last logits, sampling. Module-level,
-  so engines of the same model and MoskaConfig share its compilations."""
+def _engine_step(state, contexts, pools, ids, parts, reroute, unique_scales, *, graph, mcfg):
+  """One engine step on one device: `moska_step` and each row's last logits. Module-level, so
+  engines of the same model and MoskaConfig share its compilations."""
   _TRACES[0] += 1
   routes = None if ids is None else Routes(ids, reroute)
   logits, pools, ids = moska_step(nnx.merge(graph.graphdef, state), contexts, pools, parts, mcfg,
                                   routes=routes, unique_scales=unique_scales)
   last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
-  return sample(last, sampling), last, pools, ids
+  return last, pools, ids
+
+
+# The step's sampling, a program of its own whose branches the plan decides on the host
+# (`sampling.branches`): a branch decided on the device (lax.cond) makes a GPU host wait for the
+# device, so the step's dispatch would return only once its layers had run.
+_sample_step = jax.jit(sample, static_argnames=("draw", "nucleus"))
 
 
 @dataclasses.dataclass
@@ -797,10 +806,11 @@ class MoskaEngine:
     traces = _TRACES[0]
     # The plan's NumPy arrays go to the jitted step as they are: its C++ dispatch copies them
     # to the device, cheaper than a jnp.asarray each.
-    tokens, last, self.cache.pools, self._ids = _engine_step(
+    last, self.cache.pools, self._ids = _engine_step(
         self.state, self._step_contexts, self.cache.pools, self._route_ids(), plan.parts,
-        plan.reroute, plan.sampling, self.cache.scales, graph=self._graph, mcfg=self.mcfg)
+        plan.reroute, self.cache.scales, graph=self._graph, mcfg=self.mcfg)
     self._traces += _TRACES[0] - traces
+    tokens = _sample_step(last, plan.sampling, **branches(plan.sampling))
     return tokens, (last if plan.keep_logits else None)
 
   # ---- the synchronous API --------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SEED_RANGE = 1 << 32  # seeds are uint32: jax.random.key's range
 
@@ -64,25 +65,38 @@ def _nucleus(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
   return scaled >= cutoff
 
 
-def sample(logits: jax.Array, rows: SamplingRows) -> jax.Array:
+def branches(rows: SamplingRows) -> dict[str, bool]:
+  """The branches `sample` takes for rows held on the host (NumPy): `draw`, whether any row
+  samples, and `nucleus`, whether any sampled row keeps top_p < 1."""
+  hot = np.asarray(rows.temperature) > 0
+  return dict(draw=bool(hot.any()), nucleus=bool((hot & (np.asarray(rows.top_p) < 1)).any()))
+
+
+def sample(logits: jax.Array, rows: SamplingRows, *, draw: bool | None = None,
+           nucleus: bool | None = None) -> jax.Array:
   """Next tokens [R] int32 from logits [R, V], each row with its own parameters and stream.
 
   Noise is drawn in vocabulary order and top_p masks tokens in place, so a row's token never
   depends on which branch the batch takes (whether any row samples, whether any row has
   top_p < 1).
+
+  draw, nucleus: those branches as `branches(rows)` gives them, when the rows are known on the
+    host (static under jit): no device-side branch then. None decides on the device with a
+    `lax.cond`, which on a GPU makes the host wait until the device has computed the predicate.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   hot = rows.temperature > 0
 
-  def draw():
+  def branch(known: bool | None, pred, yes, no):
+    return jax.lax.cond(pred, yes, no) if known is None else (yes() if known else no())
+
+  def drawn():
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows.seed, rows.index)
     scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
-    all_kept = jnp.ones(scaled.shape, bool)
-    keep = jax.lax.cond(jnp.any(hot & (rows.top_p < 1)),
-                        lambda: _nucleus(scaled, rows.top_p), lambda: all_kept)
+    keep = branch(nucleus, jnp.any(hot & (rows.top_p < 1)),
+                  lambda: _nucleus(scaled, rows.top_p), lambda: jnp.ones(scaled.shape, bool))
     keep = keep | (rows.top_p >= 1)[:, None]
     masked = jnp.where(keep, scaled, -jnp.inf)
     return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
 
-  drawn = jax.lax.cond(jnp.any(hot), draw, lambda: greedy)
-  return jnp.where(hot, drawn, greedy)
+  return jnp.where(hot, branch(draw, jnp.any(hot), drawn, lambda: greedy), greedy)

@@ -202,10 +202,22 @@ def local_unique(parts: Sequence[Part], mcfg: MoskaConfig,
   return unique
 
 
+def cond_waits_for_device(mcfg: MoskaConfig) -> bool:
+  """Whether a `lax.cond` in the step would make the host wait for the device: on a GPU, XLA
+  runs a conditional by copying its predicate to the host and blocking until the stream is done
+  (its command buffers aside), so the step's dispatch would return only once the layers up to
+  the last branch had run and the GPU would idle while the host launches what follows each one.
+  There the dense step runs a context no row reads with no valid key instead (its Pallas kernels
+  skip keys past kv_length; the XLA reference would compute them and mask, so it keeps the
+  branch)."""
+  return jax.default_backend() in ("gpu", "cuda", "rocm") and mcfg.backend != "xla"
+
+
 def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg: MoskaConfig,
                  reroute: jax.Array | None) -> SharedPart:
   """The shared half of a one-device step (traceable): the rows of every part in one call per
-  context in use, each row keeping its own context's (o, lse).
+  context in use (a branch per context; on a GPU, dense, every context, those no row reads with
+  no valid key: `cond_waits_for_device`), each row keeping its own context's (o, lse).
 
   Sparse: each part routes per request over its T_p rows (a prefill chunk chooses together);
   with `reroute`, the rows of part 0 that do not re-route keep the ids they are given.
@@ -239,9 +251,11 @@ def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg:
   def shared(i, qs, ids):
     q_rows = pack(qs)
 
-    def context(c):  # (o, lse, part 0's ids) of the rows that read context c
+    def context(c, length=None):  # (o, lse, part 0's ids) of the rows that read context c
       layer = contexts[c].layers[i]
       if not sparse:
+        if length is not None:
+          layer = layer._replace(length=length)
         return (*shared_partial(q_rows, layer, mcfg), ids)
       per_part = []
       for j, q in enumerate(qs):
@@ -271,8 +285,11 @@ def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg:
       o, lse, new_ids = idle()
       for c in range(len(contexts)):
         in_c = rows_ctx == c
-        o_c, lse_c, ids_c = jax.lax.cond(jnp.any(in_c & rows_live),
-                                         functools.partial(context, c), idle)
+        read = jnp.any(in_c & rows_live)
+        if sparse or not cond_waits_for_device(mcfg):
+          o_c, lse_c, ids_c = jax.lax.cond(read, functools.partial(context, c), idle)
+        else:  # no branch: a context no row reads has no valid key, which the kernels skip
+          o_c, lse_c, ids_c = context(c, jnp.where(read, contexts[c].layers[i].length, 0))
         o = jnp.where(in_c[..., None, None], o_c, o)
         lse = jnp.where(in_c[..., None], lse_c, lse)
         if ids is not None:

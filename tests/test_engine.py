@@ -18,7 +18,7 @@ from moska_jax.engine import ByteTokenizer, MoskaEngine, Sampling, sample
 from moska_jax.kv_cache import UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
-from moska_jax.sampling import SamplingRows
+from moska_jax.sampling import SamplingRows, branches
 from moska_jax.scheduler import Scheduler
 
 
@@ -114,6 +114,14 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
     alone = sample_jit(logits[i:i + 1], SamplingRows(*(x[i:i + 1] for x in rows)))
     assert mixed[i] == int(alone[0])
   assert mixed[1] == int(np.argmax(logits[1]))
+  # The branches decided on the host (as the engine's step does) give the same tokens, with no
+  # device-side branch in the program (on a GPU one makes the host wait for the device).
+  host = jax.jit(sample, static_argnames=("draw", "nucleus"))
+  for r in (rows, _rows(4, 0.8, 1.0, 7, 3), _rows(4, 0.0, 0.5, 7, 3)):
+    assert np.array_equal(host(logits, r, **branches(r)), sample_jit(logits, r))
+    assert "stablehlo.case" not in host.lower(logits, r, **branches(r)).as_text()
+  assert branches(rows) == dict(draw=True, nucleus=True)
+  assert branches(_rows(4, 0.0, 0.5, 7, 3)) == dict(draw=False, nucleus=False)
   draws = {int(sample_jit(logits[:1], _rows(1, 2.0, 1.0, 7, j))[0]) for j in range(40)}
   assert len(draws) > 5  # the token index moves the stream
   with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):

@@ -349,3 +349,37 @@ def test_config_validation():
   assert MoskaConfig(mode="sparse", sparsity=0.75).chunks_kept(64) == 16
   assert MoskaConfig(mode="sparse", sparsity=0.9, always_include=(0, 1)).chunks_kept(10) == 2
   assert RopeScaling().factor == 8.0
+
+
+def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
+  """Where a lax.cond would make a GPU host wait (`step.cond_waits_for_device`), the dense step
+  runs a context no row reads with no valid key instead of branching: the same logits as the
+  branching form, with a context read by every row, by none and by some, and no conditional
+  left in the program."""
+  from moska_jax import step as step_module
+
+  cfg, model, rng, _, store = _setup()
+  other = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
+                             backend="xla")
+  graphdef, state = nnx.split(model)
+  mcfg = MoskaConfig(backend="xla")
+  contexts = (SharedContext.of(store, mcfg), SharedContext.of(other, mcfg))
+  shape = (8, 8, cfg.num_kv_heads, cfg.head_dim)
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  tables = np.asarray([[1, 2], [3, 4], [5, 6]], np.int32)
+  tokens = rng.integers(0, 256, (3, 4)).astype(np.int32)
+  zeros = np.zeros(3, np.int32)
+
+  def run(which, branchless):
+    monkeypatch.setattr(step_module, "cond_waits_for_device", lambda mcfg: branchless)
+    fn = jax.jit(lambda state, pools, parts: moska_step(nnx.merge(graphdef, state), contexts,
+                                                        pools, parts, mcfg)[0])
+    parts = _int32_parts([Part(tokens, tables, zeros, np.asarray([4, 2, 3]), which)])
+    return fn(state, pools, parts), fn.lower(state, pools, parts).as_text()
+
+  for which in ([0, 0, 0], [1, 0, 1], [1, 1, 1]):
+    which = np.asarray(which, np.int32)
+    (want,), text = run(which, False)
+    (got,), branchless = run(which, True)
+    assert "stablehlo.case" in text and "stablehlo.case" not in branchless
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
