@@ -8,9 +8,10 @@ step feeds one token to every decoding slot and, while prompts are read, one chu
 program (`moska_step`, moska_jax.step): the weights and every context's shared K/V are read once
 per step for all of them, and a long prompt never stops the decoding requests' tokens. The
 sampling follows as a small program of its own whose branches (does any row sample, does any
-use top_p) the plan decides on the host: no branch in either program waits on the device's
-values (on a GPU such a branch makes the host wait; `step.cond_waits_for_device`), so a step's
-dispatch returns while the device computes.
+use top_p) the plan decides on the host, and on a GPU the dense step has no branch on the
+device's values either (such a branch makes the host wait for the device;
+`step.cond_waits_for_device`), so a step's dispatch returns while the device computes. The
+sparse step's router still branches (a context in use, a row due to re-route).
 
 Requests come in at any time (`submit`, thread-safe) and join at the next step; `cancel` frees
 a request's slot and pages before the next step. `start()` runs the steps on a background thread
