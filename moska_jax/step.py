@@ -16,7 +16,9 @@ per-layer state: they go in and come out as values (`Decoder.forward`).
 
 Several shared contexts (`SharedContext`, one per resident store) can serve one step: each
 request names one in its part's `context`. Per layer each context's attention runs over the
-step's rows that read it (a `lax.cond` skips a context no live row reads), as chunk routing
+step's rows that read it (a `lax.cond` skips a context no live row reads; on a GPU the dense
+step gives it no valid key instead, as the disaggregated step does: `cond_waits_for_device`),
+as chunk routing
 groups queries by chunk one level down: sparse, a context's chunk work list holds only its own
 rows' (query, chunk) pairs; dense, its GEMM runs over the step's rows and keeps its own, so
 each context in use costs one pass of the batch over its K/V (which is read once).
