@@ -18,10 +18,10 @@ Several shared contexts (`SharedContext`, one per resident store) can serve one 
 request names one in its part's `context`. Per layer each context's attention runs over the
 step's rows that read it (a `lax.cond` skips a context no live row reads; on a GPU the dense
 step gives it no valid key instead, as the disaggregated step does: `cond_waits_for_device`),
-as chunk routing
-groups queries by chunk one level down: sparse, a context's chunk work list holds only its own
-rows' (query, chunk) pairs; dense, its GEMM runs over the step's rows and keeps its own, so
-each context in use costs one pass of the batch over its K/V (which is read once).
+as chunk routing groups queries by chunk one level down: sparse, a context's chunk work list
+holds only its own rows' (query, chunk) pairs; dense, its GEMM runs over the step's rows and
+keeps its own, so each context in use costs one pass of the batch over its K/V (which is read
+once).
 
 `moska_step` is the step on one device: pure and jittable (the engine jits it; experiments
 call it directly). The disaggregated engine runs the same parts (`zero_padding`, the kernels) in
