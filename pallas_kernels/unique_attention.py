@@ -95,10 +95,11 @@ def _run_mosaic_gpu(p: UniqueProblem, c: MosaicGpuUniqueConfig, interpret):
 
 
 def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
-  args = _kernel_args(p, tpu_tuning.unique_rows(p.dims.T, p.dims.G))
+  block_m = tpu_tuning.unique_block_m(p.dims.T, p.dims.G, c)
+  args = _kernel_args(p, block_m * -(-p.dims.T * p.dims.G // block_m))
   o, lse = mosaic_unique.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
-      pages_per_block=c.pages_per_block, num_splits=c.num_splits,
+      pages_per_block=c.pages_per_block, num_splits=c.num_splits, block_m=block_m,
       interpret=dispatch.tpu_interpret(interpret),
       vmem_limit_bytes=tpu_tuning.vmem_limit(
           tpu_tuning.unique_vmem(p.dims, p.page_size, p.dtype, c), targets.current("tpu")))

@@ -136,6 +136,18 @@ def test_float8_kv_lowers_on_every_chip(op, chip):
   assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
 
 
+@pytest.mark.parametrize("chip", ["v4", "v5e"])
+def test_a_long_prefill_chunk_lowers_in_row_tiles(chip):
+  """unique_attention with a 1024-token chunk of Llama-3.1-8B heads (4096 rows per kv head): the
+  default plan cuts them into row tiles (a 5-axis grid) that lower for the chip."""
+  args, _ = _inputs("unique_attention", SHAPES["unique_attention"][1], D=128, G=4, T=1024,
+                    dtype="bf16")
+  plan = pk.plan("unique_attention", *args, implementation="mosaic_tpu", target=chip)
+  assert plan.config.block_m < 4 * 1024
+  lowered = _lower("unique_attention", args, chip, config=plan.config)
+  assert [name for name, _ in _mosaic_calls(lowered)] == ["moska_unique_attention"], plan
+
+
 def test_a_kernel_that_needs_more_vmem_asks_for_it_up_to_the_chip():
   q = jax.ShapeDtypeStruct((16, 16, 16, 256), jnp.float32)
   k = jax.ShapeDtypeStruct((4097, 1, 256), jnp.float32)

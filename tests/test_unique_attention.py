@@ -18,6 +18,7 @@ from pallas_kernels import merge_attention_states, shared_attention, unique_atte
 from pallas_kernels import layout
 from pallas_kernels.gpu import triton_unique as gpu_kernel
 from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.tpu import tuning as tpu_tuning
 from pallas_kernels.reference import unique_attention_ref
 from pallas_kernels.tpu import mosaic_unique as tpu_kernel
 from tests import kernel_cases as kc
@@ -78,17 +79,19 @@ def test_explicit_configs_and_traced_lengths(implementation, interpret, config):
     _check(o, lse, (q, k, v, tables, n), jnp.float32)
 
 
+@pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("T,G,num_splits", [(9, 4, 1), (5, 8, 2), (16, 1, 3), (40, 1, 2)])
-def test_triton_row_tiles(T, G, num_splits, dtype):
+def test_row_tiles(implementation, T, G, num_splits, dtype):
   """A prefill chunk's T*G rows cut into programs of block_m=16 rows (36 rows: three tiles, the
   last mostly padding; 40 over 2 splits; 16: one tile), causal inside the new tokens, on the
   poisoned pool; a request of exactly T tokens has early tiles that stop short of its last
   16-key blocks (T=40: the first tile reads 1 of 3)."""
   lengths = (T, 70, 3 * T + 5, 40)
   inputs = kc.paged_inputs(60 + T, T, G, 2, 64, 16, lengths, dtype)
-  config = pk.TritonUniqueConfig(pages_per_block=1, num_splits=num_splits, block_m=16)
-  o, lse = kc.run(unique_attention, *inputs, implementation="triton", interpret=True,
+  config = (pk.TritonUniqueConfig if implementation == "triton" else pk.MosaicTpuUniqueConfig)(
+      pages_per_block=1, num_splits=num_splits, block_m=16)
+  o, lse = kc.run(unique_attention, *inputs, implementation=implementation, interpret=True,
                   config=config)
   _check(o, lse, inputs, dtype)
 
@@ -112,17 +115,21 @@ def test_prefill_chunks_plan_row_tiles_that_fit(name, T, D, dtype):
 
 
 @pytest.mark.parametrize("name,T", [("v4", 2048), ("v5e", 8192)])
-def test_tpu_refuses_a_chunk_whose_rows_exceed_vmem(name, T):
-  """The Mosaic TPU kernel holds a request's T*G rows in one block: a call whose blocks cannot
-  fit the chip's VMEM is refused when planned, naming the rows, not left to the compiler."""
+def test_tpu_prefill_chunks_plan_row_tiles_within_vmem(name, T):
+  """The Mosaic TPU kernel's default row tiles keep a long prefill chunk (T*G rows of Llama-3.1-8B
+  heads, far past VMEM in one block) within the chip's VMEM; a config whose tile cannot fit is
+  refused when planned, naming its rows, not left to the compiler."""
   pool = jax.ShapeDtypeStruct((64, 16, 8, 128), jnp.bfloat16)
-  rest = (pool, pool, jax.ShapeDtypeStruct((1, 600), jnp.int32),
-          jax.ShapeDtypeStruct((1,), jnp.int32))
-  with pytest.raises(ValueError, match=f"VMEM for T\\*G = {4 * T} query rows"):
-    pk.plan(OP, jax.ShapeDtypeStruct((1, T, 32, 128), jnp.bfloat16), *rest,
-            implementation="mosaic_tpu", target=name)
-  pk.plan(OP, jax.ShapeDtypeStruct((1, 256, 32, 128), jnp.bfloat16), *rest,
-          implementation="mosaic_tpu", target=name)  # a 256-token chunk fits
+  args = (jax.ShapeDtypeStruct((1, T, 32, 128), jnp.bfloat16), pool, pool,
+          jax.ShapeDtypeStruct((1, 600), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  plan = pk.plan(OP, *args, implementation="mosaic_tpu", target=name)
+  dims = layout.AttentionDims(1, T, 32, 8, 128, 600 * 16)
+  tgt = pk.targets.target(name)
+  assert plan.config.block_m < 4 * T
+  assert tpu_tuning.unique_vmem(dims, 16, jnp.bfloat16, plan.config) <= tgt.scoped_vmem_bytes
+  whole = pk.MosaicTpuUniqueConfig(pages_per_block=8, block_m=4 * T)
+  with pytest.raises(ValueError, match=f"VMEM for row tiles of {4 * T} query rows"):
+    pk.plan(OP, *args, implementation="mosaic_tpu", config=whole, target=name)
 
 
 @pytest.mark.parametrize("implementation", ["triton", "mosaic_tpu"])
@@ -189,7 +196,7 @@ def test_partials_written_and_empty_splits(implementation):
                                                   **common)
   else:
     from jax.experimental.pallas import tpu as pltpu
-    o, lse = tpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths,
+    o, lse = tpu_kernel.unique_attention_partials(q_rows, k, v, tables, lengths, block_m=16,
                                                   interpret=pltpu.InterpretParams(), **common)
   assert o.shape == (4, Hkv, 3, 16, D) and lse.shape == (4, Hkv, 3, 16)
   o, lse = np.asarray(o)[..., :T * G, :], np.asarray(lse)[..., :T * G]  # padded rows: unused

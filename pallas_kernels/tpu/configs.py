@@ -36,10 +36,13 @@ class MosaicTpuChunkConfig(Config):
 @_frozen
 class MosaicTpuUniqueConfig(Config):
   """unique_attention on Mosaic TPU: pages_per_block pages per compute block, num_splits runs of
-  blocks per (request, kv-head group)."""
+  blocks per (request, kv-head group), block_m query rows per program at most (a multiple of
+  16: a request's T*G rows, padded to a multiple of 16, are cut into tiles of
+  min(block_m, those rows): several for a prefill chunk of many tokens)."""
 
   pages_per_block: int = knob(positive_int)
   num_splits: int = knob(positive_int, 1)
+  block_m: int = knob(multiple_of, 512, step=16)
 
 
 @_frozen

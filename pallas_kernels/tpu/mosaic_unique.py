@@ -1,6 +1,8 @@
 """Unique-KV (paged, ragged) decode attention on TPU (Mosaic): the GPU kernel's split scheme.
 
-Grid (requests, kv-head groups, splits, blocks per split), the last axis sequential. The pool is
+Grid (requests, kv-head groups, row tiles, splits, blocks per split), the last axis sequential: a
+program holds block_m of a request's T*G query rows (one tile in decode, several for a prefill
+chunk, each stopping at the keys its own last query sees). The pool is
 viewed as [P * page_size, Hkv * D] so one page of hb kv heads is a lane-dense (page_size, hb * D)
 block (hb * D a multiple of 128, or all heads). A compute block of `pages_per_block` pages is
 that many K (and V) inputs, each an index map reading its page id from the scalar-prefetched
@@ -27,16 +29,28 @@ from pallas_kernels.tpu import softmax
 from pallas_kernels.tpu.tuning import heads_per_block
 
 
+def _tile_range(length, tile, split, *, T: int, G: int, rows: int, page_size: int,
+                pages_per_block: int, num_splits: int):
+  """(first block, end block, pages) of split `split` of row tile `tile`: `layout.split_range` with
+  the end cut after the block of the tile's last real query (later keys are masked for all of
+  its rows)."""
+  first, end, num_pages = layout.split_range(length, split, page_size=page_size,
+                                             pages_per_block=pages_per_block,
+                                             num_splits=num_splits)
+  seen = jnp.maximum(length - T + jnp.minimum(tile * rows + rows - 1, T * G - 1) // G + 1, 0)
+  return first, jnp.minimum(end, pl.cdiv(seen, pages_per_block * page_size)), num_pages
+
+
 def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
             pages_per_block: int, num_splits: int, hb: int, precision):
   k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
   o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * pages_per_block:]
-  b, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  b, tile, split, t = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   R, d = q_ref.shape[1:]
   block_k = pages_per_block * page_size
   length = len_ref[b]
-  first, end, _ = layout.split_range(length, split, page_size=page_size,
-                                     pages_per_block=pages_per_block, num_splits=num_splits)
+  first, end, _ = _tile_range(length, tile, split, T=T, G=G, rows=R, page_size=page_size,
+                              pages_per_block=pages_per_block, num_splits=num_splits)
 
   @pl.when(t == 0)
   def _init():
@@ -47,7 +61,7 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
     start = (first + t) * block_k
     cols = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     key_rows = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
-    row = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0)
+    row = tile * R + jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0)
     # Row r is query r // G at position length - T + r // G; pos <= that <=> (pos-length+T)*G <= r
     # (no vector integer division). Padded rows (r >= T*G) need the plain length bound too.
     visible = (cols < length) & ((cols - length + T) * G <= row)
@@ -60,7 +74,7 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
       s = jnp.where(visible, softmax.scores(q_ref[j], k, scale, precision), -jnp.inf)
       softmax.update(m_sc.at[j], l_sc.at[j], acc_sc.at[j], s, v, precision)
 
-  @pl.when(t == pl.num_programs(3) - 1)
+  @pl.when(t == pl.num_programs(4) - 1)
   def _finish():
     softmax.finish(m_sc, l_sc, acc_sc, o_ref, lse_ref)
 
@@ -68,12 +82,13 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
 def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                               block_tables: jax.Array, lengths: jax.Array, *, T: int, G: int,
                               scale: float, pages_per_block: int, num_splits: int,
-                              interpret=False,
+                              block_m: int, interpret=False,
                               vmem_limit_bytes: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Partial attention of q_rows[Hkv, B, R, D] over each request's pages.
 
   Same contract as the GPU kernel (row r of request b is its query token r // G; R >= T*G, a
-  multiple of 16), returning o[num_splits, Hkv, B, R, D] and lse[num_splits, Hkv, B, R] float32.
+  multiple of block_m, itself a multiple of 16: a program holds block_m rows), returning
+  o[num_splits, Hkv, B, R, D] and lse[num_splits, Hkv, B, R] float32.
   page_size must be a multiple of 8 (sublane tiling of a page block). vmem_limit_bytes: Mosaic's
   VMEM limit for the kernel (None: the default scoped VMEM).
   """
@@ -85,11 +100,14 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
   k2 = k_pages.reshape(P * page_size, Hkv * D)
   v2 = v_pages.reshape(P * page_size, Hkv * D)
 
+  tiles, rem = divmod(R, block_m)
+  assert not rem, f"q_rows' {R} rows are not whole tiles of block_m={block_m}"
+  tile_range = functools.partial(_tile_range, T=T, G=G, rows=block_m, page_size=page_size,
+                                 pages_per_block=pages_per_block, num_splits=num_splits)
+
   def page_map(j: int):
-    def index_map(b, hg, s, t, len_ref, tab_ref):
-      first, end, num_pages = layout.split_range(len_ref[b], s, page_size=page_size,
-                                                 pages_per_block=pages_per_block,
-                                                 num_splits=num_splits)
+    def index_map(b, hg, r, s, t, len_ref, tab_ref):
+      first, end, num_pages = tile_range(len_ref[b], r, s)
       block = jnp.minimum(first + t, end - 1)  # steps past the run repeat its last block
       page = jnp.clip(block * pages_per_block + j, 0, jnp.maximum(num_pages - 1, 0))
       return jnp.clip(tab_ref[b * max_pages + page], 0, P - 1), hg  # junk ids never reach DMA
@@ -102,17 +120,19 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
       precision=matmul_precision(q_rows.dtype))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
-      grid=(B, Hkv // hb, num_splits, blocks_per_split),
+      grid=(B, Hkv // hb, tiles, num_splits, blocks_per_split),
       in_specs=[
-          pl.BlockSpec((hb, None, R, D), lambda b, hg, s, t, n, tab: (hg, b, 0, 0)),
+          pl.BlockSpec((hb, None, block_m, D), lambda b, hg, r, s, t, n, tab: (hg, b, r, 0)),
           *page_specs,
           *page_specs,
       ],
       out_specs=[
-          pl.BlockSpec((None, hb, None, R, D), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
-          pl.BlockSpec((None, hb, None, R, 1), lambda b, hg, s, t, n, tab: (s, hg, b, 0, 0)),
+          pl.BlockSpec((None, hb, None, block_m, D),
+                       lambda b, hg, r, s, t, n, tab: (s, hg, b, r, 0)),
+          pl.BlockSpec((None, hb, None, block_m, 1),
+                       lambda b, hg, r, s, t, n, tab: (s, hg, b, r, 0)),
       ],
-      scratch_shapes=softmax.scratch(hb, rows=R, d=D),
+      scratch_shapes=softmax.scratch(hb, rows=block_m, d=D),
   )
   o, lse = pl.pallas_call(
       kernel,
@@ -122,7 +142,7 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
           jax.ShapeDtypeStruct((num_splits, Hkv, B, R, 1), jnp.float32),
       ],
       compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+          dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),
       interpret=interpret,
       name="moska_unique_attention",

@@ -29,6 +29,9 @@ MAX_CHUNK_BLOCK_K = 512
 # Unique attention: keys per compute block, and the fewest blocks per split.
 UNIQUE_BLOCK_KEYS = 128
 UNIQUE_MIN_BLOCKS_PER_SPLIT = 4
+# Rows per unique-attention program at most: decode's T*G stays one tile; a prefill chunk's rows
+# go in tiles of this many, each with its own [rows, keys] float32 scores in VMEM.
+UNIQUE_MAX_ROWS = 512
 
 
 def heads_per_block(Hkv: int, D: int) -> int:
@@ -116,22 +119,31 @@ def unique_rows(T: int, G: int) -> int:
   return 16 * math.ceil(T * G / 16)
 
 
+def unique_block_m(T: int, G: int, config: MosaicTpuUniqueConfig) -> int:
+  """Rows per program: config.block_m, or fewer where a request has fewer (padded) rows."""
+  return min(config.block_m, unique_rows(T, G))
+
+
 def unique_vmem(dims: AttentionDims, page_size: int, dtype,
                 config: MosaicTpuUniqueConfig) -> int:
-  """All T*G query rows of a (request, kv-head block) are one block: they are not tiled."""
+  """A program holds one row tile of a (request, kv-head block)."""
   hb = heads_per_block(dims.Hkv, dims.D)
-  return vmem_bytes(rows=unique_rows(dims.T, dims.G), keys=config.pages_per_block * page_size,
-                    D=dims.D, hb=hb, q_heads=hb, dtype=dtype, kv_blocks=config.pages_per_block)
+  return vmem_bytes(rows=unique_block_m(dims.T, dims.G, config),
+                    keys=config.pages_per_block * page_size, D=dims.D, hb=hb, q_heads=hb,
+                    dtype=dtype, kv_blocks=config.pages_per_block)
 
 
 def unique(dims: AttentionDims, page_size: int, target: TpuTarget) -> MosaicTpuUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block; split a request's pages only while programs leave a
-  core idle."""
+  """~UNIQUE_BLOCK_KEYS keys per block, row tiles of at most UNIQUE_MAX_ROWS rows; split a
+  request's pages only while programs leave a core idle."""
   pages_per_block = max(1, UNIQUE_BLOCK_KEYS // page_size)
+  block_m = min(unique_rows(dims.T, dims.G), UNIQUE_MAX_ROWS)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
-  programs = dims.B * (dims.Hkv // heads_per_block(dims.Hkv, dims.D))
+  programs = (dims.B * (dims.Hkv // heads_per_block(dims.Hkv, dims.D))
+              * math.ceil(dims.T * dims.G / block_m))
   splits = min(math.ceil(target.num_cores / programs), max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
-  return MosaicTpuUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits))
+  return MosaicTpuUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
+                               block_m=block_m)
 
 
 def unique_unsupported(dims: AttentionDims, page_size: int, dtype,
@@ -140,10 +152,11 @@ def unique_unsupported(dims: AttentionDims, page_size: int, dtype,
   if page_size % 8:
     return f"page_size must be a multiple of 8 (sublane tiling of a page block), got {page_size}"
   need = unique_vmem(dims, page_size, dtype, config)
-  if need > target.vmem_bytes:  # all T*G rows are one block: a long prefill chunk may not fit
-    return (f"its blocks need ~{need // MIB} MiB of VMEM for T*G = {dims.T * dims.G} query rows "
-            f"and {config.pages_per_block} pages; {target.name} has {target.vmem_bytes // MIB} "
-            f"MiB (fewer tokens per call, T, or fewer pages_per_block fit)")
+  if need > target.vmem_bytes:
+    return (f"its blocks need ~{need // MIB} MiB of VMEM for row tiles of "
+            f"{unique_block_m(dims.T, dims.G, config)} query rows and {config.pages_per_block} "
+            f"pages; {target.name} has {target.vmem_bytes // MIB} MiB (a smaller block_m or "
+            f"pages_per_block fits)")
   return None
 
 
