@@ -773,7 +773,7 @@ class MoskaEngine:
     mixed step per prefill lane count used: powers of two up to prefill_lanes) and per set of
     contexts, none for shapes an engine of the same model and MoskaConfig compiled before; on
     disaggregated groups, traces of this engine's span program (one per part shape: the decode
-    part and a prefill part per lane count)."""
+    part and a prefill part per lane count). The sampler's small programs are not counted."""
     return self._traces
 
   def _counted(self, fn):
@@ -874,11 +874,14 @@ class MoskaEngine:
     return [self._result(r) for r in requests]
 
   def warmup(self) -> None:
-    """Compiles every step shape now (the decode step, a mixed step per prefill lane count)
-    with throw-away requests on the default context, then clears `stats`."""
+    """Compiles every step shape now (the decode step, a mixed step per prefill lane count),
+    and the sampler's greedy, sampling and top_p forms for their row counts, with throw-away
+    requests on the default context, then clears `stats`."""
     lanes = sorted({self.scheduler.lane_bucket(n) for n in range(1, self.prefill_lanes + 1)})
     for n in lanes:
-      self.generate([[0]] * n, 2)
+      for sampling in (Sampling(), Sampling(temperature=1.0, seed=0),
+                       Sampling(temperature=1.0, top_p=0.5, seed=0)):
+        self.generate([[0]] * n, 2, sampling)
     self.stats.clear()
 
   def _result(self, r: Request) -> Result:

@@ -16,7 +16,8 @@ Protocol (a duplex `multiprocessing.Pipe`, pickled tuples; rid: the front end's 
     ("submit", rid, tokens, max_new_tokens, sampling, eos_id, context)
     ("cancel", rid)
     ("warmup",)     compiles every step shape (`MoskaEngine.warmup`)
-    ("load_context", name, loader)  `MoskaEngine.load_context(name, loader(engine))`
+    ("load_context", name, loader)  `MoskaEngine.load_context(name, loader(engine))` (the loader
+                    pickled on its own, so a loader the core cannot rebuild is an error too)
     ("unload_context", name)        `MoskaEngine.unload_context(name)`
                     each of these three answered by ("done", contexts, error): the resident
                     contexts {name: S} after it, and the ValueError's message or None
@@ -42,6 +43,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -209,14 +211,15 @@ class EngineProcess:
     """`MoskaEngine.load_context(name, loader(engine))` in the core, where the store's memory
     lives: `loader` is a picklable callable that makes the store from the core's engine, e.g.
     `functools.partial(moska_jax.serve_setup.engine_context_store, path=PATH)`. Returns once the
-    context is resident; requests of other contexts keep running.
+    context is resident. The loader runs on the core's stepping thread: the running requests
+    (of every context) pause while it makes the store (reads it, or prefills a text).
 
     Raises:
       ValueError: `MoskaEngine.load_context`'s or the loader's error (another type's name and
         message, e.g. a FileNotFoundError, as a ValueError's message).
       RuntimeError: the core is gone.
     """
-    self._call(("load_context", name, loader))
+    self._call(("load_context", name, pickle.dumps(loader)))
 
   def unload_context(self, name: str) -> None:
     """`MoskaEngine.unload_context` in the core: the context's requests end ("cancelled")
@@ -235,8 +238,7 @@ class EngineProcess:
     with self._call_lock:
       self._reply = concurrent.futures.Future()
       self._send(message)
-      contexts, error = self._reply.result()
-    self._contexts = contexts
+      error = self._reply.result()
     if error is not None:
       raise ValueError(error)
 
@@ -294,8 +296,9 @@ class EngineProcess:
         break
       if message[0] == "step":
         self._apply(*message[1:])
-      elif message[0] == "done":
-        self._reply.set_result(message[1:])
+      elif message[0] == "done":  # the contexts as the core's answers order them
+        self._contexts = message[1]
+        self._reply.set_result(message[2])
     self._process.join(30)
     with self._send_lock:  # no command opens a request after this (`_send`)
       self._error = f"the engine process exited (code {self._process.exitcode})"
@@ -386,7 +389,7 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
         if kind == "warmup":
           engine.warmup()
         elif kind == "load_context":
-          engine.load_context(message[1], message[2](engine))
+          engine.load_context(message[1], pickle.loads(message[2])(engine))
         else:
           engine.unload_context(message[1])
       except Exception as e:  # the caller's error (a store path that does not exist, ...)

@@ -63,6 +63,11 @@ def _kernel_args(p: UniqueProblem, rows: int) -> tuple:
   return q_rows, p.k_pages, p.v_pages, p.block_tables.astype(jnp.int32), lengths
 
 
+def _tiled_rows(p: UniqueProblem, block_m: int) -> int:
+  """A request's T*G rows padded to whole tiles of block_m."""
+  return block_m * -(-p.dims.T * p.dims.G // block_m)
+
+
 def _partials(p: UniqueProblem, o, lse) -> Partials:
   """Per-split [P, Hkv, B, rows, ...] -> the request rows only (padded rows are never written)."""
   R = p.dims.T * p.dims.G
@@ -77,7 +82,7 @@ def _run_xla(p: UniqueProblem, config, interpret):
 
 def _run_triton(p: UniqueProblem, c: TritonUniqueConfig, interpret):
   block_m = gpu_tuning.unique_block_m(p.dims.T, p.dims.G, c)
-  args = _kernel_args(p, block_m * -(-p.dims.T * p.dims.G // block_m))
+  args = _kernel_args(p, _tiled_rows(p, block_m))
   o, lse = triton_unique.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
       pages_per_block=c.pages_per_block, num_splits=c.num_splits, block_m=block_m,
@@ -96,7 +101,7 @@ def _run_mosaic_gpu(p: UniqueProblem, c: MosaicGpuUniqueConfig, interpret):
 
 def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
   block_m = tpu_tuning.unique_block_m(p.dims.T, p.dims.G, c)
-  args = _kernel_args(p, block_m * -(-p.dims.T * p.dims.G // block_m))
+  args = _kernel_args(p, _tiled_rows(p, block_m))
   o, lse = mosaic_unique.unique_attention_partials(
       *args, T=p.dims.T, G=p.dims.G, scale=default_sm_scale(p.sm_scale, p.dims.D),
       pages_per_block=c.pages_per_block, num_splits=c.num_splits, block_m=block_m,

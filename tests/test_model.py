@@ -383,3 +383,11 @@ def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
     (got,), branchless = run(which, True)
     assert "stablehlo.case" in text and "stablehlo.case" not in branchless
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  # Eagerly: the context no row reads gets kv_length 0, a read one its whole length.
+  monkeypatch.setattr(step_module, "cond_waits_for_device", lambda mcfg: True)
+  lengths, partial = [], step_module.shared_partial
+  monkeypatch.setattr(step_module, "shared_partial", lambda q, layer, mcfg, **kw: (
+      lengths.append(int(layer.length)), partial(q, layer, mcfg, **kw))[1])
+  moska_step(model, contexts, pools, _int32_parts(
+      [Part(tokens, tables, zeros, np.asarray([4, 2, 3]), zeros)]), mcfg)
+  assert lengths == [int(store.length), 0] * cfg.layers

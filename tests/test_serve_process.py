@@ -165,11 +165,18 @@ def test_a_dead_core_answers_503_and_shutdown_leaves_no_child(servers):
     assert r.status_code == 503 and "the engine process exited" in r.json()["error"]["message"]
 
 
+class _BreaksInTheCore:
+  """Pickles in the front end; rebuilding it (divmod(1, 0)) raises in the core."""
+
+  def __reduce__(self):
+    return divmod, (1, 0)
+
+
 def test_contexts_load_and_unload_in_the_core(tmp_path):
   """`EngineProcess.load_context` makes the store in the core from a path (here a text file):
   a request on it gives the tokens of an engine built with that context; unloading ends its
-  running request before it returns; a bad path and an unknown name are errors, and the core
-  keeps serving after them."""
+  running request before it returns; a bad path, a loader the core cannot rebuild and an
+  unknown name are errors, and the core keeps serving after them."""
   import functools
 
   from moska_jax.serve_setup import build_engine, engine_context_store
@@ -187,13 +194,17 @@ def test_contexts_load_and_unload_in_the_core(tmp_path):
     r = core.submit("Who serves?", NEW, context="doc")
     assert r.finished_event.wait(120) and r.tokens == want
     long = core.submit("Who serves?", 200, context="doc")
+    deadline = time.time() + 120
     while not long.tokens:
+      assert time.time() < deadline and core.running
       time.sleep(0.01)
     core.unload_context("doc")
     assert long.done and long.finish_reason == "cancelled" and core.contexts == ("default",)
     with pytest.raises(ValueError, match="FileNotFoundError"):
       core.load_context("gone", functools.partial(engine_context_store,
                                                   path=str(tmp_path / "missing.txt")))
+    with pytest.raises(ValueError, match="ZeroDivisionError"):
+      core.load_context("broken", _BreaksInTheCore())
     with pytest.raises(ValueError, match="unknown context"):
       core.unload_context("doc")
     r = core.submit("still here?", 2)

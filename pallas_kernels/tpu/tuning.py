@@ -134,10 +134,11 @@ def unique_vmem(dims: AttentionDims, page_size: int, dtype,
 
 
 def unique(dims: AttentionDims, page_size: int, target: TpuTarget) -> MosaicTpuUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block, row tiles of at most UNIQUE_MAX_ROWS rows; split a
+  """~UNIQUE_BLOCK_KEYS keys per block, equal row tiles of at most UNIQUE_MAX_ROWS rows; split a
   request's pages only while programs leave a core idle."""
   pages_per_block = max(1, UNIQUE_BLOCK_KEYS // page_size)
-  block_m = min(unique_rows(dims.T, dims.G), UNIQUE_MAX_ROWS)
+  rows = unique_rows(dims.T, dims.G)
+  block_m = 16 * math.ceil(rows / math.ceil(rows / UNIQUE_MAX_ROWS) / 16)  # balanced tiles
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
   programs = (dims.B * (dims.Hkv // heads_per_block(dims.Hkv, dims.D))
               * math.ceil(dims.T * dims.G / block_m))
