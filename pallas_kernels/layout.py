@@ -49,6 +49,19 @@ def split_range(length, split, *, page_size: int, pages_per_block: int, num_spli
   return first, jnp.minimum(first + per_split, num_blocks), num_pages
 
 
+def tile_split_range(length, split, tile_start, tile_rows: int, *, T: int, G: int,
+                     page_size: int, pages_per_block: int, num_splits: int):
+  """`split_range` for one row tile of a request's T*G query rows (rows tile_start ..
+  tile_start + tile_rows - 1; row r is query r // G, at position length - T + r // G): the end
+  cut after the block holding the tile's last real query, past which every key is masked for all
+  of its rows (a prefill chunk's early tiles skip the request's last blocks)."""
+  first, end, num_pages = split_range(length, split, page_size=page_size,
+                                      pages_per_block=pages_per_block, num_splits=num_splits)
+  last_row = jnp.minimum(tile_start + tile_rows - 1, T * G - 1)
+  seen = jnp.maximum(length - T + last_row // G + 1, 0)  # keys the tile's last query sees
+  return first, jnp.minimum(end, pl.cdiv(seen, pages_per_block * page_size)), num_pages
+
+
 def fold_queries(q: jax.Array, Hkv: int) -> jax.Array:
   """q[B, T, Hq, D] -> q_rows[Hkv, B*T*G, D]."""
   B, T, Hq, D = q.shape

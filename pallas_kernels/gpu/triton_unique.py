@@ -39,15 +39,13 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
   row = row0 + jnp.arange(R)  # rows of the request
   block_k = pages_per_block * page_size
   length = len_ref[b]
-  first, end, num_pages = layout.split_range(length, split, page_size=page_size,
-                                             pages_per_block=pages_per_block,
-                                             num_splits=num_splits)
+  first, end, num_pages = layout.tile_split_range(length, split, row0, R, T=T, G=G,
+                                                  page_size=page_size,
+                                                  pages_per_block=pages_per_block,
+                                                  num_splits=num_splits)
+  last = jnp.maximum(end, first)  # an empty split, or tile, runs no block
   # Row r is query t = r // G at position length - T + t; padded rows (t >= T) see every key.
   row_hi = jnp.minimum(length - T + row // G, length - 1)
-  # Blocks past the tile's last real query are masked for all its real rows (a prefill chunk's
-  # early tiles): skip them. An empty split, or tile, runs no block.
-  seen = jnp.maximum(length - T + jnp.minimum(row0 + R - 1, T * G - 1) // G + 1, 0)
-  last = jnp.maximum(jnp.minimum(end, pl.cdiv(seen, block_k)), first)
   scale_log2 = scale * LOG2E
   key = jnp.arange(block_k)
   lanes = jnp.arange(d)[None, :]  # the padded head dim

@@ -29,18 +29,6 @@ from pallas_kernels.tpu import softmax
 from pallas_kernels.tpu.tuning import heads_per_block
 
 
-def _tile_range(length, tile, split, *, T: int, G: int, rows: int, page_size: int,
-                pages_per_block: int, num_splits: int):
-  """(first block, end block, pages) of split `split` of row tile `tile`: `layout.split_range` with
-  the end cut after the block of the tile's last real query (later keys are masked for all of
-  its rows)."""
-  first, end, num_pages = layout.split_range(length, split, page_size=page_size,
-                                             pages_per_block=pages_per_block,
-                                             num_splits=num_splits)
-  seen = jnp.maximum(length - T + jnp.minimum(tile * rows + rows - 1, T * G - 1) // G + 1, 0)
-  return first, jnp.minimum(end, pl.cdiv(seen, pages_per_block * page_size)), num_pages
-
-
 def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
             pages_per_block: int, num_splits: int, hb: int, precision):
   k_refs, v_refs = refs[:pages_per_block], refs[pages_per_block:2 * pages_per_block]
@@ -49,8 +37,9 @@ def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_s
   R, d = q_ref.shape[1:]
   block_k = pages_per_block * page_size
   length = len_ref[b]
-  first, end, _ = _tile_range(length, tile, split, T=T, G=G, rows=R, page_size=page_size,
-                              pages_per_block=pages_per_block, num_splits=num_splits)
+  first, end, _ = layout.tile_split_range(length, split, tile * R, R, T=T, G=G,
+                                          page_size=page_size, pages_per_block=pages_per_block,
+                                          num_splits=num_splits)
 
   @pl.when(t == 0)
   def _init():
@@ -102,12 +91,13 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
 
   tiles, rem = divmod(R, block_m)
   assert not rem, f"q_rows' {R} rows are not whole tiles of block_m={block_m}"
-  tile_range = functools.partial(_tile_range, T=T, G=G, rows=block_m, page_size=page_size,
-                                 pages_per_block=pages_per_block, num_splits=num_splits)
+  tile_range = functools.partial(layout.tile_split_range, tile_rows=block_m, T=T, G=G,
+                                 page_size=page_size, pages_per_block=pages_per_block,
+                                 num_splits=num_splits)
 
   def page_map(j: int):
     def index_map(b, hg, r, s, t, len_ref, tab_ref):
-      first, end, num_pages = tile_range(len_ref[b], r, s)
+      first, end, num_pages = tile_range(len_ref[b], s, r * block_m)
       block = jnp.minimum(first + t, end - 1)  # steps past the run repeat its last block
       page = jnp.clip(block * pages_per_block + j, 0, jnp.maximum(num_pages - 1, 0))
       return jnp.clip(tab_ref[b * max_pages + page], 0, P - 1), hg  # junk ids never reach DMA
