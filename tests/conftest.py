@@ -39,6 +39,11 @@ _add_xla_flag("xla_force_host_platform_device_count", 8)
 # rounding (e.g. where level 3 fuses a multiply-add), far inside every test's tolerance.
 if _cpu_only():
   _add_xla_flag("xla_backend_optimization_level", 0)
+else:
+  # A GPU runs float32 XLA dots as TF32 unless told otherwise, and the tests that compare two
+  # float32 paths of the library (engine vs decoder, one context vs several) check them to ~1e-5.
+  # Kernels set their own dot precision; this reaches only the XLA dots around them.
+  os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # One persistent compilation cache for the whole run, shared by the xdist workers and the
 # subprocesses tests start (they inherit the environment): the same small programs are compiled
