@@ -132,7 +132,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuUniqueConfig,
-        default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, t),
+        default_config=lambda p, t: tpu_tuning.unique(p.dims, p.page_size, p.dtype, t),
         candidates=lambda p, t: tpu_tuning.unique_candidates(p.dims, p.page_size, p.dtype, t),
         unsupported=lambda p, c, t, i: tpu_tuning.unique_unsupported(p.dims, p.page_size,
                                                                      p.dtype, c, t)),

@@ -139,6 +139,25 @@ def test_tpu_tilings_fit_vmem(name):
       assert limit is None or need < limit <= tgt.vmem_bytes
 
 
+@pytest.mark.parametrize("name", TPUS)
+def test_tpu_unique_row_tiles_shrink_to_fit_vmem(name):
+  """The Mosaic TPU unique default halves its row tiles until they fit (`tpu_tuning.fits`), and
+  so do its sweep candidates: a 2048-token prefill chunk of a Phi-2-like model (Hkv=32, G=1,
+  D=80: all 32 heads in one block) was refused on v4 at 512 rows per tile."""
+  tgt = targets.target(name)
+  for Hkv, G, D, T, dtype in ((32, 1, 80, 2048, jnp.bfloat16), (32, 1, 80, 512, jnp.float32),
+                              (8, 4, 128, 256, jnp.bfloat16), (8, 8, 64, 1, jnp.float32)):
+    q = _sds((2, T, G * Hkv, D), dtype)
+    pages = _sds((256, 16, Hkv, D), dtype)
+    args = (q, pages, pages, _sds((2, 128), jnp.int32), _sds((2,), jnp.int32))
+    dims, _ = checks.check_paged_inputs(*args, op="test")
+    plans = pk.sweep("unique_attention", *args, backend="tpu", target=tgt)
+    for p in plans:
+      need = tpu_tuning.unique_vmem(dims, 16, dtype, p.config)
+      assert tpu_tuning.fits(need, tgt), (name, Hkv, G, D, T, p.config, need)
+    assert plans[0].config.block_m <= tpu_tuning.UNIQUE_MAX_ROWS
+
+
 def test_current_target_off_platform_is_the_default_preset():
   if jax.default_backend() == "cpu":
     assert targets.current("gpu") == targets.target(targets.DEFAULT["gpu"])

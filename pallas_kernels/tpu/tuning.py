@@ -4,12 +4,12 @@ and a model of the kernels' VMEM use.
 Every function takes the problem's static shape and a `TpuTarget` (never the running device), so
 a TPU tiling can be planned and lowered for any TPU generation on a machine without one.
 
-VMEM: the default tilings of shared and chunk attention keep the modelled use (`vmem_bytes`)
-within the chip's default scoped VMEM or three quarters of its VMEM, whichever is more (`fits`;
-v4 has 16 MiB in all), and so do the sweep candidates. A kernel that needs more than the default
-scoped VMEM (large float32 blocks, D not a multiple of 128 with many heads per block, or many
-query rows per request in unique_attention, whose rows are not tiled) asks for it through
-`vmem_limit_bytes` (`vmem_limit`). The model is not checked against libtpu here (no TPU).
+VMEM: the default tilings keep the modelled use (`vmem_bytes`) within the chip's default scoped
+VMEM or three quarters of its VMEM, whichever is more (`fits`; v4 has 16 MiB in all), and so do
+the sweep candidates (unique_attention halves its row tiles until they fit). A kernel that needs
+more than the default scoped VMEM (large float32 blocks, D not a multiple of 128 with many heads
+per block) asks for it through `vmem_limit_bytes` (`vmem_limit`). The model is not checked
+against libtpu here (no TPU).
 """
 
 from __future__ import annotations
@@ -133,18 +133,25 @@ def unique_vmem(dims: AttentionDims, page_size: int, dtype,
                     dtype=dtype, kv_blocks=config.pages_per_block)
 
 
-def unique(dims: AttentionDims, page_size: int, target: TpuTarget) -> MosaicTpuUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block, equal row tiles of at most UNIQUE_MAX_ROWS rows; split a
-  request's pages only while programs leave a core idle."""
+def unique(dims: AttentionDims, page_size: int, dtype,
+           target: TpuTarget) -> MosaicTpuUniqueConfig:
+  """~UNIQUE_BLOCK_KEYS keys per block, equal row tiles of at most UNIQUE_MAX_ROWS rows, halving
+  the cap until the modelled VMEM fits (`fits`: many heads per block, e.g. D=80 with Hkv=32, hold
+  hb times a tile's rows); split a request's pages only while programs leave a core idle."""
   pages_per_block = max(1, UNIQUE_BLOCK_KEYS // page_size)
   rows = unique_rows(dims.T, dims.G)
-  block_m = 16 * math.ceil(rows / math.ceil(rows / UNIQUE_MAX_ROWS) / 16)  # balanced tiles
+  cap = UNIQUE_MAX_ROWS
+  while True:
+    block_m = 16 * math.ceil(rows / math.ceil(rows / cap) / 16)  # balanced tiles
+    config = MosaicTpuUniqueConfig(pages_per_block=pages_per_block, block_m=block_m)
+    if cap == 16 or fits(unique_vmem(dims, page_size, dtype, config), target):
+      break
+    cap //= 2
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
   programs = (dims.B * (dims.Hkv // heads_per_block(dims.Hkv, dims.D))
               * math.ceil(dims.T * dims.G / block_m))
   splits = min(math.ceil(target.num_cores / programs), max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
-  return MosaicTpuUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
-                               block_m=block_m)
+  return dataclasses.replace(config, num_splits=max(1, splits))
 
 
 def unique_unsupported(dims: AttentionDims, page_size: int, dtype,
@@ -163,9 +170,14 @@ def unique_unsupported(dims: AttentionDims, page_size: int, dtype,
 
 def unique_candidates(dims: AttentionDims, page_size: int, dtype,
                       target: TpuTarget) -> list[MosaicTpuUniqueConfig]:
-  base = unique(dims, page_size, target)
-  others = (dataclasses.replace(base, pages_per_block=max(1, keys // page_size))
-            for keys in (64, 256, 512) if max(1, keys // page_size) != base.pages_per_block)
+  """The default, other keys per block, and half the rows per tile (where a tile has more than
+  16), those that fit."""
+  base = unique(dims, page_size, dtype, target)
+  others = [dataclasses.replace(base, pages_per_block=max(1, keys // page_size))
+            for keys in (64, 256, 512) if max(1, keys // page_size) != base.pages_per_block]
+  if unique_block_m(dims.T, dims.G, base) > 16:
+    others.append(dataclasses.replace(
+        base, block_m=16 * math.ceil(unique_block_m(dims.T, dims.G, base) / 32)))
   return [base, *(c for c in others if fits(unique_vmem(dims, page_size, dtype, c), target))]
 
 
