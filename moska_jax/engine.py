@@ -243,8 +243,9 @@ class MoskaEngine:
       work in steps, from taking commands to the callbacks, less the wait for the sampled tokens:
       the host time the device is not computing under; on disaggregated groups, whose parts are
       fetched one by one, it holds their device time too), "dispatch_seconds" (of that, the
-      jitted step's call: enqueueing its work, and a compilation when a step shape is new; on
-      disaggregated groups also their parts' device time), "requests_<finish reason>" (+ on
+      calls of the jitted step and its sampler: enqueueing their work, choosing the sampler's
+      form, and a compilation when a shape is new; on disaggregated groups also their parts'
+      device time), "requests_<finish reason>" (+ on
       groups "bytes_to_shared", "bytes_to_unique").
     last_step_seconds: wall time of the latest step.
   """
@@ -591,9 +592,13 @@ class MoskaEngine:
     self._wake.set()
 
   def _in_loop(self, fn: Callable[[], None]) -> None:
-    """Runs fn on the stepping thread and waits for it (at once when no loop runs)."""
+    """Runs fn on the stepping thread and waits for it (at once when no loop runs, after the
+    commands posted before it: a submit then an unload_context of its context cancels it, as
+    the loop would)."""
     if not self.running or threading.current_thread() is self._thread:
       with self._driving():
+        if not self.running:
+          self._apply_inbox()
         fn()
       return
     done = concurrent.futures.Future()

@@ -9,18 +9,20 @@ started with the "spawn" method (a process that initialized JAX is never forked)
 engine with `factory(**kwargs)` and runs its steps on its main thread, reading commands between
 steps. One message a step carries every request's new tokens back; a reader thread of the front
 end takes it and hands the streams' tokens to each asyncio loop in one call_soon_threadsafe, as
-the in-process engine does.
+the in-process engine does. Commands go out through a sender thread, so a caller (the HTTP
+event loop) never blocks on a full pipe while the core runs a loader or a warmup.
 
 Protocol (a duplex `multiprocessing.Pipe`, pickled tuples; rid: the front end's request id):
   front end -> core:
     ("submit", rid, tokens, max_new_tokens, sampling, eos_id, context)
     ("cancel", rid)
-    ("warmup",)     compiles every step shape (`MoskaEngine.warmup`)
-    ("load_context", name, loader)  `MoskaEngine.load_context(name, loader(engine))` (the loader
-                    pickled on its own, so a loader the core cannot rebuild is an error too)
-    ("unload_context", name)        `MoskaEngine.unload_context(name)`
-                    each of these three answered by ("done", contexts, error): the resident
-                    contexts {name: S} after it, and the ValueError's message or None
+    ("warmup", call)  compiles every step shape (`MoskaEngine.warmup`)
+    ("load_context", call, name, loader)  `MoskaEngine.load_context(name, loader(engine))` (the
+                    loader pickled on its own, so a loader the core cannot rebuild is an error too)
+    ("unload_context", call, name)        `MoskaEngine.unload_context(name)`
+                    each of these three answered by ("done", call, contexts, error): the call's
+                    number, the resident contexts {name: S} after it, and the ValueError's
+                    message or None
     ("stop",)       the core exits (it does too when the pipe closes: the front end died)
   core -> front end:
     ("ready", info) once the engine is built: {"contexts": {name: S}, "default_context",
@@ -44,6 +46,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import queue
 import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -120,10 +123,16 @@ class EngineProcess:
     self._ids = itertools.count()
     self._send_lock = threading.Lock()  # submit / cancel may come from several threads
     self._events: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
-    self._call_lock = threading.Lock()  # one call answered by "done" at a time
-    self._reply: concurrent.futures.Future | None = None
+    # Calls answered by "done", by number: the answer to a call whose caller stopped waiting
+    # (interrupted) finds its own future, never the next call's.
+    self._calls: dict[int, concurrent.futures.Future] = {}
+    self._call_ids = itertools.count()
     self._error: str | None = None  # why the core is gone (None while it runs)
+    self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # commands, in order; None: stop
+    self._sender = threading.Thread(target=self._send_loop, name="moska-engine-sender",
+                                    daemon=True)
     self._reader = threading.Thread(target=self._read, name="moska-engine-reader", daemon=True)
+    self._sender.start()
     self._reader.start()
 
   def _recv_first(self, timeout: float | None) -> tuple:
@@ -205,7 +214,7 @@ class EngineProcess:
 
   def warmup(self) -> None:
     """Compiles every step shape in the core (`MoskaEngine.warmup`) and waits for it."""
-    self._call(("warmup",))
+    self._call("warmup")
 
   def load_context(self, name: str, loader: Callable[[MoskaEngine], Any]) -> None:
     """`MoskaEngine.load_context(name, loader(engine))` in the core, where the store's memory
@@ -219,7 +228,7 @@ class EngineProcess:
         message, e.g. a FileNotFoundError, as a ValueError's message).
       RuntimeError: the core is gone.
     """
-    self._call(("load_context", name, pickle.dumps(loader)))
+    self._call("load_context", name, pickle.dumps(loader))
 
   def unload_context(self, name: str) -> None:
     """`MoskaEngine.unload_context` in the core: the context's requests end ("cancelled")
@@ -231,14 +240,17 @@ class EngineProcess:
     """
     if name not in self._contexts:
       raise unknown_context(name, self._contexts)
-    self._call(("unload_context", name))
+    self._call("unload_context", name)
 
-  def _call(self, message: tuple) -> None:
+  def _call(self, kind: str, *args) -> None:
     """Sends a command the core answers with "done" and waits for the answer."""
-    with self._call_lock:
-      self._reply = concurrent.futures.Future()
-      self._send(message)
-      error = self._reply.result()
+    call, reply = next(self._call_ids), concurrent.futures.Future()
+    self._calls[call] = reply
+    try:
+      self._send((kind, call, *args))
+      error = reply.result()
+    finally:
+      self._calls.pop(call, None)
     if error is not None:
       raise ValueError(error)
 
@@ -263,14 +275,16 @@ class EngineProcess:
         self._process.kill()
         self._process.join()
     self._reader.join(timeout)
+    self._outbox.put(None)
+    self._sender.join(timeout)
     self._conn.close()
 
   # ---- the pipe -------------------------------------------------------------------------------
 
   def _send(self, message: tuple, opens: Request | None = None) -> None:
-    """Sends a command to the core; `opens`: the request it submits, made open under the lock
-    the reader takes to declare the core gone, so a request is either refused here or open
-    when the reader ends the open ones.
+    """Queues a command for the core (the sender thread writes it); `opens`: the request it
+    submits, made open under the lock the reader takes to declare the core gone, so a request
+    is either refused here or open when the reader ends the open ones.
 
     Raises:
       RuntimeError: the core is gone.
@@ -280,31 +294,43 @@ class EngineProcess:
         raise RuntimeError(self._error)
       if opens is not None:
         self._open[opens.id] = opens  # before the core can answer
+      self._outbox.put(message)
+
+  def _send_loop(self) -> None:
+    """The sender thread: writes the queued commands in order. A write that fails means the
+    core is gone, which the reader finds (the pipe's other end closed) and answers."""
+    while (message := self._outbox.get()) is not None:
       try:
         self._conn.send(message)
       except OSError:
-        if opens is not None:
-          del self._open[opens.id]
-        raise RuntimeError("the engine process is gone") from None
+        return
 
   def _read(self) -> None:
-    """The reader thread: applies the core's messages until the pipe closes."""
-    while True:
-      try:
-        message = self._conn.recv()
-      except (EOFError, OSError):
-        break
-      if message[0] == "step":
-        self._apply(*message[1:])
-      elif message[0] == "done":  # the contexts as the core's answers order them
-        self._contexts = message[1]
-        self._reply.set_result(message[2])
+    """The reader thread: applies the core's messages until the pipe closes (or a message it
+    cannot apply, after which the core is stopped: nothing it sends could be read)."""
+    try:
+      while True:
+        try:
+          message = self._conn.recv()
+        except (EOFError, OSError):
+          break
+        if message[0] == "step":
+          self._apply(*message[1:])
+        elif message[0] == "done":  # the contexts as the core's answers order them
+          call, self._contexts, error = message[1:]
+          reply = self._calls.get(call)
+          if reply is not None:
+            reply.set_result(error)
+    except Exception:
+      log.exception("the engine process's reader failed; stopping the core")
+      self._process.kill()
     self._process.join(30)
     with self._send_lock:  # no command opens a request after this (`_send`)
       self._error = f"the engine process exited (code {self._process.exitcode})"
       doomed = list(self._open)
-    if self._reply is not None and not self._reply.done():
-      self._reply.set_exception(RuntimeError(self._error))
+    for reply in list(self._calls.values()):
+      if not reply.done():
+        reply.set_exception(RuntimeError(self._error))
     self._apply([], [(rid, "error", self._error) for rid in doomed], None)
 
   def _apply(self, tokens: list, ends: list, status: dict | None) -> None:
@@ -384,18 +410,18 @@ def _core_main(conn, factory: Callable[..., MoskaEngine], kwargs: dict, env: dic
       if message[1] in requests:
         engine.cancel(requests[message[1]])
     elif kind in ("warmup", "load_context", "unload_context"):
-      error = None
+      call, args, error = message[1], message[2:], None
       try:
         if kind == "warmup":
           engine.warmup()
         elif kind == "load_context":
-          engine.load_context(message[1], pickle.loads(message[2])(engine))
+          engine.load_context(args[0], pickle.loads(args[1])(engine))
         else:
-          engine.unload_context(message[1])
+          engine.unload_context(args[0])
       except Exception as e:  # the caller's error (a store path that does not exist, ...)
         error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
       report()  # the requests an unload ended, before the answer
-      conn.send(("done", contexts(), error))
+      conn.send(("done", call, contexts(), error))
     return kind != "stop"
 
   idle = True

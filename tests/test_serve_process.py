@@ -172,12 +172,24 @@ class _BreaksInTheCore:
     return divmod, (1, 0)
 
 
-def test_contexts_load_and_unload_in_the_core(tmp_path):
+def _slow_store(engine, *, path: str, seconds: float):
+  """A loader that takes `seconds` before it makes the store (runs in the core)."""
+  from moska_jax.serve_setup import engine_context_store
+
+  time.sleep(seconds)
+  return engine_context_store(engine, path=path)
+
+
+def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
   """`EngineProcess.load_context` makes the store in the core from a path (here a text file):
   a request on it gives the tokens of an engine built with that context; unloading ends its
   running request before it returns; a bad path, a loader the core cannot rebuild and an
-  unknown name are errors, and the core keeps serving after them."""
+  unknown name are errors, and the core keeps serving after them. While a loader runs, submits
+  return at once (the pipe fills, the sender thread waits, not the caller); a call whose caller
+  stopped waiting (interrupted) does not hand its answer to the next call."""
+  import concurrent.futures
   import functools
+  import threading
 
   from moska_jax.serve_setup import build_engine, engine_context_store
   from moska_jax.serve_core import EngineProcess
@@ -208,6 +220,38 @@ def test_contexts_load_and_unload_in_the_core(tmp_path):
     with pytest.raises(ValueError, match="unknown context"):
       core.unload_context("doc")
     r = core.submit("still here?", 2)
+    assert r.finished_event.wait(120) and r.finish_reason == "length"
+
+    slow = functools.partial(_slow_store, path=str(doc), seconds=3.0)
+    loading = threading.Thread(target=core.load_context, args=("slow", slow))
+    loading.start()
+    time.sleep(0.5)  # the core is in the loader
+    prompt = "x" * (core._request_limit() - 1)
+    took = []
+    for _ in range(1000):  # ~1 MB of pickled prompts: past a socket pair's buffers
+      t0 = time.perf_counter()
+      core.cancel(core.submit(prompt, 1))
+      took.append(time.perf_counter() - t0)
+    loading.join()
+    assert max(took) < 1.0, took
+    assert "slow" in core.contexts
+
+    real, interrupted = concurrent.futures.Future.result, []
+
+    def result(self, timeout=None):  # the first wait is interrupted, as by Ctrl-C
+      if not interrupted:
+        interrupted.append(True)
+        raise KeyboardInterrupt
+      return real(self, timeout)
+
+    monkeypatch.setattr(concurrent.futures.Future, "result", result)
+    with pytest.raises(KeyboardInterrupt):
+      core.load_context("again", functools.partial(_slow_store, path=str(doc), seconds=1.0))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="ZeroDivisionError"):  # its own answer
+      core.load_context("broken", _BreaksInTheCore())
+    assert "again" in core.contexts and core.running
+    r = core.submit("still here?", 2, context="again")
     assert r.finished_event.wait(120) and r.finish_reason == "length"
   finally:
     core.stop()
