@@ -397,3 +397,8 @@ def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
   moska_step(model, contexts, pools, _int32_parts(
       [Part(tokens, tables, zeros, np.asarray([4, 2, 3]), zeros)]), mcfg)
   assert lengths == [int(store.length), 0] * cfg.layers
+  # A padding row (fed 0: an idle slot or lane) does not make its context read.
+  lengths.clear()
+  moska_step(model, contexts, pools, _int32_parts(
+      [Part(tokens, tables, zeros, np.asarray([4, 2, 0]), np.asarray([0, 0, 1]))]), mcfg)
+  assert lengths == [int(store.length), 0] * cfg.layers
