@@ -178,10 +178,10 @@ def main() -> None:
       else:  # one routing step, then steps that reuse its selection
         ids = tuple(jnp.full((B, Hkv, top_k), -1, jnp.int32) for _ in range(cfg.layers))
         t_route, (logits["moska_sparse"], ids), pools = _timed(
-            lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.ones((B,), bool))),
+            lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.ones((B,), bool), True)),
             state, pools, shared, ids)
         t_reuse, _, pools = _timed(
-            lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.zeros((B,), bool))),
+            lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.zeros((B,), bool), False)),
             state, pools, shared, ids)
         times["moska_sparse"] = (t_route + (r - 1) * t_reuse) / r
         extra["moska_sparse"] = dict(route_ms=t_route * 1e3, reuse_ms=t_reuse * 1e3)

@@ -8,10 +8,11 @@ step feeds one token to every decoding slot and, while prompts are read, one chu
 program (`moska_step`, moska_jax.step): the weights and every context's shared K/V are read once
 per step for all of them, and a long prompt never stops the decoding requests' tokens. The
 sampling follows as a small program of its own whose branches (does any row sample, does any
-use top_p) the plan decides on the host, and on a GPU the dense step has no branch on the
-device's values either (such a branch makes the host wait for the device;
-`step.cond_waits_for_device`), so a step's dispatch returns while the device computes. The
-sparse step's router still branches (a context in use, a row due to re-route).
+use top_p) the plan decides on the host, as it decides whether the sparse step's router runs
+(`Routes.due`, when `MoskaConfig.reroute_every` > 1); on a GPU the dense step has no branch on
+the device's values either (such a branch makes the host wait for the device;
+`step.cond_waits_for_device`), so a step's dispatch returns while the device computes. With
+several contexts the sparse step still branches on a context in use.
 
 Requests come in at any time (`submit`, thread-safe) and join at the next step; `cancel` frees
 a request's slot and pages before the next step. `start()` runs the steps on a background thread
@@ -178,12 +179,14 @@ def _graph(graphdef: nnx.GraphDef) -> _Graph:
   return _Graph(graphdef)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "mcfg"), donate_argnums=(2, 3))
-def _engine_step(state, contexts, pools, ids, parts, reroute, unique_scales, *, graph, mcfg):
+@functools.partial(jax.jit, static_argnames=("graph", "mcfg", "due"), donate_argnums=(2, 3))
+def _engine_step(state, contexts, pools, ids, parts, reroute, unique_scales, *, graph, mcfg,
+                 due):
   """One engine step on one device: `moska_step` and each row's last logits. Module-level, so
-  engines of the same model and MoskaConfig share its compilations."""
+  engines of the same model and MoskaConfig share its compilations. due: whether a row of
+  `reroute` is set (`Routes.due`), decided on the host."""
   _TRACES[0] += 1
-  routes = None if ids is None else Routes(ids, reroute)
+  routes = None if ids is None else Routes(ids, reroute, due)
   logits, pools, ids = moska_step(nnx.merge(graph.graphdef, state), contexts, pools, parts, mcfg,
                                   routes=routes, unique_scales=unique_scales)
   last = jnp.concatenate([last_logits(lg, p.fed) for lg, p in zip(logits, parts)])
@@ -775,8 +778,8 @@ class MoskaEngine:
 
   def compilations(self) -> int:
     """Compilations this engine's steps caused: one per step shape (the decode-only step, and a
-    mixed step per prefill lane count used: powers of two up to prefill_lanes) and per set of
-    contexts, none for shapes an engine of the same model and MoskaConfig compiled before; on
+    mixed step per prefill lane count used: powers of two up to prefill_lanes), per set of
+    contexts and, with `MoskaConfig.reroute_every` > 1, per whether a row re-routes; none for shapes an engine of the same model and MoskaConfig compiled before; on
     disaggregated groups, traces of this engine's span program (one per part shape: the decode
     part and a prefill part per lane count). The sampler's small programs are not counted."""
     return self._traces
@@ -812,9 +815,11 @@ class MoskaEngine:
     traces = _TRACES[0]
     # The plan's NumPy arrays go to the jitted step as they are: its C++ dispatch copies them
     # to the device, cheaper than a jnp.asarray each.
+    ids = self._route_ids()
     last, self.cache.pools, self._ids = _engine_step(
-        self.state, self._step_contexts, self.cache.pools, self._route_ids(), plan.parts,
-        plan.reroute, self.cache.scales, graph=self._graph, mcfg=self.mcfg)
+        self.state, self._step_contexts, self.cache.pools, ids, plan.parts, plan.reroute,
+        self.cache.scales, graph=self._graph, mcfg=self.mcfg,
+        due=ids is not None and bool(plan.reroute.any()))
     self._traces += _TRACES[0] - traces
     tokens = _sample_step(last, plan.sampling, **branches(plan.sampling))
     return tokens, (last if plan.keep_logits else None)
@@ -879,14 +884,19 @@ class MoskaEngine:
     return [self._result(r) for r in requests]
 
   def warmup(self) -> None:
-    """Compiles every step shape now (the decode step, a mixed step per prefill lane count),
-    and the sampler's greedy, sampling and top_p forms for their row counts, with throw-away
-    requests on the default context, then clears `stats`."""
+    """Compiles every step shape now (the decode step, a mixed step per prefill lane count;
+    with `MoskaConfig.reroute_every` > 1 each with and without a row due to re-route), and the
+    sampler's greedy, sampling and top_p forms for their row counts, with throw-away requests
+    on the default context, then clears `stats`."""
     lanes = sorted({self.scheduler.lane_bucket(n) for n in range(1, self.prefill_lanes + 1)})
+    reuse = self._route_ids() is not None
     for n in lanes:
-      for sampling in (Sampling(), Sampling(temperature=1.0, seed=0),
-                       Sampling(temperature=1.0, top_p=0.5, seed=0)):
-        self.generate([[0]] * n, 2, sampling)
+      for first, sampling in enumerate((Sampling(), Sampling(temperature=1.0, seed=0),
+                                        Sampling(temperature=1.0, top_p=0.5, seed=0))):
+        # The mixed step routes when every row is told to (first), and reuses otherwise; the
+        # decode steps route at their first step and reuse at the next.
+        self._reroute_all = reuse and first == 0
+        self.generate([[0]] * n, 3 if reuse else 2, sampling)
     self.stats.clear()
 
   def _result(self, r: Request) -> Result:

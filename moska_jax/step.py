@@ -131,10 +131,15 @@ class Routes(NamedTuple):
 
   ids: per layer [B_0, Hkv, K] int32, K the largest top_k of the contexts (-1 padded).
   reroute: [B_0] bool, the rows that route in this step; the others keep their ids.
+  due: a Python bool, whether any row of `reroute` is set, decided by the caller (the engine's
+    plan knows it): False skips the router, True routes every context (each row keeps its own
+    ids unless it re-routes). A branch decided on the device (lax.cond) would make a GPU host
+    wait for the device in every layer.
   """
 
   ids: tuple[jax.Array, ...]
   reroute: jax.Array
+  due: bool
 
 
 def _split(x: jax.Array, shapes: Sequence[tuple[int, int]]) -> list[jax.Array]:
@@ -216,13 +221,14 @@ def cond_waits_for_device(mcfg: MoskaConfig) -> bool:
 
 
 def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg: MoskaConfig,
-                 reroute: jax.Array | None) -> SharedPart:
+                 routes: Routes | None) -> SharedPart:
   """The shared half of a one-device step (traceable): the rows of every part in one call per
   context in use (a branch per context; on a GPU, dense, every context, those no row reads with
   no valid key: `cond_waits_for_device`), each row keeping its own context's (o, lse).
 
   Sparse: each part routes per request over its T_p rows (a prefill chunk chooses together);
-  with `reroute`, the rows of part 0 that do not re-route keep the ids they are given.
+  with `routes`, the rows of part 0 that do not re-route keep the ids they are given (the
+  router runs only when `routes.due`).
   """
   many = len(contexts) > 1
   sparse = mcfg.mode == "sparse"
@@ -264,11 +270,8 @@ def local_shared(contexts: Sequence[SharedContext], parts: Sequence[Part], mcfg:
         fresh = lambda q=q: _pad_ids(routing.route(q, layer.summaries, contexts[c].top_k,
                                                    always_include=mcfg.always_include,
                                                    **scorer), K)
-        if j == 0 and ids is not None:  # the router runs only when some row of c re-routes
-          mine = reroute & (parts[0].context == c) if many else reroute
-          pid = jax.lax.cond(jnp.any(mine),
-                             lambda: jnp.where(reroute[:, None, None], fresh(), ids),
-                             lambda: ids)
+        if j == 0 and ids is not None:  # the router runs only when some row re-routes
+          pid = jnp.where(routes.reroute[:, None, None], fresh(), ids) if routes.due else ids
         else:
           pid = fresh()
         if many:  # other contexts' rows select nothing here
@@ -337,8 +340,7 @@ def moska_step(model: Decoder, contexts: Sequence[SharedContext], pools: Sequenc
   shared_lengths = jnp.stack([c.layers[0].length for c in contexts])
   positions = [step_positions(shared_lengths[p.context], p.lengths, p.tokens.shape[1])
                for p in parts]
-  attend = moska_attend(local_shared(contexts, parts, mcfg,
-                                     None if routes is None else routes.reroute),
+  attend = moska_attend(local_shared(contexts, parts, mcfg, routes),
                         local_unique(parts, mcfg, unique_scales), shapes,
                         [p.fed for p in parts])
   ids = (None,) * len(pools) if routes is None else routes.ids

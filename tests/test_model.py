@@ -16,7 +16,7 @@ from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b,
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder, stateless
 from moska_jax.prefill import build_shared_store
-from moska_jax.step import Part, SharedContext, moska_step
+from moska_jax.step import Part, Routes, SharedContext, moska_step
 from tests.decoder_cases import plain_logits
 
 
@@ -210,6 +210,8 @@ def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
   base = every.generate([prompt], 7, return_logits=True)[0]
   assert every.route_ids() is None  # r = 1 keeps no selections: every step routes
   engine, mcfg = _reroute_engine(model, store, 3)
+  engine.warmup()  # both forms of each step shape: routing, and reusing (no router, no branch)
+  compiled = engine.compilations()
   request = engine.submit(prompt, 7, return_logits=True)
   seen = []
   while not request.done:
@@ -227,6 +229,7 @@ def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
   np.testing.assert_allclose(got, ref[start:start + 7], rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(got[:2], np.stack(base.logits[:2]))  # prefill + first decode
   assert not np.allclose(got, np.stack(base.logits))  # reuse did change later steps
+  assert engine.compilations() == compiled
 
 
 @pytest.mark.parametrize("reroute_every", [1, 4])
@@ -280,6 +283,31 @@ def test_the_step_routes_with_the_kernel_settings(monkeypatch):
   assert len(seen) == cfg.layers
   assert all(kw["int8"] is True and kw["backend"] == "xla" and kw["interpret"] is False
              for kw in seen)
+
+
+def test_reused_routes_leave_no_branch_in_the_step():
+  """The host decides whether a step routes (`Routes.due`): neither form holds a conditional
+  (which would make a GPU host wait for the device in every layer), and a step that is not due
+  returns the ids it was given."""
+  cfg, model, rng, _, store = _setup()
+  mcfg = MoskaConfig(mode="sparse", top_k=2, chunk_size=64, backend="xla", reroute_every=4)
+  graphdef, state = nnx.split(model)
+  contexts = (SharedContext.of(store, mcfg),)
+  shape = (4, 8, cfg.num_kv_heads, cfg.head_dim)
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  parts = _int32_parts([Part(rng.integers(0, 256, (2, 1)), [[1, 2], [3, 4]], [3, 5], [1, 1],
+                             [0, 0])])
+  ids = tuple(jnp.asarray(rng.integers(0, 4, (2, cfg.num_kv_heads, 2)), jnp.int32)
+              for _ in range(cfg.layers))
+  for due in (False, True):
+    fn = jax.jit(lambda state, pools, parts, ids, due=due: moska_step(
+        nnx.merge(graphdef, state), contexts, pools, parts, mcfg,
+        routes=Routes(ids, jnp.asarray([due, False]), due)))
+    assert "stablehlo.case" not in fn.lower(state, pools, parts, ids).as_text()
+    _, _, new_ids = fn(state, pools, parts, ids)
+    for old, new in zip(ids, new_ids):
+      np.testing.assert_array_equal(new[1], old[1])  # the row not due keeps its ids
+      assert due or np.array_equal(new, old)
 
 
 def test_sparsity_counts_the_chunks_that_hold_tokens():
