@@ -781,7 +781,7 @@ class MoskaEngine:
     mixed step per prefill lane count used: powers of two up to prefill_lanes), per set of
     contexts and, with `MoskaConfig.reroute_every` > 1, per whether a row re-routes; none for shapes an engine of the same model and MoskaConfig compiled before; on
     disaggregated groups, traces of this engine's span program (one per part shape: the decode
-    part and a prefill part per lane count). The sampler's small programs are not counted."""
+    part and a prefill part per lane count; and per sampling form, `sampling.branches`). The sampler's small programs are not counted."""
     return self._traces
 
   def _counted(self, fn):
@@ -1048,7 +1048,8 @@ class GroupsExecutor:
     self.page_size = cache.page_size
     self.pool_rows = cache.num_pages * cache.page_size
     self.rows = 0  # R, each device's K/V rows per layer; set by set_store
-    self._step = jax.jit(counted(self._program), static_argnums=(0, 1), donate_argnums=3)
+    self._step = jax.jit(counted(self._program), static_argnums=(0, 1),
+                         static_argnames=("draw", "nucleus"), donate_argnums=3)
 
   @staticmethod
   def check_config(mcfg: MoskaConfig) -> None:
@@ -1134,7 +1135,7 @@ class GroupsExecutor:
                                          positions), B)
       sampled, last, cache.pools = self._step(self.cfg, B, self.state, cache.pools,
                                               self.summaries, self.kv_length, requests,
-                                              place_replicated(groups, rows))
+                                              place_replicated(groups, rows), **branches(rows))
       moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype)
       stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
       stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
@@ -1144,7 +1145,7 @@ class GroupsExecutor:
     return np.concatenate(tokens), (np.concatenate(lasts) if plan.keep_logits else None)
 
   def _program(self, cfg: SharedConfig, batch: int, state, pools, summaries, kv_length,
-               requests: tuple, sampling: SamplingRows):
+               requests: tuple, sampling: SamplingRows, *, draw: bool, nucleus: bool):
     """One part of `batch` requests on the span -> (sampled tokens [B], last logits [B, V], new
     pools); requests: the part's (tokens, tables, lengths, fed, positions) span arrays."""
     groups, page, mcfg = self.groups, self.page_size, self.mcfg
@@ -1174,7 +1175,7 @@ class GroupsExecutor:
 
       logits, pools = nnx.merge(self.graphdef, state).forward(tokens, positions, attend, pools)
       last = hand_off(ctx, last_logits(logits, fed))
-      return sample(last, sampling), last, pools
+      return sample(last, sampling, draw=draw, nucleus=nucleus), last, pools
 
     rows = tuple(summary_specs(s) for s in summaries)
     in_specs = (P(), P(SPAN), rows, P(), P(SPAN), P())

@@ -72,31 +72,25 @@ def branches(rows: SamplingRows) -> dict[str, bool]:
   return dict(draw=bool(hot.any()), nucleus=bool((hot & (np.asarray(rows.top_p) < 1)).any()))
 
 
-def sample(logits: jax.Array, rows: SamplingRows, *, draw: bool | None = None,
-           nucleus: bool | None = None) -> jax.Array:
+def sample(logits: jax.Array, rows: SamplingRows, *, draw: bool, nucleus: bool) -> jax.Array:
   """Next tokens [R] int32 from logits [R, V], each row with its own parameters and stream.
 
   Noise is drawn in vocabulary order and top_p masks tokens in place, so a row's token never
   depends on which branch the batch takes (whether any row samples, whether any row has
   top_p < 1).
 
-  draw, nucleus: those branches as `branches(rows)` gives them, when the rows are known on the
-    host (static under jit): no device-side branch then. None decides on the device with a
-    `lax.cond`, which on a GPU makes the host wait until the device has computed the predicate.
+  draw, nucleus: those branches, as `branches(rows)` gives them from the rows on the host
+    (static under jit; True is always right, only slower). They are not decided on the device:
+    a `lax.cond` would make a GPU host wait until the device has computed its predicate.
   """
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if not draw:
+    return greedy
   hot = rows.temperature > 0
-
-  def branch(known: bool | None, pred, yes, no):
-    return jax.lax.cond(pred, yes, no) if known is None else (yes() if known else no())
-
-  def drawn():
-    keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows.seed, rows.index)
-    scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
-    keep = branch(nucleus, jnp.any(hot & (rows.top_p < 1)),
-                  lambda: _nucleus(scaled, rows.top_p), lambda: jnp.ones(scaled.shape, bool))
-    keep = keep | (rows.top_p >= 1)[:, None]
-    masked = jnp.where(keep, scaled, -jnp.inf)
-    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-
-  return jnp.where(hot, branch(draw, jnp.any(hot), drawn, lambda: greedy), greedy)
+  keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows.seed, rows.index)
+  scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
+  keep = (_nucleus(scaled, rows.top_p) if nucleus else jnp.ones(scaled.shape, bool)) | (
+      rows.top_p >= 1)[:, None]
+  masked = jnp.where(keep, scaled, -jnp.inf)
+  drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+  return jnp.where(hot, drawn, greedy)

@@ -98,7 +98,8 @@ def _rows(n, temperature, top_p, seed, index):
 
 
 def test_sampling_is_per_row_reproducible_and_respects_top_p():
-  sample_jit = jax.jit(sample)
+  jitted = jax.jit(sample, static_argnames=("draw", "nucleus"))
+  sample_jit = lambda logits, rows: jitted(logits, rows, **branches(rows))
   logits = jax.numpy.asarray(np.random.default_rng(0).standard_normal((4, 50)), "float32")
   a = sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3))
   assert np.array_equal(a, sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3)))
@@ -114,12 +115,13 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
     alone = sample_jit(logits[i:i + 1], SamplingRows(*(x[i:i + 1] for x in rows)))
     assert mixed[i] == int(alone[0])
   assert mixed[1] == int(np.argmax(logits[1]))
-  # The branches decided on the host (as the engine's step does) give the same tokens, with no
-  # device-side branch in the program (on a GPU one makes the host wait for the device).
-  host = jax.jit(sample, static_argnames=("draw", "nucleus"))
+  # The branches decided on the host (as the engine's step does) give the tokens of the full
+  # form (drawing, top_p), with no device-side branch in the program (on a GPU one makes the
+  # host wait for the device).
   for r in (rows, _rows(4, 0.8, 1.0, 7, 3), _rows(4, 0.0, 0.5, 7, 3)):
-    assert np.array_equal(host(logits, r, **branches(r)), sample_jit(logits, r))
-    assert "stablehlo.case" not in host.lower(logits, r, **branches(r)).as_text()
+    full = jitted(logits, r, draw=True, nucleus=True)
+    assert np.array_equal(sample_jit(logits, r), full)
+    assert "stablehlo.case" not in jitted.lower(logits, r, **branches(r)).as_text()
   assert branches(rows) == dict(draw=True, nucleus=True)
   assert branches(_rows(4, 0.0, 0.5, 7, 3)) == dict(draw=False, nucleus=False)
   draws = {int(sample_jit(logits[:1], _rows(1, 2.0, 1.0, 7, j))[0]) for j in range(40)}
