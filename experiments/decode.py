@@ -181,7 +181,8 @@ def main() -> None:
             lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.ones((B,), bool), True)),
             state, pools, shared, ids)
         t_reuse, _, pools = _timed(
-            lambda st, p, sh, ids: step(st, p, sh, sparse, Routes(ids, jnp.zeros((B,), bool), False)),
+            lambda st, p, sh, ids: step(st, p, sh, sparse,
+                                        Routes(ids, jnp.zeros((B,), bool), False)),
             state, pools, shared, ids)
         times["moska_sparse"] = (t_route + (r - 1) * t_reuse) / r
         extra["moska_sparse"] = dict(route_ms=t_route * 1e3, reuse_ms=t_reuse * 1e3)

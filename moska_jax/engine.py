@@ -317,6 +317,7 @@ class MoskaEngine:
         collections.defaultdict(list))
     self._wake = threading.Event()
     self._drive = threading.RLock()  # held by whoever runs steps
+    self._stepping = False  # inside `_step` (its callbacks run there)
     self._thread: threading.Thread | None = None
     self._stopping = False
     self._holds_switch_interval = False  # it set the interpreter's (start), stop() releases
@@ -538,10 +539,7 @@ class MoskaEngine:
 
   def _submit(self, tokens, max_new_tokens, sampling, eos_id, context, return_logits,
               on_event) -> Request:
-    if not isinstance(sampling, Sampling):
-      raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
-    if eos_id is not None:
-      self.model_config.check_tokens([eos_id], "eos_id")
+    check_sampling(self.model_config, sampling, eos_id)
     if sampling.temperature > 0 and sampling.seed is None:
       sampling = dataclasses.replace(sampling, seed=secrets.randbelow(SEED_RANGE))
     r = self.scheduler.new_request(tokens, int(max_new_tokens), eos_id, context=context,
@@ -600,7 +598,7 @@ class MoskaEngine:
     the loop would)."""
     if not self.running or threading.current_thread() is self._thread:
       with self._driving():
-        if not self.running:
+        if not self.running and not self._stepping:  # (a callback of a step: after it)
           self._apply_inbox()
         fn()
       return
@@ -718,6 +716,14 @@ class MoskaEngine:
     them over once the next step is dispatched (or when it goes idle), so the asyncio threads
     take them while the device computes, not while this thread plans."""
     start = time.perf_counter()
+    self._stepping = True
+    try:
+      return self._step_once(start)
+    finally:
+      self._stepping = False
+
+  def _step_once(self, start: float) -> bool:
+    """`_step`'s work; start: when the step began (host time counts from there)."""
     worked = self._apply_inbox()
     self.scheduler.admit()
     plan = self.scheduler.plan(self._context_index, self.mcfg.reroute_every, self._reroute_all)
@@ -779,9 +785,11 @@ class MoskaEngine:
   def compilations(self) -> int:
     """Compilations this engine's steps caused: one per step shape (the decode-only step, and a
     mixed step per prefill lane count used: powers of two up to prefill_lanes), per set of
-    contexts and, with `MoskaConfig.reroute_every` > 1, per whether a row re-routes; none for shapes an engine of the same model and MoskaConfig compiled before; on
-    disaggregated groups, traces of this engine's span program (one per part shape: the decode
-    part and a prefill part per lane count; and per sampling form, `sampling.branches`). The sampler's small programs are not counted."""
+    contexts and, with `MoskaConfig.reroute_every` > 1, per whether a row re-routes; none for
+    shapes an engine of the same model and MoskaConfig compiled before; on disaggregated
+    groups, traces of this engine's span program (one per part shape: the decode part and a
+    prefill part per lane count; and per sampling form, `sampling.branches`). The sampler's
+    small programs are not counted."""
     return self._traces
 
   def _counted(self, fn):
@@ -894,8 +902,10 @@ class MoskaEngine:
       for first, sampling in enumerate((Sampling(), Sampling(temperature=1.0, seed=0),
                                         Sampling(temperature=1.0, top_p=0.5, seed=0))):
         # The mixed step routes when every row is told to (first), and reuses otherwise; the
-        # decode steps route at their first step and reuse at the next.
-        self._reroute_all = reuse and first == 0
+        # decode steps route at their first step and reuse at the next. Only ever set here:
+        # clearing it could drop a re-route a loaded context asked for.
+        if reuse and first == 0:
+          self._reroute_all = True
         self.generate([[0]] * n, 3 if reuse else 2, sampling)
     self.stats.clear()
 
@@ -940,6 +950,14 @@ def over_budget(what: str, prompt_tokens: int, max_new_tokens: int, limit: int) 
   return ValueError(f"{what} needs {prompt_tokens + max_new_tokens} tokens of unique cache "
                     f"({prompt_tokens} prompt + {max_new_tokens} new); the page budget allows "
                     f"{limit} per request")
+
+
+def check_sampling(model_config: ModelConfig, sampling: Sampling, eos_id: int | None) -> None:
+  """Raises ValueError unless sampling is a `Sampling` and eos_id None or a token id."""
+  if not isinstance(sampling, Sampling):
+    raise ValueError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+  if eos_id is not None:
+    model_config.check_tokens([eos_id], "eos_id")
 
 
 def unknown_context(name: str, resident: Collection[str]) -> ValueError:

@@ -53,8 +53,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from moska_jax.config import check_int
-from moska_jax.engine import (ByteTokenizer, MoskaEngine, TokenStream, hand_over, over_budget,
-                              unknown_context)
+from moska_jax.engine import (ByteTokenizer, MoskaEngine, TokenStream, check_sampling, hand_over,
+                              over_budget, unknown_context)
 from moska_jax.sampling import Sampling
 from moska_jax.scheduler import Request
 
@@ -128,7 +128,7 @@ class EngineProcess:
     self._calls: dict[int, concurrent.futures.Future] = {}
     self._call_ids = itertools.count()
     self._error: str | None = None  # why the core is gone (None while it runs)
-    self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # commands, in order; None: stop
+    self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled commands; None: stop
     self._sender = threading.Thread(target=self._send_loop, name="moska-engine-sender",
                                     daemon=True)
     self._reader = threading.Thread(target=self._read, name="moska-engine-reader", daemon=True)
@@ -182,11 +182,13 @@ class EngineProcess:
     (tokens, finish_reason, error, finished_event); on_event runs on the reader thread.
 
     Raises:
-      ValueError: a bad prompt, max_new_tokens, or context, or a request over the budget.
+      ValueError: a bad prompt, max_new_tokens, sampling, eos_id or context, or a request over
+        the budget.
       RuntimeError: the core is gone.
     """
     tokens = self.encode(prompt)
     check_int(max_new_tokens, "max_new_tokens", "request")
+    check_sampling(self.model_config, sampling, eos_id)
     if len(tokens) + max_new_tokens > self._limit:
       raise over_budget("request", len(tokens), max_new_tokens, self._limit)
     context = self.default_context if context is None else context
@@ -289,19 +291,20 @@ class EngineProcess:
     Raises:
       RuntimeError: the core is gone.
     """
+    payload = pickle.dumps(message)  # here, so an unpicklable argument is the caller's error
     with self._send_lock:
       if self._error is not None:
         raise RuntimeError(self._error)
       if opens is not None:
         self._open[opens.id] = opens  # before the core can answer
-      self._outbox.put(message)
+      self._outbox.put(payload)
 
   def _send_loop(self) -> None:
-    """The sender thread: writes the queued commands in order. A write that fails means the
-    core is gone, which the reader finds (the pipe's other end closed) and answers."""
-    while (message := self._outbox.get()) is not None:
+    """The sender thread: writes the queued (pickled) commands in order. A write that fails
+    means the core is gone, which the reader finds (the pipe's other end closed) and answers."""
+    while (payload := self._outbox.get()) is not None:
       try:
-        self._conn.send(message)
+        self._conn.send_bytes(payload)
       except OSError:
         return
 

@@ -247,6 +247,12 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
   with pytest.raises(ValueError, match=r"unknown context 'nope'; resident contexts: \['code', "
                      r"'manual'\]"):
     both.generate(["x"], 2, context="nope")
+  # Without a loop, an unload runs after the commands posted before it: it cancels a submit
+  # that preceded it, before it returns.
+  both.load_context("third", store)
+  early = both.submit("on the third", 4, context="third")
+  both.unload_context("third")
+  assert early.done and early.finish_reason == "cancelled"
   both.start()
   try:
     _slow_step(both, 0.02)

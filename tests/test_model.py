@@ -229,6 +229,10 @@ def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
   np.testing.assert_allclose(got, ref[start:start + 7], rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(got[:2], np.stack(base.logits[:2]))  # prefill + first decode
   assert not np.allclose(got, np.stack(base.logits))  # reuse did change later steps
+  # A new store makes every row re-route: two prompts read in one mixed step of two lanes that
+  # routes (the warmup's first pass per lane count), then decode steps that route and reuse.
+  engine.set_store(store)
+  engine.generate([prompt, prompt[:3]], 4)
   assert engine.compilations() == compiled
 
 

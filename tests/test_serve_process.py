@@ -191,6 +191,8 @@ def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
   import functools
   import threading
 
+  from moska_jax.sampling import Sampling
+
   from moska_jax.serve_setup import build_engine, engine_context_store
   from moska_jax.serve_core import EngineProcess
 
@@ -221,6 +223,13 @@ def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
       core.unload_context("doc")
     r = core.submit("still here?", 2)
     assert r.finished_event.wait(120) and r.finish_reason == "length"
+    with pytest.raises(ValueError, match="sampling must be a Sampling"):
+      core.submit("x", 2, sampling={"temperature": 1.0})
+    class Local(Sampling):  # a valid Sampling that cannot be pickled (a local class)
+      pass
+
+    with pytest.raises(Exception, match="pickle"):  # the caller's error, not the sender's
+      core.submit("x", 2, Local())
 
     slow = functools.partial(_slow_store, path=str(doc), seconds=3.0)
     loading = threading.Thread(target=core.load_context, args=("slow", slow))
