@@ -754,8 +754,8 @@ class MoskaEngine:
           r.on_event(r, r.tokens[-1])
         except Exception:
           log.exception("on_event of request %d failed; cancelling it", r.id)
-          if not r.done:
-            self._finish(r, "cancelled", "its on_event callback raised")
+          if not r.done:  # ended here, notified once below
+            self.scheduler.finish(r, "cancelled", "its on_event callback raised")
       if r.done:
         self._notify_done(r)
     self.stats["host_seconds"] += time.perf_counter() - start - waited

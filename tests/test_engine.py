@@ -271,6 +271,27 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
     both.unload_context("manual")
 
 
+def test_a_raising_callback_cancels_its_request_once(setup):
+  """A request whose on_event raises on a token is cancelled, with one end event and one count
+  in stats (the end was notified twice)."""
+  model, store = setup
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
+                       page_size=8, prefill_chunk=8)
+  ends = []
+
+  def on_event(r, token):
+    if token is None:
+      ends.append(r.finish_reason)
+    else:
+      raise RuntimeError("a client's bug")
+
+  r = engine.submit([1, 2, 3], 4, on_event=on_event)
+  while not r.done:
+    engine.step()
+  assert ends == ["cancelled"] and engine.stats["requests_cancelled"] == 1
+  assert "on_event callback raised" in r.error and r.finished_event.is_set()
+
+
 def test_background_loop_joins_requests_cancels_and_streams(setup):
   """Requests submitted from several threads join the running batch; a cancelled request's slot
   and pages come back before the next step; generate works on top of the loop; `stream` gives
