@@ -331,7 +331,7 @@ class EngineProcess:
     with self._send_lock:  # no command opens a request after this (`_send`)
       self._error = f"the engine process exited (code {self._process.exitcode})"
       doomed = list(self._open)
-    for reply in list(self._calls.values()):
+    for reply in self._calls.copy().values():  # a copy: callers pop theirs meanwhile
       if not reply.done():
         reply.set_exception(RuntimeError(self._error))
     self._apply([], [(rid, "error", self._error) for rid in doomed], None)
