@@ -27,6 +27,8 @@ def _lower(op, args, **kwargs):
     (64, 128, "float16", "float16", (2, False)),  # a ping-pong pair
     (3, 256, "bfloat16", "bfloat16", (1, False)),
     (2, 64, "bfloat16", "bfloat16", (1, False)),
+    (64, 96, "bfloat16", "bfloat16", (2, False)),  # 64-byte swizzled rows
+    (1, 80, "float16", "float16", (1, False)),  # 32-byte swizzled rows
     (1, 128, "bfloat16", "float8_e4m3fn", (2, True)),  # float8 widened, two consumers' keys
     (64, 128, "bfloat16", "float8_e5m2", (2, False)),
 ])

@@ -26,11 +26,13 @@ CASES = [
     (17, 5, 1, 2, 64, 1000, 999, jnp.bfloat16),
     (5, 2, 2, 2, 80, 1000, 901, jnp.bfloat16),  # head dim 80: Triton tiles padded to 128 lanes
 ]
-# Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 64), row tiles
-# that cut a request, a key mask inside a tile, and empty splits.
+# Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 16), row tiles
+# that cut a request, a key mask inside a tile, empty splits, and head dims 80 / 96 (32- and
+# 64-byte swizzles on Hopper, padded lanes on Triton).
 LARGE = [(64, 1, 4, 2, 128, 4096, None, jnp.bfloat16), (33, 1, 4, 2, 128, 4096, 4000, jnp.bfloat16),
          (40, 1, 8, 2, 128, 4096, 130, jnp.bfloat16), (64, 1, 4, 2, 128, 4096, 0, jnp.bfloat16),
-         (3, 2, 4, 2, 64, 1000, None, jnp.float32)]
+         (3, 2, 4, 2, 64, 1000, None, jnp.float32), (40, 1, 4, 2, 96, 4096, 4000, jnp.bfloat16),
+         (3, 1, 8, 2, 80, 4096, None, jnp.bfloat16)]
 
 
 def _case_id(c):
@@ -85,7 +87,7 @@ CONFIGS = [
     *(pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(
         block_k=bk, num_splits=splits, num_stages=stages, consumers=2, split_keys=True),
         marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper"))
-      for bk, splits, stages in ((64, 3, 2), (128, 1, 4))),
+      for bk, splits, stages in ((64, 3, 2), (128, 1, 2))),
     pytest.param("mosaic_gpu", False, pk.MosaicGpuSharedConfig(
         block_k=64, num_splits=2, num_stages=3, consumers=3, split_keys=True),
         marks=pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")),
@@ -160,6 +162,10 @@ def test_plan_targets_and_refusals():
   assert long_kv.implementation == "mosaic_gpu" and long_kv.config.consumers == 1
   short = jax.ShapeDtypeStruct((8192, 8, 128), jnp.bfloat16)  # 32 MiB of K/V: launch-bound
   assert pk.plan(OP, small, short, short, backend="gpu", target="h100").implementation == "triton"
+  for B, D, implementation in ((64, 80, "mosaic_gpu"), (2, 80, "triton"), (2, 96, "mosaic_gpu")):
+    q_d, k_d = q.update(shape=(B, 1, 16, D)), k.update(shape=(131072, 4, D))  # > 128 MiB of K/V
+    assert pk.plan(OP, q_d, k_d, k_d, backend="gpu", target="h200").implementation == (
+        implementation), (B, D)
   given = pk.TritonSharedConfig(block_m=16, block_k=64)  # a config names its implementation
   assert pk.plan(OP, small, k, k, backend="gpu", target="h100", config=given) == pk.Plan(
       OP, "triton", given)

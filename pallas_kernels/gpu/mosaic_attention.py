@@ -95,6 +95,18 @@ class Paged(NamedTuple):
   G: int
 
 
+def swizzle_bytes(D: int, itemsize: int) -> int | None:
+  """The widest shared-memory swizzle (128, 64 or 32 bytes) that divides a row of D elements
+  of `itemsize` bytes, or None: wgmma and TMA read tiles of swizzle-wide row pieces, so head
+  dims 80 / 96 run on 32 / 64-byte swizzles instead of padded lanes."""
+  return next((s for s in (128, 64, 32) if (D * itemsize) % s == 0), None)
+
+
+def _smem_transforms(D: int, itemsize: int):
+  swizzle = swizzle_bytes(D, itemsize)
+  return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
 def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
                kv_itemsize: int | None = None) -> int:
   """Most K/V ring slots that fit next to the consumers' q/o (and staging) tiles in
@@ -220,6 +232,10 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
   if split_keys:  # consumer c reads the slots of tiles c, c + stride, ...: the same ones each lap
     stages = max(stride, stages - stages % stride)
+  # One slot per consumer (split_keys with stages == consumers): a consumer's next tile goes to
+  # the slot it is reading, so waiting for it before freeing that slot would never return.
+  # (Float8 frees its slots when it widens them.)
+  own_slot = stages == stride and not fp8
   scale_log2 = scale * LOG2E
 
   def body(gmem, scoped):
@@ -323,16 +339,21 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
         v_tile = tile(v_smem, slot, v_free)
 
-        def pv(acc_ref):
-          plgpu.wgmma(acc_ref, p_in, v_tile)
-
+        def wait_next_k():
           @pl.when(i + stride < steps)
           def _():
             plgpu.barrier_wait(k_full.at[lax.rem(i + stride, jnp.int32(stages))])
 
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, p_in, v_tile)
+          if not own_slot:
+            wait_next_k()
+
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         if not fp8:
           plgpu.barrier_arrive(v_free.at[slot])
+        if own_slot:  # the next K lands in the slot this V tile holds: free it first
+          wait_next_k()
         return acc, m, l
 
       my_full = mine(full_steps)
@@ -386,10 +407,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         load(i + stages, slot)
 
   def entry(*gmem):
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    # 128-byte swizzled rows: 64 elements of 2 bytes, 128 of float8
-    kv_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128)) if fp8 else (
-        transforms)
+    transforms = _smem_transforms(D, jnp.dtype(dtype).itemsize)
+    kv_transforms = _smem_transforms(D, jnp.dtype(k.dtype).itemsize)
     smem = [
         plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms),
         plgpu.SMEM((stages, block_k, D), k.dtype, transforms=kv_transforms),

@@ -25,7 +25,9 @@ from pallas_kernels.targets import GpuTarget
 # Triton kernel, below it the two were within 2% wherever the K/V stream is long, and Mosaic GPU
 # was up to 3x faster for head dims Triton pads (192). Under MOSAIC_MIN_KV_BYTES of K/V a small-M
 # call is bound by launch and merge latency, where the Triton kernel measured 25-40% faster (67
-# MB: D=64, two kv heads). (H200, kernel_coverage.md.)
+# MB: D=64, two kv heads). (H200, kernel_coverage.md.) Head dims that fill only 32-byte swizzled
+# rows (D=80) stay on Triton at small M: its padded tiles streamed 10-15% faster there, while at
+# M >= 256 Mosaic GPU was 1.6-1.8x faster for D=80 and D=96 (kernel_coverage_d80_96.md).
 MOSAIC_MIN_ROWS = 256
 MOSAIC_MIN_KV_BYTES = 128 * 2**20
 # Chunk attention goes to Mosaic GPU for chunks of at least this many keys chosen by at least
@@ -132,8 +134,8 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   fp8 = quant.is_fp8(kv_dtype)
   if jnp.dtype(kv_dtype) != jnp.dtype(dtype) and not fp8:
     return f"it needs K/V in the query dtype or float8, got {jnp.dtype(kv_dtype).name}"
-  if dims.D % (128 if fp8 else 64) or dims.D > 256:
-    return (f"it needs head_dim D a multiple of {128 if fp8 else 64} up to 256"
+  if dims.D % (128 if fp8 else 16) or dims.D > 256:
+    return (f"it needs head_dim D a multiple of {128 if fp8 else 16} up to 256"
             f"{' with float8 K/V (128-byte rows)' if fp8 else ''}, got D={dims.D}")
   if page_size is None and dims.S % block_k:
     return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
@@ -174,10 +176,11 @@ def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTa
 
 def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool, *,
                           kv_dtype) -> str:
-  """"mosaic_gpu" on Hopper where it can run the call, unless both M and the K/V stream are small
-  (launch-bound); else "triton"."""
+  """"mosaic_gpu" on Hopper where it can run the call, unless M is small and either the K/V
+  stream is short (launch-bound) or its rows fill only 32-byte swizzles; else "triton"."""
   kv_bytes = 2 * dims.S * dims.Hkv * dims.D * jnp.dtype(kv_dtype).itemsize
-  if dims.M >= MOSAIC_MIN_ROWS or kv_bytes >= MOSAIC_MIN_KV_BYTES:
+  wide_rows = (mosaic_attention.swizzle_bytes(dims.D, jnp.dtype(dtype).itemsize) or 0) >= 64
+  if dims.M >= MOSAIC_MIN_ROWS or (kv_bytes >= MOSAIC_MIN_KV_BYTES and wide_rows):
     c = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                           kv_dtype=kv_dtype, consumers=c.consumers) is None:
