@@ -27,12 +27,13 @@ CASES = [
     (5, 2, 2, 2, 80, 1000, 901, jnp.bfloat16),  # head dim 80: Triton tiles padded to 128 lanes
 ]
 # Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 16), row tiles
-# that cut a request, a key mask inside a tile, empty splits, and head dims 80 / 96 (32- and
-# 64-byte swizzles on Hopper, padded lanes on Triton).
+# that cut a request, a key mask inside a tile, empty splits, and head dims that are not multiples
+# of 64 (Hopper: 32-byte swizzles for 48 / 80, 64-byte for 96 / 160; Triton: padded lanes).
 LARGE = [(64, 1, 4, 2, 128, 4096, None, jnp.bfloat16), (33, 1, 4, 2, 128, 4096, 4000, jnp.bfloat16),
          (40, 1, 8, 2, 128, 4096, 130, jnp.bfloat16), (64, 1, 4, 2, 128, 4096, 0, jnp.bfloat16),
          (3, 2, 4, 2, 64, 1000, None, jnp.float32), (40, 1, 4, 2, 96, 4096, 4000, jnp.bfloat16),
-         (3, 1, 8, 2, 80, 4096, None, jnp.bfloat16)]
+         (3, 1, 8, 2, 80, 4096, None, jnp.bfloat16), (64, 1, 2, 2, 48, 4096, 4001, jnp.bfloat16),
+         (2, 1, 4, 2, 160, 4096, None, jnp.bfloat16)]
 
 
 def _case_id(c):
@@ -178,6 +179,10 @@ def test_plan_targets_and_refusals():
     pk.plan(OP, q, k, k, implementation="mosaic_gpu", target="a100")
   with pytest.raises(ValueError, match="has no interpret mode"):
     pk.plan(OP, q, k, k, implementation="mosaic_gpu", interpret=True)
+  with pytest.raises(ValueError, match="at most 32 K/V ring slots, got config.num_stages=40"):
+    pk.plan(OP, q.update(shape=(1, 1, 32, 16)), k.update(shape=(65536, 8, 16)),
+            k.update(shape=(65536, 8, 16)), implementation="mosaic_gpu", target="h200",
+            config=pk.MosaicGpuSharedConfig(block_k=64, num_stages=40, consumers=1))
   with pytest.raises(ValueError, match="shared memory per block"):
     pk.plan(OP, q, k, k, implementation="mosaic_gpu", target="h100",
             config=pk.MosaicGpuSharedConfig(block_k=128, num_stages=4))

@@ -50,6 +50,7 @@ from pallas_kernels.numerics import LOG2E
 BLOCK_Q = 64  # rows per consumer warpgroup (one wgmma M tile)
 CONSUMERS = (1, 2, 3)  # consumer warpgroups per CTA; three only with split_keys
 PRODUCER_REGISTERS = 40  # per thread: the producer only issues TMA copies
+MAX_STAGES = 32  # ring slots: Mosaic GPU lowers at most 32 barriers per barrier array
 
 
 def consumer_registers(consumers: int) -> int:
@@ -209,9 +210,13 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
   if problem := schedule_problem(consumers, split_keys):
     raise ValueError(problem)
+  if swizzle_bytes(D, jnp.dtype(q_rows.dtype).itemsize) is None:
+    raise ValueError(f"head dim D={D} must fill 32-byte rows (a multiple of 16 for 2-byte "
+                     "queries)")
   if paged is not None and split_keys:
-    # On an H200 (jax 0.11.2) the first call of split_keys over pages of 16 keys (8 TMA copies a
-    # tile) did not return in 4 minutes; refused until that is understood.
+    # On an H200 (jax 0.11.2) the first call of split_keys over pages of 16 keys did not return
+    # in 4 minutes. Those configs had one ring slot per consumer, the case that deadlocked
+    # before `own_slot` (below); refused until a GPU run shows that was the cause.
     raise ValueError("split_keys is not supported with paged keys")
   rows = rows_per_cta(consumers, split_keys)
   pair = consumers == 2 and not split_keys  # the ping-pong pair

@@ -137,6 +137,9 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   if dims.D % (128 if fp8 else 16) or dims.D > 256:
     return (f"it needs head_dim D a multiple of {128 if fp8 else 16} up to 256"
             f"{' with float8 K/V (128-byte rows)' if fp8 else ''}, got D={dims.D}")
+  if num_stages > mosaic_attention.MAX_STAGES:
+    return (f"it keeps at most {mosaic_attention.MAX_STAGES} K/V ring slots, got "
+            f"config.num_stages={num_stages}")
   if page_size is None and dims.S % block_k:
     return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
   if page_size is not None:
