@@ -183,7 +183,7 @@ def oracle_accuracy(model, store, prompts: np.ndarray, answers: np.ndarray, chun
     return jnp.argmax(model.forward(tokens, positions, stateless(attention))[0][:, -1], axis=-1)
 
   tokens = jnp.asarray(prompts, jnp.int32)
-  kept = [MoskaConfig(sparsity=s).chunks_kept(N) for s in sparsities]
+  kept = [MoskaConfig(mode="sparse", sparsity=s).chunks_kept(N) for s in sparsities]
   return [int(np.sum(np.asarray(run(store, tokens, k)) == answers)) for k in kept]
 
 
@@ -384,8 +384,9 @@ def main() -> None:
             hits[f, j] / asked, e)
   for c in chunk_sizes:
     for j, sp in enumerate(sparsities):
-      add(model_dtype, model_dtype, "oracle", c, "exact max logit", 0, "-", sp,
-          MoskaConfig(sparsity=sp).chunks_kept(S_chunks[c]), oracle_hits[c, j] / asked, None)
+      kept = MoskaConfig(mode="sparse", sparsity=sp).chunks_kept(S_chunks[c])
+      add(model_dtype, model_dtype, "oracle", c, "exact max logit", 0, "-", sp, kept,
+          oracle_hits[c, j] / asked, None)
   table.write(notes=(
       f"Checkpoint: {common.shown(FLAGS.accuracy_checkpoint)} ({cfg}; trained to "
       f"{meta['trained_length']} "

@@ -243,7 +243,7 @@ def main() -> None:
                        "(--train_start_length == --train_length), a multiple of "
                        f"--train_route_chunk={C}")
     n = FLAGS.train_length // C
-    top_k = MoskaConfig(sparsity=FLAGS.train_route_sparsity).chunks_kept(n)
+    top_k = MoskaConfig(mode="sparse", sparsity=FLAGS.train_route_sparsity).chunks_kept(n)
     attend = routed_attend(impl, FLAGS.train_length, C, top_k, FLAGS.train_route_summary)
     impl += (f", routed questions: top {top_k} of {n} chunks of {C} "
              f"({FLAGS.train_route_summary} summaries)")

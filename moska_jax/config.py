@@ -167,16 +167,32 @@ class MoskaConfig:
   def __post_init__(self):
     if self.mode not in ("dense", "sparse"):
       raise ValueError(f"MoskaConfig.mode must be 'dense' or 'sparse', got {self.mode!r}")
-    if self.chunk_size < 1:
-      raise ValueError(f"MoskaConfig.chunk_size must be >= 1, got {self.chunk_size}")
+    check_int(self.chunk_size, "chunk_size", "MoskaConfig")
     if self.top_k is not None and self.sparsity is not None:
       raise ValueError("MoskaConfig: give top_k or sparsity, not both")
-    if self.top_k is not None and self.top_k < 1:
-      raise ValueError(f"MoskaConfig.top_k must be >= 1, got {self.top_k}")
-    if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-      raise ValueError(f"MoskaConfig.sparsity must be in [0, 1), got {self.sparsity}")
+    if self.top_k is not None:
+      check_int(self.top_k, "top_k", "MoskaConfig")
+    if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(
+        self.sparsity, (int, float, np.integer, np.floating)) or not 0.0 <= self.sparsity < 1.0):
+      raise ValueError(f"MoskaConfig.sparsity must be a number in [0, 1), got "
+                       f"{self.sparsity!r}")
     if self.mode == "sparse" and self.top_k is None and self.sparsity is None:
       raise ValueError("MoskaConfig: mode 'sparse' needs top_k or sparsity")
+    if self.mode == "dense" and (self.top_k, self.sparsity, self.always_include) != (
+        None, None, ()):
+      raise ValueError(f"MoskaConfig: top_k, sparsity and always_include route chunks: give "
+                       f"mode='sparse' with them (mode is 'dense', got top_k={self.top_k}, "
+                       f"sparsity={self.sparsity}, always_include={self.always_include!r})")
+    ids = self.always_include
+    if isinstance(ids, (str, bytes)) or not all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0
+        for c in ids) or len(set(ids)) != len(ids):
+      raise ValueError(f"MoskaConfig.always_include must be distinct chunk ids >= 0 (a "
+                       f"sequence of ints), got {ids!r}")
+    if self.top_k is not None and len(ids) > self.top_k:
+      raise ValueError(f"MoskaConfig.always_include holds {len(ids)} ids, more than "
+                       f"top_k={self.top_k}")
+    object.__setattr__(self, "always_include", tuple(int(c) for c in ids))  # hashable (jit)
     check_int(self.reroute_every, "reroute_every", "MoskaConfig")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")

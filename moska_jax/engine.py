@@ -265,8 +265,13 @@ class MoskaEngine:
     num_pages = check_int(num_pages, "num_pages", "MoskaEngine", minimum=2)
     page_size = check_int(page_size, "page_size", "MoskaEngine")
     prefill_chunk = check_int(prefill_chunk, "prefill_chunk", "MoskaEngine")
-    prefill_lanes = check_int(prefill_lanes or min(max_batch, 4), "prefill_lanes", "MoskaEngine")
-    budget = (num_pages - 1) * page_size
+    prefill_lanes = check_int(min(max_batch, 4) if prefill_lanes is None else prefill_lanes,
+                              "prefill_lanes", "MoskaEngine")
+    budget = (num_pages - 1) * page_size  # one page is the scratch page
+    if max_request_tokens is None and budget < 2:
+      raise ValueError(f"MoskaEngine: (num_pages - 1) * page_size, the tokens a request may hold, "
+                       f"must be >= 2 (a prompt token and a new one), got num_pages={num_pages}, "
+                       f"page_size={page_size}")
     max_request_tokens = check_int(budget if max_request_tokens is None else max_request_tokens,
                                    "max_request_tokens", "MoskaEngine", minimum=2)
     if self._disaggregated:
@@ -373,9 +378,10 @@ class MoskaEngine:
 
   def load_context(self, name: str, store: SharedKVStore) -> None:
     """Makes `store` resident as context `name` (replacing one of that name) from the next step
-    on; on disaggregated groups it is placed on the shared devices first (the running requests
-    keep their pages). Requests of other contexts keep running; a set of contexts the step has
-    not seen compiles once.
+    on; on disaggregated groups it is placed on the shared devices first. Requests of other
+    contexts keep running; a set of contexts the step has not seen compiles once. Replacing a
+    context ends its running requests ("cancelled": their unique K/V attended to the old
+    store, at its positions); its queued ones start on the new store.
 
     Raises:
       ValueError: an empty name, or the store was built for another model, or (sparse) its chunk
@@ -434,6 +440,11 @@ class MoskaEngine:
     if mcfg.mode == "sparse" and mcfg.chunk_size != store.chunk_size:
       raise ValueError(f"MoskaEngine: moska_config.chunk_size={mcfg.chunk_size} must match the "
                        f"store's chunk_size={store.chunk_size}")
+    held = -(-int(store.length) // store.chunk_size)  # chunks that hold shared tokens
+    if mcfg.mode == "sparse" and any(c >= held for c in mcfg.always_include):
+      raise ValueError(f"MoskaEngine: MoskaConfig.always_include={mcfg.always_include} names "
+                       f"chunks past the store's {held} chunks of {store.chunk_size} tokens "
+                       f"(ids in [0, {held}))")
     if mcfg.mode == "sparse" and mcfg.summary != store.summaries[0].kind:
       raise ValueError(f"MoskaEngine: moska_config.summary={mcfg.summary!r} must match the "
                        f"store's summaries ({store.summaries[0].kind!r}); see "
@@ -441,6 +452,9 @@ class MoskaEngine:
 
   def _load(self, name: str, store: SharedKVStore) -> None:
     self._check_store(store)
+    if name in self._contexts:
+      for r in [r for r in self.scheduler.active.values() if r.context == name]:
+        self._finish(r, "cancelled", f"context {name!r} was replaced")
     length, top_k = int(store.length), store_top_k(store, self.mcfg)
     if self._groups is not None:
       self._groups.set_store(store, top_k, self.cache)
@@ -556,7 +570,15 @@ class MoskaEngine:
 
   def cancel(self, request: Request) -> None:
     """Ends `request` ("cancelled"; thread-safe): its slot and pages are free before the next
-    step. A finished request is left as it is."""
+    step. A finished request is left as it is.
+
+    Raises:
+      TypeError: `request` is not a `Request` (e.g. the `TokenStream` that wraps one: cancel
+        `stream.request`).
+    """
+    if not isinstance(request, Request):
+      raise TypeError(f"cancel: request must be a Request (what submit returns; a stream's is "
+                      f"stream.request), got {type(request).__name__}")
     self._post(functools.partial(self._cancel, request))
 
   def _cancel(self, r: Request) -> None:
@@ -611,6 +633,10 @@ class MoskaEngine:
         done.set_exception(e)
 
     self._post(command)
+    while not concurrent.futures.wait([done], timeout=0.05).done:
+      if not self.running:  # the loop stopped before it took the command: run it here
+        with self._driving():
+          self._apply_inbox()
     done.result()
 
   @contextlib.contextmanager
@@ -868,6 +894,8 @@ class MoskaEngine:
     encoded = [self.encode(p, f"generate: prompt {i}") for i, p in enumerate(prompts)]
     contexts = [self.check_request(p, max_new_tokens, context=c, what=f"generate: prompt {i}")
                 for i, (p, c) in enumerate(zip(encoded, contexts))]
+    for s in samplings:  # every prompt is checked before the first is submitted
+      check_sampling(self.model_config, s, eos_id)
     requests = [self._submit(p, max_new_tokens, s, eos_id, c, return_logits, None)
                 for p, s, c in zip(encoded, samplings, contexts)]
     try:
@@ -922,7 +950,9 @@ class MoskaEngine:
              sampling: Sampling = Sampling(), *, eos_id: int | None = None,
              context: str | None = None, stream_interval: int = 1) -> TokenStream:
     """Submits a request whose tokens arrive in the running asyncio loop: `async for token in
-    engine.stream(...)`. Leaving the iteration early (a client gone) cancels it. Needs the
+    engine.stream(...)`. To end it early (a client gone), iterate inside `async with
+    engine.stream(...) as s:` (leaving the block cancels an unfinished request) or call
+    `s.cancel()`: a `break` out of a bare `async for` leaves it running to its end. Needs the
     background loop (`start`).
 
     stream_interval: a consumer waiting for tokens is woken once this many have arrived (or the
@@ -983,7 +1013,8 @@ def _deliver(events: Sequence[tuple[TokenStream, int | None]]) -> None:
 
 class TokenStream:
   """A request's tokens as an async iterator (from `MoskaEngine.stream`); `request` is the
-  engine's `Request` (finish_reason, tokens, times). Closing it early cancels the request.
+  engine's `Request` (finish_reason, tokens, times). Leaving its `async with` block before the
+  end, or `cancel()`, cancels the request.
 
   The engine hands each step's tokens of all streams of one asyncio loop over in one
   call_soon_threadsafe; a stream buffers its own in a deque, so a consumer that fell behind reads

@@ -12,6 +12,7 @@ that store and the Triton kernel runs it.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
-from moska_jax.config import DEFAULT_SUMMARY, check_int
+from moska_jax.config import DEFAULT_SUMMARY, SUMMARY_KINDS, check_int
 from moska_jax.kv_cache import SharedKVStore, check_kv_dtype, zero_kv
 from moska_jax.model import Decoder
 
@@ -45,13 +46,21 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int,
       layer is quantized with one scale per kv head (`SharedKVStore.quantized`).
 
   Raises:
-    ValueError: a bad chunk_size, prefill_chunk, kv_dtype or token.
+    ValueError: a bad chunk_size, prefill_chunk, summary, kv_dtype or token, or tokens that
+      are not one sequence (more than one row).
   """
   cfg = model.cfg
   check_kv_dtype(kv_dtype, "build_shared_store")
   for name, value in (("chunk_size", chunk_size), ("prefill_chunk", prefill_chunk)):
     check_int(value, name, "build_shared_store")
-  tokens = np.asarray(tokens).reshape(-1)
+  if summary not in SUMMARY_KINDS:  # before the prefill, which may take hours
+    raise ValueError(f"build_shared_store: summary must be one of {sorted(SUMMARY_KINDS)}, got "
+                     f"{summary!r}")
+  tokens = np.asarray(tokens)
+  if tokens.ndim > 1 and math.prod(tokens.shape[:-1]) != 1:
+    raise ValueError(f"build_shared_store: tokens must be one sequence [S] (or [1, S]), got "
+                     f"shape {tokens.shape}")
+  tokens = tokens.reshape(-1)
   if tokens.size == 0:
     raise ValueError("build_shared_store: tokens must hold at least one token (the shared "
                      "corpus is empty)")

@@ -36,14 +36,20 @@ class Sampling:
 
   def __post_init__(self):
     t, p = self.temperature, self.top_p
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+    number = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_))
+    if not number(t) or not math.isfinite(t) or t < 0:
       raise ValueError(f"Sampling.temperature must be a finite number >= 0, got {t!r}")
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+    if not number(p) or not 0 < p <= 1:
       raise ValueError(f"Sampling.top_p must be a number in (0, 1], got {p!r}")
     s = self.seed
-    if s is not None and (isinstance(s, bool) or not isinstance(s, int)
+    if s is not None and (isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer))
                           or not 0 <= s < SEED_RANGE):
       raise ValueError(f"Sampling.seed must be None or an int in [0, 2**32), got {s!r}")
+    # NumPy scalars in, Python numbers kept: the engine hashes and compares them as such
+    object.__setattr__(self, "temperature", float(t))
+    object.__setattr__(self, "top_p", float(p))
+    object.__setattr__(self, "seed", None if s is None else int(s))
 
 
 class SamplingRows(NamedTuple):
@@ -88,7 +94,10 @@ def sample(logits: jax.Array, rows: SamplingRows, *, draw: bool, nucleus: bool) 
     return greedy
   hot = rows.temperature > 0
   keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(rows.seed, rows.index)
-  scaled = logits / jnp.where(hot, rows.temperature, 1.0)[:, None]
+  # Shifted by the row's largest logit first: a tiny temperature sends the others to -inf, never
+  # every positive logit to +inf (where categorical would take the first, not the largest).
+  scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / jnp.where(
+      hot, rows.temperature, 1.0)[:, None]
   keep = (_nucleus(scaled, rows.top_p) if nucleus else jnp.ones(scaled.shape, bool)) | (
       rows.top_p >= 1)[:, None]
   masked = jnp.where(keep, scaled, -jnp.inf)

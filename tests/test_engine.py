@@ -128,6 +128,12 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
   assert len(draws) > 5  # the token index moves the stream
   with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
     Sampling(temperature=-1.0)
+  # A temperature so small that logits / t overflows still samples the largest logit.
+  big = jax.numpy.asarray([[1.0, 3.0, 2.0, -1.0], [10.0, 30.0, 29.0, 0.0]], "float32")
+  assert sample_jit(big, _rows(2, 1e-38, 1.0, 7, 3)).tolist() == [1, 1]
+  numpy_args = Sampling(temperature=np.float32(0.5), top_p=np.float64(0.9), seed=np.int64(3))
+  assert numpy_args == Sampling(temperature=0.5, top_p=0.9, seed=3)
+  assert type(numpy_args.seed) is int and type(numpy_args.temperature) is float
 
 
 def test_a_sampled_request_is_a_function_of_its_prompt_sampling_and_seed(setup):

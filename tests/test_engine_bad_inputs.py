@@ -4,6 +4,7 @@ page pools lost), the next call gives the tokens of a fresh engine and no reques
 without a finish_reason."""
 
 import math
+import threading
 
 import jax
 import numpy as np
@@ -41,6 +42,9 @@ def make(model, store, **kw):
     (dict(max_batch=0), "max_batch must be an int >= 1, got 0"),
     (dict(num_pages=1), "num_pages must be an int >= 2, got 1"),
     (dict(prefill_lanes=-1), "prefill_lanes must be an int >= 1, got -1"),
+    (dict(prefill_lanes=0), "prefill_lanes must be an int >= 1, got 0"),
+    (dict(num_pages=2, page_size=1), r"\(num_pages - 1\) \* page_size, the tokens a request "
+     r"may hold, must be >= 2 .*num_pages=2, page_size=1"),
 ])
 def test_bad_engine_arguments(setup, kw, fragment):
   model, store, _ = setup
@@ -77,6 +81,10 @@ def test_bad_prompts_sampling_and_corpus(setup):
     build_shared_store(model, [], chunk_size=64, backend="xla")
   with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
     build_shared_store(model, [1, 2], chunk_size=0, backend="xla")
+  with pytest.raises(ValueError, match="build_shared_store: summary must be one of"):
+    build_shared_store(model, [1, 2], chunk_size=64, summary="foo", backend="xla")
+  with pytest.raises(ValueError, match=r"tokens must be one sequence \[S\] .*shape \(2, 3\)"):
+    build_shared_store(model, np.ones((2, 3), np.int32), chunk_size=64, backend="xla")
   # Text through the byte tokenizer on a model of a smaller vocabulary.
   small = Decoder(ModelConfig(vocab=100, layers=1, hidden=32, num_heads=2, num_kv_heads=1,
                               head_dim=16, mlp_hidden=32), rngs=nnx.Rngs(0))
@@ -86,6 +94,59 @@ def test_bad_prompts_sampling_and_corpus(setup):
     MoskaEngine(small, small_store, MoskaConfig(backend="xla"), max_batch=1,
                 num_pages=4).generate(["z"], 2)
   assert not engine.scheduler.busy and engine._inbox.empty()  # nothing half-submitted
+  # A bad sampling of a later prompt refuses the call before any prompt is submitted.
+  with pytest.raises(ValueError, match="sampling must be a Sampling, got str"):
+    engine.generate(["a", "b"], 2, [Sampling(), "x"])
+  assert not engine.scheduler.busy and engine._inbox.empty()
+  with pytest.raises(TypeError, match="cancel: request must be a Request .*got NoneType"):
+    engine.cancel(None)
+  assert engine._inbox.empty()
+
+
+@pytest.mark.parametrize("kw,fragment", [
+    (dict(chunk_size=64.0), "chunk_size must be an int >= 1, got 64.0"),
+    (dict(mode="sparse", top_k=2.5), "top_k must be an int >= 1, got 2.5"),
+    (dict(mode="sparse", sparsity="0.5"), r"sparsity must be a number in \[0, 1\), got '0.5'"),
+    (dict(mode="sparse", sparsity=1.0), r"sparsity must be a number in \[0, 1\), got 1.0"),
+    (dict(top_k=2), "give mode='sparse' with them .*top_k=2"),
+    (dict(sparsity=0.5), "give mode='sparse' with them"),
+    (dict(mode="sparse", top_k=2, always_include="0"), "always_include must be distinct chunk "
+     "ids >= 0"),
+    (dict(mode="sparse", top_k=2, always_include=(0, 0)), "always_include must be distinct"),
+    (dict(mode="sparse", top_k=2, always_include=(-1,)), "always_include must be distinct"),
+    (dict(mode="sparse", top_k=1, always_include=(0, 1)), "holds 2 ids, more than top_k=1"),
+])
+def test_bad_moska_configs(kw, fragment):
+  with pytest.raises(ValueError, match=fragment):
+    MoskaConfig(**kw)
+
+
+def test_always_include_is_a_tuple_within_the_store(setup):
+  model, store, _ = setup  # 150 tokens in chunks of 64: ids 0, 1, 2
+  assert MoskaConfig(mode="sparse", top_k=2, always_include=[np.int64(2)]).always_include == (2,)
+  with pytest.raises(ValueError, match=r"always_include=\(3,\) names chunks past the store's 3 "
+                     r"chunks of 64 tokens \(ids in \[0, 3\)\)"):
+    MoskaEngine(model, store, MoskaConfig(mode="sparse", top_k=2, chunk_size=64,
+                                          always_include=(3,), backend="xla"),
+                max_batch=1, num_pages=8)
+
+
+def test_replacing_a_context_cancels_its_running_requests(setup):
+  """Their unique K/V attended to the old store at its positions; a queued request (not yet
+  prefilled) starts on the new store and equals a fresh engine's."""
+  model, store, _ = setup
+  other = build_shared_store(model, np.random.default_rng(1).integers(0, 256, 90),
+                             chunk_size=64, prefill_chunk=128, backend="xla")
+  engine = make(model, store, max_batch=1)
+  running, queued = engine.submit("hello", 6), engine.submit("later", 3)
+  for _ in range(3):
+    engine.step()
+  assert running.tokens and not running.done and queued in engine.scheduler.queue
+  engine.set_store(other)
+  while engine.step():
+    pass
+  assert running.finish_reason == "cancelled" and "was replaced" in running.error
+  assert queued.tokens == make(model, other).generate(["later"], 3)[0].tokens
 
 
 def _fail_on_call(engine, n, make_error, lose_pools=False):
@@ -160,3 +221,26 @@ def test_the_background_loop_survives_a_failed_step(setup):
   finally:
     engine.stop()
   assert engine.stats["requests_error"] >= 1 and not engine.scheduler.busy
+
+
+def test_a_command_posted_as_the_loop_stops_still_runs(setup):
+  """A load_context that saw the loop running, and whose command the loop never took (it
+  stopped first), runs on the caller's thread instead of waiting for a later start()."""
+  model, store, _ = setup
+  engine = make(model, store)
+  engine.start()
+  post = engine._post
+
+  def loop_ends_then_post(command):
+    engine._stopping = True
+    engine._wake.set()
+    engine._thread.join()
+    post(command)
+
+  engine._post = loop_ends_then_post
+  caller = threading.Thread(target=engine.load_context, args=("late", store), daemon=True)
+  caller.start()
+  caller.join(timeout=30)
+  engine._post = post
+  engine.stop()
+  assert not caller.is_alive() and "late" in engine.contexts
