@@ -44,7 +44,7 @@ flags.DEFINE_enum("decode_kv_dtype", "model", ["model", *(d.name for d in pk.qua
 flags.DEFINE_integer("decode_chunk", 2048, "decode: routing chunk size of the sparse run.")
 flags.DEFINE_float("decode_sparsity", 0.75, "decode: sparsity of the sparse run.")
 flags.DEFINE_enum("decode_summary", "int8-pca2", list(SUMMARY_KINDS), "decode: the sparse router.")
-flags.DEFINE_boolean("decode_int8_scorer", True,
+flags.DEFINE_boolean("decode_int8_scorer", False,
                      "decode: sketches scored with int8 query rows on the int8 units.")
 flags.DEFINE_integer("decode_reroute", 16, "decode: the sparse run re-routes every r steps.",
                      lower_bound=1)

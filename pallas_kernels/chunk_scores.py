@@ -11,8 +11,8 @@ logits reach HBM.
 
 With `int8=True` each query row is quantized to int8 (a per-row scale, multiplied back into its
 scores) and the dots run on the int8 tensor cores / MXU: a ranking within about 1% of the float
-one. (On an H200 the Triton kernel measured no faster with int8 rows than with bf16 ones:
-sparse_pareto.md.)
+one. Not yet measured on a GPU: until stop 34 `chunk_scores` dropped its `int8` argument, so
+the "int8 rows" timings recorded before then ran bf16 rows.
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".
 """
@@ -144,7 +144,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     q: [B, T, Hq, D] queries (D even); query head h reads kv head h // G.
     codes: [S, Hkv, D/2] int8 packed 4-bit sketches of the shared keys (`sketch.pack`), or
       [S, Hkv, D] int8 8-bit ones (`pallas_kernels.sketch`).
-    scale: [S, Hkv] float per-key scales (0 for keys that must never score), or [N, Hkv]
+    scale: [S, Hkv] float per-key scales (a key is left out only by kv_length), or [N, Hkv]
       non-negative per-chunk scales shared by each chunk's keys (the 8-bit sketches' layout:
       the kernels then take the raw code logits' max and scale once per chunk, no per-key
       multiply; a concrete negative one is refused, a traced one cannot be checked).
@@ -160,6 +160,7 @@ def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size
     key. Kernels multiply in the query dtype (bf16 queries: bf16 products, float32 sums), or in
     int8: a ranking, within rounding of the float32 reference.
   """
-  return dispatch.call(OP, (q, codes, scale), dict(chunk_size=chunk_size, kv_length=kv_length),
+  return dispatch.call(OP, (q, codes, scale),
+                       dict(chunk_size=chunk_size, kv_length=kv_length, int8=int8),
                        implementation=implementation, backend=backend, config=config,
                        interpret=interpret)

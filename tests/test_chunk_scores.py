@@ -8,6 +8,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import chunk_scores, sketch
+from pallas_kernels.chunk_scores import quantize_rows
 from tests import kernel_cases as kc
 
 OP = "chunk_scores"
@@ -118,11 +119,19 @@ def test_int8_matrix_unit_path(implementation, interpret, bits):
   n = jnp.int32(1000)
   run = lambda impl, i: kc.run(chunk_scores, q, codes, scale, chunk_size=128, int8=True,
                                kv_length=n, implementation=impl, interpret=i)
-  out = run(implementation, interpret and implementation != "xla")
+  out = np.asarray(run(implementation, interpret and implementation != "xla"))
   ref = scores_f64(q, codes, scale, 128, 1000)
-  assert np.abs(np.asarray(out) - ref).max() <= 0.02 * np.abs(ref).max()
-  np.testing.assert_allclose(np.asarray(out), np.asarray(run("xla", False)), rtol=1e-5,
-                             atol=1e-5 * np.abs(ref).max())
+  assert np.abs(out - ref).max() <= 0.02 * np.abs(ref).max()
+  # The rows as quantized (each within half a step of q, steps of max |q| / 127; a tie at half a
+  # step may round either way), scored in float64: the kernels must score exactly those rows.
+  codes_q, step = (np.asarray(x, np.float64) for x in quantize_rows(q))
+  rows = codes_q * step[..., None]
+  q64 = np.asarray(q, np.float64)
+  assert np.all(np.abs(rows - q64) <= 0.5001 * step[..., None]) and np.abs(codes_q).max() == 127
+  np.testing.assert_allclose(step, np.abs(q64).max(-1) / 127, rtol=1e-6)
+  int8_ref = scores_f64(rows, codes, scale, 128, 1000)
+  assert np.abs(out - int8_ref).max() <= 1e-4 * np.abs(ref).max()
+  assert np.abs(out - ref).max() > 1e-3 * np.abs(ref).max()  # the rows really were rounded
 
 
 def test_empty_and_validation():
@@ -135,6 +144,8 @@ def test_empty_and_validation():
     chunk_scores(q, codes.astype(jnp.uint8), scale, chunk_size=128)
   with pytest.raises(ValueError, match=r"codes must be an int8 array"):
     chunk_scores(q, codes[..., :16], scale, chunk_size=128)
+  with pytest.raises(ValueError, match=r"int8 must be True or False, got 'yes'"):
+    chunk_scores(q, codes, scale, chunk_size=128, int8="yes")
   with pytest.raises(ValueError, match=r"per-chunk scales must be >= 0 .* got a minimum of -1.0"):
     chunk_scores(q, codes, -jnp.ones((3, 2), jnp.float32), chunk_size=128)
   with pytest.raises(ValueError, match=r"scale must be a float array of shape \[S=300, Hkv=2\] "
