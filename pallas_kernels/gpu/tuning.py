@@ -47,6 +47,10 @@ def _pow2_at_least(x: float, minimum: int = 16) -> int:
   return max(minimum, 1 << math.ceil(math.log2(max(x, 1))))
 
 
+def _pow2_at_most(x: float, minimum: int = 16) -> int:
+  return max(minimum, 1 << math.floor(math.log2(max(x, 1))))
+
+
 def triton_smem_bytes(block_m: int, block_k: int, D: int, itemsize: int, num_stages: int) -> int:
   """Shared memory one Triton attention program asks for, at the padded head dim
   (`softmax.padded`). (a) num_stages - 1 tiles each of K and V in flight (at least one) plus the
@@ -406,8 +410,8 @@ def _rows_block(M: int) -> int:
 
 
 def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> TritonScoresConfig:
-  """Row blocks as in shared_attention; key tiles up to 128 keys, no wider than a chunk needs;
-  8 chunks per program. A program carries its [block_m, chunks_per_program] maxima in registers:
+  """Row blocks as in shared_attention; key tiles up to 128 keys, no wider than a chunk needs
+  nor than the S keys; 8 chunks per program. A program carries its [block_m, chunks_per_program] maxima in registers:
   at 64 chunks the kernel took all 255 registers a thread may have (12.5% occupancy in Nsight
   Compute, issue slots 32% busy) and 8 chunks ran 7-16% faster at every B (H200, S=1M, C=512,
   64-wide codes: B=8 0.244 -> 0.227 ms, B=128 1.63 -> 1.39, B=512 6.34 -> 5.33;
@@ -415,8 +419,16 @@ def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> Tr
   del target
   n_chunks = math.ceil(dims.S / chunk_size)
   return TritonScoresConfig(block_m=_rows_block(dims.M),
-                            block_k=min(128, _pow2_at_least(chunk_size)),
+                            block_k=min(128, _pow2_at_least(chunk_size), _pow2_at_most(dims.S)),
                             chunks_per_program=min(8, _pow2_at_least(n_chunks)))
+
+
+def triton_scores_unsupported(dims: AttentionDims, c: TritonScoresConfig) -> str | None:
+  """Why the Triton scorer cannot run this tiling, or None: a key tile spans at most the S keys
+  (its loads are slices of the codes)."""
+  if c.block_k > dims.S:
+    return f"config.block_k={c.block_k} must be at most the S={dims.S} keys"
+  return None
 
 
 def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
