@@ -80,6 +80,10 @@ def test_empty_tile_and_traced_kv_length():
            q[:2], jnp.float32)
   o, lse = fn(q, k, v, tiles, jnp.int32(0))
   assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  for implementation, interpret in (("xla", False), ("triton", True)):  # lists of no chunk
+    o, lse = tile_chunk_attention(q, k, v, jnp.zeros((2, 1, 0), jnp.int32), chunk_size=128,
+                                  implementation=implementation, interpret=interpret)
+    assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse))), implementation
 
 
 def test_validation():

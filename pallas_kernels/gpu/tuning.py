@@ -454,5 +454,6 @@ def triton_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, c
   n_tiles = dims.B // requests_per_tile
   programs = dims.Hkv * n_tiles * math.ceil(rows / block_m)
   splits = splits_to_fill(target, programs, list_width * math.ceil(chunk_size / block_k))
-  return TritonSharedConfig(block_m=block_m, block_k=block_k, num_splits=min(splits, list_width),
+  return TritonSharedConfig(block_m=block_m, block_k=block_k,
+                            num_splits=max(1, min(splits, list_width)),
                             num_warps=8 if block_m >= 128 else 4, num_stages=stages)
