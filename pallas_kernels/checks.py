@@ -275,6 +275,11 @@ def check_chunk_ids(chunk_ids, dims: AttentionDims, chunk_size, *, op: str,
                      f"Hkv={dims.Hkv}, K], got {chunk_ids.shape} {chunk_ids.dtype}")
   num_chunks = -(-dims.S // chunk_size)
   ids = host_values(chunk_ids)
+  int32 = np.iinfo(np.int32)
+  if ids is not None and ids.size and (ids.min() < int32.min or ids.max() > int32.max):
+    # the kernels read int32 ids: a wider one would wrap around to a real chunk
+    raise ValueError(f"{op}: {name} must fit int32 (ids outside [0, N={num_chunks}) select "
+                     f"nothing), got values in [{ids.min()}, {ids.max()}]")
   if ids is not None and ids.shape[-1] > 1:
     K = ids.shape[-1]
     # Ids that select nothing become distinct negatives, so only real chunks can collide.

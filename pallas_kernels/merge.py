@@ -61,7 +61,8 @@ def merge_partials(o: jax.Array, lse: jax.Array, axis: int = 0, *,
   m = jnp.where(jnp.isfinite(m), m, 0.0)  # all-empty rows: keep exp() finite
   w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)  # exactly 0 for empty partials
   total = total_of(w)
-  w_o = jnp.where(w[..., None] > 0, w[..., None] * o.astype(jnp.float32), 0.0)
+  # Gated on lse, not on w: a weight that underflows to 0 still passes its o_i's NaN on.
+  w_o = jnp.where(jnp.isfinite(lse)[..., None], w[..., None] * o.astype(jnp.float32), 0.0)
   out = total_of(w_o) / jnp.where(total > 0, total, 1.0)[..., None]
   m = jnp.squeeze(m, axis) if axis_name is None else m
   out_lse = jnp.where(total > 0, m + jnp.log(total), -jnp.inf)

@@ -117,6 +117,14 @@ def test_chunk_attention_refuses_duplicate_ids(implementation, interpret, ids, w
   assert where in str(e.value) and what in str(e.value), str(e.value)
 
 
+def test_chunk_ids_past_int32_are_refused():
+  """The kernels read int32 ids: a wider id would wrap around onto a real chunk."""
+  ids = np.asarray([[[2**32 + 1, 0], [1, 3]], [[3, -1], [2, 0]]], np.int64)
+  with pytest.raises(ValueError, match=r"chunk_ids must fit int32 .* got values in \[-1, "
+                     r"4294967297\]"):
+    pk.chunk_attention(Q, K, V, ids, chunk_size=C)
+
+
 @pytest.mark.parametrize("implementation,interpret", kc.implementations("tile_chunk_attention",
                                                                         compiled=False))
 @pytest.mark.parametrize("tiles,where", [
@@ -376,6 +384,10 @@ def test_merge_poisoned_lse_gives_nan_not_unnormalized_values():
   # A NaN o behind a finite lse poisons its row; behind -inf it is ignored.
   o, _ = pk.merge_attention_states(o_a.at[0].set(jnp.nan), _L[0], o_b.at[1].set(jnp.nan),
                                    _L[1].at[1].set(-jnp.inf))
+  assert np.all(np.isnan(np.asarray(o)[0])) and np.all(np.isfinite(np.asarray(o)[1:]))
+  # ... even when its weight against the other partial underflows to 0.
+  o, _ = pk.merge_partials(jnp.stack([o_a, o_b.at[0].set(jnp.nan)]),
+                           jnp.stack([_L[0], _L[1].at[0].set(_L[0][0] - 200.0)]))
   assert np.all(np.isnan(np.asarray(o)[0])) and np.all(np.isfinite(np.asarray(o)[1:]))
 
 
