@@ -178,6 +178,8 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
             config: Any = None, interpret: bool = False, target=None) -> Plan:
   """The plan a call would run (see the module docstring); raises ValueError if it cannot run."""
   names = tuple(op.implementations)
+  if not isinstance(interpret, bool):
+    raise ValueError(f"{op.name}: interpret must be True or False, got {interpret!r}")
   if backend is not None:
     if implementation != "auto":
       raise ValueError(f"{op.name}: give implementation= or its alias backend=, not both")
@@ -204,6 +206,9 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
       implementation = "xla" if platform == "xla" else op.choose(
           problem, platform, _target(platform, target), interpret)
   impl = op.implementations[implementation]
+  if interpret and impl.platform is None:
+    raise ValueError(f"{op.name}: interpret=True runs a Pallas kernel; the {impl.name!r} "
+                     f"implementation has none (use implementation='auto' or name a Pallas one)")
   if interpret and not impl.interpretable:
     raise ValueError(f"{op.name}: implementation {impl.name!r} has no interpret mode")
   tgt = _target(impl.platform, target)

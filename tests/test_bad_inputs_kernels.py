@@ -488,3 +488,13 @@ def test_chunk_scores_never_read_past_kv_length(implementation, interpret):
   clean, poisoned = fn(SCALE), fn(_poison(SCALE, keep, "nan"))
   np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(clean))
   assert np.all(np.isfinite(np.asarray(clean)))
+
+
+def test_interpret_is_a_bool_for_a_pallas_implementation():
+  """Named or by family, XLA has no interpret mode; a truthy stand-in is refused."""
+  for kwargs in (dict(implementation="xla"), dict(backend="xla")):
+    with pytest.raises(ValueError, match="shared_attention: interpret=True runs a Pallas kernel"):
+      pk.shared_attention(Q, K, V, interpret=True, **kwargs)
+  with pytest.raises(ValueError, match="shared_attention: interpret must be True or False, got "
+                     "'yes'"):
+    pk.shared_attention(Q, K, V, interpret="yes")
