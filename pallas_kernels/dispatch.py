@@ -139,15 +139,12 @@ def implementations(op: str) -> tuple[str, ...]:
   return tuple(_op(op).implementations)
 
 
-def _platform(family: str, interpret: bool, op: str) -> str:
+def _platform(family: str, interpret: bool) -> str:
   """The platform whose implementations a family means: "gpu", "tpu" or "xla"."""
   if family == "auto":
     running = jax.default_backend()
     family = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(
         running, "gpu" if interpret else "xla")
-  if family == "xla" and interpret:
-    raise ValueError(f"{op}: interpret=True runs a Pallas kernel; the 'xla' implementation has "
-                     "none (use implementation='auto' or name a Pallas implementation)")
   return family
 
 
@@ -194,7 +191,7 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
     raise ValueError(f"{op.name}: implementation must be 'auto' or one of {names}, got "
                      f"{implementation!r}")
   if family is not None:
-    platform = _platform(family, interpret, op.name)
+    platform = _platform(family, interpret)
     tuned = None
     if platform != "xla" and config is None and not interpret:
       tuned = tuning_table.lookup(op, problem, _target(platform, target))
@@ -208,7 +205,8 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
   impl = op.implementations[implementation]
   if interpret and impl.platform is None:
     raise ValueError(f"{op.name}: interpret=True runs a Pallas kernel; the {impl.name!r} "
-                     f"implementation has none (use implementation='auto' or name a Pallas one)")
+                     f"implementation has none (use implementation='auto' or name a Pallas "
+                     f"implementation)")
   if interpret and not impl.interpretable:
     raise ValueError(f"{op.name}: implementation {impl.name!r} has no interpret mode")
   tgt = _target(impl.platform, target)
