@@ -171,7 +171,8 @@ def test_plan_targets_and_refusals():
   assert pk.plan(OP, small, k, k, backend="gpu", target="h100", config=given) == pk.Plan(
       OP, "triton", given)
   with pytest.raises(ValueError, match="config must be one of.*on GPU, got MosaicTpuSharedConfig"):
-    pk.plan(OP, small, k, k, backend="gpu", target="h100", config=pk.MosaicTpuSharedConfig(block_m=16, block_k=128))
+    pk.plan(OP, small, k, k, backend="gpu", target="h100",
+            config=pk.MosaicTpuSharedConfig(block_m=16, block_k=128))
   with pytest.raises(ValueError, match="mosaic_gpu.*cannot run.*bfloat16 or float16"):
     pk.plan(OP, q.update(dtype=jnp.float32), k.update(dtype=jnp.float32),
             k.update(dtype=jnp.float32), implementation="mosaic_gpu", target="h100")

@@ -411,8 +411,9 @@ def _rows_block(M: int) -> int:
 
 def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> TritonScoresConfig:
   """Row blocks as in shared_attention; key tiles up to 128 keys, no wider than a chunk needs
-  nor than the S keys; 8 chunks per program. A program carries its [block_m, chunks_per_program] maxima in registers:
-  at 64 chunks the kernel took all 255 registers a thread may have (12.5% occupancy in Nsight
+  nor than the S keys; 8 chunks per program. A program carries its [block_m,
+  chunks_per_program] maxima in registers: at 64 chunks the kernel took all 255 registers a
+  thread may have (12.5% occupancy in Nsight
   Compute, issue slots 32% busy) and 8 chunks ran 7-16% faster at every B (H200, S=1M, C=512,
   64-wide codes: B=8 0.244 -> 0.227 ms, B=128 1.63 -> 1.39, B=512 6.34 -> 5.33;
   results/sparse_probes.md)."""
