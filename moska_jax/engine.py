@@ -1097,8 +1097,8 @@ class GroupsExecutor:
     self.page_size = cache.page_size
     self.pool_rows = cache.num_pages * cache.page_size
     self.rows = 0  # R, each device's K/V rows per layer; set by set_store
-    self._step = jax.jit(counted(self._program), static_argnums=(0, 1),
-                         static_argnames=("draw", "nucleus"), donate_argnums=3)
+    self._step = jax.jit(counted(self._program), static_argnums=(0, 1, 2),
+                         static_argnames=("draw", "nucleus"), donate_argnums=4)
 
   @staticmethod
   def check_config(mcfg: MoskaConfig) -> None:
@@ -1180,9 +1180,12 @@ class GroupsExecutor:
           lasts.append(np.zeros((B, m.vocab), np.float32))
         continue
       positions = (self.shared_length + part.lengths)[:, None] + np.arange(T, dtype=np.int32)
+      # A decode row is its slot, whose pages live on its shard's devices; a prefill lane is
+      # not: lanes run on every unique device, so each pool holds every prompt's pages.
+      replicated = part is plan.lanes
       requests = place_requests(groups, (part.tokens, part.tables, part.lengths, part.fed,
-                                         positions), B)
-      sampled, last, cache.pools = self._step(self.cfg, B, self.state, cache.pools,
+                                         positions), B, replicated)
+      sampled, last, cache.pools = self._step(self.cfg, B, replicated, self.state, cache.pools,
                                               self.summaries, self.kv_length, requests,
                                               place_replicated(groups, rows), **branches(rows))
       moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype)
@@ -1193,15 +1196,17 @@ class GroupsExecutor:
         lasts.append(np.asarray(last.addressable_data(0)))
     return np.concatenate(tokens), (np.concatenate(lasts) if plan.keep_logits else None)
 
-  def _program(self, cfg: SharedConfig, batch: int, state, pools, summaries, kv_length,
-               requests: tuple, sampling: SamplingRows, *, draw: bool, nucleus: bool):
+  def _program(self, cfg: SharedConfig, batch: int, replicated: bool, state, pools, summaries,
+               kv_length, requests: tuple, sampling: SamplingRows, *, draw: bool,
+               nucleus: bool):
     """One part of `batch` requests on the span -> (sampled tokens [B], last logits [B, V], new
-    pools); requests: the part's (tokens, tables, lengths, fed, positions) span arrays."""
+    pools); requests: the part's (tokens, tables, lengths, fed, positions) span arrays, split
+    over the request shards or (`replicated`) on every unique device."""
     groups, page, mcfg = self.groups, self.page_size, self.mcfg
 
     def body(state, pools, summaries, kv_length, requests, sampling):
       tokens, tables, lengths, fed, positions = requests
-      ctx = span_context(groups, batch)
+      ctx = span_context(groups, batch, replicated)
       T = tokens.shape[1]
       # Shared devices write past every table (dropped) and see no unique keys; their copy of
       # the dense layers runs on the filler rows of shard 0 while they wait for q.

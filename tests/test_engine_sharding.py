@@ -245,3 +245,21 @@ def test_what_disaggregated_groups_refuse(setup):
   eng = engine(model, {"a": store, "b": store}, dataclasses.replace(sparse, reroute_every=2),
                single)
   assert eng.contexts == ("a", "b")
+
+
+def test_prefill_lanes_that_are_not_slots_on_two_unique_devices(setup):
+  """A prefill lane is not its request's slot: with requests split over two unique devices,
+  lanes that moved (a prompt finishing before another, one lane of several) once wrote pages
+  on one device that the decode rows read on the other. Equal to one device."""
+  model, stores, _, _ = setup
+  rng = np.random.default_rng(3)
+  prompts = [list(rng.integers(0, 256, n)) for n in (5, 20, 7, 4)]
+  make = lambda groups: MoskaEngine(model, stores["dense"], MODES["dense"], max_batch=4,
+                                    num_pages=16, page_size=8, prefill_chunk=8, prefill_lanes=2,
+                                    groups=groups)
+  groups = make_device_groups(jax.devices()[:3], num_shared=1)
+  assert groups.request_shards == 2
+  got = make(groups).generate(prompts, NEW_TOKENS, return_logits=True)
+  for a, b in zip(got, make(None).generate(prompts, NEW_TOKENS, return_logits=True)):
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.stack(a.logits), np.stack(b.logits), rtol=1e-5, atol=1e-5)

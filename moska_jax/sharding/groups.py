@@ -149,9 +149,11 @@ class DeviceGroups:
     """The 1-D mesh (axis "span") over `span_devices` that the disaggregated step runs on."""
     return Mesh(np.asarray(self.span_devices, dtype=object), (SPAN,))
 
-  def span_roles(self, batch: int) -> SpanRoles:
-    """Each span device's role for a batch of `batch` requests (see `SpanRoles`)."""
-    shards = self.request_shards if batch % self.request_shards == 0 else 1
+  def span_roles(self, batch: int, replicated: bool = False) -> SpanRoles:
+    """Each span device's role for a batch of `batch` requests (see `SpanRoles`): split over
+    the request shards where they divide it, else (or when `replicated`) every unique device
+    runs every request and the first one speaks for them."""
+    shards = self.request_shards if batch % self.request_shards == 0 and not replicated else 1
     shape = self.unique_mesh.shape
     shard, owner = [], []
     for coords in np.ndindex(*(shape[a] for a in UNIQUE_AXES)):  # row-major = unique order

@@ -67,11 +67,13 @@ def span_blocks(groups: DeviceGroups, block: Callable[[int, Any], Any], shape: t
                                                   sharding, arrays, dtype=dtype)
 
 
-def place_requests(groups: DeviceGroups, tree: Any, batch: int) -> Any:
+def place_requests(groups: DeviceGroups, tree: Any, batch: int,
+                   replicated: bool = False) -> Any:
   """Per-request arrays [B, ...] (B = batch; host arrays, the same in every process) as span
   arrays [num_span_devices * B_l, ...]: each unique device gets the requests of its shard
-  (`DeviceGroups.span_roles`), each shared device a copy of shard 0 that it never uses."""
-  roles = groups.span_roles(batch)
+  (`DeviceGroups.span_roles(batch, replicated)`), each shared device a copy of shard 0 that it
+  never uses."""
+  roles = groups.span_roles(batch, replicated)
   rows = batch // roles.shards
 
   def place(x):

@@ -71,9 +71,9 @@ class SpanContext(NamedTuple):
   shared_positions: tuple[int, ...]  # the span positions of shared ranks 0, 1, ...
 
 
-def span_context(groups: DeviceGroups, batch: int) -> SpanContext:
-  """This device's `SpanContext` (call inside a `span_map` body)."""
-  roles = groups.span_roles(batch)
+def span_context(groups: DeviceGroups, batch: int, replicated: bool = False) -> SpanContext:
+  """This device's `SpanContext` (call inside a `span_map` body; `DeviceGroups.span_roles`)."""
+  roles = groups.span_roles(batch, replicated)
   i = jax.lax.axis_index(SPAN)
   at = lambda values: jnp.asarray(np.asarray(values))[i]
   positions = tuple(sorted((r, p) for p, r in enumerate(roles.shared_rank) if r >= 0))
