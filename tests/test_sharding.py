@@ -360,12 +360,18 @@ def test_bad_placement_and_step_args_raise(data):
     shared_attention_step(groups, q, jnp.asarray(k), jnp.asarray(v), backend="xla")
   summaries = routing.chunk_summaries(jnp.asarray(k), C)
   routed = place_shared_kv(groups, k, v, summaries, chunk_size=C)
+  n = routed.kv_length
+  with pytest.raises(ValueError, match="kv_length is required"):  # rows past S are padding
+    shared_attention_step(groups, q, store.k, store.v, backend="xla")
   with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=16\]"):
-    shared_attention_step(groups, q, routed.k, routed.v, summaries=routed.summaries, top_k=17,
-                          chunk_size=C)
+    shared_attention_step(groups, q, routed.k, routed.v, kv_length=n, summaries=routed.summaries,
+                          top_k=17, chunk_size=C)
   with pytest.raises(ValueError, match=r"always_include must hold at most top_k=2 chunk ids"):
-    shared_attention_step(groups, q, routed.k, routed.v, summaries=routed.summaries, top_k=2,
-                          always_include=(16,), chunk_size=C)
+    shared_attention_step(groups, q, routed.k, routed.v, kv_length=n, summaries=routed.summaries,
+                          top_k=2, always_include=(16,), chunk_size=C)
+  with pytest.raises(ValueError, match=r"chunk_size=32 must be the summaries' chunk size, 16"):
+    shared_attention_step(groups, q, routed.k, routed.v, kv_length=n, summaries=routed.summaries,
+                          top_k=2, chunk_size=2 * C)
   with pytest.raises(ValueError, match="chunk_ids or"):
     shared_attention_step(groups, q, store.k, store.v, chunk_ids=ids, top_k=2, chunk_size=C)
   with pytest.raises(ValueError, match="chunk ids are routed on the shared devices"):

@@ -313,11 +313,13 @@ def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v
     q: [B, T, Hq, D] queries, host values (placed on the unique devices by request,
       `place_requests`; the same values in every process under jax.distributed).
     shared_k, shared_v: span arrays from `place_shared_kv`.
-    kv_length: valid rows (int, or the `PlacedSharedKV.kv_length` array); default all rows.
+    kv_length: the store's valid rows S (an int, or the `PlacedSharedKV.kv_length` array);
+      required: the placed store's rows past S are zero padding, which must not be attended.
     chunk_ids: [B, Hkv, K] global chunk ids (host values); ids outside [0, N) select nothing.
     summaries, top_k, always_include: route on the shared devices instead
       (`PlacedSharedKV.summaries`).
-    chunk_size: C (sparse only); it must divide each device's rows.
+    chunk_size: C (sparse only); it must divide each device's rows (and, routed, be the
+      summaries' chunk size).
     sm_scale, backend, interpret: as for the kernels.
 
   Returns:
@@ -334,7 +336,13 @@ def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v
                      chunk_size if mode != "dense" else None, sm_scale, backend, interpret)
   for name, x in (("shared_k", shared_k), ("shared_v", shared_v)):
     _check_store(groups, f"shared_attention_step: {name}", x, cfg)
+  if kv_length is None:
+    raise ValueError("shared_attention_step: kv_length is required (the store's S rows: "
+                     "PlacedSharedKV.kv_length); rows past it are zero padding")
   if mode == "routed":
+    if summaries.chunk_size != chunk_size:
+      raise ValueError(f"shared_attention_step: chunk_size={chunk_size} must be the summaries' "
+                       f"chunk size, {summaries.chunk_size}")
     n = groups.num_shared * summaries.arrays[0].shape[0] // len(groups.span_devices)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
       raise ValueError(f"shared_attention_step: top_k must be an int in [1, N={n}], got "
@@ -342,8 +350,6 @@ def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v
     if any(not 0 <= c < n for c in cfg.always_include) or len(cfg.always_include) > top_k:
       raise ValueError(f"shared_attention_step: always_include must hold at most top_k={top_k} "
                        f"chunk ids in [0, N={n}), got {always_include!r}")
-  if kv_length is None:
-    kv_length = groups.num_shared * (shared_k.shape[0] // len(groups.span_devices))
   if not isinstance(kv_length, jax.Array):
     kv_length = place_replicated(groups, np.int32(kv_length))
   q = np.asarray(q)
