@@ -10,6 +10,7 @@ one-device kernels.
 
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -82,6 +83,33 @@ def test_a_failing_process_stops_the_launch(tmp_path):
   results = launch.launch([sys.executable, str(script)], 2, timeout_s=40, cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT))
   assert [r.returncode for r in results] == [None, 3]  # process 0 stopped, not waited for
+
+
+def test_a_stopped_process_takes_its_children_along(tmp_path):
+  """A process stopped at the timeout is stopped with what it started (a shell wrapper's job)."""
+  script, pid_file = tmp_path / "parent.py", tmp_path / "child.pid"
+  script.write_text("import subprocess, sys, time\n"
+                    "child = subprocess.Popen([sys.executable, '-c', 'import time; "
+                    "time.sleep(120)'])\n"
+                    f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+                    "time.sleep(120)\n")
+  results = launch.launch([sys.executable, str(script)], 1, timeout_s=5, cwd=ROOT)
+  assert results[0].returncode is None  # stopped at the timeout
+  child = int(pid_file.read_text())
+
+  def running():  # a killed orphan may stay a zombie until init reaps it
+    try:
+      with open(f"/proc/{child}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+      return False
+
+  for _ in range(100):
+    if not running():
+      return
+    time.sleep(0.05)
+  os.kill(child, 9)
+  pytest.fail("the launched process's child outlived the launch")
 
 
 @pytest.mark.parametrize("kwargs, match", [

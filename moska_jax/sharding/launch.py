@@ -24,6 +24,7 @@ import argparse
 import atexit
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -133,8 +134,10 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
   for i in range(num_processes):
     proc_env = process_env(i, num_processes, port, devices_per_process=devices_per_process,
                            platform=platform, timeout_s=peer_timeout, base=env)
+    # A session of its own: stopping it stops what it started too (a shell wrapper's children
+    # would otherwise keep their devices and the coordinator port).
     procs.append(subprocess.Popen(list(command), cwd=cwd, env=proc_env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True))
     outputs.append([])
     # Drain each pipe on its own thread: a full pipe would block its process.
     readers.append(threading.Thread(target=lambda p=procs[-1], out=outputs[-1]:
@@ -142,21 +145,23 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
     readers[-1].start()
   deadline = time.monotonic() + timeout_s
   failed_at = None
-  while time.monotonic() < deadline:
-    codes = [p.poll() for p in procs]  # every one, each time: a failure anywhere is seen
-    if all(c is not None for c in codes):
-      break
-    if failed_at is None and any(c not in (None, 0) for c in codes):
-      failed_at = time.monotonic()
-    if failed_at is not None and time.monotonic() > failed_at + GRACE_S:
-      break
-    time.sleep(0.05)
   stopped = set()
-  for i, p in enumerate(procs):
-    if p.poll() is None:
-      p.kill()
-      p.wait()
-      stopped.add(i)
+  try:
+    while time.monotonic() < deadline:
+      codes = [p.poll() for p in procs]  # every one, each time: a failure anywhere is seen
+      if all(c is not None for c in codes):
+        break
+      if failed_at is None and any(c not in (None, 0) for c in codes):
+        failed_at = time.monotonic()
+      if failed_at is not None and time.monotonic() > failed_at + GRACE_S:
+        break
+      time.sleep(0.05)
+  finally:  # also on Ctrl-C: no process group outlives the launch
+    for i, p in enumerate(procs):
+      if p.poll() is None:
+        stopped.add(i)
+        os.killpg(p.pid, signal.SIGKILL)  # its own session: the process and its children
+        p.wait()
   for r in readers:
     r.join(timeout=5)
   return [ProcessResult(i, None if i in stopped else p.returncode, "".join(out))
