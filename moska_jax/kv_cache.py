@@ -329,8 +329,20 @@ class UniqueKVCache:
   def can_allocate(self, tokens: int) -> bool:
     return self.pages_for(tokens) <= min(len(self.free_pages), self.block_tables.shape[1])
 
+  def _check_slot(self, slot, where: str) -> int:
+    slots = self.block_tables.shape[0]
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < slots:
+      raise ValueError(f"UniqueKVCache.{where}: slot must be an int in [0, {slots}), got "
+                       f"{slot!r}")
+    return int(slot)
+
   def allocate(self, slot: int, tokens: int) -> None:
-    """Gives `slot` pages for `tokens` tokens (its length restarts at 0)."""
+    """Gives `slot` pages for `tokens` tokens (its length restarts at 0).
+
+    Raises:
+      ValueError: a slot outside [0, max_batch) or one that holds pages, or too few pages.
+    """
+    slot = self._check_slot(slot, "allocate")
     n = self.pages_for(tokens)
     if slot in self.owned:
       raise ValueError(f"UniqueKVCache: slot {slot} already holds pages")
@@ -344,7 +356,14 @@ class UniqueKVCache:
     self.lengths[slot] = 0
 
   def free(self, slot: int) -> None:
-    """Returns the slot's pages to the pool."""
+    """Returns the slot's pages to the pool.
+
+    Raises:
+      ValueError: a slot outside [0, max_batch) or one that holds no pages.
+    """
+    slot = self._check_slot(slot, "free")
+    if slot not in self.owned:
+      raise ValueError(f"UniqueKVCache.free: slot {slot} holds no pages")
     self.free_pages.extend(reversed(self.owned.pop(slot)))
     self.block_tables[slot] = 0
     self.lengths[slot] = 0

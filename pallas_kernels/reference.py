@@ -94,7 +94,7 @@ def unique_attention_ref(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   tables = jnp.clip(block_tables, 0, k_pages.shape[0] - 1)  # entries past a length may be junk
   k = k_pages[tables].reshape(B, S, Hkv, D).astype(jnp.float32)
   v = v_pages[tables].reshape(B, S, Hkv, D)
-  lengths = lengths.astype(jnp.int32)
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, S)  # as the kernels clamp traced lengths
   pos = jnp.arange(S)
   qg = q.reshape(B, T, Hkv, dims.G, D).astype(jnp.float32)
   s = jnp.einsum("bthgd,bshd->bthgs", qg, k, precision=_HI) * scale

@@ -189,7 +189,9 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
 
   Token t of request b goes to position lengths_before[b] + t, i.e. page
   block_tables[b, pos // page_size], slot pos % page_size. Positions past the table
-  (>= max_pages * page_size) are dropped. Afterwards call `unique_attention` with
+  (>= max_pages * page_size) are dropped. Two tokens aimed at one (page, slot) (tables that
+  share a page, e.g. a scratch page for padding rows) leave one of them there, which one is
+  unspecified. Afterwards call `unique_attention` with
   lengths = lengths_before + T.
 
   The update is in place only when the caller donates the pools to a jitted step, e.g.::
@@ -206,7 +208,8 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
     k_new, v_new: [B, T, Hkv, D] the new keys and values (cast to the pools' dtype).
     k_scale, v_scale: optional [Hkv] float32 dequantization scales of float8 pools (give both or
       neither; `unique_attention` takes the same): k_new / k_scale[h] is written, saturated to
-      the format's finite range (`quant.quantize_with`).
+      the format's finite range (`quant.quantize_with`); float8 pools without scales are
+      written saturated too (scale 1).
 
   Concrete lengths_before must lie in [0, max_pages * page_size] and the table ids of the pages
   they and the new tokens cover in [0, P) (ValueError otherwise). Under jit nothing is checked:
@@ -244,6 +247,11 @@ def write_pages(k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
       raise ValueError(f"{where}: k_scale and v_scale need float8 pools "
                        f"({[d.name for d in quant.FP8_DTYPES]}), got {k_pages.dtype} and "
                        f"{v_pages.dtype}")
+  elif quant.is_fp8(k_pages.dtype) and quant.is_fp8(v_pages.dtype):
+    # Unscaled float8 pools: saturate, as scaled ones do (e4m3fn has no inf: a plain cast of an
+    # out-of-range value is NaN).
+    k_scale = v_scale = jnp.ones((Hkv,), jnp.float32)
+  if k_scale is not None:
     k_new = quant.quantize_with(k_new, k_scale, k_pages.dtype)
     v_new = quant.quantize_with(v_new, v_scale, v_pages.dtype)
   pos = lengths_before.astype(jnp.int32)[:, None] + jnp.arange(k_new.shape[1])  # [B, T]

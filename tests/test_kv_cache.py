@@ -78,6 +78,12 @@ def test_unique_cache_allocates_and_frees_pages():
   assert np.all(cache.block_tables[0] == 0) and len(cache.free_pages) == 5
   cache.allocate(1, 16)
   assert 0 not in cache.block_tables[1]  # page 0 is the scratch page, never handed out
+  for slot in (-1, 2, True):  # a negative slot would alias the last row's table
+    with pytest.raises(ValueError, match=r"allocate: slot must be an int in \[0, 2\)"):
+      cache.allocate(slot, 1)
+  with pytest.raises(ValueError, match="free: slot 0 holds no pages"):
+    cache.free(0)
+  assert len(cache.free_pages) == 1 and set(cache.owned) == {1}  # nothing leaked
   with pytest.raises(ValueError, match="num_pages >= 2"):
     UniqueKVCache(tiny(), max_batch=1, num_pages=1, page_size=4, max_pages_per_request=1)
 

@@ -279,6 +279,28 @@ def test_write_pages_round_trip():
   _check(o, lse, (q, k_pages, v_pages, tables, lengths), jnp.float32)
 
 
+def test_traced_lengths_past_the_table_are_clamped_alike():
+  """A traced length past max_pages * page_size is clamped to it by every implementation (the
+  XLA path once let T > 1 queries see past the table's last position)."""
+  q, k, v, tables, _ = kc.paged_inputs(6, 4, 2, 2, 64, 8, (24, 5), jnp.float32, poison=False)
+  tables = tables[:, :3]  # capacity 24
+  run = lambda impl, i, n: jax.jit(lambda n: unique_attention(
+      q, k, v, tables, n, implementation=impl, interpret=i))(n)
+  want = run("triton", True, jnp.asarray([24, 5], jnp.int32))
+  for impl, interpret in (("xla", False), ("triton", True), ("mosaic_tpu", True)):
+    got = run(impl, interpret, jnp.asarray([27, 5], jnp.int32))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5, err_msg=impl)
+
+
+def test_unscaled_float8_pools_saturate():
+  """float8_e4m3fn has no inf: a token past its range is written as +-448, never NaN."""
+  pools = jnp.zeros((4, 8, 1, 16), jnp.float8_e4m3fn)
+  x = jnp.full((1, 2, 1, 16), 1000.0).at[:, 1].set(-2.0)
+  k, v = write_pages(pools, pools, jnp.asarray([[1, 2]], jnp.int32), jnp.asarray([0]), x, x)
+  np.testing.assert_array_equal(np.asarray(k[1, :2, 0, 0], np.float32), [448.0, -2.0])
+  assert not np.any(np.isnan(np.asarray(v, np.float32)))
+
+
 def test_reference_is_jittable_and_matches():
   inputs = kc.paged_inputs(3, 4, 4, 2, 64, 16, (0, 9, 40), jnp.float32)
   o, lse = jax.jit(unique_attention_ref)(*inputs)
