@@ -3,16 +3,19 @@
 Endpoints: POST /v1/completions and /v1/chat/completions (a `context` field names the shared
 context a request reads, default the engine's default context; `stream: true` sends the tokens
 as server-sent events, `data: {chunk}` lines closed by `data: [DONE]`; an event carries every
-token that arrived since the last one), GET /v1/models (the model and its resident contexts),
+token that arrived since the last one; `stream_options: {"include_usage": true}` adds a last
+chunk with the usage), GET /v1/models and /v1/models/{id} (the model and its resident contexts),
 /health, /metrics (Prometheus text).
 
 Every request is submitted to the engine's background loop (`MoskaEngine.start`) and joins the
 running batch at its next step; a client that disconnects cancels its request, whose slot and
 pages come back before the next step. Errors are OpenAI-shaped JSON, `{"error": {"message",
-"type", "param", "code"}}`: 400 malformed JSON or a bad field, 404 an unknown model, context or
-route, 413 a prompt over the per-request token budget, 429 too many requests waiting, 503 the engine
-does not run (an engine process that died: `moska_jax.serve_core.EngineProcess`); an internal
-failure is a 500 with a message and never a traceback.
+"type", "param", "code"}}`: 400 malformed JSON or a bad field (code "context_length_exceeded": a
+prompt over the per-request token budget), 404 an unknown model, context or route, 429 too many
+requests waiting, 503 the engine does not run (an engine process that died:
+`moska_jax.serve_core.EngineProcess`); an internal failure is a 500 with a message and never a
+traceback. Not implemented (400 when asked for): n > 1, best_of, echo, logprobs, stop strings,
+suffix, penalties, logit_bias, tools, JSON response formats.
 
 The engine is a `MoskaEngine` stepping on a thread of this process, or an `EngineProcess`
 stepping in a process of its own (no GIL shared with the event loop).
@@ -42,14 +45,14 @@ from moska_jax.serve_core import EngineProcess
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               503: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+               500: "server_error", 503: "server_error"}
 # Fields of the OpenAI API this server does not implement, with the values that ask for nothing.
-UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "logprobs": (None,),
-               "top_logprobs": (None,), "stop": (None, [], ""), "suffix": (None,),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "logit_bias": (None, {}), "tools": (None, []), "response_format": (None,)}
+UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
+               "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
+               "suffix": (None,), "presence_penalty": (None, 0, 0.0),
+               "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+               "response_format": (None, {"type": "text"})}
 
 
 class ApiError(Exception):
@@ -145,10 +148,11 @@ class Server:
 
   def submit_args(self, body: dict, prompt: str | list[int]) -> dict:
     """Validates the common fields; returns the engine's submit arguments."""
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 16))
+    field = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    max_tokens = body.get(field)  # null counts as absent, as in the OpenAI API
+    max_tokens = 16 if max_tokens is None else max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-      raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}",
-                     param="max_tokens")
+      raise ApiError(400, f"{field} must be an integer >= 1, got {max_tokens!r}", param=field)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed < SEED_RANGE):
@@ -163,7 +167,7 @@ class Server:
     if context is not None and context not in engine.contexts:
       raise ApiError(404, f"unknown context {context!r}; resident contexts: "
                      f"{sorted(engine.contexts)}", param="context", code="context_not_found")
-    if not isinstance(body.get("stream", False), bool):
+    if not isinstance(body.get("stream") or False, bool):
       raise ApiError(400, "stream must be true or false", param="stream")
     try:
       tokens = engine.encode(prompt)
@@ -171,7 +175,7 @@ class Server:
       raise ApiError(400, str(e), param="prompt") from None
     limit = engine._request_limit()
     if len(tokens) + max_tokens > limit:
-      raise ApiError(413, f"the prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) "
+      raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) "
                      f"exceeds this server's per-request budget of {limit} tokens",
                      param="prompt", code="context_length_exceeded")
     if engine.queue_length >= self.max_waiting:
@@ -214,8 +218,9 @@ class Server:
     except RuntimeError as e:  # the engine does not run
       raise ApiError(503, str(e)) from None
 
-  def stream(self, args: dict, chunk) -> StreamingResponse:
-    """The request's tokens as server-sent events; chunk(text, finish_reason) -> JSON dict."""
+  def stream(self, args: dict, chunk, include_usage: bool = False) -> StreamingResponse:
+    """The request's tokens as server-sent events; chunk(text, finish_reason) -> JSON dict; with
+    include_usage a last chunk with no choices carries the usage (OpenAI's stream_options)."""
     try:
       tokens = self.engine.stream(**args, stream_interval=self.stream_interval)
     except ValueError as e:
@@ -242,7 +247,10 @@ class Server:
           yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": None}})
           return
-        yield _sse(chunk(detok.flush(), tokens.request.finish_reason)) + "data: [DONE]\n\n"
+        last = _sse(chunk(detok.flush(), tokens.request.finish_reason))
+        if include_usage:
+          last += _sse(chunk(None, None) | {"choices": [], "usage": self.usage(tokens.request)})
+        yield last + "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -250,8 +258,11 @@ class Server:
   async def answer(self, request: HttpRequest, body: dict, args: dict, chunk, final):
     """The response to a completion request: an SSE stream of chunk(text, finish_reason) when
     body asks for one, else final(request) once it ended."""
-    if body.get("stream", False):
-      return self.stream(args, chunk)
+    if body.get("stream"):
+      options = body.get("stream_options") or {}
+      if not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+      return self.stream(args, chunk, include_usage=options.get("include_usage") is True)
     r = await self.complete(request, args)
     if r is None:
       return error_response(400, "the client disconnected")
@@ -327,11 +338,17 @@ def _chat_prompt(body: dict) -> str:
     raise ApiError(400, "messages must be a non-empty list", param="messages")
   lines = []
   for i, m in enumerate(messages):
-    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or (
-        not isinstance(m.get("content"), str)):
-      raise ApiError(400, f"messages[{i}] must be an object with a role (system, user, "
-                     f"assistant) and a string content", param="messages")
-    lines.append(f"{m['role']}: {m['content']}\n")
+    content = m.get("content") if isinstance(m, dict) else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+      content = "".join(p["text"] for p in content)  # the text parts of a content list
+    role = m.get("role") if isinstance(m, dict) else None
+    role = "system" if role == "developer" else role
+    if role not in ("system", "user", "assistant") or not isinstance(content, str):
+      raise ApiError(400, f"messages[{i}] must be an object with a role (system, developer, "
+                     f"user, assistant) and a content: a string or a list of text parts",
+                     param="messages")
+    lines.append(f"{role}: {content}\n")
   return "".join(lines) + "assistant:"
 
 
@@ -444,13 +461,22 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
 
     return await server.answer(request, body, args, chunk, final)
 
-  @app.get("/v1/models")
-  async def models():
+  def model_card() -> dict[str, Any]:
     contexts = [{"id": name, "tokens": engine.context_tokens(name),
                  "default": name == engine.default_context} for name in engine.contexts]
-    return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                        "created": server.created, "owned_by": "moska-jax",
-                                        "contexts": contexts}]}
+    return {"id": model_name, "object": "model", "created": server.created,
+            "owned_by": "moska-jax", "contexts": contexts}
+
+  @app.get("/v1/models")
+  async def models():
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{model_id}")
+  async def model(model_id: str):
+    if model_id != model_name:
+      raise ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+                     f"{model_name!r}", param="model", code="model_not_found")
+    return model_card()
 
   @app.get("/health")
   async def health():

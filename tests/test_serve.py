@@ -113,6 +113,21 @@ def test_openai_client_completions_and_streams(served):
                                             stream=True)
   assert "".join(c.choices[0].delta.content or "" for c in streamed) == (
       chat.choices[0].message.content)
+  # OpenAI's own forms: usage at the end of a stream, text parts, a developer message, null
+  # and default-valued fields.
+  chunks = list(client.chat.completions.create(
+      model="tiny", max_tokens=NEW, temperature=0, stream=True, logprobs=False,
+      stream_options={"include_usage": True}, response_format={"type": "text"},
+      messages=[{"role": "user", "content": [{"type": "text", "text": "hel"},
+                                             {"type": "text", "text": "lo"}]}]))
+  assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == NEW
+  assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == (
+      chat.choices[0].message.content)
+  developer = httpx.post(url + "/v1/chat/completions", timeout=60, json=dict(
+      model="tiny", max_tokens=None, max_completion_tokens=2, stream=None, temperature=0,
+      messages=[{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}]))
+  assert developer.json()["usage"]["completion_tokens"] == 2
+  assert client.models.retrieve("tiny").id == "tiny"
   seeded = [client.completions.create(model="tiny", prompt="roll", max_tokens=NEW,
                                       temperature=1.0, seed=42).choices[0].text for _ in "ab"]
   assert seeded[0] == seeded[1]  # a seeded request is reproducible
@@ -150,7 +165,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
   body = lambda **kw: json.dumps(dict(model="tiny", prompt="hi", max_tokens=4) | kw)
   _error(post("{not json"), 400, "malformed JSON")
   _error(post(body(context="nope")), 404, "unknown context 'nope'")
-  err = _error(post(body(prompt="x" * 300)), 413, "exceeds this server's per-request budget")
+  err = _error(post(body(prompt="x" * 300)), 400, "exceeds this server's per-request budget")
   assert err["code"] == "context_length_exceeded"
   _error(post(body(max_tokens=0)), 400, "max_tokens must be an integer >= 1")
   _error(post(body(max_tokens=-3)), 400, "max_tokens must be an integer >= 1")
