@@ -240,7 +240,8 @@ class Server:
         try:
           async for token in tokens:
             # The tokens that arrived meanwhile too (one event, one write for all of them).
-            delta = detok.add([token, *tokens.drain()])
+            # the end-of-sequence token ends the text; it is not part of it
+            delta = detok.add([t for t in (token, *tokens.drain()) if t != self.eos_id])
             if delta:
               yield f"{head}{json.dumps(delta)}{tail}"
         except RuntimeError as e:
@@ -267,6 +268,11 @@ class Server:
     if r is None:
       return error_response(400, "the client disconnected")
     return final(r)
+
+  def text(self, r) -> str:
+    """The request's text: its tokens without the end-of-sequence token that ended it."""
+    ends = r.finish_reason == "stop" and r.tokens and r.tokens[-1] == self.eos_id
+    return self.engine.decode(r.tokens[:-1] if ends else r.tokens)
 
   def usage(self, r) -> dict:
     return dict(prompt_tokens=len(r.prompt), completion_tokens=len(r.tokens),
@@ -373,7 +379,7 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
     engine: the engine, a `MoskaEngine` or an `EngineProcess` (its tokenizer must decode).
     model_name: the model id the API reports and accepts.
     max_waiting: requests queued beyond the running batch before new ones get 429.
-    eos_id: the token that ends a request (kept as its last token), or None.
+    eos_id: the token that ends a request (counted in its usage, not part of its text), or None.
     switch_interval: the interpreter's thread switch interval while the app runs
       (`MoskaEngine.start`), or None to leave it.
     stream_interval: tokens per server-sent event of a stream while it keeps up (the last event
@@ -436,7 +442,7 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
                            "finish_reason": finish}]}
 
     def final(r) -> dict[str, Any]:
-      return chunk(engine.decode(r.tokens), r.finish_reason) | {"usage": server.usage(r)}
+      return chunk(server.text(r), r.finish_reason) | {"usage": server.usage(r)}
 
     return await server.answer(request, body, args, chunk, final)
 
@@ -455,7 +461,7 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
     def final(r) -> dict[str, Any]:
       return {"id": cid, "object": "chat.completion", "created": created, "model": model_name,
               "choices": [{"index": 0, "message": {"role": "assistant",
-                                                    "content": engine.decode(r.tokens)},
+                                                    "content": server.text(r)},
                            "logprobs": None, "finish_reason": r.finish_reason}],
               "usage": server.usage(r)}
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from moska_jax.engine import ByteTokenizer, MoskaEngine  # noqa: E402
 from moska_jax.model import Decoder  # noqa: E402
 from moska_jax.prefill import build_shared_store  # noqa: E402
 from moska_jax.sampling import Sampling  # noqa: E402
-from moska_jax.serve_api import _Detokenizer, create_app  # noqa: E402
+from moska_jax.serve_api import Server, _Detokenizer, create_app  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [f"question {i}: " + "xyz"[i % 3] * (i % 5) for i in range(32)]
@@ -213,6 +214,14 @@ def test_models_health_and_metrics(served):
     create_app(engine, switch_interval=0)
   with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
     create_app(engine, stream_interval=0)
+
+
+def test_the_end_of_sequence_token_is_not_text(served):
+  url, engine, client, refs, api = served
+  server = Server(engine, "tiny", 1, 89, 1)  # eos_id 89 ("Y" in bytes)
+  ended = lambda reason, tokens: types.SimpleNamespace(finish_reason=reason, tokens=tokens)
+  assert server.text(ended("stop", [104, 105, 89])) == "hi"
+  assert server.text(ended("length", [104, 89])) == "hY"  # 89 sampled, but it did not end it
 
 
 def test_a_stream_interval_sends_fewer_events_with_the_same_text(served):
