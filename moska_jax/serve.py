@@ -44,7 +44,8 @@ flags.DEFINE_integer("chunk_size", 128, "Routing chunk of stores built from text
 flags.DEFINE_string("backend", "auto", "Kernel backend (auto, gpu, tpu, xla).")
 flags.DEFINE_string("tokenizer", None, "A tokenizer.json (the tokenizers package); default "
                     "UTF-8 bytes.")
-flags.DEFINE_integer("max_waiting", 256, "Queued requests beyond the batch before 429.")
+flags.DEFINE_integer("max_waiting", 256,
+                     "Requests submitted and not yet admitted to a slot before 429.")
 flags.DEFINE_integer("stream_interval", 1, "Tokens per streamed event while a stream keeps up "
                      "(larger: less server work per token for many streams).")
 flags.DEFINE_integer("eos_id", None, "Token that ends a request.")

@@ -12,7 +12,8 @@ running batch at its next step; a client that disconnects cancels its request, w
 pages come back before the next step. Errors are OpenAI-shaped JSON, `{"error": {"message",
 "type", "param", "code"}}`: 400 malformed JSON or a bad field (code "context_length_exceeded": a
 prompt over the per-request token budget), 404 an unknown model, context or route, 429 too many
-requests waiting, 503 the engine does not run (an engine process that died:
+requests waiting, 409 a request the server cancelled (its context was unloaded or
+replaced), 503 the engine does not run (an engine process that died:
 `moska_jax.serve_core.EngineProcess`); an internal failure is a 500 with a message and never a
 traceback. Not implemented (400 when asked for): n > 1, best_of, echo, logprobs, stop strings,
 suffix, penalties, logit_bias, tools, JSON response formats.
@@ -45,8 +46,8 @@ from moska_jax.serve_core import EngineProcess
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
-               500: "server_error", 503: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
+               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 # Fields of the OpenAI API this server does not implement, with the values that ask for nothing.
 UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
                "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
@@ -205,6 +206,8 @@ class Server:
     except asyncio.CancelledError:
       self.engine.cancel(r)
       raise
+    if r.finish_reason == "cancelled":  # by the server: its context was unloaded or replaced
+      raise ApiError(409, f"the request was cancelled: {r.error}", code="request_cancelled")
     if r.finish_reason not in ("stop", "length"):
       raise ApiError(500 if self.engine.running else 503,
                      f"the request ended with {r.finish_reason}: {r.error}")
@@ -247,6 +250,11 @@ class Server:
         except RuntimeError as e:
           yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
                                 "code": None}})
+          return
+        if tokens.request.finish_reason == "cancelled":  # by the server, not by this client
+          yield _sse({"error": {"message": f"the request was cancelled: {tokens.request.error}",
+                                "type": "conflict_error", "param": None,
+                                "code": "request_cancelled"}})
           return
         last = _sse(chunk(detok.flush(), tokens.request.finish_reason))
         if include_usage:
@@ -378,7 +386,9 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
   Args:
     engine: the engine, a `MoskaEngine` or an `EngineProcess` (its tokenizer must decode).
     model_name: the model id the API reports and accepts.
-    max_waiting: requests queued beyond the running batch before new ones get 429.
+    max_waiting: requests submitted and not yet admitted to a slot (`queue_length`, which
+      counts a request until the next step admits it, even while slots are free) before new
+      ones get 429.
     eos_id: the token that ends a request (counted in its usage, not part of its text), or None.
     switch_interval: the interpreter's thread switch interval while the app runs
       (`MoskaEngine.start`), or None to leave it.
