@@ -27,8 +27,8 @@ Two scenarios, one table:
   the device does not compute under: taking submissions, planning, dispatch, bookkeeping,
   handing the tokens over; `stats["host_seconds"]`), `dispatch_ms` (of that, the calls of
   the jitted step and its sampler: enqueueing their kernels) and `compiles`, the XLA
-  compilations during the run (a step shape first met there pays its compilation inside the timing); over HTTP
-  also `client_busy`, the busiest
+  compilations during the run (a step shape first met there pays its compilation inside the
+  timing); over HTTP also `client_busy`, the busiest
   client process's CPU time over the run's wall time (near 1: the clients, not the server,
   limited the rate; raise `--serving_client_processes`). With `--serving_engine_process` the HTTP
   load runs again with the engine stepping in a process of its own ("http, engine process":

@@ -548,12 +548,13 @@ class MoskaEngine:
     """
     tokens = self.encode(prompt)
     context = self.check_request(tokens, max_new_tokens, context=context)
+    check_sampling(self.model_config, sampling, eos_id)
     return self._submit(tokens, max_new_tokens, sampling, eos_id, context, return_logits,
                         on_event)
 
   def _submit(self, tokens, max_new_tokens, sampling, eos_id, context, return_logits,
               on_event) -> Request:
-    check_sampling(self.model_config, sampling, eos_id)
+    """Posts a checked request (`check_request`, `check_sampling`) to the loop."""
     if sampling.temperature > 0 and sampling.seed is None:
       sampling = dataclasses.replace(sampling, seed=secrets.randbelow(SEED_RANGE))
     r = self.scheduler.new_request(tokens, int(max_new_tokens), eos_id, context=context,

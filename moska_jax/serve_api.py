@@ -65,11 +65,16 @@ class ApiError(Exception):
     self.status, self.message, self.param, self.code = status, message, param, code
 
 
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+  """An OpenAI-shaped error: the body of an error response, or a stream's error event."""
+  return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                    "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-  return JSONResponse(status_code=status, content={"error": {
-      "message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-      "param": param, "code": code}})
+  return JSONResponse(status_code=status, content=error_body(status, message, param, code))
 
 
 class _Detokenizer:
@@ -137,15 +142,18 @@ class Server:
       raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     if not isinstance(body, dict):
       raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if model is not None and model != self.model_name:
-      raise ApiError(404, f"the model {model!r} does not exist; this server serves "
-                     f"{self.model_name!r}", param="model", code="model_not_found")
+    self.check_model(body.get("model"))
     for name, allowed in UNSUPPORTED.items():
       if name in body and body[name] not in allowed:
         raise ApiError(400, f"{name}={body[name]!r} is not supported by this server",
                        param=name)
     return body
+
+  def check_model(self, model: str | None) -> None:
+    """Raises the 404 of a model id other than the served one (None: the served one)."""
+    if model is not None and model != self.model_name:
+      raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                     f"{self.model_name!r}", param="model", code="model_not_found")
 
   def submit_args(self, body: dict, prompt: str | list[int]) -> dict:
     """Validates the common fields; returns the engine's submit arguments."""
@@ -248,13 +256,11 @@ class Server:
             if delta:
               yield f"{head}{json.dumps(delta)}{tail}"
         except RuntimeError as e:
-          yield _sse({"error": {"message": str(e), "type": "server_error", "param": None,
-                                "code": None}})
+          yield _sse(error_body(500, str(e)))
           return
         if tokens.request.finish_reason == "cancelled":  # by the server, not by this client
-          yield _sse({"error": {"message": f"the request was cancelled: {tokens.request.error}",
-                                "type": "conflict_error", "param": None,
-                                "code": "request_cancelled"}})
+          yield _sse(error_body(409, f"the request was cancelled: {tokens.request.error}",
+                                code="request_cancelled"))
           return
         last = _sse(chunk(detok.flush(), tokens.request.finish_reason))
         if include_usage:
@@ -489,9 +495,7 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
 
   @app.get("/v1/models/{model_id}")
   async def model(model_id: str):
-    if model_id != model_name:
-      raise ApiError(404, f"the model {model_id!r} does not exist; this server serves "
-                     f"{model_name!r}", param="model", code="model_not_found")
+    server.check_model(model_id)
     return model_card()
 
   @app.get("/health")
