@@ -210,9 +210,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     raise ValueError(f"consumers must be one of {CONSUMERS}, got {consumers}")
   if problem := schedule_problem(consumers, split_keys):
     raise ValueError(problem)
-  if swizzle_bytes(D, jnp.dtype(q_rows.dtype).itemsize) is None:
-    raise ValueError(f"head dim D={D} must fill 32-byte rows (a multiple of 16 for 2-byte "
-                     "queries)")
+  if any(swizzle_bytes(D, jnp.dtype(x.dtype).itemsize) is None for x in (q_rows, k, v)):
+    raise ValueError(f"head dim D={D} must fill 32-byte rows of q and K/V (a multiple of 16 "
+                     f"for 2-byte elements, of 32 for float8)")
   if paged is not None and split_keys:
     # On an H200 (jax 0.11.2) the first call of split_keys over pages of 16 keys did not return
     # in 4 minutes. Those configs had one ring slot per consumer, the case that deadlocked
