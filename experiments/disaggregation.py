@@ -7,11 +7,13 @@ shared devices (`moska_jax.sharding`). Two tables:
 `disaggregation`, one row per (processes, layout, n_shared, B):
 - layout "colocated": one device does both halves; "split": --disagg_unique_devices unique
   devices + n shared devices, the layer as ONE jitted program over their span
-  (`sharding.disaggregated_attention_program`: q handed to the shared devices by an all-reduce,
-  unique and shared attention at once on their groups, one collective merge back).
-- step_ms: that program. transfer_ms: a program of the same shapes with only its collectives
-  (the q hand-off and the (o, lse) merge), so transfer_frac = transfer_ms / step_ms is what the
-  exchange costs at most. unique_ms / shared_ms: each half alone on its group (one process).
+  (`sharding.disaggregated_attention_program`: q handed to the shared devices by one
+  all-gather, unique and shared attention at once on their groups, one collective merge back).
+- step_ms: that program. transfer_ms: the step's collectives alone (the q hand-off and the
+  (o, lse) merge), the marginal time of one such exchange in a program that runs 17 in a row
+  (`transfer_time`), so transfer_frac = transfer_ms / step_ms is what the exchange adds to the
+  step (nothing overlaps it there); transfer_call_ms: a program of one exchange, which also pays
+  its own launch. unique_ms / shared_ms: each half alone on its group (one process).
 - x_colocated: the colocated step over this row's step at the same B (> 1: splitting pays).
 - processes > 1: the same split over that many local processes of one `jax.distributed` job (one
   device each on GPUs, `moska_jax.sharding.launch`); unique_ms / shared_ms are not measured
@@ -42,7 +44,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSh
 from experiments import common, harness, timing
 from moska_jax import sharding
 from moska_jax.sharding import launch
-from moska_jax.sharding.shared_step import hand_off, merge_over_span, span_context, span_map
+from moska_jax.sharding.shared_step import (hand_off, merge_over_span, own_rows, span_context,
+                                            span_map)
 from pallas_kernels import (merge_attention_states, merge_partials, shared_attention,
                             unique_attention)
 
@@ -63,6 +66,7 @@ flags.DEFINE_integer("disagg_devices_per_process", 1,
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXCHANGE_ROUNDS = 16  # extra exchanges in the looped program that times one (`transfer_time`)
 
 
 def _time(fn, *args, warmup: int = 3, inner: int = 5, samples: int = 7) -> float:
@@ -115,17 +119,33 @@ class Layer:
                  self.kv_length)
 
 
-def collectives_program(groups: sharding.DeviceGroups, B: int):
-  """The step's exchange without its kernels: q handed off, (o, lse) [B, 1, Hq, D] float32
-  merged over the span (what `disaggregated_attention_program` moves)."""
+def collectives_program(groups: sharding.DeviceGroups, B: int, rounds: int = 1):
+  """The step's exchange without its kernels, `rounds` times in one program: q handed off,
+  (o, lse) [B, 1, Hq, D] float32 merged over the span (what `disaggregated_attention_program`
+  moves), each round's q the previous round's own rows so that the rounds run in order
+  (unrolled: a device loop would add its own per-iteration cost)."""
 
   def body(q):
     ctx = span_context(groups, B)
-    q_all = hand_off(ctx, q)
-    o = q_all.astype(jnp.float32)
-    return merge_over_span(o, o[..., 0])
+    for _ in range(rounds):
+      o = hand_off(ctx, q).astype(jnp.float32)
+      o, lse = merge_over_span(o, o[..., 0])
+      q = own_rows(ctx, o + lse[..., None]).astype(q.dtype)
+    return q
 
-  return jax.jit(span_map(body, groups, (P("span"),), (P(), P())))
+  return jax.jit(span_map(body, groups, (P("span"),), P("span")))
+
+
+def transfer_time(groups: sharding.DeviceGroups, B: int, q) -> tuple[float, float]:
+  """(seconds of one exchange inside a program, seconds of a program of one exchange).
+
+  The first is the marginal time of a round, (t(1 + EXCHANGE_ROUNDS) - t(1)) / EXCHANGE_ROUNDS:
+  what the exchange adds to a step, where it runs inside the step's program; the second also
+  pays a program launch of its own (at small B the host's dispatch of a multi-device program,
+  not the collectives, can set it)."""
+  one = _time(collectives_program(groups, B), q)
+  many = _time(collectives_program(groups, B, 1 + EXCHANGE_ROUNDS), q)
+  return (many - one) / EXCHANGE_ROUNDS, one
 
 
 def shared_program(mesh):
@@ -179,8 +199,8 @@ def measure_step(groups: sharding.DeviceGroups, B: int, dtype, key, layout: str)
   layer = Layer(groups, B, dtype, key)
   program = sharding.disaggregated_attention_program(
       groups, B, FLAGS.disagg_page_size, sharding.SharedConfig(backend=FLAGS.backend))
-  t = dict(step=_time(program, *layer.args),
-           transfer=_time(collectives_program(groups, B), layer.q))
+  t = dict(step=_time(program, *layer.args))
+  t["transfer"], t["transfer_call"] = transfer_time(groups, B, layer.q)
   t["unique"] = t["shared"] = math.nan
   if jax.process_count() == 1:
     first = groups.unique_devices[0]
@@ -318,13 +338,14 @@ def main() -> None:
   table.write(notes=(
       "Times per layer-step. step: the whole layer as one program over the span (q hand-off, "
       "unique and shared attention at once on their groups, one collective merge). transfer: "
-      "a program with only those collectives on the same shapes (an upper bound on what the "
-      "exchange adds: inside the step they overlap nothing but still cost their latency). "
+      "those collectives alone on the same shapes, the marginal time of one exchange in a "
+      f"program of {1 + EXCHANGE_ROUNDS} in a row (inside the step they overlap nothing but "
+      "cost their latency); transfer_call: a program of one exchange, its launch included. "
       "transfer_frac = transfer_ms / step_ms (split only). unique / shared: each half alone on "
       "its group (one process; not measured over several processes). x_colocated: the "
-      "colocated step at the same B over this row's step. bytes_*: `TransferStats` (q landing "
-      "on every shared device; every other span device's partial (o, lse), float32, gathered by "
-      "every unique device)."),
+      "colocated step at the same B over this row's step. bytes_*: `TransferStats` (every other "
+      "span device's block of q gathered by every shared device; every other span device's "
+      "partial (o, lse), float32, gathered by every unique device)."),
       plot=_plot)
   if scaling.rows:
     scaling.write(notes=(

@@ -1189,7 +1189,8 @@ class GroupsExecutor:
       sampled, last, cache.pools = self._step(self.cfg, B, replicated, self.state, cache.pools,
                                               self.summaries, self.kv_length, requests,
                                               place_replicated(groups, rows), **branches(rows))
-      moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype)
+      moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype,
+                                    replicated=replicated)
       stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
       stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
       tokens.append(np.asarray(sampled.addressable_data(0)))

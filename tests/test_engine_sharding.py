@@ -108,13 +108,18 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
   # one-device step, shared by engines of one model and MoskaConfig: the reference compiled it.
   assert eng.compilations() == (0 if groups.colocated else 2)
 
-  # Per layer and step, q [B, T, Hq, D] lands on every shared device and every other span
-  # device's partial (o, lse) (float32) on every unique device. Nothing moves on one device.
+  # Per layer and step, every shared device gathers every other span device's block of q
+  # [B, T, Hq, D] (a unique device's rows; the prefill lanes' every row, lanes run on every
+  # unique device) and every unique device every other span device's partial (o, lse)
+  # (float32). Nothing moves on one device.
   cfg = model.cfg
+  span = len(groups.span_devices)
+  shards = groups.span_roles(2).shards
   rows = 2 * (8 + NEW_TOKENS - 1)  # 2 slots x (one prefill step of 8 tokens, then decode steps)
-  expect = (cfg.layers * groups.num_shared * rows * cfg.num_heads * cfg.head_dim * 4,
-            cfg.layers * len(groups.unique_devices) * (len(groups.span_devices) - 1) * rows
-            * cfg.num_heads * (cfg.head_dim + 1) * 4)
+  blocks = 2 * 8 + 2 * (NEW_TOKENS - 1) // shards  # the rows of one device's q blocks
+  expect = (cfg.layers * groups.num_shared * (span - 1) * blocks * cfg.num_heads * cfg.head_dim
+            * 4, cfg.layers * len(groups.unique_devices) * (span - 1) * rows * cfg.num_heads
+            * (cfg.head_dim + 1) * 4)
   assert (eng.stats["bytes_to_shared"], eng.stats["bytes_to_unique"]) == (
       (0, 0) if groups.colocated else expect)
 

@@ -22,7 +22,7 @@ from moska_jax.sharding import (DeviceGroups, SharedConfig, ShardingRules,
                                 shared_attention_program, shared_attention_step,
                                 shared_rows_per_device, span_blocks, span_sharding)
 from moska_jax.sharding.groups import SPAN
-from moska_jax.sharding.shared_step import merge_over_span, span_map
+from moska_jax.sharding.shared_step import hand_off, merge_over_span, span_context, span_map
 from pallas_kernels import (chunk_attention, merge_attention_states, merge_partials,
                             shared_attention, unique_attention)
 from tests.np_reference import rel_err
@@ -207,10 +207,10 @@ def test_disaggregated_layer_is_one_program(split, mode, data):
     o_s, lse_s = chunk_attention(q, k, v, ids, chunk_size=C, kv_length=150, backend="xla")
   assert_close(o, lse, *merge_attention_states(o_u, lse_u, o_s, lse_s))
   hlo = program.lower(*args).compile().as_text()
-  # The hand-off (an all-reduce) and the merge (one all-gather), and in routed mode the scores'
+  # The hand-off and the merge (one all-gather each), and in routed mode the scores'
   # all-gather: one collective round each way.
   routed = ["all-gather"] if mode == "routed" else []
-  assert groups.colocated or _collectives(hlo) == sorted(["all-reduce", "all-gather", *routed])
+  assert groups.colocated or _collectives(hlo) == ["all-gather"] * (2 + len(routed))
 
 
 @pytest.mark.parametrize("gather", [True, False])
@@ -232,6 +232,33 @@ def test_merge_over_span_gathers_small_partials_and_reduces_large_ones(gather, m
   hlo = fn.lower(o, lse).compile().as_text()
   assert (_collectives(hlo) == ["all-gather"]) == gather
   assert ("all-reduce" in _collectives(hlo)) != gather
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("replicated", [False, True])
+def test_hand_off_gathers_small_blocks_and_reduces_large_ones(gather, replicated, monkeypatch):
+  """Both forms of the q hand-off give every span device the owners' rows in request order,
+  whatever the replicas and shared devices hold; the decode-size form is one all_gather."""
+  if not gather:
+    monkeypatch.setattr(placement, "GATHER_MAX_BYTES", 0)
+  groups = make_device_groups(jax.devices(), num_shared=2, unique_mesh_shape=(3, 2))
+  roles = groups.span_roles(6, replicated)
+  n, rows = len(groups.span_devices), 6 // roles.shards
+  x = np.random.default_rng(4).standard_normal((n, rows, 3)).astype(np.float32)
+  # Unique devices in row-major (batch, model) order: the owners are model replica 0 of each
+  # batch shard (positions 0, 2, 4), or position 0 alone when every device runs every request.
+  want = np.concatenate([x[p] for p in ((0,) if replicated else (0, 2, 4))])
+  assert roles.shards == (1 if replicated else 3)
+
+  def body(x):
+    ctx = span_context(groups, 6, replicated)
+    return hand_off(ctx, x[0])[None]
+
+  fn = jax.jit(span_map(body, groups, (P(SPAN),), P(SPAN)))
+  out = np.asarray(fn(x))
+  for i in range(n):
+    np.testing.assert_array_equal(out[i], want)
+  assert (_collectives(fn.lower(x).compile().as_text()) == ["all-gather"]) == gather
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -268,10 +295,12 @@ def test_bytes_counted_from_shapes(data):
                                       backend="xla")
   _, _, sparse = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
                                        chunk_ids=ids, chunk_size=C, backend="xla")
-  # q lands on each of the 6 shared devices; each unique device gathers the 7 other devices'
-  # partial (o, lse) in float32.
-  assert dense.bytes_to_shared == 6 * q.nbytes
-  assert sparse.bytes_to_shared == dense.bytes_to_shared + 6 * ids.nbytes
+  # Each of the 6 shared devices gathers the 7 other devices' blocks of q (a unique device's
+  # half of the requests; the shared devices' blocks are dropped on arrival); each unique
+  # device gathers the 7 other devices' partial (o, lse) in float32.
+  assert groups.span_roles(B).shards == 2
+  assert dense.bytes_to_shared == 6 * 7 * q.nbytes // 2
+  assert sparse.bytes_to_shared == dense.bytes_to_shared + 6 * 7 * ids.nbytes // 2
   assert dense.bytes_to_unique == sparse.bytes_to_unique == 2 * 7 * B * T * Hq * (D + 1) * 4
   single = groups_for("single")
   store1 = place_shared_kv(single, k, v, chunk_size=C)

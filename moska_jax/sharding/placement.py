@@ -195,17 +195,19 @@ def place_shared_kv(groups: DeviceGroups, k, v,
                         place_replicated(groups, np.int32(kv_length)), chunk_size)
 
 
-# The (o, lse) return gathers every span device's partial when what each device receives is at
-# most this many bytes (decode steps): one collective round, whose ~75 us latency on NVLink
-# (2x H200, disaggregation.md) is what the return costs at those sizes. Above it (prefill parts,
-# wide spans) the reduction's collective form moves fewer bytes than span - 1 partials.
+# The q hand-off and the (o, lse) return gather every span device's block when what each device
+# receives is at most this many bytes (decode steps): one collective round, whose latency on
+# NVLink (2x H200, disaggregation.md) is what an exchange costs at those sizes. Above it
+# (prefill parts, wide spans) the reductions' collective forms move fewer bytes than span - 1
+# blocks.
 GATHER_MAX_BYTES = 16 * 1024 * 1024
 
 
-def merges_by_gather(span: int, partial_bytes: int) -> bool:
-  """Whether the (o, lse) return over `span` devices is one all_gather (else a pmax, then
-  psums): partial_bytes is one device's float32 (o, lse)."""
-  return (span - 1) * partial_bytes <= GATHER_MAX_BYTES
+def exchanges_by_gather(span: int, block_bytes: int) -> bool:
+  """Whether an exchange over `span` devices (`shared_step.hand_off`: block = one device's
+  rows; `shared_step.merge_over_span`: block = one device's float32 (o, lse)) is one
+  all_gather, else its reduction form (a psum; a pmax, then psums)."""
+  return (span - 1) * block_bytes <= GATHER_MAX_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,10 +215,12 @@ class TransferStats:
   """Bytes that one step moves between the groups, counted from the program's shapes where they
   land (every receiving device counted).
 
-  bytes_to_shared: the queries (and chunk ids) handed to each shared device.
+  bytes_to_shared: what each shared device receives of the queries (and chunk ids): every
+    other span device's rows when the hand-off is one all_gather (`exchanges_by_gather`), else
+    the B rows of the all-reduce.
   bytes_to_unique: what each unique device receives of the (o, lse) return (float32, all B
-    rows): every other span device's partial when the merge is one all_gather
-    (`merges_by_gather`), else the merged (o, lse) of the all-reduce.
+    rows): every other span device's partial when the merge is one all_gather, else the merged
+    (o, lse) of the all-reduce.
   Both are 0 when the groups are one device (`colocated`): nothing moves.
   """
 
@@ -229,15 +233,22 @@ class TransferStats:
 
   @classmethod
   def of_step(cls, groups: DeviceGroups, q_shape: tuple[int, ...], q_dtype,
-              chunk_ids_shape: tuple[int, ...] | None = None) -> TransferStats:
+              chunk_ids_shape: tuple[int, ...] | None = None,
+              replicated: bool = False) -> TransferStats:
     """The bytes of one disaggregated attention over queries q [B, T, Hq, D] (and handed-off
-    chunk ids [B, Hkv, K], int32)."""
+    chunk ids [B, Hkv, K], int32); replicated: every unique device runs every request
+    (`DeviceGroups.span_roles`)."""
     if groups.colocated:
       return cls(0, 0)
-    out = math.prod(q_shape) // q_shape[-1] * (q_shape[-1] + 1) * 4  # o and lse, float32
-    to_shared = math.prod(q_shape) * jnp.dtype(q_dtype).itemsize
-    if chunk_ids_shape is not None:
-      to_shared += math.prod(chunk_ids_shape) * 4
     span = len(groups.span_devices)
-    received = (span - 1) * out if merges_by_gather(span, out) else out
-    return cls(groups.num_shared * to_shared, groups.num_unique * received)
+    shards = groups.span_roles(q_shape[0], replicated).shards
+
+    def received(block: int, reduced: int) -> int:  # by one device, from one exchange
+      return (span - 1) * block if exchanges_by_gather(span, block) else reduced
+
+    handed = [math.prod(q_shape) * jnp.dtype(q_dtype).itemsize]  # q, then chunk ids (int32)
+    if chunk_ids_shape is not None:
+      handed.append(math.prod(chunk_ids_shape) * 4)
+    to_shared = sum(received(b // shards, b) for b in handed)
+    out = math.prod(q_shape) // q_shape[-1] * (q_shape[-1] + 1) * 4  # o and lse, float32
+    return cls(groups.num_shared * to_shared, groups.num_unique * received(out, out))

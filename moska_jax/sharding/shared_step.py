@@ -6,7 +6,7 @@ unique devices, then the shared ones) as a `shard_map` body, each device on its 
 collectives inside the program:
 
     unique device (its request rows)              shared device r (its store rows)
-    q [B_l]  --hand_off: psum over "span" (only owners add their rows)-->  q [B] on every device
+    q [B_l]  --hand_off: all_gather over "span", the owners' rows kept-->  q [B] on every device
     unique partial over its pages                 shared partial over rows [r R, (r + 1) R):
       (shared devices: 0 keys)                      dense, or routed (each device scores its
                                                     chunks, scores all-gathered, one top-k)
@@ -42,7 +42,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moska_jax import routing
 from moska_jax.sharding.groups import SPAN, DeviceGroups
-from moska_jax.sharding.placement import (TransferStats, merges_by_gather, place_replicated,
+from moska_jax.sharding.placement import (TransferStats, exchanges_by_gather, place_replicated,
                                           place_requests, span_sharding)
 from pallas_kernels import chunk_attention, merge_partials, shared_attention, unique_attention
 
@@ -69,6 +69,7 @@ class SpanContext(NamedTuple):
   unique: jax.Array  # bool: it serves requests
   shared_rank: jax.Array  # int32: its rank in the shared group, -1 on unique devices
   shared_positions: tuple[int, ...]  # the span positions of shared ranks 0, 1, ...
+  owner_positions: tuple[int, ...]  # the span positions of the owners of shards 0, 1, ...
 
 
 def span_context(groups: DeviceGroups, batch: int, replicated: bool = False) -> SpanContext:
@@ -77,16 +78,24 @@ def span_context(groups: DeviceGroups, batch: int, replicated: bool = False) -> 
   i = jax.lax.axis_index(SPAN)
   at = lambda values: jnp.asarray(np.asarray(values))[i]
   positions = tuple(sorted((r, p) for p, r in enumerate(roles.shared_rank) if r >= 0))
+  owners = sorted((s, p) for p, (s, o) in enumerate(zip(roles.shard, roles.owner)) if o)
   return SpanContext(batch, batch // roles.shards, at(roles.shard), at(roles.owner),
-                     at(roles.unique), at(roles.shared_rank), tuple(p for _, p in positions))
+                     at(roles.unique), at(roles.shared_rank), tuple(p for _, p in positions),
+                     tuple(p for _, p in owners))
 
 
 def hand_off(ctx: SpanContext, x: jax.Array) -> jax.Array:
   """x[B_l, ...] of each unique device's requests -> x[B, ...] on every span device.
 
-  A psum over "span" of the [B] rows where only each shard's owner writes its rows: the others
-  add exact zeros, so the values arrive unchanged.
+  At decode sizes (`placement.exchanges_by_gather`): one all_gather over "span" of every
+  device's x, of which each device keeps the shard owners' blocks, one collective round (a psum
+  is a reduce-scatter and an all-gather). Larger x (prefill lanes, wide spans): a psum of the
+  [B] rows where only each shard's owner writes its rows (the others add exact zeros, so the
+  values arrive unchanged), which moves fewer bytes than span - 1 blocks.
   """
+  if exchanges_by_gather(jax.lax.axis_size(SPAN), x.size * x.dtype.itemsize):
+    every = jax.lax.all_gather(x, SPAN)  # [span, B_l, ...]
+    return every[np.asarray(ctx.owner_positions)].reshape(ctx.batch, *x.shape[1:])
   rows = jnp.where(ctx.owner, x, jnp.zeros((), x.dtype))
   full = jnp.zeros((ctx.batch, *x.shape[1:]), x.dtype)
   full = jax.lax.dynamic_update_slice_in_dim(full, rows, ctx.shard * ctx.rows, axis=0)
@@ -101,7 +110,7 @@ def own_rows(ctx: SpanContext, x: jax.Array) -> jax.Array:
 def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   """One partial per span device -> their exact merge on every device.
 
-  At decode sizes (`placement.merges_by_gather`): one all_gather of the partials packed as
+  At decode sizes (`placement.exchanges_by_gather`): one all_gather of the partials packed as
   [..., D + 1] float32 (o, then lse), then the local stacked merge, a single collective round;
   there each round costs its latency, not its bytes, and the collective form of `merge_partials`
   (a pmax, then psums of counts, weights and outputs) takes several dependent rounds (on 2x H200
@@ -109,7 +118,7 @@ def merge_over_span(o: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]
   collective form, which moves fewer bytes than span - 1 partials.
   """
   span = jax.lax.axis_size(SPAN)
-  if not merges_by_gather(span, o.size // o.shape[-1] * (o.shape[-1] + 1) * 4):
+  if not exchanges_by_gather(span, o.size // o.shape[-1] * (o.shape[-1] + 1) * 4):
     return merge_partials(o, lse, axis_name=SPAN)
   packed = jnp.concatenate([o.astype(jnp.float32), lse.astype(jnp.float32)[..., None]], axis=-1)
   every = jax.lax.all_gather(packed, SPAN)  # [span, ..., D + 1]
