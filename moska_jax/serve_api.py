@@ -155,12 +155,15 @@ class Server:
       raise ApiError(404, f"the model {model!r} does not exist; this server serves "
                      f"{self.model_name!r}", param="model", code="model_not_found")
 
-  def submit_args(self, body: dict, prompt: str | list[int]) -> dict:
-    """Validates the common fields; returns the engine's submit arguments."""
+  def submit_args(self, body: dict, prompt: str | list[int],
+                  default_max_tokens: int | None) -> dict:
+    """Validates the common fields; returns the engine's submit arguments. Without max_tokens
+    a request generates default_max_tokens, or (None) up to the per-request budget, as the
+    OpenAI API's completions (16) and chat completions (the context) do."""
     field = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
     max_tokens = body.get(field)  # null counts as absent, as in the OpenAI API
-    max_tokens = 16 if max_tokens is None else max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
       raise ApiError(400, f"{field} must be an integer >= 1, got {max_tokens!r}", param=field)
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
@@ -183,6 +186,9 @@ class Server:
     except ValueError as e:
       raise ApiError(400, str(e), param="prompt") from None
     limit = engine._request_limit()
+    if max_tokens is None:
+      max_tokens = max(1, limit - len(tokens)) if default_max_tokens is None else (
+          default_max_tokens)
     if len(tokens) + max_tokens > limit:
       raise ApiError(400, f"the prompt ({len(tokens)} tokens) plus max_tokens ({max_tokens}) "
                      f"exceeds this server's per-request budget of {limit} tokens",
@@ -328,7 +334,9 @@ class Server:
 
 
 class _CountResponses:
-  """Counts the responses by (path, status) into `counts`. A plain ASGI middleware: Starlette's
+  """Counts the responses by (route, status) into `counts`: the route's path template
+  ("/v1/models/{model_id}"), or "unmatched" for a path no route serves, so that clients cannot
+  grow the metrics without bound by asking for new paths. A plain ASGI middleware: Starlette's
   `BaseHTTPMiddleware` (`@app.middleware`) would pass every chunk of a stream through a task and
   a memory stream of its own."""
 
@@ -341,7 +349,8 @@ class _CountResponses:
 
     async def counted(message):
       if message["type"] == "http.response.start":
-        key = (scope["path"], message["status"])
+        route = scope.get("route")  # set by the router on the scope it was given
+        key = (getattr(route, "path", "unmatched"), message["status"])
         self.counts[key] = self.counts.get(key, 0) + 1
       await send(message)
 
@@ -442,15 +451,15 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
     log.exception("internal error answering %s", request.url.path)
     return error_response(500, f"internal server error ({type(e).__name__})")
 
-  async def begin(request: HttpRequest, prompt_of, kind: str):
+  async def begin(request: HttpRequest, prompt_of, kind: str, default_max_tokens: int | None):
     """A completion request's body, submit arguments, id ("{kind}-...") and creation time."""
     body = await server.body(request)
-    return (body, server.submit_args(body, prompt_of(body)), f"{kind}-{uuid.uuid4().hex[:24]}",
-            int(time.time()))
+    args = server.submit_args(body, prompt_of(body), default_max_tokens)
+    return body, args, f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time())
 
   @app.post("/v1/completions")
   async def completions(request: HttpRequest):
-    body, args, cid, created = await begin(request, _completion_prompt, "cmpl")
+    body, args, cid, created = await begin(request, _completion_prompt, "cmpl", 16)
 
     def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
       return {"id": cid, "object": "text_completion", "created": created, "model": model_name,
@@ -464,7 +473,7 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
 
   @app.post("/v1/chat/completions")
   async def chat(request: HttpRequest):
-    body, args, cid, created = await begin(request, _chat_prompt, "chatcmpl")
+    body, args, cid, created = await begin(request, _chat_prompt, "chatcmpl", None)
 
     def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
       delta = {"role": "assistant", "content": ""} if text is None and finish is None else (

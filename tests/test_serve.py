@@ -205,15 +205,32 @@ def test_models_health_and_metrics(served):
   count = lambda path, status: int(next((line.split()[-1] for line in httpx.get(
       url + "/metrics").text.splitlines() if line.startswith(
           f'moska_http_requests_total{{path="{path}",status="{status}"}}')), 0))
-  before = count("/v1/completions", 200), count("/v1/nothing", 404)
+  # Paths no route serves count as one label, model ids as their route's template.
+  before = (count("/v1/completions", 200), count("unmatched", 404),
+            count("/v1/models/{model_id}", 404))
   list(client.completions.create(model="tiny", prompt="hi", max_tokens=2, stream=True))
   httpx.get(url + "/v1/nothing")
-  assert (count("/v1/completions", 200), count("/v1/nothing", 404)) == (before[0] + 1,
-                                                                       before[1] + 1)
+  httpx.get(url + "/v1/else")
+  httpx.get(url + "/v1/models/other")
+  assert (count("/v1/completions", 200), count("unmatched", 404),
+          count("/v1/models/{model_id}", 404)) == (before[0] + 1, before[1] + 2, before[2] + 1)
+  assert "/v1/nothing" not in httpx.get(url + "/metrics").text
   with pytest.raises(ValueError, match="switch_interval must be > 0 seconds or None, got 0"):
     create_app(engine, switch_interval=0)
   with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
     create_app(engine, stream_interval=0)
+
+
+def test_max_tokens_defaults_to_16_for_completions_and_the_budget_for_chats(served):
+  """As the OpenAI API: a completion without max_tokens generates 16 tokens, a chat completion
+  up to the context (here the per-request budget)."""
+  url, engine, client, refs, api = served
+  done = client.completions.create(model="tiny", prompt="hello", temperature=0)
+  assert (done.usage.completion_tokens, done.choices[0].finish_reason) == (16, "length")
+  chat = client.chat.completions.create(model="tiny", temperature=0,
+                                        messages=[{"role": "user", "content": "hello"}])
+  assert chat.choices[0].finish_reason == "length"
+  assert chat.usage.prompt_tokens + chat.usage.completion_tokens == ENGINE["max_request_tokens"]
 
 
 def test_the_end_of_sequence_token_is_not_text(served):
