@@ -83,11 +83,12 @@ def random_chunk_ids(key, B: int, Hkv: int, N: int, K: int) -> jax.Array:
       jax.random.split(key, B * Hkv)).reshape(B, Hkv, K).astype(jnp.int32)
 
 
-def time_or_error(fn: Callable, *args) -> tuple[float, str]:
+def time_or_error(fn: Callable, *args, in_program: bool = False) -> tuple[float, str]:
   """(seconds per call of fn(*args), "") or (nan, the error) when it does not compile or run:
-  a case that fails is a result, not the end of the run."""
+  a case that fails is a result, not the end of the run. in_program: what a call adds inside a
+  program (`timing.time_in_program`), else a program of its own per call (`timing.time_fn`)."""
   try:
-    return timing.time_fn(fn, *args), ""
+    return (timing.time_in_program if in_program else timing.time_fn)(fn, *args), ""
   except Exception as e:  # noqa: BLE001
     first = (str(e).strip().splitlines() or [""])[0]
     logging.warning("failed: %s: %s", type(e).__name__, first)

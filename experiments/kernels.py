@@ -104,7 +104,7 @@ def _cudnn_ms(c: Case) -> float:
     return math.nan
   from experiments.shared_attention import cudnn_attention
 
-  seconds, _ = harness.time_or_error(jax.jit(cudnn_attention), *c.args)
+  seconds, _ = harness.time_or_error(jax.jit(cudnn_attention), *c.args, in_program=True)
   return seconds * 1e3
 
 
@@ -137,18 +137,25 @@ def main() -> None:
           except ValueError as e:
             table.add(op=op, **place, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
                       dtype=dtype.name, B=B, ms=math.nan, floor_ms=floor * 1e3, x_floor=math.nan,
-                      cudnn_ms=cudnn_ms, plan="", error=str(e)[:200])
+                      cudnn_ms=cudnn_ms, call_ms=math.nan, plan="", error=str(e)[:200])
             continue
-          seconds, error = harness.time_or_error(harness.jit_plan(plan, **c.static), *c.args)
+          fn = harness.jit_plan(plan, **c.static)
+          seconds, error = harness.time_or_error(fn, *c.args, in_program=True)
+          call, _ = harness.time_or_error(fn, *c.args)
           table.add(op=op, **place, implementation=implementation, Hq=Hq, Hkv=Hkv, D=D, T=T,
                     dtype=dtype.name, B=B, ms=seconds * 1e3, floor_ms=floor * 1e3,
-                    x_floor=seconds / floor, cudnn_ms=cudnn_ms, plan=plan_note(plan),
-                    error=error)
-  table.write(notes="floor = max(bytes / read BW, FLOPs / matmul rate of the dtype: bf16 / f16, "
+                    x_floor=seconds / floor, cudnn_ms=cudnn_ms, call_ms=call * 1e3,
+                    plan=plan_note(plan), error=error)
+  table.write(notes="ms: what one call adds inside a jitted program (`timing.time_in_program`: "
+                    "17 chained calls in one program minus one, over 16; the kernels and the "
+                    "gaps between them, not the host's dispatch); call_ms: a program of one call "
+                    "per call (`timing.time_fn`), dispatch included. "
+                    "floor = max(bytes / read BW, FLOPs / matmul rate of the dtype: bf16 / f16, "
                     "float32 at IEEE precision), from the ceilings of this run; unique bytes = "
                     "the K/V of every request (S: its U). cudnn_ms: "
                     "jax.nn.dot_product_attention(implementation='cudnn') over the B*T queries "
-                    "stacked as one sequence (shared_attention only).", plot=_plot)
+                    "stacked as one sequence (shared_attention only), timed inside a program "
+                    "like ms.", plot=_plot)
 
 
 def _plot(plt, rows: list[dict]):
