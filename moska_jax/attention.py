@@ -121,6 +121,16 @@ class SharedLayer(NamedTuple):
   v_scale: jax.Array | None = None
 
 
+def with_room(tables: jax.Array, T: int, page_size: int) -> jax.Array:
+  """tables [B, max_pages] with ceil(T / page_size) more entries on the scratch page 0, so that
+  lengths + T (the unique attention's causal end for T fed rows) fits the table even when a
+  request feeds fewer than T real tokens into its last pages: clamped to the table, that end
+  would move the real rows' causal window back (they lost their newest keys). The padding
+  tokens past a request's pages land on page 0 and reach no real row."""
+  extra = -(-T // page_size)
+  return jnp.pad(tables, ((0, 0), (0, extra)))
+
+
 def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Array, jax.Array],
                    tables: jax.Array, lengths: jax.Array, mcfg: MoskaConfig, *,
                    k_scale: jax.Array | None = None, v_scale: jax.Array | None = None
@@ -144,6 +154,7 @@ def unique_partial(q: jax.Array, k: jax.Array, v: jax.Array, pages: tuple[jax.Ar
   """
   T = q.shape[1]
   scales = dict(k_scale=k_scale, v_scale=v_scale)
+  tables = with_room(tables, T, pages[0].shape[1])
   k_pages, v_pages = pk.write_pages(*pages, tables, lengths, k, v, **scales)
   o_u, lse_u = pk.unique_attention(q, k_pages, v_pages, tables, lengths + T, **scales,
                                    backend=mcfg.backend, interpret=mcfg.interpret)
@@ -177,6 +188,9 @@ def routed_attention(q: jax.Array, shared: SharedLayer, ids: jax.Array,
   """(o, lse) of q[B, T, Hq, D] over the routed chunks ids[B, Hkv, K] of the shared KV: per
   (request, chunk) pair (`chunk_attention`), or per tile of alike requests over the union of
   their chunks when `mcfg.batch_aware` is set (`routing.batch_aware`, `tile_chunk_attention`)."""
+  if mcfg.chunk_size != shared.summaries.chunk_size:
+    raise ValueError(f"routed_attention: mcfg.chunk_size={mcfg.chunk_size} must match the "
+                     f"summaries' chunk_size={shared.summaries.chunk_size} (the chunks routed)")
   kernel = dict(chunk_size=mcfg.chunk_size, kv_length=shared.length, k_scale=shared.k_scale,
                 v_scale=shared.v_scale, backend=mcfg.backend, interpret=mcfg.interpret)
   if not mcfg.batch_aware:

@@ -42,8 +42,8 @@ import numpy as np
 
 import pallas_kernels as pk
 from moska_jax import routing
-from moska_jax.attention import SharedLayer, shared_partial
-from moska_jax.config import MoskaConfig
+from moska_jax.attention import SharedLayer, shared_partial, with_room
+from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.kv_cache import SharedKVStore
 from moska_jax.model import Attend, Decoder
 
@@ -106,15 +106,26 @@ class SharedContext:
   layers: per layer the store's `SharedLayer`.
   top_k: K, the chunks kept per (request, kv head) when sparse, from the chunks that hold the
     store's tokens (`MoskaConfig.chunks_kept`); None when dense. Static under jit.
+  model_config: the config of the model that built the store (`moska_step` refuses another
+    model's); None when unknown. Static under jit.
   """
 
   layers: tuple[SharedLayer, ...]
   top_k: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  model_config: ModelConfig | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @classmethod
   def of(cls, store: SharedKVStore, mcfg: MoskaConfig) -> SharedContext:
-    """The context of `store` under `mcfg` (reads the store's token count to the host)."""
-    return cls(store.layers, store_top_k(store, mcfg))
+    """The context of `store` under `mcfg` (reads the store's token count to the host).
+
+    Raises:
+      ValueError: sparse mcfg whose chunk_size is not the store's (the router's chunk ids
+        would name other keys).
+    """
+    if mcfg.mode == "sparse" and mcfg.chunk_size != store.chunk_size:
+      raise ValueError(f"SharedContext.of: mcfg.chunk_size={mcfg.chunk_size} must match the "
+                       f"store's chunk_size={store.chunk_size}")
+    return cls(store.layers, store_top_k(store, mcfg), store.model_config)
 
 
 def store_top_k(store: SharedKVStore, mcfg: MoskaConfig) -> int | None:
@@ -200,11 +211,12 @@ def local_unique(parts: Sequence[Part], mcfg: MoskaConfig,
   copied). scales: per layer the float8 pools' (k_scale, v_scale), or None."""
   def unique(i, qs, ks, vs, pages):
     kv_scales = {} if scales is None else dict(zip(("k_scale", "v_scale"), scales[i]))
-    for p, k, v in zip(parts, ks, vs):
-      pages = pk.write_pages(*pages, p.tables, p.lengths, k, v, **kv_scales)
-    return [pk.unique_attention(q, *pages, p.tables, p.lengths + q.shape[1], **kv_scales,
+    tables = [with_room(p.tables, q.shape[1], pages[0].shape[1]) for p, q in zip(parts, qs)]
+    for p, t, k, v in zip(parts, tables, ks, vs):
+      pages = pk.write_pages(*pages, t, p.lengths, k, v, **kv_scales)
+    return [pk.unique_attention(q, *pages, t, p.lengths + q.shape[1], **kv_scales,
                                 backend=mcfg.backend, interpret=mcfg.interpret)
-            for p, q in zip(parts, qs)], pages
+            for p, t, q in zip(parts, tables, qs)], pages
 
   return unique
 
@@ -330,6 +342,15 @@ def moska_step(model: Decoder, contexts: Sequence[SharedContext], pools: Sequenc
   """
   if routes is not None and mcfg.mode != "sparse":
     raise ValueError("moska_step: routes are chunk selections; they need mcfg.mode='sparse'")
+  for i, c in enumerate(contexts):
+    if c.model_config is not None and c.model_config != model.cfg:
+      raise ValueError(f"moska_step: contexts[{i}] holds a store built by another model "
+                       f"({c.model_config}); this model is {model.cfg}")
+  for p in parts:
+    ids = pk.checks.host_values(p.context)
+    if ids is not None and ids.size and not 0 <= ids.min() <= ids.max() < len(contexts):
+      raise ValueError(f"moska_step: Part.context must index the {len(contexts)} contexts "
+                       f"([0, {len(contexts)})), got {ids.tolist()}")
   fp8_pools = pk.quant.is_fp8(pools[0][0].dtype)
   if fp8_pools != (unique_scales is not None) or (fp8_pools and len(unique_scales) != len(pools)):
     raise ValueError(f"moska_step: unique_scales must be given, one (k_scale, v_scale) per layer "

@@ -4,6 +4,8 @@ The engines run one geometry (`ENGINE`) with `_setup`'s model and store, so engi
 MoskaConfig share their compiled steps across tests.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,6 +191,47 @@ def test_moska_step_is_pure_and_equals_plain_decoder():
     np.testing.assert_allclose(logits[b, :len(p)], refs[b, S:S + len(p)], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(logits2[b, 0], refs[b, S + len(p)], rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(logits3[0, :4], refs[2, S:S + 4], rtol=2e-5, atol=2e-5)
+
+
+def test_a_padded_part_whose_rows_run_past_its_table_equals_plain_decoder():
+  """A prompt of 6 tokens in the 2 pages of 3 tokens it needs, fed 4 at a time under jit: the
+  second part has 2 real tokens and 2 padding rows past the table (lengths + T = 8 > 6). The
+  real rows keep their causal window (clamped to the table, it lost their newest keys)."""
+  cfg, model, rng, shared, store = _setup(S=70)
+  graphdef, state = nnx.split(model)
+  mcfg = MoskaConfig(backend="xla")
+  contexts = (SharedContext.of(store, mcfg),)
+  shape = (4, 3, cfg.num_kv_heads, cfg.head_dim)  # page 0 is scratch
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  prompt = list(rng.integers(0, 256, 6))
+  step = jax.jit(lambda state, pools, part: moska_step(nnx.merge(graphdef, state), contexts,
+                                                       pools, [part], mcfg))
+  got = []
+  for start in (0, 4):
+    chunk = prompt[start:start + 4]
+    tokens = np.asarray([chunk + [0] * (4 - len(chunk))])
+    (logits,), pools, _ = step(state, pools, _int32_parts(
+        [Part(tokens, [[1, 2]], [start], [len(chunk)], [0])])[0])
+    got.append(np.asarray(logits[0, :len(chunk)]))
+  ref = plain_logits(model, [list(shared) + prompt])[0, len(shared):len(shared) + 6]
+  np.testing.assert_allclose(np.concatenate(got), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_moska_step_refuses_contexts_it_cannot_read():
+  cfg, model, rng, shared, store = _setup(S=70)
+  shape = (4, 8, cfg.num_kv_heads, cfg.head_dim)
+  pools = tuple((jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.layers))
+  part = _int32_parts([Part([[5]], [[1]], [0], [1], [1])])[0]
+  context = SharedContext.of(store, MoskaConfig(backend="xla"))
+  with pytest.raises(ValueError, match=r"Part.context must index the 1 contexts \(\[0, 1\)\)"):
+    moska_step(model, (context,), pools, [part], MoskaConfig(backend="xla"))
+  other = Decoder(dataclasses.replace(cfg, rope_theta=5e5), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="contexts\\[0\\] holds a store built by another model"):
+    moska_step(other, (context,), pools, [part._replace(context=np.zeros(1, np.int32))],
+               MoskaConfig(backend="xla"))
+  with pytest.raises(ValueError, match="mcfg.chunk_size=32 must match the store's chunk_size=64"):
+    SharedContext.of(store, MoskaConfig(mode="sparse", chunk_size=32, sparsity=0.5,
+                                        backend="xla"))
 
 
 def _reroute_engine(model, store, reroute_every, top_k=None):
