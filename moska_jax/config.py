@@ -47,6 +47,20 @@ class RopeScaling:
   high_freq_factor: float = 4.0
   original_max_position: int = 8192
 
+  def __post_init__(self):
+    if not (_positive(self.factor) and _positive(self.low_freq_factor)
+            and _positive(self.high_freq_factor)
+            and self.high_freq_factor > self.low_freq_factor):
+      raise ValueError(f"RopeScaling: factor, low_freq_factor and high_freq_factor must be finite "
+                       f"numbers > 0 with high_freq_factor > low_freq_factor, got {self}")
+    check_int(self.original_max_position, "original_max_position", "RopeScaling")
+
+
+def _positive(x) -> bool:
+  """x is a finite real number > 0 (not a bool)."""
+  return (not isinstance(x, bool) and isinstance(x, (int, float, np.integer, np.floating))
+          and 0 < x < float("inf"))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -67,8 +81,16 @@ class ModelConfig:
   def __post_init__(self):
     for name in ("vocab", "layers", "hidden", "num_heads", "num_kv_heads", "head_dim",
                  "mlp_hidden"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+      check_int(getattr(self, name), name, "ModelConfig")
+    if not _positive(self.rope_theta):
+      raise ValueError(f"ModelConfig: rope_theta must be a finite number > 0, got "
+                       f"{self.rope_theta!r}")
+    if not (_positive(self.norm_eps) or self.norm_eps == 0) or isinstance(self.norm_eps, bool):
+      raise ValueError(f"ModelConfig: norm_eps must be a finite number >= 0, got "
+                       f"{self.norm_eps!r}")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"ModelConfig: rope_scaling must be a RopeScaling or None, got "
+                       f"{self.rope_scaling!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (GQA)")

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 
 from moska_jax import checkpoint, routing
 from moska_jax.attention import SharedLayer
-from moska_jax.config import DEFAULT_SUMMARY, ModelConfig
+from moska_jax.config import DEFAULT_SUMMARY, ModelConfig, check_int
 from pallas_kernels import quant
 
 KV_DTYPES = (None, "float8_e4m3fn", "float8_e5m2")  # None: the model's dtype, unscaled
@@ -253,8 +253,9 @@ def unique_kv_scales(store: SharedKVStore, kv_dtype,
   if dtype is None:
     raise ValueError(f"unique_kv_scales: kv_dtype must be a float8 name of {list(KV_DTYPES[1:])}, "
                      f"got None")
-  if not headroom > 0:
-    raise ValueError(f"unique_kv_scales: headroom must be > 0, got {headroom!r}")
+  if not 0 < headroom < float("inf"):
+    raise ValueError(f"unique_kv_scales: headroom must be a finite number > 0, got "
+                     f"{headroom!r}")
   top = float(jnp.finfo(dtype).max)
 
   def scale(x, s):  # the head's largest magnitude (of the valid rows) -> the new format
@@ -292,10 +293,11 @@ class UniqueKVCache:
 
   def __init__(self, cfg: ModelConfig, *, max_batch: int, num_pages: int, page_size: int,
                max_pages_per_request: int, kv_dtype=None, scales=None):
-    if num_pages < 2 or page_size < 1 or max_batch < 1 or max_pages_per_request < 1:
-      raise ValueError("UniqueKVCache: need num_pages >= 2 (page 0 is scratch), page_size, "
-                       f"max_batch and max_pages_per_request >= 1; got {num_pages}, {page_size}, "
-                       f"{max_batch}, {max_pages_per_request}")
+    num_pages = check_int(num_pages, "num_pages (page 0 is scratch)", "UniqueKVCache", 2)
+    page_size = check_int(page_size, "page_size", "UniqueKVCache")
+    max_batch = check_int(max_batch, "max_batch", "UniqueKVCache")
+    max_pages_per_request = check_int(max_pages_per_request, "max_pages_per_request",
+                                      "UniqueKVCache")
     dtype = check_kv_dtype(kv_dtype, "UniqueKVCache")
     if dtype is not None:
       want = (cfg.num_kv_heads,)
@@ -304,6 +306,9 @@ class UniqueKVCache:
         raise ValueError(f"UniqueKVCache: a {dtype.name} cache needs scales, per layer "
                          f"({cfg.layers}) a (k_scale, v_scale) pair of shape {want}")
       scales = tuple(tuple(jnp.asarray(s, jnp.float32) for s in pair) for pair in scales)
+      if not all(bool(jnp.all(jnp.isfinite(s) & (s > 0))) for pair in scales for s in pair):
+        raise ValueError("UniqueKVCache: scales must be finite and > 0 (a page stores k / "
+                         "k_scale)")
     elif scales is not None:
       raise ValueError("UniqueKVCache: scales are for a float8 kv_dtype; got kv_dtype None")
     self.kv_dtype, self.scales = dtype, scales
@@ -343,6 +348,7 @@ class UniqueKVCache:
       ValueError: a slot outside [0, max_batch) or one that holds pages, or too few pages.
     """
     slot = self._check_slot(slot, "allocate")
+    tokens = check_int(tokens, "tokens", "UniqueKVCache.allocate", 0)
     n = self.pages_for(tokens)
     if slot in self.owned:
       raise ValueError(f"UniqueKVCache: slot {slot} already holds pages")

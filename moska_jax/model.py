@@ -20,6 +20,7 @@ from flax import nnx
 
 from moska_jax.attention import MoskaAttention, causal_attention, rope_frequencies
 from moska_jax.config import ModelConfig
+from pallas_kernels.checks import host_values
 
 # attend(layer, q[B, T, Hq, D], k[B, T, Hkv, D], v, layer_state) -> (o[B, T, Hq, D], layer_state)
 Attend = Callable[[int, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
@@ -79,10 +80,15 @@ class Decoder(nnx.Module):
 
     state: one entry per layer handed to `attend` (default None for every layer); the new state
     is the tuple of what `attend` returned for each layer.
+
+    Token ids must lie in [0, vocab): concrete ones are checked (ValueError); under jit an id
+    outside is not seen (the embedding would clamp it: a wrong token, or NaN logits).
     """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
       raise ValueError(f"Decoder: tokens must be [B, T] and positions the same shape, got "
                        f"{tokens.shape} and {positions.shape}")
+    if (ids := host_values(tokens)) is not None:
+      self.cfg.check_tokens(ids.reshape(-1), "Decoder")
     state = (None,) * self.cfg.layers if state is None else tuple(state)
     if len(state) != self.cfg.layers:
       raise ValueError(f"Decoder: state must hold one entry per layer ({self.cfg.layers}), got "

@@ -11,7 +11,8 @@ from flax import nnx
 
 from moska_jax.attention import rope_frequencies
 from moska_jax.config import tiny
-from moska_jax.kv_cache import UniqueKVCache, load_shared_store, save_shared_store
+from moska_jax.kv_cache import (UniqueKVCache, load_shared_store, save_shared_store,
+                                unique_kv_scales)
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
 
@@ -84,8 +85,19 @@ def test_unique_cache_allocates_and_frees_pages():
   with pytest.raises(ValueError, match="free: slot 0 holds no pages"):
     cache.free(0)
   assert len(cache.free_pages) == 1 and set(cache.owned) == {1}  # nothing leaked
-  with pytest.raises(ValueError, match="num_pages >= 2"):
-    UniqueKVCache(tiny(), max_batch=1, num_pages=1, page_size=4, max_pages_per_request=1)
+  for tokens in (-5, 2.5):  # refused before the slot is marked, so it stays usable
+    with pytest.raises(ValueError, match="allocate: tokens must be an int >= 0"):
+      cache.allocate(0, tokens)
+  cache.allocate(0, 4)
+  shape = dict(max_batch=1, num_pages=4, page_size=4, max_pages_per_request=1)
+  for name, value in (("num_pages", 1), ("page_size", 2.5), ("page_size", True),
+                      ("max_batch", "4")):
+    with pytest.raises(ValueError, match=f"UniqueKVCache: {name}.* must be an int >= "):
+      UniqueKVCache(tiny(), **{**shape, name: value})
+  heads = (tiny().num_kv_heads,)
+  zero = [(jnp.zeros(heads), jnp.ones(heads))] * tiny().layers
+  with pytest.raises(ValueError, match="scales must be finite and > 0"):
+    UniqueKVCache(tiny(), **shape, kv_dtype="float8_e4m3fn", scales=zero)
 
 
 def test_build_rejects_empty_tokens(model):
@@ -105,3 +117,10 @@ def test_with_summaries_recomputes_routing_only(model):
     for x, y in zip(a.arrays, b.arrays, strict=True):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     assert int(a.num_valid_chunks) == int(b.num_valid_chunks) == 5
+
+
+def test_unique_kv_scales_refuses_a_headroom_that_is_not_finite_and_positive(model):
+  store = build_shared_store(model, np.arange(20) % 256, chunk_size=8, backend="xla")
+  for headroom in (0.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match="headroom must be a finite number > 0"):
+      unique_kv_scales(store, "float8_e4m3fn", headroom=headroom)

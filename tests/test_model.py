@@ -430,6 +430,20 @@ def test_config_validation():
   assert MoskaConfig(mode="sparse", sparsity=0.75).chunks_kept(64) == 16
   assert MoskaConfig(mode="sparse", sparsity=0.9, always_include=(0, 1)).chunks_kept(10) == 2
   assert RopeScaling().factor == 8.0
+  base = dict(vocab=10, layers=1, hidden=8, num_heads=2, num_kv_heads=1, head_dim=8,
+              mlp_hidden=8)
+  for field, value, message in (("hidden", 64.0, "hidden must be an int >= 1, got 64.0"),
+                                ("vocab", True, "vocab must be an int >= 1, got True"),
+                                ("layers", 0, "layers must be an int >= 1, got 0"),
+                                ("rope_theta", 0.0, "rope_theta must be a finite number > 0"),
+                                ("norm_eps", -1.0, "norm_eps must be a finite number >= 0"),
+                                ("rope_scaling", RopeScaling, "must be a RopeScaling or None")):
+    with pytest.raises(ValueError, match=message):
+      ModelConfig(**{**base, field: value})
+  for bad in (dict(factor=0.0), dict(low_freq_factor=4.0, high_freq_factor=1.0),
+              dict(factor=float("nan")), dict(original_max_position=0)):
+    with pytest.raises(ValueError, match="RopeScaling"):
+      RopeScaling(**bad)
 
 
 def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
@@ -477,3 +491,10 @@ def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
   moska_step(model, contexts, pools, _int32_parts(
       [Part(tokens, tables, zeros, np.asarray([4, 2, 0]), np.asarray([0, 0, 1]))]), mcfg)
   assert lengths == [int(store.length), 0] * cfg.layers
+
+
+def test_the_decoder_refuses_token_ids_outside_the_vocabulary():
+  model = Decoder(tiny(layers=1), rngs=nnx.Rngs(0))
+  for bad in (-1, tiny().vocab):
+    with pytest.raises(ValueError, match=r"Decoder: token id .* outside the vocabulary \[0, "):
+      model(jnp.asarray([[3, bad]], jnp.int32))
