@@ -53,7 +53,7 @@ _EXPORTS = {
     "saved_config": "moska_jax.checkpoint",
     "load_hf_llama": "moska_jax.checkpoint",
 }
-_SUBMODULES = ("checkpoint", "routing", "sharding")
+_SUBMODULES = ("checkpoint", "routing", "serve_core", "serve_setup", "sharding")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
