@@ -299,10 +299,11 @@ def _check_route(q: jax.Array, N: int, Hkv: int, D: int, top_k: int,
       or not jnp.issubdtype(q.dtype, jnp.floating)):
     raise ValueError(f"{op}: q must have shape [B, T, Hq, D={D}] with Hq a multiple of "
                      f"Hkv={Hkv}, no empty axis and a float dtype, got {q.shape} {q.dtype}")
-  if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= N:
+  if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= N:
     raise ValueError(f"{op}: top_k must be an int in [1, N={N}], got {top_k!r}")
-  if isinstance(always_include, (str, bytes)) or not all(
-      isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in always_include):
+  if (not isinstance(always_include, Sequence) or isinstance(always_include, (str, bytes))
+      or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                 for c in always_include)):
     raise ValueError(f"{op}: always_include must be a sequence of int chunk ids, got "
                      f"{always_include!r}")
   forced = tuple(int(c) for c in always_include)
@@ -421,7 +422,19 @@ def batch_aware(chunk_ids: jax.Array, num_chunks: int, requests_per_tile: int, *
   Returns:
     order [B'] int32, B' = B rounded up to R: tile t holds requests order[t*R:(t+1)*R] (ids >= B
     are padding); and tile_ids [B' / R, Hkv, min(N, R*K)] (`grouping.tile_union`).
+
+  Raises:
+    ValueError: chunk_ids not an integer [B, Hkv, K] array, R or N not a positive int, skip not
+      an int >= 0.
   """
+  where = "batch_aware"
+  checks.positive_int(num_chunks, name="num_chunks", where=where)
+  checks.positive_int(requests_per_tile, name="requests_per_tile", where=where)
+  checks.at_least(skip, 0, name="skip", where=where)
+  checks.check_array("chunk_ids", chunk_ids, where)
+  if chunk_ids.ndim != 3 or not jnp.issubdtype(chunk_ids.dtype, jnp.integer):
+    raise ValueError(f"{where}: chunk_ids must be an integer array [B, Hkv, K], got "
+                     f"{chunk_ids.dtype} {chunk_ids.shape}")
   B, _, K = chunk_ids.shape
   padded = -(-B // requests_per_tile) * requests_per_tile
   ids = jnp.pad(chunk_ids, ((0, padded - B), (0, 0), (0, 0)), constant_values=-1)

@@ -71,8 +71,9 @@ def _pallas(kernel):
   """Wraps a Pallas implementation's run: the work list in, per-pair partials out.
 
   kernel(p, groups, q_rows, n, scale, config, interpret) -> (o, lse) per pair row
-  [Hkv, B*K*R, (D)]. Rows of pairs whose chunk id is outside [0, N) are never written: their
-  lse becomes -inf here, so the merge over each request's K pairs ignores them.
+  [Hkv, B*K*R, (D)]. Rows of pairs whose chunk id is outside [0, N) are never written (or hold
+  another tile's slot): they become o = 0, lse = -inf here, so the merge over each request's K
+  pairs ignores them and with K = 1 (no merge) a request that selects nothing reads 0.
   """
 
   def run(p: ChunkProblem, config, interpret):
@@ -86,7 +87,8 @@ def _pallas(kernel):
     n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
     o, lse = kernel(p, groups, layout.fold_queries(p.q, Hkv), n,
                     default_sm_scale(p.sm_scale, D), config, interpret)
-    lse = jnp.where(jnp.repeat(groups.valid, R, axis=1), lse, -jnp.inf)
+    ok = jnp.repeat(groups.valid, R, axis=1)
+    o, lse = jnp.where(ok[..., None], o, 0), jnp.where(ok, lse, -jnp.inf)
     return Partials(o.reshape(Hkv, B, K, R, D), lse.reshape(Hkv, B, K, R), 2)
 
   return run

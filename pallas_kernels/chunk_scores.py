@@ -103,8 +103,13 @@ def _run_xla(p: ScoresProblem, config, interpret):
 
 def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
   q_parts, row_scale, n = _query_parts(p, c.block_m)
+  codes, key_scale = p.codes, p.key_scale
+  if p.dims.S < c.block_k:  # a key tile is a slice of block_k code rows; n masks the padding
+    rows = ((0, c.block_k - p.dims.S),)
+    codes = jnp.pad(codes, rows + ((0, 0),) * (codes.ndim - 1))
+    key_scale = None if key_scale is None else jnp.pad(key_scale, rows + ((0, 0),))
   out = triton_scores.chunk_scores(
-      q_parts, p.codes, p.key_scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
+      q_parts, codes, key_scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
       block_k=c.block_k, chunks_per_program=c.chunks_per_program, num_warps=c.num_warps,
       num_stages=c.num_stages, precision=None if p.int8 else softmax.dot_precision(
           p.dtype, interpret), interpret=interpret)
@@ -126,8 +131,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonScoresConfig,
         default_config=lambda p, t: gpu_tuning.triton_scores(p.dims, p.chunk_size, t),
-        candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t),
-        unsupported=lambda p, c, t, i: gpu_tuning.triton_scores_unsupported(p.dims, c)),
+        candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t)),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuScoresConfig,
         default_config=lambda p, t: tpu_tuning.scores(p.dims, p.chunk_size, t),

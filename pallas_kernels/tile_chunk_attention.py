@@ -86,6 +86,14 @@ def _run_triton(p: TileProblem, c: TritonSharedConfig, interpret):
   return Partials(o, lse, 0)
 
 
+def _choose(platform: str) -> str:
+  if platform == "tpu":  # a GPU kernel would not lower, or interpret as if it were the TPU's
+    raise ValueError(f"{OP_NAME}: batch-aware tiles have no TPU kernel yet; route per pair "
+                     f"(MoskaConfig(batch_aware=0)) or run the reference "
+                     f"(implementation='xla')")
+  return "triton"
+
+
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
@@ -94,7 +102,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             p.dims, p.requests_per_tile, p.tile_ids.shape[-1], p.chunk_size, p.dtype, t),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
             c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
-}, lambda p, platform, target, interpret: "triton"))
+}, lambda p, platform, target, interpret: _choose(platform)))
 
 
 def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_ids: jax.Array, *,

@@ -158,6 +158,20 @@ def test_empty_and_validation():
     pk.plan(OP, q, codes, scale, chunk_size=100, implementation="mosaic_tpu")
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fewer_keys_than_a_key_tile(bits):
+  """S = 12 keys, below the Triton scorer's smallest key tile (16): padded, masked, exact."""
+  rng = np.random.default_rng(9)
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+  raw = jnp.asarray(rng.integers(-7, 8, (12, 2, 16)), jnp.int8)
+  codes = sketch.pack(raw) if bits == 4 else raw
+  scale = jnp.asarray(rng.uniform(0.5, 2, (12, 2) if bits == 4 else (3, 2)), jnp.float32)
+  want = chunk_scores(q, codes, scale, chunk_size=4, kv_length=10, implementation="xla")
+  got = chunk_scores(q, codes, scale, chunk_size=4, kv_length=10, implementation="triton",
+                     interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_pack_unpack_round_trip():
   codes = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (5, 3, 16)))
   lo, hi = sketch.unpack(sketch.pack(codes))

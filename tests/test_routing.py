@@ -347,6 +347,20 @@ def test_config_names_the_summary_kinds_of_the_router():
   assert SUMMARY_KINDS == tuple(routing.SUMMARIES)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(requests_per_tile=0), "requests_per_tile must be a positive int"),
+    (dict(requests_per_tile=True), "requests_per_tile must be a positive int"),
+    (dict(requests_per_tile=2, skip=-1), "skip must be an int >= 0"),
+    (dict(requests_per_tile=2, num_chunks=0), "num_chunks must be a positive int"),
+    (dict(requests_per_tile=2, chunk_ids=np.zeros((2, 3), np.int32)), r"\[B, Hkv, K\]"),
+    (dict(requests_per_tile=2, chunk_ids=np.zeros((2, 1, 3), np.float32)), r"\[B, Hkv, K\]"),
+])
+def test_batch_aware_validation(kwargs, message):
+  args = dict(chunk_ids=np.zeros((2, 1, 3), np.int32), num_chunks=4) | kwargs
+  with pytest.raises(ValueError, match=f"batch_aware: .*{message}"):
+    routing.batch_aware(**args)
+
+
 def test_batch_aware_tiles_cover_each_request():
   """Every request's routed chunks are in its tile's list, the list is exactly the union of its
   requests' chunks, the order is a permutation (padding requests last) and requests with the same

@@ -93,3 +93,7 @@ def test_validation():
     tile_chunk_attention(q, k, v, jnp.zeros((3, 2, 1), jnp.int32), chunk_size=128)
   with pytest.raises(ValueError, match="chunk_size must be a positive int"):
     tile_chunk_attention(q, k, v, jnp.zeros((2, 2, 1), jnp.int32), chunk_size=0)
+  # No TPU kernel: refused, not the GPU kernel interpreted (or lowered) in its place.
+  with pytest.raises(ValueError, match="batch-aware tiles have no TPU kernel yet"):
+    tile_chunk_attention(q, k, v, jnp.zeros((2, 2, 1), jnp.int32), chunk_size=128,
+                         backend="tpu", interpret=True)

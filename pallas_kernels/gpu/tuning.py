@@ -424,14 +424,6 @@ def triton_scores(dims: AttentionDims, chunk_size: int, target: GpuTarget) -> Tr
                             chunks_per_program=min(8, _pow2_at_least(n_chunks)))
 
 
-def triton_scores_unsupported(dims: AttentionDims, c: TritonScoresConfig) -> str | None:
-  """Why the Triton scorer cannot run this tiling, or None: a key tile spans at most the S keys
-  (its loads are slices of the codes)."""
-  if c.block_k > dims.S:
-    return f"config.block_k={c.block_k} must be at most the S={dims.S} keys"
-  return None
-
-
 def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
                              target: GpuTarget) -> list[TritonScoresConfig]:
   base = triton_scores(dims, chunk_size, target)
