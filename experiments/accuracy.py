@@ -40,9 +40,9 @@ from experiments import common, harness
 from experiments.retrieval import QUERY, RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.attention import causal_attention, routed_attention, shared_partial
-from moska_jax.config import MoskaConfig
+from moska_jax.config import SUMMARY_KINDS, MoskaConfig
 from moska_jax.engine import MoskaEngine
-from moska_jax.kv_cache import check_kv_dtype
+from moska_jax.kv_cache import KV_DTYPES
 from moska_jax.model import stateless
 from moska_jax.prefill import build_shared_store
 from moska_jax.step import store_top_k
@@ -50,10 +50,14 @@ from moska_jax.step import store_top_k
 flags.DEFINE_string("accuracy_checkpoint", common.package_path("checkpoints", "retrieval"),
                     "accuracy: directory written by train_retrieval.")
 flags.DEFINE_integer("accuracy_length", 0,
-                     "accuracy: document tokens (0: the length the checkpoint was trained at).")
-flags.DEFINE_integer("accuracy_docs", 2, "accuracy: documents (one shared store each).")
-flags.DEFINE_integer("accuracy_questions", 128, "accuracy: questions per document.")
-flags.DEFINE_integer("accuracy_batch", 64, "accuracy: engine slots (concurrent questions).")
+                     "accuracy: document tokens (0: the length the checkpoint was trained at).",
+                     lower_bound=0)
+flags.DEFINE_integer("accuracy_docs", 2, "accuracy: documents (one shared store each).",
+                     lower_bound=1)
+flags.DEFINE_integer("accuracy_questions", 128, "accuracy: questions per document.",
+                     lower_bound=1)
+flags.DEFINE_integer("accuracy_batch", 64, "accuracy: engine slots (concurrent questions).",
+                     lower_bound=1)
 flags.DEFINE_list("accuracy_sparsities", ["0.5", "0.75", "0.875", "0.9375"],
                   "accuracy: sparsities of the sparse runs.")
 flags.DEFINE_list("accuracy_chunks", ["64", "128", "256"], "accuracy: routing chunk sizes C.")
@@ -80,7 +84,38 @@ flags.DEFINE_list("accuracy_reuse", [],
 flags.DEFINE_integer("accuracy_stream_questions", 16,
                      "accuracy (--accuracy_reuse): questions per stream (train_retrieval trains "
                      "on 16); --accuracy_questions per document is a multiple of it, and a "
-                     "document's streams run together (engine slots: one per stream).")
+                     "document's streams run together (engine slots: one per stream).",
+                     lower_bound=1)
+ALWAYS_INCLUDE = {"-": (), "0": (0,)}  # --accuracy_always_include: none, the first chunk
+KV_FORMATS = ("model", *filter(None, KV_DTYPES))  # --accuracy_kv_dtype names
+common.validate("accuracy_checkpoint",
+                lambda path: os.path.isfile(os.path.join(path, "retrieval.json")),
+                "must be a directory written by train_retrieval (with retrieval.json)")
+common.fractions("accuracy_sparsities")
+common.ints("accuracy_chunks")
+common.choices("accuracy_summaries", SUMMARY_KINDS)
+common.choices("accuracy_int8_scorer", ("0", "1"))
+common.ints("accuracy_batch_aware", 0)
+common.choices("accuracy_always_include", tuple(ALWAYS_INCLUDE))
+common.validate("accuracy_kv_dtype",
+                lambda names: "model" in names and len(set(names)) == len(names)
+                and set(names) <= set(KV_FORMATS),
+                f"must list 'model' (the baseline of acc_over_dense) and each other format once, "
+                f"among: {', '.join(KV_FORMATS)}")
+common.validate("accuracy_reuse",
+                lambda rs: all(int(r) >= 1 for r in rs) and len(set(map(int, rs))) == len(rs),
+                "must be empty or a comma-separated list of distinct integers >= 1")
+common.validate(("accuracy_reuse", "accuracy_questions", "accuracy_stream_questions"),
+                lambda f: not f["accuracy_reuse"]
+                or f["accuracy_questions"] % f["accuracy_stream_questions"] == 0,
+                "with --accuracy_reuse, --accuracy_questions must be a multiple of "
+                "--accuracy_stream_questions")
+common.validate(("accuracy_reuse", "accuracy_kv_dtype", "accuracy_batch_aware"),
+                lambda f: not f["accuracy_reuse"] or (
+                    f["accuracy_kv_dtype"] == ["model"]
+                    and not any(int(x) for x in f["accuracy_batch_aware"])),
+                "--accuracy_reuse measures per-request routing in the model's dtype: "
+                "--accuracy_kv_dtype must be model and --accuracy_batch_aware 0")
 FLAGS = flags.FLAGS
 
 
@@ -98,22 +133,12 @@ def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
 
 def always_include() -> list[tuple[int, ...]]:
   """The always_include settings of `--accuracy_always_include` ("-": none, "0": chunk 0)."""
-  allowed = {"-": (), "0": (0,)}
-  bad = [x for x in FLAGS.accuracy_always_include if x not in allowed]
-  if bad or not FLAGS.accuracy_always_include:
-    raise ValueError(f"--accuracy_always_include must be a non-empty list of {sorted(allowed)}, "
-                     f"got {FLAGS.accuracy_always_include}")
-  return [allowed[x] for x in FLAGS.accuracy_always_include]
+  return [ALWAYS_INCLUDE[x] for x in FLAGS.accuracy_always_include]
 
 
 def kv_dtypes() -> list[str | None]:
   """The K/V formats of `--accuracy_kv_dtype`, None for "model" (first: the baseline)."""
-  names = FLAGS.accuracy_kv_dtype
-  if "model" not in names or len(set(names)) != len(names):
-    raise ValueError(f"--accuracy_kv_dtype must list 'model' (the baseline of acc_over_dense) "
-                     f"and each format once, got {names}")
-  fp8 = [check_kv_dtype(x, "accuracy", "--accuracy_kv_dtype").name for x in names if x != "model"]
-  return [None, *fp8]
+  return [None, *(x for x in FLAGS.accuracy_kv_dtype if x != "model")]
 
 
 def scorer_name(mcfg: MoskaConfig) -> str:
@@ -416,29 +441,11 @@ def main() -> None:
 PROMPT = 1  # a stream's prompt is its first QUERY token: decode steps predict every answer
 
 
-def reuse_intervals() -> list[int]:
-  """The re-routing intervals r of `--accuracy_reuse`."""
-  try:
-    intervals = [int(x) for x in FLAGS.accuracy_reuse]
-  except ValueError:
-    intervals = []
-  if not intervals or min(intervals) < 1 or len(set(intervals)) != len(intervals):
-    raise ValueError(f"--accuracy_reuse must list distinct ints >= 1, got {FLAGS.accuracy_reuse}")
-  return intervals
-
-
 def reuse_main() -> None:
   """--accuracy_reuse: accuracy when decode steps that may reuse a route predict the answers,
   on teacher-forced question streams (see the module docstring)."""
-  intervals = reuse_intervals()
+  intervals = [int(x) for x in FLAGS.accuracy_reuse]
   Q = FLAGS.accuracy_stream_questions
-  if Q < 1 or FLAGS.accuracy_questions % Q:
-    raise ValueError(f"--accuracy_questions={FLAGS.accuracy_questions} must be a multiple of "
-                     f"--accuracy_stream_questions={Q} (>= 1) with --accuracy_reuse")
-  if FLAGS.accuracy_kv_dtype != ["model"] or any(int(x) for x in FLAGS.accuracy_batch_aware):
-    raise ValueError(f"--accuracy_reuse measures per-request routing in the model's dtype: "
-                     f"--accuracy_kv_dtype must be model and --accuracy_batch_aware 0, got "
-                     f"{FLAGS.accuracy_kv_dtype} and {FLAGS.accuracy_batch_aware}")
   bench = harness.Bench(ceilings=False, shape=False)
   meta, task, length, cfg, model = load_checkpoint()
   backend = FLAGS.backend

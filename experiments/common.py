@@ -7,6 +7,8 @@ import datetime
 import os
 import platform
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from absl import flags
@@ -35,7 +37,7 @@ flags.DEFINE_string("out_dir", package_path("out"),
                     "inside the package).")
 flags.DEFINE_enum("backend", "auto", ["auto", "gpu", "tpu", "xla"], "Kernel backend.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_integer("seed", 0, "PRNG seed.", lower_bound=0)  # numpy's generators refuse < 0
 flags.DEFINE_string("shape", "llama3_1_8b",
                     f"Attention heads: one of {', '.join(shapes.SHAPES)} (experiments/shapes.py) "
                     "or Hq/Hkv/D.")
@@ -48,6 +50,49 @@ def _check_shape(spec: str) -> bool:
   except ValueError as e:
     raise flags.ValidationError(str(e)) from e
   return True
+
+
+def validate(names: str | tuple[str, ...], ok: Callable[[Any], bool], message: str) -> None:
+  """Makes a bad flag value an error at parse time, before any work: absl stops the run with
+  "flag --NAME=VALUE: message" unless ok(value) (for several names, ok(dict of their values)).
+  A value ok cannot read (TypeError, ValueError) is bad too."""
+
+  def check(value) -> bool:
+    try:
+      return bool(ok(value))
+    except (TypeError, ValueError):
+      return False
+
+  if isinstance(names, str):
+    flags.register_validator(names, check, message=message)
+  else:
+    flags.register_multi_flags_validator(names, check, message=message)
+
+
+def validate_items(name: str, ok: Callable[[str], bool], what: str, *, empty: bool = False) -> None:
+  """`validate` for a list flag: every item ok, and at least one unless `empty`."""
+  validate(name, lambda items: (empty or items) and all(ok(x) for x in items),
+           f"must be a comma-separated list of {what}" + (" (or empty)" if empty else ""))
+
+
+def ints(name: str, minimum: int = 1, *, empty: bool = False) -> None:
+  """A list flag of integers >= minimum."""
+  validate_items(name, lambda x: int(x) >= minimum, f"integers >= {minimum}", empty=empty)
+
+
+def choices(name: str, allowed, *, empty: bool = False) -> None:
+  """A list flag of names from `allowed`."""
+  validate_items(name, lambda x: x in allowed, f"values among: {', '.join(allowed)}", empty=empty)
+
+
+def fraction(name: str) -> None:
+  """A float flag in [0, 1) (a sparsity: 1 would keep nothing)."""
+  validate(name, lambda x: 0 <= x < 1, "must be in [0, 1)")
+
+
+def fractions(name: str) -> None:
+  """A list flag of numbers in [0, 1)."""
+  validate_items(name, lambda x: 0 <= float(x) < 1, "numbers in [0, 1)")
 
 
 def shape() -> shapes.Shape:

@@ -27,7 +27,7 @@ from absl import flags, logging
 from flax import nnx
 
 import pallas_kernels as pk
-from experiments import harness, timing
+from experiments import common, harness, timing
 from moska_jax import routing
 from moska_jax.attention import SharedLayer
 from moska_jax.config import SUMMARY_KINDS, MoskaConfig, llama3_1_8b, tiny
@@ -35,21 +35,30 @@ from moska_jax.model import Decoder
 from moska_jax.step import Part, Routes, SharedContext, moska_step
 
 flags.DEFINE_enum("decode_model", "llama3_1_8b", ["llama3_1_8b", "tiny"], "decode: shapes.")
-flags.DEFINE_integer("decode_layers", 1, "decode: decoder layers built (per-layer times reported).")
-flags.DEFINE_integer("decode_shared", 262144, "decode: shared tokens S.")
+flags.DEFINE_integer("decode_layers", 1,
+                     "decode: decoder layers built (per-layer times reported).", lower_bound=1)
+flags.DEFINE_integer("decode_shared", 262144, "decode: shared tokens S.", lower_bound=1)
 flags.DEFINE_list("decode_unique", ["4096"], "decode: unique tokens U per request (each a run).")
 flags.DEFINE_list("decode_batches", ["16", "64"], "decode: B values.")
 flags.DEFINE_enum("decode_kv_dtype", "model", ["model", *(d.name for d in pk.quant.FP8_DTYPES)],
                   "decode: K/V storage ('model': --dtype; float8: one scale per layer, kv head).")
-flags.DEFINE_integer("decode_chunk", 2048, "decode: routing chunk size of the sparse run.")
+flags.DEFINE_integer("decode_chunk", 2048, "decode: routing chunk size of the sparse run.",
+                     lower_bound=1)
 flags.DEFINE_float("decode_sparsity", 0.75, "decode: sparsity of the sparse run.")
 flags.DEFINE_enum("decode_summary", "int8-pca2", list(SUMMARY_KINDS), "decode: the sparse router.")
 flags.DEFINE_boolean("decode_int8_scorer", False,
                      "decode: sketches scored with int8 query rows on the int8 units.")
 flags.DEFINE_integer("decode_reroute", 16, "decode: the sparse run re-routes every r steps.",
                      lower_bound=1)
-flags.DEFINE_integer("decode_page", 64, "decode: page size.")
+flags.DEFINE_integer("decode_page", 64, "decode: page size.", lower_bound=1)
 flags.DEFINE_string("decode_name", "decode", "decode: base name of the files written.")
+common.ints("decode_unique")
+common.ints("decode_batches")
+common.fraction("decode_sparsity")
+common.validate(("decode_shared", "decode_page"),
+                lambda f: f["decode_shared"] % f["decode_page"] == 0,
+                "--decode_shared must be a multiple of --decode_page (the baseline stores the "
+                "shared K/V as whole pages)")
 FLAGS = flags.FLAGS
 _MEASURED = ("step_ms", "ms_per_layer", "tokens_per_s", "x_baseline", "logits_rel_diff",
              "route_ms", "reuse_ms")  # the columns of a measured row

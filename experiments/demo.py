@@ -26,12 +26,13 @@ from moska_jax.kv_cache import load_shared_store, save_shared_store
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
 
-flags.DEFINE_integer("demo_shared", 3000, "demo: shared-context tokens.")
-flags.DEFINE_integer("demo_requests", 6, "demo: requests served.")
-flags.DEFINE_integer("demo_batch", 4, "demo: concurrent requests (engine slots).")
-flags.DEFINE_integer("demo_new_tokens", 8, "demo: tokens generated per request.")
-flags.DEFINE_integer("demo_chunk", 256, "demo: routing chunk size.")
+flags.DEFINE_integer("demo_shared", 3000, "demo: shared-context tokens.", lower_bound=1)
+flags.DEFINE_integer("demo_requests", 6, "demo: requests served.", lower_bound=1)
+flags.DEFINE_integer("demo_batch", 4, "demo: concurrent requests (engine slots).", lower_bound=1)
+flags.DEFINE_integer("demo_new_tokens", 8, "demo: tokens generated per request.", lower_bound=1)
+flags.DEFINE_integer("demo_chunk", 256, "demo: routing chunk size.", lower_bound=1)
 flags.DEFINE_float("demo_sparsity", 0.75, "demo: sparsity of the sparse run.")
+common.fraction("demo_sparsity")
 FLAGS = flags.FLAGS
 
 PROMPTS = ["What does the manual say about", "Summarize section", "Q: who wrote", "Translate:",

@@ -49,20 +49,28 @@ from moska_jax.sharding.shared_step import (hand_off, merge_over_span, own_rows,
 from pallas_kernels import (merge_attention_states, merge_partials, shared_attention,
                             unique_attention)
 
-flags.DEFINE_integer("disagg_length", 1048576, "disaggregation: shared tokens S (one layer).")
+flags.DEFINE_integer("disagg_length", 1048576, "disaggregation: shared tokens S (one layer).",
+                     lower_bound=1)
 flags.DEFINE_list("disagg_batches", ["16", "64", "256"], "disaggregation: B values.")
 flags.DEFINE_list("disagg_shared_counts", ["1", "2", "3", "4", "7"],
                   "disaggregation: shared-group sizes n (skipped when devices are missing).")
-flags.DEFINE_integer("disagg_unique_devices", 1, "disaggregation: devices of the unique group.")
-flags.DEFINE_integer("disagg_unique_length", 16384, "disaggregation: unique tokens U per request.")
-flags.DEFINE_integer("disagg_page_size", 64, "disaggregation: unique-cache page size.")
+flags.DEFINE_integer("disagg_unique_devices", 1, "disaggregation: devices of the unique group.",
+                     lower_bound=1)
+flags.DEFINE_integer("disagg_unique_length", 16384, "disaggregation: unique tokens U per request.",
+                     lower_bound=1)
+flags.DEFINE_integer("disagg_page_size", 64, "disaggregation: unique-cache page size.",
+                     lower_bound=1)
 flags.DEFINE_integer("disagg_chunk", 2048,
-                     "disaggregation: chunk size C (whole chunks per device).")
+                     "disaggregation: chunk size C (whole chunks per device).", lower_bound=1)
 flags.DEFINE_list("disagg_processes", ["1"],
                   "disaggregation: process counts; p > 1 runs the split layout over p local "
                   "processes of one jax.distributed job (launched by this run).")
 flags.DEFINE_integer("disagg_devices_per_process", 1,
-                     "disaggregation: devices of each launched process (CPU: emulated).")
+                     "disaggregation: devices of each launched process (CPU: emulated).",
+                     lower_bound=1)
+common.ints("disagg_batches")
+common.ints("disagg_shared_counts")
+common.ints("disagg_processes")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,6 +305,13 @@ def main() -> None:
   if missing:
     bench.env["missing"] = f"shared-group sizes {missing} (only {len(devices)} devices)"
     logging.warning("only %d devices: skipping shared-group sizes %s", len(devices), missing)
+  splits = [n for n in wanted if u + n <= len(devices)]
+  unsplit = [n for n in wanted if n not in splits]
+  if 1 in counts and unsplit:  # the split layout needs u unique + n shared devices
+    skipped = f"shared-group sizes {unsplit}" if splits else "every shared-group size"
+    bench.env["no split layout"] = f"{skipped} ({u} + n devices needed, {len(devices)} here)"
+    logging.warning("only %d devices: no split layout (%d unique + n shared devices) for %s",
+                    len(devices), u, skipped)
   for r in mp_rows:
     bench.env[f"correctness ({r['processes']} processes)"] = r.pop("correctness")
   key = jax.random.key(FLAGS.seed)
@@ -308,7 +323,6 @@ def main() -> None:
                         "disaggregation: shared attention over n shared devices",
                         keys=("n_shared", "B"))
   if 1 in counts:
-    splits = [n for n in wanted if u + n <= len(devices)]
     if splits:
       check(bench, sharding.make_device_groups(devices[:u + max(splits)], num_shared=max(splits)),
             dtype)

@@ -18,19 +18,26 @@ import numpy as np
 from absl import flags
 
 import pallas_kernels as pk
-from experiments import harness
+from experiments import common, harness
 from experiments.report import plan_note
 from pallas_kernels import reference
 
-flags.DEFINE_list("fp8_ops", ["shared_attention", "unique_attention"], "fp8: ops to time.")
+OPS = ("shared_attention", "unique_attention")  # the ops `_inputs` builds
+
+flags.DEFINE_list("fp8_ops", list(OPS), "fp8: ops to time.")
 flags.DEFINE_list("fp8_batches", ["1", "8", "32", "128", "512"], "fp8: B values.")
-flags.DEFINE_integer("fp8_shared", 1048576, "fp8: shared keys S of shared_attention.")
-flags.DEFINE_integer("fp8_unique", 4096, "fp8: unique tokens U per request (unique_attention).")
-flags.DEFINE_integer("fp8_page", 64, "fp8: page size of the unique cache.")
-flags.DEFINE_string("fp8_dtype", "float8_e4m3fn", "fp8: the stored K/V dtype.")
+flags.DEFINE_integer("fp8_shared", 1048576, "fp8: shared keys S of shared_attention.",
+                     lower_bound=1)
+flags.DEFINE_integer("fp8_unique", 4096, "fp8: unique tokens U per request (unique_attention).",
+                     lower_bound=1)
+flags.DEFINE_integer("fp8_page", 64, "fp8: page size of the unique cache.", lower_bound=1)
+flags.DEFINE_enum("fp8_dtype", "float8_e4m3fn", [d.name for d in pk.quant.FP8_DTYPES],
+                  "fp8: the stored K/V dtype.")
 flags.DEFINE_boolean("fp8_sweep", False, "fp8: also time the FP8 call's sweep candidates and "
                      "Triton tilings with 128 / 256-key tiles and 3 / 4 stages (each one's time "
                      "in fp8_sweep.md).")
+common.choices("fp8_ops", OPS)
+common.ints("fp8_batches")
 FLAGS = flags.FLAGS
 
 

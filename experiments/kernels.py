@@ -19,11 +19,26 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from experiments import harness, shapes
+from experiments import common, harness, shapes
 from experiments.report import plan_note
+from pallas_kernels import implementations
 
-flags.DEFINE_list("kernels_ops", ["shared_attention", "unique_attention", "chunk_attention"],
-                  "kernels: ops to time.")
+OPS = ("shared_attention", "unique_attention", "chunk_attention")  # the ops `case` builds
+# 'auto' and every implementation name of OPS (an op without one skips it)
+IMPLEMENTATIONS = ("auto", *dict.fromkeys(n for op in OPS for n in implementations(op)))
+SHAPE_SPECS = ("HEADS/T/dtype specs (HEADS a --shape value: a name or Hq/Hkv/D; T >= 1 query "
+               "tokens per request; dtype e.g. bfloat16)")
+
+
+def parse_shape(spec: str) -> tuple[shapes.Shape, int, jnp.dtype]:
+  """(heads, T, dtype) of one HEADS/T/dtype spec; ValueError or TypeError when malformed."""
+  heads, t, dtype = spec.rsplit("/", 2)
+  if int(t) < 1:
+    raise ValueError(f"T={t} < 1")
+  return shapes.parse(heads), int(t), jnp.dtype(dtype)
+
+
+flags.DEFINE_list("kernels_ops", list(OPS), "kernels: ops to time.")
 flags.DEFINE_list("kernels_shapes", [],
                   "kernels: HEADS/T/dtype of each shape, HEADS a --shape value (a name or "
                   "Hq/Hkv/D), T query tokens per request (default: --shape at T=1 in --dtype).")
@@ -31,12 +46,19 @@ flags.DEFINE_list("kernels_batches", ["1", "32", "128", "512"], "kernels: B valu
 flags.DEFINE_list("kernels_implementations", ["auto"],
                   "kernels: 'auto' (--backend's choice) and / or implementation names, each "
                   "timed with its default config.")
-flags.DEFINE_integer("kernels_shared", 131072, "kernels: shared keys S.")
-flags.DEFINE_integer("kernels_unique", 4096, "kernels: unique tokens U per request.")
-flags.DEFINE_integer("kernels_page", 16, "kernels: page size of the unique cache.")
-flags.DEFINE_integer("kernels_chunk", 512, "kernels: chunk size C of chunk_attention.")
+flags.DEFINE_integer("kernels_shared", 131072, "kernels: shared keys S.", lower_bound=1)
+flags.DEFINE_integer("kernels_unique", 4096, "kernels: unique tokens U per request.",
+                     lower_bound=1)
+flags.DEFINE_integer("kernels_page", 16, "kernels: page size of the unique cache.", lower_bound=1)
+flags.DEFINE_integer("kernels_chunk", 512, "kernels: chunk size C of chunk_attention.",
+                     lower_bound=1)
 flags.DEFINE_float("kernels_sparsity", 0.75, "kernels: share of chunks each request skips.")
 flags.DEFINE_string("kernels_name", "kernels", "kernels: base name of the files written.")
+common.choices("kernels_ops", OPS)
+common.validate_items("kernels_shapes", parse_shape, SHAPE_SPECS, empty=True)
+common.ints("kernels_batches")
+common.choices("kernels_implementations", IMPLEMENTATIONS)
+common.fraction("kernels_sparsity")
 FLAGS = flags.FLAGS
 
 
@@ -85,11 +107,7 @@ def flag_case(op: str, key, B: int, shape: shapes.Shape, T: int, dtype) -> Case:
 
 def parse_shapes(specs: list[str]) -> list[tuple[shapes.Shape, int, jnp.dtype]]:
   """(heads, T, dtype) of each HEADS/T/dtype spec, or --shape at T=1 in --dtype when empty."""
-  out = []
-  for spec in specs or [f"{FLAGS.shape}/1/{FLAGS.dtype}"]:
-    *heads, t, dtype = spec.split("/")
-    out.append((shapes.parse("/".join(heads)), int(t), jnp.dtype(dtype)))
-  return out
+  return [parse_shape(spec) for spec in specs or [f"{FLAGS.shape}/1/{FLAGS.dtype}"]]
 
 
 def _plan(pk, op: str, c: Case, implementation: str):
@@ -131,7 +149,7 @@ def main() -> None:
                       "unique_attention" else FLAGS.kernels_shared)
         for implementation in FLAGS.kernels_implementations:
           if implementation not in ("auto", *pk.implementations(op)):
-            continue  # e.g. mosaic_gpu, which unique_attention does not have
+            continue  # e.g. mosaic_tpu on a GPU, or an implementation this op lacks
           try:
             plan = _plan(pk, op, c, implementation)
           except ValueError as e:

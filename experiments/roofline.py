@@ -23,20 +23,24 @@ from absl import flags
 
 from experiments import common, hardware, report
 from experiments.hardware import Hardware
-from experiments.roofline_model import (BASELINES, CONFIGS, Cluster, ModelShape, Step, System,
-                                        Workload, best_step, capacity_note, check_rows,
-                                        decode_rows, evaluate_scenario, ladder, measured_hardware,
-                                        ratio, read_measured, step)
+from experiments.roofline_model import (BASELINES, CONFIGS, LADDER_BASE, Cluster, ModelShape,
+                                        Step, System, Workload, best_step, capacity_note,
+                                        check_rows, decode_rows, evaluate_scenario, ladder,
+                                        measured_hardware, ratio, read_measured, step)
 
 flags.DEFINE_enum("roofline_hardware", "h200", list(hardware.PRESETS), "roofline: chip preset.")
-flags.DEFINE_integer("roofline_devices", 16, "roofline: chips of configurations 1-4 (colocated).")
-flags.DEFINE_integer("roofline_unique_devices", 8, "roofline: unique-node chips (moska_disagg).")
-flags.DEFINE_integer("roofline_shared_devices", 8, "roofline: shared-node chips (moska_disagg).")
+flags.DEFINE_integer("roofline_devices", 16, "roofline: chips of configurations 1-4 (colocated).",
+                     lower_bound=1)
+flags.DEFINE_integer("roofline_unique_devices", 8, "roofline: unique-node chips (moska_disagg).",
+                     lower_bound=1)
+flags.DEFINE_integer("roofline_shared_devices", 8, "roofline: shared-node chips (moska_disagg).",
+                     lower_bound=1)
 flags.DEFINE_enum("roofline_shared_hardware", None, list(hardware.PRESETS),
                   "roofline: shared-node chip preset (default: --roofline_hardware).")
 flags.DEFINE_list("roofline_shared_lengths", [str(n << 20) for n in (1, 2, 4, 8, 16)],
                   "roofline: S values (tokens).")
-flags.DEFINE_integer("roofline_unique", 65536, "roofline: U, unique tokens per request.")
+flags.DEFINE_integer("roofline_unique", 65536, "roofline: U, unique tokens per request.",
+                     lower_bound=0)
 flags.DEFINE_list("roofline_batches", [str(2**i) for i in range(13)], "roofline: B sweep.")
 flags.DEFINE_enum("roofline_precision", "fp8", ["fp8", "bf16"], "roofline: weights and KV width.")
 flags.DEFINE_float("roofline_sparsity", 0.75, "roofline: shared-part sparsity of routed configs.")
@@ -44,11 +48,13 @@ flags.DEFINE_float("roofline_unique_sparsity", 0.0,
                    "roofline: unique-part sparsity of routed configs (paper: unknown; 0 = dense).")
 flags.DEFINE_enum("roofline_routing", "batch", ["batch", "uniform"],
                   "roofline: union of routed chunks over the batch: batch = one decision per step "
-                  "(25% of bytes), uniform = independent per request (1 - sparsity^B of bytes).")
+                  "(1 - sparsity of bytes), uniform = independent per request (1 - sparsity^B "
+                  "of bytes).")
 flags.DEFINE_integer("roofline_microbatches", 2,
                      "roofline: moska_disagg ping-pong slices (1 = no overlap, step = sum of "
-                     "stages).")
-flags.DEFINE_float("roofline_link_latency_us", 5.0, "roofline: latency per q or o/lse transfer.")
+                     "stages).", lower_bound=1)
+flags.DEFINE_float("roofline_link_latency_us", 5.0, "roofline: latency per q or o/lse transfer.",
+                   lower_bound=0)
 flags.DEFINE_boolean("roofline_calibrate", False,
                      "roofline: measure matmul rate and bandwidth on this device and use them.")
 flags.DEFINE_string("roofline_measured_csv",
@@ -61,6 +67,10 @@ flags.DEFINE_string("roofline_paper_scale_csv", common.package_path("results", "
 flags.DEFINE_string("roofline_paper_scale_ceilings_csv", common.package_path("results", "fp8.csv"),
                     "roofline: a results CSV whose header recorded the ceilings of the same kind "
                     "of chip, for a second model on them ('' = none).")
+common.ints("roofline_shared_lengths")
+common.ints("roofline_batches")
+common.fraction("roofline_sparsity")
+common.fraction("roofline_unique_sparsity")
 FLAGS = flags.FLAGS
 
 
@@ -311,22 +321,22 @@ def _paper_scale_notes(table: list[dict], header: dict, path: str, used: str, hw
                   f"{f(sparse['model_x_baseline'])}x at U = {sparse['U']}), near the headline's "
                   "S = 1M rows.")
   lines += ["", "### (2) What the gap to 538.7x needs (the headline ladder of this run)", ""]
-  at = lambda S: {r["scenario"]: r for r in headline if r["S"] == S}
+  at = lambda S: {r["key"]: r for r in headline if r["S"] == S}
   S_lo, S_hi = min(r["S"] for r in headline), max(r["S"] for r in headline)
   lo, hi = at(S_lo), at(S_hi)
-  ref = next(k for k in hi if k.startswith("routed 25%"))
+  ref = hi[LADDER_BASE]
   lines.append(
-      f"The ladder's base row \"{ref}\" is {f(lo[ref]['ratio'])}x at S = {S_lo} and "
-      f"{f(hi[ref]['ratio'])}x at S = {S_hi} (x{hi[ref]['ratio'] / lo[ref]['ratio']:.2f} from S "
-      f"alone); each assumption at S = {S_hi}, as a factor over that row:")
+      f"The ladder's base row \"{ref['scenario']}\" is {f(lo[LADDER_BASE]['ratio'])}x at S = "
+      f"{S_lo} and {f(ref['ratio'])}x at S = {S_hi} (x{ref['ratio'] / lo[LADDER_BASE]['ratio']:.2f}"
+      f" from S alone); each assumption at S = {S_hi}, as a factor over that row:")
   lines.append("")
   for k, r in hi.items():
-    if k == ref:
+    if k == LADDER_BASE:
       continue
     reach = "reaches 538.7x" if r["ratio"] >= 538.7 else "short of 538.7x"
-    lines.append(f"- {k}: {f(r['ratio'])}x (x{r['ratio'] / hi[ref]['ratio']:.2f}; per chip "
-                 f"{f(r['ratio_per_chip'])}x), {reach}.")
-  reach = [k for k, r in hi.items() if r["ratio"] >= 538.7]
+    lines.append(f"- {r['scenario']}: {f(r['ratio'])}x (x{r['ratio'] / ref['ratio']:.2f}; per "
+                 f"chip {f(r['ratio_per_chip'])}x), {reach}.")
+  reach = [r["scenario"] for r in hi.values() if r["ratio"] >= 538.7]
   short = max((r for r in hi.values() if r["ratio"] < 538.7), key=lambda r: r["ratio"])
   lines += ["", (
       "So, besides kernels at their floors" + (" on FP8 tensor cores" if cal else "")
@@ -364,7 +374,7 @@ ASSUMPTIONS = """\
 - Weights are read once per step; the unique KV (B x U) is read by every request (bandwidth-bound).
 - Baselines attend densely (no routing). prefix_gemv re-reads the shared KV once per request;
   baseline_copies also stores it once per request, which caps its batch.
-- moska_sparse: 25% of the FLOPs; bytes = union of routed chunks (see --roofline_routing).
+- moska_sparse: 1 - sparsity of the FLOPs; bytes = union of routed chunks (--roofline_routing).
   The router's own cost (queries vs one summary per chunk) is left out: < 1/C of the shared read.
 - moska_disagg: unique nodes run the weights and the unique part, shared nodes the routed shared
   part; the step is microbatches x the slowest stage (ping-pong), or the sum with 1 microbatch.

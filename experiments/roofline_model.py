@@ -10,9 +10,10 @@ Every part of a step costs max(bytes / HBM bandwidth, FLOPs / matmul rate) on th
                    the measured paged baseline of results/shared_attention.md scales as B x the
                    KV read).
   moska_dense      Shared KV Attention: all queries as one GEMM over the shared KV, read once.
-  moska_sparse     routed chunks: 25% of the FLOPs; the bytes are the union of the chunks chosen
-                   across the batch: routing "batch" (one routing decision per batch: 25% of the
-                   bytes) or "uniform" (independent per request: 1 - 0.75^B, ~all bytes).
+  moska_sparse     routed chunks: 1 - sparsity of the FLOPs (25% at 0.75); the bytes are the union
+                   of the chunks chosen across the batch: routing "batch" (one routing decision
+                   per batch: 1 - sparsity of the bytes) or "uniform" (independent per request:
+                   1 - sparsity^B, ~all bytes).
   moska_disagg     moska_sparse with the shared KV on separate shared nodes; unique nodes hold the
                    weights and unique KV. q goes out and (o, lse) come back every layer.
 
@@ -270,6 +271,7 @@ def shared_nodes_to_balance(m: ModelShape, w: Workload, sys: System) -> int:
 class Scenario:
   """One row of the headline ladder: a MoSKA config and a baseline under stated assumptions."""
 
+  key: str  # names the row whatever its label says
   label: str
   moska: str
   baseline: str = "baseline_copies"
@@ -278,6 +280,9 @@ class Scenario:
   work: dict | None = None  # Workload overrides for MoSKA
   sys_moska: System | None = None
   in_main_table: bool = False
+
+
+LADDER_BASE = "routed"  # the key of the ladder row the others are set against
 
 
 def ladder(m: ModelShape, w: Workload, sys: System) -> list[Scenario]:
@@ -294,24 +299,30 @@ def ladder(m: ModelShape, w: Workload, sys: System) -> list[Scenario]:
   extra_u = with_shared_chips(
       extra, shared_nodes_to_balance(m, dataclasses.replace(w, **routed_u), extra))
   extra = with_shared_chips(extra, shared_nodes_to_balance(m, w, extra))
+  kept = f"{100 * (1 - w.sparsity):.3g}%"
   return [
-      Scenario("dense GEMM over the shared KV, equal chips", "moska_dense", in_main_table=True),
-      Scenario("routed 25% of the shared KV (per-batch routing), equal chips", "moska_sparse",
-               work={"routing": "batch"}, in_main_table=True),
-      Scenario("routed, uniform per-request routing (union ~ all bytes), equal chips",
-               "moska_sparse", work={"routing": "uniform"}),
-      Scenario("disaggregated, unique + shared nodes = the baseline's chips", "moska_disagg",
+      Scenario("dense", "dense GEMM over the shared KV, equal chips", "moska_dense",
                in_main_table=True),
-      Scenario("routed + unique part routed at 75% too", "moska_sparse", work=routed_u),
-      Scenario("routed + baseline in BF16 (weights, KV), MoSKA FP8", "moska_sparse",
-               m_baseline=bf16),
-      Scenario("routed + unique routed + baseline BF16", "moska_sparse", work=routed_u,
-               m_baseline=bf16),
-      Scenario(f"disaggregated, shared nodes extra ({extra.shared.devices} chips)", "moska_disagg",
-               sys_moska=extra),
-      Scenario(f"disaggregated, shared nodes extra ({extra.shared.devices}) + baseline BF16",
+      Scenario(LADDER_BASE, f"routed {kept} of the shared KV (per-batch routing), equal chips",
+               "moska_sparse", work={"routing": "batch"}, in_main_table=True),
+      Scenario("routed_uniform",
+               "routed, uniform per-request routing (union ~ all bytes), equal chips",
+               "moska_sparse", work={"routing": "uniform"}),
+      Scenario("disagg", "disaggregated, unique + shared nodes = the baseline's chips",
+               "moska_disagg", in_main_table=True),
+      Scenario("routed_unique", "routed + unique part routed at 75% too", "moska_sparse",
+               work=routed_u),
+      Scenario("routed_bf16_baseline", "routed + baseline in BF16 (weights, KV), MoSKA FP8",
+               "moska_sparse", m_baseline=bf16),
+      Scenario("routed_unique_bf16_baseline", "routed + unique routed + baseline BF16",
+               "moska_sparse", work=routed_u, m_baseline=bf16),
+      Scenario("disagg_extra", f"disaggregated, shared nodes extra ({extra.shared.devices} chips)",
+               "moska_disagg", sys_moska=extra),
+      Scenario("disagg_extra_bf16_baseline",
+               f"disaggregated, shared nodes extra ({extra.shared.devices}) + baseline BF16",
                "moska_disagg", sys_moska=extra, m_baseline=bf16),
-      Scenario(f"disaggregated, shared nodes extra ({extra_u.shared.devices}) + unique routed",
+      Scenario("disagg_extra_unique",
+               f"disaggregated, shared nodes extra ({extra_u.shared.devices}) + unique routed",
                "moska_disagg", sys_moska=extra_u, work=routed_u),
   ]
 
@@ -324,7 +335,7 @@ def evaluate_scenario(sc: Scenario, m: ModelShape, w: Workload, sys: System) -> 
   chips_m = (sys_m.unique.devices + sys_m.shared.devices if sc.moska == "moska_disagg"
              else sys_m.colocated.devices)
   r = ratio(mo, ba)
-  return dict(S=w.shared, scenario=sc.label, moska=sc.moska, baseline=sc.baseline,
+  return dict(S=w.shared, key=sc.key, scenario=sc.label, moska=sc.moska, baseline=sc.baseline,
               moska_batch=mo.batch, baseline_batch=ba.batch, moska_tok_s=mo.tokens_per_s,
               baseline_tok_s=ba.tokens_per_s, ratio=r,
               ratio_per_chip=r * sys.colocated.devices / chips_m,

@@ -71,12 +71,14 @@ def _own_or_warning(record: std_logging.LogRecord) -> bool:
 
 def _load_flags(argv: list[str]) -> None:
   # Experiment flags are defined at import, so import the chosen module before absl parses argv.
-  name = "demo"
-  for i, a in enumerate(argv[1:], start=1):
-    if a.startswith("--experiment="):
-      name = a.split("=", 1)[1]
-    elif a == "--experiment" and i + 1 < len(argv):
-      name = argv[i + 1]
+  # absl finds --experiment (either dash, flagfiles) in a first parse of the flags known so far;
+  # app.run parses argv again with the module's flags and reports any error.
+  try:
+    FLAGS(argv, known_only=True)
+  except flags.Error:
+    pass
+  name = FLAGS["experiment"].value
+  FLAGS.unparse_flags()
   if name in EXPERIMENTS:
     flags.adopt_module_key_flags(importlib.import_module(EXPERIMENTS[name]))
 

@@ -61,7 +61,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from experiments import harness
+from experiments import common, harness
 from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
 from moska_jax.engine import ByteTokenizer, MoskaEngine
 from moska_jax.model import Decoder
@@ -69,28 +69,36 @@ from moska_jax.prefill import build_shared_store
 from moska_jax.serve_core import EngineProcess
 
 flags.DEFINE_enum("serving_model", "tiny", ["tiny", "llama3_1_8b"], "serving: model shapes.")
-flags.DEFINE_integer("serving_layers", 2, "serving: decoder layers.")
-flags.DEFINE_integer("serving_shared", 2048, "serving: shared tokens per context.")
-flags.DEFINE_integer("serving_contexts", 2, "serving: contexts of the load test.")
-flags.DEFINE_integer("serving_clients", 32, "serving: concurrent streaming clients.")
-flags.DEFINE_integer("serving_prompt", 32, "serving: prompt tokens per client.")
-flags.DEFINE_integer("serving_new_tokens", 32, "serving: new tokens per client.")
-flags.DEFINE_integer("serving_load_chunk", 64, "serving: prefill chunk of the load test.")
-flags.DEFINE_integer("serving_load_lanes", 8, "serving: prefill lanes of the load test.")
-flags.DEFINE_integer("serving_decoders", 32, "serving: decoding requests beside the long prompt.")
-flags.DEFINE_integer("serving_long_prompt", 4096, "serving: tokens of the long prompt.")
+flags.DEFINE_integer("serving_layers", 2, "serving: decoder layers.", lower_bound=1)
+flags.DEFINE_integer("serving_shared", 2048, "serving: shared tokens per context.", lower_bound=1)
+flags.DEFINE_integer("serving_contexts", 2, "serving: contexts of the load test.", lower_bound=1)
+flags.DEFINE_integer("serving_clients", 32, "serving: concurrent streaming clients.",
+                     lower_bound=1)
+flags.DEFINE_integer("serving_prompt", 32, "serving: prompt tokens per client.", lower_bound=1)
+flags.DEFINE_integer("serving_new_tokens", 32, "serving: new tokens per client.", lower_bound=1)
+flags.DEFINE_integer("serving_load_chunk", 64, "serving: prefill chunk of the load test.",
+                     lower_bound=1)
+flags.DEFINE_integer("serving_load_lanes", 8, "serving: prefill lanes of the load test.",
+                     lower_bound=1)
+flags.DEFINE_integer("serving_decoders", 32, "serving: decoding requests beside the long prompt.",
+                     lower_bound=1)
+flags.DEFINE_integer("serving_long_prompt", 4096, "serving: tokens of the long prompt.",
+                     lower_bound=1)
 flags.DEFINE_list("serving_prefill_chunks", ["8", "32", "128"],
                   "serving: prefill chunks of the long prompt (the per-step prefill budget).")
-flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.")
-flags.DEFINE_integer("serving_page", 16, "serving: page size.")
+flags.DEFINE_integer("serving_base_steps", 20, "serving: decode steps timed before the prompt.",
+                     lower_bound=1)
+flags.DEFINE_integer("serving_page", 16, "serving: page size.", lower_bound=1)
 flags.DEFINE_boolean("serving_http", True, "serving: also load-test over HTTP (if installed).")
 flags.DEFINE_integer("serving_stream_interval", 1, "serving: the HTTP server's tokens per "
-                     "streamed event while a stream keeps up (create_app's stream_interval).")
+                     "streamed event while a stream keeps up (create_app's stream_interval).",
+                     lower_bound=1)
 flags.DEFINE_boolean("serving_engine_process", False, "serving: also load-test over HTTP with "
                      "the engine in a process of its own (python -m moska_jax.serve "
                      "--engine_process).")
 flags.DEFINE_integer("serving_client_processes", 4, "serving: processes the HTTP load test's "
-                     "clients run in (the requests split evenly among them).")
+                     "clients run in (the requests split evenly among them).", lower_bound=1)
+common.ints("serving_prefill_chunks")
 FLAGS = flags.FLAGS
 
 PREFILL, LOAD = "prefill beside decode", "load"

@@ -19,17 +19,33 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from experiments import harness
+from experiments import common, harness
 from experiments.report import plan_note
 from pallas_kernels import shared_attention
 from pallas_kernels.reference import shared_attention_ref
 
+BASELINES = ("cudnn", "xla", "paged")
+# The paged baseline's layout: pages of PAGE tokens, split K_SPLITS ways, PAGES_PER_BLOCK pages
+# per compute block, so S must be a multiple of their product.
+PAGE, K_SPLITS, PAGES_PER_BLOCK = 16, 16, 8
+PAGED_MULTIPLE = PAGE * K_SPLITS * PAGES_PER_BLOCK
+
 flags.DEFINE_list("shared_lengths", ["131072", "1048576"], "shared_attention: S values.")
 flags.DEFINE_list("shared_batches", ["1", "8", "32", "128", "512"], "shared_attention: B values.")
-flags.DEFINE_list("shared_baselines", ["cudnn", "xla", "paged"],
-                  "shared_attention: baselines to time (cudnn, xla, paged).")
+flags.DEFINE_list("shared_baselines", list(BASELINES),
+                  f"shared_attention: baselines to time ({', '.join(BASELINES)}).")
 flags.DEFINE_boolean("shared_sweep", False, "shared_attention: also time alternative tilings.")
-flags.DEFINE_float("shared_xla_max_gb", 16.0, "shared_attention: skip XLA above this score size.")
+flags.DEFINE_float("shared_xla_max_gb", 16.0, "shared_attention: skip XLA above this score size.",
+                   lower_bound=0)
+common.ints("shared_lengths")
+common.ints("shared_batches")
+common.choices("shared_baselines", BASELINES, empty=True)
+common.validate(("shared_lengths", "shared_baselines"),
+                lambda f: "paged" not in f["shared_baselines"]
+                or all(int(S) % PAGED_MULTIPLE == 0 for S in f["shared_lengths"]),
+                f"with the paged baseline every --shared_lengths value must be a multiple of "
+                f"{PAGED_MULTIPLE} (pages of {PAGE} x {K_SPLITS} splits x {PAGES_PER_BLOCK} pages "
+                "per block)")
 FLAGS = flags.FLAGS
 
 
@@ -51,17 +67,17 @@ def cudnn_attention(q, k, v):
   return o.reshape(q.shape)
 
 
-def paged_baseline(page_size: int = 16):
+def paged_baseline():
   """Per-request paged decode (JAX Pallas op) with every request's table on the shared pages."""
   from jax.experimental.pallas.ops.gpu import paged_attention as pa
 
   def run(q, k_pages, v_pages, tables, lengths):
     return pa.paged_attention(q[:, 0], k_pages, v_pages, tables, lengths, block_h=16,
-                              pages_per_compute_block=8, k_splits=16)
+                              pages_per_compute_block=PAGES_PER_BLOCK, k_splits=K_SPLITS)
 
-  def pages(k):  # [S, Hkv, D] -> [Hkv, S / page_size, page_size, D], built once outside timing
+  def pages(k):  # [S, Hkv, D] -> [Hkv, S / PAGE, PAGE, D], built once outside timing
     S, Hkv, D = k.shape
-    return k.reshape(S // page_size, page_size, Hkv, D).transpose(2, 0, 1, 3)
+    return k.reshape(S // PAGE, PAGE, Hkv, D).transpose(2, 0, 1, 3)
 
   return jax.jit(run), pages
 

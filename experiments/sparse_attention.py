@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from absl import flags, logging
 
 import pallas_kernels as pk
-from experiments import harness, timing
+from experiments import common, harness, timing
 from experiments.report import plan_note
 from moska_jax import routing
 from moska_jax.attention import SharedLayer, routed_attention
@@ -39,14 +39,19 @@ from pallas_kernels import chunk_attention, shared_attention
 from pallas_kernels.grouping import selected_chunks
 from pallas_kernels.reference import chunk_attention_ref
 
-flags.DEFINE_integer("sparse_length", 1048576, "sparse_attention: shared tokens S.")
+REGIMES = ("correlated", "uniform")
+
+flags.DEFINE_integer("sparse_length", 1048576, "sparse_attention: shared tokens S.", lower_bound=1)
 flags.DEFINE_list("sparse_chunks", ["512", "128", "2048"], "sparse_attention: chunk sizes C.")
 flags.DEFINE_list("sparse_batches", ["8", "128", "512"], "sparse_attention: B values.")
 flags.DEFINE_list("sparse_sparsities", ["0.75", "0.9"], "sparse_attention: 1 - K/N values.")
-flags.DEFINE_list("sparse_regimes", ["correlated", "uniform"], "sparse_attention: routing regimes.")
-flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correlated regime.")
+flags.DEFINE_list("sparse_regimes", list(REGIMES),
+                  f"sparse_attention: routing regimes ({', '.join(REGIMES)}).")
+flags.DEFINE_integer("sparse_topics", 2, "sparse_attention: topics of the correlated regime.",
+                     lower_bound=1)
 flags.DEFINE_float("sparse_topic_noise", 0.05,
-                   "sparse_attention: query noise around its topic vector (correlated regime).")
+                   "sparse_attention: query noise around its topic vector (correlated regime).",
+                   lower_bound=0)
 flags.DEFINE_multi_enum("sparse_summaries", ["int8-pca2", "int4"], list(routing.SUMMARIES),
                         "sparse_attention: the routers' summary kinds (the routed attention runs "
                         "on the first one's choice).")
@@ -61,6 +66,12 @@ flags.DEFINE_string("sparse_accuracy_csv", "",
                     "acc_over_dense) to join.")
 flags.DEFINE_string("sparse_name", "sparse_pareto",
                     "sparse_attention: base name of the CSV/MD/PNG written.")
+common.ints("sparse_chunks")
+common.ints("sparse_batches")
+common.fractions("sparse_sparsities")
+common.choices("sparse_regimes", REGIMES)
+common.ints("sparse_reuse")
+common.ints("sparse_batch_aware", empty=True)  # tile 0 (per-pair chunks) is always timed
 FLAGS = flags.FLAGS
 
 

@@ -28,38 +28,51 @@ import optax
 from absl import flags, logging
 from flax import nnx
 
-from experiments import harness
+from experiments import common, harness
 from experiments.retrieval import RetrievalTask
 from moska_jax import checkpoint, routing
 from moska_jax.config import ModelConfig, MoskaConfig
 from moska_jax.model import Decoder, stateless
 from pallas_kernels import grouping
 
-flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.")
-flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.")
-flags.DEFINE_integer("train_heads", 4, "train_retrieval: query heads Hq.")
-flags.DEFINE_integer("train_kv_heads", 2, "train_retrieval: kv heads Hkv.")
-flags.DEFINE_integer("train_head_dim", 64, "train_retrieval: head dim D.")
-flags.DEFINE_integer("train_mlp", 256, "train_retrieval: MLP hidden size.")
-flags.DEFINE_float("train_rope_theta", 10000.0, "train_retrieval: RoPE base.")
+flags.DEFINE_integer("train_layers", 4, "train_retrieval: decoder layers.", lower_bound=1)
+flags.DEFINE_integer("train_hidden", 256, "train_retrieval: hidden size.", lower_bound=1)
+flags.DEFINE_integer("train_heads", 4, "train_retrieval: query heads Hq.", lower_bound=1)
+flags.DEFINE_integer("train_kv_heads", 2, "train_retrieval: kv heads Hkv.", lower_bound=1)
+flags.DEFINE_integer("train_head_dim", 64, "train_retrieval: head dim D.", lower_bound=1)
+flags.DEFINE_integer("train_mlp", 256, "train_retrieval: MLP hidden size.", lower_bound=1)
+flags.DEFINE_float("train_rope_theta", 10000.0, "train_retrieval: RoPE base.", lower_bound=0)
 flags.DEFINE_float("train_embed_std", 1.0,
-                   "train_retrieval: std of the initial token embeddings (0: the model's default).")
-flags.DEFINE_integer("train_keys", 2048, "train_retrieval: distinct keys (>= records per doc).")
+                   "train_retrieval: std of the initial token embeddings (0: the model's default).",
+                   lower_bound=0)
+flags.DEFINE_integer("train_keys", 2048, "train_retrieval: distinct keys (>= records per doc).",
+                     lower_bound=1)
 flags.DEFINE_boolean("train_value_first", False,
                      "train_retrieval: records `value key` instead of `key value`.")
-flags.DEFINE_integer("train_values", 128, "train_retrieval: distinct values (chance = 1/this).")
-flags.DEFINE_integer("train_start_length", 17, "train_retrieval: first document length.")
-flags.DEFINE_integer("train_length", 8192, "train_retrieval: final document length (tokens).")
-flags.DEFINE_integer("train_batch_tokens", 16384, "train_retrieval: tokens per step.")
+flags.DEFINE_integer("train_values", 128, "train_retrieval: distinct values (chance = 1/this).",
+                     lower_bound=1)
+flags.DEFINE_integer("train_start_length", 17, "train_retrieval: first document length.",
+                     lower_bound=1)
+flags.DEFINE_integer("train_length", 8192, "train_retrieval: final document length (tokens).",
+                     lower_bound=1)
+flags.DEFINE_integer("train_batch_tokens", 16384, "train_retrieval: tokens per step.",
+                     lower_bound=1)
 flags.DEFINE_integer("train_questions", 16,
-                     "train_retrieval: questions per training sequence (at most a quarter of its records).")
-flags.DEFINE_float("train_lr", 1e-3, "train_retrieval: peak AdamW learning rate.")
-flags.DEFINE_float("train_advance", 0.9, "train_retrieval: running accuracy that doubles the length.")
-flags.DEFINE_float("train_goal", 0.97, "train_retrieval: held-out accuracy that ends training.")
-flags.DEFINE_integer("train_max_steps", 100000, "train_retrieval: step budget.")
-flags.DEFINE_float("train_minutes", 8.0, "train_retrieval: time budget (minutes).")
-flags.DEFINE_integer("train_eval_every", 200, "train_retrieval: steps between held-out evals.")
-flags.DEFINE_integer("train_eval_docs", 16, "train_retrieval: held-out documents per eval.")
+                     "train_retrieval: questions per training sequence (at most a quarter of its "
+                     "records).", lower_bound=1)
+flags.DEFINE_float("train_lr", 1e-3, "train_retrieval: peak AdamW learning rate.", lower_bound=0)
+flags.DEFINE_float("train_advance", 0.9,
+                   "train_retrieval: running accuracy that doubles the length.", lower_bound=0,
+                   upper_bound=1)
+flags.DEFINE_float("train_goal", 0.97, "train_retrieval: held-out accuracy that ends training.",
+                   lower_bound=0, upper_bound=1)
+flags.DEFINE_integer("train_max_steps", 100000, "train_retrieval: step budget.", lower_bound=1)
+flags.DEFINE_float("train_minutes", 8.0, "train_retrieval: time budget (minutes).",
+                   lower_bound=0)
+flags.DEFINE_integer("train_eval_every", 200, "train_retrieval: steps between held-out evals.",
+                     lower_bound=1)
+flags.DEFINE_integer("train_eval_docs", 16, "train_retrieval: held-out documents per eval.",
+                     lower_bound=1)
 flags.DEFINE_enum("train_attention", "auto", ["auto", "cudnn", "xla"],
                   "train_retrieval: attention implementation (auto: cuDNN on GPU, else XLA).")
 flags.DEFINE_string("train_init", None,
@@ -67,13 +80,27 @@ flags.DEFINE_string("train_init", None,
 flags.DEFINE_float("train_route_sparsity", 0.0,
                    "train_retrieval: > 0 routes the questions' attention over the document as "
                    "MoSKA serves it (this sparsity) during training.")
-flags.DEFINE_integer("train_route_chunk", 64, "train_retrieval: chunk size C of routed training.")
+flags.DEFINE_integer("train_route_chunk", 64, "train_retrieval: chunk size C of routed training.",
+                     lower_bound=1)
 flags.DEFINE_enum("train_route_summary", "mean", list(routing.SUMMARIES),
                   "train_retrieval: chunk summary kind of routed training.")
 flags.DEFINE_enum("train_save_dtype", "bfloat16", ["bfloat16", "float32"],
                   "train_retrieval: dtype of the saved parameters (bfloat16 halves the file).")
 flags.DEFINE_string("train_checkpoint", None,
                     "train_retrieval: where to save (default: OUT_DIR/retrieval_checkpoint).")
+common.validate(("train_heads", "train_kv_heads"),
+                lambda f: f["train_heads"] % f["train_kv_heads"] == 0,
+                "--train_kv_heads must divide --train_heads (grouped-query attention)")
+common.validate("train_init", lambda path: path is None or os.path.isdir(path),
+                "must be a checkpoint directory (written by train_retrieval)")
+common.fraction("train_route_sparsity")
+common.validate(("train_route_sparsity", "train_start_length", "train_length",
+                 "train_route_chunk"),
+                lambda f: not f["train_route_sparsity"] or (
+                    f["train_start_length"] == f["train_length"]
+                    and f["train_length"] % f["train_route_chunk"] == 0),
+                "routed training (--train_route_sparsity > 0) runs at one document length "
+                "(--train_start_length == --train_length), a multiple of --train_route_chunk")
 FLAGS = flags.FLAGS
 
 
@@ -238,10 +265,6 @@ def main() -> None:
   attend = flash_attend(impl)
   if FLAGS.train_route_sparsity > 0:
     C = FLAGS.train_route_chunk
-    if FLAGS.train_start_length != FLAGS.train_length or FLAGS.train_length % C:
-      raise ValueError("train_retrieval: routed training runs at one document length "
-                       "(--train_start_length == --train_length), a multiple of "
-                       f"--train_route_chunk={C}")
     n = FLAGS.train_length // C
     top_k = MoskaConfig(mode="sparse", sparsity=FLAGS.train_route_sparsity).chunks_kept(n)
     attend = routed_attend(impl, FLAGS.train_length, C, top_k, FLAGS.train_route_summary)

@@ -9,7 +9,7 @@ to --out_dir/<chip>.json, and with --tune_install into pallas_kernels/tuning_tab
 heuristic's time, the winner's, and the best time of each implementation (where each wins).
 
 On a new GPU: `python -m experiments.run --experiment=tune --tune_install` (about 10 minutes at
-the defaults on an H200).
+the defaults on an H200). On a CPU backend there are only XLA plans, nothing to tune: the run stops.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import math
 import os
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
 
-from experiments import harness, kernels, timing
+from experiments import common, harness, kernels, timing
 from experiments.report import plan_note
 from pallas_kernels import dispatch, reference, tuning_table
 
@@ -28,12 +28,15 @@ flags.DEFINE_list("tune_ops", list(tuning_table.OPS), "tune: ops to sweep.")
 flags.DEFINE_list("tune_shapes", ["llama3_1_8b/1/bfloat16"],
                   "tune: HEADS/T/dtype of each shape (as --kernels_shapes).")
 flags.DEFINE_list("tune_batches", [str(1 << i) for i in range(10)], "tune: B values.")
-flags.DEFINE_integer("tune_shared", 131072, "tune: shared keys S.")
-flags.DEFINE_integer("tune_unique", 4096, "tune: unique tokens U per request.")
-flags.DEFINE_integer("tune_page", 16, "tune: page size of the unique cache.")
-flags.DEFINE_float("tune_budget_s", 0.3, "tune: seconds of timing per candidate.")
+flags.DEFINE_integer("tune_shared", 131072, "tune: shared keys S.", lower_bound=1)
+flags.DEFINE_integer("tune_unique", 4096, "tune: unique tokens U per request.", lower_bound=1)
+flags.DEFINE_integer("tune_page", 16, "tune: page size of the unique cache.", lower_bound=1)
+flags.DEFINE_float("tune_budget_s", 0.3, "tune: seconds of timing per candidate.", lower_bound=0)
 flags.DEFINE_boolean("tune_install", False,
                      "tune: also write the table into pallas_kernels/tuning_tables/.")
+common.choices("tune_ops", tuning_table.OPS)
+common.validate_items("tune_shapes", kernels.parse_shape, kernels.SHAPE_SPECS)
+common.ints("tune_batches")
 FLAGS = flags.FLAGS
 
 _REFERENCES = {"shared_attention": reference.shared_attention_ref,
@@ -51,6 +54,9 @@ def _time(plan, c: kernels.Case) -> tuple[float, str]:
 def main() -> None:
   import pallas_kernels as pk
 
+  if jax.default_backend() == "cpu":  # no kernel plan to tune: the table would be empty
+    raise app.UsageError("tune sweeps the kernel plans of a GPU or TPU; this run's backend is "
+                         "cpu (no tuning table to write)")
   bench = harness.Bench(ceilings=False, shape=False)
   chip = jax.devices()[0].device_kind
   bench.env["chip"] = chip

@@ -22,22 +22,29 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import harness
+from experiments import common, harness
 from experiments.report import plan_note
 from pallas_kernels import unique_attention
 from pallas_kernels.reference import unique_attention_ref
 
+BASELINES = ("paged", "xla")
+
 flags.DEFINE_list("unique_lengths", ["4096", "65536"], "unique_attention: L values (max length).")
 flags.DEFINE_list("unique_batches", ["1", "8", "64"], "unique_attention: B values.")
 flags.DEFINE_list("unique_page_sizes", ["16", "64"], "unique_attention: page sizes.")
-flags.DEFINE_list("unique_baselines", ["paged", "xla"],
-                  "unique_attention: baselines to time (paged, xla).")
+flags.DEFINE_list("unique_baselines", list(BASELINES),
+                  f"unique_attention: baselines to time ({', '.join(BASELINES)}).")
 flags.DEFINE_boolean("unique_sweep", False, "unique_attention: also time alternative tilings.")
 flags.DEFINE_float("unique_xla_max_gb", 24.0,
-                   "unique_attention: skip XLA when its gathered K/V would exceed this (GB).")
+                   "unique_attention: skip XLA when its gathered K/V would exceed this (GB).",
+                   lower_bound=0)
 flags.DEFINE_integer("unique_rotate_mb", 512,
                      "unique_attention: replicate smaller pools to this size and rotate over the "
-                     "copies so timings read HBM, not L2 (not on CPU).")
+                     "copies so timings read HBM, not L2 (not on CPU).", lower_bound=0)
+common.ints("unique_lengths")
+common.ints("unique_batches")
+common.ints("unique_page_sizes")
+common.choices("unique_baselines", BASELINES, empty=True)
 FLAGS = flags.FLAGS
 
 

@@ -123,6 +123,50 @@ def test_default_paths_resolve_in_the_package():
   assert common.shown(f"--out_dir={common.FLAGS['out_dir'].default}") == "--out_dir=experiments/out"
 
 
+# id -> (arguments, fragment of stderr): each bad value stops the run at flag parsing, before any
+# compilation, with the flag (and what it allows) named; {flagfile} holds --experiment=tune and
+# a bad --tune_ops, so it and the single-dash case check that the chosen experiment's flags are
+# known whichever way --experiment is given.
+BAD_FLAGS = {
+    "sparsity-past-1": (["--experiment=roofline", "--roofline_sparsity=2"],
+                        "--roofline_sparsity=2.0: must be in [0, 1)"),
+    "regime-typo": (["--experiment=sparse_attention", "--sparse_regimes=Uniform"],
+                    "--sparse_regimes=['Uniform']: must be a comma-separated list of values "
+                    "among: correlated, uniform"),
+    "baseline-typo": (["--experiment=shared_attention", "--shared_baselines=xal"],
+                      "--shared_baselines=['xal']"),
+    "paged-length": (["--experiment=shared_attention", "--shared_lengths=1000"],
+                     "every --shared_lengths value must be a multiple of 2048"),
+    "implementation-typo": (["--experiment=kernels", "--kernels_implementations=trition"],
+                            "--kernels_implementations=['trition']"),
+    "kernels-op": (["--experiment=kernels", "--kernels_ops=chunk_scores"],
+                   "--kernels_ops=['chunk_scores']"),
+    "no-processes": (["--experiment=disaggregation", "--disagg_processes=0"],
+                     "--disagg_processes=['0']: must be a comma-separated list of integers >= 1"),
+    "no-requests": (["--experiment=demo", "--demo_requests=0"],
+                    "--demo_requests=0: 0 is not a positive integer"),
+    "summary-typo": (["--experiment=accuracy", "--accuracy_summaries=foo"],
+                     "--accuracy_summaries=['foo']"),
+    "kv-heads": (["--experiment=train_retrieval", "--train_kv_heads=3"],
+                 "--train_kv_heads must divide --train_heads"),
+    "single-dash": (["-experiment=fp8", "-fp8_ops=shared"],
+                    "--fp8_ops=['shared']: must be a comma-separated list of values among: "
+                    "shared_attention, unique_attention"),
+    "flagfile": (["--flagfile={flagfile}"], "--tune_ops=['chunk_attention']"),
+    "tune-on-cpu": (["--experiment=tune"], "this run's backend is cpu"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FLAGS))
+def test_bad_experiment_flags_stop_the_run_with_a_clear_message(name, tmp_path):
+  args, fragment = BAD_FLAGS[name]
+  flagfile = tmp_path / "flags"
+  flagfile.write_text("--experiment=tune\n--tune_ops=chunk_attention\n")
+  res = _run(*(a.format(flagfile=flagfile) for a in args), f"--out_dir={tmp_path}")
+  assert res.returncode != 0 and fragment in res.stderr, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
 def test_demo_rejects_another_dtype():
   res = _run("--experiment=demo", "--dtype=bfloat16")
   assert res.returncode != 0
