@@ -130,7 +130,7 @@ _HEADERS = [
      "is damaged: TypeError"),
     ("config-zero-layers", lambda p: _edit_json(
         p, "store.json", lambda d: _set(d, "model_config", dict(d["model_config"], layers=0))),
-     "layers must be >= 1"),
+     "layers must be an int >= 1"),
     ("header-a-list", lambda p: _edit_json(p, "store.json", lambda d: [d]), "is damaged"),
 ]
 
