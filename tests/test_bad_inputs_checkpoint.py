@@ -105,7 +105,8 @@ def _write_config(path, edit):
     pytest.param("{", "not valid JSON", id="not-json"),
     pytest.param(lambda d: json.dumps(dict(d, foo=1)), "model config in .* is damaged",
                  id="unknown-field"),
-    pytest.param(lambda d: json.dumps(dict(d, layers=0)), "layers must be an int >= 1", id="layers-0"),
+    pytest.param(lambda d: json.dumps(dict(d, layers=0)), "layers must be an int >= 1",
+                 id="layers-0"),
     pytest.param(lambda d: json.dumps(dict(d, dtype="int8")), "dtype must be", id="dtype"),
     pytest.param(lambda d: json.dumps([d]), "is damaged", id="a-list"),
 ])
