@@ -74,7 +74,6 @@ common.ints("disagg_processes")
 FLAGS = flags.FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXCHANGE_ROUNDS = 16  # extra exchanges in the looped program that times one (`transfer_time`)
 
 
 def _time(fn, *args, warmup: int = 3, inner: int = 5, samples: int = 7) -> float:
@@ -145,15 +144,11 @@ def collectives_program(groups: sharding.DeviceGroups, B: int, rounds: int = 1):
 
 
 def transfer_time(groups: sharding.DeviceGroups, B: int, q) -> tuple[float, float]:
-  """(seconds of one exchange inside a program, seconds of a program of one exchange).
-
-  The first is the marginal time of a round, (t(1 + EXCHANGE_ROUNDS) - t(1)) / EXCHANGE_ROUNDS:
-  what the exchange adds to a step, where it runs inside the step's program; the second also
-  pays a program launch of its own (at small B the host's dispatch of a multi-device program,
-  not the collectives, can set it)."""
-  one = _time(collectives_program(groups, B), q)
-  many = _time(collectives_program(groups, B, 1 + EXCHANGE_ROUNDS), q)
-  return (many - one) / EXCHANGE_ROUNDS, one
+  """(seconds of one exchange inside a program, seconds of a program of one exchange):
+  `timing.round_time` of `collectives_program`. The first is what the exchange adds to a step,
+  where it runs inside the step's program; the second also pays a program launch of its own
+  (at small B the host's dispatch of a multi-device program, not the collectives, can set it)."""
+  return timing.round_time(lambda n: collectives_program(groups, B, n), q, time=_time)
 
 
 def shared_program(mesh):
@@ -353,7 +348,7 @@ def main() -> None:
       "Times per layer-step. step: the whole layer as one program over the span (q hand-off, "
       "unique and shared attention at once on their groups, one collective merge). transfer: "
       "those collectives alone on the same shapes, the marginal time of one exchange in a "
-      f"program of {1 + EXCHANGE_ROUNDS} in a row (inside the step they overlap nothing but "
+      f"program of {1 + timing.ROUNDS} in a row (inside the step they overlap nothing but "
       "cost their latency); transfer_call: a program of one exchange, its launch included. "
       "transfer_frac = transfer_ms / step_ms (split only). unique / shared: each half alone on "
       "its group (one process; not measured over several processes). x_colocated: the "

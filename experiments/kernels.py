@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from experiments import common, harness, shapes
+from experiments import common, harness, shapes, timing
 from experiments.report import plan_note
 from pallas_kernels import implementations
 
@@ -165,7 +165,8 @@ def main() -> None:
                     x_floor=seconds / floor, cudnn_ms=cudnn_ms, call_ms=call * 1e3,
                     plan=plan_note(plan), error=error)
   table.write(notes="ms: what one call adds inside a jitted program (`timing.time_in_program`: "
-                    "17 chained calls in one program minus one, over 16; the kernels and the "
+                    f"{1 + timing.ROUNDS} chained calls in one program minus one, over "
+                    f"{timing.ROUNDS}; the kernels and the "
                     "gaps between them, not the host's dispatch); call_ms: a program of one call "
                     "per call (`timing.time_fn`), dispatch included. "
                     "floor = max(bytes / read BW, FLOPs / matmul rate of the dtype: bf16 / f16, "

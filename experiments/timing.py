@@ -43,10 +43,23 @@ def time_fn(fn: Callable, *args, warmup: int = 3, inner: int = 10, samples: int 
   return statistics.median(times)
 
 
-def time_in_program(fn: Callable, *args, rounds: int = 16) -> float:
-  """Seconds one call of fn(*args) adds inside a jitted program: (t(1 + rounds calls) - t(1
-  call)) / rounds, the calls chained in one program (each one's first argument waits for the
-  previous call's output, so XLA neither merges nor reorders them).
+ROUNDS = 16  # `round_time`: a round is what 1 + ROUNDS rounds add over 1, per round
+
+
+def round_time(program: Callable[[int], Callable], *args, rounds: int = ROUNDS,
+               time: Callable[..., float] = time_fn) -> tuple[float, float]:
+  """(seconds one round adds inside a program, seconds of a program of one round):
+  (t(program(1 + rounds)) - t(program(1))) / rounds and t(program(1)), each timed by `time`.
+  program(n) is a jitted program of n rounds that run in order; the program of one round also
+  pays its own launch, which sets it for rounds shorter than the host's dispatch."""
+  one = time(program(1), *args)
+  return (time(program(1 + rounds), *args) - one) / rounds, one
+
+
+def time_in_program(fn: Callable, *args, rounds: int = ROUNDS) -> float:
+  """Seconds one call of fn(*args) adds inside a jitted program (`round_time`), the calls
+  chained in one program (each one's first argument waits for the previous call's output, so
+  XLA neither merges nor reorders them).
 
   This is a kernel's cost inside a model step, launch gaps between its kernels included; a
   program of one call also pays the host's dispatch, which sets `time_fn` for calls shorter
@@ -64,8 +77,7 @@ def time_in_program(fn: Callable, *args, rounds: int = 16) -> float:
       return jnp.stack(firsts)
     return jax.jit(run)
 
-  one = time_fn(chained(1), *args)
-  added = (time_fn(chained(1 + rounds), *args) - one) / rounds
+  added, _ = round_time(chained, *args, rounds=rounds)
   if added <= 0:  # the calls were merged or removed, or the noise exceeds them: no result
     raise RuntimeError(f"time_in_program: {rounds} more calls added {added * 1e6:.2f} us each")
   return added

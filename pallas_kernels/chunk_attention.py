@@ -72,8 +72,8 @@ def _pallas(kernel):
 
   kernel(p, groups, q_rows, n, scale, config, interpret) -> (o, lse) per pair row
   [Hkv, B*K*R, (D)]. Rows of pairs whose chunk id is outside [0, N) are never written (or hold
-  another tile's slot): they become o = 0, lse = -inf here, so the merge over each request's K
-  pairs ignores them and with K = 1 (no merge) a request that selects nothing reads 0.
+  another tile's slot): their lse becomes -inf here, so the merge over each request's K pairs
+  ignores them (`dispatch.finish`: with K = 1 their o becomes 0).
   """
 
   def run(p: ChunkProblem, config, interpret):
@@ -87,8 +87,7 @@ def _pallas(kernel):
     n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
     o, lse = kernel(p, groups, layout.fold_queries(p.q, Hkv), n,
                     default_sm_scale(p.sm_scale, D), config, interpret)
-    ok = jnp.repeat(groups.valid, R, axis=1)
-    o, lse = jnp.where(ok[..., None], o, 0), jnp.where(ok, lse, -jnp.inf)
+    lse = jnp.where(jnp.repeat(groups.valid, R, axis=1), lse, -jnp.inf)
     return Partials(o.reshape(Hkv, B, K, R, D), lse.reshape(Hkv, B, K, R), 2)
 
   return run

@@ -226,12 +226,15 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
 def finish(partials: Partials, dims: layout.AttentionDims,
            dtype) -> tuple[jax.Array, jax.Array]:
   """Merges a kernel's partial states and unfolds its rows: (o [B, T, Hq, D] in dtype,
-  lse [B, T, Hq] float32)."""
+  lse [B, T, Hq] float32). A row whose partials all have lse = -inf (no valid key) gives o = 0
+  (a kernel may leave such a row unwritten, or fill it from another tile's slot); the merge
+  gives that over several partials, here a single one is masked too."""
   o, lse, axis = partials
   if o.shape[axis] > 1:
     o, lse = merge_partials(o, lse, axis)
   else:
     o, lse = jnp.squeeze(o, axis), jnp.squeeze(lse, axis)
+    o = jnp.where((lse == -jnp.inf)[..., None], jnp.zeros((), o.dtype), o)
   o = o.reshape(dims.Hkv, -1, dims.D)[:, :dims.M]
   lse = lse.reshape(dims.Hkv, -1)[:, :dims.M]
   return (layout.unfold_rows(o, dims.B, dims.T).astype(dtype),
