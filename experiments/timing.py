@@ -10,6 +10,7 @@ kernels shorter than the host's dispatch of a program of their own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -56,7 +57,7 @@ def round_time(program: Callable[[int], Callable], *args, rounds: int = ROUNDS,
   return (time(program(1 + rounds), *args) - one) / rounds, one
 
 
-def time_in_program(fn: Callable, *args, rounds: int = ROUNDS) -> float:
+def time_in_program(fn: Callable, *args, rounds: int = ROUNDS, budget_s: float = 2.0) -> float:
   """Seconds one call of fn(*args) adds inside a jitted program (`round_time`), the calls
   chained in one program (each one's first argument waits for the previous call's output, so
   XLA neither merges nor reorders them).
@@ -64,7 +65,7 @@ def time_in_program(fn: Callable, *args, rounds: int = ROUNDS) -> float:
   This is a kernel's cost inside a model step, launch gaps between its kernels included; a
   program of one call also pays the host's dispatch, which sets `time_fn` for calls shorter
   than about 0.1 ms (on an H200 a 28 us attention timed 66 us per call). args[0] must be a
-  floating array.
+  floating array; budget_s: `time_fn`'s, per program timed.
   """
 
   def chained(n: int):
@@ -77,7 +78,8 @@ def time_in_program(fn: Callable, *args, rounds: int = ROUNDS) -> float:
       return jnp.stack(firsts)
     return jax.jit(run)
 
-  added, _ = round_time(chained, *args, rounds=rounds)
+  added, _ = round_time(chained, *args, rounds=rounds,
+                        time=functools.partial(time_fn, budget_s=budget_s))
   if added <= 0:  # the calls were merged or removed, or the noise exceeds them: no result
     raise RuntimeError(f"time_in_program: {rounds} more calls added {added * 1e6:.2f} us each")
   return added

@@ -2,14 +2,17 @@
 
 For every shape (heads, T, dtype) and B, times each plan `pallas_kernels.sweep` lists (every
 candidate config of every implementation of the platform that can run the call; the heuristic's
-plan first, planned with any installed table ignored) and keeps the fastest, checked against the
-XLA reference. Writes the winners as a tuning table for this chip (`pallas_kernels.tuning_table`)
-to --out_dir/<chip>.json, and with --tune_install into pallas_kernels/tuning_tables/, where
-"auto" finds it; or point $PALLAS_KERNELS_TUNING at the file. The results table says per case the
+plan first, planned with any installed table ignored) by what one call adds inside a program
+(`timing.time_in_program`: a program of one call would time the host's dispatch, which is
+longer than a small-batch kernel) and keeps the fastest, checked against the XLA reference.
+Writes the winners as a tuning table for this chip (`pallas_kernels.tuning_table`) to
+--out_dir/<chip>.json, and with --tune_install into pallas_kernels/tuning_tables/, where "auto"
+finds it; or point $PALLAS_KERNELS_TUNING at the file. The results table says per case the
 heuristic's time, the winner's, and the best time of each implementation (where each wins).
 
-On a new GPU: `python -m experiments.run --experiment=tune --tune_install` (about 10 minutes at
-the defaults on an H200). On a CPU backend there are only XLA plans, nothing to tune: the run stops.
+On a new GPU: `python -m experiments.run --experiment=tune --tune_install` (on an H200 about 80 s
+per (shape, B, op) case, two compiled programs per candidate: half an hour at the defaults). On
+a CPU backend there are only XLA plans, nothing to tune: the run stops.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ flags.DEFINE_list("tune_batches", [str(1 << i) for i in range(10)], "tune: B val
 flags.DEFINE_integer("tune_shared", 131072, "tune: shared keys S.", lower_bound=1)
 flags.DEFINE_integer("tune_unique", 4096, "tune: unique tokens U per request.", lower_bound=1)
 flags.DEFINE_integer("tune_page", 16, "tune: page size of the unique cache.", lower_bound=1)
-flags.DEFINE_float("tune_budget_s", 0.3, "tune: seconds of timing per candidate.", lower_bound=0)
+flags.DEFINE_float("tune_budget_s", 0.3,
+                   "tune: seconds of timing per program (two per candidate).", lower_bound=0)
 flags.DEFINE_boolean("tune_install", False,
                      "tune: also write the table into pallas_kernels/tuning_tables/.")
 common.choices("tune_ops", tuning_table.OPS)
@@ -46,7 +50,7 @@ _REFERENCES = {"shared_attention": reference.shared_attention_ref,
 def _time(plan, c: kernels.Case) -> tuple[float, str]:
   fn = harness.jit_plan(plan, **c.static)
   try:
-    return timing.time_fn(fn, *c.args, budget_s=FLAGS.tune_budget_s), ""
+    return timing.time_in_program(fn, *c.args, budget_s=FLAGS.tune_budget_s), ""
   except Exception as e:  # noqa: BLE001  (a candidate that fails is a result)
     return math.nan, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160]}"
 
@@ -115,6 +119,7 @@ def main() -> None:
     tuning_table.write(installed, chip, entries, **header)
     logging.info("tune: installed %s", installed)
   table.write(notes="heuristic: the plan 'auto' makes without a table; best: the fastest "
-                    "candidate of `pallas_kernels.sweep` (timed --tune_budget_s each, median); "
+                    "candidate of `pallas_kernels.sweep` (what a call adds inside a program, "
+                    "`timing.time_in_program`, --tune_budget_s per program); "
                     "<implementation>_ms: the best candidate of that implementation; failed: "
                     "candidates that did not compile or run.")

@@ -13,10 +13,12 @@ warp specialization), "mosaic_tpu".
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels import checks, dispatch, layout, targets
 from pallas_kernels.dispatch import Implementation, Partials
@@ -72,10 +74,33 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
   del interpret
   q_rows, n, scale = _rows(p, c.rows_per_cta)
-  o, lse = mosaic_attention.shared_attention_partials(
-      q_rows, p.k, p.v, n, scale=scale, block_k=c.block_k, num_splits=c.num_splits,
-      num_stages=c.num_stages, consumers=c.consumers, split_keys=c.split_keys)
+  attend = functools.partial(
+      mosaic_attention.shared_attention_partials, scale=scale, block_k=c.block_k,
+      num_splits=c.num_splits, num_stages=c.num_stages, consumers=c.consumers,
+      split_keys=c.split_keys)
+  if c.widen_kv:
+    o, lse = _widened(attend, q_rows, p.k, p.v, n, p.dtype, traced=p.kv_length is not None)
+  else:
+    o, lse = attend(q_rows, p.k, p.v, n)
   return Partials(o, lse, 0)
+
+
+def _widened(attend, q_rows, k, v, n, dtype, *, traced: bool):
+  """attend(q_rows, k, v, n) on float8 K/V widened to `dtype` first (exact; the scales stay
+  folded around the kernel, `Problem.scaled`). The widening waits for this call's queries (an
+  optimization barrier), so XLA neither starts it early, holding several transient copies (the
+  layers of a step are unrolled), nor shares one copy between calls; with a traced kv_length it
+  runs only when a key is valid: a context no request reads costs nothing, as in the kernel."""
+
+  def run(q_rows, k, v, n):
+    return attend(q_rows, k.astype(dtype), v.astype(dtype), n)
+
+  q_rows, k, v = lax.optimization_barrier((q_rows, k, v))
+  if not traced:
+    return run(q_rows, k, v, n)
+  o, lse = jax.eval_shape(run, q_rows, k, v, n)
+  empty = lambda *_: (jnp.zeros(o.shape, o.dtype), jnp.full(lse.shape, -jnp.inf, lse.dtype))
+  return lax.cond(n > 0, run, empty, q_rows, k, v, n)
 
 
 def _run_mosaic_tpu(p: SharedProblem, c: MosaicTpuSharedConfig, interpret):
@@ -108,9 +133,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
                                                              kv_dtype=p.k.dtype),
         candidates=lambda p, t: gpu_tuning.mosaic_shared_candidates(p.dims, p.dtype, t,
                                                                     kv_dtype=p.k.dtype),
-        unsupported=lambda p, c, t, i: gpu_tuning.mosaic_unsupported(
-            p.dims, p.dtype, c.block_k, c.num_stages, t, i, kv_dtype=p.k.dtype,
-            consumers=c.consumers),
+        unsupported=lambda p, c, t, i: gpu_tuning.mosaic_shared_unsupported(
+            p.dims, p.dtype, c, t, i, kv_dtype=p.k.dtype),
         interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuSharedConfig,
@@ -134,6 +158,10 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
       k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
+      On Hopper, float8 K/V under many query rows (`gpu.tuning.FP8_WIDEN_MIN_ROWS` per kv head)
+      are widened to the query dtype before the kernel: a transient copy of twice their bytes,
+      and with a traced kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its
+      predicate); `MosaicGpuSharedConfig(widen_kv=False)` keeps them float8 in the kernel.
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key

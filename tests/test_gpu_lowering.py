@@ -31,6 +31,7 @@ def _lower(op, args, **kwargs):
     (1, 80, "float16", "float16", (1, False)),  # 32-byte swizzled rows
     (1, 128, "bfloat16", "float8_e4m3fn", (2, True)),  # float8 widened, two consumers' keys
     (64, 128, "bfloat16", "float8_e5m2", (2, False)),
+    (128, 80, "bfloat16", "float8_e5m2", (2, False)),  # widened in HBM first (M = 512)
 ])
 def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule):
   q, kv = _sds((B, 1, 32, D), dtype), _sds((4096, 8, D), kv_dtype)
@@ -39,6 +40,25 @@ def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule):
     scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = _lower("shared_attention", (q, kv, kv), **scales)
   assert (plan.config.consumers, plan.config.split_keys) == schedule
+
+
+def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():
+  """widen_kv: the widening sits behind an optimization barrier with the call's queries, and
+  with a traced kv_length inside a conditional on kv_length > 0 (an unread context costs no
+  widening pass)."""
+  q, kv, n = _sds((128, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "float8_e4m3fn"), _sds(
+      (), "int32")
+  scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
+  plan = pk.plan("shared_attention", q, kv, kv, implementation="mosaic_gpu", target="h200",
+                 **scales)
+  assert plan.config.widen_kv
+  for traced in (False, True):
+    fn = jax.jit(lambda q, k, v, n: pk.shared_attention(
+        q, k, v, kv_length=n if traced else None, implementation="mosaic_gpu",
+        config=plan.config, **scales))
+    text = fn.trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
+    assert "optimization_barrier" in text
+    assert ("stablehlo.case" in text) == traced
 
 
 @pytest.mark.parametrize("D,consumers,num_stages,kv_dtype", [

@@ -4,6 +4,8 @@ Each kv head gets its own magnitude (so its own scale): a kernel applying one he
 another shows. Keys a kernel must not read stay NaN in float8 too.
 """
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -162,10 +164,49 @@ def test_mosaic_gpu_takes_float8_kv_with_128_byte_rows():
                                           kv_dtype=jnp.float8_e4m3fn) == "mosaic_gpu"
 
 
+def test_float8_kv_widened_in_hbm_from_many_rows():
+  """From FP8_WIDEN_MIN_ROWS rows the Mosaic GPU plan widens float8 K/V before the kernel and
+  tiles them as K/V in the query dtype (head dims of 16-byte multiples then run too); below,
+  the kernel widens them; widen_kv on K/V that are not float8 is refused; a sweep has both."""
+  h100, fp8 = targets.target("h100"), jnp.float8_e4m3fn
+  rows = gpu_tuning.FP8_WIDEN_MIN_ROWS
+  for D in (128, 80):
+    for B, widened in ((rows // 4 - 1, False), (rows // 4, True)):  # G = 4: M = 4 B
+      dims = AttentionDims(B=B, T=1, Hq=32, Hkv=8, D=D, S=1 << 20)
+      c = gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=fp8)
+      assert c.widen_kv == widened
+      if widened:
+        assert c == dataclasses.replace(
+            gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=jnp.bfloat16),
+            widen_kv=True)
+      runs = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
+                                                  kv_dtype=fp8) is None
+      assert runs == (D == 128 or widened)
+      assert (gpu_tuning.shared_implementation(dims, jnp.bfloat16, h100, False, kv_dtype=fp8)
+              == ("mosaic_gpu" if runs else "triton"))
+      swept = gpu_tuning.mosaic_shared_candidates(dims, jnp.bfloat16, h100, kv_dtype=fp8)
+      assert {x.widen_kv for x in swept} == {False, True}
+  c = dataclasses.replace(c, widen_kv=True)
+  why = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
+                                             kv_dtype=jnp.bfloat16)
+  assert "widen_kv needs float8 K/V, got bfloat16" in why
+  with pytest.raises(ValueError, match="widen_kv needs float8 K/V, got bfloat16"):
+    gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=jnp.bfloat16, widen_kv=True)
+  # A ring that fits float8 slots but not bf16 ones: the refusal says the K/V were widened.
+  c = pk.MosaicGpuSharedConfig(block_k=128, num_stages=4, consumers=1)
+  assert gpu_tuning.mosaic_shared_unsupported(dims._replace(D=128), jnp.bfloat16, c, h100, False,
+                                              kv_dtype=fp8) is None
+  why = gpu_tuning.mosaic_shared_unsupported(dims._replace(D=128), jnp.bfloat16,
+                                             dataclasses.replace(c, widen_kv=True), h100, False,
+                                             kv_dtype=fp8)
+  assert "shared memory" in why and "(config.widen_kv: K/V widened to bfloat16)" in why
+
+
 @pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
+@pytest.mark.parametrize("widen_kv", [False, True])
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("B", [3, 40])  # one consumer warpgroup (M=24), a ping-pong pair (320)
-def test_mosaic_gpu_float8_kv_compiled(B, fp8):
+def test_mosaic_gpu_float8_kv_compiled(B, fp8, widen_kv):
   rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, 128, 1024, jnp.float32)
   gains = 1.0 + 3.0 * np.arange(2)
   k8, ks, kd = _fp8(k, fp8, gains)
@@ -174,6 +215,9 @@ def test_mosaic_gpu_float8_kv_compiled(B, fp8):
   far = (np.arange(k8.shape[0]) >= n)[:, None, None]
   k8, v8 = (jnp.where(far, jnp.asarray(240.0, x.dtype), x) for x in (k8, v8))
   q = q.astype(jnp.bfloat16)
+  config = gpu_tuning.mosaic_shared(AttentionDims(B=B, T=2, Hq=8, Hkv=2, D=128, S=1024),
+                                    jnp.bfloat16, targets.current("gpu"), kv_dtype=fp8,
+                                    widen_kv=widen_kv)
   o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs, kv_length=jnp.int32(n),
-                  implementation="mosaic_gpu", interpret=False)
+                  implementation="mosaic_gpu", config=config, interpret=False)
   _check(o, lse, *shared_attention_f64(q, kd, vd, kv_length=n), q)

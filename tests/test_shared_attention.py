@@ -28,12 +28,13 @@ CASES = [
 ]
 # Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 16), row tiles
 # that cut a request, a key mask inside a tile, empty splits, and head dims that are not multiples
-# of 64 (Hopper: 32-byte swizzles for 48 / 80, 64-byte for 96 / 160; Triton: padded lanes).
+# of 64 (Hopper: 32-byte swizzles for 48 / 80, 64-byte for 96 / 160; Triton: padded lanes), with
+# one consumer warpgroup (M <= 64) and a ping-pong pair (D=80, M=160).
 LARGE = [(64, 1, 4, 2, 128, 4096, None, jnp.bfloat16), (33, 1, 4, 2, 128, 4096, 4000, jnp.bfloat16),
          (40, 1, 8, 2, 128, 4096, 130, jnp.bfloat16), (64, 1, 4, 2, 128, 4096, 0, jnp.bfloat16),
          (3, 2, 4, 2, 64, 1000, None, jnp.float32), (40, 1, 4, 2, 96, 4096, 4000, jnp.bfloat16),
          (3, 1, 8, 2, 80, 4096, None, jnp.bfloat16), (64, 1, 2, 2, 48, 4096, 4001, jnp.bfloat16),
-         (2, 1, 4, 2, 160, 4096, None, jnp.bfloat16)]
+         (2, 1, 4, 2, 160, 4096, None, jnp.bfloat16), (20, 1, 8, 2, 80, 4096, 4001, jnp.bfloat16)]
 
 
 def _case_id(c):

@@ -99,7 +99,11 @@ class MosaicGpuSharedConfig(_MosaicGpuAttentionConfig):
   """shared_attention on Mosaic GPU (Hopper): each CTA owns consumers x 64 query rows (one 64-row
   consumer warpgroup for small M, a ping-pong pair for large M), or 64 rows shared by two or
   three consumers with split_keys; S split in num_splits CTAs per row tile. Knobs:
-  `_MosaicGpuAttentionConfig`."""
+  `_MosaicGpuAttentionConfig`, and widen_kv (float8 K/V only): widen K/V to the query dtype in
+  one XLA pass before the kernel, which then reads them as such (a transient copy of twice the
+  float8 bytes), instead of every row tile's CTA widening every K/V tile in shared memory."""
+
+  widen_kv: bool = knob(boolean, False)
 
 
 @_frozen

@@ -21,18 +21,27 @@ from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import GpuTarget
 
 # shared_attention on Hopper goes to Mosaic GPU (wgmma, TMA; a single consumer warpgroup for
-# M <= 64) when it can run the call: at M >= MOSAIC_MIN_ROWS it is 1.4-1.8x faster than the
-# Triton kernel, below it the two were within 2% wherever the K/V stream is long, and Mosaic GPU
-# was up to 3x faster for head dims Triton pads (192). Under MOSAIC_MIN_KV_BYTES of K/V a small-M
-# call is bound by launch and merge latency, where the Triton kernel measured 25-40% faster (67
-# MB: D=64, two kv heads). (H200, kernel_coverage.md.) Head dims that fill only 32-byte swizzled
-# rows (D=80) stay on Triton at small M: its padded tiles streamed 10-15% faster there, while at
-# M >= 256 Mosaic GPU was 1.6-1.8x faster for D=80 and D=96 (kernel_coverage_d80_96.md).
-MOSAIC_MIN_ROWS = 256
+# M <= 64) when it can run the call: for more rows than one consumer holds (M > 64, a ping-pong
+# pair) it was 1.3-1.8x faster than the Triton kernel for every shape measured, narrow K/V
+# included (in-program times on an H200, S=128K: M=128 with D=64 and two kv heads 35 vs 46 us,
+# D=80 76 vs 103 us; kernel_coverage_crossover.md). At M <= 64 the two were within 2% wherever the
+# K/V stream is long, and Mosaic GPU was up to 3x faster for head dims Triton pads (192). Under
+# MOSAIC_MIN_KV_BYTES of K/V a small-M call is bound by launch and merge latency, where the
+# Triton kernel was faster at M=16 (27 vs 31 us: D=64, two kv heads, 67 MB) and level at M=32-64.
+# Head dims that fill only 32-byte swizzled rows (D=80) stay on Triton at M <= 64: it was 15-25%
+# faster at M <= 16 and level at 32-64 (kernel_coverage_crossover.md).
 MOSAIC_MIN_KV_BYTES = 128 * 2**20
-# Chunk attention goes to Mosaic GPU for chunks of at least this many keys chosen by at least
-# MOSAIC_MIN_ROWS / 2 rows each: shorter chunks spend their time filling its pipeline.
+# Chunk attention goes to Mosaic GPU for chunks of at least MOSAIC_MIN_CHUNK keys chosen by at
+# least MOSAIC_CHUNK_MIN_ROWS rows each: shorter chunks spend their time filling its pipeline.
+MOSAIC_CHUNK_MIN_ROWS = 128
 MOSAIC_MIN_CHUNK = 1024
+# Float8 shared K/V are widened in HBM before the kernel (`MosaicGpuSharedConfig.widen_kv`) from
+# this many rows of a kv head: each 128-row CTA widens every tile it reads, a cost that grows
+# with M, while one widening pass reads the float8 K/V once and writes them at twice the bytes.
+# On an H200 (S=1M, Llama-3.1-8B heads) in-kernel against widened: 3.24 vs 4.40 ms at M=256,
+# 6.56 vs 5.96 at M=512, 13.1 vs 9.4 at M=1024, 25.5 vs 16.0 at M=2048 (the pass alone 2.6 ms;
+# fp8.md).
+FP8_WIDEN_MIN_ROWS = 512
 # Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
 # stage), and the fewest blocks per split (below it the partials cost more than the split gains).
 UNIQUE_BLOCK_KEYS = 128
@@ -183,16 +192,29 @@ def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTa
 
 def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpret: bool, *,
                           kv_dtype) -> str:
-  """"mosaic_gpu" on Hopper where it can run the call, unless M is small and either the K/V
-  stream is short (launch-bound) or its rows fill only 32-byte swizzles; else "triton"."""
+  """"mosaic_gpu" on Hopper where it can run the call, unless M fits one 64-row consumer and
+  either the K/V stream is short (launch-bound) or its rows fill only 32-byte swizzles; else
+  "triton"."""
   kv_bytes = 2 * dims.S * dims.Hkv * dims.D * jnp.dtype(kv_dtype).itemsize
   wide_rows = (mosaic_attention.swizzle_bytes(dims.D, jnp.dtype(dtype).itemsize) or 0) >= 64
-  if dims.M >= MOSAIC_MIN_ROWS or (kv_bytes >= MOSAIC_MIN_KV_BYTES and wide_rows):
+  if dims.M > mosaic_attention.BLOCK_Q or (kv_bytes >= MOSAIC_MIN_KV_BYTES and wide_rows):
     c = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
-    if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
-                          kv_dtype=kv_dtype, consumers=c.consumers) is None:
+    if mosaic_shared_unsupported(dims, dtype, c, target, interpret, kv_dtype=kv_dtype) is None:
       return "mosaic_gpu"
   return "triton"
+
+
+def mosaic_shared_unsupported(dims: AttentionDims, dtype, c: MosaicGpuSharedConfig,
+                              target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
+  """Why the Mosaic GPU shared-attention kernel cannot run this problem with config `c` (with
+  widen_kv, on K/V in the query dtype), or None."""
+  if c.widen_kv and not quant.is_fp8(kv_dtype):
+    return f"config.widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}"
+  why = mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
+                           kv_dtype=dtype if c.widen_kv else kv_dtype, consumers=c.consumers)
+  if why and c.widen_kv:
+    return f"{why} (config.widen_kv: K/V widened to {jnp.dtype(dtype).name})"
+  return why
 
 
 def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonSharedConfig:
@@ -209,15 +231,23 @@ def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonShared
                             num_warps=warps, num_stages=stages)
 
 
-def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *,
-                  kv_dtype) -> MosaicGpuSharedConfig:
+def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
+                  widen_kv: bool | None = None) -> MosaicGpuSharedConfig:
   """For K/V in the query dtype: one 64-row consumer per CTA while M <= 64 (split-S,
   bandwidth-bound: a second consumer on other rows would multiply padding), else 128-row CTAs
   of a ping-pong pair. For float8 K/V while M <= 128: two consumers taking turns over the key
   tiles of 64 rows (widening a tile costs a consumer about as much as its wgmma; on an H200,
   S=1M, Llama-3.1-8B heads: 0.74-0.77 ms against 1.0 ms with one consumer at B=1-16, 1.53
-  against 1.64 ms for the ping-pong pair at B=32, fp8.md). Two ring slots of 128-key tiles (64
-  where they do not fit; twice the slots for float8); S split to fill the chip."""
+  against 1.64 ms for the ping-pong pair at B=32, fp8.md); from FP8_WIDEN_MIN_ROWS rows widened
+  in HBM first (widen_kv; None: by that rule) and tiled as K/V in the query dtype. Two ring
+  slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read as such); S
+  split to fill the chip."""
+  if widen_kv is None:
+    widen_kv = quant.is_fp8(kv_dtype) and dims.M >= FP8_WIDEN_MIN_ROWS
+  elif widen_kv and not quant.is_fp8(kv_dtype):
+    raise ValueError(f"widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}")
+  if widen_kv:
+    kv_dtype = dtype
   split_keys = quant.is_fp8(kv_dtype) and dims.M <= 2 * mosaic_attention.BLOCK_Q
   consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q and not split_keys else 2
   block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
@@ -225,7 +255,7 @@ def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *,
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers, split_keys))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages,
-                               consumers=consumers, split_keys=split_keys)
+                               consumers=consumers, split_keys=split_keys, widen_kv=widen_kv)
 
 
 def _with_splits(base, factors=(0.5, 2.0)) -> list:
@@ -244,11 +274,15 @@ def triton_shared_candidates(dims: AttentionDims, dtype,
 def mosaic_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
                              kv_dtype) -> list[MosaicGpuSharedConfig]:
   """Neighbours of the default (`_mosaic_candidates`) over every schedule of
-  `MosaicGpuSharedConfig`, a CTA per row tile of each kv head."""
+  `MosaicGpuSharedConfig`, a CTA per row tile of each kv head; for float8 K/V also those of the
+  default with the other widen_kv."""
+  programs = lambda c, k: dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(c, k))
   base = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
-  return _mosaic_candidates(
-      base, dims.S, target, lambda c, k: dims.Hkv * math.ceil(
-          dims.M / mosaic_attention.rows_per_cta(c, k)))
+  out = _mosaic_candidates(base, dims.S, target, programs)
+  if quant.is_fp8(kv_dtype):
+    other = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype, widen_kv=not base.widen_kv)
+    out += _mosaic_candidates(other, dims.S, target, programs)
+  return out
 
 
 # The Mosaic GPU schedules a sweep tries beside the default's, (consumers, split_keys, block_k or
@@ -365,7 +399,7 @@ def rows_per_chunk(dims: AttentionDims, top_k: int, chunk_size: int) -> float:
 def chunk_implementation(dims: AttentionDims, dtype, top_k: int, chunk_size: int,
                          target: GpuTarget, interpret: bool, *, kv_dtype) -> str:
   """"mosaic_gpu" for long chunks chosen by many rows on Hopper, else "triton"."""
-  if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_MIN_ROWS // 2
+  if (rows_per_chunk(dims, top_k, chunk_size) >= MOSAIC_CHUNK_MIN_ROWS
       and chunk_size % 128 == 0 and chunk_size >= MOSAIC_MIN_CHUNK):
     c = mosaic_chunk(dims, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
