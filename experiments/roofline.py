@@ -67,6 +67,8 @@ flags.DEFINE_string("roofline_paper_scale_csv", common.package_path("results", "
 flags.DEFINE_string("roofline_paper_scale_ceilings_csv", common.package_path("results", "fp8.csv"),
                     "roofline: a results CSV whose header recorded the ceilings of the same kind "
                     "of chip, for a second model on them ('' = none).")
+common.validate("roofline_paper_scale_ceilings_csv", lambda path: not path or os.path.isfile(path),
+                "must be '' or an existing results CSV")
 common.ints("roofline_shared_lengths")
 common.ints("roofline_batches")
 common.fraction("roofline_sparsity")

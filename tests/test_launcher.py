@@ -141,6 +141,8 @@ BAD_FLAGS = {
     "kv-heads": (["--train_kv_heads=3"], "--train_kv_heads must divide --train_heads"),
     "fp8-op": (["--fp8_ops=shared"], "--fp8_ops=['shared']: must be a comma-separated list of "
                "values among: shared_attention, unique_attention"),
+    "ceilings-csv": (["--roofline_paper_scale_ceilings_csv=nope.csv"],
+                     "--roofline_paper_scale_ceilings_csv=nope.csv: must be '' or an existing"),
 }
 
 
