@@ -274,6 +274,10 @@ class MoskaEngine:
                        f"page_size={page_size}")
     max_request_tokens = check_int(budget if max_request_tokens is None else max_request_tokens,
                                    "max_request_tokens", "MoskaEngine", minimum=2)
+    if max_request_tokens > budget:  # it sizes every slot's block table
+      raise ValueError(f"MoskaEngine: max_request_tokens must be at most (num_pages - 1) * "
+                       f"page_size = {budget}, the tokens the page pool holds, got "
+                       f"{max_request_tokens}")
     if self._disaggregated:
       GroupsExecutor.check_config(moska_config)
     stores = dict(shared_store) if isinstance(shared_store, Mapping) else {
@@ -452,9 +456,6 @@ class MoskaEngine:
 
   def _load(self, name: str, store: SharedKVStore) -> None:
     self._check_store(store)
-    if name in self._contexts:
-      for r in [r for r in self.scheduler.active.values() if r.context == name]:
-        self._finish(r, "cancelled", f"context {name!r} was replaced")
     length, top_k = int(store.length), store_top_k(store, self.mcfg)
     if self._groups is not None:
       self._groups.set_store(store, top_k, self.cache)
@@ -463,6 +464,9 @@ class MoskaEngine:
       view = SharedContext(jax.device_put(store.layers, self.groups.unique_devices[0]), top_k)
     else:
       view = SharedContext(store.layers, top_k)
+    if name in self._contexts:  # once the new store is in place (a failure keeps them running)
+      for r in [r for r in self.scheduler.active.values() if r.context == name]:
+        self._finish(r, "cancelled", f"context {name!r} was replaced")
     self._contexts[name] = _Resident(store, length, top_k, view)
     self._contexts_changed()
 
@@ -544,7 +548,8 @@ class MoskaEngine:
       the `Request`; `request.finished_event` is set once it finished.
 
     Raises:
-      ValueError: a bad prompt, max_new_tokens, sampling, eos_id or context.
+      ValueError: a bad prompt, max_new_tokens, sampling, eos_id, context, return_logits or
+        on_event.
     """
     tokens = self.encode(prompt)
     context = self.check_request(tokens, max_new_tokens, context=context)
@@ -555,6 +560,10 @@ class MoskaEngine:
   def _submit(self, tokens, max_new_tokens, sampling, eos_id, context, return_logits,
               on_event) -> Request:
     """Posts a checked request (`check_request`, `check_sampling`) to the loop."""
+    if on_event is not None and not callable(on_event):
+      raise ValueError(f"on_event must be callable or None, got {type(on_event).__name__}")
+    if not isinstance(return_logits, (bool, np.bool_)):
+      raise ValueError(f"return_logits must be a bool, got {return_logits!r}")
     if sampling.temperature > 0 and sampling.seed is None:
       sampling = dataclasses.replace(sampling, seed=secrets.randbelow(SEED_RANGE))
     r = self.scheduler.new_request(tokens, int(max_new_tokens), eos_id, context=context,
@@ -591,6 +600,8 @@ class MoskaEngine:
     self._notify_done(r)
 
   def _notify_done(self, r: Request) -> None:
+    if r.finished_event.is_set():  # ended already (e.g. by a callback earlier in its step)
+      return
     self.stats[f"requests_{r.finish_reason}"] += 1
     if r.on_event is not None:
       try:
@@ -776,6 +787,8 @@ class MoskaEngine:
     if plan.prefill:
       self.stats["prefill_tokens"] += int(plan.lanes.fed.sum())
     for r in took:
+      if r.finished_event.is_set():  # ended by an earlier callback of this step (an unload)
+        continue
       if r.on_event is not None:
         try:
           r.on_event(r, r.tokens[-1])
@@ -935,7 +948,7 @@ class MoskaEngine:
         # clearing it could drop a re-route a loaded context asked for.
         if reuse and first == 0:
           self._reroute_all = True
-        self.generate([[0]] * n, 3 if reuse else 2, sampling)
+        self.generate([[0]] * n, min(3 if reuse else 2, self._request_limit() - 1), sampling)
     self.stats.clear()
 
   def _result(self, r: Request) -> Result:
@@ -1132,8 +1145,10 @@ class GroupsExecutor:
     """
     C, page, sparse = store.chunk_size, self.page_size, self.mcfg.mode == "sparse"
     whole = math.lcm(C, page)
-    R = max(self.rows, shared_rows_per_device(self.groups, store.k[0].shape[0], C, page),
-            -(-self.pool_rows // whole) * whole)
+    # Whole chunks of this store and whole pages: the rows of an earlier store (of another
+    # chunk size, in dense mode) are rounded up too.
+    R = -(-max(self.rows, shared_rows_per_device(self.groups, store.k[0].shape[0], C, page),
+               self.pool_rows) // whole) * whole
     keep = keep_pages and self.rows > 0
 
     def kept(x):
@@ -1191,7 +1206,8 @@ class GroupsExecutor:
                                               place_replicated(groups, rows), **branches(rows))
       moved = TransferStats.of_step(groups, (B, T, m.num_heads, m.head_dim), m.jnp_dtype,
                                     replicated=replicated)
-      stats["bytes_to_shared"] += m.layers * moved.bytes_to_shared
+      stats["bytes_to_shared"] += (m.layers * moved.bytes_to_shared + TransferStats.of_logits(
+          groups, B, m.vocab, replicated).bytes_to_shared)
       stats["bytes_to_unique"] += m.layers * moved.bytes_to_unique
       tokens.append(np.asarray(sampled.addressable_data(0)))
       if plan.keep_logits:

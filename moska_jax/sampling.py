@@ -63,12 +63,15 @@ class SamplingRows(NamedTuple):
 
 
 def _nucleus(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
-  """[R, V] mask of the tokens inside each row's top_p mass (the most likely token always)."""
-  ranked = -jnp.sort(-scaled, axis=-1)
-  probs = jax.nn.softmax(ranked, axis=-1)
-  kept = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p[:, None], axis=-1)  # >= 1
-  cutoff = jnp.take_along_axis(ranked, (kept - 1)[:, None], axis=-1)
-  return scaled >= cutoff
+  """[R, V] mask of each row's nucleus: the fewest most likely tokens whose mass reaches top_p
+  (ties ranked by token id, as a stable sort leaves them; a threshold on the logits would keep
+  every token tied with the last one), the most likely token always (also for a top_p that
+  rounds to 0 in float32)."""
+  order = jnp.argsort(-scaled, axis=-1, stable=True)
+  probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
+  kept = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]).at[:, 0].set(True)
+  rows = jnp.arange(scaled.shape[0])[:, None]
+  return jnp.zeros(scaled.shape, bool).at[rows, order].set(kept)
 
 
 def branches(rows: SamplingRows) -> dict[str, bool]:

@@ -18,7 +18,7 @@ from moska_jax.engine import ByteTokenizer, MoskaEngine, Sampling, sample
 from moska_jax.kv_cache import UniqueKVCache
 from moska_jax.model import Decoder
 from moska_jax.prefill import build_shared_store
-from moska_jax.sampling import SamplingRows, branches
+from moska_jax.sampling import SamplingRows, _nucleus, branches
 from moska_jax.scheduler import Scheduler
 
 
@@ -105,6 +105,16 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
   assert np.array_equal(a, sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3)))
   top1 = sample_jit(logits, _rows(4, 1.0, 1e-6, 7, 3))  # only the top token left
   assert np.array_equal(top1, np.argmax(logits, axis=-1))
+  # The nucleus is the fewest tokens reaching top_p, ties or not: one logit of 3 among 1000 zeros
+  # holds 2% of the mass, so top_p=0.05 keeps it and 31 of the zeros (the first by token id); a
+  # top_p that is 0 in float32 keeps the top token.
+  tied = jax.numpy.asarray([[3.0] + [0.0] * 1000, [0.0] * 1000 + [3.0]], "float32")
+  probs = np.asarray(jax.nn.softmax(tied[0]), np.float64)
+  need = int(np.searchsorted(np.cumsum(probs), 0.05, side="left")) + 1
+  for top_p, count in ((0.05, need), (1e-50, 1)):
+    keep = np.asarray(_nucleus(tied, np.full((2,), top_p, np.float32)))
+    assert keep.sum(axis=1).tolist() == [count, count]
+    assert keep[0, 0] and keep[1, 1000] and keep[0, :count].all() and keep[1, :count - 1].all()
   # A row's token depends on its own logits, parameters, seed and index only: alone, or in a
   # batch whose other rows are greedy, nucleus-sampled or seeded differently.
   rows = SamplingRows(np.asarray([0.8, 0.0, 1.3, 0.8], np.float32),
@@ -296,6 +306,37 @@ def test_a_raising_callback_cancels_its_request_once(setup):
     engine.step()
   assert ends == ["cancelled"] and engine.stats["requests_cancelled"] == 1
   assert "on_event callback raised" in r.error and r.finished_event.is_set()
+
+
+def test_a_callback_that_replaces_the_context_ends_each_request_once(setup):
+  """A token callback that replaces the store mid-step cancels every request of the context at
+  once: none of them gets a token after its end event, and each end is counted once."""
+  model, store = setup
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
+                       page_size=4, prefill_chunk=4)
+  events = {}
+
+  def on_event(r, token):
+    events.setdefault(r.id, []).append(token)
+    if token is not None and len(events[r.id]) == 2 and r.id == a.id:
+      engine.set_store(store)
+
+  a = engine.submit([1], 5, on_event=on_event)
+  b = engine.submit([2], 5, on_event=on_event)
+  while engine.step():
+    pass
+  for r in (a, b):
+    assert r.finish_reason == "cancelled" and events[r.id].count(None) == 1
+    assert events[r.id][-1] is None, events
+  assert engine.stats["requests_cancelled"] == 2
+
+
+def test_warmup_fits_the_smallest_request_budget(setup):
+  model, store = setup
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=1, num_pages=8,
+                       page_size=4, prefill_chunk=4, max_request_tokens=2)
+  engine.warmup()
+  assert engine.generate([[3]], 1)[0].finish_reason == "length"
 
 
 def test_background_loop_joins_requests_cancels_and_streams(setup):

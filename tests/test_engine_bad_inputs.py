@@ -45,6 +45,8 @@ def make(model, store, **kw):
     (dict(prefill_lanes=0), "prefill_lanes must be an int >= 1, got 0"),
     (dict(num_pages=2, page_size=1), r"\(num_pages - 1\) \* page_size, the tokens a request "
      r"may hold, must be >= 2 .*num_pages=2, page_size=1"),
+    (dict(max_request_tokens=121), r"max_request_tokens must be at most \(num_pages - 1\) \* "
+     r"page_size = 120, the tokens the page pool holds, got 121"),
 ])
 def test_bad_engine_arguments(setup, kw, fragment):
   model, store, _ = setup
@@ -62,6 +64,10 @@ def test_bad_prompts_sampling_and_corpus(setup):
     engine.generate([[1, 2], [3, 4, 300]], 3)
   with pytest.raises(ValueError, match=r"token id -1 at position 0 is outside the vocabulary"):
     engine.submit([-1, 5], 3)
+  with pytest.raises(ValueError, match="on_event must be callable or None, got str"):
+    engine.submit([1, 5], 3, on_event="print")
+  with pytest.raises(ValueError, match="return_logits must be a bool, got 'no'"):
+    engine.generate([[1, 5]], 3, return_logits="no")
   with pytest.raises(ValueError, match="prompt 0 must be a str or a sequence of token ids, got "
                      "int"):
     engine.generate([5], 3)
