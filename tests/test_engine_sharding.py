@@ -111,14 +111,17 @@ def test_engine_on_groups_equals_single_device(split, mode, setup):
   # Per layer and step, every shared device gathers every other span device's block of q
   # [B, T, Hq, D] (a unique device's rows; the prefill lanes' every row, lanes run on every
   # unique device) and every unique device every other span device's partial (o, lse)
-  # (float32). Nothing moves on one device.
+  # (float32); per step every shared device gathers the blocks of last logits [B, V] (float32)
+  # that every span device samples from. Nothing moves on one device.
   cfg = model.cfg
   span = len(groups.span_devices)
   shards = groups.span_roles(2).shards
   rows = 2 * (8 + NEW_TOKENS - 1)  # 2 slots x (one prefill step of 8 tokens, then decode steps)
   blocks = 2 * 8 + 2 * (NEW_TOKENS - 1) // shards  # the rows of one device's q blocks
-  expect = (cfg.layers * groups.num_shared * (span - 1) * blocks * cfg.num_heads * cfg.head_dim
-            * 4, cfg.layers * len(groups.unique_devices) * (span - 1) * rows * cfg.num_heads
+  last = 2 + 2 * (NEW_TOKENS - 1) // shards  # its rows of last logits: one per request and step
+  expect = (groups.num_shared * (span - 1) * (
+      cfg.layers * blocks * cfg.num_heads * cfg.head_dim + last * cfg.vocab) * 4,
+            cfg.layers * len(groups.unique_devices) * (span - 1) * rows * cfg.num_heads
             * (cfg.head_dim + 1) * 4)
   assert (eng.stats["bytes_to_shared"], eng.stats["bytes_to_unique"]) == (
       (0, 0) if groups.colocated else expect)
@@ -176,6 +179,31 @@ def test_set_store_places_the_new_store_on_the_groups(setup):
         want = np.asarray(v)[r * R:(r + 1) * R]
         np.testing.assert_array_equal(np.asarray(shard.data)[:len(want)], want)
   assert eng.compilations() == 2
+
+
+def test_set_store_of_another_chunk_size_cancels_only_once_placed(setup):
+  """Dense, a store of another chunk size replaces the context on 4+4 where the first store's
+  rows per device (3 chunks of 32) are not whole chunks of the second's (64): they round up, the
+  engine then equals one device on the new store, and the running request is cancelled as
+  replaced (only once the new store is placed)."""
+  model, _, prompts, _ = setup
+  mcfg = MODES["dense"]
+  rng = np.random.default_rng(1)
+  first, other = (build_shared_store(model, rng.integers(0, 256, n), chunk_size=c,
+                                     prefill_chunk=128, backend="xla")
+                  for n, c in ((384, C), (128, 2 * C)))
+  eng = engine(model, first, mcfg, make_device_groups(jax.devices(), num_shared=4))
+  assert eng._groups.rows == 3 * C
+  running = eng.submit(prompts[0], NEW_TOKENS)
+  eng.step()
+  eng.set_store(other)
+  assert running.finish_reason == "cancelled" and "was replaced" in running.error
+  assert eng._groups.rows == 4 * C
+  got = eng.generate(prompts, NEW_TOKENS, return_logits=True)
+  for g, ref in zip(got, engine(model, other, mcfg).generate(prompts, NEW_TOKENS,
+                                                             return_logits=True)):
+    assert g.tokens == ref.tokens
+    np.testing.assert_allclose(np.stack(g.logits), np.stack(ref.logits), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_steps_sampling_and_recovery_on_groups(setup):

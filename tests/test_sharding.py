@@ -392,6 +392,9 @@ def test_bad_placement_and_step_args_raise(data):
   n = routed.kv_length
   with pytest.raises(ValueError, match="kv_length is required"):  # rows past S are padding
     shared_attention_step(groups, q, store.k, store.v, backend="xla")
+  for bad in (-3, 10**6, True, 2.5):  # past the placed rows, negative, not an int
+    with pytest.raises(ValueError, match=r"kv_length must be an int in \[0, \d+\] \(the store's S"):
+      shared_attention_step(groups, q, store.k, store.v, kv_length=bad, backend="xla")
   with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=16\]"):
     shared_attention_step(groups, q, routed.k, routed.v, kv_length=n, summaries=routed.summaries,
                           top_k=17, chunk_size=C)

@@ -217,7 +217,8 @@ class TransferStats:
 
   bytes_to_shared: what each shared device receives of the queries (and chunk ids): every
     other span device's rows when the hand-off is one all_gather (`exchanges_by_gather`), else
-    the B rows of the all-reduce.
+    the B rows of the all-reduce; and, once per step, of the last logits that every span device
+    samples from (`of_logits`).
   bytes_to_unique: what each unique device receives of the (o, lse) return (float32, all B
     rows): every other span device's partial when the merge is one all_gather, else the merged
     (o, lse) of the all-reduce.
@@ -242,13 +243,26 @@ class TransferStats:
       return cls(0, 0)
     span = len(groups.span_devices)
     shards = groups.span_roles(q_shape[0], replicated).shards
-
-    def received(block: int, reduced: int) -> int:  # by one device, from one exchange
-      return (span - 1) * block if exchanges_by_gather(span, block) else reduced
-
     handed = [math.prod(q_shape) * jnp.dtype(q_dtype).itemsize]  # q, then chunk ids (int32)
     if chunk_ids_shape is not None:
       handed.append(math.prod(chunk_ids_shape) * 4)
-    to_shared = sum(received(b // shards, b) for b in handed)
+    to_shared = sum(_received(span, b // shards, b) for b in handed)
     out = math.prod(q_shape) // q_shape[-1] * (q_shape[-1] + 1) * 4  # o and lse, float32
-    return cls(groups.num_shared * to_shared, groups.num_unique * received(out, out))
+    return cls(groups.num_shared * to_shared, groups.num_unique * _received(span, out, out))
+
+  @classmethod
+  def of_logits(cls, groups: DeviceGroups, batch: int, vocab: int,
+                replicated: bool = False) -> TransferStats:
+    """The bytes of a step's last logits [B, vocab] float32, handed to every span device to
+    sample from (`hand_off`): what each shared device receives (to_shared only)."""
+    if groups.colocated:
+      return cls(0, 0)
+    shards = groups.span_roles(batch, replicated).shards
+    full = batch * vocab * 4
+    return cls(groups.num_shared * _received(len(groups.span_devices), full // shards, full), 0)
+
+
+def _received(span: int, block: int, reduced: int) -> int:
+  """Bytes one device receives from one exchange of `block` bytes per device: every other
+  device's block by one all_gather (`exchanges_by_gather`), else the `reduced` all-reduce."""
+  return (span - 1) * block if exchanges_by_gather(span, block) else reduced

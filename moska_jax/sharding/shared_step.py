@@ -359,7 +359,12 @@ def shared_attention_step(groups: DeviceGroups, q, shared_k: jax.Array, shared_v
     if any(not 0 <= c < n for c in cfg.always_include) or len(cfg.always_include) > top_k:
       raise ValueError(f"shared_attention_step: always_include must hold at most top_k={top_k} "
                        f"chunk ids in [0, N={n}), got {always_include!r}")
-  if not isinstance(kv_length, jax.Array):
+  if not isinstance(kv_length, jax.Array):  # a traced or placed length is the caller's
+    rows = groups.num_shared * shared_k.shape[0] // len(groups.span_devices)
+    if (isinstance(kv_length, (bool, np.bool_)) or not isinstance(kv_length, (int, np.integer))
+        or not 0 <= kv_length <= rows):
+      raise ValueError(f"shared_attention_step: kv_length must be an int in [0, {rows}] (the "
+                       f"store's S rows, PlacedSharedKV.kv_length), got {kv_length!r}")
     kv_length = place_replicated(groups, np.int32(kv_length))
   q = np.asarray(q)
   B = q.shape[0]
