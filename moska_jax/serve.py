@@ -45,10 +45,11 @@ flags.DEFINE_string("backend", "auto", "Kernel backend (auto, gpu, tpu, xla).")
 flags.DEFINE_string("tokenizer", None, "A tokenizer.json (the tokenizers package); default "
                     "UTF-8 bytes.")
 flags.DEFINE_integer("max_waiting", 256,
-                     "Requests submitted and not yet admitted to a slot before 429.")
+                     "Requests submitted and not yet admitted to a slot before 429.",
+                     lower_bound=1)
 flags.DEFINE_integer("stream_interval", 1, "Tokens per streamed event while a stream keeps up "
                      "(larger: less server work per token for many streams).")
-flags.DEFINE_integer("eos_id", None, "Token that ends a request.")
+flags.DEFINE_integer("eos_id", None, "Token that ends a request.", lower_bound=0)
 flags.DEFINE_integer("seed", 0, "Seed of a preset's random weights.")
 flags.DEFINE_boolean("engine_process", False, "Step the engine in a process of its own "
                      "(moska_jax.serve_core.EngineProcess): the HTTP event loop and the steps "

@@ -412,12 +412,16 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
       cut the server's per-token work for many concurrent streams.
 
   Raises:
-    ValueError: switch_interval not None and not > 0; stream_interval not an int >= 1.
+    ValueError: switch_interval not None and not > 0; stream_interval or max_waiting not an int
+      >= 1; eos_id not None nor a token id of the engine's model.
   """
   if switch_interval is not None and not switch_interval > 0:  # before the app starts
     raise ValueError(f"create_app: switch_interval must be > 0 seconds or None, got "
                      f"{switch_interval!r}")
   check_int(stream_interval, "stream_interval", "create_app")
+  check_int(max_waiting, "max_waiting", "create_app")  # a server's setting, not a client's 429
+  if eos_id is not None:
+    engine.model_config.check_tokens([eos_id], "create_app: eos_id")
   server = Server(engine, model_name, max_waiting, eos_id, stream_interval)
 
   @contextlib.asynccontextmanager
@@ -509,8 +513,11 @@ def create_app(engine: MoskaEngine | EngineProcess, *, model_name: str = "moska"
 
   @app.get("/health")
   async def health():
-    return {"status": "ok" if engine.running else "stopped", "model": model_name,
-            "contexts": list(engine.contexts)}
+    # 503 once the loop (or the engine's process) stopped: probes that read only the status
+    # code stop sending traffic here.
+    return JSONResponse(status_code=200 if engine.running else 503, content={
+        "status": "ok" if engine.running else "stopped", "model": model_name,
+        "contexts": list(engine.contexts)})
 
   @app.get("/metrics")
   async def metrics():

@@ -219,6 +219,11 @@ def test_models_health_and_metrics(served):
     create_app(engine, switch_interval=0)
   with pytest.raises(ValueError, match="stream_interval must be an int >= 1, got 0"):
     create_app(engine, stream_interval=0)
+  with pytest.raises(ValueError, match="max_waiting must be an int >= 1, got 0"):
+    create_app(engine, max_waiting=0)
+  with pytest.raises(ValueError, match=r"eos_id: token id 1000000 at position 0 is outside the "
+                     r"vocabulary \[0, 256\)"):
+    create_app(engine, eos_id=10**6)
 
 
 def test_max_tokens_defaults_to_16_for_completions_and_the_budget_for_chats(served):

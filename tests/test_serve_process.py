@@ -160,6 +160,7 @@ def test_a_dead_core_answers_503_and_shutdown_leaves_no_child(servers):
   while httpx.get(doomed.url + "/health").json()["status"] == "ok":
     assert time.time() < deadline, "the front end did not notice the dead core"
     time.sleep(0.05)
+  assert httpx.get(doomed.url + "/health").status_code == 503  # probes stop routing here
   for stream in (False, True):
     r = doomed.post(prompt="hi", stream=stream)
     assert r.status_code == 503 and "the engine process exited" in r.json()["error"]["message"]
