@@ -116,6 +116,9 @@ def test_a_stopped_process_takes_its_children_along(tmp_path):
     (dict(num_processes=0), "num_processes must be an int >= 1"),
     (dict(num_processes=2, devices_per_process=0), "devices_per_process must be"),
     (dict(num_processes=2, platform="tpu"), "platform must be one of"),
+    (dict(num_processes=2, devices_per_process=True), "devices_per_process must be an int >= 1"),
+    (dict(num_processes=2, timeout_s=0), "timeout_s must be a number of seconds > 0, got 0"),
+    (dict(num_processes=2, timeout_s=-5.0), "timeout_s must be a number of seconds > 0"),
 ])
 def test_bad_launch_args_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

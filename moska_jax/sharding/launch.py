@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -121,9 +122,13 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: i
   """
   if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
     raise ValueError(f"launch: num_processes must be an int >= 1, got {num_processes!r}")
-  if not isinstance(devices_per_process, int) or devices_per_process < 1:
+  if (isinstance(devices_per_process, bool) or not isinstance(devices_per_process, int)
+      or devices_per_process < 1):
     raise ValueError(f"launch: devices_per_process must be an int >= 1, got "
                      f"{devices_per_process!r}")
+  if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+      or not 0 < timeout_s < math.inf):
+    raise ValueError(f"launch: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
   if platform not in PLATFORMS:
     raise ValueError(f"launch: platform must be one of {PLATFORMS}, got {platform!r}")
   if not command:
