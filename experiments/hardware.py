@@ -23,7 +23,8 @@ TFLOPS = 1e12
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-  """One chip. Rates are per chip; a system of n chips is modelled as n times each (ideal scaling)."""
+  """One chip. Rates are per chip; a system of n chips is modelled as n times each (ideal
+  scaling)."""
 
   name: str
   hbm_bytes: float

@@ -289,8 +289,8 @@ def main() -> None:
   params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"train_retrieval: {params / 1e6:.2f}M parameters, {final['step']} steps in "
         f"{final['minutes']:.1f} min, document length {final['length']}, held-out "
-        f"accuracy {final['eval_acc']:.3f}, {saved_acc:.3f} with the saved {FLAGS.train_save_dtype} "
-        f"weights (chance {1 / task.num_values:.3f}); saved to {path}")
+        f"accuracy {final['eval_acc']:.3f}, {saved_acc:.3f} with the saved "
+        f"{FLAGS.train_save_dtype} weights (chance {1 / task.num_values:.3f}); saved to {path}")
   table = bench.table("train_retrieval", "train_retrieval: curriculum training of the retrieval "
                       "decoder", keys=("step", "length"))
   table.rows.extend(log)  # logged as it trained

@@ -3,13 +3,13 @@
 For every split (one device, 1+1, 2+6, 4+4), dense and sparse (and routing by 8-bit sketches of
 principal directions with one scale per chunk, "int8-pca2", on one device and on 2+6, the split
 that pads the store), greedy generation gives the same tokens and the same logits (f32
-tolerance) as the engine without groups, the shared store is really split in whole chunks over the shared devices of the
-span (the unique devices' rows hold the pages), a step is one program per part that moves nothing
-between devices outside it, and the cross-group bytes are counted. Mixed prefill + decode steps,
-sampling streams and recovery from a lost K/V memory run there too; several contexts,
-reroute_every > 1 and batch-aware tiles are refused on disaggregated groups (one device runs
-them). TPU interpret mode runs on a 2-device unique group with requests split over it (it aborted
-when the step was partitioned by GSPMD).
+tolerance) as the engine without groups, the shared store is really split in whole chunks over
+the shared devices of the span (the unique devices' rows hold the pages), a step is one program
+per part that moves nothing between devices outside it, and the cross-group bytes are counted.
+Mixed prefill + decode steps, sampling streams and recovery from a lost K/V memory run there too;
+several contexts, reroute_every > 1 and batch-aware tiles are refused on disaggregated groups
+(one device runs them). TPU interpret mode runs on a 2-device unique group with requests split
+over it (it aborted when the step was partitioned by GSPMD).
 """
 
 import dataclasses

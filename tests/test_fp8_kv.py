@@ -130,7 +130,8 @@ def test_write_pages_quantizes_with_fixed_scales_and_saturates():
   got = quant.dequantize(kp, ks)
   np.testing.assert_allclose(np.asarray(got[1, 5:8]), np.asarray(
       quant.dequantize(quant.quantize_with(k[0], ks, E4M3), ks)))
-  assert float(got[1, 5, 1, 0]) == pytest.approx(448 * 0.05, rel=1e-6) and np.all(np.isfinite(np.asarray(got)))
+  assert float(got[1, 5, 1, 0]) == pytest.approx(448 * 0.05, rel=1e-6)
+  assert np.all(np.isfinite(np.asarray(got)))
   big = np.abs(np.asarray(k[1])) > 0.1  # elementwise within e4m3's relative step
   assert np.all(np.abs(np.asarray(got[3, :3]) - np.asarray(k[1]))[big]
                 <= 2 ** -3 * np.abs(np.asarray(k[1]))[big])

@@ -118,7 +118,8 @@ def test_calibrated_keeps_capacity_and_fp8_ratio():
   hw = hardware.calibrated(hardware.PRESETS["h100"], Ceilings(660e12, 3.1e12, 2.55e12))
   assert hw.hbm_bytes == 80e9 and hw.hbm_bytes_per_s == 3.1e12  # the streaming read rate
   assert hw.matmul_flops_bf16 == 660e12 and hw.matmul_flops_fp8 == pytest.approx(1320e12)
-  measured = hardware.calibrated(hardware.PRESETS["h100"], Ceilings(660e12, 3.1e12, 2.55e12, 1.1e15))
+  measured = hardware.calibrated(hardware.PRESETS["h100"],
+                                 Ceilings(660e12, 3.1e12, 2.55e12, 1.1e15))
   assert measured.matmul_flops_fp8 == 1.1e15
 
 

@@ -34,8 +34,8 @@ def summaries_np(k, C, n, kind):
 
 
 def unpack_np(packed):
-  """int8 [..., D/2] (packed bytes) -> float64 codes [..., D]: low nibble = dim j, high nibble = dim j + D/2,
-  two's complement (decoded here independently of pallas_kernels.sketch)."""
+  """int8 [..., D/2] (packed bytes) -> float64 codes [..., D]: low nibble = dim j, high nibble =
+  dim j + D/2, two's complement (decoded here independently of pallas_kernels.sketch)."""
   b = np.asarray(packed).astype(np.int64)
   lo, hi = b & 15, b >> 4
   return np.concatenate([np.where(lo > 7, lo - 16, lo), np.where(hi > 7, hi - 16, hi)],
