@@ -36,7 +36,14 @@ flags.DEFINE_enum("fp8_dtype", "float8_e4m3fn", [d.name for d in pk.quant.FP8_DT
 flags.DEFINE_boolean("fp8_sweep", False, "fp8: also time the FP8 call's sweep candidates and "
                      "Triton tilings with 128 / 256-key tiles and 3 / 4 stages (each one's time "
                      "in fp8_sweep.md).")
+flags.DEFINE_enum("fp8_implementation", "auto",
+                  ["auto", *pk.implementations("shared_attention")],
+                  "fp8: the implementation of every call, bf16 and float8 ('auto': --backend's "
+                  "default plan; e.g. triton to time the non-Hopper path on a Hopper GPU).")
 common.choices("fp8_ops", OPS)
+common.validate(("fp8_implementation", "backend"),
+                lambda f: f["fp8_implementation"] == "auto" or f["backend"] == "auto",
+                "give --fp8_implementation or --backend, not both")
 common.ints("fp8_batches")
 FLAGS = flags.FLAGS
 
@@ -44,7 +51,14 @@ FLAGS = flags.FLAGS
 def _op(op: str):
   """fn(q, k, v, *extra, k_scale=, v_scale=) -> (o, lse) of the op's default plan."""
   fn = getattr(pk, op)
-  return lambda q, k, v, *extra, **scales: fn(q, k, v, *extra, backend=FLAGS.backend, **scales)
+  return lambda q, k, v, *extra, **scales: fn(q, k, v, *extra, **_which(), **scales)
+
+
+def _which() -> dict:
+  """The implementation every call runs: --fp8_implementation, else --backend's default."""
+  if FLAGS.fp8_implementation == "auto":
+    return dict(backend=FLAGS.backend)
+  return dict(implementation=FLAGS.fp8_implementation)
 
 
 def _inputs(op: str, key, B: int, bench) -> tuple:
@@ -67,11 +81,15 @@ def _inputs(op: str, key, B: int, bench) -> tuple:
 
 def _sweep(op: str, args: tuple, k_scale, v_scale) -> list[pk.Plan]:
   """The FP8 call's sweep candidates after its default, plus Triton tilings of its default with
-  128 / 256-key tiles and 3 / 4 stages (a float8 tile is half the bytes of a bf16 one)."""
-  plans = pk.sweep(op, *args, backend=FLAGS.backend, k_scale=k_scale, v_scale=v_scale)
+  128 / 256-key tiles and 3 / 4 stages, widening in the kernel (a float8 tile is half the bytes
+  of a bf16 one)."""
+  plans = pk.sweep(op, *args, **_which(), k_scale=k_scale, v_scale=v_scale)
+  if FLAGS.fp8_implementation != "auto":  # (a sweep spans every implementation of the platform)
+    plans = [p for p in plans if p.implementation == FLAGS.fp8_implementation]
   first = plans[0]
   if first.implementation == "triton" and hasattr(first.config, "block_k"):
-    plans += [first._replace(config=dataclasses.replace(first.config, block_k=bk, num_stages=st))
+    plans += [first._replace(config=dataclasses.replace(first.config, block_k=bk, num_stages=st,
+                                                        widen_kv=False))
               for bk in (128, 256) for st in (3, 4)]
   return list(dict.fromkeys(plans))[1:]
 
@@ -113,13 +131,13 @@ def main() -> None:
       q, k, v, extra, flops, elements = _inputs(op, sub, B, bench)
       fn = jax.jit(_op(op))
       t16, err16 = harness.time_or_error(fn, q, k, v, *extra)
-      plan16 = plan_note(pk.plan(op, q, k, v, *extra, backend=FLAGS.backend))
+      plan16 = plan_note(pk.plan(op, q, k, v, *extra, **_which()))
       (k8, ks), (v8, vs) = pk.quant.quantize(k, FLAGS.fp8_dtype), pk.quant.quantize(
           v, FLAGS.fp8_dtype)
       del k, v  # the largest cases hold only one precision at a time
       t8, err8 = harness.time_or_error(lambda *a: fn(*a, k_scale=ks, v_scale=vs), q, k8, v8,
                                        *extra)
-      plan8 = pk.plan(op, q, k8, v8, *extra, backend=FLAGS.backend, k_scale=ks, v_scale=vs)
+      plan8 = pk.plan(op, q, k8, v8, *extra, **_which(), k_scale=ks, v_scale=vs)
       floor16 = bench.ceilings.floor_s(flops, elements * jnp.dtype(FLAGS.dtype).itemsize)
       floor8 = bench.ceilings.floor_s(flops, elements * fp8_itemsize)
       best8, best_plan = t8, plan8

@@ -22,7 +22,7 @@ as chunk routing groups queries by chunk one level down: sparse, a context's chu
 holds only its own rows' (query, chunk) pairs; dense, its GEMM runs over the step's rows and
 keeps its own, so each context in use costs one pass of the batch over its K/V (which is read
 once; float8 K/V under many rows are first widened once per layer, behind a `lax.cond` on a
-valid key: `MosaicGpuSharedConfig.widen_kv`).
+valid key: `gpu.tuning.plan_widen_kv`).
 
 `moska_step` is the step on one device: pure and jittable (the engine jits it; experiments
 call it directly). The disaggregated engine runs the same parts (`zero_padding`, the kernels) in

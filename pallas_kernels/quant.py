@@ -5,8 +5,8 @@ k_stored and v = v_scale[h] * v_stored, one float32 scale per kv head h. The ker
 multiply by the scales: q . (s k) = (s q) . k folds the key scale into the queries before the
 kernel, and softmax(.) (s v) = s softmax(.) v scales the output after it; a kernel only loads the
 float8 tiles and widens them to the query dtype in registers (`widen`). (Shared attention with
-many query rows on Hopper widens the whole K/V once before its kernel instead:
-`MosaicGpuSharedConfig.widen_kv`.)
+many query rows on a GPU widens the whole K/V once before its kernel instead: `widen_kv` of
+`MosaicGpuSharedConfig` and `TritonSharedConfig`.)
 """
 
 from __future__ import annotations

@@ -64,11 +64,11 @@ def _run_xla(p: SharedProblem, config, interpret):
 
 def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
   q_rows, n, scale = _rows(p, c.block_m)
-  o, lse = triton_shared.shared_attention_partials(
-      q_rows, p.k, p.v, n, scale=scale, block_m=c.block_m, block_k=c.block_k,
-      num_splits=c.num_splits, num_warps=c.num_warps, num_stages=c.num_stages,
-      interpret=interpret)
-  return Partials(o, lse, 0)
+  attend = functools.partial(
+      triton_shared.shared_attention_partials, scale=scale, block_m=c.block_m,
+      block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
+      num_stages=c.num_stages, interpret=interpret)
+  return Partials(*_attend(attend, p, c, q_rows, n), 0)
 
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
@@ -78,11 +78,14 @@ def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
       mosaic_attention.shared_attention_partials, scale=scale, block_k=c.block_k,
       num_splits=c.num_splits, num_stages=c.num_stages, consumers=c.consumers,
       split_keys=c.split_keys)
+  return Partials(*_attend(attend, p, c, q_rows, n), 0)
+
+
+def _attend(attend, p: SharedProblem, c, q_rows, n):
+  """attend(q_rows, k, v, n) on the problem's K/V, widened first if the config says so."""
   if c.widen_kv:
-    o, lse = _widened(attend, q_rows, p.k, p.v, n, p.dtype, traced=p.kv_length is not None)
-  else:
-    o, lse = attend(q_rows, p.k, p.v, n)
-  return Partials(o, lse, 0)
+    return _widened(attend, q_rows, p.k, p.v, n, p.dtype, traced=p.kv_length is not None)
+  return attend(q_rows, p.k, p.v, n)
 
 
 def _widened(attend, q_rows, k, v, n, dtype, *, traced: bool):
@@ -123,10 +126,12 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonSharedConfig,
-        default_config=lambda p, t: gpu_tuning.triton_shared(p.dims, p.dtype, t),
-        candidates=lambda p, t: gpu_tuning.triton_shared_candidates(p.dims, p.dtype, t),
-        unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
-            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
+        default_config=lambda p, t: gpu_tuning.triton_shared(p.dims, p.dtype, t,
+                                                             kv_dtype=p.k.dtype),
+        candidates=lambda p, t: gpu_tuning.triton_shared_candidates(p.dims, p.dtype, t,
+                                                                    kv_dtype=p.k.dtype),
+        unsupported=lambda p, c, t, i: gpu_tuning.triton_shared_unsupported(
+            p.dims, p.dtype, c, t, kv_dtype=p.k.dtype)),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuSharedConfig,
         default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t,
@@ -158,10 +163,10 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
       k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
-      On Hopper, float8 K/V under many query rows (`gpu.tuning.FP8_WIDEN_MIN_ROWS` per kv head)
-      are widened to the query dtype before the kernel: a transient copy of twice their bytes,
+      On a GPU, float8 K/V under many 16-bit query rows (`gpu.tuning.plan_widen_kv`) are
+      widened to the query dtype before the kernel: a transient copy of twice their bytes,
       and with a traced kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its
-      predicate); `MosaicGpuSharedConfig(widen_kv=False)` keeps them float8 in the kernel.
+      predicate); a config with widen_kv=False keeps them float8 in the kernel.
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key

@@ -1,4 +1,5 @@
-"""`tile_chunk_attention`: each tile of requests attends to one list of chunks (batch-aware routing).
+"""`tile_chunk_attention`: each tile of requests attends to one list of chunks (batch-aware
+routing).
 
 `chunk_attention` gives every (request, kv head) its own chunks and pays for it with a partial
 state per (request, chunk) pair that is written, read back and merged. When the requests of a tile
@@ -100,8 +101,10 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         "triton", "gpu", _run_triton, TritonSharedConfig,
         default_config=lambda p, t: gpu_tuning.triton_tiles(
             p.dims, p.requests_per_tile, p.tile_ids.shape[-1], p.chunk_size, p.dtype, t),
-        unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
-            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
+        unsupported=lambda p, c, t, i: (
+            "config.widen_kv: tile_chunk_attention widens float8 K/V only in its kernel"
+            if c.widen_kv else gpu_tuning.triton_smem_unsupported(
+                c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t))),
 }, lambda p, platform, target, interpret: _choose(platform)))
 
 

@@ -131,6 +131,8 @@ BAD_FLAGS = {
     "baseline-typo": (["--shared_baselines=xal"], "--shared_baselines=['xal']"),
     "paged-length": (["--shared_lengths=1000"],
                      "every --shared_lengths value must be a multiple of 2048"),
+    "fp8-implementation-and-backend": (["--fp8_implementation=triton", "--backend=xla"],
+                                       "give --fp8_implementation or --backend, not both"),
     "implementation-typo": (["--kernels_implementations=trition"],
                             "--kernels_implementations=['trition']"),
     "kernels-op": (["--kernels_ops=chunk_scores"], "--kernels_ops=['chunk_scores']"),

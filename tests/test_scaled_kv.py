@@ -6,6 +6,7 @@ another shows. Keys a kernel must not read stay NaN in float8 too.
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -202,12 +203,78 @@ def test_float8_kv_widened_in_hbm_from_many_rows():
   assert "shared memory" in why and "(config.widen_kv: K/V widened to bfloat16)" in why
 
 
+def test_triton_float8_kv_widened_from_many_rows():
+  """The Triton plan (other GPUs) widens float8 K/V in one pass from FP8_WIDEN_MIN_ROWS rows of
+  16-bit queries, as the Mosaic GPU one does, with the tiling of K/V in the query dtype (float32
+  queries would take a copy of four times the float8 bytes: not unless asked); its sweep has
+  both settings; widen_kv on K/V that are not float8 is refused, and by tile_chunk_attention,
+  whose kernel widens in registers only."""
+  a100, fp8 = targets.target("a100"), jnp.float8_e4m3fn
+  rows = gpu_tuning.FP8_WIDEN_MIN_ROWS
+  for B, widened in ((rows // 4 - 1, False), (rows // 4, True)):  # G = 4: M = 4 B
+    dims = AttentionDims(B=B, T=1, Hq=32, Hkv=8, D=128, S=1 << 20)
+    c = gpu_tuning.triton_shared(dims, jnp.bfloat16, a100, kv_dtype=fp8)
+    assert c == dataclasses.replace(gpu_tuning.triton_shared(dims, jnp.bfloat16, a100),
+                                    widen_kv=widened)
+    assert gpu_tuning.triton_shared_unsupported(dims, jnp.bfloat16, c, a100,
+                                                kv_dtype=fp8) is None
+    swept = gpu_tuning.triton_shared_candidates(dims, jnp.bfloat16, a100, kv_dtype=fp8)
+    assert {x.widen_kv for x in swept} == {False, True}
+  assert not any(x.widen_kv for x in gpu_tuning.triton_shared_candidates(dims, jnp.bfloat16, a100))
+  assert not gpu_tuning.triton_shared(dims, jnp.float32, a100, kv_dtype=fp8).widen_kv
+  assert gpu_tuning.triton_shared(dims, jnp.float32, a100, kv_dtype=fp8, widen_kv=True).widen_kv
+  rng, q, k, v = kc.shared_inputs(1, 4, 1, 4, 2, 64, 256, jnp.bfloat16)
+  k8, ks, _ = _fp8(k, fp8, np.ones(2))
+  v8, vs, _ = _fp8(v, fp8, np.ones(2))
+  tiles = jnp.zeros((2, 2, 1), jnp.int32)
+  widened = pk.TritonSharedConfig(block_m=16, block_k=64, widen_kv=True)
+  with pytest.raises(ValueError, match="tile_chunk_attention widens float8 K/V only in its kernel"):
+    pk.tile_chunk_attention(q, k8, v8, tiles, chunk_size=128, k_scale=ks, v_scale=vs,
+                            implementation="triton", config=widened, interpret=True)
+  why = gpu_tuning.triton_shared_unsupported(dims, jnp.bfloat16, c, a100, kv_dtype=jnp.bfloat16)
+  assert "widen_kv needs float8 K/V, got bfloat16" in why
+  with pytest.raises(ValueError, match="widen_kv needs float8 K/V, got bfloat16"):
+    gpu_tuning.triton_shared(dims, jnp.bfloat16, a100, kv_dtype=jnp.bfloat16, widen_kv=True)
+
+
+@pytest.mark.parametrize("n", [None, 250, 0], ids=["static", "traced", "traced-empty"])
+def test_triton_widened_float8_kv_interpreted(n):
+  """The widened path (one pass, then the kernel on K/V in the query dtype) on the Triton kernel
+  in interpret mode: a static kv_length, a traced one (the pass inside a cond on kv_length > 0)
+  and a traced 0 (the cond's empty branch: o = 0, lse = -inf)."""
+  _, q, (k8, ks, kd), (v8, vs, vd) = _shared(5, jnp.bfloat16, jnp.float8_e5m2)
+  dims = AttentionDims(B=q.shape[0], T=q.shape[1], Hq=q.shape[2], Hkv=k8.shape[1], D=q.shape[3],
+                       S=k8.shape[0])
+  config = gpu_tuning.triton_shared(dims, q.dtype, targets.target("h100"), kv_dtype=k8.dtype,
+                                    widen_kv=True)
+  if n:  # keys past kv_length poisoned
+    k8, v8 = (kc.poison_outside(x, np.arange(x.shape[0])[:, None] < n) for x in (k8, v8))
+  o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs,
+                  kv_length=None if n is None else jnp.int32(n), implementation="triton",
+                  config=config, interpret=True)
+  if n == 0:
+    assert np.all(np.asarray(o, np.float32) == 0) and np.all(np.isneginf(np.asarray(lse)))
+  else:
+    _check(o, lse, *shared_attention_f64(q, kd, vd, n), q)
+  # The pass ran: its barrier (and, with a traced kv_length, its cond) are in the program; the
+  # kernel alone holds neither.
+  top = lambda c: {e.primitive.name for e in jax.make_jaxpr(
+      lambda k, v: pk.shared_attention(q, k, v, k_scale=ks, v_scale=vs, implementation="triton",
+                                       kv_length=None if n is None else jnp.int32(n), config=c,
+                                       interpret=True))(k8, v8).eqns}
+  widened = "optimization_barrier" if n is None else "cond"
+  assert widened in top(config)
+  assert widened not in top(dataclasses.replace(config, widen_kv=False))
+
+
 @pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
-@pytest.mark.parametrize("widen_kv", [False, True])
+# (D, widen_kv): float8 rows of 80 bytes have no in-kernel (float8) tiling on Mosaic GPU, only
+# the widened one
+@pytest.mark.parametrize("D,widen_kv", [(128, False), (128, True), (80, True)])
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("B", [3, 40])  # one consumer warpgroup (M=24), a ping-pong pair (320)
-def test_mosaic_gpu_float8_kv_compiled(B, fp8, widen_kv):
-  rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, 128, 1024, jnp.float32)
+def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
+  rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, D, 1024, jnp.float32)
   gains = 1.0 + 3.0 * np.arange(2)
   k8, ks, kd = _fp8(k, fp8, gains)
   v8, vs, vd = _fp8(v, fp8, gains[::-1])
@@ -215,7 +282,7 @@ def test_mosaic_gpu_float8_kv_compiled(B, fp8, widen_kv):
   far = (np.arange(k8.shape[0]) >= n)[:, None, None]
   k8, v8 = (jnp.where(far, jnp.asarray(240.0, x.dtype), x) for x in (k8, v8))
   q = q.astype(jnp.bfloat16)
-  config = gpu_tuning.mosaic_shared(AttentionDims(B=B, T=2, Hq=8, Hkv=2, D=128, S=1024),
+  config = gpu_tuning.mosaic_shared(AttentionDims(B=B, T=2, Hq=8, Hkv=2, D=D, S=1024),
                                     jnp.bfloat16, targets.current("gpu"), kv_dtype=fp8,
                                     widen_kv=widen_kv)
   o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs, kv_length=jnp.int32(n),

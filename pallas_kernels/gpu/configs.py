@@ -26,13 +26,16 @@ def _warps(value, *, name: str, where: str) -> int:
 class TritonSharedConfig(Config):
   """shared_attention on the Triton lowering: block_m query rows x block_k keys per step (powers
   of two >= 16, for tl.dot), num_splits programs along S (flash decoding), num_warps per
-  program, num_stages of software pipelining in the key loop."""
+  program, num_stages of software pipelining in the key loop; widen_kv (float8 K/V only) as for
+  `MosaicGpuSharedConfig`: one widening pass before the kernel instead of every row tile's
+  program widening every K/V tile it loads."""
 
   block_m: int = knob(power_of_two, minimum=16)
   block_k: int = knob(power_of_two, minimum=16)
   num_splits: int = knob(positive_int, 1)
   num_warps: int = knob(_warps, 4)
   num_stages: int = knob(positive_int, 2)
+  widen_kv: bool = knob(boolean, False)
 
 
 @_frozen

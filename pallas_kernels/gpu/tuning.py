@@ -35,12 +35,13 @@ MOSAIC_MIN_KV_BYTES = 128 * 2**20
 # least MOSAIC_CHUNK_MIN_ROWS rows each: shorter chunks spend their time filling its pipeline.
 MOSAIC_CHUNK_MIN_ROWS = 128
 MOSAIC_MIN_CHUNK = 1024
-# Float8 shared K/V are widened in HBM before the kernel (`MosaicGpuSharedConfig.widen_kv`) from
-# this many rows of a kv head: each 128-row CTA widens every tile it reads, a cost that grows
-# with M, while one widening pass reads the float8 K/V once and writes them at twice the bytes.
-# On an H200 (S=1M, Llama-3.1-8B heads) in-kernel against widened: 3.24 vs 4.40 ms at M=256,
-# 6.56 vs 5.96 at M=512, 13.1 vs 9.4 at M=1024, 25.5 vs 16.0 at M=2048 (the pass alone 2.6 ms;
-# fp8.md).
+# Float8 shared K/V are widened in HBM before the kernel (`widen_kv` of the Mosaic GPU and Triton
+# configs) from this many rows of a kv head: each 128-row CTA widens every tile it reads, a cost
+# that grows with M, while one widening pass reads the float8 K/V once and writes them at twice
+# the bytes. On an H200 (S=1M, Llama-3.1-8B heads) Mosaic GPU in-kernel against widened: 3.24 vs
+# 4.40 ms at M=256, 6.56 vs 5.96 at M=512, 13.1 vs 9.4 at M=1024, 25.5 vs 16.0 at M=2048 (the
+# pass alone 2.6 ms; fp8.md); Triton 9.35 vs 8.12 ms at M=512, 36.6 vs 23.2 at M=2048
+# (fp8_triton_widened.md).
 FP8_WIDEN_MIN_ROWS = 512
 # Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
 # stage), and the fewest blocks per split (below it the partials cost more than the split gains).
@@ -208,8 +209,8 @@ def mosaic_shared_unsupported(dims: AttentionDims, dtype, c: MosaicGpuSharedConf
                               target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
   """Why the Mosaic GPU shared-attention kernel cannot run this problem with config `c` (with
   widen_kv, on K/V in the query dtype), or None."""
-  if c.widen_kv and not quant.is_fp8(kv_dtype):
-    return f"config.widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}"
+  if why := _widen_unsupported(c, kv_dtype):
+    return why
   why = mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                            kv_dtype=dtype if c.widen_kv else kv_dtype, consumers=c.consumers)
   if why and c.widen_kv:
@@ -217,9 +218,29 @@ def mosaic_shared_unsupported(dims: AttentionDims, dtype, c: MosaicGpuSharedConf
   return why
 
 
-def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonSharedConfig:
+def _widen_unsupported(c, kv_dtype) -> str | None:
+  if c.widen_kv and not quant.is_fp8(kv_dtype):
+    return f"config.widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}"
+  return None
+
+
+def plan_widen_kv(dims: AttentionDims, dtype, kv_dtype, widen_kv: bool | None) -> bool:
+  """A shared-attention plan's widen_kv: None picks it for float8 K/V under 16-bit queries (the
+  measured case: a copy of twice the float8 bytes; float32 queries would need four times) from
+  FP8_WIDEN_MIN_ROWS rows of a kv head; True is refused for K/V that are not float8."""
+  if widen_kv is None:
+    return (quant.is_fp8(kv_dtype) and jnp.dtype(dtype).itemsize == 2
+            and dims.M >= FP8_WIDEN_MIN_ROWS)
+  if widen_kv and not quant.is_fp8(kv_dtype):
+    raise ValueError(f"widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}")
+  return widen_kv
+
+
+def triton_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype=None,
+                  widen_kv: bool | None = None) -> TritonSharedConfig:
   """M tiled first (16..128 rows), then S split to fill the chip; the tiling shrinks until it
-  fits the target's shared memory."""
+  fits the target's shared memory (its tiles are sized in the query dtype, which float8 K/V are
+  widened to in registers or, from FP8_WIDEN_MIN_ROWS rows, in one pass first: `widen_kv`)."""
   M = dims.M
   block_m = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
   block_m, block_k, stages = _fit_triton(block_m, 64 if block_m >= 128 else 128, 3, dims.D,
@@ -228,7 +249,15 @@ def triton_shared(dims: AttentionDims, dtype, target: GpuTarget) -> TritonShared
   programs = dims.Hkv * math.ceil(M / block_m)
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return TritonSharedConfig(block_m=block_m, block_k=block_k, num_splits=splits,
-                            num_warps=warps, num_stages=stages)
+                            num_warps=warps, num_stages=stages,
+                            widen_kv=plan_widen_kv(dims, dtype, kv_dtype or dtype, widen_kv))
+
+
+def triton_shared_unsupported(dims: AttentionDims, dtype, c: TritonSharedConfig,
+                              target: GpuTarget, *, kv_dtype) -> str | None:
+  """Why the Triton shared-attention kernel cannot run this problem with config `c`, or None."""
+  return _widen_unsupported(c, kv_dtype) or triton_smem_unsupported(
+      c.block_m, c.block_k, dims.D, dtype, c.num_stages, target)
 
 
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
@@ -239,14 +268,11 @@ def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
   tiles of 64 rows (widening a tile costs a consumer about as much as its wgmma; on an H200,
   S=1M, Llama-3.1-8B heads: 0.74-0.77 ms against 1.0 ms with one consumer at B=1-16, 1.53
   against 1.64 ms for the ping-pong pair at B=32, fp8.md); from FP8_WIDEN_MIN_ROWS rows widened
-  in HBM first (widen_kv; None: by that rule) and tiled as K/V in the query dtype. Two ring
-  slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read as such); S
-  split to fill the chip."""
-  if widen_kv is None:
-    widen_kv = quant.is_fp8(kv_dtype) and dims.M >= FP8_WIDEN_MIN_ROWS
-  elif widen_kv and not quant.is_fp8(kv_dtype):
-    raise ValueError(f"widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}")
-  if widen_kv:
+  in HBM first (widen_kv; None: by `plan_widen_kv`) and tiled as K/V in the query dtype. Two
+  ring slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read as
+  such); S split to fill the chip."""
+  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv)
+  if widened:
     kv_dtype = dtype
   split_keys = quant.is_fp8(kv_dtype) and dims.M <= 2 * mosaic_attention.BLOCK_Q
   consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q and not split_keys else 2
@@ -255,20 +281,23 @@ def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers, split_keys))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages,
-                               consumers=consumers, split_keys=split_keys, widen_kv=widen_kv)
+                               consumers=consumers, split_keys=split_keys, widen_kv=widened)
 
 
 def _with_splits(base, factors=(0.5, 2.0)) -> list:
   return [dataclasses.replace(base, num_splits=max(1, int(base.num_splits * f))) for f in factors]
 
 
-def triton_shared_candidates(dims: AttentionDims, dtype,
-                             target: GpuTarget) -> list[TritonSharedConfig]:
-  """Neighbours of the default: keys per tile, warps, stages, and half / double the splits."""
-  base = triton_shared(dims, dtype, target)
+def triton_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
+                             kv_dtype=None) -> list[TritonSharedConfig]:
+  """Neighbours of the default: keys per tile, warps, stages, and half / double the splits; for
+  float8 K/V also the default with the other widen_kv."""
+  base = triton_shared(dims, dtype, target, kv_dtype=kv_dtype)
   out = [dataclasses.replace(base, block_k=bk, num_warps=w, num_stages=st)
          for bk, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 3), (64, 8, 3), (128, 8, 2))]
-  return [base, *out, *_with_splits(base)]
+  other = ([dataclasses.replace(base, widen_kv=not base.widen_kv)]
+           if quant.is_fp8(kv_dtype or dtype) else [])
+  return [base, *out, *_with_splits(base), *other]
 
 
 def mosaic_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
