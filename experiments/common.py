@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -100,6 +102,23 @@ def shape() -> shapes.Shape:
   return shapes.parse(FLAGS.shape)
 
 
+# The environment variables that change what a run measures or whether it fits (the device memory
+# JAX may take, the allocator, compiler flags): a command shown without them is not reproducible.
+# Read when the launcher starts, before an experiment sets any for its own processes; a path in a
+# value (a dump folder, a toolkit) is shown as <path>.
+_ENV_SHOWN = ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE",
+              "XLA_PYTHON_CLIENT_ALLOCATOR", "TF_GPU_ALLOCATOR", "XLA_FLAGS", "NCCL_NVLS_ENABLE")
+
+
+def env_shown(environ) -> dict[str, str]:
+  """The `_ENV_SHOWN` variables set in environ, paths in their values as <path>."""
+  return {k: re.sub(r"(?<![\w.])/[^\s,]*", "<path>", environ[k])
+          for k in _ENV_SHOWN if k in environ}
+
+
+_ENV_AT_START = env_shown(os.environ)
+
+
 def environment(fixed: dict[str, str] | None = None) -> dict[str, str]:
   """Device, versions, date, the exact command line and every flag value, for result headers.
 
@@ -114,7 +133,8 @@ def environment(fixed: dict[str, str] | None = None) -> dict[str, str]:
       "jax": jax.__version__,
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-      "command": shown(" ".join(["python -m experiments.run", *sys.argv[1:]])),
+      "command": shown(" ".join([*(f"{k}={shlex.quote(v)}" for k, v in _ENV_AT_START.items()),
+                                 "python -m experiments.run", *sys.argv[1:]])),
       # (a multi flag serializes as one line per value)
       "flags": shown(" ".join(f"--{f.name}={fixed[f.name]}" if f.name in fixed
                               else f.serialize().replace("\n", " ")

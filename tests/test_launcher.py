@@ -123,6 +123,31 @@ def test_default_paths_resolve_in_the_package():
   assert common.shown(f"--out_dir={common.FLAGS['out_dir'].default}") == "--out_dir=experiments/out"
 
 
+
+def test_result_command_names_the_environment_that_changes_a_run(monkeypatch):
+  """A run given more device memory (or another allocator) than JAX's default is reproducible
+  only with that setting: the command in the results header carries it, as the launcher found
+  it, with no path of the machine."""
+  from experiments import common, run
+
+  assert common.env_shown({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "HOME": "/root",
+                           "XLA_FLAGS": "--xla_dump_to=/home/a/d --xla_gpu_cuda_data_dir=/opt/c "
+                                        "--xla_force_host_platform_device_count=8"}) == {
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
+      "XLA_FLAGS": "--xla_dump_to=<path> --xla_gpu_cuda_data_dir=<path> "
+                   "--xla_force_host_platform_device_count=8"}
+  monkeypatch.setattr(sys, "argv", ["run.py", "--experiment=decode"])
+  run.FLAGS(sys.argv)
+  try:
+    monkeypatch.setattr(common, "_ENV_AT_START", {})
+    assert common.environment()["command"] == "python -m experiments.run --experiment=decode"
+    monkeypatch.setattr(common, "_ENV_AT_START", {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"})
+    assert common.environment()["command"] == (
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m experiments.run --experiment=decode")
+  finally:
+    run.FLAGS.unparse_flags()
+
+
 # id -> (arguments, fragment of the error): each bad value is refused when absl parses the
 # flags, before any work, with the flag (and what it allows) named. Parsed in this process (every
 # experiment's flags imported once); a subprocess per case would cost seconds each.
