@@ -223,14 +223,14 @@ def test_triton_float8_kv_widened_from_many_rows():
   assert not any(x.widen_kv for x in gpu_tuning.triton_shared_candidates(dims, jnp.bfloat16, a100))
   assert not gpu_tuning.triton_shared(dims, jnp.float32, a100, kv_dtype=fp8).widen_kv
   assert gpu_tuning.triton_shared(dims, jnp.float32, a100, kv_dtype=fp8, widen_kv=True).widen_kv
-  rng, q, k, v = kc.shared_inputs(1, 4, 1, 4, 2, 64, 256, jnp.bfloat16)
+  _, q, k, v = kc.shared_inputs(1, 4, 1, 4, 2, 64, 256, jnp.bfloat16)
   k8, ks, _ = _fp8(k, fp8, np.ones(2))
   v8, vs, _ = _fp8(v, fp8, np.ones(2))
   tiles = jnp.zeros((2, 2, 1), jnp.int32)
-  widened = pk.TritonSharedConfig(block_m=16, block_k=64, widen_kv=True)
+  tile_config = pk.TritonSharedConfig(block_m=16, block_k=64, widen_kv=True)
   with pytest.raises(ValueError, match="tile_chunk_attention widens float8 K/V only in its kernel"):
     pk.tile_chunk_attention(q, k8, v8, tiles, chunk_size=128, k_scale=ks, v_scale=vs,
-                            implementation="triton", config=widened, interpret=True)
+                            implementation="triton", config=tile_config, interpret=True)
   why = gpu_tuning.triton_shared_unsupported(dims, jnp.bfloat16, c, a100, kv_dtype=jnp.bfloat16)
   assert "widen_kv needs float8 K/V, got bfloat16" in why
   with pytest.raises(ValueError, match="widen_kv needs float8 K/V, got bfloat16"):
