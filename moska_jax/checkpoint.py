@@ -105,7 +105,9 @@ def atomic_directory(path: str, *, overwrite: bool, marker: str, what: str) -> I
     what: the caller's name, for errors.
 
   Raises:
-    FileExistsError: `path` exists and overwrite is False, or it is not a directory of this kind.
+    FileExistsError: `path` exists and overwrite is False, or it is not a directory of this kind
+      (a symbolic link included: the rename would replace the link, and the old directory, set
+      aside as a link, could never be removed, so a later load could bring it back).
     NotADirectoryError: the parent of `path` is a file.
   """
   if not isinstance(overwrite, bool):
@@ -119,6 +121,10 @@ def atomic_directory(path: str, *, overwrite: bool, marker: str, what: str) -> I
     if not overwrite:
       raise FileExistsError(f"{what}: {path} already exists; pass overwrite=True to replace it "
                             "(the old one is kept until the new one is complete)")
+    if os.path.islink(path):
+      raise FileExistsError(f"{what}: refusing to replace {path}: it is a symbolic link (to "
+                            f"{os.readlink(path)}); write to the directory it names, or remove "
+                            "the link first")
     if not os.path.isfile(os.path.join(path, marker)):
       raise FileExistsError(f"{what}: refusing to replace {path}: it holds no {marker}, so it "
                             "was not written by this function")

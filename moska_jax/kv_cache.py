@@ -201,15 +201,24 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
   try:
     built_for = ModelConfig.from_dict(meta["model_config"])
     C, summary, rows = meta["chunk_size"], meta["summary"], meta["rows"]
-    if summary not in routing.SUMMARIES or not isinstance(C, int) or not isinstance(rows, int):
+    if summary not in routing.SUMMARIES or not all(
+        isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (C, rows)):
       raise ValueError(f"summary {summary!r}, chunk_size {C!r}, rows {rows!r}")
     kv_dtype = check_kv_dtype(meta.get("kv_dtype"), "store.json")  # absent: saved unscaled
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{what}: {os.path.join(path, 'store.json')} is damaged: "
                      f"{type(e).__name__}: {e}") from None
-  if model_config is not None and model_config != built_for:
-    raise ValueError(f"{what}: the store at {path} was built for {built_for}, not for "
-                     f"{model_config}")
+  if model_config is not None:
+    if not isinstance(model_config, ModelConfig):
+      raise TypeError(f"{what}: model_config must be a ModelConfig (e.g. model.cfg), got "
+                      f"{type(model_config).__name__}")
+    differ = {f.name: (getattr(built_for, f.name), getattr(model_config, f.name))
+              for f in dataclasses.fields(ModelConfig)
+              if getattr(built_for, f.name) != getattr(model_config, f.name)}
+    if differ:
+      raise ValueError(f"{what}: the store at {path} was built for another model config; "
+                       + ", ".join(f"{k}: {a!r} in the store, {b!r} given"
+                                   for k, (a, b) in differ.items()))
   cfg = built_for
   full = jax.ShapeDtypeStruct((rows, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_dtype)
   kv = full if kv_dtype is None else jax.ShapeDtypeStruct(full.shape, kv_dtype)
@@ -253,17 +262,18 @@ def unique_kv_scales(store: SharedKVStore, kv_dtype,
   if dtype is None:
     raise ValueError(f"unique_kv_scales: kv_dtype must be a float8 name of {list(KV_DTYPES[1:])}, "
                      f"got None")
-  if not 0 < headroom < float("inf"):
+  if isinstance(headroom, bool) or not isinstance(headroom, (int, float, np.number)) or not (
+      0 < headroom < float("inf")):
     raise ValueError(f"unique_kv_scales: headroom must be a finite number > 0, got "
                      f"{headroom!r}")
   top = float(jnp.finfo(dtype).max)
 
   def scale(x, s):  # the head's largest magnitude (of the valid rows) -> the new format
-    if s is not None:  # quantize mapped it to the stored format's largest finite value
-      amax = s * float(jnp.finfo(x.dtype).max)
-    else:
-      valid = (jnp.arange(x.shape[0]) < store.length)[:, None, None]
-      amax = jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0.0), axis=(0, 2))
+    # (read from the data, float8 too: an all-zero head's stored scale is 1, not its range)
+    valid = (jnp.arange(x.shape[0]) < store.length)[:, None, None]
+    amax = jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0.0), axis=(0, 2))
+    if s is not None:
+      amax = amax * s
     return jnp.where(amax > 0, amax * headroom / top, 1.0).astype(jnp.float32)
 
   return tuple((scale(k, ks), scale(v, vs))

@@ -125,6 +125,11 @@ _HEADERS = [
      "summary 'median'"),
     ("rows-float", lambda p: _edit_json(p, "store.json", lambda d: _set(d, "rows", 256.0)),
      "rows 256.0"),
+    ("rows-zero", lambda p: _edit_json(p, "store.json", lambda d: _set(d, "rows", 0)), "rows 0"),
+    ("chunk-zero", lambda p: _edit_json(p, "store.json", lambda d: _set(d, "chunk_size", 0)),
+     "chunk_size 0"),
+    ("chunk-bool", lambda p: _edit_json(p, "store.json", lambda d: _set(d, "chunk_size", True)),
+     "chunk_size True"),
     ("config-unknown-field", lambda p: _edit_json(
         p, "store.json", lambda d: _set(d, "model_config", dict(d["model_config"], foo=1))),
      "is damaged: TypeError"),
@@ -187,8 +192,32 @@ def test_a_store_without_checksums_loads_only_when_asked(copy):
     pytest.param(tiny(dtype="bfloat16"), id="dtype"),
 ])
 def test_another_models_config_is_refused(saved, cfg):
-  with pytest.raises(ValueError, match="was built for"):
+  """The error names each field that differs, with both values."""
+  field = next(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) !=
+               getattr(STORE.model_config, f.name))
+  with pytest.raises(ValueError, match=f"was built for another model config; {field}: "
+                                       f"{getattr(STORE.model_config, field)!r} in the store, "
+                                       f"{getattr(cfg, field)!r} given"):
     load_shared_store(saved, cfg)
+
+
+def test_a_model_for_its_config_is_a_type_error(saved):
+  with pytest.raises(TypeError, match="model_config must be a ModelConfig .e.g. model.cfg., got "
+                                      "dict"):
+    load_shared_store(saved, {"layers": 2})
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path):
+  """Replacing a link would set the old directory aside as a link that is never removed, and a
+  later load of a deleted path would bring it back: refused, the target untouched."""
+  target = str(tmp_path / "v1")
+  save_shared_store(target, STORE)
+  link = tmp_path / "current"
+  link.symlink_to(target)
+  with pytest.raises(FileExistsError, match="it is a symbolic link"):
+    save_shared_store(str(link), random_store(12), overwrite=True)
+  assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["current", "v1"]
+  assert_same(load_shared_store(str(link)), STORE)
 
 
 def test_extra_files_added_after_saving_are_ignored(copy):

@@ -121,6 +121,21 @@ def test_with_summaries_recomputes_routing_only(model):
 
 def test_unique_kv_scales_refuses_a_headroom_that_is_not_finite_and_positive(model):
   store = build_shared_store(model, np.arange(20) % 256, chunk_size=8, backend="xla")
-  for headroom in (0.0, float("inf"), float("nan")):
+  for headroom in (0.0, float("inf"), float("nan"), "2", True):
     with pytest.raises(ValueError, match="headroom must be a finite number > 0"):
       unique_kv_scales(store, "float8_e4m3fn", headroom=headroom)
+
+
+@pytest.mark.parametrize("stored", ["float8_e5m2", "float8_e4m3fn"])
+def test_unique_kv_scales_of_an_all_zero_head_from_a_float8_store(model, stored):
+  """A head whose shared K/V are all zero has no range to go by: its unique scale is 1, as from
+  the model-dtype store (its float8 store scale, 1 by convention, once gave e5m2's 57344 x 2 /
+  448 = 256, and every unique value below 0.5 on that head was written as 0)."""
+  store = build_shared_store(model, np.arange(20) % 256, chunk_size=8, backend="xla")
+  store = dataclasses.replace(store, k=tuple(x.at[:, 0].set(0) for x in store.k))
+  want = unique_kv_scales(store, "float8_e4m3fn")
+  got = unique_kv_scales(store.quantized(stored), "float8_e4m3fn")
+  for (k_want, v_want), (k_got, v_got) in zip(want, got):
+    assert float(k_want[0]) == float(k_got[0]) == 1.0
+    np.testing.assert_allclose(np.asarray(k_got), np.asarray(k_want), rtol=0.07)  # float8 step
+    np.testing.assert_allclose(np.asarray(v_got), np.asarray(v_want), rtol=0.07)
