@@ -280,13 +280,17 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
       valid key get zero summaries and are never routed to. A concrete value must lie in
       [0, S]; a traced one is clamped to it.
     summary: a key of `SUMMARIES` ("mean", "envelope", "int4" or a PCA kind, "int4-pca2",
-      "int4-pca4", "int8-pca2", "int8-pca4"); default `config.DEFAULT_SUMMARY`.
+      "int4-pca4", "int8-pca2", "int8-pca4"); default `config.DEFAULT_SUMMARY`. "int4" packs
+      two 4-bit codes a byte, so it needs an even D.
 
   Returns:
     `ChunkSummaries` of N = ceil(S / C) chunks.
   """
   kind = _check_kind(summary)
   kc, valid, num_valid = _chunked(k, chunk_size, kv_length, "chunk_summaries")
+  if summary == "int4" and k.shape[-1] % 2:
+    raise ValueError(f"chunk_summaries: summary 'int4' packs two 4-bit codes a byte and needs an "
+                     f"even head dim, got D={k.shape[-1]} (the PCA kinds take any D)")
   arrays, projection = kind.summarize(kc, valid)
   return ChunkSummaries(tuple(arrays), num_valid, summary, chunk_size, projection)
 
@@ -314,8 +318,13 @@ def _check_route(q: jax.Array, N: int, Hkv: int, D: int, top_k: int,
 
 
 def _select(scores: jax.Array, top_k: int, forced: tuple[int, ...], n_valid) -> jax.Array:
-  """scores[B, Hkv, N] -> the top_k chunk ids, forced ones first, -1 past the valid chunks."""
+  """scores[B, Hkv, N] -> the top_k chunk ids, forced ones first, -1 past the valid chunks.
+
+  A NaN score (a non-finite query) ranks lowest among the valid chunks: top_k would rank it above
+  even the forced chunks' inf, and the -1 of no valid key would then take the request's every
+  slot, forced chunks included."""
   c = jnp.arange(scores.shape[-1])
+  scores = jnp.where(jnp.isnan(scores), _MASKED, scores)
   if forced:
     scores = jnp.where(jnp.isin(c, jnp.asarray(forced)), jnp.inf, scores)
   if n_valid is not None:

@@ -207,6 +207,23 @@ def test_route_always_include_and_kv_length(kind):
   assert np.all(np.asarray(routing.route(q, s, 9))[..., 7:] == -1)  # only 7 valid chunks
 
 
+@pytest.mark.parametrize("kind", ["mean", "int4", "int8-pca2"])
+def test_a_nan_query_keeps_its_forced_and_valid_chunks(kind):
+  """A NaN in one request's query makes its scores NaN: it still gets its forced chunk first and
+  top_k distinct valid chunks (top_k ranks NaN above the forced chunks' inf, and every slot was
+  -1: the request read no shared KV, silently); the other requests route as before."""
+  rng = np.random.default_rng(5)
+  k = random_normal(rng, (256, 1, 16), jnp.float32)  # 8 chunks, 6 with keys before 190
+  q = np.array(random_normal(rng, (2, 1, 4, 16), jnp.float32))
+  s = routing.chunk_summaries(k, 32, 190, summary=kind)
+  clean = np.asarray(routing.route(jnp.asarray(q), s, 3, always_include=(4,)))
+  q[0, 0, 1, 3] = np.nan
+  ids = np.asarray(routing.route(jnp.asarray(q), s, 3, always_include=(4,)))
+  assert np.all(ids[0, :, 0] == 4) and np.all((0 <= ids[0]) & (ids[0] < 6))
+  assert len(set(ids[0, 0].tolist())) == 3
+  np.testing.assert_array_equal(ids[1], clean[1])
+
+
 def test_route_plain_array_and_traced_num_valid():
   rng = np.random.default_rng(3)
   vec = random_normal(rng, (6, 2, 16), jnp.float32)
@@ -222,6 +239,9 @@ def test_route_validation_errors():
   s = routing.chunk_summaries(k, 64)
   with pytest.raises(ValueError, match="summary must be one of"):
     routing.chunk_summaries(k, 64, summary="median")
+  with pytest.raises(ValueError, match="summary 'int4' packs two 4-bit codes a byte and needs an "
+                                       "even head dim, got D=15"):
+    routing.chunk_summaries(jnp.ones((64, 1, 15)), 16, summary="int4")
   with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=4\]"):
     routing.route(q, s, 5)
   with pytest.raises(ValueError, match="always_include must hold"):
