@@ -88,15 +88,15 @@ def _unique_pages(key, shape: tuple[int, ...], cfg, kv_dtype, k_scale, v_scale):
   return tuple(pk.quant.quantize_with(x, sc, kv_dtype) for x, sc in zip(pages, (k_scale, v_scale)))
 
 
-def _fits(cfg, S: int, B: int, U: int, kv_dtype, weights_bytes: int) -> str:
-  """'' when the store (K/V, scales and routing summaries), the unique pages and the weights fit
-  the device with a tenth to spare (the step's transients and the compiler's autotuning), else
-  why not."""
+def _fits(cfg, S: int, pages_shape: tuple[int, ...], kv_dtype, weights_bytes: int) -> str:
+  """'' when the store (K/V, scales and routing summaries), the unique pages (K and V pools of
+  pages_shape, each layer) and the weights fit the device with a tenth to spare (the step's
+  transients and the compiler's autotuning), else why not."""
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
   layer = jax.eval_shape(lambda key: _shared_layer(key, S, cfg, kv_dtype, FLAGS.decode_chunk,
                                                    FLAGS.decode_summary), jax.random.key(0))
   itemsize = (kv_dtype or cfg.jnp_dtype).itemsize
-  unique = 2 * B * (U + FLAGS.decode_page) * cfg.num_kv_heads * cfg.head_dim * itemsize
+  unique = 2 * math.prod(pages_shape) * itemsize
   need = cfg.layers * (_nbytes(layer) + unique) + weights_bytes
   if limit and need > 0.9 * limit:
     return (f"does not fit: {need / 2**30:.0f} GiB of K/V and weights, device {limit / 2**30:.0f} "
@@ -105,6 +105,7 @@ def _fits(cfg, S: int, B: int, U: int, kv_dtype, weights_bytes: int) -> str:
 
 
 def _nbytes(tree) -> int:
+  """Bytes of a tree of arrays or of their shapes (`jax.eval_shape`)."""
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
@@ -159,7 +160,7 @@ def main() -> None:
   kv_name = (kv_dtype or cfg.jnp_dtype).name
   model = Decoder(cfg, rngs=nnx.Rngs(FLAGS.seed))
   graphdef, state = nnx.split(model)
-  weights_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  weights_bytes = _nbytes(state)
   S, ps, C, r = FLAGS.decode_shared, FLAGS.decode_page, FLAGS.decode_chunk, FLAGS.decode_reroute
   Hkv, D = cfg.num_kv_heads, cfg.head_dim
   dense = MoskaConfig(backend=FLAGS.backend)
@@ -173,7 +174,9 @@ def main() -> None:
   for U in map(int, FLAGS.decode_unique):
     for B in map(int, FLAGS.decode_batches):
       row = dict(U=U, B=B, S=S, kv_dtype=kv_name, layers=cfg.layers)
-      why = _fits(cfg, S, B, U, kv_dtype, weights_bytes)
+      pages_per_req = U // ps + 1  # room for the token written this step
+      shape = (B * pages_per_req + 1, ps, Hkv, D)  # + the scratch page 0
+      why = _fits(cfg, S, shape, kv_dtype, weights_bytes)
       if why:
         logging.info("U=%d B=%d: %s", U, B, why)
         table.add(impl="all", **row, **{c: math.nan for c in _MEASURED}, note=why)
@@ -182,8 +185,6 @@ def main() -> None:
       key, ks, ku, kt = jax.random.split(key, 4)
       shared = [_shared_layer(k, S, cfg, kv_dtype, C, FLAGS.decode_summary)
                 for k in jax.random.split(ks, cfg.layers)]
-      pages_per_req = U // ps + 1  # room for the token written this step
-      shape = (B * pages_per_req + 1, ps, Hkv, D)  # + the scratch page 0
       pools = [_unique_pages(k, shape, cfg, kv_dtype, sh.k_scale, sh.v_scale)
                for k, sh in zip(jax.random.split(ku, cfg.layers), shared)]
       _log_memory(f"U={U} B={B}: store and unique pages built")
