@@ -61,9 +61,15 @@ flags.DEFINE_list("sparse_reuse", ["1", "4", "16"],
                   "sparse_attention: re-route every r decode steps (router cost / r).")
 flags.DEFINE_list("sparse_batch_aware", ["16"],
                   "sparse_attention: requests per batch-aware tile to time (0 is always timed).")
-flags.DEFINE_string("sparse_accuracy_csv", "",
-                    "sparse_attention: an accuracy CSV (scorer, reuse, batch_aware, sparsity, "
-                    "acc_over_dense) to join.")
+flags.DEFINE_list("sparse_tile_implementations", [],
+                  "sparse_attention: tile_chunk_attention implementations whose kernel alone is "
+                  "also timed on each batch-aware row's tiles (column tile_kernel_ms).")
+flags.DEFINE_bool("sparse_tile_sweep", False,
+                  "sparse_attention: also time every candidate plan of tile_chunk_attention "
+                  "(`pallas_kernels.sweep`) on each batch-aware row's tiles (column tile_best).")
+flags.DEFINE_list("sparse_accuracy_csv", [],
+                  "sparse_attention: accuracy CSVs (scorer, reuse, batch_aware, sparsity, "
+                  "acc_over_dense) to join; a later file's row wins over an earlier one's.")
 flags.DEFINE_string("sparse_name", "sparse_pareto",
                     "sparse_attention: base name of the CSV/MD/PNG written.")
 common.ints("sparse_chunks")
@@ -72,6 +78,8 @@ common.fractions("sparse_sparsities")
 common.choices("sparse_regimes", REGIMES)
 common.ints("sparse_reuse")
 common.ints("sparse_batch_aware", empty=True)  # tile 0 (per-pair chunks) is always timed
+common.choices("sparse_tile_implementations", pk.implementations("tile_chunk_attention"),
+               empty=True)
 FLAGS = flags.FLAGS
 
 
@@ -86,14 +94,15 @@ def make_queries(key, regime: str, B: int, Hq: int, D: int, dtype) -> jax.Array:
   return (centers[topic] + noise)[:, None].astype(dtype)
 
 
-def _accuracy(path: str) -> dict[tuple, float]:
-  """(scorer, reuse, batch_aware, sparsity) -> accuracy over dense, from an accuracy CSV."""
-  if not path:
-    return {}
-  with open(path) as f:
-    rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-  return {(r["scorer"], int(r["reuse"]), int(r["batch_aware"]), float(r["sparsity"])):
-          float(r["acc_over_dense"]) for r in rows if r.get("acc_over_dense")}
+def _accuracy(paths: list[str]) -> dict[tuple, float]:
+  """(scorer, reuse, batch_aware, sparsity) -> accuracy over dense, from accuracy CSVs."""
+  out = {}
+  for path in paths:
+    with open(path) as f:
+      rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
+    out.update({(r["scorer"], int(r["reuse"]), int(r["batch_aware"]), float(r["sparsity"])):
+                float(r["acc_over_dense"]) for r in rows if r.get("acc_over_dense")})
+  return out
 
 
 def main() -> None:
@@ -154,7 +163,7 @@ def main() -> None:
             t_route[scorer] = timing.time_fn(routers[scorer], q, summ[kind])
             logging.info("C=%d B=%d %s router: %.3f ms", C, B, scorer, t_route[scorer] * 1e3)
           ids = routers[kinds[0]](q, summ[kinds[0]])  # the first kind's bf16-row router
-          t_attn = {}
+          t_attn, kernels, tile_plans, best = {}, {}, {}, {}
           for R in tiles:
             mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=kinds[0],
                                batch_aware=R, backend=backend)
@@ -162,6 +171,9 @@ def main() -> None:
             fn = jax.jit(lambda q, ids, shared, m=mcfg: routed_attention(q, shared, ids, m)[0])
             t_attn[R], err = harness.time_or_error(fn, q, ids, shared)
             logging.info("C=%d B=%d batch_aware=%d: %.3f ms %s", C, B, R, t_attn[R] * 1e3, err)
+            if R:
+              kernels[R], tile_plans[R], best[R] = _tile_kernels(q, ids, shared, N, R, C,
+                                                                 backend)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
           floor = bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
                                          2.0 * union * C * D * itemsize)
@@ -176,13 +188,45 @@ def main() -> None:
                       chunk_ms=t_attn[R] * 1e3, dense_ms=dense[B] * 1e3, K=K,
                       coverage=union / (Hkv * N),
                       chunk_x_floor=t_attn[0] / floor if R == 0 else math.nan,
-                      plan=plan_note(plan) if R == 0 else f"tiles of {R} requests")
+                      plan=plan_note(plan) if R == 0 else f"tiles of {R} requests: {tile_plans[R]}",
+                      tile_kernel_ms=kernels.get(R, ""), tile_best=best.get(R, ""))
   table.write(notes="total = router / reuse + routed attention (per-pair chunk_attention, or "
                     "batch-aware tiles of `batch_aware` requests); coverage = chosen (kv head, "
                     "chunk) tiles / all tiles. chunk_x_floor (per-pair rows) = time / max(2 * "
                     "union tiles * C * D * bytes / read BW, 4 * B * Hq * K * C * D / matmul "
                     "rate). acc_over_dense: the accuracy experiment on the trained retrieval "
-                    "model (its own chunk size), NaN where not measured.", plot=_plot)
+                    "model (its own chunk size), NaN where not measured. tile_kernel_ms: "
+                    "tile_chunk_attention alone on the row's tiles, per implementation "
+                    "(--sparse_tile_implementations); tile_best: the fastest plan of the "
+                    "sweep (--sparse_tile_sweep); chunk_ms of batch-aware rows adds the "
+                    "tiling (routing.batch_aware) and the reordering of the queries.", plot=_plot)
+
+
+def _tile_kernels(q, ids, shared: SharedLayer, N: int, R: int, C: int,
+                  backend: str) -> tuple[str, str, str]:
+  """tile_chunk_attention alone on the batch-aware tiles of `ids`: ("impl ms; ..." for each of
+  --sparse_tile_implementations, the plan "auto" runs, "ms plan" of the sweep's fastest)."""
+  order, tile_ids = routing.batch_aware(ids, N, R)
+  q_tiled = jnp.pad(q, ((0, order.shape[0] - q.shape[0]),) + ((0, 0),) * 3)[order]
+  args, kwargs = (q_tiled, shared.k, shared.v, tile_ids), dict(chunk_size=C,
+                                                                 kv_length=shared.length)
+
+  def time(**how) -> float:
+    fn = jax.jit(lambda q, k, v, t: pk.tile_chunk_attention(q, k, v, t, **how, **kwargs)[0])
+    t, err = harness.time_or_error(fn, *args)
+    logging.info("C=%d batch_aware=%d tile kernel %s: %.3f ms %s", C, R, how, t * 1e3, err)
+    return t * 1e3
+
+  timed = "; ".join(f"{impl} {time(implementation=impl):.4g}"
+                    for impl in FLAGS.sparse_tile_implementations)
+  best = ""
+  if FLAGS.sparse_tile_sweep:
+    swept = [(time(implementation=p.implementation, config=p.config), plan_note(p))
+             for p in pk.sweep("tile_chunk_attention", *args, backend=backend, **kwargs)]
+    ms, note = min(swept, key=lambda x: x[0] if math.isfinite(x[0]) else math.inf)
+    best = f"{ms:.4g} {note}"
+  plan = pk.plan("tile_chunk_attention", *args, backend=backend, **kwargs)
+  return timed, plan_note(plan), best
 
 
 def _plot(plt, rows: list[dict]):

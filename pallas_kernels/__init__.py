@@ -13,8 +13,9 @@ from pallas_kernels.chunk_attention import chunk_attention
 from pallas_kernels.chunk_scores import chunk_scores
 from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        MosaicGpuUniqueConfig, TritonChunkConfig,
-                                        TritonScoresConfig, TritonSharedConfig, TritonUniqueConfig)
+                                        MosaicGpuTileConfig, MosaicGpuUniqueConfig,
+                                        TritonChunkConfig, TritonScoresConfig,
+                                        TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.merge import merge_attention_states, merge_partials
 from pallas_kernels.shared_attention import shared_attention
 from pallas_kernels.tile_chunk_attention import tile_chunk_attention
@@ -26,6 +27,7 @@ __all__ = [
     "BACKENDS",
     "MosaicGpuChunkConfig",
     "MosaicGpuSharedConfig",
+    "MosaicGpuTileConfig",
     "MosaicGpuUniqueConfig",
     "MosaicTpuChunkConfig",
     "MosaicTpuScoresConfig",

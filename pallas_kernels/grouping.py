@@ -42,13 +42,25 @@ def max_tiles(num_pairs: int, num_chunks: int, rows_per_pair: int, block_m: int)
 
 
 def selected_chunks(chunk_ids: jax.Array, num_chunks: int) -> jax.Array:
-  """bool [B, Hkv, N]: which chunks each (request, kv head) selected; ids outside [0, N) select
-  nothing."""
-  B, Hkv, _ = chunk_ids.shape
-  b = jnp.arange(B)[:, None, None]
-  h = jnp.arange(Hkv)[None, :, None]
+  """bool [..., N]: which chunks each row of chunk_ids[..., K] (e.g. [B, Hkv, K]: each (request,
+  kv head)) selected; ids outside [0, N) select nothing."""
+  *lead, K = chunk_ids.shape
   ids = jnp.where(chunk_ids >= 0, chunk_ids, num_chunks)  # negative ids would wrap: push past N
-  return jnp.zeros((B, Hkv, num_chunks), bool).at[b, h, ids].set(True, mode="drop")
+  n = math.prod(lead)
+  mask = jnp.zeros((n, num_chunks), bool).at[jnp.arange(n)[:, None], ids.reshape(n, K)].set(
+      True, mode="drop")
+  return mask.reshape(*lead, num_chunks)
+
+
+def _compact(mask: jax.Array, width: int) -> jax.Array:
+  """The set positions of each row of mask[..., N], ascending, then -1, cut or padded to
+  `width`: a running count places each (O(N), no sort)."""
+  *lead, N = mask.shape
+  pos = jnp.where(mask, jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, width)  # unset: dropped
+  n = math.prod(lead)
+  out = jnp.full((n, width), -1, jnp.int32).at[jnp.arange(n)[:, None], pos.reshape(n, N)].set(
+      jnp.arange(N, dtype=jnp.int32), mode="drop")
+  return out.reshape(*lead, width)
 
 
 def group_by_chunk(chunk_ids: jax.Array, *, num_chunks: int, rows_per_pair: int,
@@ -128,14 +140,10 @@ def scatter_to_pairs(o_tiles: jax.Array, lse_tiles: jax.Array,
 
 def compact_ids(ids: jax.Array, num_chunks: int, width: int) -> tuple[jax.Array, jax.Array]:
   """Each row's ids in [0, N), ascending, first (padding -1 after them), cut or padded to
-  `width`; and how many each row holds. ids [..., K] -> ([..., width] int32, [...] int32)."""
-  valid = (ids >= 0) & (ids < num_chunks)
-  key = jnp.where(valid, ids, num_chunks).astype(jnp.int32)  # invalid ids sort last
-  ordered = jnp.sort(key, axis=-1)
-  pad = width - ordered.shape[-1]
-  ordered = (jnp.pad(ordered, [(0, 0)] * (ids.ndim - 1) + [(0, pad)], constant_values=num_chunks)
-             if pad > 0 else ordered[..., :width])
-  return jnp.where(ordered < num_chunks, ordered, -1), jnp.sum(valid, axis=-1).astype(jnp.int32)
+  `width`; and how many each row holds. ids [..., K] (duplicate-free) -> ([..., width] int32,
+  [...] int32)."""
+  mask = selected_chunks(ids, num_chunks)
+  return _compact(mask, width), jnp.sum(mask, axis=-1, dtype=jnp.int32)
 
 
 def tile_union(chunk_ids: jax.Array, num_chunks: int, requests_per_tile: int) -> jax.Array:
@@ -148,7 +156,4 @@ def tile_union(chunk_ids: jax.Array, num_chunks: int, requests_per_tile: int) ->
                      f"{requests_per_tile}")
   union = selected_chunks(chunk_ids, num_chunks).reshape(
       B // requests_per_tile, requests_per_tile, Hkv, num_chunks).any(axis=1)
-  width = min(num_chunks, requests_per_tile * K)
-  # The top `width` of (N - c) over the selected c are the selected ids, smallest first.
-  top, _ = jax.lax.top_k(jnp.where(union, num_chunks - jnp.arange(num_chunks), 0), width)
-  return jnp.where(top > 0, num_chunks - top, -1).astype(jnp.int32)
+  return _compact(union, min(num_chunks, requests_per_tile * K))

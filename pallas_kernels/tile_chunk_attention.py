@@ -9,7 +9,8 @@ shared_attention over a subset of S: its rows stream the list's chunks with one 
 and write one partial per split. Routing decides the tiles (`moska_jax.routing.batch_aware`
 clusters requests that chose alike); this op takes them as given.
 
-Implementations: "xla" (the reference), "triton" (any GPU).
+Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper: the list's
+chunks gathered by TMA into one key stream per 64 rows of a tile, `gpu.mosaic_attention`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import jax.numpy as jnp
 from pallas_kernels import checks, dispatch, grouping, layout
 from pallas_kernels.chunk_attention import ChunkedProblem
 from pallas_kernels.dispatch import Implementation, Partials
-from pallas_kernels.gpu import triton_shared
+from pallas_kernels.gpu import mosaic_attention, triton_shared
 from pallas_kernels.gpu import tuning as gpu_tuning
-from pallas_kernels.gpu.configs import TritonSharedConfig
+from pallas_kernels.gpu.configs import MosaicGpuTileConfig, TritonSharedConfig
 from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import chunk_attention_ref
 
@@ -87,11 +88,49 @@ def _run_triton(p: TileProblem, c: TritonSharedConfig, interpret):
   return Partials(o, lse, 0)
 
 
-def _choose(platform: str) -> str:
+def _run_mosaic_gpu(p: TileProblem, c: MosaicGpuTileConfig, interpret):
+  del interpret
+  B, T, _, Hkv, D, S = p.dims
+  n_tiles, rows = p.tile_ids.shape[0], p.requests_per_tile * T * p.dims.G
+  per_tile = -(-rows // mosaic_attention.BLOCK_Q)  # 64-row CTAs per tile
+  rows_pad = per_tile * mosaic_attention.BLOCK_Q
+  q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, n_tiles, rows, D)
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+  ids, _ = grouping.compact_ids(p.tile_ids, p.num_chunks, p.tile_ids.shape[-1])
+  n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
+  o, lse = mosaic_attention.list_attention_partials(
+      q_rows.reshape(Hkv, n_tiles * rows_pad, D), p.k, p.v, jnp.repeat(ids, per_tile, axis=0),
+      n, chunk_size=p.chunk_size, scale=default_sm_scale(p.sm_scale, D), block_k=c.block_k,
+      num_splits=c.num_splits, num_stages=c.num_stages)
+  P = o.shape[0]
+  o = o.reshape(P, Hkv, n_tiles, rows_pad, D)[:, :, :, :rows].reshape(P, Hkv, B * T * p.dims.G, D)
+  lse = lse.reshape(P, Hkv, n_tiles, rows_pad)[..., :rows].reshape(P, Hkv, -1)
+  return Partials(o, lse, 0)
+
+
+def _mosaic_config(p: TileProblem, target) -> MosaicGpuTileConfig:
+  return gpu_tuning.mosaic_tiles(p.dims, p.requests_per_tile, p.tile_ids.shape[-1],
+                                 p.chunk_size, p.dtype, target, kv_dtype=p.k.dtype)
+
+
+def _mosaic_candidates(p: TileProblem, target) -> list[MosaicGpuTileConfig]:
+  return gpu_tuning.mosaic_tiles_candidates(p.dims, p.requests_per_tile, p.tile_ids.shape[-1],
+                                            p.chunk_size, p.dtype, target, kv_dtype=p.k.dtype)
+
+
+def _mosaic_unsupported(p: TileProblem, c: MosaicGpuTileConfig, target, interpret):
+  return gpu_tuning.mosaic_tiles_unsupported(p.dims, p.chunk_size, p.dtype, c, target, interpret,
+                                             kv_dtype=p.k.dtype)
+
+
+def _choose(p: TileProblem, platform: str, target, interpret: bool) -> str:
+  """Mosaic GPU where it can run the call, else Triton."""
   if platform == "tpu":  # a GPU kernel would not lower, or interpret as if it were the TPU's
     raise ValueError(f"{OP_NAME}: batch-aware tiles have no TPU kernel yet; route per pair "
                      f"(MoskaConfig(batch_aware=0)) or run the reference "
                      f"(implementation='xla')")
+  if _mosaic_unsupported(p, _mosaic_config(p, target), target, interpret) is None:
+    return "mosaic_gpu"
   return "triton"
 
 
@@ -105,7 +144,11 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             "config.widen_kv: tile_chunk_attention widens float8 K/V only in its kernel"
             if c.widen_kv else gpu_tuning.triton_smem_unsupported(
                 c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t))),
-}, lambda p, platform, target, interpret: _choose(platform)))
+    "mosaic_gpu": Implementation(
+        "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuTileConfig,
+        default_config=_mosaic_config, candidates=_mosaic_candidates,
+        unsupported=_mosaic_unsupported, interpretable=False),
+}, _choose))
 
 
 def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_ids: jax.Array, *,
@@ -130,12 +173,15 @@ def tile_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, tile_chunk_id
     k_scale, v_scale: optional [Hkv] float32 dequantization scales of scaled K/V (e.g. float8:
       k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
-      (implementations: `implementations("tile_chunk_attention")`; config: `TritonSharedConfig`).
+      (implementations: `implementations("tile_chunk_attention")`; configs: `TritonSharedConfig`,
+      `MosaicGpuTileConfig`).
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32: chunk_attention with every request
     given its tile's chunks; rows with no valid key give o = 0, lse = -inf. Keys of unselected
-    chunks and past kv_length are never read: NaN or inf there reaches no output.
+    chunks and past kv_length reach no output, and the implementations other than "mosaic_gpu"
+    never read them; "mosaic_gpu" reads the key tile holding the end of a tile's keys whole (as
+    `chunk_attention` says), so keys past kv_length in a tile's chunks must be finite.
   """
   return dispatch.call(OP, (q, k, v, tile_chunk_ids),
                        dict(chunk_size=chunk_size, sm_scale=sm_scale, kv_length=kv_length,

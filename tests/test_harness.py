@@ -42,6 +42,19 @@ def test_goal_without_measured_rows_and_the_markdown_section():
   assert report.goals_section([], ROWS) == ""
 
 
+def test_sparse_speed_goals_count_only_rows_of_measured_accurate_routing():
+  """A fast operating point whose accuracy was not measured (NaN: e.g. routing reused for 16
+  steps) or fell below 0.99 of dense does not meet a speed goal; an accurate one does."""
+  goal = next(g for g in GOALS["sparse_attention"] if "B=8, 75%" in g.description)
+  row = dict(regime="correlated", B=8, sparsity=0.75, total_over_dense=0.3)
+  for acc in (math.nan, 0.98):
+    assert report.evaluate(goal, [dict(row, acc_over_dense=acc)]).verdict == "not measured"
+  rows = [dict(row, acc_over_dense=math.nan), dict(row, acc_over_dense=0.995,
+                                                   total_over_dense=0.6)]
+  assert report.evaluate(goal, rows).verdict == "missed"
+  assert report.evaluate(goal, [dict(row, acc_over_dense=0.995)]).verdict == "met"
+
+
 def test_goal_data_is_valid():
   with pytest.raises(ValueError, match="op must be"):
     Goal("bad", "x", "=>", 1.0)

@@ -25,7 +25,7 @@ TINY = {
     "sparse_attention": ["--backend=xla", "--shape=tiny", "--sparse_length=2048",
                          "--sparse_chunks=256", "--sparse_batches=4", "--sparse_sparsities=0.75",
                          "--sparse_reuse=1,4", "--sparse_batch_aware=2",
-                         "--sparse_name=sparse_attention"],
+                         "--sparse_tile_implementations=xla", "--sparse_name=sparse_attention"],
     "kernels": ["--backend=xla", "--shape=tiny", "--kernels_batches=2", "--kernels_shared=1024",
                 "--kernels_unique=64", "--kernels_chunk=128"],
     "decode": ["--backend=xla", "--dtype=float32", "--decode_model=tiny", "--decode_layers=1",

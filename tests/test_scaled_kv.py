@@ -43,8 +43,8 @@ def _check(o, lse, o_ref, lse_ref, q):
   np.testing.assert_allclose(np.asarray(lse), lse_ref, rtol=lse_tol, atol=lse_tol)
 
 
-def _shared(seed, dtype, fp8, G=4, Hkv=2, S=300):
-  rng, q, k, v = kc.shared_inputs(seed, 3, 2, G, Hkv, 64, S, jnp.float32)
+def _shared(seed, dtype, fp8, G=4, Hkv=2, S=300, D=64):
+  rng, q, k, v = kc.shared_inputs(seed, 3, 2, G, Hkv, D, S, jnp.float32)
   gains = 1.0 + 3.0 * np.arange(Hkv)
   k8, ks, kd = _fp8(k, fp8, gains)
   v8, vs, vd = _fp8(v, fp8, gains[::-1])
@@ -86,7 +86,9 @@ def test_chunk_attention(implementation, interpret, dtype):
 @pytest.mark.parametrize("implementation,interpret", kc.implementations("tile_chunk_attention"))
 def test_tile_chunk_attention(implementation, interpret):
   C, K, R = 64, 2, 3
-  rng, q, (k8, ks, kd), (v8, vs, vd) = _shared(2, jnp.bfloat16, jnp.float8_e4m3fn, G=1)
+  # mosaic_gpu reads float8 rows of 128 bytes and whole 128-key tiles (two chunks of 64 each)
+  shape = dict(S=512, D=128) if implementation == "mosaic_gpu" else {}
+  rng, q, (k8, ks, kd), (v8, vs, vd) = _shared(2, jnp.bfloat16, jnp.float8_e4m3fn, G=1, **shape)
   N = -(-k8.shape[0] // C)
   tiles = grouping.tile_union(kc.random_ids(rng, q.shape[0], 2, N, K), N, R)
   o, lse = kc.run(pk.tile_chunk_attention, q, k8, v8, tiles, chunk_size=C, k_scale=ks,

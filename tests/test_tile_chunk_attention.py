@@ -27,29 +27,60 @@ CASES = [
 ]
 
 
+def _poisoned_run(case, implementation, interpret, seed, **kwargs):
+  """Every key outside a tile's chunks is NaN, and past kv_length too (8 for mosaic_gpu, which
+  reads the tile holding kv_length whole and weighs the keys past it by 0: finite, but far from
+  the random keys, so any weight on them shows): a kernel reading a chunk its tile did not
+  choose shows."""
+  B, T, G, Hkv, D, S, C, R, K, kv_length, dtype = case
+  rng, q, k, v = kc.shared_inputs(seed, B, T, G, Hkv, D, S, dtype)
+  N = -(-S // C)
+  ids = kc.random_ids(rng, B, Hkv, N, K, pattern="shaped")
+  tiles = grouping.tile_union(ids, N, R)
+  n = None if kv_length is None else jnp.int32(kv_length)
+  kc.plan_or_skip(OP, q, k, v, tiles, chunk_size=C, kv_length=n, implementation=implementation,
+                  interpret=interpret, **kwargs)
+  keep = np.zeros((S, Hkv), bool)
+  past = np.zeros((S, Hkv), bool)
+  for h in range(Hkv):
+    for c in np.unique(np.asarray(tiles)[:, h]):
+      if c >= 0:
+        keep[c * C:min((c + 1) * C, kv_length or S), h] = True
+        past[c * C:min((c + 1) * C, S), h] = implementation == "mosaic_gpu"
+  k_in, v_in = (jnp.where(jnp.asarray(past & ~keep)[..., None], 8.0, kc.poison_outside(x, keep))
+                .astype(dtype) for x in (k, v))
+  o, lse = kc.run(tile_chunk_attention, q, k_in, v_in, tiles, chunk_size=C, kv_length=n,
+                  implementation=implementation, interpret=interpret, **kwargs)
+  kc.check(o, lse, *chunk_attention_f64(q, k, v, _per_request(tiles, B), C, kv_length), q,
+           dtype)
+
+
 @pytest.mark.parametrize("implementation,interpret", kc.implementations(OP))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}G{}H{}D{}S{}C{}R{}K{}n{}".format(
     *c[:10]))
 def test_matches_f64_poisoned(implementation, interpret, case):
-  """Every key outside a tile's chunks (and past kv_length) is NaN: a kernel reading a chunk its
-  tile did not choose shows."""
-  B, T, G, Hkv, D, S, C, R, K, kv_length, dtype = case
-  rng, q, k, v = kc.shared_inputs(CASES.index(case), B, T, G, Hkv, D, S, dtype)
-  N = -(-S // C)
-  ids = kc.random_ids(rng, B, Hkv, N, K, pattern="shaped")
-  tiles = grouping.tile_union(ids, N, R)
-  keep = np.zeros((S, Hkv), bool)
-  n = S if kv_length is None else kv_length
-  for h in range(Hkv):
-    for c in np.unique(np.asarray(tiles)[:, h]):
-      if c >= 0:
-        keep[c * C:min((c + 1) * C, n), h] = True
-  o, lse = kc.run(tile_chunk_attention, q, kc.poison_outside(k, keep),
-                  kc.poison_outside(v, keep), tiles, chunk_size=C,
-                  kv_length=None if kv_length is None else jnp.int32(kv_length),
-                  implementation=implementation, interpret=interpret)
-  kc.check(o, lse, *chunk_attention_f64(q, k, v, _per_request(tiles, B), C, kv_length), q,
-           dtype)
+  _poisoned_run(case, implementation, interpret, CASES.index(case))
+
+
+# Llama-like heads on the compiled kernels: tiles of 16 requests (64 rows at G = 4, 128 at
+# G = 8), chunks longer than, equal to and shorter than a 128-key tile, kv_length cutting a
+# chunk and a key tile, GQA 1 / 4 / 8, bf16 and float16.
+GPU_CASES = [
+    (32, 1, 4, 8, 128, 8192, 512, 16, 3, 7000, jnp.bfloat16),
+    (48, 1, 8, 4, 128, 4096, 128, 16, 5, None, jnp.bfloat16),
+    (16, 1, 1, 8, 64, 4096, 64, 16, 9, 4000, jnp.float16),
+    (8, 2, 4, 2, 128, 8192, 1024, 4, 2, 8191, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("implementation", [
+    pytest.param("triton", marks=pytest.mark.skipif(not kc.ON_GPU, reason="needs a GPU")),
+    pytest.param("mosaic_gpu", marks=pytest.mark.skipif(not kc.ON_HOPPER,
+                                                        reason="needs Hopper"))])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "B{}T{}G{}H{}D{}S{}C{}R{}K{}n{}".format(
+    *c[:10]))
+def test_compiled_gpu_matches_f64(implementation, case):
+  _poisoned_run(case, implementation, False, GPU_CASES.index(case) + 10)
 
 
 def test_tile_union_is_a_superset_and_compact():
@@ -97,3 +128,48 @@ def test_validation():
   with pytest.raises(ValueError, match="batch-aware tiles have no TPU kernel yet"):
     tile_chunk_attention(q, k, v, jnp.zeros((2, 2, 1), jnp.int32), chunk_size=128,
                          backend="tpu", interpret=True)
+
+
+@pytest.mark.parametrize("C,block_k,splits", [(512, 128, 3), (128, 128, 4), (64, 128, 2),
+                                              (1024, 64, 5)])
+def test_mosaic_list_stream_holds_exactly_the_listed_keys(C, block_k, splits):
+  """The Mosaic GPU kernel's gather (it has no interpret mode): stream positions [0, length) of
+  each (tile, kv head) are the listed chunks' keys below kv_length, in order; the splits cover
+  them in whole key tiles; padding entries and the tile holding the end name listed chunks."""
+  from pallas_kernels.gpu import mosaic_attention
+  rng = np.random.default_rng(C + splits)
+  N, U, n = 20, 9, 17 * C - C // 2 - 8  # kv_length cuts chunk 16; chunks 17-19 are past it
+  lists = [rng.permutation(N)[:rng.integers(0, U + 1)] for _ in range(6)]
+  ids, _ = grouping.compact_ids(jnp.asarray(np.stack(
+      [np.pad(x, (0, U - len(x)), constant_values=-1) for x in lists]).reshape(3, 2, U)), N, U)
+  tables, ranges, page = mosaic_attention.list_stream(ids, jnp.int32(n), chunk_size=C,
+                                                      block_k=block_k, num_splits=splits)
+  tables, ranges = np.asarray(tables).reshape(6, -1), np.asarray(ranges).reshape(6, splits, 2)
+  for row, chunks in enumerate(lists):
+    want = [key for c in sorted(chunks) for key in range(c * C, min((c + 1) * C, n))]
+    stream = (tables[row][:, None] * page + np.arange(page)).ravel()  # key of each position
+    starts, stops = ranges[row, :, 0], ranges[row, :, 1]
+    assert np.all(starts % block_k == 0) and stops[-1] == len(want)
+    got = [key for a, b in zip(starts, stops) for key in stream[a:b]]
+    assert got == want
+    end_tile = stream[:-(-len(want) // block_k) * block_k] // C  # chunks of every tile read
+    assert set(end_tile) <= set(chunks) or not len(want)
+
+
+def test_mosaic_plans_and_refusals():
+  """Auto picks Mosaic GPU on Hopper where it can run, Triton elsewhere; a chunk size that is
+  not whole pages of the key tile is refused by name."""
+  q = jnp.zeros((32, 1, 32, 128), jnp.bfloat16)
+  k = jnp.zeros((8192, 8, 128), jnp.bfloat16)
+  tiles = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 8, 16))
+  plan = pk.plan(OP, q, k, k, tiles, chunk_size=512, backend="gpu", target="h200")
+  assert plan.implementation == "mosaic_gpu" and plan.config.num_splits >= 1
+  for target, dtype in (("a100", jnp.bfloat16), ("h200", jnp.float32)):
+    assert pk.plan(OP, q.astype(dtype), k.astype(dtype), k.astype(dtype), tiles, chunk_size=512,
+                   backend="gpu", target=target).implementation == "triton"
+  with pytest.raises(ValueError, match="chunk_size a multiple of 8 that config.block_k=128 "
+                     "divides or that divides it, got chunk_size=192"):
+    pk.plan(OP, q, k, k, tiles, chunk_size=192, implementation="mosaic_gpu", target="h200",
+            config=pk.MosaicGpuTileConfig(block_k=128, num_splits=2))
+  assert pk.plan(OP, q, k, k, tiles, chunk_size=192, backend="gpu",
+                 target="h200").implementation == "triton"

@@ -121,6 +121,16 @@ class MosaicGpuUniqueConfig(_MosaicGpuAttentionConfig):
 
 
 @_frozen
+class MosaicGpuTileConfig(_MosaicGpuAttentionConfig):
+  """tile_chunk_attention on Mosaic GPU (Hopper): one CTA per (64 rows of a tile, kv head, split
+  of the tile's chunk list) with one consumer warpgroup, the list's chunks gathered by TMA into
+  one key stream (`mosaic_attention.list_attention_partials`). Knobs: block_k, num_stages,
+  num_splits of `_MosaicGpuAttentionConfig`; consumers=1, split_keys=False only."""
+
+  consumers: int = knob(one_of, 1, choices=(1,))
+
+
+@_frozen
 class MosaicGpuChunkConfig(Config):
   """chunk_attention on Mosaic GPU (Hopper): one CTA per (128-row tile, chunk: a ping-pong pair
   of consumers); block_k and num_stages as for shared_attention."""

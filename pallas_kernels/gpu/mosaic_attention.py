@@ -29,7 +29,9 @@ The key range of every CTA comes from a table, so the same kernel serves the den
 (`shared_attention_partials`), the routed chunks of chunk_attention (`attention_over_ranges`:
 one CTA per (tile of grouped query rows, chunk)) and, with its keys gathered page by page
 (`Paged`: one TMA copy per page of a tile, a request's T * G rows per CTA, causal over its T
-newest tokens), each request's own pages in unique attention (`unique_attention_partials`).
+newest tokens), each request's own pages in unique attention (`unique_attention_partials`), and,
+with the pages of a list of chunks per (row tile, kv head), the union of a batch-aware tile's
+chunks in tile_chunk_attention (`list_attention_partials`).
 """
 
 from __future__ import annotations
@@ -83,14 +85,15 @@ def rows_per_cta(consumers: int, split_keys: bool = False) -> int:
 
 
 class Paged(NamedTuple):
-  """Keys gathered from pages: k, v are pools [P, page_size, Hkv, D], row tile m (64 rows) is
-  request m's T * G query rows (row = t * G + g), and range positions are token positions in its
-  pages. Query t of request b attends causally: to positions < lengths[b] - T + 1 + t. The
-  tile holding a request's last token is read whole, from the pages its table names there:
-  their keys get no weight, but they must be finite (0 * NaN is NaN)."""
+  """Keys gathered from pages: k, v are pools [P, page_size, Hkv, D], row tile m (64 rows) reads
+  the pages of table row m (of its kv head's table with per-head tables), and range positions
+  are positions in those pages. For unique attention row tile m is request m's T * G query rows
+  (row = t * G + g), and with T > 1 query t attends causally: to positions < lengths[m] - T + 1
+  + t. The tile holding a range's end is read whole, from the pages its table names there: their
+  keys get no weight, but they must be finite (0 * NaN is NaN)."""
 
-  tables: jax.Array  # [B, max_pages] int32 page ids
-  lengths: jax.Array  # [B] int32 tokens of each request
+  tables: jax.Array  # [M / 64, max_pages] or per kv head [M / 64, Hkv, max_pages] int32 page ids
+  lengths: jax.Array  # [M / 64] int32 tokens of each request (read only when causal)
   page_size: int  # a multiple of 8 (the shared-memory tiling's rows)
   T: int
   G: int
@@ -128,10 +131,11 @@ def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, con
           + staging + 4096)
 
 
-def _key_splits(capacity: int, num_splits: int, block_k: int,
-                ends: jax.Array) -> tuple[jax.Array, int]:
+def _key_splits(capacity, num_splits: int, block_k: int,
+                ends: jax.Array) -> tuple[jax.Array, int | jax.Array]:
   """(ranges[..., num_splits, 2], run length): [0, capacity) in num_splits runs of whole
-  block_k-key tiles, each cut at `ends` (the valid keys: a scalar, or [..., 1] per row tile)."""
+  block_k-key tiles, each cut at `ends` (the valid keys: a scalar, or [..., 1] per row tile);
+  capacity a static int, or an array like `ends` (runs of each row tile's own length)."""
   split_len = pl.cdiv(pl.cdiv(capacity, num_splits), block_k) * block_k
   start = jnp.arange(num_splits, dtype=jnp.int32) * split_len
   stop = jnp.minimum(start + split_len, ends)
@@ -178,6 +182,56 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
                                  num_stages=min(num_stages, split_len // block_k), consumers=1,
                                  paged=paged)
   return o.reshape(-1, Hkv, B, rows, D), lse.reshape(-1, Hkv, B, rows)
+
+
+def list_stream(ids: jax.Array, kv_length: jax.Array, *, chunk_size: int, block_k: int,
+                num_splits: int) -> tuple[jax.Array, jax.Array, int]:
+  """The key stream of each list of chunks as pages: (tables[..., U * C / page] page ids of
+  the keys viewed as [S / page, page, Hkv, D], ranges[..., num_splits, 2] of stream positions,
+  page), page = min(C, block_k).
+
+  ids[..., U] must be ascending, duplicate-free, -1 after the valid ones
+  (`grouping.compact_ids`): the chunks below kv_length's are then whole, the one holding it is
+  cut and those past it are empty, so stream positions [0, length) are exactly the list's keys
+  below kv_length. They are cut into num_splits runs of equal length in whole block_k tiles.
+  Padding entries name the list's first chunk: the whole tile holding the stream's end is read
+  (its keys past the end weighed by 0), so only chunks the list names are read.
+  """
+  page = min(chunk_size, block_k)
+  per_chunk = chunk_size // page
+  live = jnp.where(ids >= 0, jnp.clip(kv_length - ids * chunk_size, 0, chunk_size), 0)
+  length = jnp.sum(live, axis=-1, keepdims=True)
+  listed = jnp.maximum(jnp.where(ids >= 0, ids, ids[..., :1]), 0)
+  tables = listed[..., None] * per_chunk + jnp.arange(per_chunk, dtype=jnp.int32)
+  ranges, _ = _key_splits(length, num_splits, block_k, length)
+  return tables.reshape(*ids.shape[:-1], -1), ranges, page
+
+
+def list_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
+                            kv_length: jax.Array, *, chunk_size: int, scale: float, block_k: int,
+                            num_splits: int, num_stages: int) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of each 64-row tile of q_rows[Hkv, M, D] over its own list of chunks of
+  k, v[S, Hkv, D] (S a multiple of block_k), by one consumer per CTA: the list's keys gathered
+  as pages (`Paged`, a TMA copy per page) into one stream (`list_stream`), with one online
+  softmax, cut into num_splits runs.
+
+  Args:
+    ids: [M / 64, Hkv, U] int32 chunk ids of each (row tile, kv head): ascending, duplicate-free,
+      -1 after the valid ones (`grouping.compact_ids`).
+    kv_length: int32 scalar, keys [0, kv_length) are valid (<= S).
+    chunk_size: C, a multiple of 8 that block_k divides or that divides block_k.
+
+  Returns:
+    o[num_splits, Hkv, M, D] in q's dtype and lse[num_splits, Hkv, M] float32; a run with no
+    valid key gives o = 0, lse = -inf.
+  """
+  tables, ranges, page = list_stream(ids, kv_length, chunk_size=chunk_size, block_k=block_k,
+                                     num_splits=num_splits)
+  pages = lambda x: x.reshape(x.shape[0] // page, page, *x.shape[1:])  # a view, not a copy
+  # T = 1: no causal mask, so the lengths are not read.
+  paged = Paged(tables, jnp.zeros(ids.shape[:1], jnp.int32), page, T=1, G=1)
+  return attention_over_ranges(q_rows, pages(k), pages(v), ranges, scale=scale, block_k=block_k,
+                               num_stages=num_stages, consumers=1, paged=paged)
 
 
 def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
@@ -381,35 +435,40 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     def _producer():
       plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-      def load(i, slot):
+      def sources(i):
+        """The gmem pieces of tile i and where each goes in a slot: its keys, or each page of
+        the tile (or the tile's part of one page) by its id in the table. The last tile may run
+        past a request's live pages (those keys are masked): the entry stays in its row and the
+        id, junk there, in the pool."""
         key0 = start + i * block_k
         if paged is None:
-          rows = pl.ds(key0, block_k)
-          plgpu.copy_gmem_to_smem(k_gmem.at[rows, h], k_smem.at[slot], k_full.at[slot])
-          plgpu.copy_gmem_to_smem(v_gmem.at[rows, h], v_smem.at[slot], v_full.at[slot])
-          return
-        # Each page of the tile (or the tile's part of one page) by its id in the table. The
-        # last tile may run past a request's live pages (those keys are masked): the entry stays
-        # in its row and the id, junk there, in the pool.
-        size, max_pages = min(block_k, paged.page_size), paged.tables.shape[1]
+          return [((pl.ds(key0, block_k), h), pl.ds(0, block_k))]
+        size, max_pages = min(block_k, paged.page_size), paged.tables.shape[-1]
+        table = mt * Hkv + h if paged.tables.ndim == 3 else mt
+        out = []
         for c in range(copies):
           pos = key0 + c * size
           entry = jnp.minimum(lax.div(pos, paged.page_size), max_pages - 1)
-          page = jnp.clip(page_gmem[0][mt * max_pages + entry], 0, k.shape[0] - 1)
+          page = jnp.clip(page_gmem[0][table * max_pages + entry], 0, k.shape[0] - 1)
           src = (page, pl.ds(pl.multiple_of(lax.rem(pos, paged.page_size), size), size), h)
-          dst = pl.ds(c * size, size)
+          out.append((src, pl.ds(c * size, size)))
+        return out
+
+      def issue(pieces, slot):
+        for src, dst in pieces:
           plgpu.copy_gmem_to_smem(k_gmem.at[src], k_smem.at[slot, dst], k_full.at[slot])
           plgpu.copy_gmem_to_smem(v_gmem.at[src], v_smem.at[slot, dst], v_full.at[slot])
 
       for i in range(stages):
-        pl.when(i < steps)(functools.partial(load, i, i))
+        pl.when(i < steps)(lambda i=i: issue(sources(i), i))
 
       @pl.loop(0, jnp.maximum(steps - stages, 0))
       def _(i):
         slot = lax.rem(i, jnp.int32(stages))
+        pieces = sources(i + stages)  # page ids read from gmem while the slot drains
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
-        load(i + stages, slot)
+        issue(pieces, slot)
 
   def entry(*gmem):
     transforms = _smem_transforms(D, jnp.dtype(dtype).itemsize)

@@ -15,8 +15,9 @@ import jax.numpy as jnp
 from pallas_kernels import quant
 from pallas_kernels.gpu import mosaic_attention, softmax
 from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        MosaicGpuUniqueConfig, TritonChunkConfig,
-                                        TritonScoresConfig, TritonSharedConfig, TritonUniqueConfig)
+                                        MosaicGpuTileConfig, MosaicGpuUniqueConfig,
+                                        TritonChunkConfig, TritonScoresConfig,
+                                        TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import GpuTarget
 
@@ -497,6 +498,45 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
 
 
 # ------------------------------------------------------------------ tile_chunk_attention
+
+
+def mosaic_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
+                 dtype, target: GpuTarget, *, kv_dtype) -> MosaicGpuTileConfig:
+  """shared_attention's small-M tiling (one consumer, 128-key tiles, two ring slots; twice as
+  many for float8) over each 64 rows of a tile, its chunk list split to fill the chip twice:
+  the tiles' lists differ in length, and a second wave evens them out (H200, S=1M, C=512,
+  correlated routing, B=128 in 8 tiles of 16 requests: 4 splits 2.52 ms, the one wave of 2
+  splits 2.92 ms; B=8 and 512 level or slower past two waves: sparse_tile_sweep.md)."""
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=1, kv_dtype=kv_dtype)
+  programs = dims.Hkv * dims.B // requests_per_tile * math.ceil(
+      requests_per_tile * dims.T * dims.G / mosaic_attention.BLOCK_Q)
+  splits = max(1, min(list_width * math.ceil(chunk_size / block_k),
+                      2 * target.num_cores // programs))
+  return MosaicGpuTileConfig(block_k=block_k, num_stages=stages, num_splits=splits)
+
+
+def mosaic_tiles_candidates(dims: AttentionDims, requests_per_tile: int, list_width: int,
+                           chunk_size: int, dtype, target: GpuTarget, *,
+                           kv_dtype) -> list[MosaicGpuTileConfig]:
+  """Neighbours of the default: 64-key tiles with 2-4 slots, 3-4 slots, and half to 4x the
+  splits (the lists of a call differ in length per kv head and tile, which more and shorter CTAs
+  even out)."""
+  base = mosaic_tiles(dims, requests_per_tile, list_width, chunk_size, dtype, target,
+                      kv_dtype=kv_dtype)
+  return [base, *(dataclasses.replace(base, block_k=64, num_stages=st) for st in (2, 3, 4)),
+          *(dataclasses.replace(base, num_stages=st) for st in (3, 4) if st != base.num_stages),
+          *_with_splits(base, (0.5, 2.0, 4.0))]
+
+
+def mosaic_tiles_unsupported(dims: AttentionDims, chunk_size: int, dtype, c: MosaicGpuTileConfig,
+                             target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
+  """Why the Mosaic GPU tile kernel cannot run this problem with config c, or None: the
+  kernel's limits (`mosaic_unsupported`), and chunks that are whole pages of its key tiles."""
+  if chunk_size % 8 or (chunk_size % c.block_k and c.block_k % chunk_size):
+    return (f"it needs chunk_size a multiple of 8 that config.block_k={c.block_k} divides or "
+            f"that divides it, got chunk_size={chunk_size}")
+  return mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
+                            kv_dtype=kv_dtype, consumers=1)
 
 
 def triton_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
