@@ -68,8 +68,9 @@ flags.DEFINE_bool("sparse_tile_sweep", False,
                   "sparse_attention: also time every candidate plan of tile_chunk_attention "
                   "(`pallas_kernels.sweep`) on each batch-aware row's tiles (column tile_best).")
 flags.DEFINE_list("sparse_accuracy_csv", [],
-                  "sparse_attention: accuracy CSVs (scorer, reuse, batch_aware, sparsity, "
-                  "acc_over_dense) to join; a later file's row wins over an earlier one's.")
+                  "sparse_attention: accuracy CSVs (mode, scorer, reuse, batch_aware, sparsity, "
+                  "acc_over_dense) whose sparse rows to join; a point in several rows keeps its "
+                  "lowest accuracy.")
 flags.DEFINE_string("sparse_name", "sparse_pareto",
                     "sparse_attention: base name of the CSV/MD/PNG written.")
 common.ints("sparse_chunks")
@@ -95,13 +96,22 @@ def make_queries(key, regime: str, B: int, Hq: int, D: int, dtype) -> jax.Array:
 
 
 def _accuracy(paths: list[str]) -> dict[tuple, float]:
-  """(scorer, reuse, batch_aware, sparsity) -> accuracy over dense, from accuracy CSVs."""
+  """(scorer, reuse, batch_aware, sparsity) -> accuracy over dense, from the sparse rows of
+  accuracy CSVs that match what this experiment times (no forced chunks; K/V in the model's
+  dtype, not float8). A point measured in several rows keeps its lowest accuracy: a speed goal
+  counts it as accurate only if every measurement of it is."""
   out = {}
   for path in paths:
     with open(path) as f:
       rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    out.update({(r["scorer"], int(r["reuse"]), int(r["batch_aware"]), float(r["sparsity"])):
-                float(r["acc_over_dense"]) for r in rows if r.get("acc_over_dense")})
+    for r in rows:
+      if (r.get("mode") != "sparse" or r.get("always_include", "-") != "-"
+          or any("float8" in r.get(col, "") for col in ("kv_dtype", "unique_kv_dtype"))):
+        continue
+      acc = float(r.get("acc_over_dense") or "nan")
+      if not math.isnan(acc):
+        key = (r["scorer"], int(r["reuse"]), int(r["batch_aware"]), float(r["sparsity"]))
+        out[key] = min(out.get(key, math.inf), acc)
   return out
 
 

@@ -31,6 +31,9 @@ from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import chunk_attention_ref
 
 OP_NAME = "tile_chunk_attention"
+# Shorter chunks are gathered by one TMA copy per 8-32 keys, never compiled in a test: "auto"
+# leaves them to Triton (an explicit MosaicGpuTileConfig still runs them).
+MOSAIC_MIN_CHUNK = 64
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +94,8 @@ def _run_triton(p: TileProblem, c: TritonSharedConfig, interpret):
 def _run_mosaic_gpu(p: TileProblem, c: MosaicGpuTileConfig, interpret):
   del interpret
   B, T, _, Hkv, D, S = p.dims
+  if p.tile_ids.shape[-1] == 0:  # lists of no chunk: no kernel over an empty page table
+    return jnp.zeros(p.q.shape, p.dtype), jnp.full(p.q.shape[:3], -jnp.inf, jnp.float32)
   n_tiles, rows = p.tile_ids.shape[0], p.requests_per_tile * T * p.dims.G
   per_tile = -(-rows // mosaic_attention.BLOCK_Q)  # 64-row CTAs per tile
   rows_pad = per_tile * mosaic_attention.BLOCK_Q
@@ -124,12 +129,14 @@ def _mosaic_unsupported(p: TileProblem, c: MosaicGpuTileConfig, target, interpre
 
 
 def _choose(p: TileProblem, platform: str, target, interpret: bool) -> str:
-  """Mosaic GPU where it can run the call, else Triton."""
+  """Mosaic GPU where it can run the call with chunks of at least MOSAIC_MIN_CHUNK keys, else
+  Triton."""
   if platform == "tpu":  # a GPU kernel would not lower, or interpret as if it were the TPU's
     raise ValueError(f"{OP_NAME}: batch-aware tiles have no TPU kernel yet; route per pair "
                      f"(MoskaConfig(batch_aware=0)) or run the reference "
                      f"(implementation='xla')")
-  if _mosaic_unsupported(p, _mosaic_config(p, target), target, interpret) is None:
+  if (p.chunk_size >= MOSAIC_MIN_CHUNK
+      and _mosaic_unsupported(p, _mosaic_config(p, target), target, interpret) is None):
     return "mosaic_gpu"
   return "triton"
 

@@ -55,6 +55,29 @@ def test_sparse_speed_goals_count_only_rows_of_measured_accurate_routing():
   assert report.evaluate(goal, [dict(row, acc_over_dense=0.995)]).verdict == "met"
 
 
+def test_sparse_accuracy_join_keeps_the_timed_points_lowest_value(tmp_path):
+  """The sparse experiment joins only sparse rows without forced chunks or float8 K/V, and a
+  point measured twice keeps its lower accuracy (the one a speed goal may rely on)."""
+  from experiments import run  # noqa: F401  (the launcher's shared flags)
+  from experiments import sparse_attention
+
+  head = "kv_dtype,unique_kv_dtype,mode,scorer,batch_aware,reuse,always_include,sparsity,"
+  (tmp_path / "a.csv").write_text(
+      "# header\n" + head + "acc_over_dense\n"
+      "bfloat16,bfloat16,dense,-,0,1,-,0,1.0\n"
+      "bfloat16,bfloat16,sparse,int4,0,1,-,0.75,0.995\n"
+      "float8_e4m3fn,float8_e4m3fn,sparse,int4,0,1,-,0.75,0.985\n"
+      "bfloat16,bfloat16,sparse,int4,0,1,0,0.75,0.999\n"
+      "bfloat16,bfloat16,sparse,mean,0,1,-,0.75,nan\n")
+  (tmp_path / "b.csv").write_text(  # no dtype columns (an older accuracy table)
+      "mode,scorer,batch_aware,reuse,always_include,sparsity,acc_over_dense\n"
+      "sparse,int4,0,1,-,0.75,0.991\nsparse,int4,0,16,-,0.75,0.31\n")
+  one = sparse_attention._accuracy([str(tmp_path / "a.csv")])
+  assert one == {("int4", 1, 0, 0.75): 0.995}
+  both = sparse_attention._accuracy([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])
+  assert both == {("int4", 1, 0, 0.75): 0.991, ("int4", 16, 0, 0.75): 0.31}
+
+
 def test_goal_data_is_valid():
   with pytest.raises(ValueError, match="op must be"):
     Goal("bad", "x", "=>", 1.0)

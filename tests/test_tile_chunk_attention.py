@@ -111,8 +111,12 @@ def test_empty_tile_and_traced_kv_length():
            q[:2], jnp.float32)
   o, lse = fn(q, k, v, tiles, jnp.int32(0))
   assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse)))
-  for implementation, interpret in (("xla", False), ("triton", True)):  # lists of no chunk
-    o, lse = tile_chunk_attention(q, k, v, jnp.zeros((2, 1, 0), jnp.int32), chunk_size=128,
+  bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))  # what mosaic_gpu takes
+  runs = [("xla", False, (q, k, v)), ("triton", True, (q, k, v))]
+  if kc.ON_HOPPER:
+    runs.append(("mosaic_gpu", False, bf16))
+  for implementation, interpret, args in runs:
+    o, lse = tile_chunk_attention(*args, jnp.zeros((2, 1, 0), jnp.int32), chunk_size=128,
                                   implementation=implementation, interpret=interpret)
     assert np.all(np.asarray(o) == 0) and np.all(np.isneginf(np.asarray(lse))), implementation
 
@@ -173,3 +177,9 @@ def test_mosaic_plans_and_refusals():
             config=pk.MosaicGpuTileConfig(block_k=128, num_splits=2))
   assert pk.plan(OP, q, k, k, tiles, chunk_size=192, backend="gpu",
                  target="h200").implementation == "triton"
+  # Chunks under 64 keys (a TMA copy per 8-32 keys) stay on Triton unless a config asks.
+  small = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32) * 2, (2, 8, 16))
+  assert pk.plan(OP, q, k, k, small, chunk_size=32, backend="gpu",
+                 target="h200").implementation == "triton"
+  assert pk.plan(OP, q, k, k, small, chunk_size=32, implementation="mosaic_gpu", target="h200",
+                 config=pk.MosaicGpuTileConfig(num_splits=2)).implementation == "mosaic_gpu"
