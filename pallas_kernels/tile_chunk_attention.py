@@ -70,47 +70,53 @@ def _run_xla(p: TileProblem, config, interpret):
                              kv_length=p.kv_length)
 
 
-def _run_triton(p: TileProblem, c: TritonSharedConfig, interpret):
-  B, T, _, Hkv, D, S = p.dims
-  n_tiles = p.tile_ids.shape[0]
-  rows = p.requests_per_tile * T * p.dims.G
-  rows_pad = -(-rows // c.block_m) * c.block_m  # a row block never straddles two tiles
-  q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, n_tiles, rows, D)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+def _pallas(kernel, row_block):
+  """Wraps a Pallas implementation: each tile's folded query rows padded to whole row blocks of
+  row_block(config) rows (a block never straddles two tiles), the kernel's per-split partials
+  cut back to the real rows; lists of no chunk attend to nothing, with no kernel.
+
+  kernel(p, q_rows[Hkv, n_tiles * rows_pad, D], rows_pad, n (kv_length clamped), config,
+  interpret) -> (o, lse) [P, Hkv, n_tiles * rows_pad, (D)].
+  """
+
+  def run(p: TileProblem, config, interpret):
+    B, T, _, Hkv, D, S = p.dims
+    if p.tile_ids.shape[-1] == 0:
+      return jnp.zeros(p.q.shape, p.dtype), jnp.full(p.q.shape[:3], -jnp.inf, jnp.float32)
+    n_tiles, rows = p.tile_ids.shape[0], p.requests_per_tile * T * p.dims.G
+    block = row_block(config)
+    rows_pad = -(-rows // block) * block
+    q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, n_tiles, rows, D)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
+    o, lse = kernel(p, q_rows.reshape(Hkv, n_tiles * rows_pad, D), rows_pad, n, config,
+                    interpret)
+    P, M = o.shape[0], B * T * p.dims.G
+    o = o.reshape(P, Hkv, n_tiles, rows_pad, D)[:, :, :, :rows].reshape(P, Hkv, M, D)
+    lse = lse.reshape(P, Hkv, n_tiles, rows_pad)[..., :rows].reshape(P, Hkv, M)
+    return Partials(o, lse, 0)
+
+  return run
+
+
+def _triton(p: TileProblem, q_rows, rows_pad, n, c: TritonSharedConfig, interpret):
   width = 1 << max(0, (p.tile_ids.shape[-1] - 1).bit_length())  # a power of two for Triton
   ids, counts = grouping.compact_ids(p.tile_ids.transpose(1, 0, 2), p.num_chunks, width)
-  n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
-  o, lse = triton_shared.chunk_list_partials(
-      q_rows.reshape(Hkv, n_tiles * rows_pad, D), p.k, p.v, n, ids, counts,
-      scale=default_sm_scale(p.sm_scale, D), chunk_size=p.chunk_size, rows_per_tile=rows_pad,
-      block_m=c.block_m, block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
-      num_stages=c.num_stages, interpret=interpret)
-  P = o.shape[0]
-  o = o.reshape(P, Hkv, n_tiles, rows_pad, D)[:, :, :, :rows].reshape(P, Hkv, B * T * p.dims.G, D)
-  lse = lse.reshape(P, Hkv, n_tiles, rows_pad)[..., :rows].reshape(P, Hkv, -1)
-  return Partials(o, lse, 0)
+  return triton_shared.chunk_list_partials(
+      q_rows, p.k, p.v, n, ids, counts, scale=default_sm_scale(p.sm_scale, p.dims.D),
+      chunk_size=p.chunk_size, rows_per_tile=rows_pad, block_m=c.block_m, block_k=c.block_k,
+      num_splits=c.num_splits, num_warps=c.num_warps, num_stages=c.num_stages,
+      interpret=interpret)
 
 
-def _run_mosaic_gpu(p: TileProblem, c: MosaicGpuTileConfig, interpret):
+def _mosaic_gpu(p: TileProblem, q_rows, rows_pad, n, c: MosaicGpuTileConfig, interpret):
   del interpret
-  B, T, _, Hkv, D, S = p.dims
-  if p.tile_ids.shape[-1] == 0:  # lists of no chunk: no kernel over an empty page table
-    return jnp.zeros(p.q.shape, p.dtype), jnp.full(p.q.shape[:3], -jnp.inf, jnp.float32)
-  n_tiles, rows = p.tile_ids.shape[0], p.requests_per_tile * T * p.dims.G
-  per_tile = -(-rows // mosaic_attention.BLOCK_Q)  # 64-row CTAs per tile
-  rows_pad = per_tile * mosaic_attention.BLOCK_Q
-  q_rows = layout.fold_queries(p.q, Hkv).reshape(Hkv, n_tiles, rows, D)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
   ids, _ = grouping.compact_ids(p.tile_ids, p.num_chunks, p.tile_ids.shape[-1])
-  n = jnp.int32(S) if p.kv_length is None else jnp.clip(p.kv_length, 0, S)
-  o, lse = mosaic_attention.list_attention_partials(
-      q_rows.reshape(Hkv, n_tiles * rows_pad, D), p.k, p.v, jnp.repeat(ids, per_tile, axis=0),
-      n, chunk_size=p.chunk_size, scale=default_sm_scale(p.sm_scale, D), block_k=c.block_k,
-      num_splits=c.num_splits, num_stages=c.num_stages)
-  P = o.shape[0]
-  o = o.reshape(P, Hkv, n_tiles, rows_pad, D)[:, :, :, :rows].reshape(P, Hkv, B * T * p.dims.G, D)
-  lse = lse.reshape(P, Hkv, n_tiles, rows_pad)[..., :rows].reshape(P, Hkv, -1)
-  return Partials(o, lse, 0)
+  per_tile = rows_pad // mosaic_attention.BLOCK_Q  # 64-row CTAs per tile, one table row each
+  return mosaic_attention.list_attention_partials(
+      q_rows, p.k, p.v, jnp.repeat(ids, per_tile, axis=0), n, chunk_size=p.chunk_size,
+      scale=default_sm_scale(p.sm_scale, p.dims.D), block_k=c.block_k, num_splits=c.num_splits,
+      num_stages=c.num_stages)
 
 
 def _mosaic_config(p: TileProblem, target) -> MosaicGpuTileConfig:
@@ -144,7 +150,7 @@ def _choose(p: TileProblem, platform: str, target, interpret: bool) -> str:
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
-        "triton", "gpu", _run_triton, TritonSharedConfig,
+        "triton", "gpu", _pallas(_triton, lambda c: c.block_m), TritonSharedConfig,
         default_config=lambda p, t: gpu_tuning.triton_tiles(
             p.dims, p.requests_per_tile, p.tile_ids.shape[-1], p.chunk_size, p.dtype, t),
         unsupported=lambda p, c, t, i: (
@@ -152,7 +158,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             if c.widen_kv else gpu_tuning.triton_smem_unsupported(
                 c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t))),
     "mosaic_gpu": Implementation(
-        "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuTileConfig,
+        "mosaic_gpu", "gpu", _pallas(_mosaic_gpu, lambda c: mosaic_attention.BLOCK_Q),
+        MosaicGpuTileConfig,
         default_config=_mosaic_config, candidates=_mosaic_candidates,
         unsupported=_mosaic_unsupported, interpretable=False),
 }, _choose))

@@ -532,7 +532,7 @@ def mosaic_tiles_unsupported(dims: AttentionDims, chunk_size: int, dtype, c: Mos
                              target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
   """Why the Mosaic GPU tile kernel cannot run this problem with config c, or None: the
   kernel's limits (`mosaic_unsupported`), and chunks that are whole pages of its key tiles."""
-  if chunk_size % 8 or (chunk_size % c.block_k and c.block_k % chunk_size):
+  if mosaic_attention.paging_problem(chunk_size, c.block_k):  # a chunk is pages of the tiles
     return (f"it needs chunk_size a multiple of 8 that config.block_k={c.block_k} divides or "
             f"that divides it, got chunk_size={chunk_size}")
   return mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
