@@ -50,6 +50,9 @@ flags.DEFINE_boolean("decode_int8_scorer", False,
                      "decode: sketches scored with int8 query rows on the int8 units.")
 flags.DEFINE_integer("decode_reroute", 16, "decode: the sparse run re-routes every r steps.",
                      lower_bound=1)
+flags.DEFINE_integer("decode_batch_aware", 0,
+                     "decode: requests per batch-aware tile of the sparse run (0: per-request "
+                     "chunks; MoskaConfig.batch_aware).", lower_bound=0)
 flags.DEFINE_integer("decode_page", 64, "decode: page size.", lower_bound=1)
 flags.DEFINE_string("decode_name", "decode", "decode: base name of the files written.")
 common.ints("decode_unique")
@@ -168,7 +171,7 @@ def main() -> None:
                        summary=FLAGS.decode_summary,
                        int8_scorer=(FLAGS.decode_int8_scorer
                                     and FLAGS.decode_summary in routing.SKETCH_KINDS),
-                       backend=FLAGS.backend)
+                       batch_aware=FLAGS.decode_batch_aware, backend=FLAGS.backend)
   top_k = sparse.chunks_kept(-(-S // C))
   key = jax.random.key(FLAGS.seed)
   for U in map(int, FLAGS.decode_unique):
@@ -257,7 +260,9 @@ def _write(bench, table, cfg, kv_name: str) -> None:
       f"(random K/V built on the device), page {FLAGS.decode_page}, {FLAGS.dtype} compute, "
       f"K/V {kv_name}; sparse: {FLAGS.decode_summary} router"
       f"{' (int8 scorer)' if FLAGS.decode_int8_scorer else ''}, chunk {FLAGS.decode_chunk}, "
-      f"sparsity {FLAGS.decode_sparsity}, re-routing every {FLAGS.decode_reroute} steps")
+      f"sparsity {FLAGS.decode_sparsity}, re-routing every {FLAGS.decode_reroute} steps"
+      + (f", batch-aware tiles of {FLAGS.decode_batch_aware} requests"
+         if FLAGS.decode_batch_aware else ""))
   table.write(notes="x_baseline = baseline step time / this step time (higher is better). "
                     "logits_rel_diff: vs the baseline's logits (dense must agree up to "
                     "rounding; sparse drops chunks). moska_sparse step_ms = (route_ms + (r - 1) "

@@ -12,8 +12,10 @@ router / r (the selection is kept r decode steps, `MoskaConfig.reroute_every`) +
 attention. Accuracy comes from the
 `accuracy` experiment's CSV (--sparse_accuracy_csv), matched by (scorer, reuse, batch_aware,
 sparsity). coverage is the union of chosen (kv head, chunk) tiles over all tiles (the share of the
-shared KV read); chunk_x_floor sets the per-pair path against max(union bytes / read bandwidth,
-its FLOPs / matmul rate), ceilings measured in the same run. Regimes: "correlated" (each request's
+shared KV read), tile_coverage the mean share one batch-aware tile reads; chunk_x_floor sets the
+routed attention against max(bytes / read bandwidth, FLOPs / matmul rate) of what it must read
+and multiply (per pair: the union once; batch-aware: each tile's chunks once), ceilings measured
+in the same run. Regimes: "correlated" (each request's
 queries are one of --sparse_topics topic vectors plus noise, so the batch's chunks concentrate)
 and "uniform" (independent random queries: at large B the union covers nearly every chunk).
 """
@@ -173,7 +175,7 @@ def main() -> None:
             t_route[scorer] = timing.time_fn(routers[scorer], q, summ[kind])
             logging.info("C=%d B=%d %s router: %.3f ms", C, B, scorer, t_route[scorer] * 1e3)
           ids = routers[kinds[0]](q, summ[kinds[0]])  # the first kind's bf16-row router
-          t_attn, kernels, tile_plans, best = {}, {}, {}, {}
+          t_attn, kernels, tile_plans, best, listed = {}, {}, {}, {}, {}
           for R in tiles:
             mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=kinds[0],
                                batch_aware=R, backend=backend)
@@ -182,11 +184,16 @@ def main() -> None:
             t_attn[R], err = harness.time_or_error(fn, q, ids, shared)
             logging.info("C=%d B=%d batch_aware=%d: %.3f ms %s", C, B, R, t_attn[R] * 1e3, err)
             if R:
-              kernels[R], tile_plans[R], best[R] = _tile_kernels(q, ids, shared, N, R, C,
-                                                                 backend)
+              kernels[R], tile_plans[R], best[R], listed[R] = _tile_kernels(
+                  q, ids, shared, N, R, C, backend)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
-          floor = bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
-                                         2.0 * union * C * D * itemsize)
+          # per pair: each (kv head, chunk) read once, K chunks per request; per batch-aware
+          # tile: its chunks read once for its requests' rows (min(R, B) of them)
+          floor = {0: bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
+                                             2.0 * union * C * D * itemsize)}
+          floor.update({R: bench.ceilings.floor_s(4.0 * min(R, B) * (Hq // Hkv) * n * C * D,
+                                                  2.0 * n * C * D * itemsize)
+                        for R, n in listed.items()})
           plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
           for scorer, R, reuse in itertools.product(scorers, tiles,
                                                     map(int, FLAGS.sparse_reuse)):
@@ -197,15 +204,21 @@ def main() -> None:
                       total_over_dense=total / dense[B], router_ms=t_route[scorer] * 1e3,
                       chunk_ms=t_attn[R] * 1e3, dense_ms=dense[B] * 1e3, K=K,
                       coverage=union / (Hkv * N),
-                      chunk_x_floor=t_attn[0] / floor if R == 0 else math.nan,
+                      tile_coverage=listed[R] / (-(-B // R) * Hkv * N) if R else math.nan,
+                      chunk_x_floor=t_attn[R] / floor[R],
                       plan=plan_note(plan) if R == 0 else f"tiles of {R} requests: {tile_plans[R]}",
                       tile_kernel_ms=kernels.get(R, ""), tile_best=best.get(R, ""))
   table.write(notes="total = router / reuse + routed attention (per-pair chunk_attention, or "
                     "batch-aware tiles of `batch_aware` requests); coverage = chosen (kv head, "
-                    "chunk) tiles / all tiles. chunk_x_floor (per-pair rows) = time / max(2 * "
-                    "union tiles * C * D * bytes / read BW, 4 * B * Hq * K * C * D / matmul "
-                    "rate). acc_over_dense: the accuracy experiment on the trained retrieval "
-                    "model (its own chunk size), NaN where not measured. tile_kernel_ms: "
+                    "chunk) tiles / all tiles; tile_coverage (batch-aware rows) = the mean "
+                    "share of the chunks one (tile, kv head) reads. chunk_x_floor = "
+                    "chunk_ms / max(bytes / read BW, FLOPs / matmul rate): per pair, bytes 2 * "
+                    "union tiles * C * D * itemsize and FLOPs 4 * B * Hq * K * C * D; "
+                    "batch-aware, each tile's listed chunks read once (bytes 2 * listed "
+                    "(tile, kv head, chunk) * C * D * itemsize) for its rows (FLOPs 4 * "
+                    "batch_aware * G * listed * C * D). acc_over_dense: the accuracy "
+                    "experiment on the trained retrieval model (its own chunk size), NaN where "
+                    "not measured. tile_kernel_ms: "
                     "tile_chunk_attention alone on the row's tiles, per implementation "
                     "(--sparse_tile_implementations); tile_best: the fastest plan of the "
                     "sweep (--sparse_tile_sweep); chunk_ms of batch-aware rows adds the "
@@ -213,10 +226,12 @@ def main() -> None:
 
 
 def _tile_kernels(q, ids, shared: SharedLayer, N: int, R: int, C: int,
-                  backend: str) -> tuple[str, str, str]:
+                  backend: str) -> tuple[str, str, str, int]:
   """tile_chunk_attention alone on the batch-aware tiles of `ids`: ("impl ms; ..." for each of
-  --sparse_tile_implementations, the plan "auto" runs, "ms plan" of the sweep's fastest)."""
+  --sparse_tile_implementations, the plan "auto" runs, "ms plan" of the sweep's fastest, the
+  (tile, kv head, chunk) triples the tiles list)."""
   order, tile_ids = routing.batch_aware(ids, N, R)
+  listed = int(jnp.sum(tile_ids >= 0))
   q_tiled = jnp.pad(q, ((0, order.shape[0] - q.shape[0]),) + ((0, 0),) * 3)[order]
   args, kwargs = (q_tiled, shared.k, shared.v, tile_ids), dict(chunk_size=C,
                                                                  kv_length=shared.length)
@@ -236,7 +251,7 @@ def _tile_kernels(q, ids, shared: SharedLayer, N: int, R: int, C: int,
     ms, note = min(swept, key=lambda x: x[0] if math.isfinite(x[0]) else math.inf)
     best = f"{ms:.4g} {note}"
   plan = pk.plan("tile_chunk_attention", *args, backend=backend, **kwargs)
-  return timed, plan_note(plan), best
+  return timed, plan_note(plan), best, listed
 
 
 def _plot(plt, rows: list[dict]):

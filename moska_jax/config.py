@@ -166,10 +166,13 @@ class MoskaConfig:
     kind. Default `DEFAULT_SUMMARY` ("int8-pca2"); "mean" and "envelope" are cheaper but route
     like random chunks when a request needs one key of a chunk.
   int8_scorer: score sketches with int8 query rows on the int8 matrix units (a ranking within
-    ~1% of the float one; its speed on a GPU is not measured yet).
+    ~1% of the float one; on an H200 the router took 0.6x the time of bf16 rows at B >= 128,
+    0.85x at B=8: experiments/results/sparse_pareto.md).
   batch_aware: requests per tile of batch-aware routing (0: off): requests routed alike share a
     tile, which attends to the union of their chunks (`moska_jax.routing.batch_aware`); a
-    request then sees at least its own chunks.
+    request then sees at least its own chunks. On Hopper a tile of more than 64 query rows
+    (batch_aware * T * G) runs as ping-pong pairs of 128 rows that read its chunks once per
+    128 rows: 32 requests at G=4 measured fastest from B=128 up, 16 at B=8 (sparse_pareto.md).
   backend: kernel backend passed to every pallas_kernels call.
   interpret: run the Pallas kernels in interpret mode (CPU testing of the "gpu"/"tpu" kernels).
   """

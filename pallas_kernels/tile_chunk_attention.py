@@ -10,7 +10,8 @@ and write one partial per split. Routing decides the tiles (`moska_jax.routing.b
 clusters requests that chose alike); this op takes them as given.
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper: the list's
-chunks gathered by TMA into one key stream per 64 rows of a tile, `gpu.mosaic_attention`).
+chunks gathered by TMA into one key stream per 64 or 128 rows of a tile,
+`gpu.mosaic_attention`).
 """
 
 from __future__ import annotations
@@ -112,11 +113,11 @@ def _triton(p: TileProblem, q_rows, rows_pad, n, c: TritonSharedConfig, interpre
 def _mosaic_gpu(p: TileProblem, q_rows, rows_pad, n, c: MosaicGpuTileConfig, interpret):
   del interpret
   ids, _ = grouping.compact_ids(p.tile_ids, p.num_chunks, p.tile_ids.shape[-1])
-  per_tile = rows_pad // mosaic_attention.BLOCK_Q  # 64-row CTAs per tile, one table row each
+  per_tile = rows_pad // c.rows_per_cta  # CTAs per tile, one table row each
   return mosaic_attention.list_attention_partials(
       q_rows, p.k, p.v, jnp.repeat(ids, per_tile, axis=0), n, chunk_size=p.chunk_size,
       scale=default_sm_scale(p.sm_scale, p.dims.D), block_k=c.block_k, num_splits=c.num_splits,
-      num_stages=c.num_stages)
+      num_stages=c.num_stages, consumers=c.consumers)
 
 
 def _mosaic_config(p: TileProblem, target) -> MosaicGpuTileConfig:
@@ -158,7 +159,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
             if c.widen_kv else gpu_tuning.triton_smem_unsupported(
                 c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t))),
     "mosaic_gpu": Implementation(
-        "mosaic_gpu", "gpu", _pallas(_mosaic_gpu, lambda c: mosaic_attention.BLOCK_Q),
+        "mosaic_gpu", "gpu", _pallas(_mosaic_gpu, lambda c: c.rows_per_cta),
         MosaicGpuTileConfig,
         default_config=_mosaic_config, candidates=_mosaic_candidates,
         unsupported=_mosaic_unsupported, interpretable=False),

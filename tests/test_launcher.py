@@ -30,7 +30,7 @@ TINY = {
                 "--kernels_unique=64", "--kernels_chunk=128"],
     "decode": ["--backend=xla", "--dtype=float32", "--decode_model=tiny", "--decode_layers=1",
                "--decode_shared=512", "--decode_unique=64", "--decode_batches=2",
-               "--decode_chunk=128", "--decode_page=16"],
+               "--decode_chunk=128", "--decode_page=16", "--decode_batch_aware=2"],
     "disaggregation": ["--backend=xla", "--shape=tiny", "--dtype=float32", "--disagg_length=2048",
                        "--disagg_batches=2", "--disagg_shared_counts=1,2",
                        "--disagg_chunk=256", "--disagg_unique_length=256",

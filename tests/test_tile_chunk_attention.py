@@ -62,14 +62,18 @@ def test_matches_f64_poisoned(implementation, interpret, case):
   _poisoned_run(case, implementation, interpret, CASES.index(case))
 
 
-# Llama-like heads on the compiled kernels: tiles of 16 requests (64 rows at G = 4, 128 at
-# G = 8), chunks longer than, equal to and shorter than a 128-key tile, kv_length cutting a
-# chunk and a key tile, GQA 1 / 4 / 8, bf16 and float16.
+# Llama-like heads on the compiled kernels: tiles of 16 requests (64 rows at G = 4: one
+# consumer; 128 at G = 8: a ping-pong pair), of 32 (two 128-row tiles) and of 24 (96 rows padded
+# to a pair's 128), chunks longer than, equal to and shorter than a 128-key tile, kv_length
+# cutting a chunk and a key tile, GQA 1 / 4 / 8, head dims 64 / 128 / 256, bf16 and float16.
 GPU_CASES = [
     (32, 1, 4, 8, 128, 8192, 512, 16, 3, 7000, jnp.bfloat16),
     (48, 1, 8, 4, 128, 4096, 128, 16, 5, None, jnp.bfloat16),
     (16, 1, 1, 8, 64, 4096, 64, 16, 9, 4000, jnp.float16),
     (8, 2, 4, 2, 128, 8192, 1024, 4, 2, 8191, jnp.bfloat16),
+    (64, 1, 4, 8, 128, 8192, 512, 32, 3, 7000, jnp.bfloat16),
+    (48, 1, 4, 2, 128, 4096, 256, 24, 4, 4000, jnp.float16),
+    (64, 1, 4, 2, 256, 4096, 256, 32, 3, 4000, jnp.bfloat16),  # D=256: 64-key tiles
 ]
 
 
@@ -81,6 +85,14 @@ GPU_CASES = [
     *c[:10]))
 def test_compiled_gpu_matches_f64(implementation, case):
   _poisoned_run(case, implementation, False, GPU_CASES.index(case) + 10)
+
+
+@pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
+@pytest.mark.parametrize("consumers", [1, 2])
+def test_compiled_mosaic_consumers_match_f64(consumers):
+  """Both schedules on the same 128-row tiles: four 64-row CTAs per kv head, or two pairs."""
+  _poisoned_run(GPU_CASES[4], "mosaic_gpu", False, 20,
+                config=pk.MosaicGpuTileConfig(num_splits=3, consumers=consumers))
 
 
 def test_tile_union_is_a_superset_and_compact():
@@ -168,6 +180,23 @@ def test_mosaic_plans_and_refusals():
   tiles = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 8, 16))
   plan = pk.plan(OP, q, k, k, tiles, chunk_size=512, backend="gpu", target="h200")
   assert plan.implementation == "mosaic_gpu" and plan.config.num_splits >= 1
+  # Tiles of 16 requests x G=4 fill one 64-row consumer; of 32 (128 rows), a ping-pong pair.
+  assert plan.config.consumers == 1
+  pair = pk.plan(OP, q, k, k, tiles[:1], chunk_size=512, backend="gpu", target="h200").config
+  assert pair.consumers == 2 and pair.rows_per_cta == 128
+  # D=256: the pair's two q tiles and its ring still fit the H200's shared memory.
+  from pallas_kernels import targets
+  from pallas_kernels.gpu import mosaic_attention
+  wide_q, wide_k = jnp.zeros((32, 1, 32, 256), jnp.bfloat16), jnp.zeros((8192, 8, 256),
+                                                                       jnp.bfloat16)
+  wide = pk.plan(OP, wide_q, wide_k, wide_k, tiles[:1], chunk_size=512, backend="gpu",
+                 target="h200")
+  c = wide.config
+  assert wide.implementation == "mosaic_gpu" and c.consumers == 2
+  assert mosaic_attention.smem_bytes_used(256, c.block_k, 2, num_stages=c.num_stages,
+                                          consumers=2) <= targets.GPU_PRESETS["h200"].smem_per_block
+  with pytest.raises(ValueError, match="consumers"):
+    pk.MosaicGpuTileConfig(consumers=3)
   for target, dtype in (("a100", jnp.bfloat16), ("h200", jnp.float32)):
     assert pk.plan(OP, q.astype(dtype), k.astype(dtype), k.astype(dtype), tiles, chunk_size=512,
                    backend="gpu", target=target).implementation == "triton"

@@ -122,12 +122,13 @@ class MosaicGpuUniqueConfig(_MosaicGpuAttentionConfig):
 
 @_frozen
 class MosaicGpuTileConfig(_MosaicGpuAttentionConfig):
-  """tile_chunk_attention on Mosaic GPU (Hopper): one CTA per (64 rows of a tile, kv head, split
-  of the tile's chunk list) with one consumer warpgroup, the list's chunks gathered by TMA into
-  one key stream (`mosaic_attention.list_attention_partials`). Knobs: block_k, num_stages,
-  num_splits of `_MosaicGpuAttentionConfig`; consumers=1, split_keys=False only."""
+  """tile_chunk_attention on Mosaic GPU (Hopper): one CTA per (64 * consumers rows of a tile, kv
+  head, split of the tile's chunk list), the list's chunks gathered by TMA into one key stream
+  (`mosaic_attention.list_attention_partials`). Knobs: block_k, num_stages, num_splits of
+  `_MosaicGpuAttentionConfig`; consumers 1 (64 rows) or 2 (a ping-pong pair on 128 rows,
+  sharing each K/V tile), split_keys=False only."""
 
-  consumers: int = knob(one_of, 1, choices=(1,))
+  consumers: int = knob(one_of, 1, choices=(1, 2))
 
 
 @_frozen

@@ -85,15 +85,15 @@ def rows_per_cta(consumers: int, split_keys: bool = False) -> int:
 
 
 class Paged(NamedTuple):
-  """Keys gathered from pages: k, v are pools [P, page_size, Hkv, D], row tile m (64 rows) reads
-  the pages of table row m (of its kv head's table with per-head tables), and range positions
+  """Keys gathered from pages: k, v are pools [P, page_size, Hkv, D], row tile m (a CTA's rows)
+  reads the pages of table row m (of its kv head's table with per-head tables), and range positions
   are positions in those pages. For unique attention row tile m is request m's T * G query rows
   (row = t * G + g), and with T > 1 query t attends causally: to positions < lengths[m] - T + 1
   + t. The tile holding a range's end is read whole, from the pages its table names there: their
   keys get no weight, but they must be finite (0 * NaN is NaN)."""
 
-  tables: jax.Array  # [M / 64, max_pages] or per kv head [M / 64, Hkv, max_pages] int32 page ids
-  lengths: jax.Array  # [M / 64] int32 tokens of each request (read only when causal)
+  tables: jax.Array  # [M / rows, max_pages] or per kv head [M / rows, Hkv, max_pages] page ids
+  lengths: jax.Array  # [M / rows] int32 tokens of each request (read only when causal)
   page_size: int  # a multiple of 8 (the shared-memory tiling's rows)
   T: int
   G: int
@@ -209,15 +209,17 @@ def list_stream(ids: jax.Array, kv_length: jax.Array, *, chunk_size: int, block_
 
 def list_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, ids: jax.Array,
                             kv_length: jax.Array, *, chunk_size: int, scale: float, block_k: int,
-                            num_splits: int, num_stages: int) -> tuple[jax.Array, jax.Array]:
-  """Partial attention of each 64-row tile of q_rows[Hkv, M, D] over its own list of chunks of
-  k, v[S, Hkv, D] (S a multiple of block_k), by one consumer per CTA: the list's keys gathered
-  as pages (`Paged`, a TMA copy per page) into one stream (`list_stream`), with one online
-  softmax, cut into num_splits runs.
+                            num_splits: int, num_stages: int,
+                            consumers: int = 1) -> tuple[jax.Array, jax.Array]:
+  """Partial attention of each row tile of q_rows[Hkv, M, D] over its own list of chunks of
+  k, v[S, Hkv, D] (S a multiple of block_k): the list's keys gathered as pages (`Paged`, a TMA
+  copy per page) into one stream (`list_stream`), with one online softmax, cut into num_splits
+  runs. A row tile is 64 rows and one consumer, or 128 rows and a ping-pong pair
+  (consumers=2), whose two warpgroups multiply every gathered K/V tile: half the reads per row.
 
   Args:
-    ids: [M / 64, Hkv, U] int32 chunk ids of each (row tile, kv head): ascending, duplicate-free,
-      -1 after the valid ones (`grouping.compact_ids`).
+    ids: [M / (64 * consumers), Hkv, U] int32 chunk ids of each (row tile, kv head):
+      ascending, duplicate-free, -1 after the valid ones (`grouping.compact_ids`).
     kv_length: int32 scalar, keys [0, kv_length) are valid (<= S).
     chunk_size: C, a multiple of 8 that block_k divides or that divides block_k.
 
@@ -231,7 +233,7 @@ def list_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array, ids: 
   # T = 1: no causal mask, so the lengths are not read.
   paged = Paged(tables, jnp.zeros(ids.shape[:1], jnp.int32), page, T=1, G=1)
   return attention_over_ranges(q_rows, pages(k), pages(v), ranges, scale=scale, block_k=block_k,
-                               num_stages=num_stages, consumers=1, paged=paged)
+                               num_stages=num_stages, consumers=consumers, paged=paged)
 
 
 def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges: jax.Array, *,
@@ -250,8 +252,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     split_keys: the consumers (2 or 3) share the CTA's 64 rows and take turns over the key tiles
       of each range (num_stages is then rounded down to a multiple of `consumers`: each consumer
       waits on its own ring slots), each writing its own partial.
-    paged: the keys come from pages (`Paged`; needs 64-row CTAs: not the ping-pong pair, and
-      block_k a multiple or a divisor of page_size).
+    paged: the keys come from pages (`Paged`; block_k a multiple or a divisor of page_size;
+      causal pages need 64-row CTAs: not the ping-pong pair).
 
   Returns:
     o[P', Hkv, M, D] in q's dtype and lse[P', Hkv, M] float32, P' = P (consumers * P with
@@ -275,8 +277,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   rows = rows_per_cta(consumers, split_keys)
   pair = consumers == 2 and not split_keys  # the ping-pong pair
   if paged is not None:
-    if rows != BLOCK_Q:
-      raise ValueError("paged keys need 64-row CTAs (one consumer or split_keys)")
+    if rows != BLOCK_Q and paged.T > 1:  # the causal limit is one request's, per CTA
+      raise ValueError("causal paged keys (T > 1) need 64-row CTAs (one consumer)")
     if problem := paging_problem(paged.page_size, block_k):
       raise ValueError(f"paged keys need {problem}")
   # TMA copies per tile: whole pages, or one part of a page

@@ -502,30 +502,45 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
 
 def mosaic_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
                  dtype, target: GpuTarget, *, kv_dtype) -> MosaicGpuTileConfig:
-  """shared_attention's small-M tiling (one consumer, 128-key tiles, two ring slots; twice as
-  many for float8) over each 64 rows of a tile, its chunk list split to fill the chip twice:
-  the tiles' lists differ in length, and a second wave evens them out (H200, S=1M, C=512,
-  correlated routing, B=128 in 8 tiles of 16 requests: 4 splits 2.52 ms, the one wave of 2
-  splits 2.92 ms; B=8 and 512 level or slower past two waves: sparse_tile_sweep.md)."""
-  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=1, kv_dtype=kv_dtype)
+  """shared_attention's tilings over a tile's rows: one consumer on 64 rows where a tile's rows
+  fit them, else ping-pong pairs on 128 rows, whose two warpgroups multiply each gathered K/V
+  tile, so a tile's chunks are read half as often (H200, S=1M, C=512, correlated routing, 75%:
+  tiles of 32 requests x G=4 took 2.72 ms at B=128 with one consumer per 64 rows, the time of
+  their reads, and 1.88 ms as pairs; sparse_tile_requests.md, sparse_tile_pair.md); 128-key
+  tiles, two ring slots (twice as many for float8); the chunk list split to fill the chip twice:
+  the tiles' lists differ in length, and a second wave evens them out (B=128 in 8 tiles of 16
+  requests: 4 splits 2.52 ms, the one wave of 2 splits 2.92 ms; B=8 and 512 level or slower
+  past two waves: sparse_tile_sweep.md)."""
+  rows = requests_per_tile * dims.T * dims.G
+  return _mosaic_tiles(dims, requests_per_tile, list_width, chunk_size, dtype, target,
+                       kv_dtype=kv_dtype, consumers=1 if rows <= mosaic_attention.BLOCK_Q else 2)
+
+
+def _mosaic_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
+                  dtype, target: GpuTarget, *, kv_dtype, consumers: int) -> MosaicGpuTileConfig:
+  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
+                                   kv_dtype=kv_dtype)
   programs = dims.Hkv * dims.B // requests_per_tile * math.ceil(
-      requests_per_tile * dims.T * dims.G / mosaic_attention.BLOCK_Q)
+      requests_per_tile * dims.T * dims.G / mosaic_attention.rows_per_cta(consumers))
   splits = max(1, min(list_width * math.ceil(chunk_size / block_k),
                       2 * target.num_cores // programs))
-  return MosaicGpuTileConfig(block_k=block_k, num_stages=stages, num_splits=splits)
+  return MosaicGpuTileConfig(block_k=block_k, num_stages=stages, num_splits=splits,
+                             consumers=consumers)
 
 
 def mosaic_tiles_candidates(dims: AttentionDims, requests_per_tile: int, list_width: int,
                            chunk_size: int, dtype, target: GpuTarget, *,
                            kv_dtype) -> list[MosaicGpuTileConfig]:
-  """Neighbours of the default: 64-key tiles with 2-4 slots, 3-4 slots, and half to 4x the
-  splits (the lists of a call differ in length per kv head and tile, which more and shorter CTAs
-  even out)."""
+  """Neighbours of the default: 64-key tiles with 2-4 slots, 3-4 slots, half to 4x the splits
+  (the lists of a call differ in length per kv head and tile, which more and shorter CTAs even
+  out), and the other number of consumers."""
   base = mosaic_tiles(dims, requests_per_tile, list_width, chunk_size, dtype, target,
                       kv_dtype=kv_dtype)
+  other = _mosaic_tiles(dims, requests_per_tile, list_width, chunk_size, dtype, target,
+                        kv_dtype=kv_dtype, consumers=3 - base.consumers)
   return [base, *(dataclasses.replace(base, block_k=64, num_stages=st) for st in (2, 3, 4)),
           *(dataclasses.replace(base, num_stages=st) for st in (3, 4) if st != base.num_stages),
-          *_with_splits(base, (0.5, 2.0, 4.0))]
+          *_with_splits(base, (0.5, 2.0, 4.0)), other]
 
 
 def mosaic_tiles_unsupported(dims: AttentionDims, chunk_size: int, dtype, c: MosaicGpuTileConfig,
@@ -536,7 +551,7 @@ def mosaic_tiles_unsupported(dims: AttentionDims, chunk_size: int, dtype, c: Mos
     return (f"it needs chunk_size a multiple of 8 that config.block_k={c.block_k} divides or "
             f"that divides it, got chunk_size={chunk_size}")
   return mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
-                            kv_dtype=kv_dtype, consumers=1)
+                            kv_dtype=kv_dtype, consumers=c.consumers)
 
 
 def triton_tiles(dims: AttentionDims, requests_per_tile: int, list_width: int, chunk_size: int,
