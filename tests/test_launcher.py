@@ -40,7 +40,7 @@ TINY = {
                 "--serving_clients=4", "--serving_new_tokens=4", "--serving_decoders=2",
                 "--serving_long_prompt=256", "--serving_prefill_chunks=128",
                 "--serving_base_steps=3", "--serving_load_lanes=2", "--serving_stream_interval=2",
-                "--serving_engine_process"],
+                "--serving_engine_process", "--serving_client_processes=2"],  # still split
     "fp8": ["--backend=xla", "--shape=tiny", "--fp8_batches=2", "--fp8_shared=1024",
             "--fp8_unique=64", "--fp8_page=16"],
 }
@@ -52,14 +52,6 @@ def _run(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
-
-
-def test_list_names_every_experiment():
-  from experiments.run import EXPERIMENTS
-  res = _run("--list")
-  assert res.returncode == 0, res.stderr
-  for name in EXPERIMENTS:
-    assert name in res.stdout
 
 
 def test_unknown_experiment_is_a_clear_error():
@@ -106,12 +98,15 @@ def test_help_lists_every_experiment_with_one_line():
   assert "--out_dir" in res.stdout and "--demo_shared" in res.stdout  # shared + chosen flags
 
 
-def test_runs_from_any_folder(tmp_path):
+def test_runs_from_any_folder_and_lists_every_experiment(tmp_path):
+  from experiments.run import EXPERIMENTS
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   res = subprocess.run([sys.executable, "-m", "experiments", "--list"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith("  demo ")
+  for name in EXPERIMENTS:
+    assert name in res.stdout
 
 
 def test_default_paths_resolve_in_the_package():
