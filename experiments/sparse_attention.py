@@ -13,9 +13,9 @@ attention. Accuracy comes from the
 `accuracy` experiment's CSV (--sparse_accuracy_csv), matched by (scorer, reuse, batch_aware,
 sparsity). coverage is the union of chosen (kv head, chunk) tiles over all tiles (the share of the
 shared KV read), tile_coverage the mean share one batch-aware tile reads; chunk_x_floor sets the
-routed attention against max(bytes / read bandwidth, FLOPs / matmul rate) of what it must read
-and multiply (per pair: the union once; batch-aware: each tile's chunks once), ceilings measured
-in the same run. Regimes: "correlated" (each request's
+routed attention against max(bytes / read bandwidth, FLOPs / matmul rate): the union of the
+chosen chunks read once, and the products of each pair or of each tile's rows by its listed
+chunks, ceilings measured in the same run. Regimes: "correlated" (each request's
 queries are one of --sparse_topics topic vectors plus noise, so the batch's chunks concentrate)
 and "uniform" (independent random queries: at large B the union covers nearly every chunk).
 """
@@ -187,13 +187,12 @@ def main() -> None:
               kernels[R], tile_plans[R], best[R], listed[R] = _tile_kernels(
                   q, ids, shared, N, R, C, backend)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
-          # per pair: each (kv head, chunk) read once, K chunks per request; per batch-aware
-          # tile: its chunks read once for its requests' rows (min(R, B) of them)
-          floor = {0: bench.ceilings.floor_s(4.0 * B * Hq * K * C * D,
-                                             2.0 * union * C * D * itemsize)}
-          floor.update({R: bench.ceilings.floor_s(4.0 * min(R, B) * (Hq // Hkv) * n * C * D,
-                                                  2.0 * n * C * D * itemsize)
-                        for R, n in listed.items()})
+          # Each chosen (kv head, chunk) read once (tiles that list the same chunk may share it
+          # through L2); the products: K chunks per request, or each tile's listed chunks for
+          # its requests' rows (min(R, B) of them).
+          floor = {R: bench.ceilings.floor_s(
+              4.0 * (B * Hq * K if R == 0 else min(R, B) * (Hq // Hkv) * listed[R]) * C * D,
+              2.0 * union * C * D * itemsize) for R in tiles}
           plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
           for scorer, R, reuse in itertools.product(scorers, tiles,
                                                     map(int, FLAGS.sparse_reuse)):
@@ -212,11 +211,10 @@ def main() -> None:
                     "batch-aware tiles of `batch_aware` requests); coverage = chosen (kv head, "
                     "chunk) tiles / all tiles; tile_coverage (batch-aware rows) = the mean "
                     "share of the chunks one (tile, kv head) reads. chunk_x_floor = "
-                    "chunk_ms / max(bytes / read BW, FLOPs / matmul rate): per pair, bytes 2 * "
-                    "union tiles * C * D * itemsize and FLOPs 4 * B * Hq * K * C * D; "
-                    "batch-aware, each tile's listed chunks read once (bytes 2 * listed "
-                    "(tile, kv head, chunk) * C * D * itemsize) for its rows (FLOPs 4 * "
-                    "batch_aware * G * listed * C * D). acc_over_dense: the accuracy "
+                    "chunk_ms / max(bytes / read BW, FLOPs / matmul rate), bytes 2 * union "
+                    "tiles * C * D * itemsize (each chosen (kv head, chunk) read once), FLOPs "
+                    "4 * B * Hq * K * C * D per pair, 4 * min(batch_aware, B) * G * listed "
+                    "(tile, kv head, chunk) * C * D batch-aware. acc_over_dense: the accuracy "
                     "experiment on the trained retrieval model (its own chunk size), NaN where "
                     "not measured. tile_kernel_ms: "
                     "tile_chunk_attention alone on the row's tiles, per implementation "
