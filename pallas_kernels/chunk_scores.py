@@ -12,7 +12,7 @@ logits reach HBM.
 With `int8=True` each query row is quantized to int8 (a per-row scale, multiplied back into its
 scores) and the dots run on the int8 tensor cores / MXU: a ranking within about 1% of the float
 one. On an H200 (Triton; S=1M, C=512, 64-wide 8-bit codes, the whole router) int8 rows took
-1.03 ms against 1.60 for bf16 rows at B=128, 3.66 against 6.17 at B=512 and 0.25 against 0.29
+1.04 ms against 1.62 for bf16 rows at B=128, 3.67 against 6.17 at B=512 and 0.24 against 0.29
 at B=8 (experiments/results/sparse_pareto.md).
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".

@@ -9,7 +9,7 @@ two dots of width D/2, no interleaving.
 
 Unpacked (codes [..., D]): one int8 code in [-127, 127] per dimension, one dot. Half the density
 but no unpacking, which on a GPU costs more than reading the second byte (measured on an H200:
-experiments/results/sparse_pareto.md), and 8-bit precision.
+experiments/results/sparse_tile_requests.md), and 8-bit precision.
 """
 
 from __future__ import annotations
