@@ -175,7 +175,7 @@ def main() -> None:
             t_route[scorer] = timing.time_fn(routers[scorer], q, summ[kind])
             logging.info("C=%d B=%d %s router: %.3f ms", C, B, scorer, t_route[scorer] * 1e3)
           ids = routers[kinds[0]](q, summ[kinds[0]])  # the first kind's bf16-row router
-          t_attn, kernels, tile_plans, best, listed = {}, {}, {}, {}, {}
+          t_attn, kernels, tile_plans, best, listed, products = {}, {}, {}, {}, {}, {}
           for R in tiles:
             mcfg = MoskaConfig(mode="sparse", top_k=K, chunk_size=C, summary=kinds[0],
                                batch_aware=R, backend=backend)
@@ -184,14 +184,14 @@ def main() -> None:
             t_attn[R], err = harness.time_or_error(fn, q, ids, shared)
             logging.info("C=%d B=%d batch_aware=%d: %.3f ms %s", C, B, R, t_attn[R] * 1e3, err)
             if R:
-              kernels[R], tile_plans[R], best[R], listed[R] = _tile_kernels(
+              kernels[R], tile_plans[R], best[R], listed[R], products[R] = _tile_kernels(
                   q, ids, shared, N, R, C, backend)
           union = int(jnp.sum(selected_chunks(ids, N).any(axis=0)))  # (kv head, chunk) tiles read
           # Each chosen (kv head, chunk) read once (tiles that list the same chunk may share it
           # through L2); the products: K chunks per request, or each tile's listed chunks for
-          # its requests' rows (min(R, B) of them).
+          # its real requests' rows.
           floor = {R: bench.ceilings.floor_s(
-              4.0 * (B * Hq * K if R == 0 else min(R, B) * (Hq // Hkv) * listed[R]) * C * D,
+              4.0 * (B * Hq * K if R == 0 else (Hq // Hkv) * products[R]) * C * D,
               2.0 * union * C * D * itemsize) for R in tiles}
           plan = pk.plan("chunk_attention", q, k, v, ids, chunk_size=C, backend=backend)
           for scorer, R, reuse in itertools.product(scorers, tiles,
@@ -213,8 +213,9 @@ def main() -> None:
                     "share of the chunks one (tile, kv head) reads. chunk_x_floor = "
                     "chunk_ms / max(bytes / read BW, FLOPs / matmul rate), bytes 2 * union "
                     "tiles * C * D * itemsize (each chosen (kv head, chunk) read once), FLOPs "
-                    "4 * B * Hq * K * C * D per pair, 4 * min(batch_aware, B) * G * listed "
-                    "(tile, kv head, chunk) * C * D batch-aware. acc_over_dense: the accuracy "
+                    "4 * B * Hq * K * C * D per pair, 4 * G * C * D * the sum over tiles of "
+                    "real requests x listed (kv head, chunk) batch-aware. acc_over_dense: the "
+                    "accuracy "
                     "experiment on the trained retrieval model (its own chunk size), NaN where "
                     "not measured. tile_kernel_ms: "
                     "tile_chunk_attention alone on the row's tiles, per implementation "
@@ -224,12 +225,15 @@ def main() -> None:
 
 
 def _tile_kernels(q, ids, shared: SharedLayer, N: int, R: int, C: int,
-                  backend: str) -> tuple[str, str, str, int]:
+                  backend: str) -> tuple[str, str, str, int, int]:
   """tile_chunk_attention alone on the batch-aware tiles of `ids`: ("impl ms; ..." for each of
   --sparse_tile_implementations, the plan "auto" runs, "ms plan" of the sweep's fastest, the
-  (tile, kv head, chunk) triples the tiles list)."""
+  (tile, kv head, chunk) triples the tiles list, and the sum over tiles of real requests x
+  listed (kv head, chunk) pairs: the requests past B that pad the last tile multiply nothing)."""
   order, tile_ids = routing.batch_aware(ids, N, R)
-  listed = int(jnp.sum(tile_ids >= 0))
+  per_tile = jnp.sum(tile_ids >= 0, axis=(1, 2))
+  real = jnp.sum((order < q.shape[0]).reshape(-1, R), axis=1)
+  listed, products = int(jnp.sum(per_tile)), int(jnp.sum(per_tile * real))
   q_tiled = jnp.pad(q, ((0, order.shape[0] - q.shape[0]),) + ((0, 0),) * 3)[order]
   args, kwargs = (q_tiled, shared.k, shared.v, tile_ids), dict(chunk_size=C,
                                                                  kv_length=shared.length)
@@ -249,7 +253,7 @@ def _tile_kernels(q, ids, shared: SharedLayer, N: int, R: int, C: int,
     ms, note = min(swept, key=lambda x: x[0] if math.isfinite(x[0]) else math.inf)
     best = f"{ms:.4g} {note}"
   plan = pk.plan("tile_chunk_attention", *args, backend=backend, **kwargs)
-  return timed, plan_note(plan), best, listed
+  return timed, plan_note(plan), best, listed, products
 
 
 def _plot(plt, rows: list[dict]):

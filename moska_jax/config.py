@@ -166,7 +166,7 @@ class MoskaConfig:
     kind. Default `DEFAULT_SUMMARY` ("int8-pca2"); "mean" and "envelope" are cheaper but route
     like random chunks when a request needs one key of a chunk.
   int8_scorer: score sketches with int8 query rows on the int8 matrix units (a ranking within
-    ~1% of the float one; on an H200 the router took 0.6x the time of bf16 rows at B >= 128,
+    ~1% of the float one; on an H200 the router took 0.6-0.65x the time of bf16 rows at B >= 128,
     0.85x at B=8: experiments/results/sparse_pareto.md).
   batch_aware: requests per tile of batch-aware routing (0: off): requests routed alike share a
     tile, which attends to the union of their chunks (`moska_jax.routing.batch_aware`); a

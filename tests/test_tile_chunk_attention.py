@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels import grouping, tile_chunk_attention
+from pallas_kernels import grouping, targets, tile_chunk_attention
+from pallas_kernels.gpu import mosaic_attention
 from tests import kernel_cases as kc
 from tests.np_reference import chunk_attention_f64
 
@@ -152,7 +153,6 @@ def test_mosaic_list_stream_holds_exactly_the_listed_keys(C, block_k, splits):
   """The Mosaic GPU kernel's gather (it has no interpret mode): stream positions [0, length) of
   each (tile, kv head) are the listed chunks' keys below kv_length, in order; the splits cover
   them in whole key tiles; padding entries and the tile holding the end name listed chunks."""
-  from pallas_kernels.gpu import mosaic_attention
   rng = np.random.default_rng(C + splits)
   N, U, n = 20, 9, 17 * C - C // 2 - 8  # kv_length cuts chunk 16; chunks 17-19 are past it
   lists = [rng.permutation(N)[:rng.integers(0, U + 1)] for _ in range(6)]
@@ -185,8 +185,6 @@ def test_mosaic_plans_and_refusals():
   pair = pk.plan(OP, q, k, k, tiles[:1], chunk_size=512, backend="gpu", target="h200").config
   assert pair.consumers == 2 and pair.rows_per_cta == 128
   # D=256: the pair's two q tiles and its ring still fit the H200's shared memory.
-  from pallas_kernels import targets
-  from pallas_kernels.gpu import mosaic_attention
   wide_q, wide_k = jnp.zeros((32, 1, 32, 256), jnp.bfloat16), jnp.zeros((8192, 8, 256),
                                                                        jnp.bfloat16)
   wide = pk.plan(OP, wide_q, wide_k, wide_k, tiles[:1], chunk_size=512, backend="gpu",
@@ -197,6 +195,14 @@ def test_mosaic_plans_and_refusals():
                                           consumers=2) <= targets.GPU_PRESETS["h200"].smem_per_block
   with pytest.raises(ValueError, match="consumers"):
     pk.MosaicGpuTileConfig(consumers=3)
+  with pytest.raises(ValueError, match="split_keys must be False"):
+    pk.MosaicGpuTileConfig(consumers=2, split_keys=True)
+  # A list per 64 rows handed to 128-row pairs is refused, not read past its rows.
+  ids = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (4, 2, 4))  # [256 / 64, Hkv, U]
+  with pytest.raises(ValueError, match=r"ranges must be \[M / 128, Hkv, P, 2\]"):
+    mosaic_attention.list_attention_partials(
+        jnp.zeros((2, 256, 128), jnp.bfloat16), k[:, :2], k[:, :2], ids, jnp.int32(8192),
+        chunk_size=512, scale=1.0, block_k=128, num_splits=1, num_stages=2, consumers=2)
   for target, dtype in (("a100", jnp.bfloat16), ("h200", jnp.float32)):
     assert pk.plan(OP, q.astype(dtype), k.astype(dtype), k.astype(dtype), tiles, chunk_size=512,
                    backend="gpu", target=target).implementation == "triton"

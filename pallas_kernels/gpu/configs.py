@@ -130,6 +130,12 @@ class MosaicGpuTileConfig(_MosaicGpuAttentionConfig):
 
   consumers: int = knob(one_of, 1, choices=(1, 2))
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.split_keys:  # the kernel refuses it over paged keys
+      raise ValueError("MosaicGpuTileConfig: split_keys must be False (the tile's chunks are "
+                       "gathered page by page)")
+
 
 @_frozen
 class MosaicGpuChunkConfig(Config):

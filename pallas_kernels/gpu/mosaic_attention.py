@@ -275,6 +275,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
     # before `own_slot` (below); refused until a GPU run shows that was the cause.
     raise ValueError("split_keys is not supported with paged keys")
   rows = rows_per_cta(consumers, split_keys)
+  if m_tiles * rows != M or ranges.shape[1] != Hkv:
+    raise ValueError(f"ranges must be [M / {rows}, Hkv, P, 2] = [{M // rows}, {Hkv}, P, 2] for "
+                     f"{rows}-row CTAs over q_rows {q_rows.shape}, got {ranges.shape}")
   pair = consumers == 2 and not split_keys  # the ping-pong pair
   if paged is not None:
     if rows != BLOCK_Q and paged.T > 1:  # the causal limit is one request's, per CTA
