@@ -215,10 +215,9 @@ def main() -> None:
                     "tiles * C * D * itemsize (each chosen (kv head, chunk) read once), FLOPs "
                     "4 * B * Hq * K * C * D per pair, 4 * G * C * D * the sum over tiles of "
                     "real requests x listed (kv head, chunk) batch-aware. acc_over_dense: the "
-                    "accuracy "
-                    "experiment on the trained retrieval model (its own chunk size), NaN where "
-                    "not measured. tile_kernel_ms: "
-                    "tile_chunk_attention alone on the row's tiles, per implementation "
+                    "accuracy experiment on the trained retrieval model (its own chunk size), "
+                    "NaN where not measured. tile_kernel_ms: tile_chunk_attention alone on "
+                    "the row's tiles, per implementation "
                     "(--sparse_tile_implementations); tile_best: the fastest plan of the "
                     "sweep (--sparse_tile_sweep); chunk_ms of batch-aware rows adds the "
                     "tiling (routing.batch_aware) and the reordering of the queries.", plot=_plot)
