@@ -22,19 +22,19 @@ def _lower(op, args, **kwargs):
   return plan
 
 
-@pytest.mark.parametrize("B,D,dtype,kv_dtype,schedule", [
-    (1, 128, "bfloat16", "bfloat16", (1, False)),  # one consumer warpgroup
-    (64, 128, "float16", "float16", (2, False)),  # a ping-pong pair
-    (3, 256, "bfloat16", "bfloat16", (1, False)),
-    (2, 64, "bfloat16", "bfloat16", (1, False)),
-    (64, 96, "bfloat16", "bfloat16", (2, False)),  # 64-byte swizzled rows
-    (1, 80, "float16", "float16", (1, False)),  # 32-byte swizzled rows
-    (1, 128, "bfloat16", "float8_e4m3fn", (2, True)),  # float8 widened, two consumers' keys
-    (64, 128, "bfloat16", "float8_e5m2", (2, False)),
-    (128, 80, "bfloat16", "float8_e5m2", (2, False)),  # widened in HBM first (M = 512)
+@pytest.mark.parametrize("B,D,dtype,kv_dtype,schedule,S", [
+    (1, 128, "bfloat16", "bfloat16", (1, False), 4096),  # one consumer warpgroup
+    (64, 128, "float16", "float16", (2, False), 4040),  # a ping-pong pair; S past whole tiles
+    (3, 256, "bfloat16", "bfloat16", (1, False), 4096),
+    (2, 64, "bfloat16", "bfloat16", (1, False), 4096),
+    (64, 96, "bfloat16", "bfloat16", (2, False), 4096),  # 64-byte swizzled rows
+    (1, 80, "float16", "float16", (1, False), 4096),  # 32-byte swizzled rows
+    (1, 128, "bfloat16", "float8_e4m3fn", (2, True), 4008),  # float8 widened, two consumers' keys
+    (64, 128, "bfloat16", "float8_e5m2", (2, False), 4096),
+    (128, 80, "bfloat16", "float8_e5m2", (2, False), 4096),  # widened in HBM first (M = 512)
 ])
-def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule):
-  q, kv = _sds((B, 1, 32, D), dtype), _sds((4096, 8, D), kv_dtype)
+def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule, S):
+  q, kv = _sds((B, 1, 32, D), dtype), _sds((S, 8, D), kv_dtype)
   scales = {}
   if kv_dtype != dtype:
     scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))

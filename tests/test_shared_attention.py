@@ -26,15 +26,17 @@ CASES = [
     (17, 5, 1, 2, 64, 1000, 999, jnp.bfloat16),
     (5, 2, 2, 2, 80, 1000, 901, jnp.bfloat16),  # head dim 80: Triton tiles padded to 128 lanes
 ]
-# Compiled-only (GPU): sizes the Hopper kernel takes (S a multiple of 128, D of 16), row tiles
-# that cut a request, a key mask inside a tile, empty splits, and head dims that are not multiples
-# of 64 (Hopper: 32-byte swizzles for 48 / 80, 64-byte for 96 / 160; Triton: padded lanes), with
-# one consumer warpgroup (M <= 64) and a ping-pong pair (D=80, M=160).
+# Compiled-only (GPU): sizes the Hopper kernel takes (D a multiple of 16), row tiles that cut a
+# request, a key mask inside a tile, empty splits, head dims that are not multiples of 64
+# (Hopper: 32-byte swizzles for 48 / 80, 64-byte for 96 / 160; Triton: padded lanes), with one
+# consumer warpgroup (M <= 64) and a ping-pong pair (D=80, M=160), and S past the last whole
+# tile (a multiple of 8: the Hopper kernel's last tile reads past S, where TMA fills zeros).
 LARGE = [(64, 1, 4, 2, 128, 4096, None, jnp.bfloat16), (33, 1, 4, 2, 128, 4096, 4000, jnp.bfloat16),
          (40, 1, 8, 2, 128, 4096, 130, jnp.bfloat16), (64, 1, 4, 2, 128, 4096, 0, jnp.bfloat16),
          (3, 2, 4, 2, 64, 1000, None, jnp.float32), (40, 1, 4, 2, 96, 4096, 4000, jnp.bfloat16),
          (3, 1, 8, 2, 80, 4096, None, jnp.bfloat16), (64, 1, 2, 2, 48, 4096, 4001, jnp.bfloat16),
-         (2, 1, 4, 2, 160, 4096, None, jnp.bfloat16), (20, 1, 8, 2, 80, 4096, 4001, jnp.bfloat16)]
+         (2, 1, 4, 2, 160, 4096, None, jnp.bfloat16), (20, 1, 8, 2, 80, 4096, 4001, jnp.bfloat16),
+         (3, 1, 4, 2, 128, 4040, None, jnp.bfloat16), (64, 2, 4, 2, 128, 1000, 999, jnp.float16)]
 
 
 def _case_id(c):

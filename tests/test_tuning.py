@@ -173,7 +173,9 @@ def test_triton_smem_model_covers_what_the_compiler_asked_for():
   # model under-counted, which then failed with RESOURCE_EXHAUSTED on the GPU.
   for bm, bk, D, itemsize, stages, requested in ((128, 64, 128, 4, 2, 262144),
                                                   (128, 64, 256, 2, 3, 262144),
-                                                  (32, 128, 128, 4, 2, 262144)):
+                                                  (32, 128, 128, 4, 2, 262144),
+                                                  (64, 32, 192, 4, 2, 262144),
+                                                  (64, 32, 256, 4, 2, 262144)):
     assert gpu_tuning.triton_smem_bytes(bm, bk, D, itemsize, stages) >= requested
 
 

@@ -245,7 +245,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
   Args:
     q_rows: [Hkv, M, D], M a multiple of R.
-    k, v: [S, Hkv, D], S a multiple of block_k; or pools of pages with `paged`.
+    k, v: [S, Hkv, D], S a multiple of 8 (a tile past S reads zeros: TMA's out-of-bounds
+      fill; `ranges` end by S); or pools of pages with `paged`.
     ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
     consumers: consumer warpgroups per CTA (CONSUMERS).

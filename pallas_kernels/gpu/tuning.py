@@ -68,16 +68,19 @@ def triton_smem_bytes(block_m: int, block_k: int, D: int, itemsize: int, num_sta
   two dots' first operands, q [block_m, D] and p [block_m, block_k] -- twice over for float32,
   whose 3xTF32 dots split each operand in a high and a low part; (b) for row blocks of 64 or
   more (Hopper's wgmma reads its operands from shared memory while the next tiles land) and for
-  float32, num_stages tiles each of K and V plus q, when that is larger. What the compiler asked
-  for on an H200: 262,144 bytes for float32, block_m=128, block_k=64, 2 stages (a, exactly);
-  262,144 for bf16 D=256, block_m=128, block_k=64, 3 stages (b, exactly); 262,144 for float32
-  D=128, block_m=32, block_k=128, 2 stages (b gives 16 KiB more); bf16 D=256, block_m=16,
-  block_k=128, 2 stages compiled (a: 140 KiB; b would be 264 KiB)."""
+  float32, num_stages tiles each of K and V plus q (its two parts for float32 on wgmma), when
+  that is larger. What the compiler asked for on an H200: 262,144 bytes for float32,
+  block_m=128, block_k=64, 2 stages (a and b, exactly); 262,144 for float32 D=256 (and 192,
+  padded), block_m=64, block_k=32, 2 stages (b, exactly; a gives 208 KiB); 262,144 for bf16
+  D=256, block_m=128, block_k=64, 3 stages (b, exactly); 262,144 for float32 D=128, block_m=32,
+  block_k=128, 2 stages (b gives 16 KiB more); bf16 D=256, block_m=16, block_k=128, 2 stages
+  compiled (a: 140 KiB; b would be 264 KiB)."""
   D = softmax.padded(D)
   operands = (2 if itemsize == 4 else 1) * block_m * (D + block_k)
   need = 2 * max(num_stages - 1, 1) * block_k * D + operands
   if block_m >= 64 or itemsize == 4:
-    need = max(need, 2 * num_stages * block_k * D + block_m * D)
+    q_parts = 2 if itemsize == 4 and block_m >= 64 else 1
+    need = max(need, 2 * num_stages * block_k * D + q_parts * block_m * D)
   return need * itemsize
 
 
@@ -135,10 +138,13 @@ def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
 
 def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
                        target: GpuTarget, interpret: bool, *, kv_dtype, consumers: int,
-                       page_size: int | None = None) -> str | None:
+                       page_size: int | None = None, ragged_keys: bool = False) -> str | None:
   """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`,
   in pages of `page_size` for unique attention) with this tiling and this many consumer
-  warpgroups, or None."""
+  warpgroups, or None. ragged_keys: the kernel reads K/V[S, Hkv, D] as one array, so S need be
+  a multiple of 8 only (TMA's tiling of the array), not of block_k: TMA fills a tile's rows past
+  S with zeros, and they lie past kv_length, weighed by 0. The chunk kernels view the store as
+  pages of whole tiles."""
   if interpret:
     return "it has no interpret mode"
   if not target.is_hopper:
@@ -155,8 +161,9 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
   if num_stages > mosaic_attention.MAX_STAGES:
     return (f"it keeps at most {mosaic_attention.MAX_STAGES} K/V ring slots, got "
             f"config.num_stages={num_stages}")
-  if page_size is None and dims.S % block_k:
-    return f"it needs S={dims.S} a multiple of config.block_k={block_k}"
+  if page_size is None and dims.S % (8 if ragged_keys else block_k):
+    step = "8" if ragged_keys else f"config.block_k={block_k}"
+    return f"it needs S={dims.S} a multiple of {step}"
   if page_size is not None:
     if dims.T * dims.G > mosaic_attention.BLOCK_Q:
       return (f"it needs a request's T * G query rows to fit one 64-row tile, got "
@@ -213,7 +220,8 @@ def mosaic_shared_unsupported(dims: AttentionDims, dtype, c: MosaicGpuSharedConf
   if why := _widen_unsupported(c, kv_dtype):
     return why
   why = mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
-                           kv_dtype=dtype if c.widen_kv else kv_dtype, consumers=c.consumers)
+                           kv_dtype=dtype if c.widen_kv else kv_dtype, consumers=c.consumers,
+                           ragged_keys=True)
   if why and c.widen_kv:
     return f"{why} (config.widen_kv: K/V widened to {jnp.dtype(dtype).name})"
   return why
