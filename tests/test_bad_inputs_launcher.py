@@ -1,14 +1,13 @@
 """Bad launcher flags: each run stops at once (before any experiment work) with a non-zero exit
-and a message naming the flag. The runs start together (each is a fresh Python process); an
-unknown experiment or shape name is tested in test_launcher.py."""
+and a message naming the flag. The runs go in turn through one process (`launch`: a process
+each cost seconds of imports); an unknown experiment or shape name is tested in
+test_launcher.py."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_launcher import launch
 
 # id -> (arguments, fragment of stderr); {tmp} is a scratch directory, {file} a file in it.
 CASES = {
@@ -31,22 +30,13 @@ CASES = {
 def results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("launcher")
   (tmp / "file").write_text("")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  procs = {name: subprocess.Popen(
-      [sys.executable, "-m", "experiments.run",
-       *(a.format(tmp=tmp, file=tmp / "file") for a in args)],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for name, (args, _) in CASES.items()}
-  out = {name: (p.wait(timeout=300), p.stderr.read()) for name, p in procs.items()}
-  for p in procs.values():
-    p.stdout.close()
-    p.stderr.close()
-  return out, tmp
+  return launch({name: [a.format(tmp=tmp, file=tmp / "file") for a in args]
+                 for name, (args, _) in CASES.items()}, timeout=300), tmp
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_flags_stop_the_run_with_a_clear_message(results, name):
-  (rc, stderr), tmp = results[0][name], results[1]
+  (rc, _, stderr), tmp = results[0][name], results[1]
   assert rc != 0 and CASES[name][1] in stderr, (rc, stderr[-2000:])
   assert "Traceback" not in stderr, stderr[-2000:]
   assert sorted(os.listdir(tmp)) == ["file"]  # nothing was written
