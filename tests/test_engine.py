@@ -55,12 +55,13 @@ def test_more_prompts_than_slots_all_complete_in_order(setup):
 
 def test_finished_request_frees_pages_for_queued_ones(setup):
   model, store = setup
-  # Room for one request at a time: the second waits until the first frees its pages.
-  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=4,
+  # Room for one request at a time (64 tokens: 8 of the 15 pages each): the second waits until
+  # the first frees its pages. The file's engine geometry (its compiled steps).
+  engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
                        page_size=8, prefill_chunk=8)
-  results = engine.generate(["0123456789", "abcdefghij"], 4)
+  results = engine.generate(["0123456789" * 6, "abcdefghij" * 6], 4)
   assert [len(r.tokens) for r in results] == [4, 4]
-  assert len(engine.cache.free_pages) == 3
+  assert len(engine.cache.free_pages) == 15
 
 
 def test_eos_ends_a_request_early(setup):
@@ -147,21 +148,23 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
 
 
 def test_a_sampled_request_is_a_function_of_its_prompt_sampling_and_seed(setup):
-  """The same seeded request gives the same tokens alone, beside other requests, in another
-  slot, at another max_batch and later in the queue (issue: one key per step made each
-  request's noise depend on its slot and the global step count)."""
+  """The same seeded request gives the same tokens alone, beside other requests, at another
+  max_batch and later in the queue (issue: one key per step made each request's noise depend
+  on its slot and the global step count). The engines have the geometries of the file's others
+  (their compiled steps): one slot, and four."""
   model, store = setup
   mcfg = MoskaConfig(backend="xla")
-  make = lambda B: MoskaEngine(model, store, mcfg, max_batch=B, num_pages=40, page_size=8,
-                               prefill_chunk=8, prefill_lanes=2)
   mine = Sampling(temperature=1.5, top_p=0.95, seed=1234)
   others = [Sampling(temperature=0.7, seed=5), Sampling(), Sampling(temperature=2.0, seed=6)]
-  alone = make(1).generate(["the question"], 12, mine)[0].tokens
-  engine = make(3)
+  alone = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=16, page_size=8,
+                      prefill_chunk=8).generate(["the question"], 12, mine)[0].tokens
+  engine = MoskaEngine(model, store, mcfg, max_batch=4, num_pages=40, page_size=8,
+                       prefill_chunk=8, prefill_lanes=2)
   got = engine.generate(["x", "the question", "yz" * 5], 12, [others[0], mine, others[2]])
   assert got[1].tokens == alone  # slot 1, beside two sampled requests
-  late = engine.generate(["a" * 9, "b", "c", "the question"], 12, others + [mine])
-  assert late[3].tokens == alone  # fourth in the queue, another slot, another step count
+  late = engine.generate(["a" * 9, "b", "c", "d", "the question"], 12,
+                         others + [others[0], mine])
+  assert late[4].tokens == alone  # fifth: queued until a slot frees, another step count
   assert got[0].tokens != alone and late[0].tokens != got[0].tokens
   with pytest.raises(ValueError, match=r"seed must be None or an int in \[0, 2\*\*32\)"):
     Sampling(temperature=1.0, seed=-1)
@@ -216,8 +219,8 @@ def test_a_long_prompt_never_stops_the_decoding_requests(setup):
   step, and both requests' tokens equal those of engines serving them alone."""
   model, store = setup
   mcfg = MoskaConfig(backend="xla")
-  make = lambda: MoskaEngine(model, store, mcfg, max_batch=2, num_pages=40, page_size=8,
-                             prefill_chunk=8, prefill_lanes=1)
+  make = lambda: MoskaEngine(model, store, mcfg, max_batch=4, num_pages=40, page_size=8,
+                             prefill_chunk=8, prefill_lanes=1)  # test_many_streams' steps
   long = list(np.random.default_rng(1).integers(0, 256, 200))
   engine = make()
   short = engine.submit("decode me", 40)
@@ -239,8 +242,9 @@ def test_a_long_prompt_never_stops_the_decoding_requests(setup):
 
 def test_several_contexts_serve_one_step_like_single_context_engines(setup):
   """Two resident contexts (one step serves requests of both): tokens and logits equal two
-  single-context engines', dense and sparse; loading a third and unloading it while serving;
-  an unknown context is a clear error."""
+  single-context engines', dense and sparse; loading a second context into a single-context
+  engine and unloading it while serving (its steps of two contexts are both's, compiled); an
+  unknown context is a clear error."""
   model, store = setup
   other = build_shared_store(model, np.random.default_rng(5).integers(0, 256, 300),
                              chunk_size=64, prefill_chunk=128, backend="xla")
@@ -265,26 +269,28 @@ def test_several_contexts_serve_one_step_like_single_context_engines(setup):
     both.generate(["x"], 2, context="nope")
   # Without a loop, an unload runs after the commands posted before it: it cancels a submit
   # that preceded it, before it returns.
-  both.load_context("third", store)
-  early = both.submit("on the third", 4, context="third")
-  both.unload_context("third")
+  engine = solo["manual"]
+  engine.load_context("code", other)
+  early = engine.submit("on the code", 4, context="code")
+  engine.unload_context("code")
   assert early.done and early.finish_reason == "cancelled"
-  both.start()
+  want = both.generate(["keeps running", "x"], 12)[0].tokens
+  engine.start()
   try:
-    _slow_step(both, 0.02)
-    running = both.submit("keeps running", 12, context="code")
-    both.load_context("third", store)
-    doomed = both.submit("on the third", 12, context="third")
+    _slow_step(engine, 0.02)
+    running = engine.submit("keeps running", 12)
+    engine.load_context("code", other)
+    doomed = engine.submit("on the code", 12, context="code")
     while not doomed.tokens:
       time.sleep(0.01)
-    both.unload_context("third")
+    engine.unload_context("code")
     assert doomed.done and doomed.finish_reason == "cancelled" and "unloaded" in doomed.error
     assert running.finished_event.wait(60) and running.finish_reason == "length"
-    assert running.tokens == solo["code"].generate(["keeps running", "x"], 12)[0].tokens
+    assert running.tokens == want
   finally:
-    both.stop()
+    engine.stop()
   with pytest.raises(ValueError, match="'manual' is the default context"):
-    both.unload_context("manual")
+    engine.unload_context("manual")
 
 
 def test_a_raising_callback_cancels_its_request_once(setup):
@@ -313,7 +319,7 @@ def test_a_callback_that_replaces_the_context_ends_each_request_once(setup):
   once: none of them gets a token after its end event, and each end is counted once."""
   model, store = setup
   engine = MoskaEngine(model, store, MoskaConfig(backend="xla"), max_batch=2, num_pages=16,
-                       page_size=4, prefill_chunk=4)
+                       page_size=8, prefill_chunk=8)
   events = {}
 
   def on_event(r, token):

@@ -5,6 +5,7 @@ MoskaConfig share their compiled steps across tests.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from flax import nnx
 
 from moska_jax import routing
 from moska_jax.attention import apply_rope, rope_frequencies
-from moska_jax.config import ModelConfig, MoskaConfig, RopeScaling, llama3_1_8b, tiny
+from moska_jax.config import (DEFAULT_SUMMARY, ModelConfig, MoskaConfig, RopeScaling,
+                              llama3_1_8b, tiny)
 from moska_jax.engine import MoskaEngine
 from moska_jax.model import Decoder, stateless
 from moska_jax.prefill import build_shared_store
@@ -27,14 +29,23 @@ def _int32_parts(parts):
   return tuple(Part(*(np.asarray(a, np.int32) for a in p)) for p in parts)
 
 
-def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
+@functools.cache
+def _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed):
   cfg = ModelConfig(vocab=256, layers=2, hidden=64, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, head_dim=16, mlp_hidden=96, rope_theta=10000.0)
   model = Decoder(cfg, rngs=nnx.Rngs(seed))
-  rng = np.random.default_rng(seed)
-  shared = rng.integers(0, 256, S)
+  shared = np.random.default_rng(seed).integers(0, 256, S)
   store = build_shared_store(model, shared, chunk_size=chunk_size, prefill_chunk=128,
                              backend="xla")
+  return cfg, model, shared, store
+
+
+def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
+  """The model and store, built once per arguments (tests only read them), and a fresh rng past
+  the shared tokens' draws."""
+  cfg, model, shared, store = _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed)
+  rng = np.random.default_rng(seed)
+  rng.integers(0, 256, S)
   return cfg, model, rng, shared, store
 
 
@@ -44,6 +55,25 @@ ENGINE = dict(max_batch=2, num_pages=12, page_size=8, prefill_chunk=8)
 
 def _engine(model, store, mcfg):
   return MoskaEngine(model, store, mcfg, **ENGINE)
+
+
+@functools.cache
+def _summarized(summary):
+  """_setup()'s store routed by `summary` summaries."""
+  return _setup()[4].with_summaries(64, summary)
+
+
+@functools.cache
+def _other_store():
+  """A second context for _setup()'s model: 200 other tokens."""
+  _, model, rng, _, _ = _setup()
+  return build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
+                            backend="xla")
+
+
+# Half the chunks, chunk 0 always: the routed tests' MoskaConfig (one set of compiled steps).
+ROUTED = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, always_include=(0,),
+                     summary="mean", backend="xla")
 
 
 def _check_against_reference(model, shared, results, tol=2e-5):
@@ -71,23 +101,29 @@ def test_pallas_kernels_in_the_engine_at_the_page_budget_edge(backend):
   mcfg = MoskaConfig(backend=backend, interpret=True)
   engine = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=4, page_size=16,
                        prefill_chunk=32)
-  results = engine.generate([list(rng.integers(0, 256, 40))], 8, return_logits=True)
-  assert engine.cache.block_tables.shape[1] * 16 >= 40 + 8 + 31
+  # 46 + 2 tokens: the budget's 3 pages; one decode step (interpret mode runs slowly).
+  results = engine.generate([list(rng.integers(0, 256, 46))], 2, return_logits=True)
+  assert engine.cache.block_tables.shape[1] * 16 >= 46 + 2 + 31
   _check_against_reference(model, shared, results, tol=1e-4)
 
 
-@pytest.mark.parametrize("summary", ["mean", "envelope"])
-def test_sparse_with_every_chunk_equals_dense(summary):
-  cfg, model, rng, shared, _ = _setup()
-  store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
-                             summary=summary)
-  n_chunks = store.summaries[0].num_chunks
-  prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
+# (summary, reroute_every, top_k): every summary kind and both step forms (routes reused or not,
+# the same for any summary: pairwise); top_k all 6 chunks of the store's rows, the padding one
+# too, or the 5 that hold tokens (the router must never pick the padding chunk).
+@pytest.mark.parametrize("summary,reroute_every,top_k",
+                         [("mean", 1, 6), ("envelope", 1, 6), (DEFAULT_SUMMARY, 4, 5)])
+def test_sparse_with_every_chunk_equals_dense(summary, reroute_every, top_k):
+  _, model, rng, _, _ = _setup()
+  store = _summarized(summary)
+  assert store.summaries[0].num_chunks == 6
+  # One prefill step for both (two compiled step shapes, not three): a router that keeps every
+  # chunk chooses alike in any step.
+  prompts = [list(rng.integers(0, 256, n)) for n in (3, 8)]
   outs = []
   for mcfg in (MoskaConfig(backend="xla"),
-               MoskaConfig(mode="sparse", top_k=n_chunks, chunk_size=64, summary=summary,
-                           backend="xla")):
-    outs.append(_engine(model, store, mcfg).generate(prompts, 4, return_logits=True))
+               MoskaConfig(mode="sparse", top_k=top_k, chunk_size=64, summary=summary,
+                           reroute_every=reroute_every, backend="xla")):
+    outs.append(_engine(model, store, mcfg).generate(prompts, 6, return_logits=True))
   for dense, sparse in zip(*outs):
     assert dense.tokens == sparse.tokens
     np.testing.assert_allclose(np.stack(dense.logits), np.stack(sparse.logits), atol=2e-5)
@@ -102,47 +138,51 @@ def _routed_reference(model, store, shared, prompt, generated, mcfg, top_k):
   chunks otherwise. Dense masked attention in float32, independent of the engine's paging,
   attention kernels and merge. The summaries and the scorer are the engine's own: quantized
   codes rebuilt from keys that differ in rounding, or another scorer's rounding, can move a
-  near-tie between chunks (seen on a GPU), which is not what this reference checks."""
-  S, C = len(shared), mcfg.chunk_size
-  L = S + len(prompt) + len(generated)
-  steps = [np.arange(S, S + len(prompt))] + [np.array([r]) for r in range(S + len(prompt), L)]
+  near-tie between chunks (seen on a GPU), which is not what this reference checks. One jitted
+  forward: run eagerly, each op compiled anew for every sequence length."""
+  tokens = jnp.asarray([list(shared) + list(prompt) + list(generated)], jnp.int32)
+  return np.asarray(_masked_forward(*nnx.split(model), store.summaries, tokens, len(shared),
+                                    len(prompt), mcfg, top_k))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _masked_forward(graphdef, state, summaries, tokens, S, P, mcfg, top_k):
+  L = tokens.shape[1]
+  steps = [(S, S + P)] + [(r, r + 1) for r in range(S + P, L)]  # the rows of each engine step
+  chunk_of_key = jnp.arange(S) // mcfg.chunk_size
 
   def attention(i, q, k, v):
     q, k, v = q[0], k[0], v[0]  # one sequence: [L, H, D]
     Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-    summaries = store.summaries[i]
-    mask = np.repeat(np.tril(np.ones((L, L), bool))[:, None], Hkv, axis=1)  # [row, Hkv, key]
-    for j, rows in enumerate(steps):
+    shared_keys = [jnp.broadcast_to(jnp.tril(jnp.ones((S, S), bool))[:, None], (S, Hkv, S))]
+    for j, (a, b) in enumerate(steps):
       if j <= 1 or (j - 1) % mcfg.reroute_every == 0:  # the prompt, then decode step j - 1
-        ids = np.asarray(routing.route(q[rows][None], summaries, top_k,
-                                       always_include=mcfg.always_include,
-                                       int8=mcfg.int8_scorer, backend=mcfg.backend,
-                                       interpret=mcfg.interpret))[0]
-      chosen = np.zeros((Hkv, S), bool)
-      for h, c in zip(*np.nonzero(ids >= 0)):
-        chosen[h, ids[h, c] * C:(ids[h, c] + 1) * C] = True
-      mask[rows, :, :S] = chosen
+        ids = routing.route(q[a:b][None], summaries[i], top_k,
+                            always_include=mcfg.always_include, int8=mcfg.int8_scorer,
+                            backend=mcfg.backend, interpret=mcfg.interpret)[0]
+        chosen = jnp.any(ids[:, :, None] == chunk_of_key, axis=1)  # [Hkv, S]; -1 matches none
+      shared_keys.append(jnp.broadcast_to(chosen, (b - a, Hkv, S)))
+    unique_keys = np.tril(np.ones((L, L), bool))[:, None, S:]
+    mask = jnp.concatenate([jnp.concatenate(shared_keys),
+                            jnp.broadcast_to(unique_keys, (L, Hkv, L - S))], axis=2)
     s = jnp.einsum("thgd,shd->hgts", q.reshape(L, Hkv, Hq // Hkv, D), k,
                    precision=jax.lax.Precision.HIGHEST) * D**-0.5
     p = jax.nn.softmax(jnp.where(mask.transpose(1, 0, 2)[:, None], s, -jnp.inf), axis=-1)
     o = jnp.einsum("hgts,shd->thgd", p, v, precision=jax.lax.Precision.HIGHEST)
     return o.reshape(1, L, Hq, D)
 
-  tokens = jnp.asarray(list(shared) + prompt + generated)[None]
-  positions = jnp.arange(L)[None]
-  return np.asarray(model.forward(tokens, positions, stateless(attention))[0][0])
+  return nnx.merge(graphdef, state).forward(tokens, jnp.arange(L)[None],
+                                            stateless(attention))[0][0]
 
 
 @pytest.mark.parametrize("summary", ["mean", "int4"])
 def test_sparse_engine_equals_decoder_masked_to_the_routed_chunks(summary):
-  cfg, model, rng, shared, _ = _setup()
-  store = build_shared_store(model, shared, chunk_size=64, prefill_chunk=128, backend="xla",
-                             summary=summary)
+  _, model, rng, shared, _ = _setup()
+  store = _summarized(summary)
   prompt = list(rng.integers(0, 256, 6))
   dense = _engine(model, store, MoskaConfig(backend="xla")).generate([prompt], 3,
                                                                       return_logits=True)[0]
-  mcfg = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, always_include=(0,),
-                     summary=summary, backend="xla")
+  mcfg = dataclasses.replace(ROUTED, summary=summary)
   sparse = _engine(model, store, mcfg).generate([prompt], 3, return_logits=True)[0]
   assert np.all(np.isfinite(np.stack(sparse.logits)))
   assert not np.allclose(np.stack(dense.logits), np.stack(sparse.logits))  # it did drop chunks
@@ -234,25 +274,18 @@ def test_moska_step_refuses_contexts_it_cannot_read():
                                         backend="xla"))
 
 
-def _reroute_engine(model, store, reroute_every, top_k=None):
-  """top_k chunks, or sparsity 0.5 with chunk 0 always kept (reroute_every=1: the MoskaConfig of
-  test_sparse_engine_equals_decoder_masked_to_the_routed_chunks[mean], whose steps it reuses)."""
-  mcfg = MoskaConfig(mode="sparse", top_k=top_k, sparsity=None if top_k else 0.5, chunk_size=64,
-                     always_include=() if top_k else (0,), reroute_every=reroute_every,
-                     backend="xla")
-  return _engine(model, store, mcfg), mcfg
-
-
 def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
   """reroute_every=3: decode steps 0, 3, 6 route and the others attend the chunks of the latest
   routing (the masked reference reuses them the same way); the ids state stays fixed between
-  re-routes; the steps that route are bit-identical to reroute_every=1."""
-  cfg, model, rng, shared, store = _setup()
+  re-routes; the steps that route are bit-identical to reroute_every=1 (`ROUTED`)."""
+  cfg, model, rng, shared, _ = _setup()
+  store = _summarized("mean")
   prompt = list(rng.integers(0, 256, 6))
-  every, mcfg = _reroute_engine(model, store, 1)
+  every = _engine(model, store, ROUTED)
   base = every.generate([prompt], 7, return_logits=True)[0]
   assert every.route_ids() is None  # r = 1 keeps no selections: every step routes
-  engine, mcfg = _reroute_engine(model, store, 3)
+  mcfg = dataclasses.replace(ROUTED, reroute_every=3)
+  engine = _engine(model, store, mcfg)
   engine.warmup()  # both forms of each step shape: routing, and reusing (no router, no branch)
   compiled = engine.compilations()
   request = engine.submit(prompt, 7, return_logits=True)
@@ -279,25 +312,12 @@ def test_reused_routes_equal_the_decoder_masked_to_the_reused_chunks():
   assert engine.compilations() == compiled
 
 
-@pytest.mark.parametrize("reroute_every", [1, 4])
-def test_sparse_with_every_chunk_equals_dense_for_any_reroute(reroute_every):
-  _, model, rng, _, store = _setup()
-  prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
-  dense = _engine(model, store, MoskaConfig(backend="xla")).generate(prompts, 6,
-                                                                      return_logits=True)
-  engine, _ = _reroute_engine(model, store, reroute_every, top_k=5)  # N = ceil(300 / 64) = 5
-  for d, s in zip(dense, engine.generate(prompts, 6, return_logits=True)):
-    assert d.tokens == s.tokens
-    np.testing.assert_allclose(np.stack(d.logits), np.stack(s.logits), atol=2e-5)
-
-
 def test_batch_aware_tiles_of_one_request_equal_per_pair_routing():
   """batch_aware=1: every tile is one request and attends to the union of its own chunks, so
   the engine's step (two requests of two contexts, routes reused every other step) gives the
   logits of per-(request, chunk) routing; the other context's rows select nothing in a tile."""
   _, model, rng, _, store = _setup()
-  other = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
-                             backend="xla")
+  other = _other_store()
   prompts = [list(rng.integers(0, 256, n)) for n in (3, 9)]
   outs = []
   for batch_aware in (0, 1):
@@ -313,9 +333,8 @@ def test_batch_aware_tiles_of_one_request_equal_per_pair_routing():
 
 def test_the_step_routes_with_the_kernel_settings(monkeypatch):
   """The step's router runs as MoskaConfig says: the int8 scorer, the backend, interpret."""
-  cfg, model, rng, _, _ = _setup(S=200)
-  store = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
-                             backend="xla", summary="int4")
+  cfg, model, _, _, store = _setup(S=200)
+  store = store.with_summaries(64, "int4")
   mcfg = MoskaConfig(mode="sparse", top_k=2, chunk_size=64, summary="int4", int8_scorer=True,
                      backend="xla")
   seen, route = [], routing.route
@@ -360,7 +379,7 @@ def test_reused_routes_leave_no_branch_in_the_step():
 def test_sparsity_counts_the_chunks_that_hold_tokens():
   """S=1000, C=100: the store holds 10 chunks and no padding past one chunk; sparsity 0.75
   attends ceil(0.25 * 10) = 3 chunks per (request, kv head), as the masked reference with K = 3,
-  and differs from dense."""
+  and differs from dense (the plain decoder)."""
   cfg = ModelConfig(vocab=256, layers=2, hidden=64, num_heads=4, num_kv_heads=2, head_dim=16,
                     mlp_hidden=96, rope_theta=10000.0)
   model = Decoder(cfg, rngs=nnx.Rngs(3))
@@ -373,11 +392,10 @@ def test_sparsity_counts_the_chunks_that_hold_tokens():
   assert engine.context_top_k("default") == 3
   prompt = list(rng.integers(0, 256, 5))
   sparse = engine.generate([prompt], 3, return_logits=True)[0]
-  dense = _engine(model, store, MoskaConfig(backend="xla")).generate([prompt], 3,
-                                                                      return_logits=True)[0]
-  assert not np.allclose(np.stack(sparse.logits), np.stack(dense.logits))
-  ref = _routed_reference(model, store, shared, prompt, sparse.tokens[:-1], mcfg, 3)
   start = len(shared) + len(prompt) - 1
+  dense = plain_logits(model, [list(shared) + prompt + sparse.tokens[:-1]])[0]
+  assert not np.allclose(np.stack(sparse.logits), dense[start:start + 3])
+  ref = _routed_reference(model, store, shared, prompt, sparse.tokens[:-1], mcfg, 3)
   np.testing.assert_allclose(np.stack(sparse.logits), ref[start:start + 3], rtol=2e-5, atol=2e-5)
 
 
@@ -449,13 +467,14 @@ def test_config_validation():
 def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
   """Where a lax.cond would make a GPU host wait (`step.cond_waits_for_device`), the dense step
   runs a context no row reads with no valid key instead of branching: the same logits as the
-  branching form, with a context read by every row, by none and by some, and no conditional
-  left in the program."""
+  branching form, with a context read by every row, by none, by some, and unread but named by
+  a padding row (fed 0: an idle slot or lane, which does not make its context read); the
+  context no row reads gets kv_length 0, a read one its whole length; no conditional is left in
+  the program."""
   from moska_jax import step as step_module
 
   cfg, model, rng, _, store = _setup()
-  other = build_shared_store(model, rng.integers(0, 256, 200), chunk_size=64, prefill_chunk=128,
-                             backend="xla")
+  other = _other_store()
   graphdef, state = nnx.split(model)
   mcfg = MoskaConfig(backend="xla")
   contexts = (SharedContext.of(store, mcfg), SharedContext.of(other, mcfg))
@@ -464,33 +483,35 @@ def test_contexts_without_a_branch_equal_the_branching_step(monkeypatch):
   tables = np.asarray([[1, 2], [3, 4], [5, 6]], np.int32)
   tokens = rng.integers(0, 256, (3, 4)).astype(np.int32)
   zeros = np.zeros(3, np.int32)
+  S, S_other = int(store.length), int(other.length)
+  cases = [  # (which, fed, the kv_length each context is read with)
+      ([0, 0, 0], [4, 2, 3], [S, 0]), ([1, 0, 1], [4, 2, 3], [S, S_other]),
+      ([1, 1, 1], [4, 2, 3], [0, S_other]), ([0, 0, 1], [4, 2, 0], [S, 0])]
+  parts = [_int32_parts([Part(tokens, tables, zeros, np.asarray(fed), np.asarray(which))])
+           for which, fed, _ in cases]
+  lengths = []  # the kv_length of each shared_partial call, traced
 
-  def run(which, branchless):
+  def form(branchless):  # a function of its own: jit would reuse another's trace
+    def step(state, pools, parts):  # the logits, and the lengths the contexts were read with
+      lengths.clear()
+      (logits,), _, _ = moska_step(nnx.merge(graphdef, state), contexts, pools, parts, mcfg)
+      return logits, jnp.stack(lengths) if branchless else None
+    # Traced at its first call, while `cond_waits_for_device` says branchless.
     monkeypatch.setattr(step_module, "cond_waits_for_device", lambda mcfg: branchless)
-    fn = jax.jit(lambda state, pools, parts: moska_step(nnx.merge(graphdef, state), contexts,
-                                                        pools, parts, mcfg)[0])
-    parts = _int32_parts([Part(tokens, tables, zeros, np.asarray([4, 2, 3]), which)])
-    return fn(state, pools, parts), fn.lower(state, pools, parts).as_text()
+    return jax.jit(step)
 
-  for which in ([0, 0, 0], [1, 0, 1], [1, 1, 1]):
-    which = np.asarray(which, np.int32)
-    (want,), text = run(which, False)
-    (got,), branchless = run(which, True)
-    assert "stablehlo.case" in text and "stablehlo.case" not in branchless
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  # Eagerly: the context no row reads gets kv_length 0, a read one its whole length.
-  monkeypatch.setattr(step_module, "cond_waits_for_device", lambda mcfg: True)
-  lengths, partial = [], step_module.shared_partial
+  branching = form(False)
+  want = [branching(state, pools, p)[0] for p in parts]
+  assert "stablehlo.case" in branching.lower(state, pools, parts[0]).as_text()
+  partial = step_module.shared_partial
   monkeypatch.setattr(step_module, "shared_partial", lambda q, layer, mcfg, **kw: (
-      lengths.append(int(layer.length)), partial(q, layer, mcfg, **kw))[1])
-  moska_step(model, contexts, pools, _int32_parts(
-      [Part(tokens, tables, zeros, np.asarray([4, 2, 3]), zeros)]), mcfg)
-  assert lengths == [int(store.length), 0] * cfg.layers
-  # A padding row (fed 0: an idle slot or lane) does not make its context read.
-  lengths.clear()
-  moska_step(model, contexts, pools, _int32_parts(
-      [Part(tokens, tables, zeros, np.asarray([4, 2, 0]), np.asarray([0, 0, 1]))]), mcfg)
-  assert lengths == [int(store.length), 0] * cfg.layers
+      lengths.append(layer.length), partial(q, layer, mcfg, **kw))[1])
+  branchless = form(True)
+  for (_, _, read), p, w in zip(cases, parts, want):
+    got, kv_lengths = branchless(state, pools, p)
+    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-5)
+    assert kv_lengths.tolist() == read * cfg.layers
+  assert "stablehlo.case" not in branchless.lower(state, pools, parts[0]).as_text()
 
 
 def test_the_decoder_refuses_token_ids_outside_the_vocabulary():
