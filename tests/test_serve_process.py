@@ -84,8 +84,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def servers():
-  started = [Served(), Served("--engine_process"), Served("--engine_process")]
+  started = [Served()]
   try:
+    # The in-process server first: the cores then load its warmed-up steps from the suite's
+    # compilation cache (all three compile the same programs).
+    started[0].wait_up()
+    started += [Served("--engine_process"), Served("--engine_process")]
     yield [s.wait_up() for s in started]  # in-process, core, a core to kill
   finally:
     for s in started:
@@ -199,7 +203,9 @@ def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
 
   doc = tmp_path / "doc.txt"
   doc.write_text("MoSKA serves many requests that share one long context. " * 4)
-  spec = dict(model="tiny", max_batch=2, num_pages=32, prefill_chunk=16, backend="xla")
+  # The servers' geometry (`Served`): the core's one-context steps load from the compilation
+  # cache they filled.
+  spec = dict(model="tiny", max_batch=4, num_pages=32, prefill_lanes=1, backend="xla")
   want = build_engine(**spec, contexts={"default": None, "doc": str(doc)}).generate(
       ["Who serves?"], NEW, context="doc")[0].tokens
   core = EngineProcess(build_engine, spec, env={"JAX_PLATFORMS": "cpu"}, timeout=240)
@@ -245,6 +251,7 @@ def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
     loading.join()
     assert max(took) < 1.0, took
     assert "slow" in core.contexts
+    core.unload_context("slow")  # two contexts again: the steps compiled for "doc" serve "again"
 
     real, interrupted = concurrent.futures.Future.result, []
 
