@@ -17,15 +17,24 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+# Seconds `time_fn` spends per function by default: on CPU, where timings are smoke runs (as
+# `measure_ceilings`' sizes there), a tenth of an accelerator's.
+BUDGET_S = 2.0
+CPU_BUDGET_S = 0.2
 
 
 def time_fn(fn: Callable, *args, warmup: int = 3, inner: int = 10, samples: int = 15,
-            budget_s: float = 2.0) -> float:
+            budget_s: float | None = None) -> float:
   """Median seconds per call of fn(*args) after warm-up (compilation excluded).
 
-  Slow functions get fewer calls: inner and samples shrink so that timing takes about budget_s,
-  with at least 3 samples of 1 call.
+  Slow functions get fewer calls: inner and samples shrink so that timing takes about budget_s
+  (default `BUDGET_S`, `CPU_BUDGET_S` on CPU), with at least 3 samples of 1 call.
   """
+  if budget_s is None:
+    budget_s = CPU_BUDGET_S if jax.default_backend() == "cpu" else BUDGET_S
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
   t0 = time.perf_counter()
@@ -57,7 +66,8 @@ def round_time(program: Callable[[int], Callable], *args, rounds: int = ROUNDS,
   return (time(program(1 + rounds), *args) - one) / rounds, one
 
 
-def time_in_program(fn: Callable, *args, rounds: int = ROUNDS, budget_s: float = 2.0) -> float:
+def time_in_program(fn: Callable, *args, rounds: int = ROUNDS,
+                    budget_s: float | None = None) -> float:
   """Seconds one call of fn(*args) adds inside a jitted program (`round_time`), the calls
   chained in one program (each one's first argument waits for the previous call's output, so
   XLA neither merges nor reorders them).
@@ -137,7 +147,11 @@ def measure_ceilings(matmul_n: int | None = None, read_bytes: int | None = None)
   on_cpu = jax.default_backend() == "cpu"
   matmul_n = matmul_n or (512 if on_cpu else 8192)
   read_bytes = read_bytes or ((16 << 20) if on_cpu else (4 << 30))
-  x = jax.random.normal(jax.random.key(1), (read_bytes // 2,), jnp.bfloat16)
+  if on_cpu:  # NumPy draws the smoke run's buffer ~5x faster than a compiled jax.random
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(read_bytes // 2, np.float32),
+                    jnp.bfloat16)
+  else:  # drawn on the device: no 4 GiB host transfer
+    x = jax.random.normal(jax.random.key(1), (read_bytes // 2,), jnp.bfloat16)
   t_read = time_fn(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), x)
   half = x[:x.size // 2]
   t_copy = time_fn(jax.jit(lambda x: x + jnp.bfloat16(1)), half)  # one read + one write each

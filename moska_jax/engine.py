@@ -829,7 +829,9 @@ class MoskaEngine:
     shapes an engine of the same model and MoskaConfig compiled before; on disaggregated
     groups, traces of this engine's span program (one per part shape: the decode part and a
     prefill part per lane count; and per sampling form, `sampling.branches`). The sampler's
-    small programs are not counted."""
+    small programs are not counted. These are traces: XLA compiles a traced shape again for
+    arrays placed differently (an engine on one-device `DeviceGroups` commits its arrays to that
+    device, so it compiles the steps an engine without groups compiled, and reports 0)."""
     return self._traces
 
   def _counted(self, fn):
