@@ -24,7 +24,7 @@ def attend(scores: jax.Array, mask: jax.Array | None, v: jax.Array,
   """Softmax over the last axis of float32 `scores` (masked), then `einsum(spec, p, v)`.
 
   Masked keys are never read, as in the kernels: NaN or inf in their K (scores) or V rows reaches
-  no output, while one in a key a row attends to makes that row's output NaN.
+  no output, while one in a key a row attends to makes that row's o and lse NaN.
   Returns (o float32, lse float32); fully masked rows give o = 0, lse = -inf.
   """
   if mask is not None:
@@ -41,8 +41,9 @@ def attend(scores: jax.Array, mask: jax.Array | None, v: jax.Array,
     o = jnp.einsum(spec, p, jnp.where(finite, v, 0.0), precision=_HI)
     seen = jnp.broadcast_to(mask, scores.shape).astype(jnp.float32)
     o = jnp.where(jnp.einsum(spec, seen, (~finite).astype(jnp.float32)) > 0, jnp.nan, o)
-  o = o / jnp.where(denom > 0, denom, 1.0)[..., None]
-  lse = jnp.where(denom > 0, jnp.log(denom) + m[..., 0], -jnp.inf)
+  empty = denom == 0  # a NaN denominator (a NaN score) is not "no key": it reaches o and lse
+  o = o / jnp.where(empty, 1.0, denom)[..., None]
+  lse = jnp.where(empty, -jnp.inf, jnp.log(denom) + m[..., 0])
   return o, lse
 
 

@@ -498,3 +498,48 @@ def test_interpret_is_a_bool_for_a_pallas_implementation():
   with pytest.raises(ValueError, match="shared_attention: interpret must be True or False, got "
                      "'yes'"):
     pk.shared_attention(Q, K, V, interpret="yes")
+
+
+# Keys a row attends to: a NaN there (or in the row's query) reaches the row's o and lse on every
+# implementation. A NaN sum of weights is not "no key": read as empty, the row's split once
+# vanished from the merge and left attention over the other splits' keys.
+def _nan_reaches(out, rows) -> None:
+  o, lse = np.asarray(out[0], np.float32), np.asarray(out[1])
+  np.testing.assert_array_equal(np.isnan(lse), rows)
+  assert np.all(np.isnan(o[rows])) and np.all(np.isfinite(o[~rows]))
+
+
+_HEAD0 = np.arange(HQ) < G  # the query heads of kv head 0
+
+
+def _dtype(implementation: str):
+  return jnp.bfloat16 if implementation == "mosaic_gpu" else jnp.float32  # its only inputs
+
+
+@pytest.mark.parametrize("op", sorted(SHARED_OPS))
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("shared_attention"))
+def test_nan_in_an_attended_key_or_query_reaches_its_rows(op, implementation, interpret):
+  if implementation not in pk.implementations(op):
+    pytest.skip(f"{op} has no {implementation!r} implementation")
+  q, k, v = (x.astype(_dtype(implementation)) for x in (Q, K, V))
+  fn = jax.jit(lambda q, k: SHARED_OPS[op](q, k, v, kv_length=KV_LENGTH,
+                                           implementation=implementation, interpret=interpret))
+  # Key 5 (chunk 0, kv head 0): every request reads it in shared / tile attention (TILES lists
+  # chunk 0 for kv head 0), request 0 only in chunk attention (IDS).
+  readers = np.ones(B, bool) if op != "chunk_attention" else np.arange(B) == 0
+  _nan_reaches(fn(q, k.at[5, 0, 3].set(jnp.nan)), readers[:, None, None] & _HEAD0)
+  rows = np.zeros((B, T, HQ), bool)
+  rows[1, 0, HQ - 1] = True
+  _nan_reaches(fn(q.at[1, 0, HQ - 1, 7].set(jnp.nan), k), rows)
+
+
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("unique_attention"))
+def test_nan_in_an_attended_page_reaches_its_rows(implementation, interpret):
+  # Finite past the lengths: "mosaic_gpu" weighs the rest of a request's last tile by 0.
+  q, k, v, tables, lengths = kc.paged_inputs(1, T, G, HKV, D, 16, (20, 33), jnp.float32,
+                                             poison=False)
+  q, k, v = (x.astype(_dtype(implementation)) for x in (q, k, v))
+  page = int(tables[1, 1])  # request 1's tokens 16..31 (its length is 33)
+  fn = jax.jit(lambda k: pk.unique_attention(q, k, v, tables, lengths,
+                                             implementation=implementation, interpret=interpret))
+  _nan_reaches(fn(k.at[page, 4, 0, 0].set(jnp.nan)), (np.arange(B) == 1)[:, None, None] & _HEAD0)

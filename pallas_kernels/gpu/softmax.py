@@ -79,11 +79,12 @@ def step(carry, s: jax.Array, *, scale_log2: float, rows_may_be_empty: bool = Fa
 
 
 def finish(acc: jax.Array, m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Normalizes the state into (o, natural-log lse); l = 0 (no key) gives o = 0, lse = -inf."""
-  nonempty = l > 0
-  safe_l = jnp.where(nonempty, l, 1.0)
+  """Normalizes the state into (o, natural-log lse); l = 0 (no key) gives o = 0, lse = -inf, a
+  NaN l (a NaN score) o and lse NaN."""
+  empty = l == 0  # not `l <= 0`: a NaN sum read as "no key" would vanish from the merge
+  safe_l = jnp.where(empty, 1.0, l)
   o = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
-  return o, jnp.where(nonempty, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
+  return o, jnp.where(empty, -jnp.inf, (m + jnp.log2(safe_l)) * LN2)
 
 
 def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: float,

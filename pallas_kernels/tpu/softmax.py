@@ -32,12 +32,13 @@ def update(m_ref, l_ref, acc_ref, s: jax.Array, v: jax.Array, precision) -> None
 
 
 def finish(m_ref, l_ref, acc_ref, o_ref, lse_ref) -> None:
-  """Writes the normalized o and the natural-log lse; an empty row gives o = 0, lse = -inf."""
+  """Writes the normalized o and the natural-log lse; an empty row gives o = 0, lse = -inf, a
+  NaN sum (a NaN score) o and lse NaN."""
   l = l_ref[...]
-  nonempty = l > 0
-  safe_l = jnp.where(nonempty, l, 1.0)
+  empty = l == 0  # not `l <= 0`: a NaN sum read as "no key" would vanish from the merge
+  safe_l = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(nonempty, m_ref[...] + jnp.log(safe_l), -jnp.inf)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(safe_l))
 
 
 def scores(q: jax.Array, k: jax.Array, scale: float, precision) -> jax.Array:
