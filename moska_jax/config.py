@@ -221,8 +221,13 @@ class MoskaConfig:
     check_int(self.reroute_every, "reroute_every", "MoskaConfig")
     if self.backend not in BACKENDS:
       raise ValueError(f"MoskaConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
-    if not isinstance(self.int8_scorer, bool):
-      raise ValueError(f"MoskaConfig.int8_scorer must be True or False, got {self.int8_scorer!r}")
+    for name in ("int8_scorer", "interpret"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"MoskaConfig.{name} must be True or False, got "
+                         f"{getattr(self, name)!r}")
+    if self.interpret and self.backend == "xla":
+      raise ValueError("MoskaConfig: interpret=True runs the Pallas kernels in interpret mode; "
+                       "backend 'xla' has none (give backend='gpu', 'tpu' or 'auto')")
     if isinstance(self.batch_aware, bool) or not isinstance(self.batch_aware, int) or (
         self.batch_aware < 0):
       raise ValueError(f"MoskaConfig.batch_aware must be an int >= 0 (requests per tile; 0 is "

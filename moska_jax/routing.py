@@ -281,7 +281,7 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
       [0, S]; a traced one is clamped to it.
     summary: a key of `SUMMARIES` ("mean", "envelope", "int4" or a PCA kind, "int4-pca2",
       "int4-pca4", "int8-pca2", "int8-pca4"); default `config.DEFAULT_SUMMARY`. "int4" packs
-      two 4-bit codes a byte, so it needs an even D.
+      two 4-bit codes a byte, so it needs an even D; the PCA kinds need D >= 2.
 
   Returns:
     `ChunkSummaries` of N = ceil(S / C) chunks.
@@ -290,7 +290,10 @@ def chunk_summaries(k: jax.Array, chunk_size: int, kv_length=None,
   kc, valid, num_valid = _chunked(k, chunk_size, kv_length, "chunk_summaries")
   if summary == "int4" and k.shape[-1] % 2:
     raise ValueError(f"chunk_summaries: summary 'int4' packs two 4-bit codes a byte and needs an "
-                     f"even head dim, got D={k.shape[-1]} (the PCA kinds take any D)")
+                     f"even head dim, got D={k.shape[-1]} (the PCA kinds take any D >= 2)")
+  if summary not in ("mean", "envelope") and k.shape[-1] < 2:
+    raise ValueError(f"chunk_summaries: summary {summary!r} codes keys in pairs of dimensions "
+                     f"and needs a head dim D >= 2, got D={k.shape[-1]}")
   arrays, projection = kind.summarize(kc, valid)
   return ChunkSummaries(tuple(arrays), num_valid, summary, chunk_size, projection)
 

@@ -157,6 +157,10 @@ def check_kv_scales(k_scale, v_scale, Hkv: int, *, op: str):
     if x.shape != (Hkv,) or not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"{op}: {name} must be a float array of shape [Hkv={Hkv}], got "
                        f"{x.shape} {x.dtype}")
+    values = host_values(x)  # traced scales cannot be read: not checked
+    if values is not None and not np.all(np.isfinite(values) & (values > 0)):
+      raise ValueError(f"{op}: {name} must be finite and > 0 (k = k_scale[h] * stored), got "
+                       f"{values.tolist()}")
     out.append(x if x.dtype == jnp.float32 else x.astype(jnp.float32))
   return tuple(out)
 
@@ -335,10 +339,11 @@ def check_kv_length(kv_length, S: int, *, op: str, name: str = "kv_length", boun
   n = host_values(kv_length)
   if isinstance(kv_length, int) and not 0 <= kv_length <= S:  # before int32 could overflow
     raise ValueError(f"{op}: {name} must be in [0, {bound}={S}], got {kv_length}")
-  kv_length = jnp.asarray(kv_length)
+  stand_in = isinstance(kv_length, jax.ShapeDtypeStruct)  # `plan`'s: a shape, no value
+  kv_length = kv_length if stand_in else jnp.asarray(kv_length)
   if kv_length.ndim != 0 or not jnp.issubdtype(kv_length.dtype, jnp.integer):
     raise ValueError(f"{op}: {name} must be an integer scalar, got shape {kv_length.shape} "
                      f"dtype {kv_length.dtype}")
   if n is not None and not 0 <= int(n) <= S:
     raise ValueError(f"{op}: {name} must be in [0, {bound}={S}], got {int(n)}")
-  return kv_length.astype(jnp.int32)
+  return jax.ShapeDtypeStruct((), jnp.int32) if stand_in else kv_length.astype(jnp.int32)

@@ -121,6 +121,9 @@ def test_bad_prompts_sampling_and_corpus(setup):
     (dict(mode="sparse", top_k=2, always_include=(0, 0)), "always_include must be distinct"),
     (dict(mode="sparse", top_k=2, always_include=(-1,)), "always_include must be distinct"),
     (dict(mode="sparse", top_k=1, always_include=(0, 1)), "holds 2 ids, more than top_k=1"),
+    (dict(interpret="yes"), "interpret must be True or False, got 'yes'"),
+    (dict(interpret=1), "interpret must be True or False, got 1"),
+    (dict(backend="xla", interpret=True), "backend 'xla' has none"),
 ])
 def test_bad_moska_configs(kw, fragment):
   with pytest.raises(ValueError, match=fragment):

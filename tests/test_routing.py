@@ -242,6 +242,11 @@ def test_route_validation_errors():
   with pytest.raises(ValueError, match="summary 'int4' packs two 4-bit codes a byte and needs an "
                                        "even head dim, got D=15"):
     routing.chunk_summaries(jnp.ones((64, 1, 15)), 16, summary="int4")
+  for kind in ("int4-pca2", "int8-pca4"):
+    with pytest.raises(ValueError, match=f"summary '{kind}' codes keys in pairs of dimensions "
+                       "and needs a head dim D >= 2, got D=1"):
+      routing.chunk_summaries(jnp.ones((64, 1, 1)), 16, summary=kind)
+  assert routing.chunk_summaries(jnp.ones((64, 1, 1)), 16, summary="mean").num_valid_chunks == 4
   with pytest.raises(ValueError, match=r"top_k must be an int in \[1, N=4\]"):
     routing.route(q, s, 5)
   with pytest.raises(ValueError, match="always_include must hold"):

@@ -141,6 +141,10 @@ def test_scale_validation():
     pk.shared_attention(q, k8, v8, k_scale=ks[:1], v_scale=vs)
   with pytest.raises(ValueError, match="v_scale must be a float array"):
     pk.shared_attention(q, k8, v8, k_scale=ks, v_scale=jnp.ones(2, jnp.int32))
+  for bad in (0.0, -1.0, float("nan"), float("inf")):  # a concrete scale must dequantize
+    with pytest.raises(ValueError, match=r"k_scale must be finite and > 0 .*got \[1.0, "):
+      pk.shared_attention(q, k8, v8, k_scale=jnp.asarray([1.0, bad]), v_scale=vs)
+  jax.jit(lambda ks: pk.shared_attention(q, k8, v8, k_scale=ks, v_scale=vs))(ks)  # traced
   with pytest.raises(ValueError, match="q must be"):
     pk.shared_attention(q.astype(jnp.float8_e4m3fn), k8, v8, k_scale=ks, v_scale=vs)
   with pytest.raises(ValueError, match="must share a dtype"):

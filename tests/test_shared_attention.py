@@ -196,6 +196,12 @@ def test_plan_targets_and_refusals():
             config=pk.MosaicTpuSharedConfig(block_m=16, block_k=128))
   with pytest.raises(ValueError, match="target TPU v5e is a TPU, but the implementation runs on"):
     pk.plan(OP, q, k, k, implementation="triton", target="v5e")
+  # A traced kv_length's stand-in plans as the traced value would (no value to check).
+  n = jax.ShapeDtypeStruct((), jnp.int32)
+  assert pk.plan(OP, q, k, k, kv_length=n, backend="gpu", target="h200") == big
+  assert pk.sweep(OP, small, k, k, kv_length=n, backend="gpu", target="h100")
+  with pytest.raises(ValueError, match="kv_length must be an integer scalar, got shape"):
+    pk.plan(OP, q, k, k, kv_length=n.update(shape=(2,)), backend="gpu", target="h200")
 
 
 def test_validation_errors():
