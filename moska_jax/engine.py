@@ -76,7 +76,6 @@ import functools
 import logging
 import math
 import queue
-import secrets
 import sys
 import threading
 import time
@@ -92,7 +91,7 @@ import pallas_kernels as pk
 from moska_jax.config import ModelConfig, MoskaConfig, check_int
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, check_kv_dtype, unique_kv_scales
 from moska_jax.model import Decoder
-from moska_jax.sampling import SEED_RANGE, Sampling, SamplingRows, branches, sample
+from moska_jax.sampling import Sampling, SamplingRows, branches, sample
 from moska_jax.scheduler import Request, Scheduler, StepPlan
 from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
                                 place_replicated, place_requests, place_shared_kv,
@@ -495,14 +494,20 @@ class MoskaEngine:
     """
     if isinstance(prompt, str):
       ids = self._encode(prompt)
-    elif isinstance(prompt, (Sequence, np.ndarray)) and not isinstance(prompt, (bytes, bytearray)):
+    elif (isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray))) or (
+        isinstance(prompt, np.ndarray) and prompt.ndim == 1):
       ids = prompt
     else:
       raise ValueError(f"{what} must be a str or a sequence of token ids, got "
                        f"{type(prompt).__name__}")
     if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
       raise ValueError(f"{what}: token ids must be ints, got {list(ids)[:8]!r}...")
-    ids = self.model_config.check_tokens(np.asarray(ids, np.int64), what).tolist()
+    try:
+      ids = np.asarray(ids, np.int64)
+    except OverflowError:
+      raise ValueError(f"{what}: token ids must be in [0, {self.model_config.vocab}), got one "
+                       f"beyond int64") from None
+    ids = self.model_config.check_tokens(ids, what).tolist()
     if not ids:
       raise ValueError(f"{what} is empty")
     return ids
@@ -564,10 +569,8 @@ class MoskaEngine:
       raise ValueError(f"on_event must be callable or None, got {type(on_event).__name__}")
     if not isinstance(return_logits, (bool, np.bool_)):
       raise ValueError(f"return_logits must be a bool, got {return_logits!r}")
-    if sampling.temperature > 0 and sampling.seed is None:
-      sampling = dataclasses.replace(sampling, seed=secrets.randbelow(SEED_RANGE))
     r = self.scheduler.new_request(tokens, int(max_new_tokens), eos_id, context=context,
-                                   sampling=sampling, keep_logits=return_logits,
+                                   sampling=sampling.seeded(), keep_logits=return_logits,
                                    on_event=on_event)
     self._post(functools.partial(self._enqueue, r))
     return r
@@ -902,8 +905,17 @@ class MoskaEngine:
                        "[prompt]")
     prompts = list(prompts)
     n = len(prompts)
-    samplings = [sampling] * n if isinstance(sampling, Sampling) else list(sampling)
-    contexts = [context] * n if context is None or isinstance(context, str) else list(context)
+
+    def per_prompt(value, name: str, one: bool) -> list:
+      if one:
+        return [value] * n
+      if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"generate: {name} must be one for every prompt or a sequence of one "
+                         f"per prompt, got {value!r}")
+      return list(value)
+
+    samplings = per_prompt(sampling, "sampling", isinstance(sampling, Sampling))
+    contexts = per_prompt(context, "context", context is None or isinstance(context, str))
     if len(samplings) != n or len(contexts) != n:
       raise ValueError(f"generate: give one sampling and one context, or one per prompt "
                        f"({n}); got {len(samplings)} and {len(contexts)}")

@@ -10,7 +10,7 @@ seed). Greedy rows (temperature 0) take the argmax and use no noise.
 from __future__ import annotations
 
 import dataclasses
-import math
+import secrets
 from typing import NamedTuple
 
 import jax
@@ -38,8 +38,10 @@ class Sampling:
     t, p = self.temperature, self.top_p
     number = lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
         x, (bool, np.bool_))
-    if not number(t) or not math.isfinite(t) or t < 0:
-      raise ValueError(f"Sampling.temperature must be a finite number >= 0, got {t!r}")
+    # Rows sample in float32: a larger temperature would be inf there. A Python float bound: an
+    # int too large for a float compares with it exactly (a NumPy one would overflow)
+    if not number(t) or not 0 <= t <= float(np.finfo(np.float32).max):
+      raise ValueError(f"Sampling.temperature must be a number in [0, float32 max], got {t!r}")
     if not number(p) or not 0 < p <= 1:
       raise ValueError(f"Sampling.top_p must be a number in (0, 1], got {p!r}")
     s = self.seed
@@ -50,6 +52,13 @@ class Sampling:
     object.__setattr__(self, "temperature", float(t))
     object.__setattr__(self, "top_p", float(p))
     object.__setattr__(self, "seed", None if s is None else int(s))
+
+  def seeded(self) -> Sampling:
+    """This sampling with a drawn seed when it samples (temperature > 0) without one: what a
+    request keeps, so that it can be replayed."""
+    if self.temperature > 0 and self.seed is None:
+      return dataclasses.replace(self, seed=secrets.randbelow(SEED_RANGE))
+    return self
 
 
 class SamplingRows(NamedTuple):

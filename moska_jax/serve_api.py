@@ -16,7 +16,8 @@ requests waiting, 409 a request the server cancelled (its context was unloaded o
 replaced), 503 the engine does not run (an engine process that died:
 `moska_jax.serve_core.EngineProcess`); an internal failure is a 500 with a message and never a
 traceback. Not implemented (400 when asked for): n > 1, best_of, echo, logprobs, stop strings,
-suffix, penalties, logit_bias, tools, JSON response formats.
+suffix, penalties, logit_bias, tools, JSON response formats, and the sampling extras of
+vLLM-style servers (top_k, min_p, repetition_penalty, stop_token_ids, ignore_eos).
 
 The engine is a `MoskaEngine` stepping on a thread of this process, or an `EngineProcess`
 stepping in a process of its own (no GIL shared with the event loop).
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 import uuid
 from typing import Any
@@ -48,12 +48,16 @@ log = logging.getLogger(__name__)
 
 ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 409: "conflict_error",
                429: "rate_limit_error", 500: "server_error", 503: "server_error"}
-# Fields of the OpenAI API this server does not implement, with the values that ask for nothing.
+# Fields of the OpenAI API (and the sampling extras OpenAI clients pass to vLLM-style servers)
+# this server does not implement, with the values that ask for nothing: anything else is a 400,
+# never silently ignored. A value matches only with its own type (logprobs 0 asks for logprobs).
 UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False),
                "logprobs": (None, False), "top_logprobs": (None, 0), "stop": (None, [], ""),
                "suffix": (None,), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
-               "response_format": (None, {"type": "text"})}
+               "response_format": (None, {"type": "text"}), "top_k": (None, -1, 0),
+               "min_p": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
+               "stop_token_ids": (None, []), "ignore_eos": (None, False)}
 
 
 class ApiError(Exception):
@@ -114,7 +118,7 @@ def _number(body: dict, name: str, default: float, low: float, high: float) -> f
   if value is None:
     return default
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-      math.isfinite(value) and low <= value <= high):
+      low <= value <= high):  # also NaN; an int too large for a float compares exactly
     raise ApiError(400, f"{name} must be a number in [{low}, {high}], got {value!r}", param=name)
   return float(value)
 
@@ -144,7 +148,8 @@ class Server:
       raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
     self.check_model(body.get("model"))
     for name, allowed in UNSUPPORTED.items():
-      if name in body and body[name] not in allowed:
+      if name in body and not any(type(body[name]) is type(a) and body[name] == a
+                                  for a in allowed):
         raise ApiError(400, f"{name}={body[name]!r} is not supported by this server",
                        param=name)
     return body
@@ -179,7 +184,7 @@ class Server:
     if context is not None and context not in engine.contexts:
       raise ApiError(404, f"unknown context {context!r}; resident contexts: "
                      f"{sorted(engine.contexts)}", param="context", code="context_not_found")
-    if not isinstance(body.get("stream") or False, bool):
+    if body.get("stream") is not None and not isinstance(body["stream"], bool):
       raise ApiError(400, "stream must be true or false", param="stream")
     try:
       tokens = engine.encode(prompt)

@@ -194,6 +194,7 @@ class EngineProcess:
     context = self.default_context if context is None else context
     if context not in self._contexts:
       raise unknown_context(context, self._contexts)
+    sampling = sampling.seeded()  # drawn here, so that this side's Request keeps it too
     r = Request(id=next(self._ids), prompt=tokens, max_new=max_new_tokens, eos_id=eos_id,
                 context=context, sampling=sampling, on_event=on_event)
     self._send(("submit", r.id, tokens, max_new_tokens, sampling, eos_id, context), opens=r)

@@ -47,14 +47,15 @@ def build_tokenizer(path: str | None):
 
 def context_store(decoder, path: str | None, encode: Callable[[str], list[int]], mcfg):
   """The store a --context PATH names: a saved store's directory (`save_shared_store`; its
-  summaries remade at mcfg's chunk size in sparse mode), else a UTF-8 text file encoded by
-  `encode` and prefilled through `decoder` (None: the built-in default text)."""
+  summaries remade at mcfg's chunk size and summary kind in sparse mode), else a UTF-8 text file
+  encoded by `encode` and prefilled through `decoder` (None: the built-in default text)."""
   from moska_jax.kv_cache import load_shared_store
   from moska_jax.prefill import build_shared_store
 
   if path is not None and os.path.isdir(path):
     store = load_shared_store(path, decoder.cfg)
-    if mcfg.mode == "sparse" and store.chunk_size != mcfg.chunk_size:
+    if mcfg.mode == "sparse" and (store.chunk_size, store.summaries[0].kind) != (
+        mcfg.chunk_size, mcfg.summary):
       store = store.with_summaries(mcfg.chunk_size, mcfg.summary)
   else:
     if path is None:
@@ -90,7 +91,7 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
 
   from moska_jax import checkpoint as ckpt
   from moska_jax.config import MoskaConfig, llama3_1_8b, tiny
-  from moska_jax.engine import MoskaEngine
+  from moska_jax.engine import ByteTokenizer, MoskaEngine
   from moska_jax.model import Decoder
 
   presets = {"tiny": tiny, "llama3_1_8b": llama3_1_8b}
@@ -101,6 +102,11 @@ def build_engine(*, model: str = "tiny", checkpoint: str | None = None,
   else:
     raise ValueError(f"--model must be one of {sorted(presets)} (or give --checkpoint), got "
                      f"{model!r}")
+  if checkpoint and not tokenizer and decoder.cfg.vocab != ByteTokenizer.vocab:
+    # Trained weights answer in their own token ids: bytes would misread prompt and answer.
+    raise ValueError(f"--checkpoint: a model of {decoder.cfg.vocab} token ids needs its "
+                     f"--tokenizer (a tokenizer.json); the default tokenizer is UTF-8 bytes "
+                     f"({ByteTokenizer.vocab} ids)")
   tok = build_tokenizer(tokenizer)
   mcfg = MoskaConfig(mode=mode, chunk_size=chunk_size, backend=backend,
                      sparsity=sparsity if mode == "sparse" else None)

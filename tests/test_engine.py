@@ -137,7 +137,7 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
   assert branches(_rows(4, 0.0, 0.5, 7, 3)) == dict(draw=False, nucleus=False)
   draws = {int(sample_jit(logits[:1], _rows(1, 2.0, 1.0, 7, j))[0]) for j in range(40)}
   assert len(draws) > 5  # the token index moves the stream
-  with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+  with pytest.raises(ValueError, match="temperature must be a number in"):
     Sampling(temperature=-1.0)
   # A temperature so small that logits / t overflows still samples the largest logit.
   big = jax.numpy.asarray([[1.0, 3.0, 2.0, -1.0], [10.0, 30.0, 29.0, 0.0]], "float32")

@@ -75,9 +75,19 @@ def test_bad_prompts_sampling_and_corpus(setup):
     engine.generate([[1.5, 2.0]], 3)
   with pytest.raises(ValueError, match=r"eos_id: token id 256 at position 0 is outside"):
     engine.generate(["ok"], 3, eos_id=256)
-  for bad in (math.nan, math.inf, -0.5):
-    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+  for bad in (math.nan, math.inf, -0.5, 1e39, 10**400):  # 1e39: inf in the rows' float32
+    with pytest.raises(ValueError, match=r"temperature must be a number in \[0, float32 max\]"):
       Sampling(temperature=bad)
+  with pytest.raises(ValueError, match=r"token ids must be in \[0, 256\), got one beyond int64"):
+    engine.submit([1, 2**63], 3)
+  with pytest.raises(ValueError, match="prompt must be a str or a sequence of token ids, got "
+                     "ndarray"):
+    engine.submit(np.array(5), 3)
+  with pytest.raises(ValueError, match="generate: sampling must be one for every prompt or a "
+                     "sequence of one per prompt, got None"):
+    engine.generate(["a"], 2, sampling=None)
+  with pytest.raises(ValueError, match="generate: context must be one .* got 5"):
+    engine.generate(["a"], 2, context=5)
   with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
     Sampling(top_p=math.nan)
   with pytest.raises(ValueError, match=r"the shared corpus: token id 256 at position 3 is "

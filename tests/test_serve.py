@@ -173,6 +173,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
   _error(post(body(model="gpt-9")), 404, "the model 'gpt-9' does not exist")
   _error(post(body(temperature="hot")), 400, "temperature must be a number")
   _error(post(body(n=3)), 400, "n=3 is not supported")
+  for field, value in (("top_k", 1), ("min_p", 0.1), ("repetition_penalty", 2.0),
+                       ("stop_token_ids", [3]), ("ignore_eos", True), ("logprobs", 0),
+                       ("n", True)):  # asked for, by value and by type: never ignored
+    _error(post(body(**{field: value})), 400, f"{field}={value!r} is not supported")
+  _error(post(body(stream=0)), 400, "stream must be true or false")
+  _error(post(body(temperature=10**400)), 400, "temperature must be a number in [0.0, 2.0]")
+  _error(post(body(prompt=[2**64])), 400, "token ids must be in [0, 256)")
   _error(post(body(prompt=[1, 2, 999])), 400, "token id 999 at position 2")
   _error(post(json.dumps({"messages": []}), "/v1/chat/completions"), 400, "messages must be")
   _error(httpx.get(url + "/v1/nothing"), 404, "Not Found")
@@ -338,3 +345,24 @@ class socket_port:
 
   def __exit__(self, *exc):
     self.sock.close()
+
+
+def test_setup_remakes_a_saved_stores_summaries_and_needs_a_checkpoints_tokenizer(tmp_path):
+  """A saved store of another summary kind serves sparse (its summaries remade, as for another
+  chunk size); a checkpoint whose vocabulary is not bytes needs its tokenizer."""
+  from moska_jax.checkpoint import save_params
+  from moska_jax.config import ModelConfig
+  from moska_jax.kv_cache import save_shared_store
+  from moska_jax.serve_setup import build_engine, context_store
+
+  model = Decoder(tiny(), rngs=nnx.Rngs(0))
+  save_shared_store(str(tmp_path / "store"), build_shared_store(
+      model, np.arange(100) % 256, chunk_size=64, summary="mean", backend="xla"))
+  mcfg = MoskaConfig(mode="sparse", chunk_size=64, sparsity=0.5, backend="xla")
+  store = context_store(model, str(tmp_path / "store"), None, mcfg)
+  assert store.summaries[0].kind == mcfg.summary and int(store.length) == 100
+  words = Decoder(ModelConfig(vocab=1000, layers=1, hidden=32, num_heads=2, num_kv_heads=1,
+                              head_dim=16, mlp_hidden=32), rngs=nnx.Rngs(0))
+  save_params(str(tmp_path / "words"), words)
+  with pytest.raises(ValueError, match="a model of 1000 token ids needs its --tokenizer"):
+    build_engine(checkpoint=str(tmp_path / "words"), backend="xla")

@@ -17,6 +17,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from moska_jax.sampling import Sampling  # noqa: E402
 from tests.test_serve import disconnect_after_first_token, socket_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,6 +215,9 @@ def test_contexts_load_and_unload_in_the_core(tmp_path, monkeypatch):
     assert set(core.contexts) == {"default", "doc"}
     r = core.submit("Who serves?", NEW, context="doc")
     assert r.finished_event.wait(120) and r.tokens == want
+    # A sampled request without a seed keeps the one drawn for it, on this side too (replay).
+    sampled = core.submit("Who serves?", 2, Sampling(temperature=1.0), context="doc")
+    assert sampled.sampling.seed is not None and sampled.finished_event.wait(120)
     long = core.submit("Who serves?", 200, context="doc")
     deadline = time.time() + 120
     while not long.tokens:
