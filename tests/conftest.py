@@ -68,23 +68,3 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
-
-
-# pytest-xdist's --dist loadfile hands whole files to the workers as they free up, by default the
-# files with the most tests first, which left a few-test, long file (the launcher's experiment
-# runs, training) to start last while the other worker idled. The heaviest files by measured time
-# go first instead (the rest keep their order), so the last to start are short.
-HEAVY_FIRST = ("test_model.py", "test_launcher.py", "test_engine_sharding.py",
-               "test_unique_attention.py", "test_retrieval_experiments.py",
-               "test_serve_process.py", "test_tpu_lowering.py", "test_engine.py",
-               "test_multiprocess.py", "test_readme.py", "test_chunk_attention.py")
-
-
-def pytest_configure(config):
-  if hasattr(config.option, "loadscopereorder"):  # xdist's ordering by test count: ours instead
-    config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
