@@ -75,6 +75,12 @@ def implementations_pairwise(op: str, **factors: Mapping[str, object]) -> list:
   return params
 
 
+def float_dtype(implementation: str):
+  """The float dtype a test gives an implementation: float32, bfloat16 for "mosaic_gpu" (its
+  wgmma takes only 2-byte floats)."""
+  return jnp.bfloat16 if implementation == "mosaic_gpu" else jnp.float32
+
+
 def run(fn, *args, implementation: str, interpret: bool, **kwargs):
   """fn(*args, **kwargs) of an op under jit (eager interpret mode dispatches op by op: 10x
   slower). Array kwargs (kv_length) are traced."""

@@ -512,16 +512,12 @@ def _nan_reaches(out, rows) -> None:
 _HEAD0 = np.arange(HQ) < G  # the query heads of kv head 0
 
 
-def _dtype(implementation: str):
-  return jnp.bfloat16 if implementation == "mosaic_gpu" else jnp.float32  # its only inputs
-
-
 @pytest.mark.parametrize("op", sorted(SHARED_OPS))
 @pytest.mark.parametrize("implementation,interpret", kc.implementations("shared_attention"))
 def test_nan_in_an_attended_key_or_query_reaches_its_rows(op, implementation, interpret):
   if implementation not in pk.implementations(op):
     pytest.skip(f"{op} has no {implementation!r} implementation")
-  q, k, v = (x.astype(_dtype(implementation)) for x in (Q, K, V))
+  q, k, v = (x.astype(kc.float_dtype(implementation)) for x in (Q, K, V))
   fn = jax.jit(lambda q, k: SHARED_OPS[op](q, k, v, kv_length=KV_LENGTH,
                                            implementation=implementation, interpret=interpret))
   # Key 5 (chunk 0, kv head 0): every request reads it in shared / tile attention (TILES lists
@@ -538,7 +534,7 @@ def test_nan_in_an_attended_page_reaches_its_rows(implementation, interpret):
   # Finite past the lengths: "mosaic_gpu" weighs the rest of a request's last tile by 0.
   q, k, v, tables, lengths = kc.paged_inputs(1, T, G, HKV, D, 16, (20, 33), jnp.float32,
                                              poison=False)
-  q, k, v = (x.astype(_dtype(implementation)) for x in (q, k, v))
+  q, k, v = (x.astype(kc.float_dtype(implementation)) for x in (q, k, v))
   page = int(tables[1, 1])  # request 1's tokens 16..31 (its length is 33)
   fn = jax.jit(lambda k: pk.unique_attention(q, k, v, tables, lengths,
                                              implementation=implementation, interpret=interpret))

@@ -102,7 +102,7 @@ CONFIGS = [
 def test_explicit_configs_and_traced_kv_length(implementation, interpret, config):
   """Explicit tilings (splits that end past S, one split) under one jit with a traced
   kv_length: whole, cut inside a block, and empty."""
-  dtype = jnp.bfloat16 if implementation == "mosaic_gpu" else jnp.float32
+  dtype = kc.float_dtype(implementation)
   _, q, k, v = kc.shared_inputs(5, 3, 1, 4, 2, 64 if dtype == jnp.float32 else 128, 1024, dtype)
   fn = jax.jit(lambda q, k, v, n: shared_attention(q, k, v, kv_length=n, config=config,
                                                    implementation=implementation,
