@@ -3,11 +3,14 @@
 for the configs "auto" plans on Hopper; so does the Triton scorer's Pallas -> Triton step. What
 a GPU adds (PTX compilation, numerics) is in the compiled tests, skipped off Hopper."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
+from pallas_kernels.gpu import mosaic_attention
 
 
 def _sds(shape, dtype):
@@ -40,6 +43,22 @@ def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule, S):
     scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = _lower("shared_attention", (q, kv, kv), **scales)
   assert (plan.config.consumers, plan.config.split_keys) == schedule
+
+
+@pytest.mark.parametrize("B,kv_dtype", [(1, "float8_e4m3fn"), (64, "float8_e5m2")])
+def test_float8_kv_scores_take_float8_query_terms(B, kv_dtype):
+  """Float8 K/V read in the kernel: QK^T on float8 wgmma straight from the ring, the queries
+  handed over as float8 terms of the K format (two e4m3, three e5m2)."""
+  q, kv = _sds((B, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), kv_dtype)
+  scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
+  plan = pk.plan("shared_attention", q, kv, kv, implementation="mosaic_gpu", target="h200",
+                 **scales)
+  assert not plan.config.widen_kv
+  text = jax.jit(lambda *a: pk.shared_attention(*a, implementation="mosaic_gpu",
+                                                config=plan.config, **scales)).trace(
+      q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  terms = mosaic_attention.Q_TERMS[jnp.dtype(kv_dtype)]
+  assert re.search(rf"tensor<{terms}x8x\d+x128x{'f8E4M3FN' if terms == 2 else 'f8E5M2'}>", text)
 
 
 def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():

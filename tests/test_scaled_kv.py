@@ -13,7 +13,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels import grouping, quant, targets
-from pallas_kernels.gpu import tuning as gpu_tuning
+from pallas_kernels.gpu import mosaic_attention, tuning as gpu_tuning
 from pallas_kernels.layout import AttentionDims
 from tests import kernel_cases as kc
 from tests.np_reference import (chunk_attention_f64, rel_err, shared_attention_f64,
@@ -131,6 +131,27 @@ def test_quantize_round_trip_per_head():
       assert np.all(np.abs(back[:, h] - x[:, h])[big] <= rel * np.abs(np.asarray(x[:, h]))[big])
   with pytest.raises(ValueError, match="dtype must be one of"):
     quant.quantize(x, jnp.int8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_split_rows_carries_bfloat16_precision(dtype):
+  """The float8 terms the Mosaic GPU kernel multiplies K by: each row's terms sum (times its
+  power-of-two inverse scale) to the row within bfloat16's rounding of its largest magnitude,
+  for rows of any magnitude; one term alone is float8's coarse step; a NaN stays NaN."""
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((3, 40, 128)) * np.logspace(-30, 30, 40)[None, :, None]
+  x[1, 7, 5] = np.nan
+  terms, inv = quant.split_rows(jnp.asarray(x, jnp.float32), dtype, mosaic_attention.Q_TERMS[
+      jnp.dtype(dtype)])
+  assert terms.dtype == dtype and inv.shape == x.shape[:-1] and inv.dtype == jnp.float32
+  assert np.all(np.log2(np.asarray(inv)) == np.round(np.log2(np.asarray(inv))))
+  sums = np.asarray(terms, np.float64).sum(0) * np.asarray(inv, np.float64)[..., None]
+  assert np.isnan(sums[1, 7, 5])
+  ok = ~np.isnan(x).any(-1)
+  err = (np.abs(sums - x).max(-1) / np.abs(x).max(-1))[ok]
+  one = (np.abs(np.asarray(terms[0], np.float64) * np.asarray(inv)[..., None] - x).max(-1)
+         / np.abs(x).max(-1))[ok]
+  assert err.max() < 2 ** -8 and one.max() > 2 ** -7
 
 
 def test_scale_validation():
@@ -280,6 +301,8 @@ def test_triton_widened_float8_kv_interpreted(n):
 @pytest.mark.parametrize("fp8", FP8)
 @pytest.mark.parametrize("B", [3, 40])  # one consumer warpgroup (M=24), a ping-pong pair (320)
 def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
+  """Float8 K/V on Mosaic GPU, in the kernel (QK^T on the FP8 tensor cores with the queries as
+  float8 terms: the first term alone would miss the tolerance by 4-5x) or widened first."""
   rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, D, 1024, jnp.float32)
   gains = 1.0 + 3.0 * np.arange(2)
   k8, ks, kd = _fp8(k, fp8, gains)
