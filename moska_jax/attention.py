@@ -20,12 +20,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 import pallas_kernels as pk
 from moska_jax import routing
 from moska_jax.config import ModelConfig, MoskaConfig
-from pallas_kernels.numerics import default_sm_scale
 from pallas_kernels.reference import attend
 
 
@@ -111,8 +109,6 @@ class SharedLayer(NamedTuple):
   k, v: [S, Hkv, D] in the model dtype, or float8 (`pallas_kernels.quant.FP8_DTYPES`) with
     k_scale, v_scale: [Hkv] float32 dequantization scales (k = k_scale[h] * k_stored); None for
     unscaled K/V. The kernels read the float8 tiles and fold the scales into q and o.
-  k_shift: [Hkv, D] float32 or None: the keys are stored minus k_shift[h] (float8 stores,
-    `SharedKVStore.quantized`); the attention adds q . k_shift back to the lse.
   summaries: the routing summaries (built from the full-precision or dequantized keys).
   length: valid tokens (int32 scalar).
   """
@@ -123,19 +119,6 @@ class SharedLayer(NamedTuple):
   length: jax.Array
   k_scale: jax.Array | None = None
   v_scale: jax.Array | None = None
-  k_shift: jax.Array | None = None
-
-
-def unshift(q: jax.Array, lse: jax.Array, shared: SharedLayer) -> jax.Array:
-  """lse[B, T, Hq] of q[B, T, Hq, D] over keys stored minus shared.k_shift, as over the keys
-  themselves: + sm_scale * q . k_shift[h] (the same for every key of a row, so o is unchanged)."""
-  if shared.k_shift is None:
-    return lse
-  G = q.shape[2] // shared.k_shift.shape[0]
-  per_head = jnp.repeat(shared.k_shift, G, axis=0)  # [Hq, D]
-  dots = jnp.einsum("bthd,hd->bth", q.astype(jnp.float32), per_head,
-                    precision=lax.Precision.HIGHEST)
-  return lse + dots * default_sm_scale(None, q.shape[-1])
 
 
 def with_room(tables: jax.Array, T: int, page_size: int) -> jax.Array:
@@ -189,10 +172,9 @@ def shared_partial(q: jax.Array, shared: SharedLayer, mcfg: MoskaConfig, *,
   the kernel settings of `mcfg` (int8 scorer, backend, interpret); then `routed_attention`.
   """
   if mcfg.mode == "dense":
-    o, lse = pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
-                                 k_scale=shared.k_scale, v_scale=shared.v_scale,
-                                 backend=mcfg.backend, interpret=mcfg.interpret)
-    return o, unshift(q, lse, shared)
+    return pk.shared_attention(q, shared.k, shared.v, kv_length=shared.length,
+                               k_scale=shared.k_scale, v_scale=shared.v_scale,
+                               backend=mcfg.backend, interpret=mcfg.interpret)
   if chunk_ids is None:
     top_k = top_k or mcfg.chunks_kept(shared.summaries.num_chunks)
     chunk_ids = routing.route(q, shared.summaries, top_k, always_include=mcfg.always_include,
@@ -212,12 +194,11 @@ def routed_attention(q: jax.Array, shared: SharedLayer, ids: jax.Array,
   kernel = dict(chunk_size=mcfg.chunk_size, kv_length=shared.length, k_scale=shared.k_scale,
                 v_scale=shared.v_scale, backend=mcfg.backend, interpret=mcfg.interpret)
   if not mcfg.batch_aware:
-    o, lse = pk.chunk_attention(q, shared.k, shared.v, ids, **kernel)
-    return o, unshift(q, lse, shared)
+    return pk.chunk_attention(q, shared.k, shared.v, ids, **kernel)
   B = q.shape[0]
   order, tiles = routing.batch_aware(ids, shared.summaries.num_chunks, mcfg.batch_aware,
                                      skip=len(mcfg.always_include))
   q_tiled = jnp.pad(q, ((0, order.shape[0] - B),) + ((0, 0),) * 3)[order]
   o, lse = pk.tile_chunk_attention(q_tiled, shared.k, shared.v, tiles, **kernel)
   back = jnp.argsort(order)[:B]  # where each request sits in the tile order
-  return o[back], unshift(q, lse[back], shared)
+  return o[back], lse[back]

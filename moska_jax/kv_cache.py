@@ -60,8 +60,7 @@ class SharedKVStore:
 
   Keys sit at positions 0..S-1; S_pad rounds S up (to the routing chunk and the kernels' tiles)
   and the padding is masked by `length`. K, V are in the model's dtype (k_scale = v_scale =
-  k_shift = None) or float8 with per-layer [Hkv] float32 dequantization scales and [Hkv, D]
-  float32 key shifts (k = k_scale[h] * stored + k_shift[h], v = v_scale[h] * stored;
+  None) or float8 with per-layer [Hkv] float32 dequantization scales (k = k_scale[h] * stored;
   `quantized`, `prefill.build_shared_store(kv_dtype=...)`); the summaries are always those of
   the full-precision (or dequantized) keys.
   """
@@ -74,7 +73,6 @@ class SharedKVStore:
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
   k_scale: tuple[jax.Array, ...] | None = None  # per layer [Hkv] float32, float8 K only
   v_scale: tuple[jax.Array, ...] | None = None
-  k_shift: tuple[jax.Array, ...] | None = None  # per layer [Hkv, D] float32, float8 K only
 
   @property
   def kv_dtype(self) -> str | None:
@@ -82,34 +80,25 @@ class SharedKVStore:
     return None if self.k_scale is None else jnp.dtype(self.k[0].dtype).name
 
   def _scales(self) -> list:
-    """Per layer (k_scale, v_scale, k_shift), all None when unscaled."""
+    """Per layer (k_scale, v_scale), (None, None) when unscaled."""
     if self.k_scale is None:
-      return [(None, None, None)] * len(self.k)
-    return list(zip(self.k_scale, self.v_scale, self.k_shift or (None,) * len(self.k),
-                    strict=True))
+      return [(None, None)] * len(self.k)
+    return list(zip(self.k_scale, self.v_scale, strict=True))
 
   @property
   def layers(self) -> tuple[SharedLayer, ...]:
-    """Each layer's K, V, summaries, length (and float8 scales and key shift) as the attention
-    reads them."""
-    return tuple(SharedLayer(k, v, s, self.length, *scales)
-                 for k, v, s, scales in zip(self.k, self.v, self.summaries, self._scales(),
-                                            strict=True))
+    """Each layer's K, V, summaries, length (and float8 scales) as the attention reads them."""
+    return tuple(SharedLayer(k, v, s, self.length, ks, vs)
+                 for k, v, s, (ks, vs) in zip(self.k, self.v, self.summaries, self._scales(),
+                                              strict=True))
 
   def dequantized(self, kv: str) -> tuple[jax.Array, ...]:
-    """Per layer the keys (kv="k") or values (kv="v") in the model's dtype, dequantized (and the
-    keys shifted back) when stored in float8."""
-    if self.k_scale is None:
-      return self.k if kv == "k" else self.v
-    return tuple(self._dequantized_layer(kv, i).astype(self.model_config.jnp_dtype)
-                 for i in range(len(self.k)))
-
-  def _dequantized_layer(self, kv: str, i: int) -> jax.Array:
-    """Layer i's float8 keys or values in float32, as the attention weighs them."""
-    if kv == "v":
-      return quant.dequantize(self.v[i], self.v_scale[i])
-    k = quant.dequantize(self.k[i], self.k_scale[i])
-    return k if self.k_shift is None else k + self.k_shift[i]
+    """Per layer the keys (kv="k") or values (kv="v") in the model's dtype, dequantized when
+    stored in float8."""
+    x, scales = (self.k, self.k_scale) if kv == "k" else (self.v, self.v_scale)
+    if scales is None:
+      return x
+    return tuple(quant.dequantize(a, s, self.model_config.jnp_dtype) for a, s in zip(x, scales))
 
   def with_summaries(self, chunk_size: int, summary: str = DEFAULT_SUMMARY) -> SharedKVStore:
     """The same K/V routed at another chunk size or summary kind (summaries recomputed from the
@@ -124,12 +113,6 @@ class SharedKVStore:
     `pallas_kernels.quant.quantize`); the padding rows past `length` are stored as zeros. The
     summaries stay those of the full-precision keys.
 
-    Keys are smoothed first: each layer stores k - k_shift, k_shift[h] the mean key of kv head h
-    over the valid rows, so float8's few mantissa bits go to what tells keys apart rather than
-    to an offset they share. A shift changes every score of a query row by the same q . k_shift,
-    which the softmax ignores; the attention adds it back to the lse (`attention.shared_partial`).
-    Values are not shifted (an ad-hoc probe on the retrieval model: no gain).
-
     Raises:
       ValueError: kv_dtype is not a float8 name of `KV_DTYPES`, or the store is float8 already.
     """
@@ -138,22 +121,16 @@ class SharedKVStore:
       raise ValueError(f"SharedKVStore.quantized: needs a store in the model's dtype and a "
                        f"float8 kv_dtype ({list(KV_DTYPES[1:])}); got a store in "
                        f"{self.kv_dtype or 'the model dtype'} and kv_dtype {kv_dtype!r}")
-    rows = (jnp.arange(self.k[0].shape[0]) < self.length)[:, None, None]
-    valid = lambda x: jnp.where(rows, x, 0)
-    shifts = tuple(jnp.sum(valid(x.astype(jnp.float32)), axis=0) / jnp.maximum(self.length, 1)
-                   for x in self.k)
-    k, ks = zip(*(quant.quantize(valid(x.astype(jnp.float32) - mu), dtype)
-                  for x, mu in zip(self.k, shifts)))
+    valid = lambda x: jnp.where((jnp.arange(x.shape[0]) < self.length)[:, None, None], x, 0)
+    k, ks = zip(*(quant.quantize(valid(x), dtype) for x in self.k))
     v, vs = zip(*(quant.quantize(valid(x), dtype) for x in self.v))
-    return dataclasses.replace(self, k=k, v=v, k_scale=ks, v_scale=vs, k_shift=shifts)
+    return dataclasses.replace(self, k=k, v=v, k_scale=ks, v_scale=vs)
 
 
 def _arrays(store: SharedKVStore) -> dict:
   """The tree of arrays a store is saved as (orbax)."""
   scales = {} if store.k_scale is None else dict(k_scale=list(store.k_scale),
                                                  v_scale=list(store.v_scale))
-  if store.k_shift is not None:
-    scales.update(k_shift=list(store.k_shift))
   projections = [s.projection for s in store.summaries]
   projections = {} if projections[0] is None else dict(projections=projections)
   return dict(k=list(store.k), v=list(store.v), length=store.length,
@@ -185,7 +162,7 @@ def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = Fals
                     f"{type(store).__name__}")
   meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
               summary=store.summaries[0].kind, rows=store.k[0].shape[0],
-              kv_dtype=store.kv_dtype, k_shift=store.k_shift is not None)
+              kv_dtype=store.kv_dtype)
   arrays = _arrays(store)
   with checkpoint.atomic_directory(path, overwrite=overwrite, marker="store.json",
                                    what="save_shared_store") as tmp:
@@ -228,9 +205,6 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
         isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (C, rows)):
       raise ValueError(f"summary {summary!r}, chunk_size {C!r}, rows {rows!r}")
     kv_dtype = check_kv_dtype(meta.get("kv_dtype"), "store.json")  # absent: saved unscaled
-    shifted = meta.get("k_shift", False)  # absent: saved before float8 keys were shifted
-    if not isinstance(shifted, bool) or (shifted and kv_dtype is None):
-      raise ValueError(f"k_shift {shifted!r} with kv_dtype {meta.get('kv_dtype')!r}")
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{what}: {os.path.join(path, 'store.json')} is damaged: "
                      f"{type(e).__name__}: {e}") from None
@@ -253,10 +227,7 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
   projections = ({} if shapes.projection is None else
                  dict(projections=[shapes.projection] * cfg.layers))
   scale = [jax.ShapeDtypeStruct((cfg.num_kv_heads,), jnp.float32)] * cfg.layers
-  shift = [jax.ShapeDtypeStruct((cfg.num_kv_heads, cfg.head_dim), jnp.float32)] * cfg.layers
   scales = {} if kv_dtype is None else dict(k_scale=scale, v_scale=scale)
-  if shifted:
-    scales.update(k_shift=shift)
   a = checkpoint.restore_arrays(os.path.join(path, "arrays"),
                                 dict(k=[kv] * cfg.layers, v=[kv] * cfg.layers, length=scalar,
                                      summaries=[list(shapes.arrays)] * cfg.layers,
@@ -264,11 +235,8 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
                                      **projections), what)
   summaries = tuple(routing.ChunkSummaries(tuple(arr), n, summary, C, p) for arr, n, p in zip(
       a["summaries"], a["num_valid_chunks"], a.get("projections", [None] * cfg.layers)))
-  # float8 keys saved unshifted get a zero shift: every float8 store has one (one step shape)
-  zeros = tuple(jnp.zeros(x.shape, x.dtype) for x in shift)
-  scales = {} if kv_dtype is None else dict(
-      k_scale=tuple(a["k_scale"]), v_scale=tuple(a["v_scale"]),
-      k_shift=tuple(a["k_shift"]) if shifted else zeros)
+  scales = {} if kv_dtype is None else dict(k_scale=tuple(a["k_scale"]),
+                                            v_scale=tuple(a["v_scale"]))
   return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C,
                        **scales)
 
@@ -300,17 +268,16 @@ def unique_kv_scales(store: SharedKVStore, kv_dtype,
                      f"{headroom!r}")
   top = float(jnp.finfo(dtype).max)
 
-  def scale(x):  # the head's largest magnitude (of the valid rows) -> the new format
+  def scale(x, s):  # the head's largest magnitude (of the valid rows) -> the new format
     # (read from the data, float8 too: an all-zero head's stored scale is 1, not its range)
     valid = (jnp.arange(x.shape[0]) < store.length)[:, None, None]
     amax = jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0.0), axis=(0, 2))
+    if s is not None:
+      amax = amax * s
     return jnp.where(amax > 0, amax * headroom / top, 1.0).astype(jnp.float32)
 
-  if store.k_scale is None:
-    return tuple((scale(k), scale(v)) for k, v in zip(store.k, store.v))
-  # one layer at a time: the keys as the attention weighs them (shifted back)
-  return tuple((scale(store._dequantized_layer("k", i)), scale(store._dequantized_layer("v", i)))
-               for i in range(len(store.k)))
+  return tuple((scale(k, ks), scale(v, vs))
+               for k, v, (ks, vs) in zip(store.k, store.v, store._scales()))
 
 
 class UniqueKVCache:
