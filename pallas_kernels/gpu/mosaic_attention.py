@@ -501,10 +501,10 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   def entry(*gmem):
     transforms = _smem_transforms(D, jnp.dtype(dtype).itemsize)
     kv_transforms = _smem_transforms(D, jnp.dtype(k.dtype).itemsize)
-    q_tile = ((consumers, q_terms, BLOCK_Q, D), k.dtype, kv_transforms) if fp8 else (
-        (consumers, BLOCK_Q, D), dtype, transforms)
+    q_smem = (plgpu.SMEM((consumers, q_terms, BLOCK_Q, D), k.dtype, transforms=kv_transforms)
+              if fp8 else plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms))
     smem = [
-        plgpu.SMEM(q_tile[0], q_tile[1], transforms=q_tile[2]),
+        q_smem,
         plgpu.SMEM((stages, block_k, D), k.dtype, transforms=kv_transforms),
         plgpu.SMEM((stages, block_k, D), v.dtype, transforms=kv_transforms),
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
