@@ -299,7 +299,7 @@ def test_triton_widened_float8_kv_interpreted(n):
 # the widened one
 @pytest.mark.parametrize("D,widen_kv", [(128, False), (128, True), (80, True)])
 @pytest.mark.parametrize("fp8", FP8)
-@pytest.mark.parametrize("B", [3, 40])  # one consumer warpgroup (M=24), a ping-pong pair (320)
+@pytest.mark.parametrize("B", [3, 40])  # M=24: split_keys (one consumer widened); 320: a pair
 def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
   """Float8 K/V on Mosaic GPU, in the kernel (QK^T on the FP8 tensor cores with the queries as
   float8 terms: the first term alone would miss the tolerance by 4-5x) or widened first."""
