@@ -35,6 +35,7 @@ def _lower(op, args, **kwargs):
     (1, 128, "bfloat16", "float8_e4m3fn", (2, True), 4008),  # float8 widened, two consumers' keys
     (64, 128, "bfloat16", "float8_e5m2", (2, False), 4096),
     (128, 80, "bfloat16", "float8_e5m2", (2, False), 4096),  # widened in HBM first (M = 512)
+    (128, 128, "bfloat16", "float8_e4m3fn", (2, False), 4096),  # read as float8 (M = 512)
 ])
 def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule, S):
   q, kv = _sds((B, 1, 32, D), dtype), _sds((S, 8, D), kv_dtype)
@@ -65,7 +66,7 @@ def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():
   """widen_kv: the widening sits behind an optimization barrier with the call's queries, and
   with a traced kv_length inside a conditional on kv_length > 0 (an unread context costs no
   widening pass)."""
-  q, kv, n = _sds((128, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "float8_e4m3fn"), _sds(
+  q, kv, n = _sds((256, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "float8_e4m3fn"), _sds(
       (), "int32")
   scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = pk.plan("shared_attention", q, kv, kv, implementation="mosaic_gpu", target="h200",

@@ -37,13 +37,15 @@ MOSAIC_MIN_KV_BYTES = 128 * 2**20
 MOSAIC_CHUNK_MIN_ROWS = 128
 MOSAIC_MIN_CHUNK = 1024
 # Float8 shared K/V are widened in HBM before the kernel (`widen_kv` of the Mosaic GPU and Triton
-# configs) from this many rows of a kv head: each 128-row CTA widens every tile it reads, a cost
+# configs) from this many rows of a kv head: a kernel that widens the tiles it reads pays a cost
 # that grows with M, while one widening pass reads the float8 K/V once and writes them at twice
-# the bytes. On an H200 (S=1M, Llama-3.1-8B heads) Mosaic GPU in-kernel against widened: 3.24 vs
-# 4.40 ms at M=256, 6.56 vs 5.96 at M=512, 13.1 vs 9.4 at M=1024, 25.5 vs 16.0 at M=2048 (the
-# pass alone 2.6 ms; fp8.md); Triton 9.35 vs 8.12 ms at M=512, 36.6 vs 23.2 at M=2048
-# (fp8_triton_widened.md).
+# the bytes (2.6 ms at S=1M, Llama-3.1-8B heads, H200). Triton in-kernel against widened: 9.35
+# vs 8.12 ms at M=512, 36.6 vs 23.2 at M=2048 (fp8_triton_widened.md).
 FP8_WIDEN_MIN_ROWS = 512
+# Mosaic GPU where it reads float8 tiles itself (head dims of 128-byte float8 rows: QK^T on the
+# FP8 tensor cores, only V widened in shared memory) keeps them float8 up to more rows. Same
+# setting, fp8_widen.md: 4.83 vs 6.06 ms at M=512, 9.51 vs 9.35 at M=1024.
+FP8_WIDEN_MIN_ROWS_MOSAIC = 1024
 # Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
 # stage), and the fewest blocks per split (below it the partials cost more than the split gains).
 UNIQUE_BLOCK_KEYS = 128
@@ -233,13 +235,14 @@ def _widen_unsupported(c, kv_dtype) -> str | None:
   return None
 
 
-def plan_widen_kv(dims: AttentionDims, dtype, kv_dtype, widen_kv: bool | None) -> bool:
+def plan_widen_kv(dims: AttentionDims, dtype, kv_dtype, widen_kv: bool | None, *,
+                  min_rows: int = FP8_WIDEN_MIN_ROWS) -> bool:
   """A shared-attention plan's widen_kv: None picks it for float8 K/V under 16-bit queries (the
   measured case: a copy of twice the float8 bytes; float32 queries would need four times) from
-  FP8_WIDEN_MIN_ROWS rows of a kv head; True is refused for K/V that are not float8."""
+  `min_rows` rows of a kv head; True is refused for K/V that are not float8."""
   if widen_kv is None:
     return (quant.is_fp8(kv_dtype) and jnp.dtype(dtype).itemsize == 2
-            and dims.M >= FP8_WIDEN_MIN_ROWS)
+            and dims.M >= min_rows)
   if widen_kv and not quant.is_fp8(kv_dtype):
     raise ValueError(f"widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}")
   return widen_kv
@@ -269,23 +272,39 @@ def triton_shared_unsupported(dims: AttentionDims, dtype, c: TritonSharedConfig,
       c.block_m, c.block_k, dims.D, dtype, c.num_stages, target)
 
 
+def _reads_float8(dims: AttentionDims, dtype, target: GpuTarget) -> bool:
+  """Whether the Mosaic GPU kernel can read float8 K/V of this problem as such under a 128-row
+  ping-pong pair (128-byte float8 rows; its ring, the queries' float8 terms and the widened V
+  tile fit in shared memory)."""
+  fp8 = quant.FP8_DTYPES[0]
+  block_k, stages = _mosaic_tiling(dims, dtype, 1, target, consumers=2, kv_dtype=fp8)
+  return mosaic_unsupported(dims, dtype, block_k, stages, target, False, kv_dtype=fp8,
+                            consumers=2, ragged_keys=True) is None
+
+
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
                   widen_kv: bool | None = None) -> MosaicGpuSharedConfig:
   """For K/V in the query dtype: one 64-row consumer per CTA while M <= 64 (split-S,
   bandwidth-bound: a second consumer on other rows would multiply padding), else 128-row CTAs
-  of a ping-pong pair. For float8 K/V while M <= 128: two consumers taking turns over the key
-  tiles of 64 rows (widening a tile costs a consumer about as much as its wgmma; on an H200,
-  S=1M, Llama-3.1-8B heads: 0.74-0.77 ms against 1.0 ms with one consumer at B=1-16, 1.53
-  against 1.64 ms for the ping-pong pair at B=32, fp8.md); from FP8_WIDEN_MIN_ROWS rows widened
-  in HBM first (widen_kv; None: by `plan_widen_kv`) and tiled as K/V in the query dtype. Two
-  ring slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read as
-  such); S split to fill the chip."""
-  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv)
+  of a ping-pong pair. For float8 K/V while M <= 64: two consumers taking turns over the key
+  tiles of 64 rows (on an H200, S=1M, Llama-3.1-8B heads: 0.68-0.76 ms against 0.82 ms with
+  one consumer at B=1-16; at B=32 the ping-pong pair takes 1.17 ms against their 1.42 ms on
+  two row tiles: fp8_widen.md); from FP8_WIDEN_MIN_ROWS_MOSAIC rows
+  (FP8_WIDEN_MIN_ROWS where it cannot read them as float8: `_reads_float8`) widened in HBM
+  first (widen_kv; None: by `plan_widen_kv`) and tiled as K/V in the query dtype. Two ring
+  slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read by split
+  keys); S split to fill the chip."""
+  reads_float8 = _reads_float8(dims, dtype, target)
+  min_rows = FP8_WIDEN_MIN_ROWS_MOSAIC if reads_float8 else FP8_WIDEN_MIN_ROWS
+  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv, min_rows=min_rows)
   if widened:
     kv_dtype = dtype
-  split_keys = quant.is_fp8(kv_dtype) and dims.M <= 2 * mosaic_attention.BLOCK_Q
+  split_keys = quant.is_fp8(kv_dtype) and dims.M <= mosaic_attention.BLOCK_Q
   consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q and not split_keys else 2
-  block_k, stages = _mosaic_tiling(dims, dtype, 2, target, consumers=consumers,
+  # Float8 tiles under a ping-pong pair: two ring slots (`_mosaic_tiling` doubles what it is
+  # asked for float8), 5-8% faster than three at M = 128-512 (fp8_widen.md).
+  pair_fp8 = quant.is_fp8(kv_dtype) and not split_keys
+  block_k, stages = _mosaic_tiling(dims, dtype, 1 if pair_fp8 else 2, target, consumers=consumers,
                                    kv_dtype=kv_dtype, multiple=2 if split_keys else 1)
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers, split_keys))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
