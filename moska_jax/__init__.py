@@ -26,6 +26,7 @@ _EXPORTS = {
     # model and its attention
     "Decoder": "moska_jax.model",
     "stateless": "moska_jax.model",
+    "kv_weights_fingerprint": "moska_jax.model",
     "SharedLayer": "moska_jax.attention",
     "moska_step": "moska_jax.step",
     "moska_attend": "moska_jax.step",

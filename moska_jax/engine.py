@@ -90,7 +90,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels as pk
 from moska_jax.config import ModelConfig, MoskaConfig, check_int
 from moska_jax.kv_cache import SharedKVStore, UniqueKVCache, check_kv_dtype, unique_kv_scales
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, kv_weights_fingerprint
 from moska_jax.sampling import Sampling, SamplingRows, branches, sample
 from moska_jax.scheduler import Request, Scheduler, StepPlan
 from moska_jax.sharding import (DeviceGroups, PlacedSharedKV, SharedConfig, TransferStats,
@@ -212,7 +212,8 @@ class MoskaEngine:
   """Serves many requests against named shared contexts with MoSKA attention.
 
   Args:
-    model: the Decoder whose weights built the shared stores.
+    model: the Decoder whose weights built the shared stores (checked against a store's
+      `weights_fingerprint`).
     shared_store: the shared context, a `SharedKVStore` (named `default_context`) or a mapping
       name -> store (the first is the default); more can be loaded later (`load_context`).
     moska_config: dense / sparse routing, reuse of routes, and the kernel backend.
@@ -284,6 +285,8 @@ class MoskaEngine:
     if not stores:
       raise ValueError("MoskaEngine: shared_store must hold at least one context")
     first = next(iter(stores.values()))
+    self.graphdef, self.state = nnx.split(model)
+    self._fingerprint: str | None = None  # the model's, once a store with one is checked
     # Every store of the engine has the first one's K/V format (`_check_store`).
     self.shared_kv_dtype = first.kv_dtype if isinstance(first, SharedKVStore) else None
     self._check_store(first)
@@ -312,7 +315,6 @@ class MoskaEngine:
     else:
       raise ValueError(f"MoskaEngine: tokenizer must have encode() or be callable, got "
                        f"{type(tokenizer).__name__}")
-    self.graphdef, self.state = nnx.split(model)
     self._graph = _graph(self.graphdef)
     self.stats: collections.Counter = collections.Counter()
     self.last_step_seconds = 0.0
@@ -387,8 +389,9 @@ class MoskaEngine:
     store, at its positions); its queued ones start on the new store.
 
     Raises:
-      ValueError: an empty name, or the store was built for another model, or (sparse) its chunk
-        size or summary kind differs from the engine's MoskaConfig, or its K/V format
+      ValueError: an empty name, or the store was built for another model config or by other
+        weights (`SharedKVStore.weights_fingerprint`), or (sparse) its chunk size or summary
+        kind differs from the engine's MoskaConfig, or its K/V format
         (`SharedKVStore.kv_dtype`) from the engine's first store's, or a second context (or a
         float8 store) on disaggregated groups.
     """
@@ -426,6 +429,14 @@ class MoskaEngine:
                        f"{type(store).__name__}")
     if store.model_config != self.model_config:
       raise ValueError("MoskaEngine: the shared store was built for a different model config")
+    if store.weights_fingerprint is not None:
+      self._fingerprint = self._fingerprint or kv_weights_fingerprint(self.state)
+      if store.weights_fingerprint != self._fingerprint:
+        raise ValueError(f"MoskaEngine: the shared store was built by other weights than this "
+                         f"model's (weights fingerprint {store.weights_fingerprint[:12]}... in "
+                         f"the store, {self._fingerprint[:12]}... for the model's embedding and "
+                         f"blocks: `moska_jax.kv_weights_fingerprint`); rebuild it with this "
+                         f"model (build_shared_store) or serve the weights that built it")
     fmt = lambda kv_dtype: kv_dtype or f"unscaled {self.model_config.dtype}"
     if store.kv_dtype != self.shared_kv_dtype:
       raise ValueError(f"MoskaEngine: the shared store's K/V are {fmt(store.kv_dtype)}; this "

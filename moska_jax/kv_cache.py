@@ -62,7 +62,10 @@ class SharedKVStore:
   and the padding is masked by `length`. K, V are in the model's dtype (k_scale = v_scale =
   None) or float8 with per-layer [Hkv] float32 dequantization scales (k = k_scale[h] * stored;
   `quantized`, `prefill.build_shared_store(kv_dtype=...)`); the summaries are always those of
-  the full-precision (or dequantized) keys.
+  the full-precision (or dequantized) keys. weights_fingerprint: the
+  `moska_jax.kv_weights_fingerprint` of the decoder that built it (None for a store built
+  another way, e.g. random K/V, or saved before fingerprints existed); an engine refuses a
+  store whose fingerprint is not its model's.
   """
 
   k: tuple[jax.Array, ...]
@@ -73,6 +76,7 @@ class SharedKVStore:
   chunk_size: int = dataclasses.field(metadata=dict(static=True))
   k_scale: tuple[jax.Array, ...] | None = None  # per layer [Hkv] float32, float8 K only
   v_scale: tuple[jax.Array, ...] | None = None
+  weights_fingerprint: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def kv_dtype(self) -> str | None:
@@ -142,7 +146,8 @@ def _arrays(store: SharedKVStore) -> dict:
 def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = False) -> None:
   """Saves the store under directory `path`, atomically and with a checksum per file.
 
-  Layout: `path/store.json` (the config, chunk size, summary kind, rows, kv_dtype),
+  Layout: `path/store.json` (the config, chunk size, summary kind, rows, kv_dtype, weights
+  fingerprint),
   `path/arrays` (orbax; float8 K/V as they are, bit-exact, with their float32 scales)
   and `path/checksums.json` (the size and sha256 of every file). The directory is written beside
   `path` and renamed into place once complete and durable (`checkpoint.atomic_directory`): a save
@@ -162,7 +167,7 @@ def save_shared_store(path: str, store: SharedKVStore, *, overwrite: bool = Fals
                     f"{type(store).__name__}")
   meta = dict(model_config=store.model_config.to_dict(), chunk_size=store.chunk_size,
               summary=store.summaries[0].kind, rows=store.k[0].shape[0],
-              kv_dtype=store.kv_dtype)
+              kv_dtype=store.kv_dtype, weights_fingerprint=store.weights_fingerprint)
   arrays = _arrays(store)
   with checkpoint.atomic_directory(path, overwrite=overwrite, marker="store.json",
                                    what="save_shared_store") as tmp:
@@ -205,6 +210,9 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
         isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (C, rows)):
       raise ValueError(f"summary {summary!r}, chunk_size {C!r}, rows {rows!r}")
     kv_dtype = check_kv_dtype(meta.get("kv_dtype"), "store.json")  # absent: saved unscaled
+    fingerprint = meta.get("weights_fingerprint")  # absent: saved before fingerprints
+    if fingerprint is not None and not isinstance(fingerprint, str):
+      raise ValueError(f"weights_fingerprint {fingerprint!r}")
   except (KeyError, TypeError, ValueError) as e:
     raise ValueError(f"{what}: {os.path.join(path, 'store.json')} is damaged: "
                      f"{type(e).__name__}: {e}") from None
@@ -238,7 +246,7 @@ def load_shared_store(path: str, model_config: ModelConfig | None = None, *,
   scales = {} if kv_dtype is None else dict(k_scale=tuple(a["k_scale"]),
                                             v_scale=tuple(a["v_scale"]))
   return SharedKVStore(tuple(a["k"]), tuple(a["v"]), summaries, a["length"], built_for, C,
-                       **scales)
+                       **scales, weights_fingerprint=fingerprint)
 
 
 def unique_kv_scales(store: SharedKVStore, kv_dtype,

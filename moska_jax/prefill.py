@@ -23,7 +23,7 @@ from moska_jax import routing
 from moska_jax.attention import shared_prefix_attention
 from moska_jax.config import DEFAULT_SUMMARY, SUMMARY_KINDS, check_int
 from moska_jax.kv_cache import SharedKVStore, check_kv_dtype, zero_kv
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, kv_weights_fingerprint
 
 
 def build_shared_store(model: Decoder, tokens, *, chunk_size: int,
@@ -96,5 +96,6 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int,
   length = jnp.int32(S)
   summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
                     for Ki in K)
-  store = SharedKVStore(K, V, summaries, length, cfg, chunk_size)
+  store = SharedKVStore(K, V, summaries, length, cfg, chunk_size,
+                        weights_fingerprint=kv_weights_fingerprint(nnx.state(model)))
   return store if kv_dtype is None else store.quantized(kv_dtype)

@@ -137,6 +137,8 @@ _HEADERS = [
         p, "store.json", lambda d: _set(d, "model_config", dict(d["model_config"], layers=0))),
      "layers must be an int >= 1"),
     ("header-a-list", lambda p: _edit_json(p, "store.json", lambda d: [d]), "is damaged"),
+    ("fingerprint-int", lambda p: _edit_json(
+        p, "store.json", lambda d: _set(d, "weights_fingerprint", 5)), "weights_fingerprint 5"),
 ]
 
 

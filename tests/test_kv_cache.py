@@ -1,5 +1,5 @@
 """Shared store: chunked prefill = one-shot prefill = the plain decoder's keys; orbax round trip;
-config checks. Unique cache: page allocation and freeing."""
+config and weights checks. Unique cache: page allocation and freeing."""
 
 import dataclasses
 
@@ -10,11 +10,13 @@ import pytest
 from flax import nnx
 
 from moska_jax.attention import rope_frequencies
-from moska_jax.config import tiny
+from moska_jax.config import MoskaConfig, tiny
+from moska_jax.engine import MoskaEngine
 from moska_jax.kv_cache import (UniqueKVCache, load_shared_store, save_shared_store,
                                 unique_kv_scales)
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, kv_weights_fingerprint
 from moska_jax.prefill import build_shared_store
+from tests.test_store_faults import random_store
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +60,8 @@ def test_save_restore_is_bit_exact_and_checks_config(model, tmp_path, kind):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert back.summaries[0].kind == kind and back.chunk_size == 64
   assert back.model_config == model.cfg
+  assert back.weights_fingerprint == store.weights_fingerprint == kv_weights_fingerprint(
+      nnx.state(model))
   other = dataclasses.replace(model.cfg, hidden=128)
   with pytest.raises(ValueError, match="was built for"):
     load_shared_store(str(tmp_path / "store"), other)
@@ -139,3 +143,40 @@ def test_unique_kv_scales_of_an_all_zero_head_from_a_float8_store(model, stored)
     assert float(k_want[0]) == float(k_got[0]) == 1.0
     np.testing.assert_allclose(np.asarray(k_got), np.asarray(k_want), rtol=0.07)  # float8 step
     np.testing.assert_allclose(np.asarray(v_got), np.asarray(v_want), rtol=0.07)
+
+
+def test_an_engine_refuses_a_store_built_by_other_weights(model):
+  """A store remembers the fingerprint of the weights its K/V depend on (embedding and blocks):
+  an engine on a model of the same config but other weights refuses it, at construction and in
+  load_context; the LM head is not part of it; quantizing or re-summarizing keeps it; a store
+  built another way (no fingerprint) is served as before."""
+  store = build_shared_store(model, np.arange(40) % 256, chunk_size=8, backend="xla")
+  engine = lambda m, s: MoskaEngine(m, s, MoskaConfig(backend="xla"), max_batch=1, num_pages=4,
+                                    page_size=8)
+  other = Decoder(tiny(), rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="built by other weights than this model's"):
+    engine(other, store)
+  served = engine(other, random_store(3))
+  with pytest.raises(ValueError, match="built by other weights"):
+    served.load_context("docs", store)
+  quantized = store.quantized("float8_e4m3fn")
+  engine(model, quantized).load_context("docs", quantized.with_summaries(16))
+  head_only = Decoder(tiny(), rngs=nnx.Rngs(0))
+  head_only.lm_head.kernel[...] = head_only.lm_head.kernel[...] * 2
+  engine(head_only, store)
+  one_value = Decoder(tiny(), rngs=nnx.Rngs(0))
+  w = one_value.blocks[-1].mlp_norm.scale
+  w[...] = w[...].at[5].add(1e-3)
+  with pytest.raises(ValueError, match="built by other weights"):
+    engine(one_value, store)
+
+
+def test_the_weights_fingerprint_does_not_depend_on_placement(model):
+  """Integer sums: the same fingerprint with the weights sharded over 8 devices."""
+  state = nnx.state(model)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("d",))
+  spread = jax.tree.map(
+      lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec("d" if x.shape and x.shape[0] % 8 == 0 else None))),
+      state)
+  assert kv_weights_fingerprint(spread) == kv_weights_fingerprint(state)

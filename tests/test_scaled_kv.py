@@ -194,9 +194,10 @@ def test_mosaic_gpu_takes_float8_kv_with_128_byte_rows():
 
 def test_float8_kv_widened_in_hbm_from_many_rows():
   """From FP8_WIDEN_MIN_ROWS_MOSAIC rows (FP8_WIDEN_MIN_ROWS where it cannot read them as
-  float8: D=80's rows are not 128 bytes, D=256's tiles do not fit) the Mosaic GPU plan widens float8 K/V before the kernel and tiles them as K/V in the
-  query dtype (head dims of 16-byte multiples then run too); below, the kernel reads them as
-  float8; widen_kv on K/V that are not float8 is refused; a sweep has both."""
+  float8: D=80's rows are not 128 bytes, D=256's tiles do not fit) the Mosaic GPU plan widens
+  float8 K/V before the kernel and tiles them as K/V in the query dtype (head dims of 16-byte
+  multiples then run too); below, the kernel reads them as float8; widen_kv on K/V that are
+  not float8 is refused; a sweep has both."""
   h100, fp8 = targets.target("h100"), jnp.float8_e4m3fn
   assert gpu_tuning.FP8_WIDEN_MIN_ROWS < gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC
   in_kernel, widened_first = gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC, gpu_tuning.FP8_WIDEN_MIN_ROWS
