@@ -113,24 +113,25 @@ class Decoder(nnx.Module):
     return self.forward(tokens, positions, causal)[0]
 
 
-# The parts of a decoder's state that a shared store's K/V depend on (the final norm and the LM
-# head read none of them).
+# The parts of a decoder's state a shared store's K/V may depend on: a superset (the last
+# block's MLP and q / o projections reach no stored K/V either); the final norm and the LM head
+# read none of them.
 KV_WEIGHTS = ("embed", "blocks")
 
 
 def kv_weights_fingerprint(state: nnx.State) -> str:
-  """A fingerprint of the weights a shared store's K/V depend on: the embedding and the blocks
-  of a decoder's state (`nnx.state(model)`).
+  """A fingerprint of the weights a shared store's K/V depend on: the embedding and every block
+  (whole) of a decoder's state (`nnx.state(model)`).
 
-  Per floating-point parameter, its values' bits weighted by odd position factors and their
-  squares are summed modulo 2**32 on the device: integer sums, so the same under any sharding,
-  platform or reduction order, and any single changed value changes the first. These sums, with
-  each parameter's shape and dtype in flattening order, are hashed (sha256) on the host.
-  Parameter names are left out: their spelling differs between Flax versions.
+  Per numeric parameter, its values' bits weighted by odd position factors and their squares
+  are summed modulo 2**32 on the device: integer sums, so the same under any sharding, platform
+  or reduction order, and any single changed value changes the first. These sums, with each
+  parameter's shape and dtype in flattening order, are hashed (sha256) on the host. Parameter
+  names are left out: their spelling differs between Flax versions.
   """
   leaves = [x for x in jax.tree.leaves([state[k] for k in KV_WEIGHTS])
-            if jnp.issubdtype(x.dtype, jnp.floating)]
-  sums = np.asarray(_bit_sums(leaves))
+            if jnp.issubdtype(x.dtype, jnp.number)]
+  sums = np.asarray(_bit_sums(leaves)) if leaves else []
   h = hashlib.sha256()
   for x, s in zip(leaves, sums, strict=True):
     h.update(f"{x.shape}:{jnp.dtype(x.dtype).name}:{int(s[0])}:{int(s[1])};".encode())
@@ -142,7 +143,8 @@ def _bit_sums(leaves: list[jax.Array]) -> jax.Array:
   """[len(leaves), 2] uint32: per array, sum(bits * (2 i + 1)) and sum(bits ** 2) mod 2**32."""
   out = []
   for x in leaves:
-    uint = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+    # (8-byte values become two uint32 words each)
+    uint = {1: jnp.uint8, 2: jnp.uint16}.get(jnp.dtype(x.dtype).itemsize, jnp.uint32)
     bits = jax.lax.bitcast_convert_type(x, uint).astype(jnp.uint32).reshape(-1)
     odd = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
     out.append(jnp.stack([jnp.sum(bits * odd, dtype=jnp.uint32),

@@ -26,24 +26,25 @@ def _lower(op, args, **kwargs):
 
 
 @pytest.mark.parametrize("B,D,dtype,kv_dtype,schedule,S", [
-    (1, 128, "bfloat16", "bfloat16", (1, False), 4096),  # one consumer warpgroup
-    (64, 128, "float16", "float16", (2, False), 4040),  # a ping-pong pair; S past whole tiles
-    (3, 256, "bfloat16", "bfloat16", (1, False), 4096),
-    (2, 64, "bfloat16", "bfloat16", (1, False), 4096),
-    (64, 96, "bfloat16", "bfloat16", (2, False), 4096),  # 64-byte swizzled rows
-    (1, 80, "float16", "float16", (1, False), 4096),  # 32-byte swizzled rows
-    (1, 128, "bfloat16", "float8_e4m3fn", (2, True), 4008),  # float8 widened, two consumers' keys
-    (64, 128, "bfloat16", "float8_e5m2", (2, False), 4096),
-    (128, 80, "bfloat16", "float8_e5m2", (2, False), 4096),  # widened in HBM first (M = 512)
-    (128, 128, "bfloat16", "float8_e4m3fn", (2, False), 4096),  # read as float8 (M = 512)
+    (1, 128, "bfloat16", "bfloat16", (1, False, False), 4096),  # one consumer warpgroup
+    (64, 128, "float16", "float16", (2, False, False), 4040),  # a ping-pong pair; S past tiles
+    (3, 256, "bfloat16", "bfloat16", (1, False, False), 4096),
+    (2, 64, "bfloat16", "bfloat16", (1, False, False), 4096),
+    (64, 96, "bfloat16", "bfloat16", (2, False, False), 4096),  # 64-byte swizzled rows
+    (1, 80, "float16", "float16", (1, False, False), 4096),  # 32-byte swizzled rows
+    (1, 128, "bfloat16", "float8_e4m3fn", (2, True, False), 4008),  # two consumers' keys
+    (64, 128, "bfloat16", "float8_e5m2", (2, False, False), 4096),
+    (128, 80, "bfloat16", "float8_e5m2", (2, False, True), 4096),  # widened in HBM first (M=512)
+    (128, 128, "bfloat16", "float8_e4m3fn", (2, False, False), 4096),  # read as float8 (M=512)
 ])
 def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule, S):
+  """schedule: (consumers, split_keys, widen_kv) of the default plan."""
   q, kv = _sds((B, 1, 32, D), dtype), _sds((S, 8, D), kv_dtype)
   scales = {}
   if kv_dtype != dtype:
     scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = _lower("shared_attention", (q, kv, kv), **scales)
-  assert (plan.config.consumers, plan.config.split_keys) == schedule
+  assert (plan.config.consumers, plan.config.split_keys, plan.config.widen_kv) == schedule
 
 
 @pytest.mark.parametrize("B,kv_dtype", [(1, "float8_e4m3fn"), (64, "float8_e5m2")])
