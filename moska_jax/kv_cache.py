@@ -20,6 +20,7 @@ from moska_jax import checkpoint, routing
 from moska_jax.attention import SharedLayer
 from moska_jax.config import DEFAULT_SUMMARY, ModelConfig, check_int
 from pallas_kernels import quant
+from pallas_kernels.checks import check_kv_scales
 
 KV_DTYPES = (None, "float8_e4m3fn", "float8_e5m2")  # None: the model's dtype, unscaled
 # A float8 unique cache's scales leave this much room above the largest magnitude of the shared
@@ -318,15 +319,13 @@ class UniqueKVCache:
                                       "UniqueKVCache")
     dtype = check_kv_dtype(kv_dtype, "UniqueKVCache")
     if dtype is not None:
-      want = (cfg.num_kv_heads,)
-      if scales is None or len(scales) != cfg.layers or any(
-          len(pair) != 2 or any(jnp.shape(s) != want for s in pair) for pair in scales):
+      if scales is None or len(scales) != cfg.layers or any(len(pair) != 2 for pair in scales):
         raise ValueError(f"UniqueKVCache: a {dtype.name} cache needs scales, per layer "
-                         f"({cfg.layers}) a (k_scale, v_scale) pair of shape {want}")
-      scales = tuple(tuple(jnp.asarray(s, jnp.float32) for s in pair) for pair in scales)
-      if not all(bool(jnp.all(jnp.isfinite(s) & (s > 0))) for pair in scales for s in pair):
-        raise ValueError("UniqueKVCache: scales must be finite and > 0 (a page stores k / "
-                         "k_scale)")
+                         f"({cfg.layers}) a (k_scale, v_scale) pair of shape "
+                         f"[Hkv={cfg.num_kv_heads}]")
+      scales = tuple(tuple(map(jnp.asarray, check_kv_scales(*pair, cfg.num_kv_heads,
+                                                            op="UniqueKVCache")))
+                     for pair in scales)
     elif scales is not None:
       raise ValueError("UniqueKVCache: scales are for a float8 kv_dtype; got kv_dtype None")
     self.kv_dtype, self.scales = dtype, scales

@@ -100,8 +100,12 @@ def test_unique_cache_allocates_and_frees_pages():
       UniqueKVCache(tiny(), **{**shape, name: value})
   heads = (tiny().num_kv_heads,)
   zero = [(jnp.zeros(heads), jnp.ones(heads))] * tiny().layers
-  with pytest.raises(ValueError, match="scales must be finite and > 0"):
+  with pytest.raises(ValueError, match=r"UniqueKVCache: k_scale must be finite and > 0"):
     UniqueKVCache(tiny(), **shape, kv_dtype="float8_e4m3fn", scales=zero)
+  wide = [(jnp.ones(heads * 2), jnp.ones(heads))] * tiny().layers
+  with pytest.raises(ValueError, match=r"UniqueKVCache: k_scale must be a float array of shape "
+                                       rf"\[Hkv={heads[0]}\]"):
+    UniqueKVCache(tiny(), **shape, kv_dtype="float8_e4m3fn", scales=wide)
 
 
 def test_build_rejects_empty_tokens(model):
