@@ -114,7 +114,7 @@ class Decoder(nnx.Module):
 
 
 # The parts of a decoder's state a shared store's K/V may depend on: a superset (the last
-# block's MLP and q / o projections reach no stored K/V either); the final norm and the LM head
+# block's MLP and q / o projections reach no stored K/V); the final norm and the LM head
 # read none of them.
 KV_WEIGHTS = ("embed", "blocks")
 
