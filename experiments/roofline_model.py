@@ -360,8 +360,9 @@ def read_measured(path: str) -> tuple[list[dict], dict[str, str]]:
 
 def measured_hardware(header: dict[str, str], hw: Hardware) -> Hardware | None:
   """hw with the ceilings a results header recorded (None if it recorded none): its read
-  bandwidth and its bf16 matmul rate, also for 8-bit operands, since our kernels dequantize FP8
-  K/V to bf16 in registers and run bf16 MMAs. Capacity and interconnect stay hw's."""
+  bandwidth and its bf16 matmul rate, also for 8-bit operands, since our kernels spend a bf16
+  product's tensor-core time on each FP8 K/V product (QK^T as two float8 query terms, PV on V
+  widened to float16). Capacity and interconnect stay hw's."""
   ceilings = header.get("ceilings", "")
   matmul = re.search(r"bf16 matmul ([\d.]+) TFLOP/s", ceilings)
   # The streaming read rate where the run measured one; older runs recorded only a copy rate.
