@@ -36,6 +36,10 @@ flags.DEFINE_enum("fp8_dtype", "float8_e4m3fn", [d.name for d in pk.quant.FP8_DT
 flags.DEFINE_boolean("fp8_sweep", False, "fp8: also time the FP8 call's sweep candidates and "
                      "Triton tilings with 128 / 256-key tiles and 3 / 4 stages (each one's time "
                      "in fp8_sweep.md).")
+flags.DEFINE_boolean("fp8_in_program", False, "fp8: time what a call adds inside a program "
+                     "(`timing.time_in_program`) instead of a program per call: for calls of "
+                     "under ~0.1 ms, which a call's dispatch would time (e.g. short unique "
+                     "contexts).")
 flags.DEFINE_enum("fp8_implementation", "auto",
                   ["auto", *pk.implementations("shared_attention")],
                   "fp8: the implementation of every call, bf16 and float8 ('auto': --backend's "
@@ -94,6 +98,10 @@ def _sweep(op: str, args: tuple, k_scale, v_scale) -> list[pk.Plan]:
   return list(dict.fromkeys(plans))[1:]
 
 
+def _time(fn, *args) -> tuple[float, str]:
+  return harness.time_or_error(fn, *args, in_program=FLAGS.fp8_in_program)
+
+
 def _rel(x, ref) -> float:
   x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
@@ -130,20 +138,18 @@ def main() -> None:
       key, sub = jax.random.split(key)
       q, k, v, extra, flops, elements = _inputs(op, sub, B, bench)
       fn = jax.jit(_op(op))
-      t16, err16 = harness.time_or_error(fn, q, k, v, *extra)
+      t16, err16 = _time(fn, q, k, v, *extra)
       plan16 = plan_note(pk.plan(op, q, k, v, *extra, **_which()))
       (k8, ks), (v8, vs) = pk.quant.quantize(k, FLAGS.fp8_dtype), pk.quant.quantize(
           v, FLAGS.fp8_dtype)
       del k, v  # the largest cases hold only one precision at a time
-      t8, err8 = harness.time_or_error(lambda *a: fn(*a, k_scale=ks, v_scale=vs), q, k8, v8,
-                                       *extra)
+      t8, err8 = _time(lambda *a: fn(*a, k_scale=ks, v_scale=vs), q, k8, v8, *extra)
       plan8 = pk.plan(op, q, k8, v8, *extra, **_which(), k_scale=ks, v_scale=vs)
       floor16 = bench.ceilings.floor_s(flops, elements * jnp.dtype(FLAGS.dtype).itemsize)
       floor8 = bench.ceilings.floor_s(flops, elements * fp8_itemsize)
       best8, best_plan = t8, plan8
       for p in _sweep(op, (q, k8, v8, *extra), ks, vs) if FLAGS.fp8_sweep else ():
-        t, err = harness.time_or_error(harness.jit_plan(p, k_scale=ks, v_scale=vs), q, k8, v8,
-                                       *extra)
+        t, err = _time(harness.jit_plan(p, k_scale=ks, v_scale=vs), q, k8, v8, *extra)
         swept.add(op=op, B=B, plan=plan_note(p), ms=t * 1e3, x_floor=t / floor8,
                   x_default=t / t8, note=err)
         if t < best8:
@@ -159,6 +165,8 @@ def main() -> None:
   bench.env["sizes"] = (f"S={FLAGS.fp8_shared} (shared_attention), U={FLAGS.fp8_unique} per "
                         f"request in pages of {FLAGS.fp8_page} (unique_attention), "
                         f"{FLAGS.fp8_dtype} with one scale per kv head")
+  bench.env["timing"] = ("inside a program (what a call adds)" if FLAGS.fp8_in_program
+                         else "a program per call")
   if swept.rows:
     swept.write(notes="Each candidate of the float8 call's sweep (the default plan is fp8.md's "
                       "fp8_ms); x_floor as in fp8.md, x_default = time / the default plan's.",

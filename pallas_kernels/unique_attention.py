@@ -111,13 +111,21 @@ def _run_mosaic_tpu(p: UniqueProblem, c: MosaicTpuUniqueConfig, interpret):
   return _partials(p, o, lse)
 
 
+def _choose(p: UniqueProblem, platform: str, target, interpret: bool) -> str:
+  if platform == "tpu":
+    return "mosaic_tpu"
+  return gpu_tuning.unique_implementation(p.dims, p.page_size, p.dtype, target, interpret,
+                                          kv_dtype=p.k_pages.dtype)
+
+
 OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "xla": Implementation("xla", None, _run_xla),
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonUniqueConfig,
-        default_config=lambda p, t: gpu_tuning.triton_unique(p.dims, p.page_size, p.dtype, t),
-        candidates=lambda p, t: gpu_tuning.triton_unique_candidates(p.dims, p.page_size,
-                                                                    p.dtype, t),
+        default_config=lambda p, t: gpu_tuning.triton_unique(p.dims, p.page_size, p.dtype, t,
+                                                             kv_dtype=p.k_pages.dtype),
+        candidates=lambda p, t: gpu_tuning.triton_unique_candidates(
+            p.dims, p.page_size, p.dtype, t, kv_dtype=p.k_pages.dtype),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(
             p.dims, p.page_size, p.dtype, c, t)),
     "mosaic_gpu": Implementation(
@@ -136,7 +144,7 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         candidates=lambda p, t: tpu_tuning.unique_candidates(p.dims, p.page_size, p.dtype, t),
         unsupported=lambda p, c, t, i: tpu_tuning.unique_unsupported(p.dims, p.page_size,
                                                                      p.dtype, c, t)),
-}, lambda p, platform, target, interpret: "mosaic_tpu" if platform == "tpu" else "triton"))
+}, _choose))
 
 
 def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
@@ -172,7 +180,8 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
     (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
     page, pages it does not own) are never read: NaN or inf there reaches no output. Except
-    with "mosaic_gpu": it reads the key tile holding a request's last token whole (the pages
+    with "mosaic_gpu" (what "auto" runs for float8 pages on Hopper where a request's T*G rows
+    fit 64): it reads the key tile holding a request's last token whole (the pages
     its table names there, ids clamped into the pool) and weighs the slots past the
     length by 0, so they must be finite (0 * NaN is NaN); pools that start as zeros are.
   """

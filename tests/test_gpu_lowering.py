@@ -36,6 +36,9 @@ def _lower(op, args, **kwargs):
     (64, 128, "bfloat16", "float8_e5m2", (2, False, False), 4096),
     (128, 80, "bfloat16", "float8_e5m2", (2, False, True), 4096),  # widened in HBM first (M=512)
     (128, 128, "bfloat16", "float8_e4m3fn", (2, False, False), 4096),  # read as float8 (M=512)
+    (2, 256, "bfloat16", "float8_e4m3fn", (2, True, False), 4096),  # two e4m3 terms fit D=256
+    (64, 256, "bfloat16", "float8_e4m3fn", (2, False, False), 4096),
+    (128, 256, "bfloat16", "float8_e5m2", (2, False, True), 4096),  # three terms: widened
 ])
 def test_shared_attention_lowers(B, D, dtype, kv_dtype, schedule, S):
   """schedule: (consumers, split_keys, widen_kv) of the default plan."""

@@ -194,14 +194,17 @@ def test_mosaic_gpu_takes_float8_kv_with_128_byte_rows():
 
 def test_float8_kv_widened_in_hbm_from_many_rows():
   """From FP8_WIDEN_MIN_ROWS_MOSAIC rows (FP8_WIDEN_MIN_ROWS where it cannot read them as
-  float8: D=80's rows are not 128 bytes, D=256's tiles do not fit) the Mosaic GPU plan widens
+  float8 in 128-key tiles: D=80's rows are not 128 bytes; D=256's three e5m2 query terms do not
+  fit beside its ring, two e4m3 ones do in 64-key tiles) the Mosaic GPU plan widens
   float8 K/V before the kernel and tiles them as K/V in the query dtype (head dims of 16-byte
   multiples then run too); below, the kernel reads them as float8; widen_kv on K/V that are
   not float8 is refused; a sweep has both."""
-  h100, fp8 = targets.target("h100"), jnp.float8_e4m3fn
+  h100 = targets.target("h100")
+  e4m3, e5m2 = jnp.float8_e4m3fn, jnp.float8_e5m2
   assert gpu_tuning.FP8_WIDEN_MIN_ROWS < gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC
   in_kernel, widened_first = gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC, gpu_tuning.FP8_WIDEN_MIN_ROWS
-  for D, rows in ((128, in_kernel), (256, widened_first), (80, widened_first)):
+  for D, fp8, rows in ((128, e4m3, in_kernel), (256, e4m3, widened_first),
+                       (256, e5m2, widened_first), (80, e4m3, widened_first)):
     for B, widened in ((rows // 4 - 1, False), (rows // 4, True)):  # G = 4: M = 4 B
       dims = AttentionDims(B=B, T=1, Hq=32, Hkv=8, D=D, S=1 << 20)
       c = gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=fp8)
@@ -212,7 +215,7 @@ def test_float8_kv_widened_in_hbm_from_many_rows():
             widen_kv=True)
       runs = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
                                                   kv_dtype=fp8) is None
-      assert runs == (D == 128 or widened)
+      assert runs == (fp8 == e4m3 and D != 80 or widened)
       assert (gpu_tuning.shared_implementation(dims, jnp.bfloat16, h100, False, kv_dtype=fp8)
               == ("mosaic_gpu" if runs else "triton"))
       swept = gpu_tuning.mosaic_shared_candidates(dims, jnp.bfloat16, h100, kv_dtype=fp8)
@@ -297,11 +300,38 @@ def test_triton_widened_float8_kv_interpreted(n):
   assert widened not in top(dataclasses.replace(config, widen_kv=False))
 
 
+def test_float8_pages_run_on_mosaic_gpu_on_hopper():
+  """"auto" runs float8 pages on Mosaic GPU on Hopper (QK^T on the FP8 tensor cores,
+  fp8_unique.md) where a request's rows fit its 64-row tile; Triton elsewhere (other GPUs,
+  prefill chunks), with three stages for float8; pages in the query dtype stay on Triton."""
+  sds = jax.ShapeDtypeStruct
+  B, pages, page_size, Hkv, D = 8, 64, 16, 8, 128
+  rest = (sds((B, pages), jnp.int32), sds((B,), jnp.int32))
+  scales = dict(k_scale=sds((Hkv,), jnp.float32), v_scale=sds((Hkv,), jnp.float32))
+
+  def plan(T, kv_dtype, target):
+    pool = sds((B * pages + 1, page_size, Hkv, D), kv_dtype)
+    return pk.plan("unique_attention", sds((B, T, 4 * Hkv, D), jnp.bfloat16), pool, pool,
+                   *rest, backend="gpu", target=target,
+                   **(scales if quant.is_fp8(kv_dtype) else {}))
+
+  for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    assert plan(1, fp8, "h200").implementation == "mosaic_gpu"
+    p = plan(1, fp8, "a100")
+    assert (p.implementation, p.config.num_stages) == ("triton", 3)
+    assert plan(32, fp8, "h200").implementation == "triton"  # a prefill chunk's 128 rows
+  p = plan(1, jnp.bfloat16, "a100")
+  assert (p.implementation, p.config.num_stages) == ("triton", 2)
+  assert plan(1, jnp.bfloat16, "h200").implementation == "triton"
+
+
 @pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
-# (D, widen_kv): float8 rows of 80 bytes have no in-kernel (float8) tiling on Mosaic GPU, only
-# the widened one
-@pytest.mark.parametrize("D,widen_kv", [(128, False), (128, True), (80, True)])
-@pytest.mark.parametrize("fp8", FP8)
+# (D, widen_kv, fp8): float8 rows of 80 bytes have no in-kernel (float8) tiling on Mosaic GPU,
+# only the widened one; at D=256 only e4m3's two query terms fit beside the ring
+@pytest.mark.parametrize("D,widen_kv,fp8", [
+    pytest.param(D, widen, fp8.values[0], id=f"{D}-{widen}-{fp8.id}")
+    for D, widen in ((128, False), (128, True), (80, True), (256, False)) for fp8 in FP8
+    if (D, fp8.id) != (256, "e5m2")])
 @pytest.mark.parametrize("B", [3, 40])  # M=24: split_keys (one consumer widened); 320: a pair
 def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
   """Float8 K/V on Mosaic GPU, in the kernel (QK^T on the FP8 tensor cores with the queries as

@@ -290,7 +290,7 @@ def test_mosaic_gpu_unique_plans_fit_and_refuse_what_they_cannot_run(page_size, 
     assert c.block_k % page_size == 0 or page_size % c.block_k == 0
     assert mosaic_attention.smem_bytes_used(
         D, c.block_k, 2, num_stages=c.num_stages, consumers=c.consumers,
-        kv_itemsize=jnp.dtype(kv_dtype).itemsize) <= tgt.smem_per_block
+        kv_dtype=kv_dtype) <= tgt.smem_per_block
   with pytest.raises(ValueError, match="T \\* G query rows to fit one 64-row tile"):
     pk.plan("unique_attention", _sds((B, 2, 40 * Hkv, D)), *args[1:],
             implementation="mosaic_gpu", target=tgt, **scales)

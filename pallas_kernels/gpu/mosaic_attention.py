@@ -118,23 +118,24 @@ def _smem_transforms(D: int, itemsize: int):
 
 
 def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
-               kv_itemsize: int | None = None) -> int:
+               kv_dtype=None) -> int:
   """Most K/V ring slots that fit next to the consumers' q/o (and staging) tiles in
-  `smem_bytes` (with slack)."""
-  kv_itemsize = kv_itemsize or itemsize
+  `smem_bytes` (with slack); kv_dtype None: K/V of `itemsize` bytes, as the queries."""
   free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0, consumers=consumers,
-                                      kv_itemsize=kv_itemsize)
+                                      kv_dtype=kv_dtype)
+  kv_itemsize = itemsize if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
   return max(0, free // (2 * block_k * D * kv_itemsize))
 
 
 def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, consumers: int,
-                    kv_itemsize: int | None = None) -> int:
+                    kv_dtype=None) -> int:
   """Shared memory of one CTA: a q/o tile per consumer (float8 K/V: the queries' float8 terms,
-  at most 3), the K and V rings (K/V as stored), a float16 staging tile per consumer when K/V
-  are float8, lse rows, barriers (slack)."""
-  kv_itemsize = kv_itemsize or itemsize
-  fp8 = kv_itemsize != itemsize
-  q_bytes = BLOCK_Q * D * (max(Q_TERMS.values()) if fp8 else itemsize)
+  `Q_TERMS` of the K format), the K and V rings (K/V as stored), a float16 staging tile per
+  consumer when K/V are float8, lse rows, barriers (slack). kv_dtype None: K/V in the query
+  dtype (of `itemsize` bytes)."""
+  fp8 = kv_dtype is not None and quant.is_fp8(kv_dtype)
+  kv_itemsize = itemsize if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
+  q_bytes = BLOCK_Q * D * (Q_TERMS[jnp.dtype(kv_dtype)] if fp8 else itemsize)
   staging = consumers * block_k * D * 2 if fp8 else 0
   return (consumers * q_bytes + 2 * num_stages * block_k * D * kv_itemsize + staging + 4096)
 

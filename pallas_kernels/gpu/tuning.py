@@ -42,8 +42,8 @@ MOSAIC_MIN_CHUNK = 1024
 # the bytes (2.6 ms at S=1M, Llama-3.1-8B heads, H200). Triton in-kernel against widened: 9.35
 # vs 8.12 ms at M=512, 36.6 vs 23.2 at M=2048 (fp8_triton_widened.md).
 FP8_WIDEN_MIN_ROWS = 512
-# Mosaic GPU where it reads float8 tiles itself (head dims of 128-byte float8 rows: QK^T on the
-# FP8 tensor cores, only V widened in shared memory) keeps them float8 up to more rows. Same
+# Mosaic GPU where it reads float8 tiles itself in 128-key tiles (128-byte float8 rows: QK^T on
+# the FP8 tensor cores, only V widened in shared memory) keeps them float8 up to more rows. Same
 # setting, fp8_widen.md: 4.83 vs 6.06 ms at M=512, 9.51 vs 9.35 at M=1024.
 FP8_WIDEN_MIN_ROWS_MOSAIC = 1024
 # Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
@@ -174,7 +174,7 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
       return f"it needs {problem}"
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
                                           num_stages=num_stages, consumers=consumers,
-                                          kv_itemsize=jnp.dtype(kv_dtype).itemsize)
+                                          kv_dtype=kv_dtype)
   if smem > target.smem_per_block:
     return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
             f"{target.smem_per_block}")
@@ -190,7 +190,7 @@ def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTa
   wanted_stages *= itemsize // kv_itemsize
   for block_k in (128, 64):
     fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block,
-                                      consumers=consumers, kv_itemsize=kv_itemsize)
+                                      consumers=consumers, kv_dtype=kv_dtype)
     stages = min(wanted_stages, fit)
     stages -= stages % multiple
     if stages >= max(2, multiple):
@@ -272,14 +272,18 @@ def triton_shared_unsupported(dims: AttentionDims, dtype, c: TritonSharedConfig,
       c.block_m, c.block_k, dims.D, dtype, c.num_stages, target)
 
 
-def _reads_float8(dims: AttentionDims, dtype, target: GpuTarget) -> bool:
-  """Whether the Mosaic GPU kernel can read float8 K/V of this problem as such under a 128-row
-  ping-pong pair (128-byte float8 rows; its ring, the queries' float8 terms and the widened V
-  tile fit in shared memory)."""
-  fp8 = quant.FP8_DTYPES[0]
+def _widen_min_rows(dims: AttentionDims, dtype, target: GpuTarget, kv_dtype) -> int:
+  """Rows of a kv head from which the Mosaic GPU plan widens float8 K/V in HBM first:
+  FP8_WIDEN_MIN_ROWS_MOSAIC where its 128-row ping-pong pair reads them (in `kv_dtype`, else
+  e4m3) as float8 in 128-key tiles, else FP8_WIDEN_MIN_ROWS: where it cannot read them
+  (rows not 128 bytes; a ring, query terms and widened V tile that do not fit) or only in
+  64-key tiles (D=256 on an H200, S=1M, Hq=16: in the kernel 6.93 ms against 9.05 widened at
+  256 rows, 14.0 against 12.1 at 512: fp8_unique.md)."""
+  fp8 = kv_dtype if quant.is_fp8(kv_dtype) else quant.FP8_DTYPES[0]
   block_k, stages = _mosaic_tiling(dims, dtype, 1, target, consumers=2, kv_dtype=fp8)
-  return mosaic_unsupported(dims, dtype, block_k, stages, target, False, kv_dtype=fp8,
-                            consumers=2, ragged_keys=True) is None
+  reads = mosaic_unsupported(dims, dtype, block_k, stages, target, False, kv_dtype=fp8,
+                             consumers=2, ragged_keys=True) is None
+  return FP8_WIDEN_MIN_ROWS_MOSAIC if reads and block_k == 128 else FP8_WIDEN_MIN_ROWS
 
 
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
@@ -289,14 +293,13 @@ def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
   of a ping-pong pair. For float8 K/V while M <= 64: two consumers taking turns over the key
   tiles of 64 rows (on an H200, S=1M, Llama-3.1-8B heads: 0.68-0.76 ms against 0.82 ms with
   one consumer at B=1-16; at B=32 the ping-pong pair takes 1.17 ms against their 1.42 ms on
-  two row tiles: fp8_widen.md); from FP8_WIDEN_MIN_ROWS_MOSAIC rows
-  (FP8_WIDEN_MIN_ROWS where it cannot read them as float8: `_reads_float8`) widened in HBM
+  two row tiles: fp8_widen.md); from FP8_WIDEN_MIN_ROWS_MOSAIC rows (FP8_WIDEN_MIN_ROWS
+  where it cannot read them as float8 in 128-key tiles: `_widen_min_rows`) widened in HBM
   first (widen_kv; None: by `plan_widen_kv`) and tiled as K/V in the query dtype. Two ring
   slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read by split
   keys); S split to fill the chip."""
-  reads_float8 = _reads_float8(dims, dtype, target)
-  min_rows = FP8_WIDEN_MIN_ROWS_MOSAIC if reads_float8 else FP8_WIDEN_MIN_ROWS
-  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv, min_rows=min_rows)
+  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv,
+                         min_rows=_widen_min_rows(dims, dtype, target, kv_dtype))
   if widened:
     kv_dtype = dtype
   split_keys = quant.is_fp8(kv_dtype) and dims.M <= mosaic_attention.BLOCK_Q
@@ -382,17 +385,19 @@ def unique_block_m(T: int, G: int, config: TritonUniqueConfig) -> int:
   return min(config.block_m, unique_rows(T, G))
 
 
-def triton_unique(dims: AttentionDims, page_size: int, dtype,
-                  target: GpuTarget) -> TritonUniqueConfig:
-  """~UNIQUE_BLOCK_KEYS keys per block and row tiles of at most UNIQUE_MAX_ROWS rows (fewer
+def triton_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
+                  kv_dtype=None) -> TritonUniqueConfig:
+  """~UNIQUE_BLOCK_KEYS keys per block and row tiles of at most UNIQUE_MAX_ROWS rows, two
+  pipeline stages (three for float8 pages: 8-11% faster on an H200, fp8_unique.md; fewer
   stages, keys, then rows where shared memory is short), then split each request's pages until
   ~4 programs per SM. dims.S is the padded capacity max_pages * page_size;
   the splits follow each request's own length at run time, so the padded size only caps how many
   splits are worth having."""
   rows = min(unique_rows(dims.T, dims.G), UNIQUE_MAX_ROWS)
   keys = max(UNIQUE_BLOCK_KEYS, _pow2_at_least(page_size))
+  stages = 3 if kv_dtype is not None and quant.is_fp8(kv_dtype) else 2
   # A program holds whole pages; rows go only where no tiling of them fits.
-  rows, keys, stages = _fit_triton(rows, keys, 2, dims.D, jnp.dtype(dtype).itemsize, target,
+  rows, keys, stages = _fit_triton(rows, keys, stages, dims.D, jnp.dtype(dtype).itemsize, target,
                                    min_block_k=_pow2_at_least(page_size), min_stages=1)
   pages_per_block = max(1, keys // page_size)
   max_blocks = math.ceil(dims.S / (page_size * pages_per_block))
@@ -401,6 +406,20 @@ def triton_unique(dims: AttentionDims, page_size: int, dtype,
                max_blocks // UNIQUE_MIN_BLOCKS_PER_SPLIT)
   return TritonUniqueConfig(pages_per_block=pages_per_block, num_splits=max(1, splits),
                             block_m=rows, num_warps=8 if rows >= 128 else 4, num_stages=stages)
+
+
+def unique_implementation(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
+                          interpret: bool, *, kv_dtype) -> str:
+  """"mosaic_gpu" for float8 pages on Hopper where it can run the call (QK^T on the FP8 tensor
+  cores straight from its TMA ring; on an H200 at L=64K 1.2-1.4x faster than Triton, which
+  widens K and V in registers: fp8_unique.md), else "triton" (K/V in the query dtype: Mosaic
+  GPU was 2-13% slower, unique_mosaic_sweep.md)."""
+  if quant.is_fp8(kv_dtype):
+    c = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
+    if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
+                          kv_dtype=kv_dtype, consumers=c.consumers, page_size=page_size) is None:
+      return "mosaic_gpu"
+  return "triton"
 
 
 def triton_unique_unsupported(dims: AttentionDims, page_size: int, dtype,
@@ -431,11 +450,11 @@ def mosaic_unique_candidates(dims: AttentionDims, page_size: int, dtype, target:
                             one_consumer=True)
 
 
-def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype,
-                             target: GpuTarget) -> list[TritonUniqueConfig]:
+def triton_unique_candidates(dims: AttentionDims, page_size: int, dtype, target: GpuTarget, *,
+                             kv_dtype=None) -> list[TritonUniqueConfig]:
   """Neighbours of the default: keys per block, warps, stages, half the rows per tile (where a
   tile has more than 16), and half / double the splits."""
-  base = triton_unique(dims, page_size, dtype, target)
+  base = triton_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
   out = [dataclasses.replace(base, pages_per_block=max(1, keys // page_size), num_warps=w,
                              num_stages=st)
          for keys, w, st in ((64, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 3),
