@@ -5,7 +5,7 @@
 Joins the `jax.distributed` job (`moska_jax.sharding.launch.initialize`), splits every process's
 devices into groups (the last NUM_SHARED devices shared: whole processes of them), runs the
 cross-group shared step (STEP_MODES, comma-separated: dense, ids = handed-off chunk ids, routed)
-and the engine (ENGINE_MODE: dense or sparse) on the inputs `cases` builds, and writes what it
+and the engine (ENGINE_MODE: dense, sparse or none) on the inputs `cases` builds, and writes what it
 got to OUT_DIR/process{i}.npz. The test runs the same cases in one process and compares.
 """
 
@@ -70,6 +70,8 @@ def run(groups, step_modes: list[str], engine_mode: str) -> dict[str, np.ndarray
     o, lse, _ = shared_attention_step(groups, c["q"], store.k, store.v,
                                       kv_length=store.kv_length, backend="xla", **step_args[name])
     out[f"step_{name}_o"], out[f"step_{name}_lse"] = np.asarray(o), np.asarray(lse)
+  if engine_mode == "none":
+    return out
   model, shared_store, mcfg = engine_parts(engine_mode)
   engine = MoskaEngine(model, shared_store, mcfg, max_batch=2, num_pages=8, page_size=8,
                        prefill_chunk=8, groups=groups)

@@ -3,6 +3,7 @@ not one, damaged or old-format files, another model's config. Each is refused wi
 and message the docstrings promise; the published checkpoint verifies."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -18,13 +19,18 @@ from moska_jax.model import Decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = tiny(layers=1)
-MODEL = Decoder(CFG, rngs=nnx.Rngs(21))
+
+
+@functools.cache
+def model21():
+  """The checkpointed model, built at first use: not while every xdist worker collects."""
+  return Decoder(CFG, rngs=nnx.Rngs(21))
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("saved") / "params")
-  checkpoint.save_params(path, MODEL)
+  checkpoint.save_params(path, model21())
   return path
 
 
@@ -35,7 +41,8 @@ def copy(saved, tmp_path):
   return path
 
 
-def _same_params(model, like=MODEL):
+def _same_params(model, like=None):
+  like = model21() if like is None else like
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(nnx.state(like, nnx.Param)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -58,26 +65,27 @@ def test_overwrite_refuses_what_is_not_a_checkpoint(tmp_path, content):
   if content:
     (path / content).write_text("{}")
   with pytest.raises(FileExistsError, match="holds no model_config.json"):
-    checkpoint.save_params(str(path), MODEL, overwrite=True)
+    checkpoint.save_params(str(path), model21(), overwrite=True)
   assert os.listdir(path) == ([content] if content else [])
 
 
-@pytest.mark.parametrize("model,overwrite,error,match", [
-    pytest.param(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), False, TypeError,
+@pytest.mark.parametrize("make,overwrite,error,match", [
+    pytest.param(lambda: nnx.Linear(2, 2, rngs=nnx.Rngs(0)), False, TypeError,
                  "model must be a moska_jax Decoder, got Linear", id="linear"),
-    pytest.param(None, False, TypeError, "got NoneType", id="none"),
-    pytest.param(MODEL, None, ValueError, "overwrite must be True or False", id="overwrite-none"),
+    pytest.param(lambda: None, False, TypeError, "got NoneType", id="none"),
+    pytest.param(model21, None, ValueError, "overwrite must be True or False",
+                 id="overwrite-none"),
 ])
-def test_save_refuses_bad_arguments(tmp_path, model, overwrite, error, match):
+def test_save_refuses_bad_arguments(tmp_path, make, overwrite, error, match):
   with pytest.raises(error, match=match):
-    checkpoint.save_params(str(tmp_path / "params"), model, overwrite=overwrite)
+    checkpoint.save_params(str(tmp_path / "params"), make(), overwrite=overwrite)
   assert os.listdir(tmp_path) == []
 
 
 def test_save_under_a_file(tmp_path):
   (tmp_path / "f").write_text("")
   with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
-    checkpoint.save_params(str(tmp_path / "f" / "params"), MODEL)
+    checkpoint.save_params(str(tmp_path / "f" / "params"), model21())
 
 
 @pytest.mark.parametrize("fn", [checkpoint.load_params, checkpoint.saved_config])

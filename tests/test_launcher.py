@@ -154,24 +154,22 @@ def test_experiment_writes_csv_md_png(name, runs):
     assert "## Goals" in stdout
 
 
-def test_help_lists_every_experiment_with_one_line():
+def test_help_lists_every_experiment_with_one_line(launched):
   from experiments.run import EXPERIMENTS, summary
-  res = _run("--help")
+  stdout = launched["help"][1]
   for name in EXPERIMENTS:
-    line = next(r for r in res.stdout.splitlines() if r.split()[:1] == [name])
+    line = next(r for r in stdout.splitlines() if r.split()[:1] == [name])
     assert summary(name) and line.split(None, 1)[1] == summary(name), line
-  assert "--out_dir" in res.stdout and "--demo_shared" in res.stdout  # shared + chosen flags
+  assert "--out_dir" in stdout and "--demo_shared" in stdout  # shared + chosen flags
 
 
-def test_runs_from_any_folder_and_lists_every_experiment(tmp_path):
+def test_list_names_every_experiment(launched):
   from experiments.run import EXPERIMENTS
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, "-m", "experiments", "--list"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr
-  assert res.stdout.startswith("  demo ")
+  code, stdout, stderr = launched["list"]
+  assert code == 0, stderr
+  assert stdout.startswith("  demo ")
   for name in EXPERIMENTS:
-    assert name in res.stdout
+    assert name in stdout
 
 
 def test_default_paths_resolve_in_the_package():
@@ -252,7 +250,8 @@ def test_bad_experiment_flags_are_refused_when_parsed(name):
 
 # The launcher end to end: the chosen experiment's flags are known however --experiment is
 # given (one dash; in a flagfile, with a bad --tune_ops), a bad value ends the run with the
-# flag named and no traceback, and tune refuses a CPU backend.
+# flag named and no traceback, and tune refuses a CPU backend. Launched in this order in one
+# process (`launched`): no run's experiment module is imported by a run before it.
 LAUNCHED = {
     "regime-typo": (["--experiment=sparse_attention", "--sparse_regimes=Uniform"],
                     "--sparse_regimes=['Uniform']: must be a comma-separated list of values "
@@ -263,14 +262,24 @@ LAUNCHED = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAUNCHED))
-def test_bad_experiment_flags_stop_the_run_with_a_clear_message(name, tmp_path):
-  args, fragment = LAUNCHED[name]
-  flagfile = tmp_path / "flags"
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+  """`launch` of --help (first: absl shows the key flags adopted so far, here only demo's, the
+  default experiment), --list, then the LAUNCHED runs, in one process: id -> (exit code,
+  stdout, stderr)."""
+  tmp = tmp_path_factory.mktemp("launched")
+  flagfile = tmp / "flags"
   flagfile.write_text("--experiment=tune\n--tune_ops=chunk_attention\n")
-  res = _run(*(a.format(flagfile=flagfile) for a in args), f"--out_dir={tmp_path}")
-  assert res.returncode != 0 and fragment in res.stderr, res.stderr[-2000:]
-  assert "Traceback" not in res.stderr, res.stderr[-2000:]
+  runs = {name: [*(a.format(flagfile=flagfile) for a in args), f"--out_dir={tmp / name}"]
+          for name, (args, _) in LAUNCHED.items()}
+  return launch({"help": ["--help"], "list": ["--list"], **runs}, timeout=300)
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCHED))
+def test_bad_experiment_flags_stop_the_run_with_a_clear_message(name, launched):
+  code, _, stderr = launched[name]
+  assert code != 0 and LAUNCHED[name][1] in stderr, stderr[-2000:]
+  assert "Traceback" not in stderr, stderr[-2000:]
 
 
 def test_launcher_logs_own_info_and_library_warnings():
@@ -287,10 +296,11 @@ def test_launcher_logs_own_info_and_library_warnings():
   assert run._own_or_warning(record(jax, logging.WARNING))
 
 
-def test_launcher_is_quiet_when_jax_probes_platforms(tmp_path):
+def test_runs_from_any_folder_quietly_when_jax_probes_platforms(tmp_path):
+  """`python -m experiments` from a folder outside the repository, JAX_PLATFORMS unset."""
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   env["PYTHONPATH"] = ROOT
-  res = subprocess.run([sys.executable, "-m", "experiments.run", "--experiment=roofline",
+  res = subprocess.run([sys.executable, "-m", "experiments", "--experiment=roofline",
                         f"--out_dir={tmp_path}", *TINY["roofline"]], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]

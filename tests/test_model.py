@@ -30,8 +30,8 @@ def _int32_parts(parts):
 
 
 @functools.cache
-def _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed):
-  cfg = ModelConfig(vocab=256, layers=2, hidden=64, num_heads=num_heads,
+def _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed, layers):
+  cfg = ModelConfig(vocab=256, layers=layers, hidden=64, num_heads=num_heads,
                     num_kv_heads=num_kv_heads, head_dim=16, mlp_hidden=96, rope_theta=10000.0)
   model = Decoder(cfg, rngs=nnx.Rngs(seed))
   shared = np.random.default_rng(seed).integers(0, 256, S)
@@ -40,10 +40,11 @@ def _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed):
   return cfg, model, shared, store
 
 
-def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0):
+def _setup(num_heads=4, num_kv_heads=1, S=300, chunk_size=64, seed=0, layers=2):
   """The model and store, built once per arguments (tests only read them), and a fresh rng past
   the shared tokens' draws."""
-  cfg, model, shared, store = _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed)
+  cfg, model, shared, store = _model_and_store(num_heads, num_kv_heads, S, chunk_size, seed,
+                                               layers)
   rng = np.random.default_rng(seed)
   rng.integers(0, 256, S)
   return cfg, model, rng, shared, store
@@ -96,8 +97,9 @@ def test_dense_moska_logits_equal_plain_decoder(num_heads, num_kv_heads):
 def test_pallas_kernels_in_the_engine_at_the_page_budget_edge(backend):
   """The engine's Pallas path (interpret mode) equals the plain decoder, with a prompt that ends
   inside a prefill chunk of a request that fills its whole page budget (the padding writes must
-  not push any length past the block table)."""
-  _, model, rng, shared, store = _setup(S=200)
+  not push any length past the block table). One layer: the interpreted kernels compile once
+  per layer, and the layers' plumbing is the XLA path's (the tests above)."""
+  _, model, rng, shared, store = _setup(S=200, layers=1)
   mcfg = MoskaConfig(backend=backend, interpret=True)
   engine = MoskaEngine(model, store, mcfg, max_batch=1, num_pages=4, page_size=16,
                        prefill_chunk=32)

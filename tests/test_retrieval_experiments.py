@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.test_launcher import _run
+from tests.test_launcher import _run, launch
 
 TRAIN = ["--train_layers=2", "--train_hidden=64", "--train_heads=4", "--train_kv_heads=2",
          "--train_head_dim=16", "--train_mlp=64", "--train_keys=64", "--train_values=16",
@@ -41,15 +41,22 @@ def test_train_then_accuracy(tmp_path, monkeypatch):
   # of 512 held-out questions with seeds 0-7 (2048 tokens a step: 14.5-19.5%).
   assert meta["eval_accuracy"] > 2 / 16, meta
 
-  # Sparsity 0 keeps every chunk: it must reproduce dense exactly; 0.75 drops chunks. Two slots,
-  # as the --accuracy_reuse run's engines below: their prefill steps load from the compilation
-  # cache.
-  res = _run("--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
-             "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
-             "--accuracy_questions=16", "--accuracy_batch=2", "--accuracy_chunks=32",
-             "--accuracy_summaries=mean,int4", "--accuracy_sparsities=0,0.75",
-             "--accuracy_int8_scorer=0,1", "--accuracy_always_include=-")
-  assert res.returncode == 0, res.stderr[-3000:]
+  # The two accuracy runs below, in turn in one process (`launch`: imports paid once). Two
+  # slots in the first, as the --accuracy_reuse run's engines: their prefill steps are shared.
+  common = ["--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
+            "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
+            "--accuracy_chunks=32", "--accuracy_always_include=-"]
+  runs = launch({
+      "accuracy": [*common, "--accuracy_questions=16", "--accuracy_batch=2",
+                   "--accuracy_summaries=mean,int4", "--accuracy_sparsities=0,0.75",
+                   "--accuracy_int8_scorer=0,1"],
+      "accuracy_reuse": [*common, "--accuracy_questions=8", "--accuracy_stream_questions=4",
+                         "--accuracy_summaries=int4", "--accuracy_sparsities=0.75",
+                         "--accuracy_reuse=1,2", "--accuracy_name=accuracy_reuse"]})
+
+  # Sparsity 0 keeps every chunk: it must reproduce dense exactly; 0.75 drops chunks.
+  code, _, stderr = runs["accuracy"]
+  assert code == 0, stderr[-3000:]
   _written(tmp_path, "accuracy")
   rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy.csv") if not l.startswith("#")))
   # dense + scorers (mean, int4, int4-int8) x sparsities + oracle x sparsities
@@ -66,13 +73,8 @@ def test_train_then_accuracy(tmp_path, monkeypatch):
 
   # --accuracy_reuse: teacher-forced question streams, answers by decode steps re-routing every
   # r steps; every engine answer equals the step-free reference's (r = 1: routing afresh).
-  res = _run("--experiment=accuracy", f"--out_dir={tmp_path}", f"--accuracy_checkpoint={ckpt}",
-             "--dtype=float32", "--accuracy_length=129", "--accuracy_docs=1",
-             "--accuracy_questions=8", "--accuracy_stream_questions=4", "--accuracy_chunks=32",
-             "--accuracy_summaries=int4", "--accuracy_sparsities=0.75",
-             "--accuracy_always_include=-", "--accuracy_reuse=1,2",
-             "--accuracy_name=accuracy_reuse")
-  assert res.returncode == 0, res.stderr[-3000:]
+  code, _, stderr = runs["accuracy_reuse"]
+  assert code == 0, stderr[-3000:]
   _written(tmp_path, "accuracy_reuse")
   rows = list(csv.DictReader(l for l in open(tmp_path / "accuracy_reuse.csv")
                              if not l.startswith("#")))
