@@ -411,9 +411,10 @@ def triton_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
 def unique_implementation(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
                           interpret: bool, *, kv_dtype) -> str:
   """"mosaic_gpu" for float8 pages on Hopper where it can run the call (QK^T on the FP8 tensor
-  cores straight from its TMA ring; on an H200 at L=64K 1.2-1.4x faster than Triton, which
-  widens K and V in registers: fp8_unique.md), else "triton" (K/V in the query dtype: Mosaic
-  GPU was 2-13% slower, unique_mosaic_sweep.md)."""
+  cores straight from its TMA ring; on an H200 at L=64K 1.05-1.24x faster than Triton's
+  default, which widens K and V in registers, with pages of 64, 1.10x and a tie with pages of
+  16: fp8_unique.md), else "triton" (K/V in the query dtype: Mosaic GPU was 2-13% slower,
+  unique_mosaic_sweep.md)."""
   if quant.is_fp8(kv_dtype):
     c = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
