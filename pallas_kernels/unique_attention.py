@@ -9,7 +9,7 @@ states by log-sum-exp. `write_pages` appends new tokens to the pages (in place w
 donates the pool).
 
 Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper: pages by TMA,
-wgmma; T * G <= 64; by name only: "auto" keeps Triton until a recorded run shows it faster),
+wgmma; T * G <= 64; "auto" runs it for float8 pages in long tables, where it is faster),
 "mosaic_tpu".
 """
 
@@ -180,8 +180,8 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); a query with no key
     (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
     page, pages it does not own) are never read: NaN or inf there reaches no output. Except
-    with "mosaic_gpu" (what "auto" runs for float8 pages on Hopper where a request's T*G rows
-    fit 64): it reads the key tile holding a request's last token whole (the pages
+    with "mosaic_gpu" (what "auto" runs for float8 pages on Hopper in tables of >= 16K keys
+    (64K with pages under 64) where a request's T*G rows fit 64): it reads the key tile holding a request's last token whole (the pages
     its table names there, ids clamped into the pool) and weighs the slots past the
     length by 0, so they must be finite (0 * NaN is NaN); pools that start as zeros are.
   """

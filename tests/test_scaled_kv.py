@@ -302,21 +302,26 @@ def test_triton_widened_float8_kv_interpreted(n):
 
 def test_float8_pages_run_on_mosaic_gpu_on_hopper():
   """"auto" runs float8 pages on Mosaic GPU on Hopper (QK^T on the FP8 tensor cores,
-  fp8_unique.md) where a request's rows fit its 64-row tile; Triton elsewhere (other GPUs,
-  prefill chunks), with three stages for float8; pages in the query dtype stay on Triton."""
+  fp8_unique.md) in long tables (from 16K keys with pages of 64, 64K with smaller pages:
+  unique_crossover.md) where a request's rows fit its 64-row tile; Triton elsewhere (short
+  tables, other GPUs, prefill chunks), with three stages for float8; pages in the query dtype
+  stay on Triton."""
   sds = jax.ShapeDtypeStruct
-  B, pages, page_size, Hkv, D = 8, 64, 16, 8, 128
-  rest = (sds((B, pages), jnp.int32), sds((B,), jnp.int32))
+  B, Hkv, D = 8, 8, 128
   scales = dict(k_scale=sds((Hkv,), jnp.float32), v_scale=sds((Hkv,), jnp.float32))
 
-  def plan(T, kv_dtype, target):
+  def plan(T, kv_dtype, target, keys=65536, page_size=16):
+    pages = keys // page_size
     pool = sds((B * pages + 1, page_size, Hkv, D), kv_dtype)
     return pk.plan("unique_attention", sds((B, T, 4 * Hkv, D), jnp.bfloat16), pool, pool,
-                   *rest, backend="gpu", target=target,
-                   **(scales if quant.is_fp8(kv_dtype) else {}))
+                   sds((B, pages), jnp.int32), sds((B,), jnp.int32), backend="gpu",
+                   target=target, **(scales if quant.is_fp8(kv_dtype) else {}))
 
   for fp8 in (jnp.float8_e4m3fn, jnp.float8_e5m2):
     assert plan(1, fp8, "h200").implementation == "mosaic_gpu"
+    assert plan(1, fp8, "h200", keys=16384, page_size=64).implementation == "mosaic_gpu"
+    for keys, page_size in ((65536 - 16, 16), (16384, 32), (16384 - 64, 64)):  # short tables
+      assert plan(1, fp8, "h200", keys, page_size).implementation == "triton"
     p = plan(1, fp8, "a100")
     assert (p.implementation, p.config.num_stages) == ("triton", 3)
     assert plan(32, fp8, "h200").implementation == "triton"  # a prefill chunk's 128 rows

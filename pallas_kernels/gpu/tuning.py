@@ -408,14 +408,24 @@ def triton_unique(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
                             block_m=rows, num_warps=8 if rows >= 128 else 4, num_stages=stages)
 
 
+def mosaic_unique_min_keys(page_size: int) -> int:
+  """Table capacity (max_pages * page_size: lengths are traced, so the capacity is what a plan
+  knows) from which float8 pages run faster on Mosaic GPU than on Triton. H200, B in {8, 64,
+  256}, in a program: with pages of 64 Mosaic GPU is 1.0-1.15x faster from 16K keys, and
+  1.0-1.9x slower at 1K-4K (not profiled: each CTA fills a four-slot ring for a few tiles);
+  with pages of 16 1.01-1.10x faster at 64K, within 4% either way at 16K
+  (unique_crossover.md)."""
+  return 16384 if page_size >= 64 else 65536
+
+
 def unique_implementation(dims: AttentionDims, page_size: int, dtype, target: GpuTarget,
                           interpret: bool, *, kv_dtype) -> str:
-  """"mosaic_gpu" for float8 pages on Hopper where it can run the call (QK^T on the FP8 tensor
-  cores straight from its TMA ring; on an H200 at L=64K 1.05-1.24x faster than Triton's
-  default, which widens K and V in registers, with pages of 64, 1.10x and a tie with pages of
-  16: fp8_unique.md), else "triton" (K/V in the query dtype: Mosaic GPU was 2-13% slower,
-  unique_mosaic_sweep.md)."""
-  if quant.is_fp8(kv_dtype):
+  """"mosaic_gpu" for float8 pages on Hopper where it can run the call and the tables hold at
+  least `mosaic_unique_min_keys` keys (QK^T on the FP8 tensor cores straight from its TMA ring;
+  on an H200 at L=64K 1.06-1.20x faster than Triton's default, which widens K and V in
+  registers, with pages of 64, 1.01-1.10x with pages of 16: unique_crossover.md), else "triton" (short tables; K/V in the query dtype, where
+  Mosaic GPU was 2-13% slower: unique_mosaic_sweep.md)."""
+  if quant.is_fp8(kv_dtype) and dims.S >= mosaic_unique_min_keys(page_size):
     c = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                           kv_dtype=kv_dtype, consumers=c.consumers, page_size=page_size) is None:
