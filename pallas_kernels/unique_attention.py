@@ -181,9 +181,10 @@ def unique_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     (length 0) gives o = 0, lse = -inf. Slots past a request's length (the tail of its last
     page, pages it does not own) are never read: NaN or inf there reaches no output. Except
     with "mosaic_gpu" (what "auto" runs for float8 pages on Hopper in tables of >= 16K keys
-    (64K with pages under 64) where a request's T*G rows fit 64): it reads the key tile holding a request's last token whole (the pages
-    its table names there, ids clamped into the pool) and weighs the slots past the
-    length by 0, so they must be finite (0 * NaN is NaN); pools that start as zeros are.
+    (64K with pages under 64) where a request's T*G rows fit 64): it reads the key tile
+    holding a request's last token whole (the pages its table names there, ids clamped into
+    the pool) and weighs the slots past the length by 0, so they must be finite (0 * NaN is
+    NaN); pools that start as zeros are.
   """
   return dispatch.call(OP, (q, k_pages, v_pages, block_tables, lengths),
                        dict(sm_scale=sm_scale, k_scale=k_scale, v_scale=v_scale),

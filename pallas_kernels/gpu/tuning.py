@@ -423,8 +423,9 @@ def unique_implementation(dims: AttentionDims, page_size: int, dtype, target: Gp
   """"mosaic_gpu" for float8 pages on Hopper where it can run the call and the tables hold at
   least `mosaic_unique_min_keys` keys (QK^T on the FP8 tensor cores straight from its TMA ring;
   on an H200 at L=64K 1.06-1.20x faster than Triton's default, which widens K and V in
-  registers, with pages of 64, 1.01-1.10x with pages of 16: unique_crossover.md), else "triton" (short tables; K/V in the query dtype, where
-  Mosaic GPU was 2-13% slower: unique_mosaic_sweep.md)."""
+  registers, with pages of 64, 1.01-1.10x with pages of 16: unique_crossover.md), else
+  "triton" (short tables; K/V in the query dtype, where Mosaic GPU was 2-13% slower:
+  unique_mosaic_sweep.md)."""
   if quant.is_fp8(kv_dtype) and dims.S >= mosaic_unique_min_keys(page_size):
     c = mosaic_unique(dims, page_size, dtype, target, kv_dtype=kv_dtype)
     if mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
