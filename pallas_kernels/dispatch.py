@@ -12,17 +12,22 @@ semantics are the Triton lowering's) and, within the family, the implementation 
 type a given `config=` is, else the plan the chip's measured tuning table gives for the shape
 (`tuning_table`; compiled calls), else the implementation its tuning module prefers. The plan
 each call used is logged once (logger `pallas_kernels`, INFO) and kept in `plans_used()`.
+
+A resolved call runs inside one jitted function (`_execute`): calls with equal plans and
+shapes, such as a model's unrolled layers, share one lowered and compiled kernel.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import layout, quant, targets, tuning_table
 from pallas_kernels.merge import merge_partials
@@ -38,7 +43,10 @@ _used: dict[str, Plan] = {}
 class Problem:
   """One call's validated arguments: the queries, their shape letters, the score scale and the
   K/V dequantization scales (`pallas_kernels.quant`; None: K/V as stored). Each op extends it
-  with its own inputs."""
+  with its own inputs.
+
+  A pytree (each subclass is registered): its array fields are the leaves, every other field
+  (shapes, sizes, Python scalars) is static, so a problem passes whole through `jax.jit`."""
 
   q: Any  # [B, T, Hq, D]
   dims: layout.AttentionDims
@@ -62,6 +70,27 @@ class Problem:
       return out
     o, lse = out
     return quant.scale_heads(o, self.v_scale), lse
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    jax.tree_util.register_pytree_node(cls, _flatten_problem,
+                                       functools.partial(_unflatten_problem, cls))
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
+
+
+def _flatten_problem(p: Problem):
+  values = {f.name: getattr(p, f.name) for f in dataclasses.fields(p)}
+  arrays = tuple(name for name, x in values.items() if _is_array(x))
+  static = tuple((name, x) for name, x in values.items() if name not in arrays)
+  return tuple(values[name] for name in arrays), (arrays, static)
+
+
+def _unflatten_problem(cls, aux, leaves) -> Problem:
+  arrays, static = aux
+  return cls(**dict(zip(arrays, leaves)), **dict(static))
 
 
 class Plan(NamedTuple):
@@ -258,7 +287,16 @@ def call(op: Op, args: tuple, kwargs: dict, *, implementation: str = "auto",
   plan = resolve(op, problem, implementation=implementation, backend=backend, config=config,
                  interpret=interpret)
   _record(plan, interpret)
-  out = op.implementations[plan.implementation].run(problem.scaled(), plan.config, interpret)
+  return _execute(problem, op.name, plan.implementation, plan.config, interpret)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _execute(problem: Problem, op: str, implementation: str, config: Any, interpret: bool):
+  """Runs and finishes a resolved call. One jitted function for every call: calls with equal
+  plans and shapes (a model's unrolled layers) share one traced and lowered body, which Mosaic
+  GPU compiles once rather than per call site (H200, 8 unrolled unique_attention calls: 1.0 s
+  to lower and 2.3 s to compile, against 5.9 s and 12.5 s)."""
+  out = OPS[op].implementations[implementation].run(problem.scaled(), config, interpret)
   return problem.unscaled(finish(out, problem.dims, problem.dtype)
                           if isinstance(out, Partials) else out)
 

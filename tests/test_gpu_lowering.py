@@ -133,3 +133,23 @@ def test_chunk_scores_triton_lowers(codes_width, int8, scale_rows):
   fn = jax.jit(lambda *a: pk.chunk_scores(*a, chunk_size=512, int8=int8,
                                           implementation="triton"))
   fn.trace(q, codes, scale).lower(lowering_platforms=("cuda",))
+
+
+def test_unrolled_layers_share_one_kernel():
+  """Calls with equal plans and shapes (a model's unrolled layers) lower to one kernel that each
+  call site calls: Mosaic GPU compiled a kernel per call site (compile_dedup.md). A call with
+  another shape gets its own."""
+  q, kv = _sds((8, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "bfloat16")
+  config = pk.plan("shared_attention", q, kv, kv, implementation="mosaic_gpu",
+                   target="h200").config
+  attend = lambda q, k, v: pk.shared_attention(q, k, v, implementation="mosaic_gpu",
+                                               config=config)[0]
+
+  def layers(q, k, v):
+    for _ in range(3):
+      q = attend(q, k, v)
+    return q, attend(q, k[:2048], v[:2048])
+
+  text = jax.jit(layers).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  kernels = re.findall(r"stablehlo\.custom_call @(\w+)", text)
+  assert len(kernels) == 2 and len(set(kernels)) == 1, kernels

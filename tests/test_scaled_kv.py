@@ -270,6 +270,17 @@ def test_triton_float8_kv_widened_from_many_rows():
     gpu_tuning.triton_shared(dims, jnp.bfloat16, a100, kv_dtype=jnp.bfloat16, widen_kv=True)
 
 
+def _outside_kernels(jaxpr) -> set[str]:
+  """Primitive names of a jaxpr and of the jitted calls in it (an op runs in one), not of the
+  kernels' bodies."""
+  names = set()
+  for e in jaxpr.eqns:
+    names.add(e.primitive.name)
+    if e.primitive.name in ("jit", "pjit"):
+      names |= _outside_kernels(e.params["jaxpr"].jaxpr)
+  return names
+
+
 @pytest.mark.parametrize("n", [None, 250, 0], ids=["static", "traced", "traced-empty"])
 def test_triton_widened_float8_kv_interpreted(n):
   """The widened path (one pass, then the kernel on K/V in the query dtype) on the Triton kernel
@@ -291,10 +302,10 @@ def test_triton_widened_float8_kv_interpreted(n):
     _check(o, lse, *shared_attention_f64(q, kd, vd, n), q)
   # The pass ran: its barrier (and, with a traced kv_length, its cond) are in the program; the
   # kernel alone holds neither.
-  top = lambda c: {e.primitive.name for e in jax.make_jaxpr(
+  top = lambda c: _outside_kernels(jax.make_jaxpr(
       lambda k, v: pk.shared_attention(q, k, v, k_scale=ks, v_scale=vs, implementation="triton",
                                        kv_length=None if n is None else jnp.int32(n), config=c,
-                                       interpret=True))(k8, v8).eqns}
+                                       interpret=True))(k8, v8).jaxpr)
   widened = "optimization_barrier" if n is None else "cond"
   assert widened in top(config)
   assert widened not in top(dataclasses.replace(config, widen_kv=False))
