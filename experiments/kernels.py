@@ -6,7 +6,8 @@ tokens in pages) and `chunk_attention` (S shared keys, chunks of C, each request
 `implementation="auto"` picks and, with --kernels_implementations, the default plan of each named
 implementation the op has (a row per implementation, so the table says where each wins); for
 shared_attention also cuDNN's flash attention over the stacked queries (`cudnn_ms`, GPU only). A
-case that fails to plan, compile or run is a row with its error.
+case that fails to plan, compile or run is a row with its error. --kernels_kv_dtype times K/V
+stored as float8 (one scale per kv head), e.g. where each implementation wins on float8 pages.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from absl import flags
 
 from experiments import common, harness, shapes, timing
 from experiments.report import plan_note
-from pallas_kernels import implementations
+from pallas_kernels import implementations, quant
 
 OPS = ("shared_attention", "unique_attention", "chunk_attention")  # the ops `case` builds
 # 'auto' and every implementation name of OPS (an op without one skips it)
@@ -53,6 +54,9 @@ flags.DEFINE_integer("kernels_page", 16, "kernels: page size of the unique cache
 flags.DEFINE_integer("kernels_chunk", 512, "kernels: chunk size C of chunk_attention.",
                      lower_bound=1)
 flags.DEFINE_float("kernels_sparsity", 0.75, "kernels: share of chunks each request skips.")
+flags.DEFINE_enum("kernels_kv_dtype", "model", ["model", *(d.name for d in quant.FP8_DTYPES)],
+                  "kernels: K/V in the query dtype ('model') or float8 with one scale per kv "
+                  "head (the floor counts their bytes; no cuDNN row).")
 flags.DEFINE_string("kernels_name", "kernels", "kernels: base name of the files written.")
 common.choices("kernels_ops", OPS)
 common.validate_items("kernels_shapes", parse_shape, SHAPE_SPECS, empty=True)
@@ -72,29 +76,41 @@ class Case(NamedTuple):
   nbytes: float
 
 
+def _stored(k, v, kv_dtype) -> tuple[tuple, dict]:
+  """(k, v) as the op reads them and its scale arguments: float8 with one scale per kv head
+  (`quant.quantize`) for a float8 kv_dtype, else as given and none."""
+  if kv_dtype is None:
+    return (k, v), {}
+  (k8, k_scale), (v8, v_scale) = quant.quantize(k, kv_dtype), quant.quantize(v, kv_dtype)
+  return (k8, v8), dict(k_scale=k_scale, v_scale=v_scale)
+
+
 def case(op: str, key, B: int, shape: shapes.Shape, T: int, dtype, *, S: int, U: int,
-         page_size: int, chunk_size: int, sparsity: float) -> Case:
-  """Random inputs of `op` (never zeros) and its floor's FLOPs and bytes."""
+         page_size: int, chunk_size: int, sparsity: float, kv_dtype=None) -> Case:
+  """Random inputs of `op` (never zeros) and its floor's FLOPs and bytes; K/V in the query dtype,
+  or float8 with scales (static arguments) for a float8 kv_dtype."""
   Hq, Hkv, D = shape.heads
   kq, kk, ki = jax.random.split(key, 3)
-  itemsize = jnp.dtype(dtype).itemsize
+  itemsize = jnp.dtype(kv_dtype or dtype).itemsize
   if op == "unique_attention":
     q = harness.normal(kq, (B, T, Hq, D), dtype)
     pages = -(-U // page_size)
     pool = harness.normal(kk, (2, B * pages + 1, page_size, Hkv, D), dtype)
+    pools, scales = _stored(pool[0], pool[1], kv_dtype)
     tables = 1 + jnp.arange(B * pages, dtype=jnp.int32).reshape(B, pages)
-    args = (q, pool[0], pool[1], tables, jnp.full((B,), U, jnp.int32))
-    return Case(args, {}, 4.0 * B * T * Hq * U * D, 2 * B * U * Hkv * D * itemsize)
+    args = (q, *pools, tables, jnp.full((B,), U, jnp.int32))
+    return Case(args, scales, 4.0 * B * T * Hq * U * D, 2 * B * U * Hkv * D * itemsize)
   q, k, v = harness.qkv(kq, B, S, shape, dtype, T)
+  (k, v), scales = _stored(k, v, kv_dtype)
   if op == "shared_attention":
-    return Case((q, k, v), {}, 4.0 * B * T * Hq * S * D, 2 * S * Hkv * D * itemsize)
+    return Case((q, k, v), scales, 4.0 * B * T * Hq * S * D, 2 * S * Hkv * D * itemsize)
   N = -(-S // chunk_size)
   K = max(1, round((1 - sparsity) * N))
   ids = harness.random_chunk_ids(ki, B, Hkv, N, K)
   # (kv head, chunk) tiles some request reads
   union = int(jnp.sum(jnp.zeros((Hkv, N), bool).at[jnp.arange(Hkv)[None, :, None], ids].set(
       True)))
-  return Case((q, k, v, ids), dict(chunk_size=chunk_size),
+  return Case((q, k, v, ids), dict(chunk_size=chunk_size, **scales),
               4.0 * B * T * Hq * K * chunk_size * D, 2 * union * chunk_size * D * itemsize)
 
 
@@ -102,7 +118,12 @@ def flag_case(op: str, key, B: int, shape: shapes.Shape, T: int, dtype) -> Case:
   """`case` at the --kernels_* sizes."""
   return case(op, key, B, shape, T, dtype, S=FLAGS.kernels_shared, U=FLAGS.kernels_unique,
               page_size=FLAGS.kernels_page, chunk_size=FLAGS.kernels_chunk,
-              sparsity=FLAGS.kernels_sparsity)
+              sparsity=FLAGS.kernels_sparsity, kv_dtype=_kv_dtype())
+
+
+def _kv_dtype():
+  """--kernels_kv_dtype as a dtype; None: K/V in the query dtype."""
+  return None if FLAGS.kernels_kv_dtype == "model" else jnp.dtype(FLAGS.kernels_kv_dtype)
 
 
 def parse_shapes(specs: list[str]) -> list[tuple[shapes.Shape, int, jnp.dtype]]:
@@ -135,7 +156,8 @@ def main() -> None:
                         f"{FLAGS.kernels_page}), C={FLAGS.kernels_chunk} at sparsity "
                         f"{FLAGS.kernels_sparsity} (random ids)")
   table = bench.table(FLAGS.kernels_name, "kernels: plans against the roofline floor and cuDNN",
-                      keys=("op", "implementation", "Hq", "Hkv", "D", "T", "dtype", "B"))
+                      keys=("op", "implementation", "Hq", "Hkv", "D", "T", "dtype", "kv_dtype",
+                            "B"))
   key = jax.random.key(FLAGS.seed)
   for shape, T, dtype in parse_shapes(FLAGS.kernels_shapes):
     Hq, Hkv, D = shape.heads
@@ -144,9 +166,11 @@ def main() -> None:
         key, sub = jax.random.split(key)
         c = flag_case(op, sub, B, shape, T, dtype)
         floor = bench.ceilings.floor_s(c.flops, c.nbytes, f32=dtype == jnp.float32)
-        cudnn_ms = _cudnn_ms(c) if op == "shared_attention" else math.nan
+        cudnn_ms = (_cudnn_ms(c) if op == "shared_attention" and _kv_dtype() is None
+                    else math.nan)
         place = dict(device=jax.devices()[0].device_kind, S=FLAGS.kernels_unique if op ==
-                      "unique_attention" else FLAGS.kernels_shared)
+                     "unique_attention" else FLAGS.kernels_shared,
+                     kv_dtype=(_kv_dtype() or dtype).name)
         for implementation in FLAGS.kernels_implementations:
           if implementation not in ("auto", *pk.implementations(op)):
             continue  # e.g. mosaic_tpu on a GPU, or an implementation this op lacks
@@ -170,7 +194,9 @@ def main() -> None:
                     "gaps between them, not the host's dispatch); call_ms: a program of one call "
                     "per call (`timing.time_fn`), dispatch included. "
                     "floor = max(bytes / read BW, FLOPs / matmul rate of the dtype: bf16 / f16, "
-                    "float32 at IEEE precision), from the ceilings of this run; unique bytes = "
+                    "float32 at IEEE precision; float8 K/V: their bytes, the query dtype's rate, "
+                    "as the kernels spend a bf16 product's time on each float8 one), from the "
+                    "ceilings of this run; unique bytes = "
                     "the K/V of every request (S: its U). cudnn_ms: "
                     "jax.nn.dot_product_attention(implementation='cudnn') over the B*T queries "
                     "stacked as one sequence (shared_attention only), timed inside a program "
