@@ -101,7 +101,8 @@ def _rows(n, temperature, top_p, seed, index):
 def test_sampling_is_per_row_reproducible_and_respects_top_p():
   jitted = jax.jit(sample, static_argnames=("draw", "nucleus"))
   sample_jit = lambda logits, rows: jitted(logits, rows, **branches(rows))
-  logits = jax.numpy.asarray(np.random.default_rng(0).standard_normal((4, 50)), "float32")
+  # NumPy logits, sliced in NumPy, and a jitted _nucleus: eagerly, each op compiles on its own.
+  logits = np.random.default_rng(0).standard_normal((4, 50)).astype(np.float32)
   a = sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3))
   assert np.array_equal(a, sample_jit(logits, _rows(4, 0.8, 0.9, 7, 3)))
   top1 = sample_jit(logits, _rows(4, 1.0, 1e-6, 7, 3))  # only the top token left
@@ -113,7 +114,7 @@ def test_sampling_is_per_row_reproducible_and_respects_top_p():
   probs = np.asarray(jax.nn.softmax(tied[0]), np.float64)
   need = int(np.searchsorted(np.cumsum(probs), 0.05, side="left")) + 1
   for top_p, count in ((0.05, need), (1e-50, 1)):
-    keep = np.asarray(_nucleus(tied, np.full((2,), top_p, np.float32)))
+    keep = np.asarray(jax.jit(_nucleus)(tied, np.full((2,), top_p, np.float32)))
     assert keep.sum(axis=1).tolist() == [count, count]
     assert keep[0, 0] and keep[1, 1000] and keep[0, :count].all() and keep[1, :count - 1].all()
   # A row's token depends on its own logits, parameters, seed and index only: alone, or in a

@@ -1,7 +1,6 @@
 """The absl experiment launcher: --list, errors, and every CPU-capable experiment at tiny size."""
 
 import importlib
-import json
 import logging
 import os
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import pytest
 
 from experiments.goals import GOALS
+from tests import one_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +28,8 @@ TINY = {
                          "--sparse_reuse=1,4", "--sparse_batch_aware=2",
                          "--sparse_tile_implementations=xla", "--sparse_name=sparse_attention"],
     "kernels": ["--backend=xla", "--shape=tiny", "--kernels_batches=2", "--kernels_shared=1024",
-                "--kernels_unique=64", "--kernels_chunk=128"],
+                "--kernels_unique=64", "--kernels_chunk=128",
+                "--kernels_kv_dtype=float8_e4m3fn"],
     "decode": ["--backend=xla", "--dtype=float32", "--decode_model=tiny", "--decode_layers=1",
                "--decode_shared=512", "--decode_unique=64", "--decode_batches=2",
                "--decode_chunk=128", "--decode_page=16", "--decode_batch_aware=2"],
@@ -55,46 +56,28 @@ def _run(*args, timeout=300):
                         capture_output=True, text=True, timeout=timeout)
 
 
-# `launch` runs several launcher command lines in turn in one process, each as
-# `python -m experiments` runs it: the Python, jax and library imports and the compilations the
-# runs share are paid once (the TINY runs took about a quarter less CPU time than in a process
-# each). Each run's output follows SEP + its id on stdout and on stderr; the exit codes come last.
-SEP = "\n=== launcher run: "
-DRIVER = f"""
-import json, runpy, sys, traceback
+# How `launch` runs one launcher command line: as `python -m experiments` runs it, in one process
+# with the others (`one_process`; the TINY runs took about a quarter less CPU time than in a
+# process each).
+RUN = """
+import runpy, sys
 from absl import flags, logging  # logging defines --verbosity
 flags.FLAGS.set_default("verbosity", 0)  # absl sets INFO so on a process's first app.run only
-codes = {{}}
-for run_id, args in json.loads(sys.argv[1]):
-  for stream in (sys.stdout, sys.stderr):
-    stream.write({SEP!r} + run_id + "\\n")
-    stream.flush()
+
+def run(run_id, args):
   sys.argv = ["run", *args]
   try:  # as experiments/__main__.py runs it; app.run always exits
     runpy.run_module("experiments.run", run_name="__main__", alter_sys=True)
-  except SystemExit as e:
-    codes[run_id] = e.code or 0
-  except BaseException:  # what Python does with an uncaught exception
-    traceback.print_exc()
-    codes[run_id] = 1
   finally:
     flags.FLAGS.unparse_flags()
-print({SEP!r} + "exit codes\\n" + json.dumps(codes), flush=True)
 """
 
 
 def launch(runs: dict[str, list[str]], timeout: int = 1200) -> dict[str, tuple[int, str, str]]:
   """id -> (exit code, stdout, stderr) of the launcher run with each id's arguments, run in turn
-  in one process (`DRIVER`). A run the process did not finish gets its exit code and all of its
-  stderr."""
+  in one process (`one_process.run_all`)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(list(runs.items()))], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=timeout)
-  parts = lambda text: dict(p.split("\n", 1) for p in text.split(SEP)[1:])
-  stdout, stderr = parts(res.stdout), parts(res.stderr)
-  codes = json.loads(stdout.pop("exit codes", "{}"))
-  return {i: (codes.get(i, res.returncode or 1), stdout.get(i, ""), stderr.get(i, res.stderr))
-          for i in runs}
+  return one_process.run_all(RUN, runs, cwd=ROOT, env=env, timeout=timeout)
 
 
 # id -> arguments of runs that must stop at once (launched after the TINY ones).
@@ -103,14 +86,34 @@ REFUSED = {"unknown-experiment": ["--experiment=nope"],
            "demo-bfloat16": ["--experiment=demo", "--dtype=bfloat16"]}
 
 
+# The launcher end to end: the chosen experiment's flags are known however --experiment is
+# given (one dash; in a flagfile, with a bad --tune_ops), a bad value ends the run with the
+# flag named and no traceback, and tune refuses a CPU backend. Launched in this order before
+# the TINY runs (`runs`): no run's experiment module is imported by a run before it.
+LAUNCHED = {
+    "regime-typo": (["--experiment=sparse_attention", "--sparse_regimes=Uniform"],
+                    "--sparse_regimes=['Uniform']: must be a comma-separated list of values "
+                    "among: correlated, uniform"),
+    "single-dash": (["-experiment=fp8", "-fp8_ops=shared"], "--fp8_ops=['shared']"),
+    "flagfile": (["--flagfile={flagfile}"], "--tune_ops=['chunk_attention']"),
+    "tune-on-cpu": (["--experiment=tune"], "this run's backend is cpu"),
+}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """(the folder of the TINY runs' results, `launch` of the TINY runs then REFUSED). demo runs
-  first: it prints the kernels that ran in its process."""
+  """(the folder of the TINY runs' results, id -> (exit code, stdout, stderr)): `launch` of
+  --help (first: absl shows the key flags adopted so far, here only demo's, the default
+  experiment), --list, the LAUNCHED runs, the TINY runs (demo first: it prints the kernels that
+  ran in its process, and the runs before it run none) then REFUSED, all in one process."""
   out = tmp_path_factory.mktemp("runs")
+  flagfile = out / "flags"
+  flagfile.write_text("--experiment=tune\n--tune_ops=chunk_attention\n")
+  launched = {name: [*(a.format(flagfile=flagfile) for a in args), f"--out_dir={out / name}"]
+              for name, (args, _) in LAUNCHED.items()}
   tiny = {name: [f"--experiment={name}", f"--out_dir={out / name}", *args]
           for name, args in TINY.items()}
-  return out, launch({**tiny, **REFUSED})
+  return out, launch({"help": ["--help"], "list": ["--list"], **launched, **tiny, **REFUSED})
 
 
 def test_unknown_experiment_is_a_clear_error(runs):
@@ -154,18 +157,18 @@ def test_experiment_writes_csv_md_png(name, runs):
     assert "## Goals" in stdout
 
 
-def test_help_lists_every_experiment_with_one_line(launched):
+def test_help_lists_every_experiment_with_one_line(runs):
   from experiments.run import EXPERIMENTS, summary
-  stdout = launched["help"][1]
+  stdout = runs[1]["help"][1]
   for name in EXPERIMENTS:
     line = next(r for r in stdout.splitlines() if r.split()[:1] == [name])
     assert summary(name) and line.split(None, 1)[1] == summary(name), line
   assert "--out_dir" in stdout and "--demo_shared" in stdout  # shared + chosen flags
 
 
-def test_list_names_every_experiment(launched):
+def test_list_names_every_experiment(runs):
   from experiments.run import EXPERIMENTS
-  code, stdout, stderr = launched["list"]
+  code, stdout, stderr = runs[1]["list"]
   assert code == 0, stderr
   assert stdout.startswith("  demo ")
   for name in EXPERIMENTS:
@@ -248,36 +251,9 @@ def test_bad_experiment_flags_are_refused_when_parsed(name):
   assert fragment in str(refused.value)
 
 
-# The launcher end to end: the chosen experiment's flags are known however --experiment is
-# given (one dash; in a flagfile, with a bad --tune_ops), a bad value ends the run with the
-# flag named and no traceback, and tune refuses a CPU backend. Launched in this order in one
-# process (`launched`): no run's experiment module is imported by a run before it.
-LAUNCHED = {
-    "regime-typo": (["--experiment=sparse_attention", "--sparse_regimes=Uniform"],
-                    "--sparse_regimes=['Uniform']: must be a comma-separated list of values "
-                    "among: correlated, uniform"),
-    "single-dash": (["-experiment=fp8", "-fp8_ops=shared"], "--fp8_ops=['shared']"),
-    "flagfile": (["--flagfile={flagfile}"], "--tune_ops=['chunk_attention']"),
-    "tune-on-cpu": (["--experiment=tune"], "this run's backend is cpu"),
-}
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory):
-  """`launch` of --help (first: absl shows the key flags adopted so far, here only demo's, the
-  default experiment), --list, then the LAUNCHED runs, in one process: id -> (exit code,
-  stdout, stderr)."""
-  tmp = tmp_path_factory.mktemp("launched")
-  flagfile = tmp / "flags"
-  flagfile.write_text("--experiment=tune\n--tune_ops=chunk_attention\n")
-  runs = {name: [*(a.format(flagfile=flagfile) for a in args), f"--out_dir={tmp / name}"]
-          for name, (args, _) in LAUNCHED.items()}
-  return launch({"help": ["--help"], "list": ["--list"], **runs}, timeout=300)
-
-
 @pytest.mark.parametrize("name", sorted(LAUNCHED))
-def test_bad_experiment_flags_stop_the_run_with_a_clear_message(name, launched):
-  code, _, stderr = launched[name]
+def test_bad_experiment_flags_stop_the_run_with_a_clear_message(name, runs):
+  code, _, stderr = runs[1][name]
   assert code != 0 and LAUNCHED[name][1] in stderr, stderr[-2000:]
   assert "Traceback" not in stderr, stderr[-2000:]
 

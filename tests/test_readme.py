@@ -3,58 +3,35 @@ the repository, and the two commands .ci/run reads follow their markers."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+
+from tests import one_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
   README = f.read()
 BLOCKS = re.findall(r"^```python\n(.*?)^```$", README, flags=re.M | re.S)
 
-# The blocks run in turn in one process, each as a program of its own (fresh globals, run as
-# __main__; an uncaught exception or exit ends only that block): the Python, jax and library
-# imports are paid once. Each block's output follows SEP + its index on stdout and on stderr;
-# the exit codes come last.
-SEP = "\n=== README block: "
-DRIVER = f"""
-import json, sys, traceback
-codes = {{}}
-for i, block in enumerate(json.loads(sys.argv[1])):
-  for stream in (sys.stdout, sys.stderr):
-    stream.write({SEP!r} + str(i) + "\\n")
-    stream.flush()
-  try:
-    exec(compile(block, f"<README block {{i}}>", "exec"), {{"__name__": "__main__"}})
-    codes[i] = 0
-  except SystemExit as e:
-    codes[i] = e.code or 0
-  except BaseException:
-    traceback.print_exc()
-    codes[i] = 1
-  sys.stdout.flush()
-  sys.stderr.flush()
-print({SEP!r} + "exit codes\\n" + json.dumps(codes), flush=True)
+# How a block runs: as a program of its own (fresh globals, run as __main__), in one process with
+# the others (`one_process`: the Python, jax and library imports are paid once).
+RUN = """
+def run(run_id, block):
+  exec(compile(block, f"<README block {run_id}>", "exec"), {"__name__": "__main__"})
 """
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """index -> (exit code, stdout, stderr) of each block."""
+  """index -> (exit code, stdout, stderr) of each block, run from a folder outside the
+  repository."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-  res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(BLOCKS)],
-                       cwd=tmp_path_factory.mktemp("readme"), env=env, capture_output=True,
-                       text=True, timeout=600)
-  parts = lambda text: dict(p.split("\n", 1) for p in text.split(SEP)[1:])
-  stdout, stderr = parts(res.stdout), parts(res.stderr)
-  codes = json.loads(stdout.pop("exit codes", "{}"))
-  return {i: (codes.get(str(i), res.returncode or 1), stdout.get(str(i), ""),
-              stderr.get(str(i), res.stderr)) for i in range(len(BLOCKS))}
+  results = one_process.run_all(RUN, {str(i): block for i, block in enumerate(BLOCKS)},
+                                cwd=tmp_path_factory.mktemp("readme"), env=env, timeout=600)
+  return {int(i): result for i, result in results.items()}
 
 
 def test_readme_has_the_first_five_minutes():

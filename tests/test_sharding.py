@@ -101,14 +101,20 @@ def test_step_equals_single_device(split, kv_length, mode, data):
 def test_routing_on_the_shared_group(split, data):
   q, k, v, _ = data
   groups = groups_for(split)
-  summaries = routing.chunk_summaries(jnp.asarray(k), C, kv_length=170)
+  summaries, (o_ref, lse_ref) = _routed_on_one_device(q, k, v)
   store = place_shared_kv(groups, k, v, summaries, chunk_size=C, kv_length=170)
   o, lse, _ = shared_attention_step(groups, q, store.k, store.v, kv_length=store.kv_length,
                                     summaries=store.summaries, top_k=3, always_include=(12,),
                                     chunk_size=C, backend="xla")
-  ids = routing.route(jnp.asarray(q), summaries, 3, always_include=(12,))
-  o_ref, lse_ref = chunk_attention(q, k, v, ids, chunk_size=C, kv_length=170, backend="xla")
   assert_close(o, lse, o_ref, lse_ref)
+
+
+@jax.jit  # run eagerly, each op of the summaries, the router and the kernel compiles on its own
+def _routed_on_one_device(q, k, v):
+  """(the chunk summaries of k, (o, lse) over the top 3 chunks and chunk 12) on one device."""
+  summaries = routing.chunk_summaries(k, C, kv_length=170)
+  ids = routing.route(q, summaries, 3, always_include=(12,))
+  return summaries, chunk_attention(q, k, v, ids, chunk_size=C, kv_length=170, backend="xla")
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
