@@ -94,8 +94,16 @@ def build_shared_store(model: Decoder, tokens, *, chunk_size: int,
     kv = prefill_chunk_step(state, kv, tok, jnp.int32(start))
   K, V = (tuple(layer[j][:S_pad] for layer in kv) for j in (0, 1))
   length = jnp.int32(S)
-  summaries = tuple(routing.chunk_summaries(Ki, chunk_size, kv_length=length, summary=summary)
-                    for Ki in K)
+  summaries = _summaries(K, length, chunk_size=chunk_size, summary=summary)
   store = SharedKVStore(K, V, summaries, length, cfg, chunk_size,
                         weights_fingerprint=kv_weights_fingerprint(nnx.state(model)))
   return store if kv_dtype is None else store.quantized(kv_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "summary"))
+def _summaries(K: tuple[jax.Array, ...], length: jax.Array, *, chunk_size: int,
+               summary: str) -> tuple[routing.ChunkSummaries, ...]:
+  """Each layer's chunk summaries, in one program (op by op, the first store of a process
+  compiled dozens of small ones)."""
+  return tuple(routing.chunk_summaries(k, chunk_size, kv_length=length, summary=summary)
+               for k in K)
