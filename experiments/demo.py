@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
@@ -23,7 +22,7 @@ from experiments import common, report
 from moska_jax.config import MoskaConfig, tiny
 from moska_jax.engine import MoskaEngine
 from moska_jax.kv_cache import load_shared_store, save_shared_store
-from moska_jax.model import Decoder
+from moska_jax.model import Decoder, plain_logits
 from moska_jax.prefill import build_shared_store
 
 flags.DEFINE_integer("demo_shared", 3000, "demo: shared-context tokens.", lower_bound=1)
@@ -37,15 +36,6 @@ FLAGS = flags.FLAGS
 
 PROMPTS = ["What does the manual say about", "Summarize section", "Q: who wrote", "Translate:",
            "List the steps of", "Find the clause on", "Explain", "Compare"]
-
-
-def _plain_logits(model: Decoder, sequences: list[list[int]]) -> np.ndarray:
-  """The plain decoder's logits [n, L, vocab] over n sequences padded at the end to the longest
-  (padding after a token cannot change its logits), in one jitted call: op by op, each
-  sequence length compiled the decoder's ops anew."""
-  L = max(map(len, sequences))
-  tokens = jnp.asarray([x + [0] * (L - len(x)) for x in sequences], jnp.int32)
-  return np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
 
 
 def main() -> None:
@@ -82,8 +72,8 @@ def main() -> None:
                prefill_steps=engine.stats["steps_prefill"], max_logit_diff=float("nan"))
     if mode == "dense":  # MoSKA-dense vs the plain decoder over [shared + unique]
       diffs = []
-      for r, ref in zip(results, _plain_logits(model, [list(shared) + r.prompt + r.tokens[:-1]
-                                                       for r in results])):
+      for r, ref in zip(results, plain_logits(model, [list(shared) + r.prompt + r.tokens[:-1]
+                                                      for r in results])):
         start = len(shared) + len(r.prompt) - 1
         diffs += [np.abs(lg - ref[start + j]).max() for j, lg in enumerate(r.logits)]
       row["max_logit_diff"] = float(max(diffs))

@@ -11,6 +11,7 @@ prefill (`prefill`) and the MoSKA step (`step`) pass their own `attend`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,6 +112,29 @@ class Decoder(nnx.Module):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     causal = stateless(lambda i, q, k, v: causal_attention(q, k, v)[0])
     return self.forward(tokens, positions, causal)[0]
+
+
+def plain_logits(model: Decoder, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+  """The plain causal decoder's logits [n, L, vocab] over n token sequences, each padded at the
+  end to L, the longest rounded up to 64 (padding after a token cannot change its logits; fewer
+  shapes to compile): the reference MoSKA is checked against. One jitted call: run eagerly, op
+  by op, every sequence length compiled each of the decoder's few hundred ops anew.
+
+  Raises:
+    ValueError: no sequence, an empty one, or a token id outside [0, vocab).
+  """
+  if not sequences or not all(len(x) for x in sequences):
+    raise ValueError("plain_logits: needs at least one sequence, each of at least one token")
+  for i, x in enumerate(sequences):
+    model.cfg.check_tokens(np.asarray(x).reshape(-1), f"plain_logits: sequence {i}")
+  L = -(-max(len(x) for x in sequences) // 64) * 64
+  tokens = jnp.asarray([list(x) + [0] * (L - len(x)) for x in sequences], jnp.int32)
+  return np.asarray(_plain(*nnx.split(model), tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _plain(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
 
 
 # The parts of a decoder's state a shared store's K/V may depend on: a superset (the last

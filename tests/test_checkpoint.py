@@ -10,8 +10,7 @@ from flax import nnx
 
 from moska_jax import checkpoint
 from moska_jax.config import tiny
-from moska_jax.model import Decoder
-from tests.decoder_cases import plain_logits
+from moska_jax.model import Decoder, plain_logits
 
 
 def test_params_round_trip_is_exact(tmp_path):

@@ -18,10 +18,9 @@ from moska_jax.attention import apply_rope, rope_frequencies
 from moska_jax.config import (DEFAULT_SUMMARY, ModelConfig, MoskaConfig, RopeScaling,
                               llama3_1_8b, tiny)
 from moska_jax.engine import MoskaEngine
-from moska_jax.model import Decoder, stateless
+from moska_jax.model import Decoder, plain_logits, stateless
 from moska_jax.prefill import build_shared_store
 from moska_jax.step import Part, Routes, SharedContext, moska_step
-from tests.decoder_cases import plain_logits
 
 
 def _int32_parts(parts):
@@ -521,3 +520,19 @@ def test_the_decoder_refuses_token_ids_outside_the_vocabulary():
   for bad in (-1, tiny().vocab):
     with pytest.raises(ValueError, match=r"Decoder: token id .* outside the vocabulary \[0, "):
       model(jnp.asarray([[3, bad]], jnp.int32))
+
+
+def test_plain_logits_pads_without_changing_logits_and_refuses_bad_sequences():
+  """plain_logits over sequences of several lengths equals the decoder on each alone; no
+  sequence, an empty one or an id outside [0, vocab) is a ValueError naming the problem."""
+  model = Decoder(tiny(layers=1), rngs=nnx.Rngs(0))
+  seqs = [list(np.random.default_rng(1).integers(0, 256, n)) for n in (5, 70)]
+  refs = plain_logits(model, seqs)
+  assert refs.shape == (2, 128, model.cfg.vocab)
+  for seq, ref in zip(seqs, refs):
+    alone = np.asarray(model(jnp.asarray(seq, jnp.int32)[None])[0])
+    np.testing.assert_allclose(ref[:len(seq)], alone, rtol=1e-5, atol=1e-5)
+  for bad, match in (([], "at least one sequence"), ([[1, 2], []], "at least one sequence"),
+                     ([[1, 256]], "token id 256 at position 1")):
+    with pytest.raises(ValueError, match=match):
+      plain_logits(model, bad)
