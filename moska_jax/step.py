@@ -21,8 +21,8 @@ step gives it no valid key instead, as the disaggregated step does: `cond_waits_
 as chunk routing groups queries by chunk one level down: sparse, a context's chunk work list
 holds only its own rows' (query, chunk) pairs; dense, its GEMM runs over the step's rows and
 keeps its own, so each context in use costs one pass of the batch over its K/V (which is read
-once; float8 K/V under many rows are first widened once per layer, behind a `lax.cond` on a
-valid key: `gpu.tuning.plan_widen_kv`).
+once; float8 K/V (or V only) under many rows are first widened once per layer, behind a
+`lax.cond` on a valid key: `gpu.tuning.mosaic_shared`).
 
 `moska_step` is the step on one device: pure and jittable (the engine jits it; experiments
 call it directly). The disaggregated engine runs the same parts (`zero_padding`, the kernels) in

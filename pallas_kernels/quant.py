@@ -6,8 +6,8 @@ multiply by the scales: q . (s k) = (s q) . k folds the key scale into the queri
 kernel, and softmax(.) (s v) = s softmax(.) v scales the output after it; a kernel only loads the
 float8 tiles and widens them to the query dtype in registers (`widen`), or (Mosaic GPU) multiplies
 float8 keys on the FP8 tensor cores by the queries split in float8 terms (`split_rows`). (Shared
-attention with many query rows on a GPU widens the whole K/V once before its kernel instead:
-`widen_kv` of `MosaicGpuSharedConfig` and `TritonSharedConfig`.)
+attention with many query rows on a GPU widens the whole K/V, or only V, once before its kernel
+instead: `widen_kv` / `widen_v` of `MosaicGpuSharedConfig`, `widen_kv` of `TritonSharedConfig`.)
 
 Every rounding to float8 here sits behind an optimization barrier: inside one jit XLA:GPU may
 fold a float32 -> float8 -> float32 round trip into nothing (it allows excess precision), which

@@ -68,7 +68,7 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
       triton_shared.shared_attention_partials, scale=scale, block_m=c.block_m,
       block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
       num_stages=c.num_stages, interpret=interpret)
-  return Partials(*_attend(attend, p, c, q_rows, n), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_k=c.widen_kv, widen_v=c.widen_kv), 0)
 
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
@@ -78,25 +78,32 @@ def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
       mosaic_attention.shared_attention_partials, scale=scale, block_k=c.block_k,
       num_splits=c.num_splits, num_stages=c.num_stages, consumers=c.consumers,
       split_keys=c.split_keys)
-  return Partials(*_attend(attend, p, c, q_rows, n), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_k=c.widen_kv,
+                           widen_v=c.widen_kv or c.widen_v), 0)
 
 
-def _attend(attend, p: SharedProblem, c, q_rows, n):
-  """attend(q_rows, k, v, n) on the problem's K/V, widened first if the config says so."""
-  if c.widen_kv:
-    return _widened(attend, q_rows, p.k, p.v, n, p.dtype, traced=p.kv_length is not None)
+def _attend(attend, p: SharedProblem, q_rows, n, *, widen_k: bool, widen_v: bool):
+  """attend(q_rows, k, v, n) on the problem's K/V, K and / or V widened first as the config
+  says."""
+  if widen_k or widen_v:
+    return _widened(attend, q_rows, p.k, p.v, n, p.dtype, widen_k=widen_k,
+                    traced=p.kv_length is not None)
   return attend(q_rows, p.k, p.v, n)
 
 
-def _widened(attend, q_rows, k, v, n, dtype, *, traced: bool):
-  """attend(q_rows, k, v, n) on float8 K/V widened to `dtype` first (exact; the scales stay
-  folded around the kernel, `Problem.scaled`). The widening waits for this call's queries (an
-  optimization barrier), so XLA neither starts it early, holding several transient copies (the
-  layers of a step are unrolled), nor shares one copy between calls; with a traced kv_length it
-  runs only when a key is valid: a context no request reads costs nothing, as in the kernel."""
+def _widened(attend, q_rows, k, v, n, dtype, *, widen_k: bool, traced: bool):
+  """attend(q_rows, k, v, n) on float8 K and V widened to `dtype` first, or (not widen_k) V
+  only, to float16 (exact, as both: e4m3 / e5m2 -> float16 is one conversion instruction; the
+  scales stay folded around the kernel, `Problem.scaled`). The widening waits for this call's
+  queries (an optimization barrier), so XLA neither starts it early, holding several transient
+  copies (the layers of a step are unrolled), nor shares one copy between calls; with a traced
+  kv_length it runs only when a key is valid: a context no request reads costs nothing, as in
+  the kernel."""
 
   def run(q_rows, k, v, n):
-    return attend(q_rows, k.astype(dtype), v.astype(dtype), n)
+    if widen_k:
+      return attend(q_rows, k.astype(dtype), v.astype(dtype), n)
+    return attend(q_rows, k, v.astype(jnp.float16), n)
 
   q_rows, k, v = lax.optimization_barrier((q_rows, k, v))
   if not traced:
@@ -163,10 +170,11 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
       k = k_scale[h] * stored; `pallas_kernels.quant`); give both or neither.
     implementation, config, interpret, backend: which kernel runs, see `dispatch.call`
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
-      On a GPU, float8 K/V under many 16-bit query rows (`gpu.tuning.plan_widen_kv`) are
-      widened to the query dtype before the kernel: a transient copy of twice their bytes,
-      and with a traced kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its
-      predicate); a config with widen_kv=False keeps them float8 in the kernel.
+      On a GPU, float8 K/V under many 16-bit query rows (`gpu.tuning.mosaic_shared`,
+      `triton_shared`) are widened before the kernel, K/V to the query dtype or (Mosaic GPU,
+      e4m3 keys) V only to float16: a transient copy of twice their bytes, and with a traced
+      kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its predicate); a
+      config with widen_kv=False (and widen_v=False) keeps them float8 in the kernel.
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key

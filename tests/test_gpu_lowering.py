@@ -3,6 +3,7 @@
 for the configs "auto" plans on Hopper; so does the Triton scorer's Pallas -> Triton step. What
 a GPU adds (PTX compilation, numerics) is in the compiled tests, skipped off Hopper."""
 
+import dataclasses
 import re
 
 import jax
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.gpu import mosaic_attention
+from pallas_kernels import targets
+from pallas_kernels.gpu import mosaic_attention, tuning as gpu_tuning
+from pallas_kernels.layout import AttentionDims
 
 
 def _sds(shape, dtype):
@@ -67,22 +70,42 @@ def test_float8_kv_scores_take_float8_query_terms(B, kv_dtype):
 
 
 def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():
-  """widen_kv: the widening sits behind an optimization barrier with the call's queries, and
-  with a traced kv_length inside a conditional on kv_length > 0 (an unread context costs no
-  widening pass)."""
+  """widen_v (the plan at 1024 rows of e4m3) and widen_kv: the widening sits behind an
+  optimization barrier with the call's queries, and with a traced kv_length inside a
+  conditional on kv_length > 0 (an unread context costs no widening pass)."""
   q, kv, n = _sds((256, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "float8_e4m3fn"), _sds(
       (), "int32")
   scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
   plan = pk.plan("shared_attention", q, kv, kv, implementation="mosaic_gpu", target="h200",
                  **scales)
-  assert plan.config.widen_kv
-  for traced in (False, True):
-    fn = jax.jit(lambda q, k, v, n: pk.shared_attention(
-        q, k, v, kv_length=n if traced else None, implementation="mosaic_gpu",
-        config=plan.config, **scales))
-    text = fn.trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
-    assert "optimization_barrier" in text
-    assert ("stablehlo.case" in text) == traced
+  assert plan.config.widen_v and not plan.config.widen_kv
+  for config in (plan.config, dataclasses.replace(plan.config, widen_kv=True, widen_v=False)):
+    for traced in (False, True):
+      fn = jax.jit(lambda q, k, v, n: pk.shared_attention(
+          q, k, v, kv_length=n if traced else None, implementation="mosaic_gpu",
+          config=config, **scales))
+      text = fn.trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
+      assert "optimization_barrier" in text
+      assert ("stablehlo.case" in text) == traced
+
+
+@pytest.mark.parametrize("B,D,kv_dtype", [(256, 128, "float8_e4m3fn"), (64, 128, "float8_e5m2"),
+                                           (2, 128, "float8_e4m3fn")])  # two splitting keys
+def test_float8_keys_under_widened_values_lower(B, D, kv_dtype):
+  """widen_v: only V widened before the kernel (in the pass, behind the barrier); K stays float8
+  for QK^T on the FP8 tensor cores, PV reads the bf16 V tiles from the ring."""
+  q, kv = _sds((B, 1, 32, D), "bfloat16"), _sds((4096, 8, D), kv_dtype)
+  scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
+  config = gpu_tuning.mosaic_shared(AttentionDims(B=B, T=1, Hq=32, Hkv=8, D=D, S=4096),
+                                    jnp.bfloat16, targets.target("h200"), kv_dtype=kv_dtype,
+                                    widen_v=True)
+  assert config.widen_v and not config.widen_kv
+  fn = jax.jit(lambda *a: pk.shared_attention(*a, implementation="mosaic_gpu", config=config,
+                                              **scales))
+  text = fn.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+  terms = mosaic_attention.Q_TERMS[jnp.dtype(kv_dtype)]
+  assert re.search(rf"tensor<{terms}x8x\d+x{D}x{'f8E4M3FN' if terms == 2 else 'f8E5M2'}>", text)
+  assert "optimization_barrier" in text
 
 
 @pytest.mark.parametrize("D,consumers,num_stages,kv_dtype", [

@@ -193,39 +193,46 @@ def test_mosaic_gpu_takes_float8_kv_with_128_byte_rows():
 
 
 def test_float8_kv_widened_in_hbm_from_many_rows():
-  """From FP8_WIDEN_MIN_ROWS_MOSAIC rows (FP8_WIDEN_MIN_ROWS where it cannot read them as
-  float8 in 128-key tiles: D=80's rows are not 128 bytes; D=256's three e5m2 query terms do not
-  fit beside its ring, two e4m3 ones do in 64-key tiles) the Mosaic GPU plan widens
-  float8 K/V before the kernel and tiles them as K/V in the query dtype (head dims of 16-byte
-  multiples then run too); below, the kernel reads them as float8; widen_kv on K/V that are
-  not float8 is refused; a sweep has both."""
+  """From FP8_WIDEN_MIN_ROWS_MOSAIC rows the Mosaic GPU plan widens float8 V (e4m3 keys: two
+  query terms) or K/V (e5m2) before the kernel where its pair reads them as float8 in 128-key
+  tiles; from FP8_WIDEN_MIN_ROWS rows K/V where it cannot (D=80's rows are not 128 bytes;
+  D=256's three e5m2 query terms do not fit beside its ring, two e4m3 ones do in 64-key tiles),
+  tiled as K/V in the query dtype (head dims of 16-byte multiples then run too); below, the
+  kernel reads them as float8; widen_kv / widen_v on K/V that are not float8, both at once, or a
+  V tile that does not fit are refused; a sweep has every widening."""
   h100 = targets.target("h100")
   e4m3, e5m2 = jnp.float8_e4m3fn, jnp.float8_e5m2
   assert gpu_tuning.FP8_WIDEN_MIN_ROWS < gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC
   in_kernel, widened_first = gpu_tuning.FP8_WIDEN_MIN_ROWS_MOSAIC, gpu_tuning.FP8_WIDEN_MIN_ROWS
-  for D, fp8, rows in ((128, e4m3, in_kernel), (256, e4m3, widened_first),
-                       (256, e5m2, widened_first), (80, e4m3, widened_first)):
+  for D, fp8, rows, what in ((128, e4m3, in_kernel, "v"), (128, e5m2, in_kernel, "kv"),
+                             (256, e4m3, widened_first, "kv"), (256, e5m2, widened_first, "kv"),
+                             (80, e4m3, widened_first, "kv")):
     for B, widened in ((rows // 4 - 1, False), (rows // 4, True)):  # G = 4: M = 4 B
       dims = AttentionDims(B=B, T=1, Hq=32, Hkv=8, D=D, S=1 << 20)
       c = gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=fp8)
-      assert c.widen_kv == widened
-      if widened:
+      assert (c.widen_kv, c.widen_v) == (widened and what == "kv", widened and what == "v")
+      if c.widen_kv:
         assert c == dataclasses.replace(
             gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=jnp.bfloat16),
             widen_kv=True)
       runs = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
                                                   kv_dtype=fp8) is None
-      assert runs == (fp8 == e4m3 and D != 80 or widened)
+      assert runs == (D == 128 or (D, fp8) == (256, e4m3) or widened)
       assert (gpu_tuning.shared_implementation(dims, jnp.bfloat16, h100, False, kv_dtype=fp8)
               == ("mosaic_gpu" if runs else "triton"))
       swept = gpu_tuning.mosaic_shared_candidates(dims, jnp.bfloat16, h100, kv_dtype=fp8)
-      assert {x.widen_kv for x in swept} == {False, True}
-  c = dataclasses.replace(c, widen_kv=True)
-  why = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
-                                             kv_dtype=jnp.bfloat16)
-  assert "widen_kv needs float8 K/V, got bfloat16" in why
-  with pytest.raises(ValueError, match="widen_kv needs float8 K/V, got bfloat16"):
-    gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=jnp.bfloat16, widen_kv=True)
+      assert {(x.widen_kv, x.widen_v) for x in swept} == {(False, False), (True, False),
+                                                           (False, True)}
+  for knob_name in ("widen_kv", "widen_v"):
+    c = dataclasses.replace(c, widen_kv=knob_name == "widen_kv", widen_v=knob_name == "widen_v")
+    why = gpu_tuning.mosaic_shared_unsupported(dims, jnp.bfloat16, c, h100, False,
+                                               kv_dtype=jnp.bfloat16)
+    assert f"{knob_name} needs float8 K/V, got bfloat16" in why
+    with pytest.raises(ValueError, match=f"{knob_name} needs float8 K/V, got bfloat16"):
+      gpu_tuning.mosaic_shared(dims, jnp.bfloat16, h100, kv_dtype=jnp.bfloat16,
+                               **{knob_name: True})
+  with pytest.raises(ValueError, match="set at most one of widen_kv and widen_v"):
+    pk.MosaicGpuSharedConfig(widen_kv=True, widen_v=True)
   # A ring that fits float8 slots but not bf16 ones: the refusal says the K/V were widened.
   c = pk.MosaicGpuSharedConfig(block_k=128, num_stages=4, consumers=1)
   assert gpu_tuning.mosaic_shared_unsupported(dims._replace(D=128), jnp.bfloat16, c, h100, False,
@@ -234,6 +241,13 @@ def test_float8_kv_widened_in_hbm_from_many_rows():
                                              dataclasses.replace(c, widen_kv=True), h100, False,
                                              kv_dtype=fp8)
   assert "shared memory" in why and "(config.widen_kv: K/V widened to bfloat16)" in why
+  # D=256: the pair's two query terms, two o tiles and two slots of float8 K + float16 V do not
+  # fit (228 KiB); only V widened is refused, saying so.
+  c = gpu_tuning.mosaic_shared(dims._replace(D=256), jnp.bfloat16, h100, kv_dtype=e4m3,
+                               widen_v=True)
+  why = gpu_tuning.mosaic_shared_unsupported(dims._replace(D=256), jnp.bfloat16, c, h100, False,
+                                             kv_dtype=e4m3)
+  assert "shared memory" in why and "(config.widen_v: V widened to float16)" in why
 
 
 def test_triton_float8_kv_widened_from_many_rows():
@@ -342,16 +356,17 @@ def test_float8_pages_run_on_mosaic_gpu_on_hopper():
 
 
 @pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper")
-# (D, widen_kv, fp8): float8 rows of 80 bytes have no in-kernel (float8) tiling on Mosaic GPU,
+# (D, widen, fp8): float8 rows of 80 bytes have no in-kernel (float8) tiling on Mosaic GPU,
 # only the widened one; at D=256 only e4m3's two query terms fit beside the ring
-@pytest.mark.parametrize("D,widen_kv,fp8", [
-    pytest.param(D, widen, fp8.values[0], id=f"{D}-{widen}-{fp8.id}")
-    for D, widen in ((128, False), (128, True), (80, True), (256, False)) for fp8 in FP8
+@pytest.mark.parametrize("D,widen,fp8", [
+    pytest.param(D, widen, fp8.values[0], id=f"{D}-{widen or 'none'}-{fp8.id}")
+    for D, widen in ((128, ""), (128, "kv"), (128, "v"), (80, "kv"), (256, "")) for fp8 in FP8
     if (D, fp8.id) != (256, "e5m2")])
 @pytest.mark.parametrize("B", [3, 40])  # M=24: split_keys (one consumer widened); 320: a pair
-def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
+def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen):
   """Float8 K/V on Mosaic GPU, in the kernel (QK^T on the FP8 tensor cores with the queries as
-  float8 terms: the first term alone would miss the tolerance by 4-5x) or widened first."""
+  float8 terms: the first term alone would miss the tolerance by 4-5x), widened first, or with
+  only V widened first (widen "v")."""
   rng, q, k, v = kc.shared_inputs(7, B, 2, 4, 2, D, 1024, jnp.float32)
   gains = 1.0 + 3.0 * np.arange(2)
   k8, ks, kd = _fp8(k, fp8, gains)
@@ -362,7 +377,7 @@ def test_mosaic_gpu_float8_kv_compiled(B, fp8, D, widen_kv):
   q = q.astype(jnp.bfloat16)
   config = gpu_tuning.mosaic_shared(AttentionDims(B=B, T=2, Hq=8, Hkv=2, D=D, S=1024),
                                     jnp.bfloat16, targets.current("gpu"), kv_dtype=fp8,
-                                    widen_kv=widen_kv)
+                                    widen_kv=widen == "kv", widen_v=widen == "v")
   o, lse = kc.run(pk.shared_attention, q, k8, v8, k_scale=ks, v_scale=vs, kv_length=jnp.int32(n),
                   implementation="mosaic_gpu", config=config, interpret=False)
   _check(o, lse, *shared_attention_f64(q, kd, vd, kv_length=n), q)

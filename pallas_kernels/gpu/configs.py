@@ -104,9 +104,18 @@ class MosaicGpuSharedConfig(_MosaicGpuAttentionConfig):
   three consumers with split_keys; S split in num_splits CTAs per row tile. Knobs:
   `_MosaicGpuAttentionConfig`, and widen_kv (float8 K/V only): widen K/V to the query dtype in
   one XLA pass before the kernel, which then reads them as such (a transient copy of twice the
-  float8 bytes), instead of every row tile's CTA widening every K/V tile in shared memory."""
+  float8 bytes), instead of every row tile's CTA widening every K/V tile in shared memory; or
+  widen_v: widen V only, to float16 (half that pass), K stays float8 and QK^T on the FP8 tensor
+  cores."""
 
   widen_kv: bool = knob(boolean, False)
+  widen_v: bool = knob(boolean, False)
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.widen_kv and self.widen_v:
+      raise ValueError("MosaicGpuSharedConfig: widen_kv widens V too; set at most one of "
+                       "widen_kv and widen_v")
 
 
 @_frozen

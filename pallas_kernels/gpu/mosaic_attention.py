@@ -26,7 +26,9 @@ each consumer widens the V tile in registers to float16 (the conversion the hard
 e5m2 -> f16x2) into its own staging tile, frees the ring slot, and PV reads the staging tile
 with P in float16; the staging tile holds o at the end, returned in the queries' dtype. (Before,
 the consumers widened K too and multiplied float16 queries by it: 1.1x slower at B <= 16,
-1.37x at B = 64, fp8_scores.md.)
+1.37x at B = 64, fp8_scores.md.) V may also come widened to the queries' dtype (a pass before
+the kernel to float16, `MosaicGpuSharedConfig.widen_v`): PV then reads it from the ring, and o
+goes out through the staging tile.
 
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
 (`shared_attention_partials`), the routed chunks of chunk_attention (`attention_over_ranges`:
@@ -118,26 +120,32 @@ def _smem_transforms(D: int, itemsize: int):
 
 
 def max_stages(D: int, block_k: int, itemsize: int, smem_bytes: int, *, consumers: int,
-               kv_dtype=None) -> int:
+               kv_dtype=None, v_dtype=None) -> int:
   """Most K/V ring slots that fit next to the consumers' q/o (and staging) tiles in
-  `smem_bytes` (with slack); kv_dtype None: K/V of `itemsize` bytes, as the queries."""
+  `smem_bytes` (with slack); dtypes as for `smem_bytes_used`."""
   free = smem_bytes - smem_bytes_used(D, block_k, itemsize, num_stages=0, consumers=consumers,
-                                      kv_dtype=kv_dtype)
-  kv_itemsize = itemsize if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
-  return max(0, free // (2 * block_k * D * kv_itemsize))
+                                      kv_dtype=kv_dtype, v_dtype=v_dtype)
+  return max(0, free // (block_k * D * sum(_kv_itemsizes(itemsize, kv_dtype, v_dtype))))
+
+
+def _kv_itemsizes(itemsize: int, kv_dtype, v_dtype) -> tuple[int, int]:
+  k_itemsize = itemsize if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
+  return k_itemsize, k_itemsize if v_dtype is None else jnp.dtype(v_dtype).itemsize
 
 
 def smem_bytes_used(D: int, block_k: int, itemsize: int, *, num_stages: int, consumers: int,
-                    kv_dtype=None) -> int:
-  """Shared memory of one CTA: a q/o tile per consumer (float8 K/V: the queries' float8 terms,
-  `Q_TERMS` of the K format), the K and V rings (K/V as stored), a float16 staging tile per
-  consumer when K/V are float8, lse rows, barriers (slack). kv_dtype None: K/V in the query
-  dtype (of `itemsize` bytes)."""
-  fp8 = kv_dtype is not None and quant.is_fp8(kv_dtype)
-  kv_itemsize = itemsize if kv_dtype is None else jnp.dtype(kv_dtype).itemsize
-  q_bytes = BLOCK_Q * D * (Q_TERMS[jnp.dtype(kv_dtype)] if fp8 else itemsize)
-  staging = consumers * block_k * D * 2 if fp8 else 0
-  return (consumers * q_bytes + 2 * num_stages * block_k * D * kv_itemsize + staging + 4096)
+                    kv_dtype=None, v_dtype=None) -> int:
+  """Shared memory of one CTA: a q/o tile per consumer (float8 K: the queries' float8 terms,
+  `Q_TERMS` of the K format), the K and V rings (as stored), per consumer a float16 staging tile
+  when V is float8 (or an o tile when only K is), lse rows, barriers (slack). kv_dtype None: K/V
+  in the query dtype (of `itemsize` bytes); v_dtype None: V as K."""
+  fp8_k = kv_dtype is not None and quant.is_fp8(kv_dtype)
+  v = kv_dtype if v_dtype is None else v_dtype
+  fp8_v = v is not None and quant.is_fp8(v)
+  q_bytes = BLOCK_Q * D * (Q_TERMS[jnp.dtype(kv_dtype)] if fp8_k else itemsize)
+  staging = consumers * D * (block_k * 2 if fp8_v else BLOCK_Q * itemsize if fp8_k else 0)
+  ring = num_stages * block_k * D * sum(_kv_itemsizes(itemsize, kv_dtype, v_dtype))
+  return consumers * q_bytes + ring + staging + 4096
 
 
 def _key_splits(capacity, num_splits: int, block_k: int,
@@ -255,7 +263,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   Args:
     q_rows: [Hkv, M, D], M a multiple of R.
     k, v: [S, Hkv, D], S a multiple of 8 (a tile past S reads zeros: TMA's out-of-bounds
-      fill; `ranges` end by S); or pools of pages with `paged`.
+      fill; `ranges` end by S); or pools of pages with `paged`. In q's dtype or float8, V also
+      float16 (P, V and o multiplied in V's dtype; float8 V only with float8 K).
     ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
     consumers: consumer warpgroups per CTA (CONSUMERS).
@@ -299,26 +308,31 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   causal = paged is not None and paged.T > 1  # rows see different numbers of keys
   # Key tiles from one of a consumer's tiles to its next; the partials each range writes.
   stride = parts_per_range = consumers if split_keys else 1
-  out_dtype, fp8 = q_rows.dtype, quant.is_fp8(k.dtype)
+  out_dtype, fp8_k, fp8_v = q_rows.dtype, quant.is_fp8(k.dtype), quant.is_fp8(v.dtype)
+  if fp8_v and not fp8_k:
+    raise ValueError(f"float8 V needs float8 K, got k {k.dtype.name}, v {v.dtype.name}")
+  if not fp8_v and v.dtype not in (q_rows.dtype, jnp.dtype(jnp.float16)):
+    raise ValueError(f"v must be float8, float16 or the queries' dtype {q_rows.dtype.name}, "
+                     f"got {v.dtype.name}")
   # The dtype of P, V and o as multiplied (float8 V widens to float16 in hardware).
-  dtype = jnp.dtype(jnp.float16) if fp8 else q_rows.dtype
-  q_terms = Q_TERMS[jnp.dtype(k.dtype)] if fp8 else 1
-  q_in = quant.split_rows(q_rows, k.dtype, q_terms) if fp8 else (q_rows,)
+  dtype = jnp.dtype(jnp.float16) if fp8_v else v.dtype
+  q_terms = Q_TERMS[jnp.dtype(k.dtype)] if fp8_k else 1
+  q_in = quant.split_rows(q_rows, k.dtype, q_terms) if fp8_k else (q_rows,)
   stages = max(2, num_stages)  # the ring needs two slots even for a one-tile range
   if split_keys:  # consumer c reads the slots of tiles c, c + stride, ...: the same ones each lap
     stages = max(stride, stages - stages % stride)
   # One slot per consumer (split_keys with stages == consumers): a consumer's next tile goes to
   # the slot it is reading, so waiting for it before freeing that slot would never return.
-  # (Float8 frees V when it widens it, before PV.)
-  own_slot = stages == stride and not fp8
+  # (Float8 V is freed when widened, before PV.)
+  own_slot = stages == stride and not fp8_v
   scale_log2 = scale * LOG2E
 
   def body(gmem, scoped):
-    ranges_gmem, q_gmem, inv_gmem = gmem[0], gmem[1], gmem[2] if fp8 else None
+    ranges_gmem, q_gmem, inv_gmem = gmem[0], gmem[1], gmem[2] if fp8_k else None
     k_gmem, v_gmem, *page_gmem, o_gmem, lse_gmem = gmem[1 + len(q_in):]
     (q_smem, k_smem, v_smem, lse_smem, *fp8_smem), (k_full, v_full, q_full), (k_free, v_free), \
         turn = scoped
-    staging = fp8_smem[0] if fp8 else None
+    staging = fp8_smem[0] if fp8_k else None  # widened V tiles (float8 V), or o tiles
     mt, h, sp = lax.axis_index("m"), lax.axis_index("h"), lax.axis_index("split")
     wg = lax.axis_index("wg")
     at = ((mt * Hkv + h) * num_parts + sp) * 2
@@ -359,14 +373,14 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         plgpu.commit_smem()  # generic-proxy stores, then wgmma (async proxy) reads them
 
       rows_at = pl.ds(row0, BLOCK_Q)
-      if fp8:  # the queries' float8 terms, and their rows' scales in the lse slot
+      if fp8_k:  # the queries' float8 terms, and their rows' scales in the lse slot
         for t in range(q_terms):
           plgpu.copy_gmem_to_smem(q_gmem.at[t, h, rows_at], my_q.at[t], q_full.at[wg])
         plgpu.copy_gmem_to_smem(inv_gmem.at[h, rows_at], lse_smem.at[wg], q_full.at[wg])
       else:
         plgpu.copy_gmem_to_smem(q_gmem.at[h, rows_at], my_q, q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
-      if fp8:
+      if fp8_k:
         q_inv = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
       carry = (
           plgpu.layout_cast(jnp.zeros((BLOCK_Q, D), jnp.float32), plgpu.Layout.WGMMA),
@@ -390,15 +404,15 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
         def qk_scope(acc_ref):
           for t in range(q_terms):
-            plgpu.wgmma(acc_ref, my_q.at[t] if fp8 else my_q, k_tile)
+            plgpu.wgmma(acc_ref, my_q.at[t] if fp8_k else my_q, k_tile)
           take_turn()
-          if fp8:  # under the QK^T wgmma
+          if fp8_v:  # under the QK^T wgmma
             widen_v(slot)
           return acc_ref[...]
 
         qk = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK_Q, block_k), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        if fp8:
+        if fp8_k:
           qk = qk * lax.broadcast_in_dim(q_inv, qk.shape, [0])
         mask = None
         if masked:  # only the last, partial tile of a split needs a key mask
@@ -418,12 +432,12 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         acc, m, l, p_in = lax.optimization_barrier((acc, m, l, p_in))
         if pair:
           plgpu.barrier_arrive(turn)
-        if not fp8:
+        if not fp8_v:
           plgpu.barrier_wait(v_full.at[slot])
         if pair:
           plgpu.barrier_wait(turn)
 
-        v_tile = staging.at[wg] if fp8 else v_smem.at[slot]
+        v_tile = staging.at[wg] if fp8_v else v_smem.at[slot]
 
         def wait_next_k():
           @pl.when(i + stride < steps)
@@ -436,7 +450,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
             wait_next_k()
 
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        if not fp8:
+        if not fp8_v:
           plgpu.barrier_arrive(v_free.at[slot])
         if own_slot:  # the next K lands in the slot this V tile holds: free it first
           wait_next_k()
@@ -450,8 +464,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         pl.when(wg == 0)(take_turn)
 
       o, lse = softmax.finish(acc, m, l)
-      # o in a dead tile: the q tile, or (float8 terms of q) this consumer's staging tile
-      o_smem = staging.at[wg, pl.ds(0, BLOCK_Q)] if fp8 else my_q
+      # o in the q tile, or (float8 terms of q) this consumer's staging tile
+      o_smem = staging.at[wg, pl.ds(0, BLOCK_Q)] if fp8_k else my_q
       o_smem[...] = o.astype(dtype)
       lse_smem.at[wg][...] = lse
       plgpu.commit_smem()
@@ -501,23 +515,25 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
 
   def entry(*gmem):
     transforms = _smem_transforms(D, jnp.dtype(dtype).itemsize)
-    kv_transforms = _smem_transforms(D, jnp.dtype(k.dtype).itemsize)
-    q_smem = (plgpu.SMEM((consumers, q_terms, BLOCK_Q, D), k.dtype, transforms=kv_transforms)
-              if fp8 else plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms))
+    k_transforms = _smem_transforms(D, jnp.dtype(k.dtype).itemsize)
+    q_smem = (plgpu.SMEM((consumers, q_terms, BLOCK_Q, D), k.dtype, transforms=k_transforms)
+              if fp8_k else plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms))
     smem = [
         q_smem,
-        plgpu.SMEM((stages, block_k, D), k.dtype, transforms=kv_transforms),
-        plgpu.SMEM((stages, block_k, D), v.dtype, transforms=kv_transforms),
+        plgpu.SMEM((stages, block_k, D), k.dtype, transforms=k_transforms),
+        plgpu.SMEM((stages, block_k, D), v.dtype,
+                   transforms=_smem_transforms(D, jnp.dtype(v.dtype).itemsize)),
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
     ]
-    if fp8:  # each consumer's float16 staging tile
-      smem.append(plgpu.SMEM((consumers, block_k, D), dtype, transforms=transforms))
+    if fp8_k:  # each consumer's staging tile: widened V (float16), or only o
+      smem.append(plgpu.SMEM((consumers, block_k if fp8_v else BLOCK_Q, D), dtype,
+                             transforms=transforms))
     pl.run_scoped(
         lambda *scoped: body(gmem, scoped),
         smem,
         # a slot is full once each of its copies has landed; q once its terms (and scales)
         (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),) * 2
-        + (plgpu.Barrier(num_arrivals=q_terms + fp8, num_barriers=consumers),),
+        + (plgpu.Barrier(num_arrivals=q_terms + fp8_k, num_barriers=consumers),),
         # a slot is free once each consumer that reads it has
         (plgpu.Barrier(num_arrivals=1 if split_keys else consumers, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=consumers),

@@ -44,7 +44,10 @@ MOSAIC_MIN_CHUNK = 1024
 FP8_WIDEN_MIN_ROWS = 512
 # Mosaic GPU where it reads float8 tiles itself in 128-key tiles (128-byte float8 rows: QK^T on
 # the FP8 tensor cores, only V widened in shared memory) keeps them float8 up to more rows. Same
-# setting, fp8_widen.md: 4.83 vs 6.06 ms at M=512, 9.51 vs 9.35 at M=1024.
+# setting, fp8_widen.md: 4.83 vs 6.06 ms at M=512, 9.51 vs 9.35 at M=1024. From there it widens
+# only V (to float16; K stays float8 for QK^T): at M=1024 8.73-8.79 ms against 9.44-9.45 with
+# both widened and 8.82-8.93 in the kernel, at M=2048 15.95-16.06 against 16.12-16.14 and
+# 17.40-17.45 (fp8_widen_v.md).
 FP8_WIDEN_MIN_ROWS_MOSAIC = 1024
 # Unique attention: keys per compute block (128 keys x D=128 in bf16 is 32 KiB of K and of V per
 # stage), and the fewest blocks per split (below it the partials cost more than the split gains).
@@ -140,10 +143,11 @@ def splits_to_fill(target: GpuTarget, programs: int, n_tiles: int) -> int:
 
 def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int,
                        target: GpuTarget, interpret: bool, *, kv_dtype, consumers: int,
-                       page_size: int | None = None, ragged_keys: bool = False) -> str | None:
-  """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`,
-  in pages of `page_size` for unique attention) with this tiling and this many consumer
-  warpgroups, or None. ragged_keys: the kernel reads K/V[S, Hkv, D] as one array, so S need be
+                       page_size: int | None = None, ragged_keys: bool = False,
+                       v_dtype=None) -> str | None:
+  """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`
+  or V in `v_dtype` if given, in pages of `page_size` for unique attention) with this tiling and
+  this many consumer warpgroups, or None. ragged_keys: the kernel reads K/V[S, Hkv, D] as one array, so S need be
   a multiple of 8 only (TMA's tiling of the array), not of block_k: TMA fills a tile's rows past
   S with zeros, and they lie past kv_length, weighed by 0. The chunk kernels view the store as
   pages of whole tiles."""
@@ -174,7 +178,7 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
       return f"it needs {problem}"
   smem = mosaic_attention.smem_bytes_used(dims.D, block_k, jnp.dtype(dtype).itemsize,
                                           num_stages=num_stages, consumers=consumers,
-                                          kv_dtype=kv_dtype)
+                                          kv_dtype=kv_dtype, v_dtype=v_dtype)
   if smem > target.smem_per_block:
     return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
             f"{target.smem_per_block}")
@@ -182,15 +186,18 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
 
 
 def _mosaic_tiling(dims: AttentionDims, dtype, wanted_stages: int, target: GpuTarget, *,
-                   consumers: int, kv_dtype, multiple: int = 1) -> tuple[int, int]:
+                   consumers: int, kv_dtype, multiple: int = 1,
+                   v_dtype=None) -> tuple[int, int]:
   """(block_k, num_stages) of the Mosaic GPU kernel: 128-key tiles, or 64 where two slots of
   128 keys do not fit (D=256), with up to `wanted_stages` ring slots (twice as many for float8
-  K/V: a slot holds half the bytes), a multiple of `multiple` (consumers splitting the keys)."""
+  K/V: a slot holds half the bytes), a multiple of `multiple` (consumers splitting the keys);
+  V in `v_dtype` if given."""
   itemsize, kv_itemsize = jnp.dtype(dtype).itemsize, jnp.dtype(kv_dtype).itemsize
-  wanted_stages *= itemsize // kv_itemsize
+  if v_dtype is None:
+    wanted_stages *= itemsize // kv_itemsize
   for block_k in (128, 64):
     fit = mosaic_attention.max_stages(dims.D, block_k, itemsize, target.smem_per_block,
-                                      consumers=consumers, kv_dtype=kv_dtype)
+                                      consumers=consumers, kv_dtype=kv_dtype, v_dtype=v_dtype)
     stages = min(wanted_stages, fit)
     stages -= stages % multiple
     if stages >= max(2, multiple):
@@ -218,20 +225,23 @@ def shared_implementation(dims: AttentionDims, dtype, target: GpuTarget, interpr
 def mosaic_shared_unsupported(dims: AttentionDims, dtype, c: MosaicGpuSharedConfig,
                               target: GpuTarget, interpret: bool, *, kv_dtype) -> str | None:
   """Why the Mosaic GPU shared-attention kernel cannot run this problem with config `c` (with
-  widen_kv, on K/V in the query dtype), or None."""
+  widen_kv, on K/V in the query dtype; with widen_v, on V in it), or None."""
   if why := _widen_unsupported(c, kv_dtype):
     return why
   why = mosaic_unsupported(dims, dtype, c.block_k, c.num_stages, target, interpret,
                            kv_dtype=dtype if c.widen_kv else kv_dtype, consumers=c.consumers,
-                           ragged_keys=True)
-  if why and c.widen_kv:
-    return f"{why} (config.widen_kv: K/V widened to {jnp.dtype(dtype).name})"
+                           ragged_keys=True, v_dtype=jnp.float16 if c.widen_v else None)
+  if why and (c.widen_kv or c.widen_v):
+    knob_name, widened = ("widen_kv", "K/V") if c.widen_kv else ("widen_v", "V")
+    to = jnp.dtype(dtype if c.widen_kv else jnp.float16).name
+    return f"{why} (config.{knob_name}: {widened} widened to {to})"
   return why
 
 
 def _widen_unsupported(c, kv_dtype) -> str | None:
-  if c.widen_kv and not quant.is_fp8(kv_dtype):
-    return f"config.widen_kv needs float8 K/V, got {jnp.dtype(kv_dtype).name}"
+  for knob_name in ("widen_kv", "widen_v"):
+    if getattr(c, knob_name, False) and not quant.is_fp8(kv_dtype):
+      return f"config.{knob_name} needs float8 K/V, got {jnp.dtype(kv_dtype).name}"
   return None
 
 
@@ -272,47 +282,66 @@ def triton_shared_unsupported(dims: AttentionDims, dtype, c: TritonSharedConfig,
       c.block_m, c.block_k, dims.D, dtype, c.num_stages, target)
 
 
-def _widen_min_rows(dims: AttentionDims, dtype, target: GpuTarget, kv_dtype) -> int:
-  """Rows of a kv head from which the Mosaic GPU plan widens float8 K/V in HBM first:
-  FP8_WIDEN_MIN_ROWS_MOSAIC where its 128-row ping-pong pair reads them (in `kv_dtype`, else
-  e4m3) as float8 in 128-key tiles, else FP8_WIDEN_MIN_ROWS: where it cannot read them
-  (rows not 128 bytes; a ring, query terms and widened V tile that do not fit) or only in
-  64-key tiles (D=256 on an H200, S=1M, Hq=16: in the kernel 6.93 ms against 9.05 widened at
-  256 rows, 14.0 against 12.1 at 512: fp8_unique.md)."""
+def _pair_reads_float8(dims: AttentionDims, dtype, target: GpuTarget, kv_dtype) -> bool:
+  """Whether the 128-row ping-pong pair reads float8 K/V (in `kv_dtype`, else e4m3) in 128-key
+  tiles, both with V float8 (widened in shared memory) and with V widened first to float16:
+  not where rows are not 128 bytes, a ring, query terms and V or o tiles do not fit, or only
+  64-key tiles do (D=256 on an H200, S=1M, Hq=16: in the kernel 6.93 ms against 9.05 widened
+  at 256 rows, 14.0 against 12.1 at 512: fp8_unique.md)."""
   fp8 = kv_dtype if quant.is_fp8(kv_dtype) else quant.FP8_DTYPES[0]
-  block_k, stages = _mosaic_tiling(dims, dtype, 1, target, consumers=2, kv_dtype=fp8)
-  reads = mosaic_unsupported(dims, dtype, block_k, stages, target, False, kv_dtype=fp8,
-                             consumers=2, ragged_keys=True) is None
-  return FP8_WIDEN_MIN_ROWS_MOSAIC if reads and block_k == 128 else FP8_WIDEN_MIN_ROWS
+  for v_dtype in (None, jnp.float16):
+    block_k, stages = _mosaic_tiling(dims, dtype, 1 if v_dtype is None else 2, target,
+                                     consumers=2, kv_dtype=fp8, v_dtype=v_dtype)
+    if block_k != 128 or mosaic_unsupported(dims, dtype, block_k, stages, target, False,
+                                            kv_dtype=fp8, consumers=2, ragged_keys=True,
+                                            v_dtype=v_dtype):
+      return False
+  return True
 
 
 def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
-                  widen_kv: bool | None = None) -> MosaicGpuSharedConfig:
+                  widen_kv: bool | None = None,
+                  widen_v: bool | None = None) -> MosaicGpuSharedConfig:
   """For K/V in the query dtype: one 64-row consumer per CTA while M <= 64 (split-S,
   bandwidth-bound: a second consumer on other rows would multiply padding), else 128-row CTAs
   of a ping-pong pair. For float8 K/V while M <= 64: two consumers taking turns over the key
   tiles of 64 rows (on an H200, S=1M, Llama-3.1-8B heads: 0.68-0.76 ms against 0.82 ms with
   one consumer at B=1-16; at B=32 the ping-pong pair takes 1.17 ms against their 1.42 ms on
-  two row tiles: fp8_widen.md); from FP8_WIDEN_MIN_ROWS_MOSAIC rows (FP8_WIDEN_MIN_ROWS
-  where it cannot read them as float8 in 128-key tiles: `_widen_min_rows`) widened in HBM
-  first (widen_kv; None: by `plan_widen_kv`) and tiled as K/V in the query dtype. Two ring
-  slots of 128-key tiles (64 where they do not fit; twice the slots for float8 read by split
-  keys); S split to fill the chip."""
-  widened = plan_widen_kv(dims, dtype, kv_dtype, widen_kv,
-                         min_rows=_widen_min_rows(dims, dtype, target, kv_dtype))
+  two row tiles: fp8_widen.md). From FP8_WIDEN_MIN_ROWS_MOSAIC rows where the pair reads them
+  as float8 in 128-key tiles (`_pair_reads_float8`) only V is widened in HBM first for e4m3
+  (widen_v), else from FP8_WIDEN_MIN_ROWS rows both are (widen_kv), and tiled as K/V in the
+  query dtype. widen_kv / widen_v None: by that rule; widen_kv alone given: as it says, V
+  float8 too unless widened. Two ring slots of 128-key tiles (64 where they do not fit; twice the slots
+  for float8 tiles of both K and V read by split keys); S split to fill the chip."""
+  reads = _pair_reads_float8(dims, dtype, target, kv_dtype)
+  min_rows = FP8_WIDEN_MIN_ROWS_MOSAIC if reads else FP8_WIDEN_MIN_ROWS
+  if widen_v is None:
+    widen = plan_widen_kv(dims, dtype, kv_dtype, widen_kv, min_rows=min_rows)
+    # (Measured with e4m3 keys: two query terms. e5m2's three cost 1.5x the QK^T multiply-adds
+    # of a compute-bound call: widened whole, as before.)
+    widen_v = (widen and widen_kv is None and reads
+               and mosaic_attention.Q_TERMS[jnp.dtype(kv_dtype)] == 2)
+    widened = widen and not widen_v
+  else:
+    if widen_v and not quant.is_fp8(kv_dtype):
+      raise ValueError(f"widen_v needs float8 K/V, got {jnp.dtype(kv_dtype).name}")
+    widened = bool(widen_kv) if widen_v else plan_widen_kv(dims, dtype, kv_dtype, widen_kv,
+                                                           min_rows=min_rows)
   if widened:
     kv_dtype = dtype
   split_keys = quant.is_fp8(kv_dtype) and dims.M <= mosaic_attention.BLOCK_Q
   consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q and not split_keys else 2
   # Float8 tiles under a ping-pong pair: two ring slots (`_mosaic_tiling` doubles what it is
   # asked for float8), 5-8% faster than three at M = 128-512 (fp8_widen.md).
-  pair_fp8 = quant.is_fp8(kv_dtype) and not split_keys
+  pair_fp8 = quant.is_fp8(kv_dtype) and not split_keys and not widen_v
   block_k, stages = _mosaic_tiling(dims, dtype, 1 if pair_fp8 else 2, target, consumers=consumers,
-                                   kv_dtype=kv_dtype, multiple=2 if split_keys else 1)
+                                   kv_dtype=kv_dtype, multiple=2 if split_keys else 1,
+                                   v_dtype=jnp.float16 if widen_v else None)
   programs = dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(consumers, split_keys))
   splits = splits_to_fill(target, programs, math.ceil(dims.S / block_k))
   return MosaicGpuSharedConfig(block_k=block_k, num_splits=splits, num_stages=stages,
-                               consumers=consumers, split_keys=split_keys, widen_kv=widened)
+                               consumers=consumers, split_keys=split_keys, widen_kv=widened,
+                               widen_v=widen_v)
 
 
 def _with_splits(base, factors=(0.5, 2.0)) -> list:
@@ -335,13 +364,16 @@ def mosaic_shared_candidates(dims: AttentionDims, dtype, target: GpuTarget, *,
                              kv_dtype) -> list[MosaicGpuSharedConfig]:
   """Neighbours of the default (`_mosaic_candidates`) over every schedule of
   `MosaicGpuSharedConfig`, a CTA per row tile of each kv head; for float8 K/V also those of the
-  default with the other widen_kv."""
+  default planned with each other widening (none, K/V, V only)."""
   programs = lambda c, k: dims.Hkv * math.ceil(dims.M / mosaic_attention.rows_per_cta(c, k))
   base = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype)
   out = _mosaic_candidates(base, dims.S, target, programs)
   if quant.is_fp8(kv_dtype):
-    other = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype, widen_kv=not base.widen_kv)
-    out += _mosaic_candidates(other, dims.S, target, programs)
+    for widen_kv, widen_v in ((False, False), (True, False), (False, True)):
+      if (widen_kv, widen_v) != (base.widen_kv, base.widen_v):
+        other = mosaic_shared(dims, dtype, target, kv_dtype=kv_dtype, widen_kv=widen_kv,
+                              widen_v=widen_v)
+        out += _mosaic_candidates(other, dims.S, target, programs)
   return out
 
 
