@@ -26,9 +26,9 @@ each consumer widens the V tile in registers to float16 (the conversion the hard
 e5m2 -> f16x2) into its own staging tile, frees the ring slot, and PV reads the staging tile
 with P in float16; the staging tile holds o at the end, returned in the queries' dtype. (Before,
 the consumers widened K too and multiplied float16 queries by it: 1.1x slower at B <= 16,
-1.37x at B = 64, fp8_scores.md.) V may also come widened to the queries' dtype (a pass before
-the kernel to float16, `MosaicGpuSharedConfig.widen_v`): PV then reads it from the ring, and o
-goes out through the staging tile.
+1.37x at B = 64, fp8_scores.md.) V may also come widened to float16 by a pass before the kernel
+(`MosaicGpuSharedConfig.widen_v`): PV then reads it from the ring, and o goes out through the
+staging tile.
 
 The key range of every CTA comes from a table, so the same kernel serves the dense split of S
 (`shared_attention_partials`), the routed chunks of chunk_attention (`attention_over_ranges`:
@@ -263,8 +263,8 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   Args:
     q_rows: [Hkv, M, D], M a multiple of R.
     k, v: [S, Hkv, D], S a multiple of 8 (a tile past S reads zeros: TMA's out-of-bounds
-      fill; `ranges` end by S); or pools of pages with `paged`. In q's dtype or float8, V also
-      float16 (P, V and o multiplied in V's dtype; float8 V only with float8 K).
+      fill; `ranges` end by S); or pools of pages with `paged`. In q's dtype or float8; V
+      float8 only with float8 K, and float16 under float8 K (P, V and o multiplied in float16).
     ranges: [M // R, Hkv, P, 2] int32: tile m of kv head h attends to keys
       [ranges[m, h, p, 0], ranges[m, h, p, 1]) for partial p; starts multiples of block_k.
     consumers: consumer warpgroups per CTA (CONSUMERS).
@@ -311,9 +311,9 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
   out_dtype, fp8_k, fp8_v = q_rows.dtype, quant.is_fp8(k.dtype), quant.is_fp8(v.dtype)
   if fp8_v and not fp8_k:
     raise ValueError(f"float8 V needs float8 K, got k {k.dtype.name}, v {v.dtype.name}")
-  if not fp8_v and v.dtype not in (q_rows.dtype, jnp.dtype(jnp.float16)):
-    raise ValueError(f"v must be float8, float16 or the queries' dtype {q_rows.dtype.name}, "
-                     f"got {v.dtype.name}")
+  if not fp8_v and v.dtype != q_rows.dtype and not (fp8_k and v.dtype == jnp.float16):
+    raise ValueError(f"v must be float8, the queries' dtype {q_rows.dtype.name}, or float16 "
+                     f"under float8 K; got k {k.dtype.name}, v {v.dtype.name}")
   # The dtype of P, V and o as multiplied (float8 V widens to float16 in hardware).
   dtype = jnp.dtype(jnp.float16) if fp8_v else v.dtype
   q_terms = Q_TERMS[jnp.dtype(k.dtype)] if fp8_k else 1

@@ -146,11 +146,11 @@ def mosaic_unsupported(dims: AttentionDims, dtype, block_k: int, num_stages: int
                        page_size: int | None = None, ragged_keys: bool = False,
                        v_dtype=None) -> str | None:
   """Why the Mosaic GPU kernel cannot run this problem (queries in `dtype`, K/V in `kv_dtype`
-  or V in `v_dtype` if given, in pages of `page_size` for unique attention) with this tiling and
-  this many consumer warpgroups, or None. ragged_keys: the kernel reads K/V[S, Hkv, D] as one array, so S need be
-  a multiple of 8 only (TMA's tiling of the array), not of block_k: TMA fills a tile's rows past
-  S with zeros, and they lie past kv_length, weighed by 0. The chunk kernels view the store as
-  pages of whole tiles."""
+  or V in `v_dtype` if given, in pages of `page_size` for unique attention) with this tiling
+  and this many consumer warpgroups, or None. ragged_keys: the kernel reads K/V[S, Hkv, D] as
+  one array, so S need be a multiple of 8 only (TMA's tiling of the array), not of block_k:
+  TMA fills a tile's rows past S with zeros, and they lie past kv_length, weighed by 0. The
+  chunk kernels view the store as pages of whole tiles."""
   if interpret:
     return "it has no interpret mode"
   if not target.is_hopper:
@@ -307,12 +307,12 @@ def mosaic_shared(dims: AttentionDims, dtype, target: GpuTarget, *, kv_dtype,
   of a ping-pong pair. For float8 K/V while M <= 64: two consumers taking turns over the key
   tiles of 64 rows (on an H200, S=1M, Llama-3.1-8B heads: 0.68-0.76 ms against 0.82 ms with
   one consumer at B=1-16; at B=32 the ping-pong pair takes 1.17 ms against their 1.42 ms on
-  two row tiles: fp8_widen.md). From FP8_WIDEN_MIN_ROWS_MOSAIC rows where the pair reads them
-  as float8 in 128-key tiles (`_pair_reads_float8`) only V is widened in HBM first for e4m3
-  (widen_v), else from FP8_WIDEN_MIN_ROWS rows both are (widen_kv), and tiled as K/V in the
-  query dtype. widen_kv / widen_v None: by that rule; widen_kv alone given: as it says, V
-  float8 too unless widened. Two ring slots of 128-key tiles (64 where they do not fit; twice the slots
-  for float8 tiles of both K and V read by split keys); S split to fill the chip."""
+  two row tiles: fp8_widen.md). Widened in HBM first: where the pair reads them as float8 in
+  128-key tiles (`_pair_reads_float8`) from FP8_WIDEN_MIN_ROWS_MOSAIC rows, V only for e4m3
+  keys (widen_v), K/V for e5m2 (widen_kv); elsewhere K/V from FP8_WIDEN_MIN_ROWS rows, tiled as
+  K/V in the query dtype. widen_kv / widen_v None: by that rule; widen_kv given alone: widened
+  or not as it says (V too). Two ring slots of 128-key tiles (64 where they do not fit; twice
+  the slots for float8 tiles of both K and V read by split keys); S split to fill the chip."""
   reads = _pair_reads_float8(dims, dtype, target, kv_dtype)
   min_rows = FP8_WIDEN_MIN_ROWS_MOSAIC if reads else FP8_WIDEN_MIN_ROWS
   if widen_v is None:
