@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import re
 
 import jax
@@ -101,7 +102,33 @@ def _mosaic_calls(lowered) -> list[tuple[str, dict]]:
   """(kernel name, backend config) of each Mosaic TPU custom call of the module."""
   calls = re.findall(r'custom_call @tpu_custom_call\(.*backend_config = "([^"]*)".*'
                      r'kernel_name = "(\w+)"', lowered.as_text())
-  return [(name, json.loads(config.replace("\\22", '"'))) for config, name in calls]
+  return [(name, json.loads(config.replace("\\22", '"').replace("\\0A", "\n")))
+          for config, name in calls]
+
+
+def _check_cost(op: str, args: tuple, static: dict, cost: dict):
+  """The kernel's cost estimate for XLA covers the op's real work (query rows x the keys each
+  reads: the whole shared S, a request's table capacity, its chunks; padding only adds) and
+  its K/V bytes, at most 64x over: two products of D per pair and an exp each (chunk scores:
+  products only)."""
+  q = args[0]
+  B, T, Hq, D = q.shape
+  if op == "shared_attention":
+    keys = args[1].shape[0]
+  elif op == "unique_attention":
+    keys = args[3].shape[1] * args[1].shape[1]
+  elif op == "chunk_attention":
+    keys = args[3].shape[-1] * static["chunk_size"]
+  else:
+    keys = args[1].shape[0]
+  pairs = B * T * Hq * keys
+  if op == "chunk_scores":
+    assert cost["transcendentals"] == 0 and pairs * D <= cost["flops"] <= 64 * pairs * D, cost
+  else:
+    assert cost["flops"] == 4 * D * cost["transcendentals"], cost
+    assert pairs <= cost["transcendentals"] <= 64 * pairs, (pairs, cost)
+  kv = args[1]
+  assert cost["bytes_accessed"] >= math.prod(kv.shape) * jnp.dtype(kv.dtype).itemsize, cost
 
 
 def _lower(op: str, args: tuple, chip, **kwargs):
@@ -117,7 +144,9 @@ def test_kernel_lowers_for_tpu(case):
                          dtype=case["dtype"])
   plan = pk.plan(op, *args, implementation="mosaic_tpu", target=case["target"], **static)
   lowered = _lower(op, args, case["target"], config=plan.config, **static)
-  assert [name for name, _ in _mosaic_calls(lowered)] == [f"moska_{op}"], plan
+  [(name, backend)] = _mosaic_calls(lowered)
+  assert name == f"moska_{op}", plan
+  _check_cost(op, args, static, backend["custom_call_config"]["cost_estimate"])
 
 
 @pytest.mark.parametrize("chip", sorted(targets.TPU_PRESETS))

@@ -22,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import quant
 from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.tpu import softmax
-from pallas_kernels.tpu.tuning import heads_per_block
+from pallas_kernels.tpu.tuning import cost, heads_per_block, nbytes
 
 
 def _kernel(len_ref, chunk_ref, ntiles_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc,
@@ -132,13 +132,15 @@ def chunk_attention_tiles(q_tiles: jax.Array, k: jax.Array, v: jax.Array, kv_len
       ],
       scratch_shapes=softmax.scratch(rows=block_m, d=D),
   )
+  out_shape = [jax.ShapeDtypeStruct((Hkv, rows, D), q_tiles.dtype),
+               jax.ShapeDtypeStruct((Hkv, rows, 1), jnp.float32)]
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[
-          jax.ShapeDtypeStruct((Hkv, rows, D), q_tiles.dtype),
-          jax.ShapeDtypeStruct((Hkv, rows, 1), jnp.float32),
-      ],
+      out_shape=out_shape,
+      cost_estimate=cost(pairs=Hkv * rows * chunk_size, width=D,  # each tile reads its chunk
+                         bytes_accessed=nbytes(q_tiles, *out_shape)
+                         + NT * chunk_size * (nbytes(k, v) // S)),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),

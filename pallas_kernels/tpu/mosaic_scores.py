@@ -19,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import sketch
 from pallas_kernels.numerics import matmul_precision
-from pallas_kernels.tpu.tuning import heads_per_block
+from pallas_kernels.tpu.tuning import cost, heads_per_block, nbytes
 
 
 def _kernel(len_ref, *refs, chunk_size: int, block_k: int, chunks_per_block: int, hb: int,
@@ -108,10 +108,14 @@ def chunk_scores(q_parts: tuple[jax.Array, ...], codes: jax.Array, scale_t: jax.
                              lambda hg, i, nb, t, n: (hg, i, nb)),
       scratch_shapes=[pltpu.VMEM((hb, block_m, chunks_per_block), jnp.float32)],
   )
+  out_shape = jax.ShapeDtypeStruct((Hkv, M, n_blocks * chunks_per_block), jnp.float32)
   return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((Hkv, M, n_blocks * chunks_per_block), jnp.float32),
+      out_shape=out_shape,
+      cost_estimate=cost(pairs=Hkv * M * S, width=W, products=len(q_parts), softmax=False,
+                         bytes_accessed=nbytes(*q_parts, out_shape)
+                         + M // block_m * nbytes(codes, *scales)),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,

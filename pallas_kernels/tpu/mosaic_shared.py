@@ -19,7 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import quant
 from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.tpu import softmax
-from pallas_kernels.tpu.tuning import heads_per_block
+from pallas_kernels.tpu.tuning import cost, heads_per_block, nbytes
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale: float,
@@ -88,13 +88,14 @@ def shared_attention_partials(q_rows: jax.Array, k: jax.Array, v: jax.Array,
       ],
       scratch_shapes=softmax.scratch(hb, rows=block_m, d=D),
   )
+  out_shape = [jax.ShapeDtypeStruct((num_splits, Hkv, M, D), jnp.float32),
+               jax.ShapeDtypeStruct((num_splits, Hkv, M, 1), jnp.float32)]
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[
-          jax.ShapeDtypeStruct((num_splits, Hkv, M, D), jnp.float32),
-          jax.ShapeDtypeStruct((num_splits, Hkv, M, 1), jnp.float32),
-      ],
+      out_shape=out_shape,
+      cost_estimate=cost(pairs=Hkv * M * S, width=D, bytes_accessed=nbytes(q_rows, *out_shape)
+                         + M // block_m * nbytes(k, v)),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),

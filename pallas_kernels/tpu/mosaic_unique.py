@@ -26,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels import layout, quant
 from pallas_kernels.numerics import matmul_precision
 from pallas_kernels.tpu import softmax
-from pallas_kernels.tpu.tuning import heads_per_block
+from pallas_kernels.tpu.tuning import cost, heads_per_block, nbytes
 
 
 def _kernel(len_ref, tab_ref, q_ref, *refs, scale: float, T: int, G: int, page_size: int,
@@ -124,13 +124,16 @@ def unique_attention_partials(q_rows: jax.Array, k_pages: jax.Array, v_pages: ja
       ],
       scratch_shapes=softmax.scratch(hb, rows=block_m, d=D),
   )
+  out_shape = [jax.ShapeDtypeStruct((num_splits, Hkv, B, R, D), jnp.float32),
+               jax.ShapeDtypeStruct((num_splits, Hkv, B, R, 1), jnp.float32)]
+  keys = max_pages * page_size  # a request's table, each row tile reading it
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[
-          jax.ShapeDtypeStruct((num_splits, Hkv, B, R, D), jnp.float32),
-          jax.ShapeDtypeStruct((num_splits, Hkv, B, R, 1), jnp.float32),
-      ],
+      out_shape=out_shape,
+      cost_estimate=cost(pairs=Hkv * B * R * keys, width=D,
+                         bytes_accessed=nbytes(q_rows, *out_shape)
+                         + B * tiles * max_pages * (nbytes(k_pages, v_pages) // P)),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary"),
           vmem_limit_bytes=vmem_limit_bytes),

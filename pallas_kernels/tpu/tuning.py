@@ -1,5 +1,5 @@
 """Default tilings and sweep candidates of the Mosaic TPU implementations, the K/V block layout,
-and a model of the kernels' VMEM use.
+a model of the kernels' VMEM use, and their cost estimates for XLA.
 
 Every function takes the problem's static shape and a `TpuTarget` (never the running device), so
 a TPU tiling can be planned and lowered for any TPU generation on a machine without one.
@@ -18,6 +18,7 @@ import dataclasses
 import math
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from pallas_kernels.layout import AttentionDims
 from pallas_kernels.targets import MIB, TpuTarget
@@ -32,6 +33,22 @@ UNIQUE_MIN_BLOCKS_PER_SPLIT = 4
 # Rows per unique-attention program at most: decode's T*G stays one tile; a prefill chunk's rows
 # go in tiles of this many, each with its own [rows, keys] float32 scores in VMEM.
 UNIQUE_MAX_ROWS = 512
+
+
+def nbytes(*arrays) -> int:
+  """Bytes of arrays (or ShapeDtypeStructs) as stored."""
+  return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in arrays)
+
+
+def cost(*, pairs: int, width: int, bytes_accessed: int, products: int = 2,
+         softmax: bool = True) -> pl.CostEstimate:
+  """What a kernel's `pallas_call` tells XLA it costs (its TPU scheduler places other work,
+  e.g. a collective, beside the call by it): `pairs` (query row, key) pairs the grid visits,
+  each `products` dot products of `width` (QK^T and PV; one for chunk scores) and, with a
+  softmax, one exp; bytes_accessed as the grid reads and writes them (K/V once per row tile, at
+  the capacity the grid spans: kv_length is traced)."""
+  return pl.CostEstimate(flops=2 * products * pairs * width,
+                         transcendentals=pairs if softmax else 0, bytes_accessed=bytes_accessed)
 
 
 def heads_per_block(Hkv: int, D: int) -> int:
