@@ -42,6 +42,7 @@ chunks in tile_chunk_attention (`list_attention_partials`).
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -61,6 +62,9 @@ MAX_STAGES = 32  # ring slots: Mosaic GPU lowers at most 32 barriers per barrier
 # Float8 terms of the queries per K format (`quant.split_rows`): their sum carries about
 # bfloat16's 8 significant bits.
 Q_TERMS = {jnp.dtype(jnp.float8_e4m3fn): 2, jnp.dtype(jnp.float8_e5m2): 3}
+# jax 0.10's plgpu.load takes the index as an argument; 0.11 deprecates it (the ref is indexed).
+_LOAD_INDEX = ((),) if (inspect.signature(plgpu.load).parameters["idx"].default
+                        is inspect.Parameter.empty) else ()
 
 
 def consumer_registers(consumers: int) -> int:
@@ -381,7 +385,7 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         plgpu.copy_gmem_to_smem(q_gmem.at[h, rows_at], my_q, q_full.at[wg])
       plgpu.barrier_wait(q_full.at[wg])
       if fp8_k:
-        q_inv = plgpu.load(lse_smem.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+        q_inv = plgpu.load(lse_smem.at[wg], *_LOAD_INDEX, layout=plgpu.Layout.WGMMA.reduce(1))
       carry = (
           plgpu.layout_cast(jnp.zeros((BLOCK_Q, D), jnp.float32), plgpu.Layout.WGMMA),
           plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
