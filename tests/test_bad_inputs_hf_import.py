@@ -3,6 +3,7 @@ shards, a config shallower than the files, a tensor in two shards, missing / unk
 tensors, unreadable files. Each is refused by name; nothing loads part of a model."""
 
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -16,7 +17,6 @@ from moska_jax.model import Decoder
 st = pytest.importorskip("safetensors.numpy")
 
 CFG = tiny()  # 2 layers
-SOURCE = Decoder(CFG, rngs=nnx.Rngs(5))
 
 
 def _tensors(model) -> dict[str, np.ndarray]:
@@ -28,7 +28,11 @@ def _tensors(model) -> dict[str, np.ndarray]:
   return out
 
 
-TENSORS = _tensors(SOURCE)
+@functools.cache
+def _source() -> dict[str, np.ndarray]:
+  """The tensors of the model the tests import, in the Hugging Face names, built at first use:
+  not while every xdist worker collects. Read only."""
+  return _tensors(Decoder(CFG, rngs=nnx.Rngs(5)))
 
 
 def _write(directory, *shards):
@@ -45,13 +49,13 @@ def _halves(tensors):
 
 
 def test_two_shards_load_exactly(tmp_path):
-  model = checkpoint.load_hf_llama(_write(tmp_path, *_halves(TENSORS)), CFG)
-  np.testing.assert_equal(_tensors(model), TENSORS)
+  model = checkpoint.load_hf_llama(_write(tmp_path, *_halves(_source())), CFG)
+  np.testing.assert_equal(_tensors(model), _source())
 
 
 def test_rotary_buffers_are_recomputed_not_refused(tmp_path):
   extra = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}
-  checkpoint.load_hf_llama(_write(tmp_path, TENSORS, extra), CFG)
+  checkpoint.load_hf_llama(_write(tmp_path, _source(), extra), CFG)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -71,7 +75,7 @@ def test_missing_files_are_reported_as_missing(tmp_path, make, match):
 
 def test_a_too_shallow_config_is_refused(tmp_path):
   """Files of 2 layers, a config of 1: loading would silently drop a layer."""
-  path = _write(tmp_path, TENSORS)
+  path = _write(tmp_path, _source())
   with pytest.raises(ValueError) as e:
     checkpoint.load_hf_llama(path, tiny(layers=1))
   message = str(e.value)
@@ -80,14 +84,14 @@ def test_a_too_shallow_config_is_refused(tmp_path):
 
 def test_a_too_deep_config_is_a_missing_tensor(tmp_path):
   with pytest.raises(ValueError, match="tensor model.layers.2.self_attn.q_proj.weight is missing"):
-    checkpoint.load_hf_llama(_write(tmp_path, TENSORS), tiny(layers=3))
+    checkpoint.load_hf_llama(_write(tmp_path, _source()), tiny(layers=3))
 
 
 @pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight",
                                   "lm_head.weight"])
 def test_a_tensor_in_two_shards_is_refused(tmp_path, name):
-  first, second = _halves(TENSORS)
-  (first if name not in first else second)[name] = TENSORS[name]  # now in both
+  first, second = _halves(_source())
+  (first if name not in first else second)[name] = _source()[name]  # now in both
   with pytest.raises(ValueError) as e:
     checkpoint.load_hf_llama(_write(tmp_path, first, second), CFG)
   message = str(e.value)
@@ -98,7 +102,7 @@ def test_a_tensor_in_two_shards_is_refused(tmp_path, name):
 @pytest.mark.parametrize("drop", ["model.norm.weight", "lm_head.weight",
                                   "model.layers.0.input_layernorm.weight"])
 def test_a_missing_tensor_is_named(tmp_path, drop):
-  tensors = {n: t for n, t in TENSORS.items() if n != drop}
+  tensors = {n: t for n, t in _source().items() if n != drop}
   with pytest.raises(ValueError, match=f"tensor {drop} is missing in"):
     checkpoint.load_hf_llama(_write(tmp_path, tensors), CFG)
 
@@ -106,7 +110,7 @@ def test_a_missing_tensor_is_named(tmp_path, drop):
 @pytest.mark.parametrize("extra", ["model.layers.0.self_attn.q_proj.bias", "model.vision.weight",
                                    "model.layers.0.mlp.experts.0.weight"])
 def test_an_unknown_tensor_is_refused(tmp_path, extra):
-  tensors = dict(TENSORS, **{extra: np.ones(4, np.float32)})
+  tensors = dict(_source(), **{extra: np.ones(4, np.float32)})
   with pytest.raises(ValueError, match=f"1 tensors in .* are not part of a Decoder.*{extra}"):
     checkpoint.load_hf_llama(_write(tmp_path, tensors), CFG)
 
@@ -118,12 +122,12 @@ def test_an_unknown_tensor_is_refused(tmp_path, extra):
 ])
 def test_a_misshapen_tensor_is_named(tmp_path, cfg, name):
   with pytest.raises(ValueError, match=f"{name} has shape"):
-    checkpoint.load_hf_llama(_write(tmp_path, TENSORS), cfg)
+    checkpoint.load_hf_llama(_write(tmp_path, _source()), cfg)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_an_unreadable_shard_is_named(tmp_path, damage):
-  path = _write(tmp_path, *_halves(TENSORS))
+  path = _write(tmp_path, *_halves(_source()))
   shard = os.path.join(path, "model-00001.safetensors")
   data = open(shard, "rb").read()
   with open(shard, "wb") as f:

@@ -1,6 +1,8 @@
 """Bad inputs to the router (`chunk_summaries`, `route`, `oracle_route`): each is refused with a
 ValueError naming the argument and the allowed range; traced lengths are not read."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,16 @@ RNG = np.random.default_rng(0)
 S, HKV, D, C = 256, 2, 16, 64  # N = 4
 K = random_normal(RNG, (S, HKV, D), jnp.float32)
 Q = random_normal(RNG, (2, 1, 4, D), jnp.float32)
-SUMS = routing.chunk_summaries(K, C)
-MEANS = SUMS.arrays[0]
+
+
+@functools.cache
+def _sums():
+  """K's chunk summaries, computed at first use: not while every xdist worker collects."""
+  return routing.chunk_summaries(K, C)
+
+
+def _means():
+  return _sums().arrays[0]
 
 _SUMMARIES_BAD = [
     ("k-list", dict(k=K.tolist()), "k must be an array"),
@@ -69,16 +79,21 @@ _ROUTE_BAD = [
     ("num_valid-past-N", dict(num_valid_chunks=5), "num_valid_chunks must be in [0, N=4], got 5"),
     ("num_valid-float", dict(num_valid_chunks=2.0), "num_valid_chunks must be an integer scalar"),
     ("num_valid-vector", dict(num_valid_chunks=jnp.ones(2, jnp.int32)), "integer scalar"),
-    ("summaries-rank2", dict(summaries=MEANS[:, 0]), "summaries must be ChunkSummaries or"),
-    ("summaries-int", dict(summaries=MEANS.astype(jnp.int32)), "a float array"),
-    ("summaries-list", dict(summaries=MEANS.tolist()), "summaries must be ChunkSummaries or"),
-    ("summaries-other-heads", dict(summaries=MEANS[:, :1].repeat(3, 1)), "multiple of Hkv=3"),
+    ("summaries-rank2", dict(summaries=lambda: _means()[:, 0]),
+     "summaries must be ChunkSummaries or"),
+    ("summaries-int", dict(summaries=lambda: _means().astype(jnp.int32)), "a float array"),
+    ("summaries-list", dict(summaries=lambda: _means().tolist()),
+     "summaries must be ChunkSummaries or"),
+    ("summaries-other-heads", dict(summaries=lambda: _means()[:, :1].repeat(3, 1)),
+     "multiple of Hkv=3"),
 ]
 
 
 @pytest.mark.parametrize("kwargs,match", [pytest.param(*c[1:], id=c[0]) for c in _ROUTE_BAD])
 def test_route_refuses(kwargs, match):
-  args = dict(dict(q=Q, summaries=SUMS, top_k=2), **kwargs)
+  # A summaries parameter built from _means() comes as a function of no arguments.
+  kwargs = {k: v() if k == "summaries" and callable(v) else v for k, v in kwargs.items()}
+  args = dict(dict(q=Q, summaries=_sums(), top_k=2), **kwargs)
   with pytest.raises(ValueError) as e:
     routing.route(**args)
   assert match in str(e.value) and str(e.value).startswith("route: "), str(e.value)
@@ -108,5 +123,5 @@ def test_traced_lengths_are_not_read():
   """Under jit a length cannot be checked: it is clamped (documented), never refused."""
   s = jax.jit(lambda n: routing.chunk_summaries(K, C, kv_length=n))(jnp.int32(10 * S))
   assert int(s.num_valid_chunks) == S // C
-  ids = jax.jit(lambda n: routing.route(Q, SUMS, 2, num_valid_chunks=n))(jnp.int32(1))
+  ids = jax.jit(lambda n: routing.route(Q, _sums(), 2, num_valid_chunks=n))(jnp.int32(1))
   assert np.all(np.asarray(ids)[..., 0] == 0) and np.all(np.asarray(ids)[..., 1] == -1)

@@ -3,6 +3,7 @@ directory that is not a store, damaged or old-format headers, another model's co
 refused with the error type and message the docstrings promise, and nothing is overwritten."""
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -13,13 +14,21 @@ from moska_jax.config import tiny
 from moska_jax.kv_cache import load_shared_store, save_shared_store
 from tests.test_store_faults import assert_same, random_store
 
-STORE = random_store(11)
+
+@functools.cache
+def _store():
+  """The store the tests save and load, built at first use: not while every xdist worker
+  collects."""
+  return random_store(11)
+
+
+_STORE = object()  # a parameter that stands for _store()
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("saved") / "store")
-  save_shared_store(path, STORE)
+  save_shared_store(path, _store())
   return path
 
 
@@ -50,7 +59,7 @@ def _set(d, key, value):
 def test_saving_twice_needs_overwrite_and_keeps_the_first(copy):
   with pytest.raises(FileExistsError, match="already exists; pass overwrite=True to replace it"):
     save_shared_store(copy, random_store(12))
-  assert_same(load_shared_store(copy), STORE)
+  assert_same(load_shared_store(copy), _store())
 
 
 @pytest.mark.parametrize("what", ["plain-directory", "empty-directory", "file", "checkpoint"])
@@ -66,7 +75,7 @@ def test_overwrite_refuses_what_is_not_a_store(tmp_path, what):
       (path / "model_config.json").write_text("{}")
   before = sorted(os.listdir(tmp_path))
   with pytest.raises(FileExistsError, match="refusing to replace .* holds no store.json"):
-    save_shared_store(str(path), STORE, overwrite=True)
+    save_shared_store(str(path), _store(), overwrite=True)
   assert sorted(os.listdir(tmp_path)) == before
   if what in ("file", "plain-directory"):
     assert "precious" in (path.read_text() if what == "file" else (path / "notes.txt").read_text())
@@ -75,11 +84,12 @@ def test_overwrite_refuses_what_is_not_a_store(tmp_path, what):
 @pytest.mark.parametrize("store,overwrite,error,match", [
     pytest.param({"k": []}, False, TypeError, "store must be a SharedKVStore, got dict", id="dict"),
     pytest.param(None, False, TypeError, "store must be a SharedKVStore", id="none"),
-    pytest.param(STORE, "yes", ValueError, "overwrite must be True or False, got 'yes'",
+    pytest.param(_STORE, "yes", ValueError, "overwrite must be True or False, got 'yes'",
                  id="overwrite-str"),
-    pytest.param(STORE, 1, ValueError, "overwrite must be True or False", id="overwrite-int"),
+    pytest.param(_STORE, 1, ValueError, "overwrite must be True or False", id="overwrite-int"),
 ])
 def test_save_refuses_bad_arguments(tmp_path, store, overwrite, error, match):
+  store = _store() if store is _STORE else store
   with pytest.raises(error, match=match):
     save_shared_store(str(tmp_path / "store"), store, overwrite=overwrite)
   assert os.listdir(tmp_path) == []
@@ -88,13 +98,13 @@ def test_save_refuses_bad_arguments(tmp_path, store, overwrite, error, match):
 def test_save_under_a_file_is_a_clear_error(tmp_path):
   (tmp_path / "file").write_text("x")
   with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
-    save_shared_store(str(tmp_path / "file" / "store"), STORE)
+    save_shared_store(str(tmp_path / "file" / "store"), _store())
 
 
 def test_save_creates_missing_parents(tmp_path):
   path = str(tmp_path / "a" / "b" / "store")
-  save_shared_store(path, STORE)
-  assert_same(load_shared_store(path), STORE)
+  save_shared_store(path, _store())
+  assert_same(load_shared_store(path), _store())
 
 
 @pytest.mark.parametrize("make,error,match", [
@@ -185,7 +195,7 @@ def test_a_store_without_checksums_loads_only_when_asked(copy):
   os.remove(os.path.join(copy, "checksums.json"))
   with pytest.raises(FileNotFoundError, match="loads with verify=False"):
     load_shared_store(copy)
-  assert_same(load_shared_store(copy, verify=False), STORE)
+  assert_same(load_shared_store(copy, verify=False), _store())
 
 
 @pytest.mark.parametrize("cfg", [
@@ -196,9 +206,9 @@ def test_a_store_without_checksums_loads_only_when_asked(copy):
 def test_another_models_config_is_refused(saved, cfg):
   """The error names each field that differs, with both values."""
   field = next(f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) !=
-               getattr(STORE.model_config, f.name))
+               getattr(_store().model_config, f.name))
   with pytest.raises(ValueError, match=f"was built for another model config; {field}: "
-                                       f"{getattr(STORE.model_config, field)!r} in the store, "
+                                       f"{getattr(_store().model_config, field)!r} in the store, "
                                        f"{getattr(cfg, field)!r} given"):
     load_shared_store(saved, cfg)
 
@@ -213,16 +223,16 @@ def test_overwrite_refuses_a_symbolic_link(tmp_path):
   """Replacing a link would set the old directory aside as a link that is never removed, and a
   later load of a deleted path would bring it back: refused, the target untouched."""
   target = str(tmp_path / "v1")
-  save_shared_store(target, STORE)
+  save_shared_store(target, _store())
   link = tmp_path / "current"
   link.symlink_to(target)
   with pytest.raises(FileExistsError, match="it is a symbolic link"):
     save_shared_store(str(link), random_store(12), overwrite=True)
   assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["current", "v1"]
-  assert_same(load_shared_store(str(link)), STORE)
+  assert_same(load_shared_store(str(link)), _store())
 
 
 def test_extra_files_added_after_saving_are_ignored(copy):
   with open(os.path.join(copy, "notes.txt"), "w") as f:
     f.write("added later")
-  assert_same(load_shared_store(copy), STORE)
+  assert_same(load_shared_store(copy), _store())

@@ -71,6 +71,21 @@ def _other_store():
                             backend="xla")
 
 
+def _dense(prompts, new_tokens):
+  """The dense engine's results (tokens, logits) on _setup()'s store, computed once per
+  arguments. Dense attention reads every shared key and no summary, and `with_summaries` keeps
+  the store's K/V: these are the dense results on any `_summarized` store too, from the steps
+  the dense tests compiled (one geometry, one store)."""
+  return _dense_cached(tuple(map(tuple, prompts)), new_tokens)
+
+
+@functools.cache
+def _dense_cached(prompts, new_tokens):
+  _, model, _, _, store = _setup()
+  return _engine(model, store, MoskaConfig(backend="xla")).generate(
+      [list(p) for p in prompts], new_tokens, return_logits=True)
+
+
 # Half the chunks, chunk 0 always: the routed tests' MoskaConfig (one set of compiled steps).
 ROUTED = MoskaConfig(mode="sparse", sparsity=0.5, chunk_size=64, always_include=(0,),
                      summary="mean", backend="xla")
@@ -120,11 +135,10 @@ def test_sparse_with_every_chunk_equals_dense(summary, reroute_every, top_k):
   # One prefill step for both (two compiled step shapes, not three): a router that keeps every
   # chunk chooses alike in any step.
   prompts = [list(rng.integers(0, 256, n)) for n in (3, 8)]
-  outs = []
-  for mcfg in (MoskaConfig(backend="xla"),
-               MoskaConfig(mode="sparse", top_k=top_k, chunk_size=64, summary=summary,
-                           reroute_every=reroute_every, backend="xla")):
-    outs.append(_engine(model, store, mcfg).generate(prompts, 6, return_logits=True))
+  mcfg = MoskaConfig(mode="sparse", top_k=top_k, chunk_size=64, summary=summary,
+                     reroute_every=reroute_every, backend="xla")
+  outs = [_dense(prompts, 6), _engine(model, store, mcfg).generate(prompts, 6,
+                                                                   return_logits=True)]
   for dense, sparse in zip(*outs):
     assert dense.tokens == sparse.tokens
     np.testing.assert_allclose(np.stack(dense.logits), np.stack(sparse.logits), atol=2e-5)
@@ -181,8 +195,7 @@ def test_sparse_engine_equals_decoder_masked_to_the_routed_chunks(summary):
   _, model, rng, shared, _ = _setup()
   store = _summarized(summary)
   prompt = list(rng.integers(0, 256, 6))
-  dense = _engine(model, store, MoskaConfig(backend="xla")).generate([prompt], 3,
-                                                                      return_logits=True)[0]
+  dense = _dense([prompt], 3)[0]
   mcfg = dataclasses.replace(ROUTED, summary=summary)
   sparse = _engine(model, store, mcfg).generate([prompt], 3, return_logits=True)[0]
   assert np.all(np.isfinite(np.stack(sparse.logits)))
@@ -529,8 +542,12 @@ def test_plain_logits_pads_without_changing_logits_and_refuses_bad_sequences():
   seqs = [list(np.random.default_rng(1).integers(0, 256, n)) for n in (5, 70)]
   refs = plain_logits(model, seqs)
   assert refs.shape == (2, 128, model.cfg.vocab)
+  # The decoder on each sequence alone (unpadded), jitted: run eagerly, each of its ops compiled
+  # anew for every length.
+  graphdef, state = nnx.split(model)
+  decoder = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
   for seq, ref in zip(seqs, refs):
-    alone = np.asarray(model(jnp.asarray(seq, jnp.int32)[None])[0])
+    alone = np.asarray(decoder(state, jnp.asarray(seq, jnp.int32)[None])[0])
     np.testing.assert_allclose(ref[:len(seq)], alone, rtol=1e-5, atol=1e-5)
   for bad, match in (([], "at least one sequence"), ([[1, 2], []], "at least one sequence"),
                      ([[1, 256]], "token id 256 at position 1")):
