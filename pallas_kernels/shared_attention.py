@@ -68,7 +68,7 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
       triton_shared.shared_attention_partials, scale=scale, block_m=c.block_m,
       block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
       num_stages=c.num_stages, interpret=interpret)
-  return Partials(*_attend(attend, p, q_rows, n, widen_k=c.widen_kv, widen_v=c.widen_kv), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv), 0)
 
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
@@ -78,15 +78,14 @@ def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
       mosaic_attention.shared_attention_partials, scale=scale, block_k=c.block_k,
       num_splits=c.num_splits, num_stages=c.num_stages, consumers=c.consumers,
       split_keys=c.split_keys)
-  return Partials(*_attend(attend, p, q_rows, n, widen_k=c.widen_kv,
-                           widen_v=c.widen_kv or c.widen_v), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv, widen_v=c.widen_v), 0)
 
 
-def _attend(attend, p: SharedProblem, q_rows, n, *, widen_k: bool, widen_v: bool):
-  """attend(q_rows, k, v, n) on the problem's K/V, K and / or V widened first as the config
-  says."""
-  if widen_k or widen_v:
-    return _widened(attend, q_rows, p.k, p.v, n, p.dtype, widen_k=widen_k,
+def _attend(attend, p: SharedProblem, q_rows, n, *, widen_kv: bool, widen_v: bool = False):
+  """attend(q_rows, k, v, n) on the problem's K/V, K/V or only V widened first as the config's
+  knobs of those names say."""
+  if widen_kv or widen_v:
+    return _widened(attend, q_rows, p.k, p.v, n, p.dtype, widen_k=widen_kv,
                     traced=p.kv_length is not None)
   return attend(q_rows, p.k, p.v, n)
 
@@ -172,9 +171,10 @@ def shared_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sm_scale: floa
       (implementations: `implementations("shared_attention")`; configs: e.g. `TritonSharedConfig`).
       On a GPU, float8 K/V under many 16-bit query rows (`gpu.tuning.mosaic_shared`,
       `triton_shared`) are widened before the kernel, K/V to the query dtype or (Mosaic GPU,
-      e4m3 keys) V only to float16: a transient copy of twice their bytes, and with a traced
-      kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its predicate); a
-      config with widen_kv=False (and widen_v=False) keeps them float8 in the kernel.
+      e4m3 keys) V only to float16: a transient copy of twice the bytes widened, and with a
+      traced kv_length a `lax.cond` on kv_length > 0 (on a GPU the host waits for its
+      predicate); a config with widen_kv=False (and widen_v=False) keeps them float8 in the
+      kernel.
 
   Returns:
     o [B, T, Hq, D] in q.dtype and lse [B, T, Hq] float32 (natural log); rows with no valid key
