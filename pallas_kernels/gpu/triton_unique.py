@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import layout, quant
+from pallas_kernels import layout
 from pallas_kernels.gpu import softmax
 from pallas_kernels.numerics import LOG2E
 
@@ -64,8 +64,8 @@ def _kernel(len_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale: 
     # Index both axes with arrays (a gather of [block_k, D]): interpret mode cannot mix an array
     # index with a slice. K and V are issued together so both are in flight at once.
     rows = (ids * page_size + jax.lax.rem(pos, page_size))[:, None]
-    k = quant.widen(pltriton.load(k_ref.at[rows, lanes], mask=valid, other=0.0), q.dtype)
-    v = quant.widen(pltriton.load(v_ref.at[rows, lanes], mask=valid, other=0.0), q.dtype)
+    k = softmax.widen(pltriton.load(k_ref.at[rows, lanes], mask=valid, other=0.0), q.dtype)
+    v = softmax.widen(pltriton.load(v_ref.at[rows, lanes], mask=valid, other=0.0), q.dtype)
     # Next block's page ids now, so its K/V addresses never wait on a table read (manual
     # prefetch: the block table is an indirection Triton's pipeliner may not look through).
     ids_next = page_ids(i + 1)
