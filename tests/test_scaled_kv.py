@@ -354,6 +354,35 @@ def test_widen_pass_is_exact_on_every_code(fp8, wide, interpret):
     widen.widen(jnp.ones((4,), fp8), jnp.int8)
 
 
+# e5m2's +inf and a NaN code, e4m3's NaN code: (format, code byte, what the output must be)
+SPECIAL_CODES = [pytest.param(jnp.float8_e5m2, 0x7C, np.inf, id="e5m2-inf"),
+                 pytest.param(jnp.float8_e5m2, 0x7E, np.nan, id="e5m2-nan"),
+                 pytest.param(jnp.float8_e4m3fn, 0x7F, np.nan, id="e4m3-nan")]
+
+
+@pytest.mark.parametrize("fp8,code,expect", SPECIAL_CODES)
+@pytest.mark.parametrize("implementation,interpret", kc.implementations("shared_attention"))
+def test_special_float8_codes_reach_the_output(implementation, interpret, fp8, code, expect):
+  """An inf or NaN stored in one valid V element reaches exactly its output column of its kv
+  head's query heads, as the dequantized reference says (P > 0 for every key); a NaN key makes
+  its kv head's outputs NaN. A widening that maps such codes to numbers (Triton's e5m2 ->
+  bfloat16 did) leaves them finite. D=128: the float8 rows Mosaic GPU reads."""
+  rng, q, k, v = kc.shared_inputs(11, 2, 1, 4, 2, 128, 200, jnp.float32)
+  k8, ks = quant.quantize(k, fp8)
+  v8, vs = quant.quantize(v, fp8)
+  special = jnp.asarray(np.uint8(code)).view(fp8)
+  run = lambda k8, v8: np.asarray(kc.run(
+      pk.shared_attention, q.astype(jnp.bfloat16), k8, v8, k_scale=ks, v_scale=vs,
+      implementation=implementation, interpret=interpret)[0], np.float32)
+  o = run(k8, v8.at[37, 1, 5].set(special))  # [B, T, Hq, D]; kv head 1 = query heads 4..7
+  hit = np.zeros(o.shape, bool)
+  hit[:, :, 4:, 5] = True
+  assert np.all(np.isfinite(o[~hit]))
+  assert np.all(np.isnan(o[hit])) if np.isnan(expect) else np.all(np.isposinf(o[hit]))
+  o = run(k8.at[100, 0, 9].set(jnp.asarray(np.uint8(0x7F)).view(fp8)), v8)  # a NaN key
+  assert np.all(np.isnan(o[:, :, :4])) and np.all(np.isfinite(o[:, :, 4:]))
+
+
 def test_float8_pages_run_on_mosaic_gpu_on_hopper():
   """"auto" runs float8 pages on Mosaic GPU on Hopper (QK^T on the FP8 tensor cores,
   fp8_unique.md) in long tables (from 16K keys with pages of 64, 64K with smaller pages:
