@@ -110,6 +110,20 @@ def check_array(name: str, x, op: str) -> None:
                      f"jax.ShapeDtypeStruct), got {type(x).__name__}")
 
 
+def offsets_32bit_unsupported(arrays) -> str | None:
+  """Why Pallas Triton cannot address one of `arrays` (compiled), or None. It indexes an array
+  of at most 4 GiB with 32-bit offsets (64-bit above), which overflow past 2^31 elements: only
+  1-byte arrays (float8 K/V, int8 sketches) of 2-4 GiB are hit. An H200 raised an illegal
+  address widening a float8 array of 3 * 2^30 elements in a Pallas Triton kernel."""
+  for x in arrays:
+    n = int(np.prod(x.shape))
+    if n > 1 << 31 and n * jnp.dtype(x.dtype).itemsize <= 1 << 32:
+      return (f"Pallas Triton indexes an array of {n} {jnp.dtype(x.dtype)} elements (more than "
+              f"2^31 in at most 4 GiB) with 32-bit offsets, which overflow; split it, or use "
+              f"another implementation")
+  return None
+
+
 def _check_nonempty(name: str, x, letters: str, op: str) -> None:
   if 0 in tuple(x.shape):
     raise ValueError(f"{op}: {name} {letters} must have no empty axis, got shape {tuple(x.shape)}")

@@ -157,7 +157,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         candidates=lambda p, t: gpu_tuning.triton_chunk_candidates(p.dims, p.top_k,
                                                                    p.chunk_size, p.dtype, t),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_smem_unsupported(
-            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
+            c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t),
+        offsets_32bit=True),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _pallas(_mosaic_gpu), MosaicGpuChunkConfig,
         default_config=lambda p, t: gpu_tuning.mosaic_chunk(p.dims, p.dtype, t,

@@ -132,7 +132,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
     "triton": Implementation(
         "triton", "gpu", _run_triton, TritonScoresConfig,
         default_config=lambda p, t: gpu_tuning.triton_scores(p.dims, p.chunk_size, t),
-        candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t)),
+        candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t),
+        offsets_32bit=True),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuScoresConfig,
         default_config=lambda p, t: tpu_tuning.scores(p.dims, p.chunk_size, t),

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import layout, quant, targets, tuning_table
+from pallas_kernels import checks, layout, quant, targets, tuning_table
 from pallas_kernels.merge import merge_partials
 
 BACKENDS = ("auto", "gpu", "tpu", "xla")
@@ -57,6 +57,11 @@ class Problem:
   @property
   def dtype(self):
     return self.q.dtype
+
+  def arrays(self) -> list:
+    """Its array fields (jax / NumPy arrays, tracers or, when planning, ShapeDtypeStructs)."""
+    return [x for f in dataclasses.fields(self)
+            if hasattr(x := getattr(self, f.name), "shape") and hasattr(x, "dtype")]
 
   def scaled(self) -> Problem:
     """What the kernels run: the key scales folded into the queries."""
@@ -122,6 +127,8 @@ class Implementation:
   candidates: (problem, target) -> configs to sweep (the default first).
   unsupported: (problem, config, target, interpret) -> why it cannot run, or None.
   interpretable: whether interpret=True can run it on a CPU.
+  offsets_32bit: Pallas Triton: compiled, it cannot take a problem holding a 1-byte array of
+    2-4 GiB (`checks.offsets_32bit_unsupported`).
   """
 
   name: str
@@ -132,6 +139,7 @@ class Implementation:
   candidates: Callable[..., list] | None = None
   unsupported: Callable[..., str | None] = lambda problem, config, target, interpret: None
   interpretable: bool = True
+  offsets_32bit: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +254,9 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
     want = impl.config_type.__name__ if impl.config_type else "None (it takes no config)"
     raise ValueError(f"{op.name}: config for implementation {impl.name!r} must be {want}, got "
                      f"{type(config).__name__}")
-  reason = impl.unsupported(problem, config, tgt, interpret)
+  reason = impl.unsupported(problem, config, tgt, interpret) or (
+      impl.offsets_32bit and not interpret
+      and checks.offsets_32bit_unsupported(problem.arrays()))
   if reason:
     raise ValueError(f"{op.name}: implementation {impl.name!r} cannot run this call: {reason}")
   return Plan(op.name, impl.name, config)

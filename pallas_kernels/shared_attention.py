@@ -140,7 +140,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         candidates=lambda p, t: gpu_tuning.triton_shared_candidates(p.dims, p.dtype, t,
                                                                     kv_dtype=p.k.dtype),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_shared_unsupported(
-            p.dims, p.dtype, c, t, kv_dtype=p.k.dtype)),
+            p.dims, p.dtype, c, t, kv_dtype=p.k.dtype),
+        offsets_32bit=True),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuSharedConfig,
         default_config=lambda p, t: gpu_tuning.mosaic_shared(p.dims, p.dtype, t,

@@ -157,7 +157,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         unsupported=lambda p, c, t, i: (
             "config.widen_kv: tile_chunk_attention widens float8 K/V only in its kernel"
             if c.widen_kv else gpu_tuning.triton_smem_unsupported(
-                c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t))),
+                c.block_m, c.block_k, p.dims.D, p.dtype, c.num_stages, t)),
+        offsets_32bit=True),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _pallas(_mosaic_gpu, lambda c: c.rows_per_cta),
         MosaicGpuTileConfig,

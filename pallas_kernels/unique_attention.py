@@ -127,7 +127,8 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         candidates=lambda p, t: gpu_tuning.triton_unique_candidates(
             p.dims, p.page_size, p.dtype, t, kv_dtype=p.k_pages.dtype),
         unsupported=lambda p, c, t, i: gpu_tuning.triton_unique_unsupported(
-            p.dims, p.page_size, p.dtype, c, t)),
+            p.dims, p.page_size, p.dtype, c, t),
+        offsets_32bit=True),
     "mosaic_gpu": Implementation(
         "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuUniqueConfig,
         default_config=lambda p, t: gpu_tuning.mosaic_unique(p.dims, p.page_size, p.dtype, t,

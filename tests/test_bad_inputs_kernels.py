@@ -500,6 +500,38 @@ def test_interpret_is_a_bool_for_a_pallas_implementation():
     pk.shared_attention(Q, K, V, interpret="yes")
 
 
+def test_triton_refuses_a_1_byte_array_past_its_32_bit_offsets():
+  """Compiled Pallas Triton offsets into an array of at most 4 GiB with 32-bit integers: a float8
+  store of more than 2^31 elements (S = 2^21 + 8 keys of 8 x 128) is refused by name on every
+  Triton op taking it, and planned elsewhere ("auto" on Hopper: Mosaic GPU; interpret mode);
+  2^31 elements exactly, or 2-byte arrays past 4 GiB (64-bit offsets), are fine. The widening
+  pass gives such an array to XLA's convert."""
+  from pallas_kernels import checks
+  from pallas_kernels.gpu import widen
+
+  sds = jax.ShapeDtypeStruct
+  e4m3 = jnp.float8_e4m3fn
+  assert checks.offsets_32bit_unsupported([sds((1 << 31,), e4m3)]) is None
+  assert checks.offsets_32bit_unsupported([sds(((1 << 31) + 1,), jnp.bfloat16)]) is None
+  assert "32-bit offsets" in checks.offsets_32bit_unsupported([sds(((1 << 31) + 1,), e4m3)])
+  q, kv = sds((4, 1, 32, 128), jnp.bfloat16), sds(((1 << 21) + 8, 8, 128), e4m3)
+  scales = dict(k_scale=sds((8,), jnp.float32), v_scale=sds((8,), jnp.float32))
+  with pytest.raises(ValueError, match=r"shared_attention: implementation 'triton' cannot run "
+                     r"this call: Pallas Triton indexes an array of 2147491840 float8_e4m3fn"):
+    pk.plan("shared_attention", q, kv, kv, implementation="triton", target="h100", **scales)
+  ids = sds((4, 8, 2), jnp.int32)
+  with pytest.raises(ValueError, match="chunk_attention: implementation 'triton' cannot run"):
+    pk.plan("chunk_attention", q, kv, kv, ids, chunk_size=1024, implementation="triton",
+            target="h100", **scales)
+  assert pk.plan("shared_attention", q, kv, kv, backend="gpu", target="h100",
+                 **scales).implementation == "mosaic_gpu"
+  pk.plan("shared_attention", q, kv, kv, implementation="triton", interpret=True, **scales)
+  jaxpr = str(jax.make_jaxpr(lambda v: widen.widen(v, jnp.float16))(kv))
+  assert "pallas_call" not in jaxpr and "convert_element_type" in jaxpr
+  assert "pallas_call" in str(jax.make_jaxpr(lambda v: widen.widen(v, jnp.float16))(
+      sds((1 << 20, 8, 128), e4m3)))
+
+
 # Keys a row attends to: a NaN there (or in the row's query) reaches the row's o and lse on every
 # implementation. A NaN sum of weights is not "no key": read as empty, the row's split once
 # vanished from the merge and left attention over the other splits' keys.

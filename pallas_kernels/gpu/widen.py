@@ -12,16 +12,19 @@ bfloat16 and float32.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import quant
+from pallas_kernels import checks, quant
 from pallas_kernels.gpu import softmax
 
 BLOCK = 4096  # elements a program widens: 32 per thread of 4 warps, 16-byte loads
 NUM_WARPS = 4
+logger = logging.getLogger("pallas_kernels")
 WIDE_DTYPES = tuple(map(jnp.dtype, (jnp.float16, jnp.bfloat16, jnp.float32)))
 
 
@@ -31,7 +34,8 @@ def _kernel(x_ref, o_ref):
 
 def widen(x: jax.Array, dtype, *, interpret: bool = False) -> jax.Array:
   """x (float8_e4m3fn or float8_e5m2, any shape) as `dtype` (float16, bfloat16 or float32): the
-  values `x.astype(dtype)` gives (exact), in one Pallas pass over the flattened array."""
+  values `x.astype(dtype)` gives (exact), in one Pallas pass over the flattened array (or XLA's
+  convert where Pallas Triton cannot address it: `checks.offsets_32bit_unsupported`)."""
   if not quant.is_fp8(x.dtype):
     raise ValueError(f"widen: x.dtype must be one of {[str(d) for d in quant.FP8_DTYPES]}, "
                      f"got {x.dtype}")
@@ -40,6 +44,9 @@ def widen(x: jax.Array, dtype, *, interpret: bool = False) -> jax.Array:
                      f"{jnp.dtype(dtype)}")
   flat = x.reshape(-1)
   if flat.size == 0:
+    return x.astype(dtype)
+  if why := checks.offsets_32bit_unsupported([flat]):  # XLA's convert: exact, ~1.6x slower
+    logger.info("widen: %s: XLA's convert widens it", why)
     return x.astype(dtype)
   # Triton blocks are powers of two; the last program's block is masked past the end
   block = min(BLOCK, pl.next_power_of_2(flat.size))
