@@ -141,6 +141,13 @@ class Implementation:
   interpretable: bool = True
   offsets_32bit: bool = False
 
+  def why_not(self, problem, config, target, interpret: bool) -> str | None:
+    """Why it cannot run `problem` with `config`, or None: `unsupported`, and compiled with
+    `offsets_32bit`, an array it cannot address."""
+    return self.unsupported(problem, config, target, interpret) or (
+        None if interpret or not self.offsets_32bit
+        else checks.offsets_32bit_unsupported(problem.arrays()))
+
 
 @dataclasses.dataclass(frozen=True)
 class Op:
@@ -254,9 +261,7 @@ def resolve(op: Op, problem, *, implementation: str = "auto", backend: str | Non
     want = impl.config_type.__name__ if impl.config_type else "None (it takes no config)"
     raise ValueError(f"{op.name}: config for implementation {impl.name!r} must be {want}, got "
                      f"{type(config).__name__}")
-  reason = impl.unsupported(problem, config, tgt, interpret) or (
-      impl.offsets_32bit and not interpret
-      and checks.offsets_32bit_unsupported(problem.arrays()))
+  reason = impl.why_not(problem, config, tgt, interpret)
   if reason:
     raise ValueError(f"{op.name}: implementation {impl.name!r} cannot run this call: {reason}")
   return Plan(op.name, impl.name, config)
@@ -356,7 +361,7 @@ def sweep(op: str, *args, implementation: str = "auto", backend: str | None = No
     tgt = _target(platform, target)
     for cfg in impl.candidates(problem, tgt):
       p = Plan(o.name, impl.name, cfg)
-      if p not in plans and not impl.unsupported(problem, cfg, tgt, interpret) and (
+      if p not in plans and not impl.why_not(problem, cfg, tgt, interpret) and (
           impl.interpretable or not interpret):
         plans.append(p)
   return plans

@@ -199,7 +199,7 @@ def lookup(op, problem, target) -> tuple[str, Any] | None:
     logger.info("%s: its plan for M=%d would read K/V %d times at M=%d: using the heuristic",
                 where, hit["M"], tiles, problem.dims.M)
     return None
-  reason = impl.unsupported(problem, config, target, False)
+  reason = impl.why_not(problem, config, target, False)
   if reason:
     logger.info("%s: its %s plan cannot run this call (%s): using the heuristic", where,
                 impl.name, reason)

@@ -503,7 +503,8 @@ def test_interpret_is_a_bool_for_a_pallas_implementation():
 def test_triton_refuses_a_1_byte_array_past_its_32_bit_offsets():
   """Compiled Pallas Triton offsets into an array of at most 4 GiB with 32-bit integers: a float8
   store of more than 2^31 elements (S = 2^21 + 8 keys of 8 x 128) is refused by name on every
-  Triton op taking it, and planned elsewhere ("auto" on Hopper: Mosaic GPU; interpret mode);
+  Triton op taking it, left out of sweeps, and planned elsewhere ("auto" on Hopper: Mosaic GPU;
+  interpret mode);
   2^31 elements exactly, or 2-byte arrays past 4 GiB (64-bit offsets), are fine. The widening
   pass gives such an array to XLA's convert."""
   from pallas_kernels import checks
@@ -525,6 +526,10 @@ def test_triton_refuses_a_1_byte_array_past_its_32_bit_offsets():
             target="h100", **scales)
   assert pk.plan("shared_attention", q, kv, kv, backend="gpu", target="h100",
                  **scales).implementation == "mosaic_gpu"
+  sweep = lambda kv: {p.implementation for p in pk.sweep("shared_attention", q, kv, kv,
+                                                         backend="gpu", target="h100", **scales)}
+  assert sweep(kv) == {"mosaic_gpu"}
+  assert sweep(sds((1 << 20, 8, 128), e4m3)) == {"mosaic_gpu", "triton"}
   pk.plan("shared_attention", q, kv, kv, implementation="triton", interpret=True, **scales)
   jaxpr = str(jax.make_jaxpr(lambda v: widen.widen(v, jnp.float16))(kv))
   assert "pallas_call" not in jaxpr and "convert_element_type" in jaxpr
