@@ -131,6 +131,13 @@ def sparse_configs(backend: str, sparsities: list[float]) -> list[MoskaConfig]:
           for ai in always_include() for s in sparsities]
 
 
+def _label(m: MoskaConfig) -> str:
+  """A config in a progress line: "dense", or "sparse C=64 int8-pca2 0.75"."""
+  if m.mode == "dense":
+    return "dense"
+  return f"sparse C={m.chunk_size} {m.summary} {m.sparsity if m.top_k is None else m.top_k}"
+
+
 def always_include() -> list[tuple[int, ...]]:
   """The always_include settings of `--accuracy_always_include` ("-": none, "0": chunk 0)."""
   return [ALWAYS_INCLUDE[x] for x in FLAGS.accuracy_always_include]
@@ -371,8 +378,9 @@ def main() -> None:
         hits[f, j] += int(np.sum(got == answers))
       for j, e in enumerate(probes[f](base, stores, np.array(prompts), engines[f, 0].cache.scales)):
         errs[f][j].append(e)
-      logging.info("document %d, kv %s: dense accuracy so far %.3f", d + 1, kv or "model",
-                   hits[f, 0] / asked)
+      # counts of every config, so that a run cut short still says what it measured
+      logging.info("document %d, kv %s: answered so far of %d: %s", d + 1, kv or "model", asked,
+                   ", ".join(f"{_label(m)} {hits[f, j]}" for j, m in enumerate(configs)))
     for c in chunk_sizes:
       oracle = oracle_accuracy(model, summarized[c, FLAGS.accuracy_summaries[0]],
                                np.array(prompts), answers, c, sparsities, backend)
