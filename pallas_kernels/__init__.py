@@ -12,8 +12,9 @@ from pallas_kernels import quant, reference, targets, tuning_table
 from pallas_kernels.chunk_attention import chunk_attention
 from pallas_kernels.chunk_scores import chunk_scores
 from pallas_kernels.dispatch import BACKENDS, Plan, implementations, plan, plans_used, sweep
-from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        MosaicGpuTileConfig, MosaicGpuUniqueConfig,
+from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuScoresConfig,
+                                        MosaicGpuSharedConfig, MosaicGpuTileConfig,
+                                        MosaicGpuUniqueConfig,
                                         TritonChunkConfig, TritonScoresConfig,
                                         TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.merge import merge_attention_states, merge_partials
@@ -26,6 +27,7 @@ from pallas_kernels.unique_attention import unique_attention, write_pages
 __all__ = [
     "BACKENDS",
     "MosaicGpuChunkConfig",
+    "MosaicGpuScoresConfig",
     "MosaicGpuSharedConfig",
     "MosaicGpuTileConfig",
     "MosaicGpuUniqueConfig",

@@ -15,7 +15,9 @@ one. On an H200 (Triton; S=1M, C=512, 64-wide 8-bit codes, the whole router) int
 1.04 ms against 1.62 for bf16 rows at B=128, 3.67 against 6.17 at B=512 and 0.24 against 0.29
 at B=8 (experiments/results/sparse_pareto.md).
 
-Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_tpu".
+Implementations: "xla" (the reference), "triton" (any GPU), "mosaic_gpu" (Hopper; int8 rows over
+8-bit codes with per-chunk scales, the router's default sketch: what "auto" runs where the
+codes are too large for Triton's 32-bit offsets), "mosaic_tpu".
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import checks, dispatch, layout, sketch
 from pallas_kernels.dispatch import Implementation
+from pallas_kernels.gpu import mosaic_scores as mosaic_gpu_scores
 from pallas_kernels.gpu import softmax, triton_scores
 from pallas_kernels.gpu import tuning as gpu_tuning
-from pallas_kernels.gpu.configs import TritonScoresConfig
+from pallas_kernels.gpu.configs import MosaicGpuScoresConfig, TritonScoresConfig
 from pallas_kernels.reference import chunk_scores_ref
 from pallas_kernels.tpu import mosaic_scores
 from pallas_kernels.tpu import tuning as tpu_tuning
@@ -102,19 +105,55 @@ def _run_xla(p: ScoresProblem, config, interpret):
   return out * row_scale[..., None]
 
 
+def _at_least(x, keys: int):
+  """x[S, ...] (codes or per-key scales) padded to `keys` rows if shorter: a key tile is a
+  slice of whole tiles' rows; kv_length masks the padding."""
+  if x is None or x.shape[0] >= keys:
+    return x
+  return jnp.pad(x, ((0, keys - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
 def _run_triton(p: ScoresProblem, c: TritonScoresConfig, interpret):
   q_parts, row_scale, n = _query_parts(p, c.block_m)
-  codes, key_scale = p.codes, p.key_scale
-  if p.dims.S < c.block_k:  # a key tile is a slice of block_k code rows; n masks the padding
-    rows = ((0, c.block_k - p.dims.S),)
-    codes = jnp.pad(codes, rows + ((0, 0),) * (codes.ndim - 1))
-    key_scale = None if key_scale is None else jnp.pad(key_scale, rows + ((0, 0),))
+  codes, key_scale = _at_least(p.codes, c.block_k), _at_least(p.key_scale, c.block_k)
   out = triton_scores.chunk_scores(
       q_parts, codes, key_scale, n, chunk_size=p.chunk_size, block_m=c.block_m,
       block_k=c.block_k, chunks_per_program=c.chunks_per_program, num_warps=c.num_warps,
       num_stages=c.num_stages, precision=None if p.int8 else softmax.dot_precision(
           p.dtype, interpret), interpret=interpret)
   return _unfold(p, out, row_scale)
+
+
+def _run_mosaic_gpu(p: ScoresProblem, c: MosaicGpuScoresConfig, interpret):
+  del interpret  # no interpret mode (refused when planned)
+  (q8,), row_scale, n = _query_parts(p, c.consumers * mosaic_gpu_scores.BLOCK_Q)
+  out = mosaic_gpu_scores.chunk_scores(
+      q8, _at_least(p.codes, c.block_k), n, chunk_size=p.chunk_size, block_k=c.block_k,
+      chunks_per_cta=c.chunks_per_cta, num_stages=c.num_stages, consumers=c.consumers)
+  return _unfold(p, jnp.swapaxes(out, 1, 2), row_scale)
+
+
+def _mosaic_gpu_unsupported(p: ScoresProblem, c: MosaicGpuScoresConfig, target,
+                            interpret) -> str | None:
+  if not p.int8:
+    return "it needs int8 query rows (int8=True)"
+  if sketch.is_packed(p.codes.shape[-1], p.dims.D) or p.key_scale is not None:
+    return "it needs 8-bit codes with one scale per chunk (scale [N, Hkv])"
+  return gpu_tuning.mosaic_scores_unsupported(p.dims, p.chunk_size, c, target, interpret)
+
+
+def _choose(p: ScoresProblem, platform: str, target, interpret: bool) -> str:
+  """Mosaic TPU on a TPU. On a GPU Triton: on an H200 (S=1M, 64-wide codes, int8 rows) 1.05-1.5x
+  of its floor and 1.3-1.7x faster than the Mosaic GPU scorer at every B from 1 to 512
+  (experiments/results/sparse_mosaic_scorer.md); Mosaic GPU only where Triton cannot address
+  the codes (more than 2^31 one-byte elements: `checks.offsets_32bit_unsupported`) and it can
+  run the call (Hopper; int8 rows over 8-bit codes with per-chunk scales)."""
+  if platform == "tpu":
+    return "mosaic_tpu"
+  if interpret or checks.offsets_32bit_unsupported(p.arrays()) is None:
+    return "triton"
+  c = gpu_tuning.mosaic_scores_config(p.dims, p.chunk_size, target)
+  return "triton" if _mosaic_gpu_unsupported(p, c, target, interpret) else "mosaic_gpu"
 
 
 def _run_mosaic_tpu(p: ScoresProblem, c: MosaicTpuScoresConfig, interpret):
@@ -134,11 +173,16 @@ OP = dispatch.register(dispatch.Op(OP_NAME, _problem, {
         default_config=lambda p, t: gpu_tuning.triton_scores(p.dims, p.chunk_size, t),
         candidates=lambda p, t: gpu_tuning.triton_scores_candidates(p.dims, p.chunk_size, t),
         offsets_32bit=True),
+    "mosaic_gpu": Implementation(
+        "mosaic_gpu", "gpu", _run_mosaic_gpu, MosaicGpuScoresConfig,
+        default_config=lambda p, t: gpu_tuning.mosaic_scores_config(p.dims, p.chunk_size, t),
+        candidates=lambda p, t: gpu_tuning.mosaic_scores_candidates(p.dims, p.chunk_size, t),
+        unsupported=_mosaic_gpu_unsupported, interpretable=False),
     "mosaic_tpu": Implementation(
         "mosaic_tpu", "tpu", _run_mosaic_tpu, MosaicTpuScoresConfig,
         default_config=lambda p, t: tpu_tuning.scores(p.dims, p.chunk_size, t),
         unsupported=lambda p, c, t, i: tpu_tuning.scores_unsupported(p.dims, p.chunk_size, c)),
-}, lambda p, platform, target, interpret: "mosaic_tpu" if platform == "tpu" else "triton"))
+}, _choose))
 
 
 def chunk_scores(q: jax.Array, codes: jax.Array, scale: jax.Array, *, chunk_size: int,

@@ -107,14 +107,17 @@ def test_matches_f64(implementation, interpret, case):
 
 @pytest.mark.parametrize("interpret", [True, pytest.param(False, marks=pytest.mark.skipif(
     not kc.ON_GPU, reason="needs a GPU"))])
-@pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic_tpu"])
+@pytest.mark.parametrize("implementation", ["xla", "triton", "mosaic_gpu", "mosaic_tpu"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_int8_matrix_unit_path(implementation, interpret, bits):
   """int8 query rows score within the quantization error of the float reference, and every
   implementation agrees with the int8 reference (integer dots are exact). 8-bit codes with
   per-chunk scales (their layout): integer maxima, and kv_length inside a key tile."""
-  if implementation != "triton" and not interpret:
-    pytest.skip("compiled here: the Triton kernel only")
+  if implementation == "mosaic_gpu":
+    if interpret or bits == 4 or not kc.ON_HOPPER:
+      pytest.skip("Mosaic GPU: compiled, on Hopper, 8-bit codes only")
+  elif implementation != "triton" and not interpret:
+    pytest.skip("compiled here: the GPU kernels only")
   q, codes, scale = _inputs(7, 4, 1, 4, 2, 128, 1024, jnp.bfloat16, bits,
                             chunk_scale=128 if bits == 8 else 0)
   n = jnp.int32(1000)
@@ -133,6 +136,57 @@ def test_int8_matrix_unit_path(implementation, interpret, bits):
   int8_ref = scores_f64(rows, codes, scale, 128, 1000)
   assert np.abs(out - int8_ref).max() <= 1e-4 * np.abs(ref).max()
   assert np.abs(out - ref).max() > 1e-3 * np.abs(ref).max()  # the rows really were rounded
+
+
+# (B, T, G, Hkv, W, S, C, kv_length): one consumer (M <= 64) and two, rows past a 64-row tile,
+# sketch widths on 32 / 64 / 128-byte swizzles, chunks of one tile, of several and of a
+# multiple of 16 only, kv_length inside a tile, at a chunk's end, before whole runs, and 0.
+MOSAIC_CASES = [
+    (3, 1, 4, 2, 64, 4096, 512, 3001),
+    (33, 1, 4, 2, 64, 8192, 64, 8192),
+    (5, 2, 8, 1, 32, 2048, 128, 1500),
+    (9, 1, 16, 2, 96, 1000, 48, 999),
+    (2, 1, 1, 4, 128, 4096, 256, 512),
+    (70, 1, 2, 1, 64, 6000, 64, 0),
+]
+
+
+@pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper (Mosaic GPU has no interpret mode)")
+@pytest.mark.parametrize("case", MOSAIC_CASES, ids=lambda c: "B{}T{}G{}H{}W{}S{}C{}n{}".format(*c))
+def test_mosaic_gpu_scores_equal_the_int8_reference(case):
+  """The Mosaic GPU scorer against the int8 rows scored in float64 (integer dots: exact up to
+  the float32 scaling), every chunk past kv_length -inf."""
+  *shape, S, C, n = case
+  q, codes, scale = _inputs(sum(case), *shape, S, jnp.bfloat16, 8, chunk_scale=C)
+  out = np.asarray(chunk_scores(q, codes, scale, chunk_size=C, kv_length=jnp.int32(n),
+                                int8=True, implementation="mosaic_gpu"))
+  codes_q, step = (np.asarray(x, np.float64) for x in quantize_rows(q))
+  ref = scores_f64(codes_q * step[..., None], codes, scale, C, n)
+  assert np.array_equal(np.isfinite(out), np.isfinite(ref)), "a chunk's validity differs"
+  np.testing.assert_allclose(out[np.isfinite(ref)], ref[np.isfinite(ref)], rtol=1e-5,
+                             atol=1e-5 * np.abs(ref[np.isfinite(ref)]).max(initial=1))
+
+
+@pytest.mark.skipif(not kc.ON_HOPPER, reason="needs Hopper (Mosaic GPU has no interpret mode)")
+def test_codes_past_triton_offsets_run_on_mosaic_gpu():
+  """Codes of more than 2^31 one-byte elements (S = 5M keys of 8 x 64, 2.5 GiB), which Triton
+  cannot address: "auto" plans the Mosaic GPU scorer, whose scores equal the XLA path's (the
+  int8 rows' integer dots; the XLA path is checked against float64 in
+  test_int8_matrix_unit_path)."""
+  S, C, n = 5 << 20, 512, (5 << 20) - 1000
+  key = jax.random.PRNGKey(3)
+  codes = jax.random.randint(key, (S, 8, 64), -127, 128, jnp.int32).astype(jnp.int8)
+  scale = jax.random.uniform(key, (S // C, 8), jnp.float32, 0.1, 1.0)
+  q = jax.random.normal(jax.random.fold_in(key, 1), (2, 1, 32, 64), jnp.bfloat16)
+  call = lambda impl: np.asarray(chunk_scores(q, codes, scale, chunk_size=C,
+                                              kv_length=jnp.int32(n), int8=True,
+                                              implementation=impl))
+  assert pk.plan(OP, q, codes, scale, chunk_size=C, int8=True).implementation == "mosaic_gpu"
+  out, ref = call("auto"), call("xla")
+  finite = np.isfinite(ref)
+  assert np.array_equal(np.isfinite(out), finite) and finite[..., (n - 1) // C].all()
+  np.testing.assert_allclose(out[finite], ref[finite], rtol=1e-5,
+                             atol=1e-5 * np.abs(ref[finite]).max())
 
 
 def test_empty_and_validation():

@@ -160,6 +160,28 @@ def test_chunk_scores_triton_lowers(codes_width, int8, scale_rows):
   fn.trace(q, codes, scale).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("B,W,S,C,consumers", [
+    (8, 64, 1 << 14, 512, 1), (128, 64, 1 << 14, 64, 2), (3, 32, 4000, 128, 1),
+    (40, 96, 1000, 48, 2)])
+def test_chunk_scores_mosaic_gpu_lowers(B, W, S, C, consumers):
+  """The Mosaic GPU scorer (int8 rows over 8-bit codes with per-chunk scales) lowers for CUDA:
+  int8 wgmma over 32 / 64 / 128-byte swizzled code rows, one or two consumers, chunks of one
+  tile or several. "auto" plans it on Hopper only for codes past Triton's 32-bit offsets."""
+  q, codes = _sds((B, 1, 32, W), "bfloat16"), _sds((S, 8, W), jnp.int8)
+  scale = _sds((-(-S // C), 8), jnp.float32)
+  plan = _lower("chunk_scores", (q, codes, scale), chunk_size=C, int8=True)
+  assert plan.config.consumers == consumers
+  auto = lambda codes, scale: pk.plan("chunk_scores", q, codes, scale, chunk_size=C, int8=True,
+                                      target="h200", backend="gpu").implementation
+  assert auto(codes, scale) == "triton"
+  S_big = ((1 << 31) // (8 * W) // 64 + 1) * 64  # past 2^31 one-byte elements
+  big = _sds((S_big, 8, W), jnp.int8), _sds((-(-S_big // C), 8), jnp.float32)
+  assert auto(*big) == "mosaic_gpu"
+  with pytest.raises(ValueError, match="int8 query rows"):
+    pk.plan("chunk_scores", q, codes, scale, chunk_size=C, implementation="mosaic_gpu",
+            target="h200")
+
+
 def test_unrolled_layers_share_one_kernel():
   """Calls with equal plans and shapes (a model's unrolled layers) lower to one kernel that each
   call site calls: Mosaic GPU compiled a kernel per call site (compile_dedup.md). A call with

@@ -232,6 +232,29 @@ def test_mosaic_gpu_consumers_follow_m_and_every_candidate_fits(name):
     assert all(_fits(p, D, dtype, tgt) for p in mosaic)
 
 
+@pytest.mark.parametrize("name", [n for n in GPUS if targets.target(n).is_hopper])
+def test_mosaic_gpu_scorer_plans_fit_and_fill_the_chip(name):
+  """The Mosaic GPU scorer's default and every candidate: one consumer while M <= 64, tiles
+  that divide the chunk, shared memory that fits, the CTAs filling the chip twice where the
+  chunks allow."""
+  from pallas_kernels.gpu import mosaic_scores
+  tgt = targets.target(name)
+  for B, G, W, S, C in itertools.product((1, 7, 64, 512), (1, 4, 16), (32, 64, 128),
+                                         (4096, 1 << 20), (64, 96, 512)):
+    dims = pk.layout.AttentionDims(B=B, T=1, Hq=8 * G, Hkv=8, D=W, S=S)
+    base = gpu_tuning.mosaic_scores_config(dims, C, tgt)
+    assert base.consumers == (1 if B * G <= 64 else 2)
+    rows = 8 * math.ceil(B * G / (64 * base.consumers))
+    if base.chunks_per_cta > 1:
+      assert rows * math.ceil(math.ceil(S / C) / base.chunks_per_cta) >= 2 * tgt.num_cores
+    for c in gpu_tuning.mosaic_scores_candidates(dims, C, tgt):
+      assert C % c.block_k == 0 and c.block_k % 16 == 0
+      assert gpu_tuning.mosaic_scores_unsupported(dims, C, c, tgt, False) is None, c
+      assert mosaic_scores.smem_bytes_used(W, c.block_k, num_stages=c.num_stages,
+                                           consumers=c.consumers,
+                                           chunks_per_cta=c.chunks_per_cta) <= tgt.smem_per_block
+
+
 @pytest.mark.parametrize("B,schedule", [(1, (2, True)), (13, (2, True)), (16, (2, True)),
                                         (17, (2, False)), (32, (2, False))])
 def test_mosaic_gpu_float8_small_m_splits_the_keys(B, schedule):

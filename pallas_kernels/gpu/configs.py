@@ -167,3 +167,22 @@ class TritonScoresConfig(Config):
   chunks_per_program: int = knob(power_of_two, 8)
   num_warps: int = knob(_warps, 4)
   num_stages: int = knob(positive_int, 3)
+
+
+@_frozen
+class MosaicGpuScoresConfig(Config):
+  """chunk_scores on Mosaic GPU (Hopper; int8 rows, 8-bit codes with per-chunk scales): one CTA
+  per (consumers x 64 query rows, kv head, run of chunks_per_cta chunks), block_k codes per TMA
+  tile (a multiple of 16 dividing the chunk size, at most 256: the integer wgmma's N),
+  num_stages ring slots, consumers 1 or 2 warpgroups (64 rows each) reading the same tiles."""
+
+  block_k: int = knob(multiple_of, 128, step=16)
+  chunks_per_cta: int = knob(positive_int, 16)
+  num_stages: int = knob(at_least, 4, minimum=2)
+  consumers: int = knob(one_of, 2, choices=(1, 2))
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.block_k > 256:
+      raise ValueError(f"MosaicGpuScoresConfig: block_k must be at most 256 (the wgmma N), got "
+                       f"{self.block_k}")

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import quant
 from pallas_kernels.gpu import mosaic_attention, softmax
-from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuSharedConfig,
-                                        MosaicGpuTileConfig, MosaicGpuUniqueConfig,
+from pallas_kernels.gpu import mosaic_scores
+from pallas_kernels.gpu.configs import (MosaicGpuChunkConfig, MosaicGpuScoresConfig,
+                                        MosaicGpuSharedConfig, MosaicGpuTileConfig,
+                                        MosaicGpuUniqueConfig,
                                         TritonChunkConfig, TritonScoresConfig,
                                         TritonSharedConfig, TritonUniqueConfig)
 from pallas_kernels.layout import AttentionDims
@@ -585,6 +587,80 @@ def triton_scores_candidates(dims: AttentionDims, chunk_size: int,
                   for w, st in ((4, 2), (8, 2), (8, 3), (4, 4))),
           *(dataclasses.replace(base, chunks_per_program=c) for c in (16, 32)
             if c != base.chunks_per_program)]
+
+
+def mosaic_scores_block_k(chunk_size: int) -> int:
+  """Keys per code tile: the largest multiple of 16 up to 128 that divides the chunk size (0 if
+  none does): the integer wgmma's N (ptxas refused n40 for s8 on the H200)."""
+  return next((b for b in range(128, 15, -16) if chunk_size % b == 0), 0)
+
+
+def mosaic_scores_config(dims: AttentionDims, chunk_size: int,
+                         target: GpuTarget) -> MosaicGpuScoresConfig:
+  """One 64-row consumer while M <= 64, else two on their own rows reading the same tiles (at
+  B=8 two were 1.24x slower, at B=128 one was 1.55x slower); tiles of up to 128 keys; 8 ring
+  slots (a tile of 64-wide codes is 8 KiB; 4 and 16 within 3%); runs of about 128 tiles (at
+  most 64 chunks, whose maxima stay in shared memory: 32 chunks of 512 keys were 3-5% faster
+  than 16 or 8 at B = 8 and 128), shortened until the CTAs fill the chip twice. Measured on an
+  H200, S=1M, 64-wide codes (experiments/results/sparse_mosaic_scorer.md)."""
+  consumers = 1 if dims.M <= mosaic_attention.BLOCK_Q else 2
+  block_k = mosaic_scores_block_k(chunk_size) or 128
+  n_chunks = math.ceil(dims.S / chunk_size)
+  per_cta = max(1, min(64, n_chunks, 128 * block_k // chunk_size))
+  row_tiles = dims.Hkv * math.ceil(dims.M / (consumers * mosaic_attention.BLOCK_Q))
+  while per_cta > 1 and row_tiles * math.ceil(n_chunks / per_cta) < 2 * target.num_cores:
+    per_cta //= 2
+  return _scores_slots(MosaicGpuScoresConfig(block_k=block_k, chunks_per_cta=per_cta,
+                                             num_stages=8, consumers=consumers), dims, target)
+
+
+def _scores_slots(c: MosaicGpuScoresConfig, dims: AttentionDims,
+                  target: GpuTarget) -> MosaicGpuScoresConfig:
+  """c with its ring cut to the slots that fit the target's shared memory (at least two)."""
+  stages = c.num_stages
+  while stages > 2 and mosaic_scores.smem_bytes_used(
+      dims.D, c.block_k, num_stages=stages, consumers=c.consumers,
+      chunks_per_cta=c.chunks_per_cta) > target.smem_per_block:
+    stages -= 1
+  return dataclasses.replace(c, num_stages=stages)
+
+
+def mosaic_scores_candidates(dims: AttentionDims, chunk_size: int,
+                             target: GpuTarget) -> list[MosaicGpuScoresConfig]:
+  """The default, the other consumer count, 4 / 16 ring slots (as many as fit), half / double
+  the run."""
+  base = mosaic_scores_config(dims, chunk_size, target)
+  others = [dataclasses.replace(base, consumers=3 - base.consumers),
+            *(dataclasses.replace(base, num_stages=st) for st in (4, 16)),
+            *(dataclasses.replace(base, chunks_per_cta=max(1, int(base.chunks_per_cta * f)))
+              for f in (0.5, 2.0))]
+  return list(dict.fromkeys([base, *(_scores_slots(c, dims, target) for c in others)]))
+
+
+def mosaic_scores_unsupported(dims: AttentionDims, chunk_size: int, c: MosaicGpuScoresConfig,
+                              target: GpuTarget, interpret: bool) -> str | None:
+  """Why the Mosaic GPU scorer cannot run this shape with config `c`, or None (the problem's
+  kind of codes and rows is checked by the op)."""
+  if interpret:
+    return "it has no interpret mode"
+  if not target.is_hopper:
+    return (f"it needs a Hopper GPU (sm_90); the target {target.name} is "
+            f"sm_{target.compute_capability[0]}{target.compute_capability[1]}")
+  if mosaic_scores.swizzle_bytes(dims.D) is None:
+    return f"it needs a sketch width W a multiple of 32, got W={dims.D}"
+  if dims.S % 8:
+    return f"it needs S={dims.S} a multiple of 8"
+  if chunk_size % c.block_k:
+    return f"it needs config.block_k={c.block_k} to divide chunk_size={chunk_size}"
+  if c.num_stages > mosaic_attention.MAX_STAGES:
+    return (f"it keeps at most {mosaic_attention.MAX_STAGES} ring slots, got "
+            f"config.num_stages={c.num_stages}")
+  smem = mosaic_scores.smem_bytes_used(dims.D, c.block_k, num_stages=c.num_stages,
+                                       consumers=c.consumers, chunks_per_cta=c.chunks_per_cta)
+  if smem > target.smem_per_block:
+    return (f"its tiling needs {smem} bytes of shared memory per block; {target.name} allows "
+            f"{target.smem_per_block} (fewer num_stages or chunks_per_cta fit)")
+  return None
 
 
 # ------------------------------------------------------------------ tile_chunk_attention
