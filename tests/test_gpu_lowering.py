@@ -180,6 +180,9 @@ def test_chunk_scores_mosaic_gpu_lowers(B, W, S, C, consumers):
   with pytest.raises(ValueError, match="int8 query rows"):
     pk.plan("chunk_scores", q, codes, scale, chunk_size=C, implementation="mosaic_gpu",
             target="h200")
+  with pytest.raises(ValueError, match="one scale per chunk"):  # per-key scales
+    pk.plan("chunk_scores", q, codes, _sds((S, 8), jnp.float32), chunk_size=C, int8=True,
+            implementation="mosaic_gpu", target="h200")
 
 
 def test_unrolled_layers_share_one_kernel():
