@@ -8,8 +8,9 @@ head and a run of chunks_per_cta chunks. A producer warpgroup streams the run's 
 tile (wgmma s8 x s8 -> s32, the tile read K-major as stored, like K in attention), takes each
 row's max over the tile and keeps the running max over a chunk's tiles; a chunk's maxima go to a
 [chunks, 64] tile in shared memory, which leaves the CTA in one TMA copy. Consumers of one CTA
-read the same tiles (half the reads per row at large M). Its addressing is TMA's, so it takes
-codes of any size, where Pallas Triton's 32-bit offsets stop at 2^31 one-byte elements.
+read the same tiles (half the reads per row at large M). TMA addresses the codes, so Pallas
+Triton's 32-bit offsets (2^31 one-byte elements) do not bound it (not yet run past them on a
+GPU: `test_codes_past_triton_offsets_run_on_mosaic_gpu` is the check).
 
 Measured on an H200 (S=1M, 64-wide codes; experiments/results/sparse_mosaic_scorer.md): the
 same scores as the Triton scorer, 1.3-1.7x its time at every B from 1 to 512 (1.7-2.0x of the
