@@ -118,7 +118,8 @@ def swizzle_bytes(D: int, itemsize: int) -> int | None:
   return next((s for s in (128, 64, 32) if (D * itemsize) % s == 0), None)
 
 
-def _smem_transforms(D: int, itemsize: int):
+def smem_transforms(D: int, itemsize: int):
+  """The shared-memory tiling and swizzle of tiles of rows of D elements of `itemsize` bytes."""
   swizzle = swizzle_bytes(D, itemsize)
   return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
@@ -518,15 +519,15 @@ def attention_over_ranges(q_rows: jax.Array, k: jax.Array, v: jax.Array, ranges:
         issue(pieces, slot)
 
   def entry(*gmem):
-    transforms = _smem_transforms(D, jnp.dtype(dtype).itemsize)
-    k_transforms = _smem_transforms(D, jnp.dtype(k.dtype).itemsize)
+    transforms = smem_transforms(D, jnp.dtype(dtype).itemsize)
+    k_transforms = smem_transforms(D, jnp.dtype(k.dtype).itemsize)
     q_smem = (plgpu.SMEM((consumers, q_terms, BLOCK_Q, D), k.dtype, transforms=k_transforms)
               if fp8_k else plgpu.SMEM((consumers, BLOCK_Q, D), dtype, transforms=transforms))
     smem = [
         q_smem,
         plgpu.SMEM((stages, block_k, D), k.dtype, transforms=k_transforms),
         plgpu.SMEM((stages, block_k, D), v.dtype,
-                   transforms=_smem_transforms(D, jnp.dtype(v.dtype).itemsize)),
+                   transforms=smem_transforms(D, jnp.dtype(v.dtype).itemsize)),
         plgpu.SMEM((consumers, BLOCK_Q), jnp.float32),
     ]
     if fp8_k:  # each consumer's staging tile: widened V (float16), or only o

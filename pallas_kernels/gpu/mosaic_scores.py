@@ -30,15 +30,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.gpu import mosaic_attention
 from pallas_kernels.gpu.mosaic_attention import BLOCK_Q, PRODUCER_REGISTERS
 
-SWIZZLES = (128, 64, 32)  # bytes; a code row of W int8 lanes takes the widest that divides it
-
-
-def swizzle_bytes(W: int) -> int | None:
-  """The widest shared-memory swizzle dividing a row of W int8 codes, or None (W not a multiple
-  of 32: the int8 wgmma reads 32-byte row pieces at least)."""
-  return next((s for s in SWIZZLES if W % s == 0), None)
-
-
 def smem_bytes_used(W: int, block_k: int, *, num_stages: int, consumers: int,
                     chunks_per_cta: int) -> int:
   """Shared memory of one CTA: each consumer's int8 rows and [chunks, 64] float32 maxima, the
@@ -67,7 +58,7 @@ def chunk_scores(q8: jax.Array, codes: jax.Array, kv_length: jax.Array, *, chunk
   Hkv, M, W = q8.shape
   S = codes.shape[0]
   rows = consumers * BLOCK_Q
-  if M % rows or chunk_size % block_k or swizzle_bytes(W) is None:
+  if M % rows or chunk_size % block_k or mosaic_attention.swizzle_bytes(W, 1) is None:
     raise ValueError(f"mosaic chunk_scores needs M a multiple of {rows}, chunk_size a multiple "
                      f"of block_k={block_k} and W a multiple of 32; got M={M}, "
                      f"chunk_size={chunk_size}, W={W}")
@@ -75,8 +66,7 @@ def chunk_scores(q8: jax.Array, codes: jax.Array, kv_length: jax.Array, *, chunk
   runs = pl.cdiv(pl.cdiv(S, chunk_size), chunks_per_cta)
   run_keys = chunks_per_cta * chunk_size
   stages = max(2, num_stages)
-  swizzle = swizzle_bytes(W)
-  transforms = (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
+  transforms = mosaic_attention.smem_transforms(W, 1)  # int8 codes and rows
 
   def body(len_gmem, q_gmem, codes_gmem, out_gmem, scoped):
     (q_smem, ring, out_smem), (full, q_full), free = scoped

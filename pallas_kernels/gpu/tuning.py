@@ -646,7 +646,7 @@ def mosaic_scores_unsupported(dims: AttentionDims, chunk_size: int, c: MosaicGpu
   if not target.is_hopper:
     return (f"it needs a Hopper GPU (sm_90); the target {target.name} is "
             f"sm_{target.compute_capability[0]}{target.compute_capability[1]}")
-  if mosaic_scores.swizzle_bytes(dims.D) is None:
+  if mosaic_attention.swizzle_bytes(dims.D, 1) is None:
     return f"it needs a sketch width W a multiple of 32, got W={dims.D}"
   if dims.S % 8:
     return f"it needs S={dims.S} a multiple of 8"
