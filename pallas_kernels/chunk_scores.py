@@ -143,17 +143,19 @@ def _mosaic_gpu_unsupported(p: ScoresProblem, c: MosaicGpuScoresConfig, target,
 
 
 def _choose(p: ScoresProblem, platform: str, target, interpret: bool) -> str:
-  """Mosaic TPU on a TPU. On a GPU Triton: on an H200 (S=1M, 64-wide codes, int8 rows) 1.05-1.5x
-  of its floor and 1.3-1.7x faster than the Mosaic GPU scorer at every B from 1 to 512
-  (experiments/results/sparse_mosaic_scorer.md); Mosaic GPU only where Triton cannot address
-  the codes (more than 2^31 one-byte elements: `checks.offsets_32bit_unsupported`) and it can
-  run the call (Hopper; int8 rows over 8-bit codes with per-chunk scales)."""
+  """Mosaic TPU on a TPU. On a GPU the first of Triton, then Mosaic GPU, that can run the call
+  with its default config: Triton is 1.05-1.5x of its floor and 1.3-1.7x faster than the Mosaic
+  GPU scorer at every B from 1 to 512 on an H200 (S=1M, 64-wide codes, int8 rows;
+  experiments/results/sparse_mosaic_scorer.md), which takes over where Triton refuses, e.g.
+  codes past its 32-bit offsets (Hopper; int8 rows over 8-bit codes with per-chunk scales).
+  Neither: Triton, whose refusal then names what stops it."""
   if platform == "tpu":
     return "mosaic_tpu"
-  if interpret or checks.offsets_32bit_unsupported(p.arrays()) is None:
-    return "triton"
-  c = gpu_tuning.mosaic_scores_config(p.dims, p.chunk_size, target)
-  return "triton" if _mosaic_gpu_unsupported(p, c, target, interpret) else "mosaic_gpu"
+  for name in ("triton", "mosaic_gpu"):
+    impl = OP.implementations[name]
+    if impl.why_not(p, impl.default_config(p, target), target, interpret) is None:
+      return name
+  return "triton"
 
 
 def _run_mosaic_tpu(p: ScoresProblem, c: MosaicTpuScoresConfig, interpret):
